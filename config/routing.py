@@ -1,0 +1,3 @@
+"""Websocket routes. Agent authentication happens inside the consumer (challenge-response)."""
+
+websocket_urlpatterns: list = []

@@ -1,0 +1,203 @@
+"""Settings for the MOLT gateway, all taken from the environment (see .env.example).
+
+Defaults are for production safety: DEBUG is off and SECRET_KEY is required unless DJANGO_DEBUG
+is true. `make run` and the test suite set DJANGO_DEBUG=true and get a development key.
+"""
+
+from pathlib import Path
+
+import dj_database_url
+
+from config.env import env_bool, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = env_bool("DJANGO_DEBUG", False)
+if DEBUG:
+    SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-never-used-in-production-0123456789")
+else:
+    SECRET_KEY = env_str("SECRET_KEY")
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"] if DEBUG else [])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "channels",
+    "meshnet",
+    "marketplace",
+    "frontend",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+ASGI_APPLICATION = "config.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+# SQLite is the embedded default; PostgreSQL (DATABASE_URL=postgres://...) in production.
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'molt.sqlite3'}")
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # SQLite serializes writers. IMMEDIATE takes the write lock at BEGIN, so two transactions
+    # never both read and then deadlock upgrading to write; WAL lets readers run beside the
+    # writer; the timeout makes a second writer wait instead of failing at once.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"
+        if not DEBUG
+        else "django.contrib.staticfiles.storage.StaticFilesStorage"
+    },
+}
+LOGIN_URL = "/admin/login/"
+
+# --- Security (production values unless DEBUG) ---------------------------------------------
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", not DEBUG)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", not DEBUG)
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31536000, minimum=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = not DEBUG
+SECURE_HSTS_PRELOAD = not DEBUG
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# The health check is probed over plain HTTP inside the container network.
+SECURE_REDIRECT_EXEMPT = [r"^healthz/$"]
+
+# --- REST API --------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "marketplace.auth.ApiTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "marketplace.api.errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "MOLT gateway API",
+    "DESCRIPTION": "GPU marketplace on a WireGuard mesh. Amounts are integers in micro-USD.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # Swagger UI from the vendored sidecar package: no CDN at run time.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Redis: Celery broker and Channels layer --------------------------------------------------
+REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("MOLT_CHANNEL_PREFIX", "molt")},
+    }
+}
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A task not acknowledged within this is redelivered; no task uses an ETA beyond it.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
+CELERY_BEAT_SCHEDULE = {
+    "expire-orders": {"task": "marketplace.tasks.expire_orders", "schedule": 15.0},
+    "settle-completed": {"task": "marketplace.tasks.sweep_settlements", "schedule": 60.0},
+    "reprovision-pending": {"task": "marketplace.tasks.sweep_pending_orders", "schedule": 30.0},
+}
+
+# --- MOLT ---------------------------------------------------------------------------------
+# Where the gateway keeps its Ed25519 root key (created 0600 on first use).
+MOLT_STATE_DIR = Path(env_str("MOLT_STATE_DIR", str(BASE_DIR / "var" / "state")))
+MOLT_CURRENCY = "USD"
+MOLT_CURRENCY_UNIT = "micro"  # every amount is an integer number of micro-USD
+MOLT_PLATFORM_FEE_BPS = env_int("MOLT_PLATFORM_FEE_BPS", 1000, minimum=0)
+MOLT_BANDWIDTH_ALLOWANCE_GIB = env_int("MOLT_BANDWIDTH_ALLOWANCE_GIB", 50, minimum=0)
+MOLT_MAX_ORDER_HOURS = env_int("MOLT_MAX_ORDER_HOURS", 720, minimum=1)
+MOLT_ENROLLMENT_TOKEN_TTL_SECONDS = env_int("MOLT_ENROLLMENT_TOKEN_TTL_SECONDS", 3600, minimum=60)
+MOLT_ENROLLMENT_MAX_SKEW_SECONDS = env_int("MOLT_ENROLLMENT_MAX_SKEW_SECONDS", 300, minimum=5)
+# A released job address is not handed out again for this long: a stale buyer config must
+# never reach the next tenant.
+MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 86400, minimum=0)
+MOLT_WORKLOAD_POOL_MAX_NODES = env_int("MOLT_WORKLOAD_POOL_MAX_NODES", 256, minimum=1)
+MOLT_PROVISIONING_TIMEOUT_SECONDS = env_int("MOLT_PROVISIONING_TIMEOUT_SECONDS", 120, minimum=5)
+MOLT_NODE_OFFLINE_AFTER_SECONDS = env_int("MOLT_NODE_OFFLINE_AFTER_SECONDS", 45, minimum=5)
+MOLT_ALLOW_SIMULATED_GPUS = env_bool("MOLT_ALLOW_SIMULATED_GPUS", DEBUG)
+MOLT_WIREGUARD_LISTEN_PORT = env_int("MOLT_WIREGUARD_LISTEN_PORT", 51820, minimum=1)
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+}

@@ -1,0 +1,1 @@
+"""Browser pages: the marketplace, provider and buyer dashboards."""

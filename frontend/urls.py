@@ -1,0 +1,6 @@
+from django.urls import path
+
+from frontend import views
+
+app_name = "frontend"
+urlpatterns = [path("healthz/", views.healthz, name="healthz")]

@@ -1,0 +1,2 @@
+"""The market: users and API tokens, listings, orders and their lifecycle, the escrow ledger,
+billing and settlement."""

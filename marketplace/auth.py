@@ -1,0 +1,35 @@
+"""API token authentication: `Authorization: Bearer molt_...` (or `Token molt_...`).
+
+Tokens are stored as SHA-256 and looked up by hash, so the plaintext never sits in the
+database and a timing difference reveals nothing about a stored token.
+"""
+
+from __future__ import annotations
+
+from django.utils import timezone
+from rest_framework import authentication, exceptions
+
+from marketplace.models import ApiToken
+from marketplace.services import API_TOKEN_PREFIX, hash_api_token
+
+
+class ApiTokenAuthentication(authentication.BaseAuthentication):
+    keywords = ("bearer", "token")
+
+    def authenticate(self, request):
+        header = authentication.get_authorization_header(request).split()
+        if not header or header[0].decode(errors="replace").lower() not in self.keywords:
+            return None
+        if len(header) != 2:
+            raise exceptions.AuthenticationFailed("Authorization header must be 'Bearer <token>'")
+        token = header[1].decode(errors="replace")
+        if not token.startswith(API_TOKEN_PREFIX):
+            raise exceptions.AuthenticationFailed("not a MOLT API token")
+        record = ApiToken.objects.select_related("user").filter(token_hash=hash_api_token(token)).first()
+        if record is None or not record.user.is_active:
+            raise exceptions.AuthenticationFailed("invalid or revoked API token")
+        ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())
+        return record.user, record
+
+    def authenticate_header(self, request) -> str:
+        return "Bearer"

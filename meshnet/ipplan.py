@@ -1,0 +1,120 @@
+"""The IP plan of network.md as validated data, and pure address arithmetic.
+
+The plan is checked at start-up (MeshnetConfig.ready): every block aligned (no host bits set),
+inside its parent, and no two siblings overlapping. A bad plan stops the gateway from starting
+rather than handing out addresses from the wrong place.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+MOLT_POOL = "molt"
+WORKLOAD_POOL = "workload"
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str
+    cidr: str
+    purpose: str
+    parent: str | None = None
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
+
+
+PLAN: tuple[Block, ...] = (
+    Block("mesh", "10.100.0.0/16", "the mesh"),
+    Block("control", "10.100.0.0/24", "gateway / control plane (10.100.0.1 = hub)", "mesh"),
+    Block("reserved", "10.100.1.0/24", "reserved", "mesh"),
+    Block("us-west", "10.100.16.0/20", "region us-west", "mesh"),
+    Block("us-east", "10.100.32.0/20", "region us-east", "mesh"),
+    Block("eu-west", "10.100.48.0/20", "region eu-west", "mesh"),
+    Block("asia", "10.100.64.0/20", "region asia", "mesh"),
+    Block("spare-1", "10.100.80.0/20", "spare region", "mesh"),
+    Block("spare-2", "10.100.96.0/20", "spare region", "mesh"),
+    Block("spare-3", "10.100.112.0/20", "spare region", "mesh"),
+    Block(MOLT_POOL, "10.100.128.0/17", "marketplace: provider nodes and job tunnels", "mesh"),
+    Block(WORKLOAD_POOL, "10.200.0.0/16", "workload subnets, one /24 per cluster node"),
+)
+
+REGIONS: tuple[str, ...] = ("us-west", "us-east", "eu-west", "asia")
+GATEWAY_HUB_ADDRESS = ipaddress.IPv4Address("10.100.0.1")
+
+
+def validate_plan(plan: tuple[Block, ...] = PLAN) -> None:
+    """Raise PlanError naming the first block that is misaligned, outside or overlapping."""
+    by_name: dict[str, Block] = {}
+    for block in plan:
+        if block.name in by_name:
+            raise PlanError(f"block {block.name!r} is defined twice")
+        try:
+            ipaddress.IPv4Network(block.cidr, strict=True)
+        except ValueError as exc:
+            raise PlanError(f"block {block.name!r} {block.cidr} is not a valid network: {exc}")
+        by_name[block.name] = block
+    for block in plan:
+        if block.parent is None:
+            continue
+        parent = by_name.get(block.parent)
+        if parent is None:
+            raise PlanError(f"block {block.name!r} names unknown parent {block.parent!r}")
+        if not block.network.subnet_of(parent.network):
+            raise PlanError(f"block {block.name!r} {block.cidr} is outside its parent {parent.cidr}")
+    siblings: dict[str | None, list[Block]] = {}
+    for block in plan:
+        siblings.setdefault(block.parent, []).append(block)
+    for group in siblings.values():
+        ordered = sorted(group, key=lambda b: int(b.network.network_address))
+        for left, right in zip(ordered, ordered[1:], strict=False):
+            if left.network.overlaps(right.network):
+                raise PlanError(f"blocks {left.name!r} {left.cidr} and {right.name!r} {right.cidr} overlap")
+
+
+def block(name: str) -> Block:
+    for candidate in PLAN:
+        if candidate.name == name:
+            return candidate
+    raise KeyError(name)
+
+
+def first_offset(network: ipaddress.IPv4Network) -> int:
+    """Offset of the first usable host (the network address is never handed out)."""
+    return 1
+
+
+def last_offset(network: ipaddress.IPv4Network) -> int:
+    """Offset of the last usable host (the broadcast address is never handed out)."""
+    return network.num_addresses - 2
+
+
+def usable_count(network: ipaddress.IPv4Network) -> int:
+    return last_offset(network) - first_offset(network) + 1
+
+
+def address_at(network: ipaddress.IPv4Network, offset: int) -> ipaddress.IPv4Address:
+    if not first_offset(network) <= offset <= last_offset(network):
+        raise ValueError(f"offset {offset} is outside the usable hosts of {network}")
+    return network.network_address + offset
+
+
+def offset_of(network: ipaddress.IPv4Network, address: str | ipaddress.IPv4Address) -> int:
+    addr = ipaddress.IPv4Address(address)
+    if addr not in network:
+        raise ValueError(f"{addr} is not in {network}")
+    return int(addr) - int(network.network_address)
+
+
+def workload_subnet(node_index: int, max_nodes: int) -> ipaddress.IPv4Network:
+    """The /24 of the workload pool for cluster node `node_index` (10.200.{n}.0/24)."""
+    if not 0 <= node_index < max_nodes or node_index > 255:
+        raise ValueError(f"workload node index {node_index} is outside 0..{min(max_nodes, 256) - 1}")
+    base = block(WORKLOAD_POOL).network.network_address
+    return ipaddress.IPv4Network(f"{base + node_index * 256}/24")

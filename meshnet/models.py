@@ -1,0 +1,231 @@
+"""Tables of the mesh: address pools and leases, nodes and their GPUs, enrolment tokens,
+replay nonces and job peers."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from meshnet.querysets import JobPeerQuerySet, NodeQuerySet
+
+
+class IpPool(models.Model):
+    """One allocatable block of the IP plan (see meshnet.ipplan).
+
+    `next_offset` is the first offset never handed out. Allocation takes fresh offsets in order
+    until the pool's end, then reuses released addresses whose quarantine has passed, so it
+    never scans the pool. The row doubles as the per-pool lock (SELECT ... FOR UPDATE).
+    """
+
+    name = models.CharField(max_length=32, unique=True)
+    cidr = models.CharField(max_length=18)
+    next_offset = models.PositiveIntegerField(default=1)
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.cidr}"
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.cidr)
+
+
+class IpAllocation(models.Model):
+    """A lease of one address of a pool. Released leases stay as rows (quarantine, history)."""
+
+    class Purpose(models.TextChoices):
+        NODE = "node", "provider node"
+        JOB = "job", "job tunnel"
+
+    pool = models.ForeignKey(IpPool, on_delete=models.PROTECT, related_name="allocations")
+    address = models.GenericIPAddressField(protocol="IPv4")
+    purpose = models.CharField(max_length=8, choices=Purpose.choices)
+    allocated_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+    reusable_after = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            # The guarantee: one row per address per pool, whatever the locks did.
+            models.UniqueConstraint(fields=["pool", "address"], name="ip_unique_per_pool"),
+            models.CheckConstraint(
+                condition=Q(released_at__isnull=True, reusable_after__isnull=True)
+                | Q(released_at__isnull=False, reusable_after__isnull=False),
+                name="ip_released_has_quarantine",
+            ),
+        ]
+        indexes = [
+            # Finding a reusable address is an index range scan, not a pool scan.
+            models.Index(fields=["pool", "reusable_after"], name="ip_reusable_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.pool.name}, {self.purpose})"
+
+    @property
+    def in_use(self) -> bool:
+        return self.released_at is None
+
+
+class Node(models.Model):
+    """A provider machine. Its identity is its Ed25519 key; its epoch-0 WireGuard key is the
+    X25519 conversion of that key."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="nodes")
+    node_id = models.CharField(max_length=40, unique=True)
+    name = models.CharField(max_length=32, unique=True)
+    identity_public_key = models.CharField(max_length=44, unique=True)
+    wireguard_public_key = models.CharField(max_length=44, unique=True)
+    mesh_address = models.GenericIPAddressField(protocol="IPv4", unique=True)
+    allocation = models.OneToOneField(
+        IpAllocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="node"
+    )
+    hostname = models.CharField(max_length=253, blank=True)
+    region = models.CharField(max_length=16, blank=True)
+    listen_port = models.PositiveIntegerField(default=51820)
+    declared_endpoint = models.CharField(max_length=300, blank=True)
+    observed_ip = models.GenericIPAddressField(null=True, blank=True)
+    enrolled_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    # Level-triggered desired state: the gateway bumps desired_revision on every change and
+    # the agent acknowledges; a beat task re-pushes to any node whose ack lags.
+    desired_revision = models.PositiveBigIntegerField(default=0)
+    acked_revision = models.PositiveBigIntegerField(default=0)
+
+    objects = NodeQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def online(self) -> bool:
+        if self.last_seen_at is None or self.revoked_at is not None:
+            return False
+        window = timedelta(seconds=settings.MOLT_NODE_OFFLINE_AFTER_SECONDS)
+        return timezone.now() - self.last_seen_at <= window
+
+    @property
+    def endpoint(self) -> str:
+        """Where buyers send WireGuard packets: declared on join, else the address the gateway
+        saw the node connect from plus its listen port."""
+        if self.declared_endpoint:
+            return self.declared_endpoint
+        if self.observed_ip:
+            host = self.observed_ip
+            if ":" in host:
+                host = f"[{host}]"
+            return f"{host}:{self.listen_port}"
+        return ""
+
+
+class Gpu(models.Model):
+    """A GPU of a node, as its agent last reported it through NVML (or simulated)."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
+    index = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=100)
+    memory_mb = models.PositiveIntegerField()
+    uuid = models.CharField(max_length=100, blank=True)
+    driver_version = models.CharField(max_length=40, blank=True)
+    cuda_version = models.CharField(max_length=40, blank=True)
+    simulated = models.BooleanField(default=False)
+    temperature_c = models.PositiveSmallIntegerField(null=True, blank=True)
+    utilization_pct = models.PositiveSmallIntegerField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["node_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["node", "index"], name="gpu_unique_index")]
+
+    def __str__(self) -> str:
+        return f"{self.node.name} GPU{self.index} {self.name}"
+
+    @property
+    def vram_gb(self) -> int:
+        return round(self.memory_mb / 1024)
+
+
+class EnrollmentToken(models.Model):
+    """A one-time, expiring enrolment token. Only its SHA-256 is stored; the prefix of the
+    plaintext (`molt_enr_`) makes a leaked token findable by grep."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="enrollment_tokens"
+    )
+    token_hash = models.CharField(max_length=64, unique=True)
+    hint = models.CharField(max_length=24, help_text="first characters, for display only")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    node = models.OneToOneField(
+        Node, null=True, blank=True, on_delete=models.SET_NULL, related_name="enrollment_token"
+    )
+
+    def __str__(self) -> str:
+        return f"{self.hint}… ({self.owner})"
+
+
+class UsedNonce(models.Model):
+    """Nonces of signed one-shot messages already accepted; the unique constraint refuses a
+    replay even when two copies race."""
+
+    kind = models.CharField(max_length=40)
+    nonce = models.CharField(max_length=64)
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "nonce"], name="nonce_once")]
+        indexes = [models.Index(fields=["seen_at"], name="nonce_seen_idx")]
+
+
+class JobPeer(models.Model):
+    """A buyer's WireGuard peer on a provider node, scoped to one job.
+
+    desired -> active (agent acknowledged) -> removing -> removed (agent acknowledged removal).
+    `ref` names the job outside meshnet (marketplace uses "order:<id>"), so meshnet does not
+    import marketplace.
+    """
+
+    class State(models.TextChoices):
+        DESIRED = "desired"
+        ACTIVE = "active"
+        REMOVING = "removing"
+        REMOVED = "removed"
+
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="job_peers")
+    public_key = models.CharField(max_length=44)
+    address = models.GenericIPAddressField(protocol="IPv4")
+    allocation = models.OneToOneField(
+        IpAllocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="job_peer"
+    )
+    ref = models.CharField(max_length=64, unique=True)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.DESIRED)
+    created_at = models.DateTimeField(default=timezone.now)
+    added_revision = models.PositiveBigIntegerField()
+    acked_at = models.DateTimeField(null=True, blank=True)
+    removed_revision = models.PositiveBigIntegerField(null=True, blank=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = JobPeerQuerySet.as_manager()
+
+    class Meta:
+        constraints = [
+            # A public key is active on at most one peer in the whole mesh.
+            models.UniqueConstraint(
+                fields=["public_key"], condition=~Q(state="removed"), name="peer_key_live_once"
+            ),
+            models.UniqueConstraint(
+                fields=["address"], condition=~Q(state="removed"), name="peer_address_live_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.ref} on {self.node.name} ({self.address}, {self.state})"

@@ -1,0 +1,384 @@
+"""Every write path of the mesh, one transaction each.
+
+Lock order, everywhere: node row, then pool row. Allocation holds the pool row lock only for
+the insert of one lease.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from clawnode import protocol
+from clawnode.keys import InvalidKey, encode_key, parse_wireguard_public_key, x25519_public_from_ed25519
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from meshnet import ipplan
+from meshnet.errors import EnrollmentRefused, InvalidPeerKey, PeerKeyInUse, PoolExhausted
+from meshnet.gateway_key import gateway_identity
+from meshnet.models import EnrollmentToken, Gpu, IpAllocation, IpPool, JobPeer, Node, UsedNonce
+from meshnet.signals import peer_acknowledged, peer_removed
+
+log = logging.getLogger(__name__)
+
+ENROLLMENT_TOKEN_PREFIX = "molt_enr_"
+
+
+# --- addresses ---------------------------------------------------------------------------
+
+
+def _locked_pool(pool_name: str) -> IpPool:
+    """The pool row, locked for this transaction (PostgreSQL; SQLite's IMMEDIATE transactions
+    already serialize writers). Pools are created on first use from the IP plan."""
+    try:
+        return IpPool.objects.select_for_update().get(name=pool_name)
+    except IpPool.DoesNotExist:
+        cidr = ipplan.block(pool_name).cidr
+        IpPool.objects.get_or_create(name=pool_name, defaults={"cidr": cidr})
+        return IpPool.objects.select_for_update().get(name=pool_name)
+
+
+def allocate_address(pool_name: str, purpose: str) -> IpAllocation:
+    """Lease one address of `pool_name`.
+
+    Locks: the pool row. Fresh offsets are taken in order (O(1)); once the pool's end is
+    reached, the released lease with the oldest expired quarantine is reused (one index range
+    read). Raises PoolExhausted (409) when neither exists. The unique (pool, address)
+    constraint backs the lock: a bug here fails loudly instead of handing out an address twice.
+    """
+    with transaction.atomic():
+        pool = _locked_pool(pool_name)
+        network = pool.network
+        if pool.next_offset <= ipplan.last_offset(network):
+            address = ipplan.address_at(network, pool.next_offset)
+            lease = IpAllocation.objects.create(pool=pool, address=str(address), purpose=purpose)
+            IpPool.objects.filter(pk=pool.pk).update(next_offset=F("next_offset") + 1)
+            return lease
+        now = timezone.now()
+        lease = (
+            IpAllocation.objects.select_for_update()
+            .filter(pool=pool, reusable_after__lte=now)
+            .order_by("reusable_after", "id")
+            .first()
+        )
+        if lease is None:
+            raise PoolExhausted(pool.name)
+        lease.released_at = None
+        lease.reusable_after = None
+        lease.allocated_at = now
+        lease.purpose = purpose
+        lease.save(update_fields=["released_at", "reusable_after", "allocated_at", "purpose"])
+        return lease
+
+
+def release_address(lease: IpAllocation) -> None:
+    """Return a lease to its pool after the quarantine period. Releasing twice is a no-op."""
+    now = timezone.now()
+    quarantine = timedelta(seconds=settings.MOLT_ADDRESS_QUARANTINE_SECONDS)
+    IpAllocation.objects.filter(pk=lease.pk, released_at__isnull=True).update(
+        released_at=now, reusable_after=now + quarantine
+    )
+
+
+# --- enrolment -----------------------------------------------------------------------------
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token: str  # shown once; only its hash is stored
+    record: EnrollmentToken
+
+
+def create_enrollment_token(owner) -> IssuedToken:
+    """A one-time enrolment token for `owner`, valid MOLT_ENROLLMENT_TOKEN_TTL_SECONDS."""
+    token = ENROLLMENT_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = timezone.now()
+    record = EnrollmentToken.objects.create(
+        owner=owner,
+        token_hash=_hash_token(token),
+        hint=token[: len(ENROLLMENT_TOKEN_PREFIX) + 4],
+        created_at=now,
+        expires_at=now + timedelta(seconds=settings.MOLT_ENROLLMENT_TOKEN_TTL_SECONDS),
+    )
+    return IssuedToken(token=token, record=record)
+
+
+def _remember_nonce(kind: str, nonce: str) -> None:
+    """Refuse a second use of a nonce; the unique constraint decides races."""
+    try:
+        with transaction.atomic():
+            UsedNonce.objects.create(kind=kind, nonce=nonce)
+    except IntegrityError:
+        raise EnrollmentRefused("replayed request: this nonce was already used") from None
+
+
+def _replace_gpus(node: Node, gpus: tuple[protocol.GpuInfo, ...]) -> None:
+    if any(gpu.simulated for gpu in gpus) and not settings.MOLT_ALLOW_SIMULATED_GPUS:
+        raise EnrollmentRefused("simulated GPUs are not accepted by this gateway")
+    node.gpus.all().delete()
+    Gpu.objects.bulk_create(
+        Gpu(
+            node=node,
+            index=gpu.index,
+            name=gpu.name,
+            memory_mb=gpu.memory_mb,
+            uuid=gpu.uuid,
+            driver_version=gpu.driver_version,
+            cuda_version=gpu.cuda_version,
+            simulated=gpu.simulated,
+        )
+        for gpu in gpus
+    )
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    node: Node
+    created: bool
+
+
+def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enrolment:
+    """Register a node from a signed enrolment request (proof of possession of its identity).
+
+    Checks, in order: well-formed body, signature by the identity key in the body, timestamp
+    within MOLT_ENROLLMENT_MAX_SKEW_SECONDS, WireGuard key equal to the identity's X25519
+    conversion, nonce never seen (replay), token valid, unused and unexpired. A retry of the same
+    identity with the token it already used returns the same node (a lost response is safe to
+    retry). One transaction: token consumed, mesh address leased, node and GPUs written.
+    """
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    if not isinstance(body, Mapping):
+        raise EnrollmentRefused("request must be a signed envelope with a 'body' object")
+    try:
+        request = protocol.EnrollRequest.from_dict(body)
+    except (protocol.ProtocolError, InvalidKey) as exc:
+        err = EnrollmentRefused(f"invalid enrolment request: {exc}")
+        err.status_code = 400
+        raise err from None
+    identity_key = base64.b64decode(request.identity_public_key)
+    try:
+        protocol.open_envelope(envelope, identity_key, protocol.ENROLL)
+    except (protocol.BadSignature, protocol.ProtocolError) as exc:
+        raise EnrollmentRefused(f"signature refused: {exc}") from None
+    try:
+        protocol.check_fresh(
+            request.timestamp,
+            int(timezone.now().timestamp()),
+            max_skew=settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS,
+        )
+    except protocol.StaleMessage as exc:
+        raise EnrollmentRefused(f"stale request: {exc}") from None
+    if encode_key(x25519_public_from_ed25519(identity_key)) != request.wireguard_public_key:
+        raise EnrollmentRefused("wireguard_public_key is not the X25519 conversion of the identity key")
+
+    with transaction.atomic():
+        _remember_nonce(protocol.ENROLL, request.nonce)
+        token = (
+            EnrollmentToken.objects.select_for_update()
+            .filter(token_hash=_hash_token(request.token))
+            .select_related("node")
+            .first()
+        )
+        if token is None:
+            raise EnrollmentRefused("unknown enrolment token")
+        if token.used_at is not None:
+            if token.node is not None and token.node.identity_public_key == request.identity_public_key:
+                return Enrolment(node=token.node, created=False)
+            raise EnrollmentRefused("enrolment token was already used")
+        if token.expires_at <= timezone.now():
+            raise EnrollmentRefused("enrolment token has expired; create a new one")
+        existing = Node.objects.filter(identity_public_key=request.identity_public_key).first()
+        if existing is not None:
+            if existing.owner_id != token.owner_id or existing.revoked_at is not None:
+                raise EnrollmentRefused("this identity is enrolled to another account or revoked")
+            EnrollmentToken.objects.filter(pk=token.pk).update(used_at=timezone.now())
+            return Enrolment(node=existing, created=False)
+
+        lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)
+        node = Node.objects.create(
+            owner_id=token.owner_id,
+            node_id=protocol_node_id(identity_key),
+            name=f"pending-{secrets.token_hex(6)}",
+            identity_public_key=request.identity_public_key,
+            wireguard_public_key=request.wireguard_public_key,
+            mesh_address=lease.address,
+            allocation=lease,
+            hostname=request.hostname,
+            listen_port=request.listen_port,
+            declared_endpoint=request.endpoint,
+            observed_ip=observed_ip,
+        )
+        # The name comes from the primary key, which exists only after the insert.
+        node.name = f"node-{node.pk}"
+        node.save(update_fields=["name"])
+        _replace_gpus(node, request.gpus)
+        token.used_at = timezone.now()
+        token.node = node
+        token.save(update_fields=["used_at", "node"])
+    log.info("node %s enrolled at %s for user %s", node.name, node.mesh_address, node.owner_id)
+    return Enrolment(node=node, created=True)
+
+
+def protocol_node_id(identity_key: bytes) -> str:
+    from clawnode.keys import node_id_for
+
+    return node_id_for(identity_key)
+
+
+def websocket_url(base_url: str) -> str:
+    """ws(s)://host/ws/agent/ for a gateway reached at base_url (http or https)."""
+    if base_url.startswith("https://"):
+        return "wss://" + base_url.removeprefix("https://").rstrip("/") + "/ws/agent/"
+    return "ws://" + base_url.removeprefix("http://").rstrip("/") + "/ws/agent/"
+
+
+# --- job peers and desired state ----------------------------------------------------------
+
+
+def validate_peer_key(public_key: str) -> str:
+    try:
+        parse_wireguard_public_key(public_key)
+    except InvalidKey as exc:
+        raise InvalidPeerKey(f"wireguard_public_key {exc}") from None
+    return public_key
+
+
+def _bump_revision(node_pk: int) -> None:
+    Node.objects.filter(pk=node_pk).update(desired_revision=F("desired_revision") + 1)
+
+
+def _push_on_commit(node_pk: int) -> None:
+    from meshnet.tasks import push_desired_state
+
+    transaction.on_commit(lambda: push_desired_state.delay(node_pk))
+
+
+def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
+    """Add a buyer's peer to `node` with a fresh job address from the MOLT pool.
+
+    Idempotent on `ref` (a retried task returns the same peer). Locks: node row, then pool row.
+    Bumps the node's desired revision and pushes the signed state after commit.
+    Raises InvalidPeerKey, PeerKeyInUse (the key is live on another peer), PoolExhausted.
+    """
+    validate_peer_key(public_key)
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        existing = JobPeer.objects.filter(ref=ref).first()
+        if existing is not None:
+            return existing
+        if JobPeer.objects.live().filter(public_key=public_key).exists():
+            raise PeerKeyInUse("this WireGuard public key is already in use on another peer")
+        lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+        _bump_revision(locked.pk)
+        locked.refresh_from_db(fields=["desired_revision"])
+        try:
+            with transaction.atomic():
+                peer = JobPeer.objects.create(
+                    node=locked,
+                    public_key=public_key,
+                    address=lease.address,
+                    allocation=lease,
+                    ref=ref,
+                    added_revision=locked.desired_revision,
+                )
+        except IntegrityError:
+            raise PeerKeyInUse("this WireGuard public key is already in use on another peer") from None
+        _push_on_commit(locked.pk)
+        return peer
+
+
+def remove_job_peer(ref: str) -> JobPeer | None:
+    """Drop the peer named `ref` from its node's desired state (removal completes when the agent
+    acknowledges). Idempotent: a peer already removing or removed is left alone."""
+    with transaction.atomic():
+        peer = JobPeer.objects.filter(ref=ref).first()
+        if peer is None:
+            return None
+        Node.objects.select_for_update().get(pk=peer.node_id)
+        peer.refresh_from_db()
+        if peer.state in (JobPeer.State.REMOVING, JobPeer.State.REMOVED):
+            return peer
+        _bump_revision(peer.node_id)
+        revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+        JobPeer.objects.filter(pk=peer.pk).update(state=JobPeer.State.REMOVING, removed_revision=revision)
+        _push_on_commit(peer.node_id)
+        peer.refresh_from_db()
+        return peer
+
+
+def desired_state(node: Node) -> protocol.DesiredState:
+    """The full set of peers `node` should have at its current desired revision."""
+    peers = tuple(
+        protocol.PeerSpec(
+            public_key=peer.public_key,
+            allowed_ips=(f"{peer.address}/32",),
+            kind="job",
+            ref=peer.ref,
+        )
+        for peer in JobPeer.objects.filter(node=node).in_desired_state().order_by("id")
+    )
+    return protocol.DesiredState(
+        node_id=node.node_id,
+        revision=node.desired_revision,
+        peers=peers,
+        issued_at=int(timezone.now().timestamp()),
+    )
+
+
+def signed_desired_state(node: Node) -> dict[str, Any]:
+    return protocol.signed_envelope(
+        protocol.DESIRED_STATE, desired_state(node).to_dict(), gateway_identity()
+    )
+
+
+def acknowledge_revision(
+    node: Node, revision: int, failed_keys: frozenset[str] = frozenset(), at: datetime | None = None
+) -> None:
+    """Record that `node`'s agent applied desired state `revision`.
+
+    Peers added at or before `revision` (and not in `failed_keys`) become active and fire
+    peer_acknowledged; peers removed at or before it become removed, their address goes into
+    quarantine, and peer_removed fires. A stale or repeated ack changes nothing. Locks: node row.
+    """
+    at = at or timezone.now()
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        if revision > locked.desired_revision:
+            raise ValueError(
+                f"acknowledged revision {revision} is ahead of desired revision {locked.desired_revision}"
+            )
+        if revision > locked.acked_revision:
+            Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
+        added = JobPeer.objects.filter(
+            node=locked, state=JobPeer.State.DESIRED, added_revision__lte=revision
+        ).exclude(public_key__in=failed_keys)
+        for peer in added:
+            if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.DESIRED).update(
+                state=JobPeer.State.ACTIVE, acked_at=at
+            ):
+                peer.refresh_from_db()
+                peer_acknowledged.send(sender=JobPeer, job_peer=peer, at=at)
+        removed = JobPeer.objects.filter(
+            node=locked, state=JobPeer.State.REMOVING, removed_revision__lte=revision
+        )
+        for peer in removed:
+            if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
+                state=JobPeer.State.REMOVED, removed_at=at
+            ):
+                peer.refresh_from_db()
+                if peer.allocation_id is not None:
+                    release_address(peer.allocation)
+                peer_removed.send(sender=JobPeer, job_peer=peer, at=at)

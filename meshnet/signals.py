@@ -1,0 +1,10 @@
+"""Hooks meshnet fires so that other apps can follow peers without meshnet importing them.
+
+Sent inside the acknowledging transaction: a receiver's writes commit or roll back with it.
+"""
+
+from django.dispatch import Signal
+
+# kwargs: job_peer (meshnet.models.JobPeer), at (datetime)
+peer_acknowledged = Signal()
+peer_removed = Signal()

@@ -1,0 +1,39 @@
+"""Thin Celery tasks of the mesh: take ids, re-read, call one service."""
+
+from __future__ import annotations
+
+import logging
+
+from asgiref.sync import async_to_sync
+from celery import shared_task
+from channels.layers import get_channel_layer
+
+from meshnet.models import Node
+
+log = logging.getLogger(__name__)
+
+
+def node_group(node_id: str) -> str:
+    """The Channels group an agent's websocket joins."""
+    return f"node.{node_id}"
+
+
+@shared_task(acks_late=True)
+def push_desired_state(node_pk: int) -> None:
+    """Send the node's signed desired state to its agent's websocket group.
+
+    The channel layer delivers at most once; nothing depends on this arriving, since the
+    database holds desired and acknowledged revisions and the agent gets full state on connect.
+    """
+    from meshnet.services import signed_desired_state
+
+    node = Node.objects.filter(pk=node_pk, revoked_at__isnull=True).first()
+    if node is None:
+        return
+    envelope = signed_desired_state(node)
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    async_to_sync(layer.group_send)(
+        node_group(node.node_id), {"type": "desired.state", "envelope": envelope}
+    )

@@ -1,0 +1,129 @@
+"""A real gateway for integration tests: uvicorn (ASGI) and a Celery worker as separate
+processes, Redis as broker and channel layer, the test's PostgreSQL database."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def database_url() -> str:
+    """The URL of the database this test runs on (pytest-django's test database)."""
+    s = connection.settings_dict
+    user = s.get("USER") or "postgres"
+    host = s.get("HOST") or "127.0.0.1"
+    port = s.get("PORT") or 5432
+    return f"postgres://{user}@{host}:{port}/{s['NAME']}"
+
+
+@dataclass
+class Gateway:
+    base_url: str
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def logs(self) -> str:
+        parts = []
+        for name in self.processes:
+            path = self.log_dir / f"{name}.log"
+            if path.exists():
+                parts.append(f"--- {name} ---\n{path.read_text()[-4000:]}")
+        return "\n".join(parts)
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
+        proc = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        self.processes[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        proc = self.processes.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str = "condition"):
+    """Poll `predicate` until it returns a truthy value; fail with `message` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def gateway(transactional_db, tmp_path) -> Iterator[Gateway]:
+    """uvicorn + Celery worker on the test database, with a Redis database and channel prefix of
+    their own so no other process on this machine takes their tasks."""
+    port = free_port()
+    redis_db = 10 + os.getpid() % 5
+    env = {
+        **os.environ,
+        "DJANGO_DEBUG": "true",
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        "MOLT_CHANNEL_PREFIX": f"molt-test-{os.getpid()}",
+        "MOLT_STATE_DIR": str(tmp_path / "gateway-state"),
+        "MOLT_ALLOW_SIMULATED_GPUS": "true",
+        "PYTHONUNBUFFERED": "1",
+    }
+    subprocess.run([str(BIN / "python"), "-c",
+                    f"import redis; redis.Redis(db={redis_db}).flushdb()"], check=True)
+    gw = Gateway(base_url=f"http://127.0.0.1:{port}", env=env, log_dir=tmp_path)
+    gw.start("web", [str(BIN / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1",
+                     "--port", str(port), "--log-level", "warning"])
+    gw.start("worker", [str(BIN / "celery"), "-A", "config", "worker", "-l", "info",
+                        "--concurrency", "1", "--without-gossip", "--without-mingle",
+                        "--hostname", f"test-{os.getpid()}@%h"])
+
+    def web_up():
+        try:
+            with urllib.request.urlopen(gw.base_url + "/healthz/", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_until(web_up, timeout=30, message="uvicorn to answer /healthz/")
+        yield gw
+    except BaseException:
+        print(gw.logs())
+        raise
+    finally:
+        for name in list(gw.processes):
+            gw.stop(name)
