@@ -15,7 +15,17 @@ from marketplace.models import (
 
 @admin.register(Listing)
 class ListingAdmin(admin.ModelAdmin):
-    list_display = ("id", "gpu_model", "gpu_count", "price_per_gpu_hour", "price_per_gib", "region", "node", "owner", "is_active")
+    list_display = (
+        "id",
+        "gpu_model",
+        "gpu_count",
+        "price_per_gpu_hour",
+        "price_per_gib",
+        "region",
+        "node",
+        "owner",
+        "is_active",
+    )
     list_filter = ("gpu_model", "region", "is_active", "simulated")
     search_fields = ("gpu_model", "node__name", "owner__username")
 
@@ -29,7 +39,16 @@ class TransitionInline(admin.TabularInline):
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
-    list_display = ("id", "buyer", "listing", "gpu_count", "hours", "state", "hold_amount", "created_at")
+    list_display = (
+        "id",
+        "buyer",
+        "listing",
+        "gpu_count",
+        "hours",
+        "state",
+        "hold_amount",
+        "created_at",
+    )
     list_filter = ("state",)
     search_fields = ("buyer__username", "wireguard_public_key")
     inlines = [TransitionInline]
@@ -62,5 +81,9 @@ class LedgerTransactionAdmin(admin.ModelAdmin):
 
 
 admin.site.register(EscrowHold, list_display=("id", "order", "amount", "state", "resolved_at"))
-admin.site.register(Settlement, list_display=("id", "order", "captured", "fee", "provider_amount", "released"))
-admin.site.register(ApiToken, list_display=("id", "user", "hint", "name", "created_at", "last_used_at"))
+admin.site.register(
+    Settlement, list_display=("id", "order", "captured", "fee", "provider_amount", "released")
+)
+admin.site.register(
+    ApiToken, list_display=("id", "user", "hint", "name", "created_at", "last_used_at")
+)

@@ -25,7 +25,9 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
         token = header[1].decode(errors="replace")
         if not token.startswith(API_TOKEN_PREFIX):
             raise exceptions.AuthenticationFailed("not a MOLT API token")
-        record = ApiToken.objects.select_related("user").filter(token_hash=hash_api_token(token)).first()
+        record = (
+            ApiToken.objects.select_related("user").filter(token_hash=hash_api_token(token)).first()
+        )
         if record is None or not record.user.is_active:
             raise exceptions.AuthenticationFailed("invalid or revoked API token")
         ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())

@@ -83,7 +83,9 @@ def settlement_amounts(
     """Split a hold: captured = min(time + bandwidth, hold); fee from the captured amount;
     the provider gets the rest of it; the buyer gets back what was not captured.
     captured + released == hold and fee + provider_amount == captured, always."""
-    t = time_charge(price_per_gpu_hour=price_per_gpu_hour, gpu_count=gpu_count, seconds=billed_seconds)
+    t = time_charge(
+        price_per_gpu_hour=price_per_gpu_hour, gpu_count=gpu_count, seconds=billed_seconds
+    )
     b = bandwidth_charge(price_per_gib=price_per_gib, total_bytes=total_bytes)
     captured = min(t + b, hold)
     fee = fee_of(captured, fee_bps)

@@ -66,7 +66,9 @@ def post(
     with transaction.atomic():
         try:
             with transaction.atomic():
-                txn = LedgerTransaction.objects.create(kind=kind, memo=memo, resolves_hold=resolves_hold)
+                txn = LedgerTransaction.objects.create(
+                    kind=kind, memo=memo, resolves_hold=resolves_hold
+                )
         except IntegrityError:
             raise AlreadyResolved("this hold was already resolved") from None
         entries = []
@@ -121,7 +123,9 @@ def resolve_hold(
     if not 0 <= captured <= hold.amount or not 0 <= fee <= captured:
         raise ValueError(f"cannot capture {captured} (fee {fee}) of a {hold.amount} hold")
     with transaction.atomic():
-        locked = EscrowHold.objects.select_for_update().select_related("order__buyer").get(pk=hold.pk)
+        locked = (
+            EscrowHold.objects.select_for_update().select_related("order__buyer").get(pk=hold.pk)
+        )
         if locked.state != EscrowHold.State.OPEN:
             raise AlreadyResolved(f"hold of order {locked.order_id} was already {locked.state}")
         kind = LedgerTransaction.Kind.CAPTURE if captured else LedgerTransaction.Kind.RELEASE

@@ -15,7 +15,9 @@ from marketplace.querysets import ListingQuerySet, OrderQuerySet
 class ApiToken(models.Model):
     """An API token: `molt_` + secret; only its SHA-256 is stored."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
     name = models.CharField(max_length=100, blank=True)
     token_hash = models.CharField(max_length=64, unique=True)
     hint = models.CharField(max_length=16)
@@ -36,7 +38,11 @@ class Account(models.Model):
 
     kind = models.CharField(max_length=10, choices=Kind.choices)
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="accounts"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="accounts",
     )
     balance = models.BigIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
@@ -85,7 +91,9 @@ class LedgerTransaction(models.Model):
 class LedgerEntry(models.Model):
     """One leg of a transaction. Append-only: database triggers refuse UPDATE and DELETE."""
 
-    transaction = models.ForeignKey(LedgerTransaction, on_delete=models.PROTECT, related_name="entries")
+    transaction = models.ForeignKey(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="entries"
+    )
     account = models.ForeignKey(Account, on_delete=models.PROTECT, related_name="entries")
     amount = models.BigIntegerField()
 
@@ -99,7 +107,9 @@ class LedgerEntry(models.Model):
 class Listing(models.Model):
     """GPUs of one node offered at a price. The GPU model comes from the node's inventory."""
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="listings")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="listings"
+    )
     node = models.ForeignKey("meshnet.Node", on_delete=models.PROTECT, related_name="listings")
     gpu_model = models.CharField(max_length=100)
     vram_gb = models.PositiveIntegerField()
@@ -118,13 +128,19 @@ class Listing(models.Model):
         ordering = ["price_per_gpu_hour", "id"]
         constraints = [
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="listing_gpus_positive"),
-            models.CheckConstraint(condition=Q(price_per_gpu_hour__gte=0), name="listing_price_non_negative"),
-            models.CheckConstraint(condition=Q(price_per_gib__gte=0), name="listing_gib_price_non_negative"),
+            models.CheckConstraint(
+                condition=Q(price_per_gpu_hour__gte=0), name="listing_price_non_negative"
+            ),
+            models.CheckConstraint(
+                condition=Q(price_per_gib__gte=0), name="listing_gib_price_non_negative"
+            ),
         ]
-        indexes = [models.Index(fields=["gpu_model", "price_per_gpu_hour"], name="listing_model_price_idx")]
+        indexes = [
+            models.Index(fields=["gpu_model", "price_per_gpu_hour"], name="listing_model_price_idx")
+        ]
 
     def __str__(self) -> str:
-        return f"{self.gpu_count}× {self.gpu_model} on {self.node}"
+        return f"{self.gpu_count} x {self.gpu_model} on {self.node}"
 
 
 class Order(models.Model):
@@ -140,7 +156,9 @@ class Order(models.Model):
     LIVE_STATES = (State.PENDING, State.PROVISIONING, State.RUNNING, State.STOPPING)
     ENDED_STATES = (State.COMPLETED, State.CANCELLED, State.FAILED)
 
-    buyer = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders")
+    buyer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders"
+    )
     listing = models.ForeignKey(Listing, on_delete=models.PROTECT, related_name="orders")
     gpu_count = models.PositiveIntegerField()
     hours = models.PositiveIntegerField()
@@ -190,6 +208,9 @@ class OrderTransition(models.Model):
     class Meta:
         ordering = ["id"]
 
+    def __str__(self) -> str:
+        return f"order {self.order_id}: {self.from_state or '-'} -> {self.to_state}"
+
 
 class EscrowHold(models.Model):
     """A two-phase transfer: placed with the order, resolved at most once (capture up to the
@@ -218,12 +239,17 @@ class EscrowHold(models.Model):
             ),
         ]
 
+    def __str__(self) -> str:
+        return f"hold of order {self.order_id}: {self.amount} ({self.state})"
+
 
 class Settlement(models.Model):
     """What an ended order cost, once: the unique order makes settlement exactly-once."""
 
     order = models.OneToOneField(Order, on_delete=models.PROTECT, related_name="settlement")
-    transaction = models.OneToOneField(LedgerTransaction, on_delete=models.PROTECT, related_name="settlement")
+    transaction = models.OneToOneField(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="settlement"
+    )
     billed_seconds = models.BigIntegerField()
     time_charge = models.BigIntegerField()
     bandwidth_bytes = models.BigIntegerField()
@@ -233,6 +259,9 @@ class Settlement(models.Model):
     provider_amount = models.BigIntegerField()
     released = models.BigIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"settlement of order {self.order_id}: captured {self.captured}"
 
 
 class IdempotencyRecord(models.Model):
@@ -248,3 +277,6 @@ class IdempotencyRecord(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_once")]
         indexes = [models.Index(fields=["created_at"], name="idempotency_created_idx")]
+
+    def __str__(self) -> str:
+        return f"idempotency key of user {self.user_id}"

@@ -30,7 +30,7 @@ from meshnet.models import Node
 
 log = logging.getLogger(__name__)
 
-API_TOKEN_PREFIX = "molt_"
+API_TOKEN_PREFIX = "molt_"  # noqa: S105  (a prefix, not a secret)
 S = Order.State
 
 
@@ -71,7 +71,9 @@ def create_listing(
     if price_per_gpu_hour < 0 or price_per_gib < 0:
         raise MarketError("prices must not be negative", field="price_per_gpu_hour")
     if region and region not in ipplan.REGIONS:
-        raise MarketError(f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region")
+        raise MarketError(
+            f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region"
+        )
     with transaction.atomic():
         Node.objects.select_for_update().get(pk=node.pk)
         gpus = list(node.gpus.all())
@@ -136,12 +138,16 @@ def _transition(order: Order, from_state: str, to_state: str, reason: str, **fie
     changed = Order.objects.filter(pk=order.pk, state=from_state).update(state=to_state, **fields)
     if not changed:
         return False
-    OrderTransition.objects.create(order=order, from_state=from_state, to_state=to_state, reason=reason)
+    OrderTransition.objects.create(
+        order=order, from_state=from_state, to_state=to_state, reason=reason
+    )
     order.refresh_from_db()
     return True
 
 
-def place_order(buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard_public_key: str) -> Order:
+def place_order(
+    buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard_public_key: str
+) -> Order:
     """Place an order and its escrow hold in one transaction; enqueue provisioning on commit.
 
     Locks: the listing row (so concurrent orders cannot oversell it), then the buyer's wallet
@@ -150,7 +156,9 @@ def place_order(buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard
     if gpu_count < 1:
         raise MarketError("gpu_count must be at least 1", field="gpu_count")
     if not 1 <= hours <= settings.MOLT_MAX_ORDER_HOURS:
-        raise MarketError(f"hours must be between 1 and {settings.MOLT_MAX_ORDER_HOURS}", field="hours")
+        raise MarketError(
+            f"hours must be between 1 and {settings.MOLT_MAX_ORDER_HOURS}", field="hours"
+        )
     try:
         mesh.validate_peer_key(wireguard_public_key)
     except MeshError as exc:
@@ -164,11 +172,13 @@ def place_order(buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard
         in_use = Order.objects.gpus_in_use(listing.pk)
         if in_use + gpu_count > listing.gpu_count:
             raise Oversold(
-                f"only {listing.gpu_count - in_use} of {listing.gpu_count} GPUs of this listing are free"
+                f"only {listing.gpu_count - in_use} of {listing.gpu_count} GPUs "
+                "of this listing are free"
             )
         if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exists():
             raise MarketError(
-                "this WireGuard public key is already used by a live order; generate a new key pair",
+                "this WireGuard public key is already used by a live order; "
+                "generate a new key pair",
                 field="wireguard_public_key",
             )
         q = quote_for(listing, gpu_count=gpu_count, hours=hours)
@@ -184,7 +194,9 @@ def place_order(buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard
             hold_amount=q.total_hold,
         )
         ledger.place_hold(order, q.total_hold)
-        OrderTransition.objects.create(order=order, from_state="", to_state=S.PENDING, reason="order placed")
+        OrderTransition.objects.create(
+            order=order, from_state="", to_state=S.PENDING, reason="order placed"
+        )
         from marketplace.tasks import provision_order as provision_task
 
         transaction.on_commit(lambda: provision_task.delay(order.pk))

@@ -26,7 +26,9 @@ def sweep_pending_orders() -> int:
     """Re-drive orders still pending a while after placement (a lost broker message must delay
     provisioning, never lose it)."""
     cutoff = timezone.now() - timedelta(seconds=20)
-    ids = list(Order.objects.filter(state="pending", created_at__lte=cutoff).values_list("pk", flat=True))
+    ids = list(
+        Order.objects.filter(state="pending", created_at__lte=cutoff).values_list("pk", flat=True)
+    )
     for order_id in ids:
         services.provision_order(order_id)
     return len(ids)
@@ -35,7 +37,11 @@ def sweep_pending_orders() -> int:
 @shared_task(acks_late=True)
 def sweep_settlements() -> int:
     """Settle completed orders that have no settlement yet (a crash between the two)."""
-    ids = list(Order.objects.filter(state="completed", settlement__isnull=True).values_list("pk", flat=True))
+    ids = list(
+        Order.objects.filter(state="completed", settlement__isnull=True).values_list(
+            "pk", flat=True
+        )
+    )
     for order_id in ids:
         services.settle_order(Order.objects.get(pk=order_id))
     return len(ids)

@@ -10,7 +10,17 @@ class GpuInline(admin.TabularInline):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ("name", "owner", "mesh_address", "hostname", "region", "last_seen_at", "desired_revision", "acked_revision", "revoked_at")
+    list_display = (
+        "name",
+        "owner",
+        "mesh_address",
+        "hostname",
+        "region",
+        "last_seen_at",
+        "desired_revision",
+        "acked_revision",
+        "revoked_at",
+    )
     list_filter = ("region",)
     search_fields = ("name", "hostname", "node_id", "mesh_address")
     inlines = [GpuInline]
@@ -24,5 +34,11 @@ class JobPeerAdmin(admin.ModelAdmin):
 
 
 admin.site.register(IpPool, list_display=("name", "cidr", "next_offset"))
-admin.site.register(IpAllocation, list_display=("address", "pool", "purpose", "allocated_at", "released_at", "reusable_after"), list_filter=("pool", "purpose"))
-admin.site.register(EnrollmentToken, list_display=("hint", "owner", "created_at", "expires_at", "used_at", "node"))
+admin.site.register(
+    IpAllocation,
+    list_display=("address", "pool", "purpose", "allocated_at", "released_at", "reusable_after"),
+    list_filter=("pool", "purpose"),
+)
+admin.site.register(
+    EnrollmentToken, list_display=("hint", "owner", "created_at", "expires_at", "used_at", "node")
+)

@@ -8,6 +8,7 @@ rather than handing out addresses from the wrong place.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from dataclasses import dataclass
 
 MOLT_POOL = "molt"
@@ -58,7 +59,9 @@ def validate_plan(plan: tuple[Block, ...] = PLAN) -> None:
         try:
             ipaddress.IPv4Network(block.cidr, strict=True)
         except ValueError as exc:
-            raise PlanError(f"block {block.name!r} {block.cidr} is not a valid network: {exc}")
+            raise PlanError(
+                f"block {block.name!r} {block.cidr} is not a valid network: {exc}"
+            ) from None
         by_name[block.name] = block
     for block in plan:
         if block.parent is None:
@@ -67,15 +70,19 @@ def validate_plan(plan: tuple[Block, ...] = PLAN) -> None:
         if parent is None:
             raise PlanError(f"block {block.name!r} names unknown parent {block.parent!r}")
         if not block.network.subnet_of(parent.network):
-            raise PlanError(f"block {block.name!r} {block.cidr} is outside its parent {parent.cidr}")
+            raise PlanError(
+                f"block {block.name!r} {block.cidr} is outside its parent {parent.cidr}"
+            )
     siblings: dict[str | None, list[Block]] = {}
     for block in plan:
         siblings.setdefault(block.parent, []).append(block)
     for group in siblings.values():
         ordered = sorted(group, key=lambda b: int(b.network.network_address))
-        for left, right in zip(ordered, ordered[1:], strict=False):
+        for left, right in itertools.pairwise(ordered):
             if left.network.overlaps(right.network):
-                raise PlanError(f"blocks {left.name!r} {left.cidr} and {right.name!r} {right.cidr} overlap")
+                raise PlanError(
+                    f"blocks {left.name!r} {left.cidr} and {right.name!r} {right.cidr} overlap"
+                )
 
 
 def block(name: str) -> Block:
@@ -115,6 +122,8 @@ def offset_of(network: ipaddress.IPv4Network, address: str | ipaddress.IPv4Addre
 def workload_subnet(node_index: int, max_nodes: int) -> ipaddress.IPv4Network:
     """The /24 of the workload pool for cluster node `node_index` (10.200.{n}.0/24)."""
     if not 0 <= node_index < max_nodes or node_index > 255:
-        raise ValueError(f"workload node index {node_index} is outside 0..{min(max_nodes, 256) - 1}")
+        raise ValueError(
+            f"workload node index {node_index} is outside 0..{min(max_nodes, 256) - 1}"
+        )
     base = block(WORKLOAD_POOL).network.network_address
     return ipaddress.IPv4Network(f"{base + node_index * 256}/24")

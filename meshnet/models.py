@@ -75,7 +75,9 @@ class Node(models.Model):
     """A provider machine. Its identity is its Ed25519 key; its epoch-0 WireGuard key is the
     X25519 conversion of that key."""
 
-    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="nodes")
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="nodes"
+    )
     node_id = models.CharField(max_length=40, unique=True)
     name = models.CharField(max_length=32, unique=True)
     identity_public_key = models.CharField(max_length=44, unique=True)
@@ -184,6 +186,9 @@ class UsedNonce(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["kind", "nonce"], name="nonce_once")]
         indexes = [models.Index(fields=["seen_at"], name="nonce_seen_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.nonce}"
 
 
 class JobPeer(models.Model):

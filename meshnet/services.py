@@ -16,7 +16,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from clawnode import protocol
-from clawnode.keys import InvalidKey, encode_key, parse_wireguard_public_key, x25519_public_from_ed25519
+from clawnode.keys import (
+    InvalidKey,
+    encode_key,
+    parse_wireguard_public_key,
+    x25519_public_from_ed25519,
+)
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import F
@@ -30,7 +35,7 @@ from meshnet.signals import peer_acknowledged, peer_removed
 
 log = logging.getLogger(__name__)
 
-ENROLLMENT_TOKEN_PREFIX = "molt_enr_"
+ENROLLMENT_TOKEN_PREFIX = "molt_enr_"  # noqa: S105  (a prefix, not a secret)
 
 
 # --- addresses ---------------------------------------------------------------------------
@@ -182,7 +187,9 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
     except protocol.StaleMessage as exc:
         raise EnrollmentRefused(f"stale request: {exc}") from None
     if encode_key(x25519_public_from_ed25519(identity_key)) != request.wireguard_public_key:
-        raise EnrollmentRefused("wireguard_public_key is not the X25519 conversion of the identity key")
+        raise EnrollmentRefused(
+            "wireguard_public_key is not the X25519 conversion of the identity key"
+        )
 
     with transaction.atomic():
         _remember_nonce(protocol.ENROLL, request.nonce)
@@ -195,7 +202,10 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
         if token is None:
             raise EnrollmentRefused("unknown enrolment token")
         if token.used_at is not None:
-            if token.node is not None and token.node.identity_public_key == request.identity_public_key:
+            if (
+                token.node is not None
+                and token.node.identity_public_key == request.identity_public_key
+            ):
                 return Enrolment(node=token.node, created=False)
             raise EnrollmentRefused("enrolment token was already used")
         if token.expires_at <= timezone.now():
@@ -295,7 +305,9 @@ def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
                     added_revision=locked.desired_revision,
                 )
         except IntegrityError:
-            raise PeerKeyInUse("this WireGuard public key is already in use on another peer") from None
+            raise PeerKeyInUse(
+                "this WireGuard public key is already in use on another peer"
+            ) from None
         _push_on_commit(locked.pk)
         return peer
 
@@ -313,7 +325,9 @@ def remove_job_peer(ref: str) -> JobPeer | None:
             return peer
         _bump_revision(peer.node_id)
         revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
-        JobPeer.objects.filter(pk=peer.pk).update(state=JobPeer.State.REMOVING, removed_revision=revision)
+        JobPeer.objects.filter(pk=peer.pk).update(
+            state=JobPeer.State.REMOVING, removed_revision=revision
+        )
         _push_on_commit(peer.node_id)
         peer.refresh_from_db()
         return peer
@@ -358,7 +372,8 @@ def acknowledge_revision(
         locked = Node.objects.select_for_update().get(pk=node.pk)
         if revision > locked.desired_revision:
             raise ValueError(
-                f"acknowledged revision {revision} is ahead of desired revision {locked.desired_revision}"
+                f"acknowledged revision {revision} is ahead of "
+                f"desired revision {locked.desired_revision}"
             )
         if revision > locked.acked_revision:
             Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
@@ -382,3 +397,81 @@ def acknowledge_revision(
                 if peer.allocation_id is not None:
                     release_address(peer.allocation)
                 peer_removed.send(sender=JobPeer, job_peer=peer, at=at)
+
+
+# --- the agent channel ----------------------------------------------------------------------
+
+
+class AgentRefused(Exception):
+    """An agent's frame was refused; `close_code` tells the agent whether to retry."""
+
+    def __init__(self, message: str, close_code: int) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+def authenticate_agent(envelope: Mapping[str, Any], *, challenge: str) -> Node:
+    """Check an AGENT_AUTH answer to this connection's `challenge`: the node exists and is not
+    revoked, the signature is its identity's, the challenge is ours and the clock is close."""
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    try:
+        auth = protocol.AgentAuth.from_dict(body if isinstance(body, Mapping) else {})
+    except protocol.ProtocolError as exc:
+        raise AgentRefused(f"bad auth message: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+    node = Node.objects.filter(node_id=auth.node_id).first()
+    if node is None or node.revoked_at is not None:
+        raise AgentRefused("unknown or revoked node: enrol again", protocol.CLOSE_FORBIDDEN)
+    try:
+        protocol.open_envelope(
+            envelope, base64.b64decode(node.identity_public_key), protocol.AGENT_AUTH
+        )
+    except protocol.BadSignature as exc:
+        raise AgentRefused(f"auth signature refused: {exc}", protocol.CLOSE_AUTH_FAILED) from None
+    if not secrets.compare_digest(auth.challenge, challenge):
+        raise AgentRefused(
+            "auth answers another connection's challenge", protocol.CLOSE_AUTH_FAILED
+        )
+    try:
+        protocol.check_fresh(
+            auth.timestamp,
+            int(timezone.now().timestamp()),
+            max_skew=settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS,
+        )
+    except protocol.StaleMessage as exc:
+        raise AgentRefused(f"stale auth: {exc}", protocol.CLOSE_AUTH_FAILED) from None
+    return node
+
+
+def record_heartbeat(node: Node, observed_ip: str | None = None) -> None:
+    fields: dict[str, Any] = {"last_seen_at": timezone.now()}
+    if observed_ip:
+        fields["observed_ip"] = observed_ip
+    Node.objects.filter(pk=node.pk).update(**fields)
+
+
+def update_inventory(node: Node, gpus: list[Mapping[str, Any]]) -> None:
+    """Replace the node's GPU rows with what its agent reports (NVML or simulated)."""
+    parsed = tuple(protocol.GpuInfo.from_dict(gpu) for gpu in gpus)
+    with transaction.atomic():
+        Node.objects.select_for_update().get(pk=node.pk)
+        try:
+            _replace_gpus(node, parsed)
+        except EnrollmentRefused as exc:
+            raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+
+
+def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
+    """Verify a signed ACK from `node` and record it (see acknowledge_revision)."""
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    try:
+        protocol.open_envelope(envelope, base64.b64decode(node.identity_public_key), protocol.ACK)
+        ack = protocol.Ack.from_dict(body if isinstance(body, Mapping) else {})
+    except (protocol.BadSignature, protocol.ProtocolError) as exc:
+        raise AgentRefused(f"ack refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+    if ack.node_id != node.node_id:
+        raise AgentRefused("ack names another node", protocol.CLOSE_BAD_MESSAGE)
+    try:
+        acknowledge_revision(node, ack.revision, ack.failed_keys)
+    except ValueError as exc:
+        raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+    return ack

@@ -9,7 +9,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
-PRIVATE_KEY_PLACEHOLDER = "# PrivateKey = <the private key of this order's key pair; only you hold it>"
+PRIVATE_KEY_PLACEHOLDER = (
+    "# PrivateKey = <the private key of this order's key pair; only you hold it>"
+)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ def _missing_for(tier: str) -> str | None:
             return "needs /dev/net/tun"
         for tool in ("wireguard-go", "wg", "nft", "ip"):
             if shutil.which(tool) is None:
-                return f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
+                return (
+                    f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
+                )
     if tier == "browser":
         if not os.path.exists("/usr/bin/chromium"):
             return "needs Debian's chromium at /usr/bin/chromium"
@@ -76,7 +78,9 @@ def pytest_sessionfinish(session, exitstatus):
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = reporter.stats.get("skipped", []) if reporter else []
     if skipped:
-        reporter.write_line(f"CI=true: {len(skipped)} test(s) skipped; a skipped tier is a failure", red=True)
+        reporter.write_line(
+            f"CI=true: {len(skipped)} test(s) skipped; a skipped tier is a failure", red=True
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -86,7 +90,9 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def make_user(db, django_user_model):
     def make(username: str, **extra):
-        return django_user_model.objects.create_user(username=username, password=f"{username}-pass-123", **extra)
+        return django_user_model.objects.create_user(
+            username=username, password=f"{username}-pass-123", **extra
+        )
 
     return make
 

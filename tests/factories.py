@@ -11,8 +11,16 @@ from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from meshnet import services as mesh
 
 
-def enroll_request(identity: Identity, token: str, *, gpus=(), timestamp: int | None = None,
-                   nonce: str | None = None, listen_port: int = 51820, endpoint: str = "") -> dict:
+def enroll_request(
+    identity: Identity,
+    token: str,
+    *,
+    gpus=(),
+    timestamp: int | None = None,
+    nonce: str | None = None,
+    listen_port: int = 51820,
+    endpoint: str = "",
+) -> dict:
     """A signed enrolment envelope, exactly as `clawnode join` sends it."""
     body = protocol.EnrollRequest(
         token=token,
@@ -29,8 +37,15 @@ def enroll_request(identity: Identity, token: str, *, gpus=(), timestamp: int | 
 
 
 def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: bool = False):
-    return protocol.GpuInfo(index=index, name=name, memory_mb=memory_mb, uuid=f"GPU-{index:04d}",
-                            driver_version="550.54", cuda_version="12.4", simulated=simulated)
+    return protocol.GpuInfo(
+        index=index,
+        name=name,
+        memory_mb=memory_mb,
+        uuid=f"GPU-{index:04d}",
+        driver_version="550.54",
+        cuda_version="12.4",
+        simulated=simulated,
+    )
 
 
 def enrolled_node(owner, gpus=None, *, region: str = "eu-west"):
@@ -38,7 +53,9 @@ def enrolled_node(owner, gpus=None, *, region: str = "eu-west"):
     identity = Identity.generate()
     issued = mesh.create_enrollment_token(owner)
     gpus = gpus if gpus is not None else [gpu(0), gpu(1)]
-    node = mesh.enroll_node(enroll_request(identity, issued.token, gpus=gpus), observed_ip="203.0.113.10").node
+    node = mesh.enroll_node(
+        enroll_request(identity, issued.token, gpus=gpus), observed_ip="203.0.113.10"
+    ).node
     if region:
         node.region = region
         node.save(update_fields=["region"])

@@ -576,3 +576,105 @@ class DesiredState:
             "peers": [peer.to_dict() for peer in self.peers],
             "issued_at": self.issued_at,
         }
+
+
+# -- the agent channel (websocket /ws/agent/) ---------------------------------------------------
+#
+# Frames are JSON objects with a "type". Gateway -> agent: "challenge" {challenge, server_time},
+# "welcome" {node_id, name, mesh_address}, "desired_state" {envelope: signed DESIRED_STATE},
+# "error" {detail}. Agent -> gateway: "auth" {envelope: signed AGENT_AUTH}, "heartbeat" {},
+# "inventory" {gpus, reason}, "ack" {envelope: signed ACK}, "metering" {envelope: signed METERING}.
+
+# Close codes the gateway uses, so an agent can tell "retry later" from "give up".
+CLOSE_BAD_MESSAGE = 4400
+CLOSE_AUTH_FAILED = 4401
+CLOSE_FORBIDDEN = 4403  # unknown or revoked node: re-enrol
+CLOSE_AUTH_TIMEOUT = 4408
+
+_CHALLENGE_RE = re.compile(r"[A-Za-z0-9_-]{43}")  # 32 random bytes, urlsafe b64 unpadded
+
+
+@dataclass(frozen=True)
+class AgentAuth:
+    """Body of an AGENT_AUTH message: the node proves its identity by signing the gateway's
+    per-connection challenge, so a recorded answer is useless on any other connection."""
+
+    node_id: str
+    challenge: str
+    timestamp: int
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
+            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        if not _CHALLENGE_RE.fullmatch(_str(self.challenge, "challenge", max_len=43)):
+            raise ProtocolError("challenge must be 43 URL-safe base64 characters", "challenge")
+        _int(self.timestamp, "timestamp")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentAuth:
+        return cls(**_checked_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PeerResult:
+    """How applying one peer of a desired state went."""
+
+    public_key: str
+    ok: bool
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        _wireguard_key(self.public_key, "public_key")
+        _bool(self.ok, "ok")
+        _str(self.detail, "detail", max_len=500, empty=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PeerResult:
+        return cls(**_checked_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Ack:
+    """Body of an ACK message: the agent applied desired state `revision`, peer by peer."""
+
+    node_id: str
+    revision: int
+    results: tuple[PeerResult, ...]
+    timestamp: int
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
+            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        _int(self.revision, "revision")
+        results = _tuple(self.results, "results", 65535)
+        for i, result in enumerate(results):
+            if not isinstance(result, PeerResult):
+                raise ProtocolError(f"results[{i}] must be a PeerResult", f"results[{i}]")
+        object.__setattr__(self, "results", results)
+        _int(self.timestamp, "timestamp")
+
+    @property
+    def failed_keys(self) -> frozenset[str]:
+        return frozenset(r.public_key for r in self.results if not r.ok)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Ack:
+        fields = _checked_fields(cls, data)
+        fields["results"] = _items(
+            PeerResult, _tuple(fields["results"], "results", 65535), "results"
+        )
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "revision": self.revision,
+            "results": [r.to_dict() for r in self.results],
+            "timestamp": self.timestamp,
+        }

@@ -1,4 +1,4 @@
-"""Project-level checks that CI must prove: migrations complete, deploy settings safe, lint clean."""
+"""Project-level checks CI must prove: migrations complete, deploy settings safe."""
 
 from __future__ import annotations
 

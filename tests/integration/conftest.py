@@ -54,8 +54,14 @@ class Gateway:
 
     def start(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115  (closed with the process)
-        proc = subprocess.Popen(args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.processes[name] = proc
         return proc
 
@@ -102,14 +108,41 @@ def gateway(transactional_db, tmp_path) -> Iterator[Gateway]:
         "MOLT_ALLOW_SIMULATED_GPUS": "true",
         "PYTHONUNBUFFERED": "1",
     }
-    subprocess.run([str(BIN / "python"), "-c",
-                    f"import redis; redis.Redis(db={redis_db}).flushdb()"], check=True)
+    subprocess.run(
+        [str(BIN / "python"), "-c", f"import redis; redis.Redis(db={redis_db}).flushdb()"],
+        check=True,
+    )
     gw = Gateway(base_url=f"http://127.0.0.1:{port}", env=env, log_dir=tmp_path)
-    gw.start("web", [str(BIN / "uvicorn"), "config.asgi:application", "--host", "127.0.0.1",
-                     "--port", str(port), "--log-level", "warning"])
-    gw.start("worker", [str(BIN / "celery"), "-A", "config", "worker", "-l", "info",
-                        "--concurrency", "1", "--without-gossip", "--without-mingle",
-                        "--hostname", f"test-{os.getpid()}@%h"])
+    gw.start(
+        "web",
+        [
+            str(BIN / "uvicorn"),
+            "config.asgi:application",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+    )
+    gw.start(
+        "worker",
+        [
+            str(BIN / "celery"),
+            "-A",
+            "config",
+            "worker",
+            "-l",
+            "info",
+            "--concurrency",
+            "1",
+            "--without-gossip",
+            "--without-mingle",
+            "--hostname",
+            f"test-{os.getpid()}@%h",
+        ],
+    )
 
     def web_up():
         try:

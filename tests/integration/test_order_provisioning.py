@@ -36,13 +36,20 @@ def call(gateway, method: str, path: str, token: str, body: dict | None = None):
 
 def test_order_over_http_is_provisioned_by_the_worker(gateway, buyer, provider):
     node = enrolled_node(provider, gpus=[gpu(0), gpu(1)])
-    listing = create_listing(provider, node=node, gpu_count=2, price_per_gpu_hour=400_000, price_per_gib=10_000)
+    listing = create_listing(
+        provider, node=node, gpu_count=2, price_per_gpu_hour=400_000, price_per_gib=10_000
+    )
     ledger.grant_credits(buyer, 100_000_000)
     token = issue_api_token(buyer)
     buyer_key = wg_public_key()
 
-    status, body = call(gateway, "POST", "/api/v1/orders/", token,
-                        {"listing": listing.pk, "gpu_count": 1, "hours": 2, "wireguard_public_key": buyer_key})
+    status, body = call(
+        gateway,
+        "POST",
+        "/api/v1/orders/",
+        token,
+        {"listing": listing.pk, "gpu_count": 1, "hours": 2, "wireguard_public_key": buyer_key},
+    )
     assert status == 201, body
     order_id = json.loads(body)["id"]
 
@@ -52,7 +59,11 @@ def test_order_over_http_is_provisioned_by_the_worker(gateway, buyer, provider):
         data = json.loads(body)
         return data if data["state"] == "provisioning" else None
 
-    order = wait_until(provisioned, timeout=30, message=f"the worker to provision order {order_id}\n{gateway.logs()}")
+    order = wait_until(
+        provisioned,
+        timeout=30,
+        message=f"the worker to provision order {order_id}\n{gateway.logs()}",
+    )
     assert ipaddress.IPv4Address(order["job_address"]) in MOLT
     assert order["provider_address"] == node.mesh_address
     assert order["provider_public_key"] == node.wireguard_public_key

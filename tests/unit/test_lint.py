@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 RUFF = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
 
 
-@pytest.mark.parametrize("args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"])
+@pytest.mark.parametrize(
+    "args", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"]
+)
 def test_ruff_is_clean(args):
     assert RUFF, "ruff is not installed (it is in the dev extra of pyproject.toml)"
     result = subprocess.run([RUFF, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
