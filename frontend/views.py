@@ -1,4 +1,117 @@
-from django.http import HttpResponse
+"""Browser pages. Read-only here: every write goes through marketplace and meshnet services."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django import forms
+from django.core.paginator import Paginator
+from django.db.models import F, OuterRef, QuerySet, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from marketplace.models import Listing, Order
+from meshnet.ipplan import REGIONS
+
+MICRO_PER_USD = 1_000_000
+PAGE_SIZE = 25
+
+SORTS = {
+    "price": ("price_per_gpu_hour", "id"),
+    "-price": ("-price_per_gpu_hour", "id"),
+    "-vram": ("-vram_gb", "price_per_gpu_hour", "id"),
+    "-free": ("-gpus_free", "price_per_gpu_hour", "id"),
+}
+SORT_CHOICES = [
+    ("price", "price: low to high"),
+    ("-price", "price: high to low"),
+    ("-vram", "VRAM: most first"),
+    ("-free", "free GPUs: most first"),
+]
+
+
+class ListingFilterForm(forms.Form):
+    """The filters of the marketplace page, read from the query string. A field with a bad
+    value is reported on the page and ignored; the other filters still apply."""
+
+    gpu_model = forms.ChoiceField(required=False, label="GPU model")
+    min_vram_gb = forms.IntegerField(required=False, min_value=0, max_value=100_000, label="min VRAM (GB)")
+    max_price = forms.DecimalField(
+        required=False,
+        min_value=Decimal(0),
+        max_digits=12,
+        decimal_places=6,
+        label="max price (USD / GPU-hour)",
+    )
+    region = forms.ChoiceField(
+        required=False, choices=[("", "any region"), *((r, r) for r in REGIONS)], label="region"
+    )
+    min_gpus = forms.IntegerField(required=False, min_value=1, max_value=1024, label="min free GPUs")
+    sort = forms.ChoiceField(required=False, choices=SORT_CHOICES, label="sort by")
+
+    def __init__(self, data, *, gpu_models: list[str]) -> None:
+        super().__init__(data)
+        self.fields["gpu_model"].choices = [("", "any model"), *((m, m) for m in gpu_models)]
+
+    def value(self, name: str):
+        """The cleaned value of `name`, or None when it was empty or invalid."""
+        if name in self.errors:
+            return None
+        return self.cleaned_data.get(name) or None
+
+
+def listings_with_free_gpus() -> QuerySet[Listing]:
+    """Available listings with `gpus_free`: the listing's GPUs less those held by live orders,
+    computed in the same query (a correlated subquery), with node and owner joined in, so the
+    page costs one query however many rows it shows."""
+    in_use = (
+        Order.objects.live()
+        .filter(listing=OuterRef("pk"))
+        .order_by()
+        .values("listing")
+        .annotate(n=Sum("gpu_count"))
+        .values("n")
+    )
+    return (
+        Listing.objects.available()
+        .select_related("node", "owner")
+        .annotate(gpus_free=F("gpu_count") - Coalesce(Subquery(in_use), 0))
+    )
+
+
+def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> QuerySet[Listing]:
+    if model := form.value("gpu_model"):
+        listings = listings.filter(gpu_model=model)
+    if (vram := form.value("min_vram_gb")) is not None:
+        listings = listings.filter(vram_gb__gte=vram)
+    max_price = None if "max_price" in form.errors else form.cleaned_data.get("max_price")
+    if max_price is not None:
+        # decimal_places=6 makes this exact: the form refuses anything finer than a micro-USD.
+        listings = listings.filter(price_per_gpu_hour__lte=int(max_price * MICRO_PER_USD))
+    if region := form.value("region"):
+        listings = listings.filter(region=region)
+    if (gpus := form.value("min_gpus")) is not None:
+        listings = listings.filter(gpus_free__gte=gpus)
+    return listings.order_by(*SORTS[form.value("sort") or "price"])
+
+
+@require_GET
+def marketplace(request: HttpRequest) -> HttpResponse:
+    gpu_models = list(
+        Listing.objects.available().order_by("gpu_model").values_list("gpu_model", flat=True).distinct()
+    )
+    form = ListingFilterForm(request.GET, gpu_models=gpu_models)
+    form.is_valid()  # errors are shown beside their fields; valid filters still apply
+    listings = filter_listings(listings_with_free_gpus(), form)
+    page = Paginator(listings, PAGE_SIZE).get_page(request.GET.get("page"))
+    filtered = any(request.GET.get(name) for name in form.fields if name != "sort")
+    return render(
+        request,
+        "frontend/marketplace.html",
+        {"form": form, "page": page, "filtered": filtered, "regions": REGIONS},
+    )
 
 
 def healthz(request):

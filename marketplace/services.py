@@ -113,6 +113,62 @@ def create_listing(
         )
 
 
+def update_listing(
+    listing: Listing,
+    *,
+    price_per_gpu_hour: int | None = None,
+    price_per_gib: int | None = None,
+    gpu_count: int | None = None,
+    is_active: bool | None = None,
+) -> Listing:
+    """Change a listing's prices, GPU count or active flag (False pauses it: no new orders;
+    live orders are untouched, and they keep the prices they were placed at).
+
+    A new gpu_count is checked like create_listing's: with the node's other listings of this
+    model it must fit the node's GPUs of the model, and it cannot go below the GPUs live orders
+    use (Oversold, 409). Locks: listing row, then node row (the store-wide order). A deleted
+    listing raises MarketError."""
+    if gpu_count is not None and gpu_count < 1:
+        raise MarketError("gpu_count must be at least 1", field="gpu_count")
+    for name, price in (("price_per_gpu_hour", price_per_gpu_hour), ("price_per_gib", price_per_gib)):
+        if price is not None and price < 0:
+            raise MarketError(f"{name} must not be negative", field=name)
+    with transaction.atomic():
+        locked = Listing.objects.visible().select_for_update().filter(pk=listing.pk).first()
+        if locked is None:
+            raise MarketError(f"unknown listing {listing.pk}", field="listing")
+        changes: dict[str, object] = {}
+        if gpu_count is not None and gpu_count != locked.gpu_count:
+            node = Node.objects.select_for_update().get(pk=locked.node_id)
+            in_use = Order.objects.gpus_in_use(locked.pk)
+            if gpu_count < in_use:
+                raise Oversold(f"{in_use} GPUs of this listing are in use by live orders")
+            matching = node.gpus.filter(name=locked.gpu_model).count()
+            others = sum(
+                Listing.objects.visible()
+                .filter(node=node, gpu_model=locked.gpu_model)
+                .exclude(pk=locked.pk)
+                .values_list("gpu_count", flat=True)
+            )
+            if others + gpu_count > matching:
+                raise MarketError(
+                    f"{node.name} has {matching} {locked.gpu_model} GPU(s), "
+                    f"{others} listed elsewhere",
+                    field="gpu_count",
+                )
+            changes["gpu_count"] = gpu_count
+        if price_per_gpu_hour is not None:
+            changes["price_per_gpu_hour"] = price_per_gpu_hour
+        if price_per_gib is not None:
+            changes["price_per_gib"] = price_per_gib
+        if is_active is not None:
+            changes["is_active"] = is_active
+        if changes:
+            Listing.objects.filter(pk=locked.pk).update(**changes)
+        locked.refresh_from_db()
+        return locked
+
+
 def delete_listing(listing: Listing) -> None:
     """Soft delete: orders keep pointing at the listing they bought from."""
     Listing.objects.filter(pk=listing.pk).update(deleted_at=timezone.now(), is_active=False)
@@ -286,7 +342,11 @@ def settle_order(order: Order) -> Settlement:
     """Capture time + bandwidth (up to the hold), take the fee, pay the provider, release the
     rest; exactly once (unique Settlement.order and hold resolution back this)."""
     with transaction.atomic():
-        order = Order.objects.select_for_update().select_related("listing", "hold").get(pk=order.pk)
+        order = (
+            Order.objects.select_for_update(of=("self",))
+            .select_related("listing", "hold")
+            .get(pk=order.pk)
+        )
         existing = Settlement.objects.filter(order=order).first()
         if existing is not None:
             return existing
@@ -341,3 +401,14 @@ def expire_orders(now: datetime | None = None) -> int:
             ):
                 changed += 1
     return changed
+
+
+def add_traffic(job_peer, *, rx_bytes: int, tx_bytes: int) -> None:
+    """Add metered bytes to the job's order. rx is what the provider received from the buyer
+    (the buyer's bytes_out), tx what it sent (the buyer's bytes_in). Atomic increments, so
+    concurrent samples never lose an update."""
+    from django.db.models import F
+
+    Order.objects.filter(job_peer=job_peer).update(
+        bytes_in=F("bytes_in") + tx_bytes, bytes_out=F("bytes_out") + rx_bytes
+    )

@@ -77,6 +77,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(services.update_inventory)(
                     node, content.get("gpus") or []
                 )
+            elif kind == "metering":
+                await database_sync_to_async(services.ingest_metering)(
+                    node, content.get("envelope")
+                )
             elif kind == "ack":
                 await database_sync_to_async(services.process_ack)(node, content.get("envelope"))
                 await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())

@@ -234,3 +234,39 @@ class JobPeer(models.Model):
 
     def __str__(self) -> str:
         return f"{self.ref} on {self.node.name} ({self.address}, {self.state})"
+
+
+class PeerTraffic(models.Model):
+    """The last cumulative counters seen for a job peer; the base of the next delta."""
+
+    job_peer = models.OneToOneField(JobPeer, on_delete=models.CASCADE, related_name="traffic")
+    epoch = models.BigIntegerField(default=0)
+    rx_bytes = models.BigIntegerField(default=0)
+    tx_bytes = models.BigIntegerField(default=0)
+    total_rx_bytes = models.BigIntegerField(default=0)
+    total_tx_bytes = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"traffic of {self.job_peer_id}: rx {self.total_rx_bytes} tx {self.total_tx_bytes}"
+
+
+class MeteringSample(models.Model):
+    """Every signed metering sample, kept as received so a bill can be proved. The unique
+    (node, boot_id, seq) makes a resent sample count once."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="metering_samples")
+    boot_id = models.CharField(max_length=64)
+    seq = models.BigIntegerField()
+    sampled_at = models.DateTimeField()
+    received_at = models.DateTimeField(default=timezone.now)
+    body = models.JSONField()
+    signature = models.CharField(max_length=100)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["node", "boot_id", "seq"], name="metering_sample_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"sample {self.boot_id}/{self.seq} of {self.node_id}"

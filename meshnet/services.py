@@ -12,7 +12,7 @@ import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clawnode import protocol
@@ -27,11 +27,21 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from meshnet import ipplan
+from meshnet import ipplan, metering
 from meshnet.errors import EnrollmentRefused, InvalidPeerKey, PeerKeyInUse, PoolExhausted
 from meshnet.gateway_key import gateway_identity
-from meshnet.models import EnrollmentToken, Gpu, IpAllocation, IpPool, JobPeer, Node, UsedNonce
-from meshnet.signals import peer_acknowledged, peer_removed
+from meshnet.models import (
+    EnrollmentToken,
+    Gpu,
+    IpAllocation,
+    IpPool,
+    JobPeer,
+    MeteringSample,
+    Node,
+    PeerTraffic,
+    UsedNonce,
+)
+from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +204,7 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
     with transaction.atomic():
         _remember_nonce(protocol.ENROLL, request.nonce)
         token = (
-            EnrollmentToken.objects.select_for_update()
+            EnrollmentToken.objects.select_for_update(of=("self",))
             .filter(token_hash=_hash_token(request.token))
             .select_related("node")
             .first()
@@ -475,3 +485,63 @@ def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
     except ValueError as exc:
         raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
     return ack
+
+
+def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
+    """Store a signed metering sample from `node` once and turn its counters into deltas.
+
+    Each peer's delta (see meshnet.metering) is added to its PeerTraffic under a row lock and
+    announced with peer_traffic, all in one transaction with the stored sample; a resent
+    sample (same boot_id and seq) changes nothing. Returns the number of peers billed."""
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    try:
+        protocol.open_envelope(
+            envelope, base64.b64decode(node.identity_public_key), protocol.METERING
+        )
+        sample = protocol.MeteringSample.from_dict(body if isinstance(body, Mapping) else {})
+    except (protocol.BadSignature, protocol.ProtocolError) as exc:
+        raise AgentRefused(f"metering refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+    if sample.node_id != node.node_id:
+        raise AgentRefused("metering sample names another node", protocol.CLOSE_BAD_MESSAGE)
+    billed = 0
+    with transaction.atomic():
+        try:
+            with transaction.atomic():
+                MeteringSample.objects.create(
+                    node=node,
+                    boot_id=sample.boot_id,
+                    seq=sample.seq,
+                    sampled_at=datetime.fromtimestamp(sample.sampled_at, tz=UTC),
+                    body=dict(body),
+                    signature=str(envelope.get("signature", "")),
+                )
+        except IntegrityError:
+            return 0  # already stored: a resend after a lost connection
+        for counters in sample.peers:
+            # The key is live on at most one peer; a peer removed since still gets its last bytes.
+            peer = (
+                JobPeer.objects.filter(node=node, public_key=counters.public_key)
+                .order_by("-id")
+                .first()
+            )
+            if peer is None:
+                continue
+            traffic, _ = PeerTraffic.objects.get_or_create(job_peer=peer)
+            traffic = PeerTraffic.objects.select_for_update().get(pk=traffic.pk)
+            # A fresh row (epoch 0, zero counters) is the same base as "nothing seen yet".
+            previous = metering.Counters(traffic.epoch, traffic.rx_bytes, traffic.tx_bytes)
+            current = metering.Counters(counters.epoch, counters.rx_bytes, counters.tx_bytes)
+            if current.epoch < previous.epoch:
+                continue  # a late sample from an older epoch: keep the newer base
+            rx, tx = metering.delta(previous, current)
+            PeerTraffic.objects.filter(pk=traffic.pk).update(
+                epoch=current.epoch,
+                rx_bytes=current.rx_bytes,
+                tx_bytes=current.tx_bytes,
+                total_rx_bytes=F("total_rx_bytes") + rx,
+                total_tx_bytes=F("total_tx_bytes") + tx,
+            )
+            if rx or tx:
+                peer_traffic.send(sender=JobPeer, job_peer=peer, rx_bytes=rx, tx_bytes=tx)
+                billed += 1
+    return billed

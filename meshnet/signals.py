@@ -8,3 +8,6 @@ from django.dispatch import Signal
 # kwargs: job_peer (meshnet.models.JobPeer), at (datetime)
 peer_acknowledged = Signal()
 peer_removed = Signal()
+
+# kwargs: job_peer, rx_bytes, tx_bytes (new bytes since the last sample; rx = provider received)
+peer_traffic = Signal()

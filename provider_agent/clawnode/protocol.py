@@ -678,3 +678,64 @@ class Ack:
             "results": [r.to_dict() for r in self.results],
             "timestamp": self.timestamp,
         }
+
+
+@dataclass(frozen=True)
+class PeerCounters:
+    """Cumulative WireGuard counters of one peer. `epoch` changes whenever the counters restart
+    from zero (peer re-added or re-keyed, interface recreated), so a reset is never mistaken
+    for traffic."""
+
+    public_key: str
+    epoch: int
+    rx_bytes: int
+    tx_bytes: int
+
+    def __post_init__(self) -> None:
+        _wireguard_key(self.public_key, "public_key")
+        _int(self.epoch, "epoch")
+        _int(self.rx_bytes, "rx_bytes")
+        _int(self.tx_bytes, "tx_bytes")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PeerCounters:
+        return cls(**_checked_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class MeteringSample:
+    """Body of a METERING message, signed by the node identity so a bill can be proved.
+    (`boot_id`, `seq`) names the sample: a resent sample is stored once."""
+
+    node_id: str
+    boot_id: str
+    seq: int
+    sampled_at: int
+    peers: tuple[PeerCounters, ...]
+
+    def __post_init__(self) -> None:
+        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
+            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        if not _NONCE_RE.fullmatch(_str(self.boot_id, "boot_id", max_len=64)):
+            raise ProtocolError("boot_id must be 22-64 URL-safe base64 characters", "boot_id")
+        _int(self.seq, "seq")
+        _int(self.sampled_at, "sampled_at")
+        peers = _tuple(self.peers, "peers", 65535)
+        for i, peer in enumerate(peers):
+            if not isinstance(peer, PeerCounters):
+                raise ProtocolError(f"peers[{i}] must be a PeerCounters", f"peers[{i}]")
+        object.__setattr__(self, "peers", peers)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MeteringSample:
+        fields = _checked_fields(cls, data)
+        fields["peers"] = _items(PeerCounters, _tuple(fields["peers"], "peers", 65535), "peers")
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["peers"] = [p.to_dict() for p in self.peers]
+        return out

@@ -1,0 +1,102 @@
+"""Shapes of the mesh API: nodes, enrolment tokens and the agent's signed enrolment."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from meshnet.models import Gpu, Node
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The body of every error raised by a service: a message, a stable code, and (when the
+    error is about one input) `{field: [message]}` beside them."""
+
+    detail = serializers.CharField()
+    code = serializers.CharField()
+
+
+class GpuSerializer(serializers.ModelSerializer):
+    vram_gb = serializers.IntegerField(read_only=True, help_text="memory_mb rounded to GiB")
+
+    class Meta:
+        model = Gpu
+        fields = [
+            "index",
+            "name",
+            "memory_mb",
+            "vram_gb",
+            "driver_version",
+            "cuda_version",
+            "simulated",
+            "temperature_c",
+            "utilization_pct",
+        ]
+        read_only_fields = fields
+
+
+class NodeSerializer(serializers.ModelSerializer):
+    online = serializers.BooleanField(
+        read_only=True, help_text="a heartbeat arrived within MOLT_NODE_OFFLINE_AFTER_SECONDS"
+    )
+    gpus = GpuSerializer(many=True, read_only=True)
+    last_seen = serializers.DateTimeField(source="last_seen_at", read_only=True, allow_null=True)
+    endpoint = serializers.CharField(
+        read_only=True, help_text="host:port buyers send WireGuard packets to; empty if unknown"
+    )
+
+    class Meta:
+        model = Node
+        fields = [
+            "id",
+            "node_id",
+            "name",
+            "mesh_address",
+            "online",
+            "gpus",
+            "last_seen",
+            "region",
+            "endpoint",
+            "enrolled_at",
+        ]
+        read_only_fields = fields
+
+
+class EnrollmentTokenSerializer(serializers.Serializer):
+    token = serializers.CharField(help_text="shown once; only its hash is stored")
+    expires_at = serializers.DateTimeField()
+    install_command = serializers.CharField(help_text="run as root on the provider machine")
+
+
+class EnrollEnvelopeSerializer(serializers.Serializer):
+    """What `clawnode join` sends: an enrolment request signed by the node's identity key."""
+
+    kind = serializers.CharField(help_text="molt/enroll/v1", trim_whitespace=False)
+    body = serializers.JSONField(
+        help_text=(
+            "the enrolment request: token, identity_public_key, wireguard_public_key, hostname, "
+            "listen_port, endpoint, gpus, timestamp, nonce (see clawnode.protocol.EnrollRequest)"
+        )
+    )
+    # The signature is checked byte for byte: never trim or rewrite it.
+    signature = serializers.CharField(trim_whitespace=False, help_text="base64 Ed25519 signature")
+
+    def validate_body(self, value):
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("must be a JSON object")
+        return value
+
+
+class EnrollmentSerializer(serializers.Serializer):
+    node_id = serializers.CharField()
+    name = serializers.CharField(help_text="node-N")
+    mesh_address = serializers.IPAddressField(protocol="IPv4")
+    gateway_public_key = serializers.CharField(
+        help_text="base64 Ed25519 key the gateway signs desired state with; pin it"
+    )
+    websocket_url = serializers.CharField()
+    wireguard_listen_port = serializers.IntegerField(
+        help_text="the WireGuard listen port the gateway recorded for this node"
+    )
+    hub_address = serializers.IPAddressField(
+        protocol="IPv4", help_text="the gateway hub's mesh address (IP plan)"
+    )

@@ -1,0 +1,109 @@
+"""Mesh API: a provider's nodes, enrolment tokens, and the agent's enrolment call.
+
+Views are thin: they check shape with serializers and call meshnet.services.
+"""
+
+from __future__ import annotations
+
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from meshnet import ipplan, services
+from meshnet.api.serializers import (
+    EnrollEnvelopeSerializer,
+    EnrollmentSerializer,
+    EnrollmentTokenSerializer,
+    ErrorSerializer,
+    NodeSerializer,
+)
+from meshnet.gateway_key import gateway_identity
+from meshnet.models import Node
+
+
+def gateway_base_url(request: Request) -> str:
+    """The gateway's URL as the client reached it, without the trailing slash."""
+    return request.build_absolute_uri("/").rstrip("/")
+
+
+class EnrollmentTokenView(APIView):
+    @extend_schema(
+        operation_id="enrollment_tokens_create",
+        request=None,
+        responses={201: EnrollmentTokenSerializer},
+        summary="Create a one-time enrolment token and the install line for a provider machine",
+    )
+    def post(self, request: Request) -> Response:
+        issued = services.create_enrollment_token(request.user)
+        base = gateway_base_url(request)
+        data = {
+            "token": issued.token,
+            "expires_at": issued.record.expires_at,
+            "install_command": (
+                f"curl -fsSL {base}/install.sh | sudo sh -s -- --token {issued.token}"
+            ),
+        }
+        return Response(EnrollmentTokenSerializer(data).data, status=status.HTTP_201_CREATED)
+
+
+class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """The caller's own nodes; another user's node is a 404."""
+
+    serializer_class = NodeSerializer
+    lookup_value_regex = r"\d+"
+    filter_backends: list = []
+
+    def get_queryset(self):
+        return Node.objects.owned_by(self.request.user).prefetch_related("gpus").order_by("id")
+
+    @extend_schema(
+        operation_id="nodes_enroll",
+        request=EnrollEnvelopeSerializer,
+        responses={
+            201: OpenApiResponse(EnrollmentSerializer, description="node enrolled"),
+            200: OpenApiResponse(
+                EnrollmentSerializer, description="safe retry: this identity was already enrolled"
+            ),
+            400: OpenApiResponse(ErrorSerializer, description="malformed request"),
+            403: OpenApiResponse(
+                ErrorSerializer,
+                description="refused: bad signature, stale, replayed, or token unknown/used/expired",
+            ),
+            409: OpenApiResponse(ErrorSerializer, description="the mesh address pool is exhausted"),
+        },
+        summary="Register a provider node (called by `clawnode join`, signed by the node)",
+        auth=[],
+    )
+    # The agent has no session and no API token: the signed envelope and the one-time token in
+    # it are the credentials, so session auth (and with it CSRF) is off for this call.
+    @action(
+        detail=False,
+        methods=["post"],
+        permission_classes=[AllowAny],
+        authentication_classes=[],
+    )
+    def enroll(self, request: Request) -> Response:
+        envelope = EnrollEnvelopeSerializer(data=request.data)
+        envelope.is_valid(raise_exception=True)
+        enrolment = services.enroll_node(
+            dict(envelope.validated_data), observed_ip=request.META.get("REMOTE_ADDR")
+        )
+        node = enrolment.node
+        data = {
+            "node_id": node.node_id,
+            "name": node.name,
+            "mesh_address": node.mesh_address,
+            "gateway_public_key": gateway_identity().public_key_b64,
+            "websocket_url": services.websocket_url(gateway_base_url(request)),
+            "wireguard_listen_port": node.listen_port,
+            "hub_address": str(ipplan.GATEWAY_HUB_ADDRESS),
+        }
+        return Response(
+            EnrollmentSerializer(data).data,
+            status=status.HTTP_201_CREATED if enrolment.created else status.HTTP_200_OK,
+        )
+

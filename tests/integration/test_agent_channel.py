@@ -1,0 +1,182 @@
+"""The agent channel over a real websocket on the real ASGI server, with Redis as channel layer
+and a real Celery worker pushing desired state: auth, signed state, acks moving orders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+import websockets
+from clawnode import protocol
+from clawnode.keys import Identity
+
+from marketplace import ledger
+from marketplace.models import Order
+from marketplace.services import create_listing, issue_api_token
+from meshnet import services as mesh
+from tests.factories import enroll_request, gpu, wg_public_key
+from tests.integration.conftest import wait_until
+from tests.integration.test_order_provisioning import call
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+def enrol(owner) -> tuple[Identity, object]:
+    identity = Identity.generate()
+    issued = mesh.create_enrollment_token(owner)
+    node = mesh.enroll_node(
+        enroll_request(identity, issued.token, gpus=[gpu(0), gpu(1)]), observed_ip="203.0.113.7"
+    ).node
+    return identity, node
+
+
+def ws_url(gateway) -> str:
+    return gateway.base_url.replace("http://", "ws://") + "/ws/agent/"
+
+
+async def authenticate(ws, identity: Identity) -> dict:
+    challenge = json.loads(await ws.recv())
+    assert challenge["type"] == "challenge"
+    body = protocol.AgentAuth(
+        node_id=identity.node_id, challenge=challenge["challenge"], timestamp=int(time.time())
+    ).to_dict()
+    await ws.send(
+        json.dumps(
+            {
+                "type": "auth",
+                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, body, identity),
+            }
+        )
+    )
+    return challenge
+
+
+async def recv_type(ws, kind: str, timeout: float = 20) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
+        if frame["type"] == kind:
+            return frame
+
+
+def gateway_key() -> bytes:
+    from meshnet.gateway_key import gateway_identity
+
+    return gateway_identity().public_key
+
+
+def test_agent_receives_signed_state_and_its_ack_starts_the_order(
+    gateway, buyer, provider, settings
+):
+    settings.MOLT_STATE_DIR = gateway.env["MOLT_STATE_DIR"]  # same gateway key as the server
+    identity, node = enrol(provider)
+    listing = create_listing(
+        provider, node=node, gpu_count=2, price_per_gpu_hour=400_000, price_per_gib=10_000
+    )
+    ledger.grant_credits(buyer, 100_000_000)
+    token = issue_api_token(buyer)
+    buyer_key = wg_public_key()
+
+    async def agent():
+        async with websockets.connect(ws_url(gateway)) as ws:
+            await authenticate(ws, identity)
+            welcome = await recv_type(ws, "welcome")
+            assert welcome["name"] == node.name
+            first = await recv_type(ws, "desired_state")
+            state = protocol.open_envelope(first["envelope"], gateway_key(), protocol.DESIRED_STATE)
+            assert state["peers"] == []
+
+            order = {"listing": listing.pk, "gpu_count": 1, "hours": 1}
+            order["wireguard_public_key"] = buyer_key
+            status, body = await asyncio.to_thread(
+                call, gateway, "POST", "/api/v1/orders/", token, order
+            )
+            assert status == 201, body
+            pushed = await recv_type(ws, "desired_state")
+            state = protocol.open_envelope(
+                pushed["envelope"], gateway_key(), protocol.DESIRED_STATE
+            )
+            assert [p["public_key"] for p in state["peers"]] == [buyer_key]
+            ack = protocol.Ack(
+                node_id=identity.node_id,
+                revision=state["revision"],
+                results=(protocol.PeerResult(public_key=buyer_key, ok=True),),
+                timestamp=int(time.time()),
+            ).to_dict()
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "ack",
+                        "envelope": protocol.signed_envelope(protocol.ACK, ack, identity),
+                    }
+                )
+            )
+            return json.loads(body)["id"]
+
+    order_id = asyncio.run(agent())
+    order = wait_until(
+        lambda: Order.objects.filter(pk=order_id, state="running").first(),
+        timeout=20,
+        message="the ack to move the order to running",
+    )
+    assert order.running_since is not None
+    node.refresh_from_db()
+    assert node.acked_revision == node.desired_revision
+    assert node.last_seen_at is not None
+
+
+def test_replayed_auth_from_another_connection_is_refused(gateway, provider):
+    identity, _node = enrol(provider)
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway)) as first:
+            challenge = json.loads(await first.recv())
+            body = protocol.AgentAuth(
+                node_id=identity.node_id,
+                challenge=challenge["challenge"],
+                timestamp=int(time.time()),
+            ).to_dict()
+            recorded = {
+                "type": "auth",
+                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, body, identity),
+            }
+            await first.send(json.dumps(recorded))
+            await recv_type(first, "welcome")
+        # An eavesdropper replays the recorded answer on a new connection.
+        async with websockets.connect(ws_url(gateway)) as second:
+            await second.recv()  # its own, different challenge
+            await second.send(json.dumps(recorded))
+            error = await recv_type(second, "error")
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await second.recv()
+            return error, closed.value.rcvd.code
+
+    error, code = asyncio.run(scenario())
+    assert "challenge" in error["detail"]
+    assert code == protocol.CLOSE_AUTH_FAILED
+
+
+def test_auth_signed_by_another_key_is_refused(gateway, provider):
+    identity, _node = enrol(provider)
+    impostor = Identity.generate()
+
+    async def scenario():
+        async with websockets.connect(ws_url(gateway)) as ws:
+            challenge = json.loads(await ws.recv())
+            body = protocol.AgentAuth(
+                node_id=identity.node_id,
+                challenge=challenge["challenge"],
+                timestamp=int(time.time()),
+            ).to_dict()
+            forged = protocol.signed_envelope(protocol.AGENT_AUTH, body, impostor)
+            await ws.send(json.dumps({"type": "auth", "envelope": forged}))
+            error = await recv_type(ws, "error")
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return error, closed.value.rcvd.code
+
+    error, code = asyncio.run(scenario())
+    assert "signature" in error["detail"]
+    assert code == protocol.CLOSE_AUTH_FAILED

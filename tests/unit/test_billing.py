@@ -1,0 +1,188 @@
+"""Billing arithmetic: integer micro-USD, every division rounding down (in the buyer's favour)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from marketplace import billing
+from marketplace.billing import GIB
+
+pytestmark = [pytest.mark.unit]
+
+USD = 1_000_000
+
+
+def test_quote_adds_time_and_bandwidth_allowance_and_shows_the_fee():
+    q = billing.quote(
+        price_per_gpu_hour=2 * USD,
+        price_per_gib=10_000,
+        gpu_count=2,
+        hours=3,
+        allowance_gib=50,
+        fee_bps=1000,
+    )
+    assert q.time_charge == 12 * USD  # 2 USD x 2 GPUs x 3 hours
+    assert q.bandwidth_allowance_bytes == 50 * GIB
+    assert q.bandwidth_allowance_charge == 500_000  # 50 GiB x 0.01 USD
+    assert q.total_hold == 12_500_000
+    assert q.fee == 1_250_000  # 10 % of what may be captured, not added on top
+
+
+def test_quote_fee_rounds_down():
+    q = billing.quote(
+        price_per_gpu_hour=999, price_per_gib=0, gpu_count=1, hours=1, allowance_gib=0, fee_bps=1000
+    )
+    assert q.total_hold == 999
+    assert q.fee == 99
+
+
+@pytest.mark.parametrize(("gpu_count", "hours"), [(0, 1), (1, 0), (-1, 5)])
+def test_quote_refuses_zero_gpus_or_hours(gpu_count, hours):
+    with pytest.raises(ValueError, match="at least 1"):
+        billing.quote(
+            price_per_gpu_hour=1,
+            price_per_gib=1,
+            gpu_count=gpu_count,
+            hours=hours,
+            allowance_gib=1,
+            fee_bps=0,
+        )
+
+
+def test_time_charge_is_per_second_and_rounds_down():
+    # 1 USD per GPU-hour for one second is 277.77... micro-USD: the buyer pays 277.
+    assert billing.time_charge(price_per_gpu_hour=USD, gpu_count=1, seconds=1) == 277
+    assert billing.time_charge(price_per_gpu_hour=USD, gpu_count=3, seconds=3600) == 3 * USD
+    assert billing.time_charge(price_per_gpu_hour=USD, gpu_count=2, seconds=5399) == 2_999_444
+    assert billing.time_charge(price_per_gpu_hour=USD, gpu_count=1, seconds=-30) == 0
+
+
+def test_bandwidth_charge_rounds_down_to_whole_micro_usd():
+    assert billing.bandwidth_charge(price_per_gib=10_000, total_bytes=GIB) == 10_000
+    assert billing.bandwidth_charge(price_per_gib=10_000, total_bytes=GIB // 3) == 3333
+    assert billing.bandwidth_charge(price_per_gib=10_000, total_bytes=1) == 0
+    assert billing.bandwidth_charge(price_per_gib=10_000, total_bytes=-5) == 0
+
+
+def test_settlement_captures_time_plus_bandwidth_and_releases_the_rest():
+    s = billing.settlement_amounts(
+        hold=12_500_000,
+        price_per_gpu_hour=2 * USD,
+        price_per_gib=10_000,
+        gpu_count=2,
+        billed_seconds=5400,
+        total_bytes=3 * GIB,
+        fee_bps=1000,
+    )
+    assert s.time_charge == 6 * USD
+    assert s.bandwidth_charge == 30_000
+    assert s.captured == 6_030_000
+    assert s.fee == 603_000
+    assert s.provider_amount == 5_427_000
+    assert s.released == 6_470_000
+
+
+def test_settlement_never_captures_more_than_the_hold():
+    s = billing.settlement_amounts(
+        hold=1000,
+        price_per_gpu_hour=USD,
+        price_per_gib=USD,
+        gpu_count=8,
+        billed_seconds=10 * 3600,
+        total_bytes=100 * GIB,
+        fee_bps=2500,
+    )
+    assert s.captured == 1000
+    assert s.released == 0
+    assert (s.fee, s.provider_amount) == (250, 750)
+
+
+def test_settlement_with_nothing_used_releases_everything():
+    s = billing.settlement_amounts(
+        hold=5 * USD,
+        price_per_gpu_hour=USD,
+        price_per_gib=USD,
+        gpu_count=1,
+        billed_seconds=0,
+        total_bytes=0,
+        fee_bps=1000,
+    )
+    assert (s.captured, s.fee, s.provider_amount, s.released) == (0, 0, 0, 5 * USD)
+
+
+amounts = st.integers(min_value=0, max_value=10**12)
+
+
+@given(
+    hold=amounts,
+    price_per_gpu_hour=amounts,
+    price_per_gib=amounts,
+    gpu_count=st.integers(min_value=1, max_value=64),
+    billed_seconds=st.integers(min_value=-3600, max_value=720 * 3600),
+    total_bytes=st.integers(min_value=-1, max_value=10**15),
+    fee_bps=st.integers(min_value=0, max_value=10_000),
+)
+def test_settlement_splits_the_hold_exactly_for_any_inputs(
+    hold, price_per_gpu_hour, price_per_gib, gpu_count, billed_seconds, total_bytes, fee_bps
+):
+    s = billing.settlement_amounts(
+        hold=hold,
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+        gpu_count=gpu_count,
+        billed_seconds=billed_seconds,
+        total_bytes=total_bytes,
+        fee_bps=fee_bps,
+    )
+    assert s.captured + s.released == hold
+    assert s.fee + s.provider_amount == s.captured
+    assert 0 <= s.captured <= hold
+    assert 0 <= s.fee <= s.captured
+    assert s.provider_amount >= 0 and s.released >= 0
+    # Rounding down: never more than the exact rational charge, and less by under one unit.
+    exact_time = Fraction(price_per_gpu_hour * gpu_count * max(billed_seconds, 0), 3600)
+    assert s.time_charge <= exact_time < s.time_charge + 1
+    exact_fee = Fraction(s.captured * fee_bps, 10_000)
+    assert s.fee <= exact_fee < s.fee + 1
+    assert s.captured == min(s.time_charge + s.bandwidth_charge, hold)
+    assert all(
+        isinstance(v, int)
+        for v in (s.time_charge, s.bandwidth_charge, s.captured, s.fee, s.provider_amount)
+    )
+
+
+@given(
+    price_per_gpu_hour=amounts,
+    price_per_gib=amounts,
+    gpu_count=st.integers(min_value=1, max_value=64),
+    hours=st.integers(min_value=1, max_value=720),
+    allowance_gib=st.integers(min_value=0, max_value=10_000),
+    fee_bps=st.integers(min_value=0, max_value=10_000),
+)
+def test_a_full_booking_with_the_full_allowance_is_exactly_the_quoted_hold(
+    price_per_gpu_hour, price_per_gib, gpu_count, hours, allowance_gib, fee_bps
+):
+    q = billing.quote(
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+        gpu_count=gpu_count,
+        hours=hours,
+        allowance_gib=allowance_gib,
+        fee_bps=fee_bps,
+    )
+    s = billing.settlement_amounts(
+        hold=q.total_hold,
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+        gpu_count=gpu_count,
+        billed_seconds=hours * 3600,
+        total_bytes=q.bandwidth_allowance_bytes,
+        fee_bps=fee_bps,
+    )
+    assert s.captured == q.total_hold
+    assert s.released == 0
+    assert s.fee == q.fee
