@@ -173,6 +173,7 @@ CELERY_BEAT_SCHEDULE = {
     "expire-orders": {"task": "marketplace.tasks.expire_orders", "schedule": 15.0},
     "settle-completed": {"task": "marketplace.tasks.sweep_settlements", "schedule": 60.0},
     "reprovision-pending": {"task": "marketplace.tasks.sweep_pending_orders", "schedule": 30.0},
+    "repush-lagging-nodes": {"task": "meshnet.tasks.repush_lagging_nodes", "schedule": 10.0},
 }
 
 # --- MOLT ---------------------------------------------------------------------------------

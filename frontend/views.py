@@ -25,10 +25,10 @@ SORTS = {
     "-free": ("-gpus_free", "price_per_gpu_hour", "id"),
 }
 SORT_CHOICES = [
-    ("price", "price: low to high"),
-    ("-price", "price: high to low"),
-    ("-vram", "VRAM: most first"),
-    ("-free", "free GPUs: most first"),
+    ("price", "cheapest first"),
+    ("-price", "priciest first"),
+    ("-vram", "most VRAM first"),
+    ("-free", "most free GPUs first"),
 ]
 
 
@@ -37,18 +37,22 @@ class ListingFilterForm(forms.Form):
     value is reported on the page and ignored; the other filters still apply."""
 
     gpu_model = forms.ChoiceField(required=False, label="GPU model")
-    min_vram_gb = forms.IntegerField(required=False, min_value=0, max_value=100_000, label="min VRAM (GB)")
+    min_vram_gb = forms.IntegerField(
+        required=False, min_value=0, max_value=100_000, label="min VRAM (GB)"
+    )
     max_price = forms.DecimalField(
         required=False,
         min_value=Decimal(0),
         max_digits=12,
         decimal_places=6,
-        label="max price (USD / GPU-hour)",
+        label="max USD per GPU-hour",
     )
     region = forms.ChoiceField(
         required=False, choices=[("", "any region"), *((r, r) for r in REGIONS)], label="region"
     )
-    min_gpus = forms.IntegerField(required=False, min_value=1, max_value=1024, label="min free GPUs")
+    min_gpus = forms.IntegerField(
+        required=False, min_value=1, max_value=1024, label="min free GPUs"
+    )
     sort = forms.ChoiceField(required=False, choices=SORT_CHOICES, label="sort by")
 
     def __init__(self, data, *, gpu_models: list[str]) -> None:
@@ -100,7 +104,10 @@ def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> Que
 @require_GET
 def marketplace(request: HttpRequest) -> HttpResponse:
     gpu_models = list(
-        Listing.objects.available().order_by("gpu_model").values_list("gpu_model", flat=True).distinct()
+        Listing.objects.available()
+        .order_by("gpu_model")
+        .values_list("gpu_model", flat=True)
+        .distinct()
     )
     form = ListingFilterForm(request.GET, gpu_models=gpu_models)
     form.is_valid()  # errors are shown beside their fields; valid filters still apply

@@ -130,7 +130,10 @@ def update_listing(
     listing raises MarketError."""
     if gpu_count is not None and gpu_count < 1:
         raise MarketError("gpu_count must be at least 1", field="gpu_count")
-    for name, price in (("price_per_gpu_hour", price_per_gpu_hour), ("price_per_gib", price_per_gib)):
+    for name, price in (
+        ("price_per_gpu_hour", price_per_gpu_hour),
+        ("price_per_gib", price_per_gib),
+    ):
         if price is not None and price < 0:
             raise MarketError(f"{name} must not be negative", field=name)
     with transaction.atomic():
@@ -188,14 +191,15 @@ def quote_for(listing: Listing, *, gpu_count: int, hours: int) -> billing.Quote:
     )
 
 
-def _transition(order: Order, from_state: str, to_state: str, reason: str, **fields) -> bool:
-    """Compare-and-set the order's state plus a log row. False (and nothing written) when the
-    order is no longer in `from_state`: someone else won the race."""
+def _transition(order: Order, from_state: str, to_state: str, why: str, **fields) -> bool:
+    """Compare-and-set the order's state plus a log row saying `why`. False (and nothing
+    written) when the order is no longer in `from_state`: someone else won the race. `fields`
+    are other Order columns to set (`reason=` among them, so the log reason is not `reason`)."""
     changed = Order.objects.filter(pk=order.pk, state=from_state).update(state=to_state, **fields)
     if not changed:
         return False
     OrderTransition.objects.create(
-        order=order, from_state=from_state, to_state=to_state, reason=reason
+        order=order, from_state=from_state, to_state=to_state, reason=why
     )
     order.refresh_from_db()
     return True
@@ -350,6 +354,9 @@ def settle_order(order: Order) -> Settlement:
         existing = Settlement.objects.filter(order=order).first()
         if existing is not None:
             return existing
+        if order.state not in Order.ENDED_STATES:
+            # Settling a live order would bill it so far and release the rest while it runs.
+            raise InvalidTransition(f"order {order.pk} is {order.state}: only ended orders settle")
         seconds = billed_seconds(order)
         amounts = billing.settlement_amounts(
             hold=order.hold.amount,

@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import logging
+
 from celery import shared_task
 from django.utils import timezone
 
 from marketplace import services
 from marketplace.models import Order
 
+log = logging.getLogger(__name__)
+
 
 @shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
 def provision_order(order_id: int) -> None:
-    services.provision_order(order_id)
+    try:
+        services.provision_order(order_id)
+    except Order.DoesNotExist:
+        # Enqueued by a transaction that later rolled back, or a stale message: nothing to do.
+        log.warning("provision_order: order %s does not exist", order_id)
 
 
 @shared_task(acks_late=True)

@@ -77,6 +77,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(services.update_inventory)(
                     node, content.get("gpus") or []
                 )
+            elif kind == "report":
+                await database_sync_to_async(services.record_report)(node, content.get("detail"))
             elif kind == "metering":
                 await database_sync_to_async(services.ingest_metering)(
                     node, content.get("envelope")

@@ -98,6 +98,9 @@ class Node(models.Model):
     # the agent acknowledges; a beat task re-pushes to any node whose ack lags.
     desired_revision = models.PositiveBigIntegerField(default=0)
     acked_revision = models.PositiveBigIntegerField(default=0)
+    # The agent's last complaint (e.g. a desired state whose signature it refused).
+    last_report = models.CharField(max_length=500, blank=True)
+    last_report_at = models.DateTimeField(null=True, blank=True)
 
     objects = NodeQuerySet.as_manager()
 

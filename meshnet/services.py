@@ -385,7 +385,9 @@ def acknowledge_revision(
                 f"acknowledged revision {revision} is ahead of "
                 f"desired revision {locked.desired_revision}"
             )
-        if revision > locked.acked_revision:
+        # A revision with failed peers is not fully applied: leaving acked_revision behind makes
+        # the reconciler push it again, and the agent retries the failed peers.
+        if revision > locked.acked_revision and not failed_keys:
             Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
         added = JobPeer.objects.filter(
             node=locked, state=JobPeer.State.DESIRED, added_revision__lte=revision
@@ -545,3 +547,10 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                 peer_traffic.send(sender=JobPeer, job_peer=peer, rx_bytes=rx, tx_bytes=tx)
                 billed += 1
     return billed
+
+
+def record_report(node: Node, detail: object) -> None:
+    """Keep the agent's last complaint on the node (shown to operators)."""
+    text = str(detail or "")[:500]
+    log.warning("node %s reports: %s", node.name, text)
+    Node.objects.filter(pk=node.pk).update(last_report=text, last_report_at=timezone.now())

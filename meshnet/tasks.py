@@ -37,3 +37,13 @@ def push_desired_state(node_pk: int) -> None:
     async_to_sync(layer.group_send)(
         node_group(node.node_id), {"type": "desired.state", "envelope": envelope}
     )
+
+
+@shared_task(acks_late=True)
+def repush_lagging_nodes() -> int:
+    """Re-drive desired state to every node whose agent has not acknowledged the latest
+    revision: the channel layer may have dropped the push, or the agent failed a peer."""
+    ids = list(Node.objects.lagging().values_list("pk", flat=True))
+    for node_pk in ids:
+        push_desired_state(node_pk)
+    return len(ids)

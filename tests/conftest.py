@@ -15,6 +15,11 @@ from pathlib import Path
 import pytest
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+# Tasks enqueued by code under test stay in this process's memory: they must never land in the
+# Redis of a developer's `make run`. Integration tests start their own worker on a Redis db of
+# their own (tests/integration/conftest.py).
+os.environ["CELERY_BROKER_URL"] = "memory://"
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -95,7 +95,9 @@ def request_fingerprint(request: Request) -> str:
 
 
 def _json_response(status_code: int, body: str, *, replayed: bool) -> HttpResponse:
-    response = HttpResponse(body.encode("utf-8"), status=status_code, content_type="application/json")
+    response = HttpResponse(
+        body.encode("utf-8"), status=status_code, content_type="application/json"
+    )
     if replayed:
         response[REPLAYED_HEADER] = "true"
     return response

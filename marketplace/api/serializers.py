@@ -4,6 +4,8 @@ listing, funds, free GPUs) live in marketplace.services. Amounts are integers of
 from __future__ import annotations
 
 from clawnode.keys import InvalidKey, parse_wireguard_public_key
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.models import Listing, Order
@@ -59,6 +61,7 @@ class ListingSerializer(serializers.ModelSerializer):
         return max(listing.gpu_count - in_use, 0)
 
 
+@extend_schema_field(OpenApiTypes.INT)
 class OwnNodeField(serializers.PrimaryKeyRelatedField):
     """A node id of the caller's own, active nodes; anything else reads as unknown."""
 

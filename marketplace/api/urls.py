@@ -1,1 +1,20 @@
-urlpatterns: list = []
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from marketplace.api import views
+
+router = SimpleRouter()
+router.register("listings", views.ListingViewSet, basename="listing")
+router.register("orders", views.OrderViewSet, basename="order")
+
+urlpatterns = [
+    path("auth/token/", views.ApiTokenView.as_view(), name="auth-token"),
+    path("wallet/", views.WalletView.as_view(), name="wallet"),
+    # No trailing slash: the URL names the file it downloads.
+    path(
+        "orders/<int:pk>/wireguard.conf",
+        views.OrderViewSet.as_view({"get": "wireguard_conf"}, detail=True, basename="order"),
+        name="order-wireguard-conf",
+    ),
+    *router.urls,
+]

@@ -53,8 +53,8 @@ class EnrollmentTokenView(APIView):
 class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     """The caller's own nodes; another user's node is a 404."""
 
+    queryset = Node.objects.none()  # for the schema generator; see get_queryset
     serializer_class = NodeSerializer
-    lookup_value_regex = r"\d+"
     filter_backends: list = []
 
     def get_queryset(self):
@@ -71,11 +71,16 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             400: OpenApiResponse(ErrorSerializer, description="malformed request"),
             403: OpenApiResponse(
                 ErrorSerializer,
-                description="refused: bad signature, stale, replayed, or token unknown/used/expired",
+                description="refused: bad signature, stale, replayed, token unknown/used/expired",
             ),
             409: OpenApiResponse(ErrorSerializer, description="the mesh address pool is exhausted"),
         },
         summary="Register a provider node (called by `clawnode join`, signed by the node)",
+        description=(
+            "The body is an enrolment request signed by the node's Ed25519 identity; the "
+            "one-time enrolment token inside it is the credential. Re-sending the same identity "
+            "with the token it already used returns the same node (200)."
+        ),
         auth=[],
     )
     # The agent has no session and no API token: the signed envelope and the one-time token in
@@ -106,4 +111,3 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             EnrollmentSerializer(data).data,
             status=status.HTTP_201_CREATED if enrolment.created else status.HTTP_200_OK,
         )
-

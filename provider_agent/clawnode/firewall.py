@@ -1,13 +1,14 @@
-"""Isolation of job peers with nftables: one table the agent owns, rebuilt from desired state.
+"""Isolation of job peers with nftables: one table the agent owns.
 
 A buyer's peer may reach only the provider node's mesh address: never another job's address,
-never the provider's LAN, never the internet through the provider. Two rules carry that:
-- input: a packet from a job address arriving on the WireGuard interface is accepted only when
-  it is addressed to the node's mesh address (so the provider's LAN address, also local, is
-  refused);
-- forward: nothing that arrives on the WireGuard interface from a job address is routed
-  anywhere (another job's peer sits on the same interface; the LAN and the internet are
-  beyond it).
+never the provider's LAN, never the internet through the provider. The rules hold for the whole
+WireGuard interface, so they need no change when peers come and go (no window in which a new
+peer is unfiltered, and no nft call on the per-peer hot path):
+- input: a packet arriving on the WireGuard interface is accepted only when it is addressed to
+  the node's mesh address (the provider's LAN address is local too, and refused);
+- forward: nothing arriving on the WireGuard interface is routed anywhere (another job's peer
+  sits on the same interface; the LAN and the internet are beyond it), and nothing is routed
+  onto it from elsewhere.
 The table is replaced in one `nft -f` transaction, so there is never a moment without rules.
 """
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,36 +28,33 @@ class FirewallError(RuntimeError):
     pass
 
 
-def render_ruleset(interface: str, mesh_address: str, job_addresses: Iterable[str]) -> str:
+def render_ruleset(interface: str, mesh_address: str) -> str:
     """The whole `inet clawnode` table as an nft script (pure)."""
     if not _IFNAME.fullmatch(interface):
         raise ValueError(f"bad interface name {interface!r}")
     mesh = ipaddress.IPv4Address(mesh_address)
-    jobs = sorted({ipaddress.IPv4Address(a) for a in job_addresses})
-    elements = ", ".join(str(a) for a in jobs)
-    set_body = "\t\ttype ipv4_addr\n" + (f"\t\telements = {{ {elements} }}\n" if jobs else "")
     return (
         # Declaring then deleting makes the script work whether or not the table exists, and
         # nft applies the whole file as one transaction.
         f"table inet {TABLE}\n"
         f"delete table inet {TABLE}\n"
         f"table inet {TABLE} {{\n"
-        f"\tset jobs {{\n{set_body}\t}}\n"
         f"\tchain input {{\n"
         f"\t\ttype filter hook input priority filter; policy accept;\n"
-        f'\t\tiifname "{interface}" ip saddr @jobs ip daddr != {mesh} counter drop\n'
+        f'\t\tiifname "{interface}" meta nfproto ipv6 counter drop\n'
+        f'\t\tiifname "{interface}" ip daddr != {mesh} counter drop\n'
         f"\t}}\n"
         f"\tchain forward {{\n"
         f"\t\ttype filter hook forward priority filter; policy accept;\n"
-        f'\t\tiifname "{interface}" ip saddr @jobs counter drop\n'
-        f'\t\toifname "{interface}" ip daddr @jobs counter drop\n'
+        f'\t\tiifname "{interface}" counter drop\n'
+        f'\t\toifname "{interface}" counter drop\n'
         f"\t}}\n"
         f"}}\n"
     )
 
 
 class Firewall(Protocol):
-    def apply(self, interface: str, mesh_address: str, job_addresses: Iterable[str]) -> None: ...
+    def apply(self, interface: str, mesh_address: str) -> None: ...
 
     def remove(self) -> None: ...
 
@@ -75,8 +72,8 @@ class NftFirewall:
         if result.returncode != 0:
             raise FirewallError(f"nft refused the ruleset: {result.stderr.strip()}")
 
-    def apply(self, interface: str, mesh_address: str, job_addresses: Iterable[str]) -> None:
-        self._run(render_ruleset(interface, mesh_address, job_addresses))
+    def apply(self, interface: str, mesh_address: str) -> None:
+        self._run(render_ruleset(interface, mesh_address))
 
     def remove(self) -> None:
         self._run(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
@@ -86,11 +83,11 @@ class NftFirewall:
 class FakeFirewall:
     """Test double with the same interface: remembers what it was asked to enforce."""
 
-    applied: list[tuple[str, str, tuple[str, ...]]] = field(default_factory=list)
+    applied: list[tuple[str, str]] = field(default_factory=list)
     removed: bool = False
 
-    def apply(self, interface: str, mesh_address: str, job_addresses: Iterable[str]) -> None:
-        self.applied.append((interface, mesh_address, tuple(sorted(job_addresses))))
+    def apply(self, interface: str, mesh_address: str) -> None:
+        self.applied.append((interface, mesh_address))
 
     def remove(self) -> None:
         self.removed = True

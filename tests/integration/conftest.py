@@ -93,7 +93,7 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str
 
 
 @pytest.fixture
-def gateway(transactional_db, tmp_path) -> Iterator[Gateway]:
+def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
     """uvicorn + Celery worker on the test database, with a Redis database and channel prefix of
     their own so no other process on this machine takes their tasks."""
     port = free_port()
@@ -103,11 +103,14 @@ def gateway(transactional_db, tmp_path) -> Iterator[Gateway]:
         "DJANGO_DEBUG": "true",
         "DATABASE_URL": database_url(),
         "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
         "MOLT_CHANNEL_PREFIX": f"molt-test-{os.getpid()}",
         "MOLT_STATE_DIR": str(tmp_path / "gateway-state"),
         "MOLT_ALLOW_SIMULATED_GPUS": "true",
         "PYTHONUNBUFFERED": "1",
     }
+    # In-process services (signing, enrolment in test set-up) use the server's gateway key.
+    settings.MOLT_STATE_DIR = env["MOLT_STATE_DIR"]
     subprocess.run(
         [str(BIN / "python"), "-c", f"import redis; redis.Redis(db={redis_db}).flushdb()"],
         check=True,

@@ -67,10 +67,7 @@ def gateway_key() -> bytes:
     return gateway_identity().public_key
 
 
-def test_agent_receives_signed_state_and_its_ack_starts_the_order(
-    gateway, buyer, provider, settings
-):
-    settings.MOLT_STATE_DIR = gateway.env["MOLT_STATE_DIR"]  # same gateway key as the server
+def test_agent_receives_signed_state_and_its_ack_starts_the_order(gateway, buyer, provider):
     identity, node = enrol(provider)
     listing = create_listing(
         provider, node=node, gpu_count=2, price_per_gpu_hour=400_000, price_per_gib=10_000

@@ -1,0 +1,344 @@
+"""Market API: API tokens, listings, orders (with their WireGuard config) and the wallet.
+
+Views are thin: serializers check shape and type, marketplace.services applies the rules and
+writes (one transaction each). Another user's orders, nodes and wallet are invisible (404);
+listings are public offers to read, but only their owner may change them (404 for others).
+"""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.contrib.auth import authenticate
+from django.db.models import OuterRef, Q, Subquery, Sum
+from django.db.models.functions import Coalesce
+from django.http import HttpResponse
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException
+from rest_framework.permissions import AllowAny
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from marketplace import ledger, services
+from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
+from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
+from marketplace.api.serializers import (
+    ApiTokenRequestSerializer,
+    ApiTokenSerializer,
+    ListingCreateSerializer,
+    ListingSerializer,
+    ListingUpdateSerializer,
+    OrderCreateSerializer,
+    OrderSerializer,
+    WalletSerializer,
+)
+from marketplace.models import Listing, Order
+from meshnet.api.serializers import ErrorSerializer
+from meshnet.wgconfig import buyer_config
+
+
+def _errors(described: dict[int, str]) -> dict[int, OpenApiResponse]:
+    """OpenAPI responses for service errors: status -> when it happens."""
+    return {
+        code: OpenApiResponse(ErrorSerializer, description=text) for code, text in described.items()
+    }
+
+
+# --- API tokens ------------------------------------------------------------------------------
+
+
+class ApiTokenView(APIView):
+    # Credentials are in the body: no session (and so no CSRF) and no token needed to get one.
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+
+    @extend_schema(
+        operation_id="auth_token_create",
+        request=ApiTokenRequestSerializer,
+        responses={201: ApiTokenSerializer, 400: OpenApiResponse(description="wrong credentials")},
+        summary="Exchange a username and password for an API token",
+        auth=[],
+    )
+    def post(self, request: Request) -> Response:
+        credentials = ApiTokenRequestSerializer(data=request.data)
+        credentials.is_valid(raise_exception=True)
+        user = authenticate(
+            request,
+            username=credentials.validated_data["username"],
+            password=credentials.validated_data["password"],
+        )
+        if user is None:
+            raise serializers.ValidationError(
+                {"non_field_errors": ["unable to log in: wrong username or password"]}
+            )
+        token = services.issue_api_token(user, name="api")
+        return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
+
+
+# --- listings --------------------------------------------------------------------------------
+
+
+class IntegerFilter(filters.NumberFilter):
+    # Amounts, GiB and counts are integers: "1.5" is an error, not a silent rounding.
+    field_class = forms.IntegerField
+
+
+class ListingFilter(filters.FilterSet):
+    gpu_model = filters.CharFilter(lookup_expr="iexact", help_text="exact model, any case")
+    min_vram_gb = IntegerFilter(field_name="vram_gb", lookup_expr="gte")
+    max_price = IntegerFilter(
+        field_name="price_per_gpu_hour", lookup_expr="lte", help_text="micro-USD per GPU-hour"
+    )
+    region = filters.CharFilter(field_name="region")
+    min_gpus = IntegerFilter(field_name="gpu_count", lookup_expr="gte")
+
+    class Meta:
+        model = Listing
+        fields = ["gpu_model", "min_vram_gb", "max_price", "region", "min_gpus"]
+
+
+MINE_PARAMETER = OpenApiParameter(
+    name="mine",
+    type=OpenApiTypes.BOOL,
+    location=OpenApiParameter.QUERY,
+    required=False,
+    description="true: your own listings, paused ones included, instead of the market's offers",
+)
+
+
+class ListingViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = Listing.objects.none()  # for the schema generator; see get_queryset
+    serializer_class = ListingSerializer
+    filterset_class = ListingFilter
+    ordering_fields = ["price_per_gpu_hour", "price_per_gib", "vram_gb", "gpu_count"]
+    http_method_names = ["get", "post", "patch", "delete", "head", "options"]
+
+    def get_queryset(self):
+        user = self.request.user
+        if self.request.method in ("GET", "HEAD", "OPTIONS"):
+            if self.action == "list":
+                mine = self.request.query_params.get("mine", "").lower() in {"1", "true", "yes"}
+                listings = Listing.objects.owned_by(user) if mine else Listing.objects.available()
+            else:
+                # An active listing is a public offer anyone may read; an owner also sees their
+                # own paused ones. Deleted ones are gone for everybody.
+                listings = Listing.objects.visible().filter(
+                    Q(is_active=True, node__revoked_at__isnull=True) | Q(owner=user)
+                )
+        else:
+            # Changes only through the owner's own listings: anybody else gets a 404.
+            listings = Listing.objects.owned_by(user)
+        in_use = (
+            Order.objects.live()
+            .filter(listing=OuterRef("pk"))
+            .values("listing")
+            .annotate(n=Sum("gpu_count"))
+            .values("n")
+        )
+        return listings.select_related("node", "owner").annotate(
+            gpus_in_use=Coalesce(Subquery(in_use), 0)
+        )
+
+    @extend_schema(parameters=[MINE_PARAMETER])
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=ListingCreateSerializer,
+        responses={201: ListingSerializer, **_errors({400: "invalid input, naming the field"})},
+        summary="List GPUs of one of your nodes for rent",
+    )
+    def create(self, request: Request) -> Response:
+        form = ListingCreateSerializer(data=request.data, context=self.get_serializer_context())
+        form.is_valid(raise_exception=True)
+        listing = services.create_listing(request.user, **form.validated_data)
+        return Response(self.get_serializer(listing).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        request=ListingUpdateSerializer,
+        responses={
+            200: ListingSerializer,
+            **_errors(
+                {
+                    400: "invalid input, naming the field",
+                    404: "no such listing of yours",
+                    409: "gpu_count below the GPUs live orders use",
+                }
+            ),
+        },
+        summary="Change prices, GPU count, or pause (is_active=false) your listing",
+    )
+    def partial_update(self, request: Request, pk: str | None = None) -> Response:
+        listing = self.get_object()
+        changes = ListingUpdateSerializer(data=request.data)
+        changes.is_valid(raise_exception=True)
+        listing = services.update_listing(listing, **changes.validated_data)
+        return Response(self.get_serializer(listing).data)
+
+    @extend_schema(
+        responses={204: None, **_errors({404: "no such listing of yours"})},
+        summary="Withdraw your listing (placed orders keep running)",
+    )
+    def destroy(self, request: Request, *args, **kwargs) -> Response:
+        return super().destroy(request, *args, **kwargs)
+
+    def perform_destroy(self, instance: Listing) -> None:
+        services.delete_listing(instance)
+
+
+# --- orders ----------------------------------------------------------------------------------
+
+
+class NotProvisioned(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "not_provisioned"
+
+
+class PlainTextRenderer(BaseRenderer):
+    """text/plain for wg-quick files; an error body renders as its message."""
+
+    media_type = "text/plain"
+    format = "txt"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
+        if isinstance(data, dict) and "detail" in data:
+            data = f"{data['detail']}\n"
+        return str(data).encode(self.charset)
+
+
+class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """The caller's own orders; another user's order is a 404 on every endpoint."""
+
+    # For the schema generator only; requests always go through get_queryset.
+    queryset = Order.objects.none()
+    serializer_class = OrderSerializer
+    ordering_fields = ["created_at", "id"]
+
+    def get_queryset(self):
+        return Order.objects.for_buyer(self.request.user).select_related(
+            "listing__node", "job_peer", "settlement"
+        )
+
+    def get_renderers(self):
+        if getattr(self, "action", None) == "wireguard_conf":
+            return [JSONRenderer(), PlainTextRenderer()]
+        return super().get_renderers()
+
+    def _fresh(self, order: Order) -> Order:
+        return self.get_queryset().get(pk=order.pk)
+
+    @extend_schema(
+        request=OrderCreateSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            201: OrderSerializer,
+            **_errors(
+                {
+                    400: "invalid input, naming the field (key, hours, gpu_count, unknown listing)",
+                    402: "insufficient funds for the hold",
+                    409: "not enough free GPUs, or the listing is not orderable",
+                    422: "Idempotency-Key reused with a different body",
+                }
+            ),
+        },
+        summary="Order GPUs of a listing; the hold is placed on your wallet at once",
+    )
+    @idempotent
+    def create(self, request: Request) -> Response:
+        form = OrderCreateSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        order = services.place_order(
+            request.user,
+            listing_id=form.validated_data["listing"],
+            gpu_count=form.validated_data["gpu_count"],
+            hours=form.validated_data["hours"],
+            wireguard_public_key=form.validated_data["wireguard_public_key"],
+        )
+        return Response(
+            self.get_serializer(self._fresh(order)).data, status=status.HTTP_201_CREATED
+        )
+
+    @extend_schema(
+        request=None,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            200: OrderSerializer,
+            **_errors(
+                {
+                    404: "no such order of yours",
+                    409: "the order already ended or is stopping",
+                    422: "Idempotency-Key reused with a different request",
+                }
+            ),
+        },
+        summary="Stop an order (cancelled before it runs; settled after the node drops the peer)",
+    )
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def stop(self, request: Request, pk: str | None = None) -> Response:
+        order = services.stop_order(self.get_object())
+        return Response(self.get_serializer(self._fresh(order)).data)
+
+    @extend_schema(
+        operation_id="orders_wireguard_conf",
+        responses={
+            (200, "text/plain"): OpenApiResponse(
+                OpenApiTypes.STR,
+                description="wg-quick config, complete but for the PrivateKey only you hold",
+            ),
+            (404, "application/json"): OpenApiResponse(
+                ErrorSerializer, description="no such order of yours"
+            ),
+            (409, "application/json"): OpenApiResponse(
+                ErrorSerializer, description="not provisioned yet, or ended"
+            ),
+        },
+        summary="Download the order's wg-quick configuration",
+    )
+    def wireguard_conf(self, request: Request, pk: str | None = None) -> HttpResponse:
+        order = self.get_object()
+        if order.state in Order.ENDED_STATES or order.state == Order.State.STOPPING:
+            raise NotProvisioned(f"order {order.pk} is {order.state}: its tunnel is being removed")
+        if order.job_peer_id is None:
+            raise NotProvisioned(
+                f"order {order.pk} is not provisioned yet: its tunnel address is being "
+                "allocated; retry in a few seconds"
+            )
+        node = order.listing.node
+        text = buyer_config(
+            job_address=order.job_peer.address,
+            provider_public_key=node.wireguard_public_key,
+            provider_address=node.mesh_address,
+            endpoint=node.endpoint,
+            order_label=f"order {order.pk} ({order.gpu_count}x {order.listing.gpu_model})",
+        )
+        response = HttpResponse(text, content_type="text/plain; charset=utf-8")
+        response["Content-Disposition"] = f'attachment; filename="molt-order-{order.pk}.conf"'
+        return response
+
+
+# --- wallet ----------------------------------------------------------------------------------
+
+
+class WalletView(APIView):
+    @extend_schema(responses={200: WalletSerializer}, summary="Your balance: available and held")
+    def get(self, request: Request) -> Response:
+        data = {
+            "available": ledger.available_for(request.user),
+            "held": ledger.held_for(request.user),
+            "currency": settings.MOLT_CURRENCY,
+            "unit": settings.MOLT_CURRENCY_UNIT,
+        }
+        return Response(WalletSerializer(data).data)

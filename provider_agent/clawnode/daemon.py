@@ -1,0 +1,368 @@
+"""`clawnode run`: the agent daemon.
+
+One loop per gateway connection: challenge-response auth, then three things at once:
+- desired state from the gateway: verified against the gateway key pinned at enrolment,
+  reconciled peer by peer (reconcile.plan, then apply), acknowledged with per-peer results;
+- heartbeats (and the GPU inventory now and then);
+- signed metering samples of every peer's cumulative counters with their epoch.
+A lost connection is retried with exponential backoff and jitter; on reconnect the gateway
+sends the full state again, so nothing depends on a message that was lost. SIGTERM stops the
+daemon and leaves the interface and its peers as the last desired state said, so an agent
+restart does not drop buyers' tunnels or reset their counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import websockets
+
+from . import protocol, reconcile
+from .firewall import Firewall
+from .gpu import GpuReader
+from .keys import Identity
+from .state import AgentStatus, Enrollment, StateDir, _write_private_atomically
+from .wireguard import PeerStatus, WireGuardBackend
+
+log = logging.getLogger("clawnode")
+
+EPOCHS_FILE = "epochs.json"
+
+
+class Revoked(Exception):
+    """The gateway does not know this node (revoked or never enrolled): re-run join."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat: float = 5.0
+    metering: float = 10.0
+    inventory: float = 60.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+class Agent:
+    def __init__(
+        self,
+        *,
+        state: StateDir,
+        enrollment: Enrollment,
+        identity: Identity,
+        backend: WireGuardBackend,
+        firewall: Firewall,
+        gpus: GpuReader,
+        timing: Timing = Timing(),
+        say: Callable[[str], None] = print,
+    ) -> None:
+        self.state = state
+        self.enrollment = enrollment
+        self.identity = identity
+        self.backend = backend
+        self.firewall = firewall
+        self.gpus = gpus
+        self.timing = timing
+        self.say = say
+        self.applied_revision = -1
+        self.boot_id = protocol.new_nonce()
+        self.seq = 0
+        self.epochs: dict[str, int] = self._load_epochs()
+        self.since = int(time.time())
+        self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
+
+    # -- local state -------------------------------------------------------------------------
+
+    @property
+    def _epochs_path(self) -> Path:
+        return self.state.path / EPOCHS_FILE
+
+    def _load_epochs(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._epochs_path.read_text())
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            # A corrupt file must not double-bill: bumping every epoch makes the gateway count
+            # from zero only if the counters really restarted, which it also detects itself.
+            return {}
+        return {str(k): int(v) for k, v in data.items()}
+
+    def _save_epochs(self) -> None:
+        _write_private_atomically(
+            self._epochs_path, (json.dumps(self.epochs, sort_keys=True) + "\n").encode()
+        )
+
+    def _status(self, state: str, detail: str = "") -> None:
+        now = int(time.time())
+        with contextlib.suppress(OSError):
+            self.state.write_status(
+                AgentStatus(
+                    state=state,
+                    since=self.since,
+                    updated_at=now,
+                    pid=os.getpid(),
+                    detail=detail[:500],
+                    revision=max(self.applied_revision, 0),
+                )
+            )
+
+    # -- interface ---------------------------------------------------------------------------
+
+    def bring_up(self) -> None:
+        e = self.enrollment
+        self.backend.ensure_interface(
+            e.interface, self.identity.wireguard_private_key, e.listen_port, e.interface_address
+        )
+        self.firewall.apply(e.interface, e.mesh_address)
+        self.say(f"interface {e.interface} up at {e.interface_address} ({self.backend.kind})")
+
+    # -- the connection loop -----------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; raises Revoked when the gateway refuses this node."""
+        self.bring_up()
+        backoff = self.timing.backoff_initial
+        while not stop.is_set():
+            self._status("connecting")
+            try:
+                async with websockets.connect(
+                    self.enrollment.websocket_url, open_timeout=10, max_size=16 * 1024 * 1024
+                ) as ws:
+                    backoff = self.timing.backoff_initial
+                    await self._session(ws, stop)
+            except Revoked:
+                self._status("refused", "the gateway does not know this node: run clawnode join")
+                raise
+            except (OSError, TimeoutError, websockets.WebSocketException) as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                self.say(f"gateway connection lost ({detail}); retrying in {backoff:.1f}s")
+                self._status("disconnected", detail)
+            if stop.is_set():
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), backoff * (0.5 + random.random()))  # noqa: S311
+            backoff = min(backoff * 2, self.timing.backoff_max)
+        self._status("stopped")
+
+    async def _send(self, ws: Any, frame: dict[str, Any]) -> None:
+        await ws.send(json.dumps(frame))
+
+    async def _session(self, ws: Any, stop: asyncio.Event) -> None:
+        challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        if challenge.get("type") != "challenge":
+            raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
+        auth = protocol.AgentAuth(
+            node_id=self.identity.node_id,
+            challenge=challenge["challenge"],
+            timestamp=int(time.time()),
+        ).to_dict()
+        await self._send(
+            ws,
+            {
+                "type": "auth",
+                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, auth, self.identity),
+            },
+        )
+        tasks = [
+            asyncio.ensure_future(self._receive(ws)),
+            asyncio.ensure_future(self._heartbeats(ws)),
+            asyncio.ensure_future(self._metering(ws)),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _receive(self, ws: Any) -> None:
+        try:
+            async for raw in ws:
+                frame = json.loads(raw)
+                kind = frame.get("type")
+                if kind == "welcome":
+                    self.say(f"connected to the gateway as {frame.get('name')}")
+                    self._status("connected")
+                    await self._send_inventory(ws)
+                elif kind == "desired_state":
+                    await self._apply_desired(ws, frame.get("envelope"))
+                elif kind == "error":
+                    self.say(f"gateway says: {frame.get('detail')}")
+        except websockets.ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            if code == protocol.CLOSE_FORBIDDEN:
+                raise Revoked(exc.rcvd.reason if exc.rcvd else "") from None
+            raise
+
+    # -- desired state -----------------------------------------------------------------------
+
+    async def _apply_desired(self, ws: Any, envelope: Any) -> None:
+        try:
+            if not isinstance(envelope, dict):
+                raise protocol.BadSignature("desired state is not a signed envelope")
+            body = protocol.open_envelope(
+                envelope, self.enrollment.gateway_key, protocol.DESIRED_STATE
+            )
+            desired = protocol.DesiredState.from_dict(body)
+            if desired.node_id != self.identity.node_id:
+                raise protocol.ProtocolError("desired state is for another node")
+        except (protocol.BadSignature, protocol.ProtocolError) as exc:
+            # A compromised bus must not add peers: refuse, keep the current peers, tell.
+            self.say(f"refused a desired state: {exc}")
+            await self._send(ws, {"type": "report", "detail": f"refused desired state: {exc}"})
+            return
+        if desired.revision < self.applied_revision:
+            return  # an older state that arrived late; the newer one is already applied
+        async with self._lock:
+            actual = await asyncio.to_thread(self.backend.list_peers)
+            actions = reconcile.plan(desired, actual)
+            if any(isinstance(a, reconcile.Remove) for a in actions):
+                # Bill every byte: the last counters of peers about to go are sent first.
+                await self._send_sample(ws, actual)
+            results = await asyncio.to_thread(reconcile.apply, self.backend, actions)
+            added = [
+                a.public_key
+                for a in actions
+                if isinstance(a, reconcile.Add) and results.get(a.public_key) == reconcile.OK
+            ]
+            if added:
+                # A peer (re-)added starts its counters at zero: a new epoch says so.
+                for key in added:
+                    self.epochs[key] = self.epochs.get(key, 0) + 1
+                self._save_epochs()
+            self.applied_revision = desired.revision
+        ack = protocol.Ack(
+            node_id=self.identity.node_id,
+            revision=desired.revision,
+            results=tuple(
+                protocol.PeerResult(
+                    public_key=peer.public_key,
+                    ok=results.get(peer.public_key, reconcile.OK) == reconcile.OK,
+                    detail=results.get(peer.public_key, reconcile.OK)[:500],
+                )
+                for peer in desired.peers
+            ),
+            timestamp=int(time.time()),
+        ).to_dict()
+        await self._send(
+            ws,
+            {"type": "ack", "envelope": protocol.signed_envelope(protocol.ACK, ack, self.identity)},
+        )
+        changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
+        self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
+        self._status("connected")
+
+    # -- heartbeats, inventory, metering ---------------------------------------------------------
+
+    async def _send_inventory(self, ws: Any) -> None:
+        report = await asyncio.to_thread(self.gpus.read)
+        await self._send(
+            ws,
+            {
+                "type": "inventory",
+                "gpus": [gpu.to_dict() for gpu in report.gpus],
+                "reason": report.reason,
+            },
+        )
+
+    async def _heartbeats(self, ws: Any) -> None:
+        last_inventory = time.monotonic()
+        while True:
+            await self._send(ws, {"type": "heartbeat"})
+            self._status("connected")
+            await asyncio.sleep(self.timing.heartbeat)
+            if time.monotonic() - last_inventory >= self.timing.inventory:
+                await self._send_inventory(ws)
+                last_inventory = time.monotonic()
+
+    async def _send_sample(self, ws: Any, peers: dict[str, PeerStatus]) -> None:
+        self.seq += 1
+        body = protocol.MeteringSample(
+            node_id=self.identity.node_id,
+            boot_id=self.boot_id,
+            seq=self.seq,
+            sampled_at=int(time.time()),
+            peers=tuple(
+                protocol.PeerCounters(
+                    public_key=key,
+                    epoch=self.epochs.get(key, 0),
+                    rx_bytes=status.rx_bytes,
+                    tx_bytes=status.tx_bytes,
+                )
+                for key, status in sorted(peers.items())
+            ),
+        ).to_dict()
+        await self._send(
+            ws,
+            {
+                "type": "metering",
+                "envelope": protocol.signed_envelope(protocol.METERING, body, self.identity),
+            },
+        )
+
+    async def _metering(self, ws: Any) -> None:
+        while True:
+            await asyncio.sleep(self.timing.metering)
+            async with self._lock:
+                peers = await asyncio.to_thread(self.backend.list_peers)
+                await self._send_sample(ws, peers)
+
+
+def run_daemon(
+    state_dir: str, *, backend: str | None, simulated_gpus: str, say: Callable[[str], None]
+) -> int:
+    """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
+    Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
+    import signal
+
+    from .firewall import NftFirewall
+    from .gpu import NvmlGpuReader, SimulatedGpuReader
+    from .wireguard import choose_backend
+
+    state = StateDir(state_dir)
+    enrollment = state.load_enrollment()
+    identity = state.load_identity()
+    if enrollment is None or identity is None:
+        say(f"not enrolled ({state.path}): run `clawnode join --gateway URL --token TOKEN` first")
+        return 1
+    backend_class, why = choose_backend(backend or enrollment.backend)
+    say(f"backend: {why}")
+    reader: GpuReader = SimulatedGpuReader(simulated_gpus) if simulated_gpus else NvmlGpuReader()
+    agent = Agent(
+        state=state,
+        enrollment=enrollment,
+        identity=identity,
+        backend=backend_class(),
+        firewall=NftFirewall(),
+        gpus=reader,
+        say=say,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await agent.run(stop)
+        except Revoked as exc:
+            say(f"the gateway refused this node ({exc}): enrol again with clawnode join")
+            return 3
+        say("stopped; the interface and its peers stay as the last desired state said")
+        return 0
+
+    return asyncio.run(main())

@@ -1,0 +1,141 @@
+"""Peer reconciliation: a pure plan, then an executor that applies it one peer at a time.
+
+``plan(desired, actual)`` compares the signed desired state with what the interface has and
+returns the smallest list of per-peer actions. It never replaces the whole peer set: that would
+reset every peer's counters (metering) and drop live sessions. A peer whose settings drift is
+updated in place, which keeps its counters and its session.
+
+``apply(backend, actions)`` runs the actions in order and records a result per peer; one
+failure does not stop the others (the acknowledgement reports each peer's result).
+
+``plan`` is pure: no I/O, no clock; the same inputs give the same list.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .protocol import DesiredState, PeerSpec, parse_endpoint
+from .wireguard import PeerStatus, WireGuardBackend
+
+__all__ = ["OK", "Action", "Add", "Remove", "Update", "apply", "plan"]
+
+OK = "ok"
+
+
+@dataclass(frozen=True)
+class Add:
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    endpoint: str = ""
+    keepalive: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """Change a peer in place (WireGuard keeps its counters and session)."""
+
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    endpoint: str = ""
+    keepalive: int = 0
+    changed: tuple[str, ...] = ()  # which of allowed_ips, endpoint, keepalive differ (for logs)
+
+
+@dataclass(frozen=True)
+class Remove:
+    public_key: str
+
+
+Action = Add | Update | Remove
+
+
+def _networks(values: Sequence[str]) -> frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return frozenset(ipaddress.ip_network(v, strict=False) for v in values)
+
+
+def _endpoint_differs(desired: str, actual: str) -> bool:
+    """Whether the peer's endpoint must be set again.
+
+    "" desired means no opinion: a job peer (a buyer) roams and WireGuard learns its endpoint
+    from its handshakes; overwriting it would cut the buyer off. An IP endpoint is compared by
+    value. A host name cannot be compared without resolving it (which a pure plan must not do):
+    it is set again only when the actual endpoint is unknown or its port differs.
+    """
+    if not desired:
+        return False
+    if not actual:
+        return True
+    want_host, want_port = parse_endpoint(desired)
+    try:
+        have_host, have_port = parse_endpoint(actual)
+    except ValueError:
+        return True
+    if want_port != have_port:
+        return True
+    try:
+        return ipaddress.ip_address(want_host) != ipaddress.ip_address(have_host)
+    except ValueError:
+        return False  # a host name on the desired side: see above
+
+
+def _changes(spec: PeerSpec, status: PeerStatus) -> tuple[str, ...]:
+    changed = []
+    if _networks(spec.allowed_ips) != _networks(status.allowed_ips):
+        changed.append("allowed_ips")
+    if _endpoint_differs(spec.endpoint, status.endpoint):
+        changed.append("endpoint")
+    if spec.persistent_keepalive != status.persistent_keepalive:
+        changed.append("keepalive")
+    return tuple(changed)
+
+
+def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action]:
+    """Per-peer actions that turn ``actual`` into ``desired``.
+
+    Order: removals, then updates, then additions, each sorted by public key. Removals go first
+    so allowed networks a removed peer held are free before another peer claims them.
+    """
+    wanted = {spec.public_key: spec for spec in desired.peers}
+    removes: list[Action] = [Remove(key) for key in sorted(actual) if key not in wanted]
+    updates: list[Action] = []
+    adds: list[Action] = []
+    for key in sorted(wanted):
+        spec = wanted[key]
+        status = actual.get(key)
+        if status is None:
+            adds.append(Add(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive))
+            continue
+        changed = _changes(spec, status)
+        if changed:
+            updates.append(
+                Update(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive, changed)
+            )
+    return removes + updates + adds
+
+
+def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str]:
+    """Apply ``actions`` in order; return {public key: "ok" or "error: <why>"} for each.
+
+    Every action is attempted: a peer the device refuses must not keep the others from being
+    applied. Exceptions of any kind are recorded, not raised, for the same reason.
+    """
+    results: dict[str, str] = {}
+    for action in actions:
+        try:
+            if isinstance(action, Remove):
+                backend.remove_peer(action.public_key)
+            else:
+                backend.set_peer(
+                    action.public_key,
+                    action.allowed_ips,
+                    endpoint=action.endpoint,
+                    keepalive=action.keepalive,
+                )
+        except Exception as exc:
+            results[action.public_key] = f"error: {exc}" if str(exc) else f"error: {exc!r}"
+        else:
+            results[action.public_key] = OK
+    return results

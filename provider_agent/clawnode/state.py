@@ -1,0 +1,331 @@
+"""The agent's state directory: identity, enrolment and the daemon's status.
+
+Layout (default /var/lib/clawnode, ``--state-dir`` to change)::
+
+    identity.key      Ed25519 seed, 0600 (keys.Identity)
+    enrollment.json   what the gateway gave at enrolment, 0600, written atomically
+    status.json       the daemon's gateway connection state, rewritten as it changes
+
+Every file is replaced atomically (temporary file in the same directory, fsync, rename), so a
+crash or a power cut leaves either the old or the new file, never half of one.
+
+Pure stdlib + clawnode.keys; no Django.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .keys import Identity, InvalidKey, parse_ed25519_public_key
+
+__all__ = [
+    "BACKENDS",
+    "CONNECTION_STATES",
+    "DEFAULT_MESH_NETWORK",
+    "DEFAULT_STATE_DIR",
+    "AgentStatus",
+    "Enrollment",
+    "StateDir",
+    "StateError",
+    "normalize_gateway_url",
+    "validate_interface_name",
+]
+
+DEFAULT_STATE_DIR = Path("/var/lib/clawnode")
+IDENTITY_FILE = "identity.key"
+ENROLLMENT_FILE = "enrollment.json"
+STATUS_FILE = "status.json"
+
+BACKENDS = ("auto", "kernel", "userspace")
+# The MOLT marketplace block of the IP plan (design/network.md): node and job addresses. The
+# node's interface carries its address with this prefix, so every job address is on-link.
+DEFAULT_MESH_NETWORK = "10.100.128.0/17"
+CONNECTION_STATES = ("connecting", "connected", "disconnected", "refused", "stopped")
+
+_NODE_ID_RE = re.compile(r"nd_[0-9a-f]{32}")
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+# Linux interface names: at most 15 bytes (IFNAMSIZ - 1), no '/', no whitespace, not '.'/'..'.
+_IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+class StateError(Exception):
+    """A state file is missing, malformed or inconsistent; the message says which and why."""
+
+
+def normalize_gateway_url(url: str) -> str:
+    """``https://gw.example/`` -> ``https://gw.example``; refuse anything but http(s) URLs."""
+    text = url.strip()
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise StateError(f"gateway URL {url!r} must start with http:// or https:// and name a host")
+    if parts.query or parts.fragment:
+        raise StateError(f"gateway URL {url!r} must not have a query or fragment")
+    if parts.username or parts.password:
+        raise StateError("gateway URL must not contain credentials")
+    return text.rstrip("/")
+
+
+def validate_interface_name(name: str) -> str:
+    if not isinstance(name, str) or not _IFNAME_RE.fullmatch(name) or name in (".", ".."):
+        raise StateError(f"interface name {name!r} must be 1-15 letters, digits, '_', '.' or '-'")
+    return name
+
+
+def _field_error(cls: type[Any], name: str, problem: str) -> StateError:
+    return StateError(f"{cls.__name__}.{name} {problem}")
+
+
+def _check_fields(cls: type[Any], data: object) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise StateError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    names = {f.name for f in fields}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise StateError(f"{cls.__name__} has unknown fields: {', '.join(unknown[:5])}")
+    for f in fields:
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in data:
+            raise _field_error(cls, f.name, "is required")
+    return dict(data)
+
+
+def _want_str(cls: type[Any], name: str, value: object, *, empty: bool = False) -> str:
+    if not isinstance(value, str) or (not value and not empty):
+        raise _field_error(cls, name, "must be a non-empty string")
+    return value
+
+
+def _want_int(cls: type[Any], name: str, value: object, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _field_error(cls, name, f"must be an integer between {lo} and {hi}")
+    return value
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """What ``clawnode join`` learnt from the gateway, and the local choices made with it."""
+
+    gateway: str  # normalized base URL, e.g. "https://molt.example"
+    node_id: str
+    name: str  # "node-47"
+    mesh_address: str  # "10.100.128.47"
+    gateway_public_key: str  # base64 Ed25519, pinned: desired state must be signed by it
+    websocket_url: str  # "wss://molt.example/ws/agent/"
+    interface: str = "molt0"
+    listen_port: int = 51820
+    backend: str = "auto"
+    mesh_network: str = DEFAULT_MESH_NETWORK
+    endpoint: str = ""  # as declared with --endpoint, "" when the gateway observes it
+    enrolled_at: int = 0  # Unix seconds
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        _want_str(cls, "gateway", self.gateway)
+        if normalize_gateway_url(self.gateway) != self.gateway:
+            raise _field_error(cls, "gateway", "must be a normalized http(s) URL")
+        if not isinstance(self.node_id, str) or not _NODE_ID_RE.fullmatch(self.node_id):
+            raise _field_error(cls, "node_id", "must be 'nd_' and 32 lowercase hex digits")
+        if not isinstance(self.name, str) or not _NODE_NAME_RE.fullmatch(self.name):
+            raise _field_error(cls, "name", "must be a short node name such as 'node-47'")
+        _want_str(cls, "mesh_network", self.mesh_network)
+        try:
+            network = ipaddress.IPv4Network(self.mesh_network)
+        except ValueError:
+            raise _field_error(cls, "mesh_network", "must be an IPv4 network") from None
+        _want_str(cls, "mesh_address", self.mesh_address)
+        try:
+            address = ipaddress.IPv4Address(self.mesh_address)
+        except ValueError:
+            raise _field_error(cls, "mesh_address", "must be an IPv4 address") from None
+        if address not in network:
+            raise _field_error(cls, "mesh_address", f"is outside the mesh network {network}")
+        _want_str(cls, "gateway_public_key", self.gateway_public_key)
+        try:
+            parse_ed25519_public_key(self.gateway_public_key)
+        except InvalidKey as exc:
+            raise _field_error(cls, "gateway_public_key", f"is invalid: {exc}") from None
+        _want_str(cls, "websocket_url", self.websocket_url)
+        parts = urlsplit(self.websocket_url)
+        if parts.scheme not in ("ws", "wss") or not parts.netloc:
+            raise _field_error(cls, "websocket_url", "must be a ws:// or wss:// URL")
+        try:
+            validate_interface_name(self.interface)
+        except StateError as exc:
+            raise _field_error(cls, "interface", str(exc)) from None
+        _want_int(cls, "listen_port", self.listen_port, 1, 65535)
+        if self.backend not in BACKENDS:
+            raise _field_error(cls, "backend", f"must be one of {', '.join(BACKENDS)}")
+        _want_str(cls, "endpoint", self.endpoint, empty=True)
+        _want_int(cls, "enrolled_at", self.enrolled_at, 0, 2**53 - 1)
+
+    @property
+    def interface_address(self) -> str:
+        """The node's address in CIDR form for its WireGuard interface: '10.100.128.47/17'."""
+        return f"{self.mesh_address}/{ipaddress.IPv4Network(self.mesh_network).prefixlen}"
+
+    @property
+    def gateway_key(self) -> bytes:
+        return parse_ed25519_public_key(self.gateway_public_key)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Enrollment:
+        return cls(**_check_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AgentStatus:
+    """The daemon's view of its gateway connection, for ``clawnode status``."""
+
+    state: str  # one of CONNECTION_STATES
+    since: int  # Unix seconds when ``state`` began
+    updated_at: int  # Unix seconds of the last write (heartbeats refresh it)
+    pid: int  # the daemon's process id; a dead pid means the daemon is not running
+    detail: str = ""  # e.g. the last error while reconnecting
+    revision: int = 0  # last desired-state revision applied
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        if self.state not in CONNECTION_STATES:
+            raise _field_error(cls, "state", f"must be one of {', '.join(CONNECTION_STATES)}")
+        _want_int(cls, "since", self.since, 0, 2**53 - 1)
+        _want_int(cls, "updated_at", self.updated_at, 0, 2**53 - 1)
+        _want_int(cls, "pid", self.pid, 0, 2**31 - 1)
+        _want_str(cls, "detail", self.detail, empty=True)
+        _want_int(cls, "revision", self.revision, 0, 2**53 - 1)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AgentStatus:
+        return cls(**_check_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class StateDir:
+    """The files of one agent installation. Nothing is created until something is written."""
+
+    def __init__(self, path: str | os.PathLike[str] = DEFAULT_STATE_DIR) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"StateDir({str(self.path)!r})"
+
+    @property
+    def identity_path(self) -> Path:
+        return self.path / IDENTITY_FILE
+
+    @property
+    def enrollment_path(self) -> Path:
+        return self.path / ENROLLMENT_FILE
+
+    @property
+    def status_path(self) -> Path:
+        return self.path / STATUS_FILE
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def load_or_create_identity(self) -> tuple[Identity, bool]:
+        """(identity, created). Creates the directory 0700 and the key 0600 when missing."""
+        return Identity.load_or_create(self.identity_path)
+
+    def load_identity(self) -> Identity | None:
+        """The identity, or None when there is none yet (IdentityFileError if unsafe)."""
+        try:
+            return Identity.load(self.identity_path)
+        except FileNotFoundError:
+            return None
+
+    # -- enrolment -----------------------------------------------------------------------------
+
+    def load_enrollment(self) -> Enrollment | None:
+        data = self._read_json(self.enrollment_path)
+        if data is None:
+            return None
+        try:
+            return Enrollment.from_dict(data)
+        except (StateError, TypeError) as exc:
+            raise StateError(f"{self.enrollment_path} is not a valid enrolment: {exc}") from None
+
+    def save_enrollment(self, enrollment: Enrollment) -> None:
+        self._write_json(self.enrollment_path, enrollment.to_dict())
+
+    # -- daemon status -------------------------------------------------------------------------
+
+    def read_status(self) -> AgentStatus | None:
+        data = self._read_json(self.status_path)
+        if data is None:
+            return None
+        try:
+            return AgentStatus.from_dict(data)
+        except (StateError, TypeError) as exc:
+            raise StateError(f"{self.status_path} is not a valid status: {exc}") from None
+
+    def write_status(self, status: AgentStatus) -> None:
+        self._write_json(self.status_path, status.to_dict())
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _read_json(self, path: Path) -> Any:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{path} is not valid JSON: {exc}") from None
+
+    def _write_json(self, path: Path, data: Mapping[str, Any]) -> None:
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        _write_private_atomically(path, text.encode("utf-8"))
+
+
+def _make_private_dir(directory: Path) -> None:
+    # Like keys._make_private_dirs: directories we create get 0700; existing ones are left alone.
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        d.chmod(0o700)
+
+
+def _write_private_atomically(path: Path, data: bytes) -> None:
+    parent = path.parent
+    _make_private_dir(parent)
+    # mkstemp creates the file 0600 with O_EXCL: never readable by others, not for a moment.
+    fd, tmp_name = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

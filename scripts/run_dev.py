@@ -1,0 +1,278 @@
+"""`make run`: the demo marketplace on this machine, in one command.
+
+1. Environment: `.env` if present (the process environment wins), then development defaults
+   (DJANGO_DEBUG=true, MOLT_ALLOW_SIMULATED_GPUS=true, HOST 127.0.0.1, PORT 8000).
+2. Redis must answer at REDIS_URL. If nothing listens there and it is this machine, a private
+   redis-server is started (no persistence, files in var/) and stopped again on exit.
+3. migrate (SQLite at var/molt.sqlite3 unless DATABASE_URL says otherwise), then seed_demo.
+4. The URL and the demo credentials are printed, and honcho runs web (uvicorn), the Celery
+   worker and Celery beat from Procfile.dev with their logs interleaved and prefixed.
+   Ctrl-C (SIGINT) or SIGTERM stops all three; honcho SIGKILLs what is still up after 5 s.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REPO = Path(__file__).resolve().parent.parent
+VAR = REPO / "var"
+BIN = Path(sys.executable).parent  # the virtualenv's bin: uvicorn, celery, honcho live here
+LOCAL_REDIS_HOSTS = {"127.0.0.1", "localhost", "::1"}
+WILDCARD_HOSTS = {"0.0.0.0", "::", ""}  # noqa: S104 (names the wildcard, binds nothing)
+
+DEFAULTS = {
+    "DJANGO_SETTINGS_MODULE": "config.settings",
+    "DJANGO_DEBUG": "true",
+    "MOLT_ALLOW_SIMULATED_GPUS": "true",
+    "HOST": "127.0.0.1",
+    "PORT": "8000",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+class Abort(Exception):
+    """A reason `make run` cannot go on, worded for the person who typed it."""
+
+
+def say(message: str) -> None:
+    print(f"[make run] {message}", flush=True)
+
+
+def redacted(url: str) -> str:
+    """`url` without its password, for printing."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_environment() -> None:
+    dotenv = REPO / ".env"
+    if dotenv.exists():
+        from honcho.environ import parse  # the parser honcho itself uses for .env
+
+        for key, value in parse(dotenv.read_text()).items():
+            os.environ.setdefault(key, value)
+        say(f"read {dotenv.name} (variables already in the environment win)")
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        port = int(os.environ["PORT"])
+    except ValueError:
+        raise Abort(f"PORT={os.environ['PORT']!r} is not a port number") from None
+    if not 0 < port < 65536:
+        raise Abort(f"PORT={port} is not a port number")
+    host = os.environ["HOST"]
+    # Django answers only to ALLOWED_HOSTS; a specific bind address is one the user will type.
+    if "ALLOWED_HOSTS" not in os.environ and host not in WILDCARD_HOSTS | LOCAL_REDIS_HOSTS:
+        bracketed = f"[{host}]" if ":" in host else host
+        os.environ["ALLOWED_HOSTS"] = f"127.0.0.1,localhost,[::1],{bracketed}"
+    # Tools are found in the virtualenv first, whatever PATH the shell had.
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    for tool in ("uvicorn", "celery", "honcho"):
+        if shutil.which(tool) is None:
+            raise Abort(f"{tool} is not installed in {BIN}; run `make run` (it installs first)")
+
+
+# --- Redis ------------------------------------------------------------------------------------
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
+def ensure_redis(url: str) -> int | None:
+    """Make sure Redis answers at `url`. Returns the pid of a redis-server started here (to be
+    stopped on exit), or None when one was already answering."""
+    if redis_answers(url):
+        say(f"Redis answers at {redacted(url)}")
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or 6379
+    if parts.scheme != "redis" or host not in LOCAL_REDIS_HOSTS:
+        raise Abort(
+            f"Redis does not answer at {redacted(url)}. Start it there, or unset REDIS_URL to "
+            "let `make run` start a local redis-server."
+        )
+    server = shutil.which("redis-server")
+    if server is None:
+        raise Abort(
+            f"Redis does not answer at {redacted(url)} and redis-server is not installed.\n"
+            "  Install it (Debian/Ubuntu: sudo apt-get install redis-server) and run `make run` "
+            "again,\n  or set REDIS_URL=redis://HOST:PORT/0 to a Redis that is running."
+        )
+    VAR.mkdir(exist_ok=True)
+    pidfile = VAR / "redis.pid"
+    pidfile.unlink(missing_ok=True)
+    say(f"nothing answers at {redacted(url)}: starting redis-server (log: var/redis.log)")
+    subprocess.run(
+        [
+            server,
+            "--port", str(port),
+            "--bind", "::1" if host == "::1" else "127.0.0.1",
+            # A broker for development: nothing kept on disk, nothing to clean up.
+            "--save", "",
+            "--appendonly", "no",
+            "--daemonize", "yes",
+            "--dir", str(VAR),
+            "--logfile", str(VAR / "redis.log"),
+            "--pidfile", str(pidfile),
+        ],
+        check=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if redis_answers(url) and pidfile.exists():
+            return int(pidfile.read_text().strip())
+        time.sleep(0.1)
+    raise Abort(f"redis-server did not answer at {redacted(url)} within 10 s; see var/redis.log")
+
+
+def stop_redis(pid: int) -> None:
+    say(f"stopping the redis-server make run started (pid {pid})")
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    say(f"redis-server (pid {pid}) is still running after 5 s")
+
+
+# --- database -----------------------------------------------------------------------------------
+
+
+def prepare_database() -> str:
+    """Migrate and load the demo market; returns what seed_demo printed (the credentials)."""
+    import django
+
+    from config.env import ImproperlyConfiguredEnv
+
+    try:
+        django.setup()
+    except ImproperlyConfiguredEnv as exc:
+        raise Abort(f"bad setting: {exc} (see .env.example)") from None
+    from django.conf import settings
+    from django.core.management import call_command
+    from django.db import DatabaseError, connections
+
+    database = settings.DATABASES["default"]
+    where = (
+        database["NAME"]
+        if database["ENGINE"].endswith("sqlite3")
+        else redacted(os.environ.get("DATABASE_URL", ""))
+    )
+    say(f"database: {database['ENGINE'].rsplit('.', 1)[-1]} {where}")
+    if database["ENGINE"].endswith("sqlite3"):
+        Path(database["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        call_command("migrate", interactive=False, verbosity=1)
+        seeded = io.StringIO()
+        call_command("seed_demo", stdout=seeded)
+    except DatabaseError as exc:
+        raise Abort(f"the database at {where} refused: {exc}\n  (check DATABASE_URL)") from None
+    finally:
+        connections.close_all()
+    return seeded.getvalue()
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def banner(seeded: str) -> str:
+    host, port = os.environ["HOST"], os.environ["PORT"]
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    base = f"http://{shown}:{port}"
+    lines = [
+        "",
+        "=" * 72,
+        f"  MOLT demo marketplace: {base}/",
+        f"  API docs:              {base}/api/docs/",
+        f"  OpenAPI schema:        {base}/api/schema/",
+        f"  admin:                 {base}/admin/",
+    ]
+    if host in WILDCARD_HOSTS:
+        lines.append(
+            f"  listening on all interfaces ({host or '0.0.0.0'}); set ALLOWED_HOSTS to the "  # noqa: S104
+            "names you will use"
+        )
+    lines += ["", *("  " + line for line in seeded.strip().splitlines())]
+    lines += ["", "  web, worker and beat start now; Ctrl-C stops them all.", "=" * 72, ""]
+    return "\n".join(lines)
+
+
+def run_processes() -> int:
+    """honcho runs Procfile.dev. It gets its own session, so a terminal's Ctrl-C reaches it once,
+    through us; SIGINT and SIGTERM sent to this script (or to `make`) are forwarded."""
+    stop_signals: list[int] = []
+    children: list[subprocess.Popen] = []
+
+    def forward(signum, _frame) -> None:
+        stop_signals.append(signum)
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    # Handlers first: a Ctrl-C between starting honcho and handling it would orphan honcho.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    honcho = subprocess.Popen(
+        ["honcho", "start", "-f", "Procfile.dev", "-e", os.devnull, "-p", os.environ["PORT"]],
+        cwd=REPO,
+        start_new_session=True,
+    )
+    children.append(honcho)
+    if stop_signals:
+        honcho.send_signal(stop_signals[0])
+    code = honcho.wait()
+    stopping = bool(stop_signals)
+    # A stop someone asked for is a clean exit; a process that died on its own is not.
+    return 0 if stopping else code
+
+
+def main() -> int:
+    os.chdir(REPO)
+    redis_pid = None
+    try:
+        load_environment()
+        VAR.mkdir(exist_ok=True)
+        redis_pid = ensure_redis(os.environ["REDIS_URL"])
+        seeded = prepare_database()
+        print(banner(seeded), flush=True)
+        return run_processes()
+    except Abort as exc:
+        print(f"\n[make run] cannot start: {exc}\n", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        say("interrupted before the processes started")
+        return 130
+    finally:
+        if redis_pid is not None:
+            stop_redis(redis_pid)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

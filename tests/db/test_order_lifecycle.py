@@ -1,0 +1,491 @@
+"""An order's life through the real services, with the agent's acknowledgements driven through
+meshnet.services.acknowledge_revision (the path the agent's consumer calls) at explicit times.
+
+pending -> provisioning -> running -> stopping -> completed (settled), and the side roads:
+cancel, expiry, provisioning timeout; plus the job address it gets from the MOLT pool.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from marketplace import billing, ledger, services
+from marketplace.audit import audit_ledger
+from marketplace.errors import (
+    InsufficientFunds,
+    InvalidTransition,
+    ListingUnavailable,
+    MarketError,
+    Oversold,
+)
+from marketplace.models import (
+    Account,
+    EscrowHold,
+    LedgerTransaction,
+    Order,
+    OrderTransition,
+    Settlement,
+)
+from meshnet import ipplan
+from meshnet import services as mesh
+from meshnet.errors import PoolExhausted
+from meshnet.models import IpAllocation, IpPool, JobPeer
+from tests import factories
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
+
+USD = 1_000_000
+PRICE = 2 * USD  # per GPU-hour
+PRICE_GIB = 10_000
+MOLT = ipaddress.IPv4Network("10.100.128.0/17")
+
+
+@pytest.fixture
+def node(provider):
+    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
+
+
+@pytest.fixture
+def listing(provider, node):
+    return services.create_listing(
+        provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=PRICE_GIB
+    )
+
+
+@pytest.fixture
+def funded_buyer(buyer):
+    ledger.grant_credits(buyer, 1000 * USD)
+    return buyer
+
+
+def place(buyer, listing, *, gpu_count=1, hours=2, key=None) -> Order:
+    return services.place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=gpu_count,
+        hours=hours,
+        wireguard_public_key=key or factories.wg_public_key(),
+    )
+
+
+def ack(node, at=None) -> None:
+    """The agent applied everything up to the node's current desired revision."""
+    node.refresh_from_db()
+    mesh.acknowledge_revision(node, node.desired_revision, at=at)
+
+
+def reload(order: Order) -> Order:
+    return Order.objects.select_related("hold", "job_peer").get(pk=order.pk)
+
+
+def transitions(order: Order) -> list[tuple[str, str]]:
+    return list(OrderTransition.objects.filter(order=order).values_list("from_state", "to_state"))
+
+
+def wallet(user) -> int:
+    return ledger.available_for(user)
+
+
+def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
+    funded_buyer, provider, node, listing, settings
+):
+    order = place(funded_buyer, listing, gpu_count=2, hours=3)
+    hold = order.hold.amount
+    assert hold == PRICE * 2 * 3 + PRICE_GIB * settings.MOLT_BANDWIDTH_ALLOWANCE_GIB
+    assert reload(order).state == "pending"
+
+    services.provision_order(order.pk)
+    order = reload(order)
+    assert order.state == "provisioning"
+    assert order.job_peer.state == JobPeer.State.DESIRED
+    assert ipaddress.IPv4Address(order.job_peer.address) in MOLT
+
+    started = timezone.now() - timedelta(minutes=90)
+    ack(node, at=started)
+    order = reload(order)
+    assert order.state == "running"
+    assert order.running_since == started
+    assert order.ends_at == started + timedelta(hours=3)
+    assert order.job_peer.state == JobPeer.State.ACTIVE
+
+    services.stop_order(order)
+    order = reload(order)
+    assert order.state == "stopping"
+    assert order.job_peer.state == JobPeer.State.REMOVING
+    stopped = order.stop_requested_at
+    assert stopped is not None
+
+    removed_at = timezone.now()
+    ack(node, at=removed_at)
+    order = reload(order)
+    assert order.state == "completed"
+    assert order.ended_at == removed_at
+    assert order.job_peer.state == JobPeer.State.REMOVED
+
+    settlement = Settlement.objects.get(order=order)
+    expected_seconds = int((stopped - started).total_seconds())
+    assert 90 * 60 <= expected_seconds < 90 * 60 + 60
+    assert settlement.billed_seconds == expected_seconds
+    assert settlement.time_charge == PRICE * 2 * expected_seconds // 3600
+    assert settlement.bandwidth_charge == 0
+    assert settlement.captured == settlement.time_charge
+    assert settlement.fee == settlement.captured * settings.MOLT_PLATFORM_FEE_BPS // 10_000
+    assert settlement.captured + settlement.released == hold
+    assert settlement.fee + settlement.provider_amount == settlement.captured
+    assert settlement.transaction.kind == LedgerTransaction.Kind.CAPTURE
+    assert settlement.transaction.resolves_hold_id == order.hold.pk
+    assert order.hold.state == EscrowHold.State.CAPTURED
+
+    assert wallet(funded_buyer) == 1000 * USD - settlement.captured
+    assert ledger.earnings_account(provider).balance == settlement.provider_amount
+    assert ledger.fees_account().balance == settlement.fee
+    assert ledger.held_for(funded_buyer) == 0
+
+    assert transitions(order) == [
+        ("", "pending"),
+        ("pending", "provisioning"),
+        ("provisioning", "running"),
+        ("running", "stopping"),
+        ("stopping", "completed"),
+    ]
+    assert audit_ledger() == []
+
+
+def test_bandwidth_is_billed_at_the_listing_price_per_gib(funded_buyer, node, listing):
+    order = place(funded_buyer, listing, hours=1)
+    services.provision_order(order.pk)
+    ack(node, at=timezone.now() - timedelta(minutes=30))
+    Order.objects.filter(pk=order.pk).update(bytes_in=3 * billing.GIB, bytes_out=billing.GIB // 2)
+    services.stop_order(reload(order))
+    ack(node)
+    settlement = Settlement.objects.get(order=order)
+    assert settlement.bandwidth_bytes == 3 * billing.GIB + billing.GIB // 2
+    assert settlement.bandwidth_charge == 35_000
+    assert settlement.captured == settlement.time_charge + 35_000
+    assert audit_ledger() == []
+
+
+def test_repeated_and_stale_acks_change_nothing(funded_buyer, node, listing):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    started = timezone.now() - timedelta(minutes=5)
+    ack(node, at=started)
+    ack(node, at=timezone.now())  # a repeat
+    mesh.acknowledge_revision(node, 0, at=timezone.now())  # stale
+    order = reload(order)
+    assert order.running_since == started
+    assert len(transitions(order)) == 3
+    with pytest.raises(ValueError, match="ahead of desired revision"):
+        mesh.acknowledge_revision(node, reload(order).listing.node.desired_revision + 1)
+
+
+def test_settlement_happens_exactly_once(funded_buyer, node, listing):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    ack(node, at=timezone.now() - timedelta(minutes=10))
+    services.stop_order(reload(order))
+    ack(node)
+    first = Settlement.objects.get(order=order)
+    balances = list(Account.objects.order_by("pk").values_list("balance", flat=True))
+
+    again = services.settle_order(reload(order))
+    assert again.pk == first.pk
+    assert services.complete_order(reload(order), timezone.now()) is False
+    ack(node)
+
+    assert Settlement.objects.filter(order=order).count() == 1
+    resolutions = LedgerTransaction.objects.filter(resolves_hold=order.hold)
+    assert resolutions.count() == 1
+    assert LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.CAPTURE).count() == 1
+    assert list(Account.objects.order_by("pk").values_list("balance", flat=True)) == balances
+    assert audit_ledger() == []
+
+
+def test_settling_a_live_order_is_refused(funded_buyer, node, listing):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    ack(node, at=timezone.now() - timedelta(minutes=10))
+    with pytest.raises(InvalidTransition):
+        services.settle_order(reload(order))
+    assert reload(order).hold.state == EscrowHold.State.OPEN
+    assert not Settlement.objects.filter(order=order).exists()
+    assert audit_ledger() == []
+
+
+def test_stop_of_an_ended_order_is_refused(funded_buyer, listing):
+    order = place(funded_buyer, listing)
+    services.stop_order(order)
+    with pytest.raises(InvalidTransition, match="already cancelled"):
+        services.stop_order(reload(order))
+    assert len(transitions(order)) == 2
+
+
+def test_cancel_while_pending_releases_the_hold_in_full(funded_buyer, listing):
+    order = place(funded_buyer, listing)
+    assert wallet(funded_buyer) == 1000 * USD - order.hold.amount
+    services.stop_order(order)
+    order = reload(order)
+    assert order.state == "cancelled"
+    assert order.ended_at is not None
+    assert order.hold.state == EscrowHold.State.RELEASED
+    assert wallet(funded_buyer) == 1000 * USD
+    assert not Settlement.objects.filter(order=order).exists()
+    assert transitions(order) == [("", "pending"), ("pending", "cancelled")]
+    # A task that arrives late does nothing to a cancelled order.
+    services.provision_order(order.pk)
+    assert reload(order).job_peer is None
+    assert audit_ledger() == []
+
+
+def test_cancel_while_provisioning_releases_the_hold_and_drops_the_peer(
+    funded_buyer, node, listing
+):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    services.stop_order(reload(order))
+    order = reload(order)
+    assert order.state == "cancelled"
+    assert order.job_peer.state == JobPeer.State.REMOVING
+    assert wallet(funded_buyer) == 1000 * USD
+    ack(node)  # the agent confirms the peer is gone; the order stays cancelled, unbilled
+    order = reload(order)
+    assert order.state == "cancelled"
+    assert order.job_peer.state == JobPeer.State.REMOVED
+    assert transitions(order) == [
+        ("", "pending"),
+        ("pending", "provisioning"),
+        ("provisioning", "cancelled"),
+    ]
+    assert audit_ledger() == []
+
+
+def test_expiry_stops_a_run_past_its_booked_time_and_bills_exactly_the_booking(
+    funded_buyer, node, listing, settings
+):
+    order = place(funded_buyer, listing, gpu_count=1, hours=1)
+    started = timezone.now() - timedelta(hours=1, minutes=5)
+    services.provision_order(order.pk)
+    ack(node, at=started)
+    assert services.expire_orders() == 1
+    order = reload(order)
+    assert order.state == "stopping"
+    assert order.reason == "booked time is up"
+    assert services.expire_orders() == 0  # nothing left to expire
+    ack(node)
+    settlement = Settlement.objects.get(order=order)
+    assert settlement.billed_seconds == 3600  # the booking, not the five minutes past it
+    assert settlement.time_charge == PRICE
+    assert settlement.released == PRICE_GIB * settings.MOLT_BANDWIDTH_ALLOWANCE_GIB
+    assert audit_ledger() == []
+
+
+def test_expiry_leaves_a_run_within_its_booking_alone(funded_buyer, node, listing):
+    order = place(funded_buyer, listing, hours=2)
+    services.provision_order(order.pk)
+    ack(node, at=timezone.now() - timedelta(hours=1))
+    assert services.expire_orders() == 0
+    assert reload(order).state == "running"
+
+
+def test_provisioning_without_an_ack_fails_after_the_timeout_and_releases_the_hold(
+    funded_buyer, node, listing, settings
+):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    timeout = timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
+    assert services.expire_orders(now=timezone.now() + timeout / 2) == 0
+    assert reload(order).state == "provisioning"
+
+    assert services.expire_orders(now=timezone.now() + timeout + timedelta(seconds=1)) == 1
+    order = reload(order)
+    assert order.state == "failed"
+    assert order.hold.state == EscrowHold.State.RELEASED
+    assert order.job_peer.state == JobPeer.State.REMOVING
+    assert wallet(funded_buyer) == 1000 * USD
+    assert transitions(order)[-1] == ("provisioning", "failed")
+    # A late ack of the (already removed) peer cannot start billing.
+    ack(node, at=timezone.now())
+    assert reload(order).state == "failed"
+    assert audit_ledger() == []
+
+
+def test_each_change_writes_one_transition_row(funded_buyer, node, listing):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    services.provision_order(order.pk)  # a retried task
+    ack(node, at=timezone.now())
+    ack(node, at=timezone.now())
+    rows = list(OrderTransition.objects.filter(order=order))
+    assert [(r.from_state, r.to_state) for r in rows] == [
+        ("", "pending"),
+        ("pending", "provisioning"),
+        ("provisioning", "running"),
+    ]
+    assert all(r.reason for r in rows)
+
+
+def test_orders_beyond_the_listings_free_gpus_are_refused(funded_buyer, stranger, listing):
+    ledger.grant_credits(stranger, 1000 * USD)
+    place(funded_buyer, listing, gpu_count=3)
+    before = Order.objects.count()
+    with pytest.raises(Oversold, match="only 1 of 4"):
+        place(stranger, listing, gpu_count=2)
+    assert Order.objects.count() == before
+    place(stranger, listing, gpu_count=1)  # the last free one is fine
+
+
+def test_gpus_of_an_ended_order_are_free_again(funded_buyer, listing):
+    order = place(funded_buyer, listing, gpu_count=4)
+    with pytest.raises(Oversold):
+        place(funded_buyer, listing, gpu_count=1)
+    services.stop_order(order)
+    place(funded_buyer, listing, gpu_count=4)
+
+
+def test_a_provider_cannot_order_their_own_listing(provider, listing):
+    ledger.grant_credits(provider, 1000 * USD)
+    with pytest.raises(ListingUnavailable):
+        place(provider, listing)
+    assert Order.objects.count() == 0
+
+
+def test_insufficient_funds_refuses_the_order_and_writes_nothing(buyer, listing):
+    ledger.grant_credits(buyer, 1 * USD)
+    counts = (
+        Order.objects.count(),
+        OrderTransition.objects.count(),
+        EscrowHold.objects.count(),
+        Account.objects.count(),
+        LedgerTransaction.objects.count(),
+    )
+    with pytest.raises(InsufficientFunds):
+        place(buyer, listing)
+    assert counts == (
+        Order.objects.count(),
+        OrderTransition.objects.count(),
+        EscrowHold.objects.count(),
+        Account.objects.count(),
+        LedgerTransaction.objects.count(),
+    )
+    assert wallet(buyer) == 1 * USD
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"gpu_count": 0}, "gpu_count"),
+        ({"hours": 0}, "hours"),
+        ({"hours": 10**6}, "hours"),
+        ({"key": "not base64!"}, "wireguard_public_key"),
+    ],
+)
+def test_bad_order_input_names_the_field_and_writes_nothing(funded_buyer, listing, changes, field):
+    with pytest.raises(MarketError) as err:
+        place(funded_buyer, listing, **changes)
+    assert err.value.field == field
+    assert Order.objects.count() == 0
+
+
+def test_a_key_on_a_live_order_cannot_be_reused(funded_buyer, listing):
+    key = factories.wg_public_key()
+    first = place(funded_buyer, listing, key=key)
+    with pytest.raises(MarketError) as err:
+        place(funded_buyer, listing, key=key)
+    assert err.value.field == "wireguard_public_key"
+    services.stop_order(first)
+    place(funded_buyer, listing, key=key)  # the first order ended: the key is free
+
+
+def test_job_addresses_come_from_the_molt_range_and_are_unique(funded_buyer, node, listing):
+    orders = [place(funded_buyer, listing) for _ in range(4)]
+    for order in orders:
+        services.provision_order(order.pk)
+    addresses = [reload(o).job_peer.address for o in orders]
+    assert len(set(addresses)) == 4
+    assert node.mesh_address not in addresses
+    for address in addresses:
+        ip = ipaddress.IPv4Address(address)
+        assert ip in MOLT
+        assert ip not in (MOLT.network_address, MOLT.broadcast_address)
+    leases = IpAllocation.objects.filter(address__in=addresses)
+    assert {lease.purpose for lease in leases} == {IpAllocation.Purpose.JOB}
+
+
+def test_a_finished_jobs_address_goes_into_quarantine(funded_buyer, node, listing, settings):
+    order = place(funded_buyer, listing)
+    services.provision_order(order.pk)
+    ack(node, at=timezone.now())
+    services.stop_order(reload(order))
+    ack(node)
+    lease = reload(order).job_peer.allocation
+    assert lease.released_at is not None
+    assert lease.reusable_after - lease.released_at == timedelta(
+        seconds=settings.MOLT_ADDRESS_QUARANTINE_SECONDS
+    )
+    # The next job gets another address.
+    other = place(funded_buyer, listing)
+    services.provision_order(other.pk)
+    assert reload(other).job_peer.address != lease.address
+
+
+# --- the pool itself, on a tiny block ------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_pool(db):
+    """A /29 pool (6 usable addresses) under a test name; allocate_address reads its cidr from
+    the row, so the IP plan need not know it."""
+    return IpPool.objects.create(name="test-tiny", cidr="10.100.200.0/29")
+
+
+def test_a_pool_hands_out_each_usable_address_once_then_is_exhausted(tiny_pool):
+    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    assert [lease.address for lease in leases] == [f"10.100.200.{i}" for i in range(1, 7)]
+    with pytest.raises(PoolExhausted) as err:
+        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    assert err.value.status_code == 409
+    assert err.value.pool_name == "test-tiny"
+    assert "'test-tiny' is exhausted" in str(err.value)
+    assert IpAllocation.objects.filter(pool=tiny_pool).count() == 6
+
+
+def test_a_released_address_is_not_reused_during_quarantine(tiny_pool, settings):
+    settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 3600
+    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    mesh.release_address(leases[2])
+    with pytest.raises(PoolExhausted):
+        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+
+
+def test_a_released_address_is_reused_after_quarantine_oldest_first(tiny_pool, settings):
+    settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 1
+    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    mesh.release_address(leases[4])
+    time.sleep(0.05)
+    mesh.release_address(leases[1])
+    mesh.release_address(leases[1])  # a second release changes nothing
+    with pytest.raises(PoolExhausted):
+        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    time.sleep(1.1)
+    first = mesh.allocate_address("test-tiny", IpAllocation.Purpose.NODE)
+    second = mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    assert (first.address, second.address) == (leases[4].address, leases[1].address)
+    assert first.pk == leases[4].pk  # the lease row is reused; (pool, address) stays unique
+    assert first.released_at is None and first.reusable_after is None
+    assert first.purpose == IpAllocation.Purpose.NODE
+    with pytest.raises(PoolExhausted):
+        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+
+
+def test_the_molt_pool_is_created_from_the_ip_plan_on_first_use(db):
+    assert not IpPool.objects.filter(name=ipplan.MOLT_POOL).exists()
+    lease = mesh.allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)
+    pool = IpPool.objects.get(name=ipplan.MOLT_POOL)
+    assert pool.cidr == "10.100.128.0/17"
+    assert lease.address == "10.100.128.1"
+    assert pool.next_offset == 2

@@ -1,0 +1,124 @@
+"""Drive a real clawnode WireGuard backend inside a network namespace, one call at a time.
+
+Run as a script inside the namespace (``ip netns exec NS python backend_driver.py KIND``), it
+reads one JSON request per line on stdin (``{"method": ..., "args": {...}}``), calls the
+backend and answers one JSON line (``{"result": ...}`` or ``{"error", "message", "errno"}``).
+``Driver`` is the test side. The backend object lives as long as the driver process, so a test
+can interleave backend calls with what it does in other namespaces.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+SCRIPT = Path(__file__).resolve()
+
+
+class DriverError(Exception):
+    def __init__(self, kind: str, message: str, errno: int) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+        self.errno = errno
+
+
+class Driver:
+    """The test's handle on a backend living in namespace ``ns``."""
+
+    def __init__(self, bed: Any, ns: str, kind: str) -> None:
+        self.proc: subprocess.Popen[bytes] = bed.popen(
+            ns,
+            [sys.executable, str(SCRIPT), kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self._buffer = b""
+
+    def call(self, method: str, timeout: float = 30, **args: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"method": method, "args": args}).encode() + b"\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self._readline(timeout))
+        if "error" in reply:
+            raise DriverError(reply["error"], reply["message"], reply["errno"])
+        return reply["result"]
+
+    def _readline(self, timeout: float) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"backend driver gave no answer in {timeout} s")
+            ready, _, _ = select.select([fd], [], [], remaining)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    raise EOFError(f"backend driver exited with {self.proc.wait(timeout=5)}")
+                self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+# -- the script side ------------------------------------------------------------------------------
+
+
+def _serve(kind: str) -> None:
+    from clawnode import reconcile
+    from clawnode.protocol import DesiredState
+    from clawnode.wireguard import KernelBackend, UserspaceBackend, kernel_wireguard_available
+
+    backend: Any = UserspaceBackend() if kind == "userspace" else KernelBackend()
+
+    def handle(method: str, args: dict[str, Any]) -> Any:
+        if method == "pid":
+            return backend.pid
+        if method == "kernel_wireguard_available":
+            return list(kernel_wireguard_available())
+        if method == "reconcile":
+            desired = DesiredState.from_dict(args["desired"])
+            actions = reconcile.plan(desired, backend.list_peers())
+            results = reconcile.apply(backend, actions)
+            return {"actions": [type(a).__name__ for a in actions], "results": results}
+        if method == "ensure_interface":
+            args["private_key"] = base64.b64decode(args["private_key"])
+        result = getattr(backend, method)(**args)
+        if method == "list_peers":
+            return {key: dataclasses.asdict(peer) for key, peer in result.items()}
+        return result
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            reply = {"result": handle(request["method"], request.get("args", {}))}
+        except Exception as exc:
+            reply = {
+                "error": type(exc).__name__,
+                "message": str(exc),
+                "errno": getattr(exc, "errno", 0) or 0,
+            }
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1])

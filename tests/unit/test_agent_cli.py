@@ -1,0 +1,318 @@
+"""`clawnode` command line (clawnode.cli): arguments, exit codes, the re-run-safe join, status.
+
+Enrolment against the real gateway is in tests/integration/test_clawnode_join.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from clawnode.cli import build_parser, main
+from clawnode.keys import Identity
+from clawnode.state import AgentStatus, Enrollment, StateDir
+
+pytestmark = [pytest.mark.unit]
+
+
+def closed_port_url() -> str:
+    """A gateway URL where nothing listens: any attempt to call it fails loudly."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+def enrolled_state(tmp_path, gateway: str, *, interface: str = "h6none0") -> StateDir:
+    state = StateDir(tmp_path / "state")
+    identity, _ = state.load_or_create_identity()
+    state.save_enrollment(
+        Enrollment(
+            gateway=gateway,
+            node_id=identity.node_id,
+            name="node-47",
+            mesh_address="10.100.128.47",
+            gateway_public_key=Identity.generate().public_key_b64,
+            websocket_url=gateway.replace("http", "ws", 1) + "/ws/agent/",
+            interface=interface,
+        )
+    )
+    return state
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_join_arguments_and_their_defaults():
+    args = build_parser().parse_args(["join", "--gateway", "https://molt.example", "--token", "t"])
+
+    assert (args.interface, args.listen_port, args.backend) == ("molt0", 51820, "auto")
+    assert str(args.state_dir) == "/var/lib/clawnode"
+    assert (args.endpoint, args.simulated_gpus, args.force) == ("", "", False)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["join", "--token", "t"],  # no --gateway
+        ["join", "--gateway", "https://g", "--listen-port", "0"],
+        ["join", "--gateway", "https://g", "--listen-port", "http"],
+        ["join", "--gateway", "https://g", "--backend", "magic"],
+        ["fly"],
+        [],
+    ],
+)
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+
+    assert info.value.code == 2
+    assert "usage: clawnode" in capsys.readouterr().err
+
+
+def test_run_is_not_in_this_build_yet(tmp_path, capsys):
+    argv = ["run", "--state-dir", str(tmp_path), "--simulated-gpus", "RTX 4090:1"]
+
+    assert main([*argv, "--backend", "userspace"]) == 2
+    assert "not implemented in this build" in capsys.readouterr().err
+
+
+# -- join: errors before anything is created ----------------------------------------------------
+
+
+def test_join_without_a_token_says_how_to_give_one_and_creates_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.delenv("CLAWNODE_TOKEN", raising=False)
+    state_dir = tmp_path / "state"
+
+    rc = main(["join", "--gateway", "https://molt.example", "--state-dir", str(state_dir)])
+
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert captured.err == (
+        "clawnode: error: no enrolment token: pass --token or set CLAWNODE_TOKEN\n"
+    )
+    assert not state_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--simulated-gpus", "RTX 4090:lots"], "simulated GPU count"),
+        (["--endpoint", "203.0.113.1"], "--endpoint"),
+        (["--interface", "this-name-is-too-long"], "interface name"),
+    ],
+)
+def test_join_refuses_bad_input_in_one_line_before_creating_an_identity(
+    tmp_path, capsys, extra, words
+):
+    state_dir = tmp_path / "state"
+
+    rc = main(
+        [
+            "join",
+            "--gateway",
+            "https://g.example",
+            "--token",
+            "t",
+            "--state-dir",
+            str(state_dir),
+            *extra,
+        ]
+    )
+
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("clawnode: error: ") and words in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not state_dir.exists()
+
+
+def test_an_unreachable_gateway_is_one_line_and_the_token_is_never_printed(tmp_path):
+    token = "molt_enr_secret-value-for-this-test"
+    gateway = closed_port_url()
+
+    # A real process: what a user sees, exit code included.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "clawnode.cli",
+            "join",
+            "--gateway",
+            gateway,
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--simulated-gpus",
+            "RTX 4090:2",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CLAWNODE_TOKEN": token},
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[1:] == [
+        "GPUs: 2 × RTX 4090 (simulated)",  # noqa: RUF001 (the output uses the multiplication sign)
+        f"enrolling with {gateway}…",
+    ]
+    assert result.stdout.startswith("identity: created nd_")
+    assert result.stderr == (
+        f"clawnode: error: cannot reach gateway {gateway}: connection refused "
+        "(is it running on that port?)\n"
+    )
+    assert token not in result.stdout + result.stderr
+
+
+# -- join: safe to re-run -----------------------------------------------------------------------
+
+
+def test_rerunning_join_reports_the_enrolment_without_calling_the_gateway(tmp_path, capsys):
+    gateway = closed_port_url()  # a call would fail: connection refused
+    state = enrolled_state(tmp_path, gateway, interface="molt0")
+    before = state.enrollment_path.read_bytes()
+
+    rc = main(
+        [
+            "join",
+            "--gateway",
+            gateway + "/",
+            "--token",
+            "used-token",
+            "--state-dir",
+            str(state.path),
+        ]
+    )
+
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert out[-1] == "node-47 joined the mesh at 10.100.128.47"
+    assert out[1].startswith(f"already enrolled with {gateway} as node-47; not contacting")
+    assert state.enrollment_path.read_bytes() == before
+
+
+def test_rerunning_join_notes_options_that_differ_from_the_enrolment(tmp_path, capsys):
+    gateway = closed_port_url()
+    state = enrolled_state(tmp_path, gateway, interface="molt0")
+
+    rc = main(
+        ["join", "--gateway", gateway, "--interface", "molt9", "--state-dir", str(state.path)]
+    )
+
+    assert rc == 0
+    assert "note: keeping the enrolled --interface molt0" in capsys.readouterr().out
+
+
+def test_join_with_another_gateway_needs_force(tmp_path, capsys):
+    state = enrolled_state(tmp_path, "https://first.example")
+
+    rc = main(
+        [
+            "join",
+            "--gateway",
+            "https://second.example",
+            "--token",
+            "t",
+            "--state-dir",
+            str(state.path),
+        ]
+    )
+
+    assert rc == 1
+    assert "enrolled with https://first.example as node-47; use --force" in capsys.readouterr().err
+
+
+def test_force_enrols_again(tmp_path, capsys):
+    gateway = closed_port_url()
+    state = enrolled_state(tmp_path, gateway)
+
+    rc = main(
+        ["join", "--gateway", gateway, "--token", "t", "--force", "--state-dir", str(state.path)]
+    )
+
+    captured = capsys.readouterr()
+    assert rc == 1  # it did call the gateway this time, which is not there
+    assert f"enrolling with {gateway}…" in captured.out
+    assert "connection refused" in captured.err
+
+
+def test_an_enrolment_of_another_identity_is_not_reported_as_ours(tmp_path, capsys):
+    gateway = closed_port_url()
+    state = enrolled_state(tmp_path, gateway)
+    Identity.generate().save(state.identity_path)  # the key was replaced behind our back
+
+    rc = main(["join", "--gateway", gateway, "--state-dir", str(state.path)])
+
+    assert rc == 1
+    assert "run join --force to enrol this identity" in capsys.readouterr().err
+
+
+def test_an_identity_file_others_can_read_is_refused(tmp_path, capsys):
+    state = enrolled_state(tmp_path, closed_port_url())
+    state.identity_path.chmod(0o644)
+
+    rc = main(["status", "--state-dir", str(state.path)])
+
+    assert rc == 1
+    assert "chmod 600" in capsys.readouterr().err
+
+
+# -- status -------------------------------------------------------------------------------------
+
+
+def test_status_of_a_machine_that_never_joined(tmp_path, capsys):
+    rc = main(["status", "--state-dir", str(tmp_path / "nothing")])
+
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "identity: none yet" in out
+    assert "node: not enrolled" in out
+
+
+def test_status_of_an_enrolled_machine_whose_daemon_never_ran(tmp_path, capsys):
+    state = enrolled_state(tmp_path, "https://molt.example", interface=f"h6s{os.getpid() % 10000}")
+
+    rc = main(["status", "--state-dir", str(state.path)])
+
+    out = capsys.readouterr().out.splitlines()
+    assert rc == 0
+    assert out[0].startswith("identity: nd_")
+    assert out[1] == "node: node-47 at 10.100.128.47 (gateway https://molt.example)"
+    assert out[2].startswith("backend: ")
+    assert out[3].endswith("is not up (clawnode run brings it up)")
+    assert out[4] == "gateway: not running"
+
+
+def test_status_shows_the_daemons_connection_while_it_runs(tmp_path, capsys):
+    state = enrolled_state(tmp_path, "https://molt.example")
+    now = int(time.time())
+    state.write_status(
+        AgentStatus(state="connected", since=now - 600, updated_at=now, pid=os.getpid(), revision=4)
+    )
+
+    main(["status", "--state-dir", str(state.path)])
+
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "gateway: connected for 10 min, revision 4 applied"
+    )
+
+
+def test_status_says_not_running_when_the_daemon_is_gone(tmp_path, capsys):
+    state = enrolled_state(tmp_path, "https://molt.example")
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    now = int(time.time())
+    state.write_status(
+        AgentStatus(state="connected", since=now - 900, updated_at=now - 600, pid=gone.pid)
+    )
+
+    main(["status", "--state-dir", str(state.path)])
+
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "gateway: not running (last state connected, 10 min ago)"
+    )

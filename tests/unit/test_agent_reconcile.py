@@ -1,0 +1,206 @@
+"""Peer planning and applying (clawnode.reconcile) against the in-memory FakeBackend."""
+
+from __future__ import annotations
+
+import pytest
+from clawnode.keys import encode_key, generate_wireguard_keypair
+from clawnode.protocol import DesiredState, PeerSpec
+from clawnode.reconcile import Add, Remove, Update, apply, plan
+from clawnode.wireguard import FakeBackend, PeerStatus
+
+pytestmark = [pytest.mark.unit]
+
+NODE_ID = "nd_" + "ab" * 16
+
+
+def key() -> str:
+    return encode_key(generate_wireguard_keypair()[1])
+
+
+A, B, C, D = sorted(key() for _ in range(4))
+
+
+def spec(public_key: str, *ips: str, endpoint: str = "", keepalive: int = 0) -> PeerSpec:
+    return PeerSpec(
+        public_key=public_key,
+        allowed_ips=ips,
+        kind="job",
+        ref=f"order-{public_key[:6]}",
+        endpoint=endpoint,
+        persistent_keepalive=keepalive,
+    )
+
+
+def desired(*peers: PeerSpec, revision: int = 1) -> DesiredState:
+    return DesiredState(node_id=NODE_ID, revision=revision, peers=peers, issued_at=1_700_000_000)
+
+
+def status(public_key: str, *ips: str, endpoint: str = "", keepalive: int = 0, rx: int = 0):
+    return PeerStatus(
+        public_key=public_key,
+        allowed_ips=ips,
+        endpoint=endpoint,
+        rx_bytes=rx,
+        tx_bytes=rx,
+        persistent_keepalive=keepalive,
+    )
+
+
+# -- plan ---------------------------------------------------------------------------------------
+
+
+def test_nothing_to_do_when_actual_matches_desired():
+    actual = {A: status(A, "10.100.128.9/32", endpoint="203.0.113.2:40000", rx=500)}
+
+    assert plan(desired(spec(A, "10.100.128.9/32")), actual) == []
+
+
+def test_new_peers_are_added_and_missing_ones_removed_one_by_one():
+    actual = {A: status(A, "10.100.128.9/32"), B: status(B, "10.100.128.10/32")}
+
+    actions = plan(desired(spec(A, "10.100.128.9/32"), spec(C, "10.100.128.11/32")), actual)
+
+    assert actions == [Remove(B), Add(C, ("10.100.128.11/32",))]
+
+
+def test_one_new_peer_among_many_never_touches_the_others():
+    # Never replace-all: a change of one peer is one action, whatever the interface holds.
+    keys = [key() for _ in range(50)]
+    peers = [spec(k, f"10.100.129.{i}/32") for i, k in enumerate(keys)]
+    actual = {k: status(k, f"10.100.129.{i}/32", rx=1000 + i) for i, k in enumerate(keys)}
+    newcomer = key()
+
+    actions = plan(desired(*peers, spec(newcomer, "10.100.130.1/32")), actual)
+
+    assert actions == [Add(newcomer, ("10.100.130.1/32",))]
+
+
+def test_changed_allowed_ips_keepalive_or_endpoint_is_an_update_not_remove_and_add():
+    actual = {
+        A: status(A, "10.100.128.9/32"),
+        B: status(B, "10.100.128.10/32"),
+        C: status(C, "10.100.128.11/32", endpoint="198.51.100.7:51820"),
+    }
+    want = desired(
+        spec(A, "10.100.128.9/32", "10.200.3.0/24"),
+        spec(B, "10.100.128.10/32", keepalive=25),
+        spec(C, "10.100.128.11/32", endpoint="198.51.100.8:51820"),
+    )
+
+    actions = plan(want, actual)
+
+    assert actions == [
+        Update(A, ("10.100.128.9/32", "10.200.3.0/24"), changed=("allowed_ips",)),
+        Update(B, ("10.100.128.10/32",), keepalive=25, changed=("keepalive",)),
+        Update(C, ("10.100.128.11/32",), endpoint="198.51.100.8:51820", changed=("endpoint",)),
+    ]
+    assert not any(isinstance(a, (Add, Remove)) for a in actions)
+
+
+def test_allowed_ips_are_compared_as_sets_of_networks():
+    actual = {A: status(A, "10.200.3.0/24", "10.100.128.9/32")}
+
+    assert plan(desired(spec(A, "10.100.128.9/32", "10.200.3.0/24")), actual) == []
+
+
+def test_a_roaming_peer_with_no_desired_endpoint_keeps_the_endpoint_wireguard_learnt():
+    actual = {A: status(A, "10.100.128.9/32", endpoint="203.0.113.2:43122")}
+
+    assert plan(desired(spec(A, "10.100.128.9/32", endpoint="")), actual) == []
+
+
+def test_endpoints_are_compared_by_address_value():
+    actual = {A: status(A, "10.100.128.9/32", endpoint="[2001:db8::1]:51820")}
+
+    assert plan(desired(spec(A, "10.100.128.9/32", endpoint="[2001:db8:0::1]:51820")), actual) == []
+
+
+def test_the_plan_is_deterministic_whatever_the_input_order():
+    actual_one = {D: status(D, "10.100.128.4/32"), C: status(C, "10.100.128.3/32")}
+    actual_two = dict(reversed(list(actual_one.items())))
+    peers = [spec(B, "10.100.128.2/32"), spec(A, "10.100.128.1/32")]
+
+    one = plan(desired(*peers), actual_one)
+    two = plan(desired(*reversed(peers)), actual_two)
+
+    assert (
+        one
+        == two
+        == [Remove(C), Remove(D), Add(A, ("10.100.128.1/32",)), Add(B, ("10.100.128.2/32",))]
+    )
+
+
+def test_removals_come_before_additions_so_a_moved_network_is_free_first():
+    actual = {A: status(A, "10.100.128.9/32")}
+
+    actions = plan(desired(spec(B, "10.100.128.9/32")), actual)
+
+    assert actions == [Remove(A), Add(B, ("10.100.128.9/32",))]
+
+
+def test_an_empty_desired_state_removes_every_peer():
+    actual = {A: status(A, "10.100.128.9/32"), B: status(B, "10.100.128.10/32")}
+
+    assert plan(desired(), actual) == [Remove(A), Remove(B)]
+
+
+# -- apply --------------------------------------------------------------------------------------
+
+
+def fake_with(*peers: PeerStatus) -> FakeBackend:
+    backend = FakeBackend()
+    backend.ensure_interface("molt0", b"\x01" * 32, 51820, "10.100.128.1/17")
+    for peer in peers:
+        backend.set_peer(peer.public_key, peer.allowed_ips)
+    return backend
+
+
+def test_apply_then_plan_again_finds_nothing_to_do():
+    backend = fake_with(status(A, "10.100.128.9/32"), status(B, "10.100.128.10/32"))
+    want = desired(spec(A, "10.100.128.9/32", keepalive=25), spec(C, "10.100.128.11/32"))
+
+    results = apply(backend, plan(want, backend.list_peers()))
+
+    assert results == {A: "ok", B: "ok", C: "ok"}
+    assert sorted(backend.list_peers()) == sorted([A, C])
+    assert plan(want, backend.list_peers()) == []
+
+
+def test_an_update_keeps_the_peers_counters():
+    backend = fake_with(status(A, "10.100.128.9/32"))
+    backend.add_traffic(A, rx=12_345, tx=6_789, handshake_at=1_700_000_100)
+
+    results = apply(
+        backend, plan(desired(spec(A, "10.100.128.9/32", keepalive=25)), backend.list_peers())
+    )
+
+    peer = backend.list_peers()[A]
+    assert results == {A: "ok"}
+    assert (peer.rx_bytes, peer.tx_bytes, peer.last_handshake) == (12_345, 6_789, 1_700_000_100)
+    assert peer.persistent_keepalive == 25
+    assert [op for op, _ in backend.calls].count("remove_peer") == 0
+
+
+def test_one_refused_peer_does_not_stop_the_others():
+    backend = fake_with(status(D, "10.100.128.4/32"))
+    backend.refuse[B] = "device out of memory"
+    want = desired(
+        spec(A, "10.100.128.1/32"), spec(B, "10.100.128.2/32"), spec(C, "10.100.128.3/32")
+    )
+
+    results = apply(backend, plan(want, backend.list_peers()))
+
+    assert results == {D: "ok", A: "ok", B: "error: device out of memory", C: "ok"}
+    assert sorted(backend.list_peers()) == sorted([A, C])
+    # The next reconcile retries only what failed.
+    del backend.refuse[B]
+    assert plan(want, backend.list_peers()) == [Add(B, ("10.100.128.2/32",))]
+
+
+def test_apply_records_errors_of_any_kind_as_text():
+    backend = FakeBackend()  # no interface: every change fails
+
+    results = apply(backend, [Add(A, ("10.100.128.1/32",)), Remove(B)])
+
+    assert results[A].startswith("error: ") and "does not exist" in results[A]
+    assert results[B].startswith("error: ")
