@@ -396,10 +396,16 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
+    from .daemon import run_daemon
+
     if args.simulated_gpus:
         parse_simulated_spec(args.simulated_gpus)
-    print("clawnode: run is not implemented in this build", file=sys.stderr, flush=True)
-    return 2
+    return run_daemon(
+        str(args.state_dir),
+        backend=args.backend,
+        simulated_gpus=args.simulated_gpus,
+        say=lambda line: _say(out, line),
+    )
 
 
 # -- entry point ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from . import protocol, reconcile
 from .firewall import Firewall
 from .gpu import GpuReader
 from .keys import Identity
-from .state import AgentStatus, Enrollment, StateDir, _write_private_atomically
+from .state import AgentStatus, Enrollment, StateDir, write_private_atomically
 from .wireguard import PeerStatus, WireGuardBackend
 
 log = logging.getLogger("clawnode")
@@ -98,7 +98,7 @@ class Agent:
         return {str(k): int(v) for k, v in data.items()}
 
     def _save_epochs(self) -> None:
-        _write_private_atomically(
+        write_private_atomically(
             self._epochs_path, (json.dumps(self.epochs, sort_keys=True) + "\n").encode()
         )
 
@@ -130,7 +130,8 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; raises Revoked when the gateway refuses this node."""
-        self.bring_up()
+        # Off the event loop: pyroute2's synchronous IPRoute runs an asyncio loop of its own.
+        await asyncio.to_thread(self.bring_up)
         backoff = self.timing.backoff_initial
         while not stop.is_set():
             self._status("connecting")
@@ -341,7 +342,12 @@ def run_daemon(
         return 1
     backend_class, why = choose_backend(backend or enrollment.backend)
     say(f"backend: {why}")
-    reader: GpuReader = SimulatedGpuReader(simulated_gpus) if simulated_gpus else NvmlGpuReader()
+    reader: GpuReader = (
+        # Seeded by the node id: the same simulated UUIDs as `join` reported.
+        SimulatedGpuReader(simulated_gpus, seed=identity.node_id)
+        if simulated_gpus
+        else NvmlGpuReader()
+    )
     agent = Agent(
         state=state,
         enrollment=enrollment,

@@ -291,7 +291,7 @@ class StateDir:
 
     def _write_json(self, path: Path, data: Mapping[str, Any]) -> None:
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-        _write_private_atomically(path, text.encode("utf-8"))
+        write_private_atomically(path, text.encode("utf-8"))
 
 
 def _make_private_dir(directory: Path) -> None:
@@ -308,7 +308,7 @@ def _make_private_dir(directory: Path) -> None:
         d.chmod(0o700)
 
 
-def _write_private_atomically(path: Path, data: bytes) -> None:
+def write_private_atomically(path: Path, data: bytes) -> None:
     parent = path.parent
     _make_private_dir(parent)
     # mkstemp creates the file 0600 with O_EXCL: never readable by others, not for a moment.

@@ -3,6 +3,7 @@ processes, Redis as broker and channel layer, the test's PostgreSQL database."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -92,10 +93,10 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str
         time.sleep(interval)
 
 
-@pytest.fixture
-def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
-    """uvicorn + Celery worker on the test database, with a Redis database and channel prefix of
-    their own so no other process on this machine takes their tasks."""
+@contextlib.contextmanager
+def running_gateway(tmp_path: Path, settings, host: str = "127.0.0.1") -> Iterator[Gateway]:
+    """uvicorn + Celery worker on the test database, bound to `host`, with a Redis database and
+    channel prefix of their own so no other process on this machine takes their tasks."""
     port = free_port()
     redis_db = 10 + os.getpid() % 5
     env = {
@@ -107,6 +108,7 @@ def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
         "MOLT_CHANNEL_PREFIX": f"molt-test-{os.getpid()}",
         "MOLT_STATE_DIR": str(tmp_path / "gateway-state"),
         "MOLT_ALLOW_SIMULATED_GPUS": "true",
+        "ALLOWED_HOSTS": f"127.0.0.1,localhost,{host}",
         "PYTHONUNBUFFERED": "1",
     }
     # In-process services (signing, enrolment in test set-up) use the server's gateway key.
@@ -115,37 +117,17 @@ def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
         [str(BIN / "python"), "-c", f"import redis; redis.Redis(db={redis_db}).flushdb()"],
         check=True,
     )
-    gw = Gateway(base_url=f"http://127.0.0.1:{port}", env=env, log_dir=tmp_path)
+    gw = Gateway(base_url=f"http://{host}:{port}", env=env, log_dir=tmp_path)
     gw.start(
         "web",
-        [
-            str(BIN / "uvicorn"),
-            "config.asgi:application",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-    )
+        [str(BIN / "uvicorn"), "config.asgi:application", "--host", host, "--port", str(port),
+         "--log-level", "warning"],
+    )  # fmt: skip
     gw.start(
         "worker",
-        [
-            str(BIN / "celery"),
-            "-A",
-            "config",
-            "worker",
-            "-l",
-            "info",
-            "--concurrency",
-            "1",
-            "--without-gossip",
-            "--without-mingle",
-            "--hostname",
-            f"test-{os.getpid()}@%h",
-        ],
-    )
+        [str(BIN / "celery"), "-A", "config", "worker", "-l", "info", "--concurrency", "1",
+         "--without-gossip", "--without-mingle", "--hostname", f"test-{os.getpid()}@%h"],
+    )  # fmt: skip
 
     def web_up():
         try:
@@ -163,3 +145,9 @@ def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
     finally:
         for name in list(gw.processes):
             gw.stop(name)
+
+
+@pytest.fixture
+def gateway(transactional_db, tmp_path, settings) -> Iterator[Gateway]:
+    with running_gateway(tmp_path, settings) as gw:
+        yield gw

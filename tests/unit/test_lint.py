@@ -22,3 +22,10 @@ def test_ruff_is_clean(args):
     assert RUFF, "ruff is not installed (it is in the dev extra of pyproject.toml)"
     result = subprocess.run([RUFF, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_mypy_strict_on_the_pure_modules():
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent))
+    assert mypy, "mypy is not installed (it is in the dev extra of pyproject.toml)"
+    result = subprocess.run([mypy], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
