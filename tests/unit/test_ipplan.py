@@ -111,5 +111,5 @@ def test_workload_subnets_are_one_slash_24_per_node_within_bounds():
 
 @pytest.mark.parametrize(("index", "max_nodes"), [(-1, 256), (256, 256), (256, 1000), (4, 4)])
 def test_workload_subnet_refuses_indexes_beyond_the_configured_limit(index, max_nodes):
-    with pytest.raises(ValueError, match="outside 0.."):
+    with pytest.raises(ValueError, match=r"outside 0\.\."):
         ipplan.workload_subnet(index, max_nodes)
