@@ -90,8 +90,8 @@ def rss():
 
 steps = [("python interpreter", "")]
 steps += [
+    ("+ ssl (OpenSSL)", "import ssl"),
     ("+ asyncio", "import asyncio"),
-    ("+ ssl", "import ssl"),
     ("+ urllib.request, ipaddress, hashlib", "import urllib.request, ipaddress, hashlib"),
     ("+ nacl (PyNaCl)", "import nacl.signing, nacl.public"),
     ("+ websockets client", "import websockets, websockets.asyncio.client"),

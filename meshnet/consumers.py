@@ -8,6 +8,7 @@ signed by the gateway key).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -58,9 +59,20 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         client = self.scope.get("client")
         return client[0] if client else None
 
+    @classmethod
+    async def decode_json(cls, text_data):
+        try:
+            return json.loads(text_data)
+        except ValueError:
+            return None  # receive_json refuses it with a close code, not a crash
+
     async def receive_json(self, content, **kwargs) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
         try:
+            if kind is None:
+                raise services.AgentRefused(
+                    "frames must be JSON objects with a type", protocol.CLOSE_BAD_MESSAGE
+                )
             if self.node is None:
                 if kind != "auth":
                     raise services.AgentRefused("authenticate first", protocol.CLOSE_AUTH_FAILED)
@@ -75,7 +87,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
             elif kind == "inventory":
                 await database_sync_to_async(services.update_inventory)(
-                    node, content.get("gpus") or []
+                    node,
+                    content.get("gpus") or [],
+                    content.get("health") or [],
+                    str(content.get("reason") or "")[:300],
                 )
             elif kind == "report":
                 await database_sync_to_async(services.record_report)(node, content.get("detail"))
@@ -114,6 +129,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         )
         envelope = await database_sync_to_async(services.signed_desired_state)(node)
         await self.send_json({"type": "desired_state", "envelope": envelope})
+
+    async def node_revoked(self, event) -> None:
+        """Group message from meshnet.services.revoke_node: close now rather than at the
+        agent's next frame (which the per-frame check would refuse anyway)."""
+        if self.node is not None:
+            await self._refuse("node revoked", protocol.CLOSE_FORBIDDEN)
 
     async def desired_state(self, event) -> None:
         """Group message from push_desired_state: forward the signed state to the agent."""

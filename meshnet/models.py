@@ -136,11 +136,12 @@ class Gpu(models.Model):
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
     index = models.PositiveSmallIntegerField()
-    name = models.CharField(max_length=100)
+    # Lengths as clawnode.protocol.GpuInfo allows them, so a valid report always fits.
+    name = models.CharField(max_length=256)
     memory_mb = models.PositiveIntegerField()
-    uuid = models.CharField(max_length=100, blank=True)
-    driver_version = models.CharField(max_length=40, blank=True)
-    cuda_version = models.CharField(max_length=40, blank=True)
+    uuid = models.CharField(max_length=128, blank=True)
+    driver_version = models.CharField(max_length=64, blank=True)
+    cuda_version = models.CharField(max_length=64, blank=True)
     simulated = models.BooleanField(default=False)
     temperature_c = models.PositiveSmallIntegerField(null=True, blank=True)
     utilization_pct = models.PositiveSmallIntegerField(null=True, blank=True)

@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok; 1 an error, explained in one line on stderr (no traceback for anything a user
 can cause: bad arguments, an unreachable or refusing gateway, unsafe state files); 2 usage errors
-(argparse) and commands this build does not have yet.
+(argparse); 3 from `run` when the gateway refuses this node (revoked or unknown: join again).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import __version__, protocol
+from .firewall import FirewallError
 from .gateway_http import GatewayError, build_enroll_envelope, enroll
 from .gpu import (
     GpuReader,
@@ -63,6 +64,7 @@ EXPECTED_ERRORS = (
     StateError,
     GatewayError,
     WireGuardError,
+    FirewallError,
     SimulatedSpecError,
     IdentityFileError,
     InvalidKey,

@@ -73,11 +73,15 @@ class Agent:
         self.gpus = gpus
         self.timing = timing
         self.say = say
-        self.applied_revision = -1
+        # The last applied revision survives a restart (status.json), so a replayed older
+        # state is refused after a restart too.
+        previous = state.read_status() if state.status_path.exists() else None
+        self.applied_revision = previous.revision if previous is not None else -1
         self.boot_id = protocol.new_nonce()
         self.seq = 0
         self.epochs: dict[str, int] = self._load_epochs()
         self.since = int(time.time())
+        self._welcomed = False
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
 
     # -- local state -------------------------------------------------------------------------
@@ -139,7 +143,6 @@ class Agent:
                 async with websockets.connect(
                     self.enrollment.websocket_url, open_timeout=10, max_size=16 * 1024 * 1024
                 ) as ws:
-                    backoff = self.timing.backoff_initial
                     await self._session(ws, stop)
             except Revoked:
                 self._status("refused", "the gateway does not know this node: run clawnode join")
@@ -150,6 +153,11 @@ class Agent:
                 self._status("disconnected", detail)
             if stop.is_set():
                 break
+            if self._welcomed:
+                # Only a session that got past auth resets the backoff: a node refused right
+                # after connecting (clock skew, refused inventory) must not retry every 0.5 s.
+                backoff = self.timing.backoff_initial
+                self._welcomed = False
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), backoff * (0.5 + random.random()))  # noqa: S311
             backoff = min(backoff * 2, self.timing.backoff_max)
@@ -193,9 +201,19 @@ class Agent:
     async def _receive(self, ws: Any) -> None:
         try:
             async for raw in ws:
-                frame = json.loads(raw)
+                try:
+                    frame = json.loads(raw)
+                except ValueError:
+                    raise websockets.InvalidMessage(
+                        "the gateway sent a frame that is not JSON"
+                    ) from None
+                if not isinstance(frame, dict):
+                    raise websockets.InvalidMessage(
+                        "the gateway sent a frame that is not an object"
+                    )
                 kind = frame.get("type")
                 if kind == "welcome":
+                    self._welcomed = True
                     self.say(f"connected to the gateway as {frame.get('name')}")
                     self._status("connected")
                     await self._send_inventory(ws)
@@ -249,13 +267,18 @@ class Agent:
         ack = protocol.Ack(
             node_id=self.identity.node_id,
             revision=desired.revision,
+            # Every peer of the desired state, and every peer removed for it: a removal that
+            # failed must not be taken for done (the gateway would settle a live tunnel).
             results=tuple(
                 protocol.PeerResult(
-                    public_key=peer.public_key,
-                    ok=results.get(peer.public_key, reconcile.OK) == reconcile.OK,
-                    detail=results.get(peer.public_key, reconcile.OK)[:500],
+                    public_key=key,
+                    ok=results.get(key, reconcile.OK) == reconcile.OK,
+                    detail=results.get(key, reconcile.OK)[:500],
                 )
-                for peer in desired.peers
+                for key in sorted(
+                    {peer.public_key for peer in desired.peers}
+                    | {a.public_key for a in actions if isinstance(a, reconcile.Remove)}
+                )
             ),
             timestamp=int(time.time()),
         ).to_dict()
@@ -276,6 +299,14 @@ class Agent:
             {
                 "type": "inventory",
                 "gpus": [gpu.to_dict() for gpu in report.gpus],
+                "health": [
+                    {
+                        "index": h.index,
+                        "temperature_c": h.temperature_c,
+                        "utilization_pct": h.utilization_pct,
+                    }
+                    for h in report.health
+                ],
                 "reason": report.reason,
             },
         )

@@ -177,3 +177,18 @@ def test_auth_signed_by_another_key_is_refused(gateway, provider):
     error, code = asyncio.run(scenario())
     assert "signature" in error["detail"]
     assert code == protocol.CLOSE_AUTH_FAILED
+
+
+def test_a_frame_that_is_not_json_closes_the_connection_with_a_code(gateway, provider):
+    async def scenario():
+        async with websockets.connect(ws_url(gateway)) as ws:
+            await ws.recv()  # challenge
+            await ws.send("this is not json")
+            error = await recv_type(ws, "error")
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            return error, closed.value.rcvd.code
+
+    error, code = asyncio.run(scenario())
+    assert "JSON" in error["detail"]
+    assert code == protocol.CLOSE_BAD_MESSAGE

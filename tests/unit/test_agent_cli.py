@@ -73,11 +73,13 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "usage: clawnode" in capsys.readouterr().err
 
 
-def test_run_is_not_in_this_build_yet(tmp_path, capsys):
-    argv = ["run", "--state-dir", str(tmp_path), "--simulated-gpus", "RTX 4090:1"]
+def test_run_before_join_says_to_join_first_and_creates_nothing(tmp_path, capsys):
+    state = tmp_path / "state"
+    argv = ["run", "--state-dir", str(state), "--simulated-gpus", "RTX 4090:1"]
 
-    assert main([*argv, "--backend", "userspace"]) == 2
-    assert "not implemented in this build" in capsys.readouterr().err
+    assert main([*argv, "--backend", "userspace"]) == 1
+    assert "clawnode join" in capsys.readouterr().out
+    assert not state.exists()
 
 
 # -- join: errors before anything is created ----------------------------------------------------

@@ -1,0 +1,62 @@
+"""What an agent's ack and inventory do to the gateway's records."""
+
+from __future__ import annotations
+
+import pytest
+
+from marketplace import ledger
+from marketplace.models import Order
+from marketplace.services import create_listing, place_order, provision_order, stop_order
+from meshnet import services as mesh
+from meshnet.models import JobPeer, Node
+from tests.factories import enrolled_node, gpu, wg_public_key
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
+
+
+@pytest.fixture
+def running(buyer, provider):
+    node = enrolled_node(provider, gpus=[gpu(0)])
+    listing = create_listing(provider, node=node, gpu_count=1, price_per_gpu_hour=1_000_000,
+                             price_per_gib=0)  # fmt: skip
+    ledger.grant_credits(buyer, 100_000_000)
+    key = wg_public_key()
+    order = place_order(
+        buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
+    )
+    provision_order(order.pk)
+    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    return node, Order.objects.get(pk=order.pk), key
+
+
+def test_a_failed_removal_keeps_the_peer_and_the_revision_unacknowledged(running):
+    node, order, key = running
+    stop_order(order)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    mesh.acknowledge_revision(node, revision, failed_keys=frozenset({key}))
+    peer = JobPeer.objects.get(ref=f"order:{order.pk}")
+    assert peer.state == "removing"  # still on the interface: not settled, address not freed
+    assert Order.objects.get(pk=order.pk).state == "stopping"
+    assert Node.objects.get(pk=node.pk).acked_revision < revision  # the reconciler re-pushes
+    mesh.acknowledge_revision(node, revision)
+    assert JobPeer.objects.get(pk=peer.pk).state == "removed"
+    assert Order.objects.get(pk=order.pk).state == "completed"
+
+
+def test_inventory_keeps_known_gpus_when_the_driver_hiccups(running):
+    node, _order, _key = running
+    mesh.update_inventory(node, [], [], reason="NVML: driver not loaded")
+    node.refresh_from_db()
+    assert node.gpus.count() == 1
+    assert "driver not loaded" in node.last_report
+
+
+def test_inventory_health_readings_are_stored(running):
+    node, _order, _key = running
+    mesh.update_inventory(
+        node,
+        [gpu(0).to_dict()],
+        [{"index": 0, "temperature_c": 61, "utilization_pct": 87}],
+    )
+    reading = node.gpus.get(index=0)
+    assert (reading.temperature_c, reading.utilization_pct) == (61, 87)
