@@ -107,7 +107,8 @@ STORAGES = {
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
 }
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "frontend:login"
+LOGIN_REDIRECT_URL = "/"
 
 # --- Security (production values unless DEBUG) ---------------------------------------------
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
@@ -166,14 +167,28 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# A task not acknowledged within this is redelivered; no task uses an ETA beyond it.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+# A task not acknowledged within this is redelivered (after a worker died without giving it
+# back); no task uses an ETA or countdown beyond it. Workers look for such messages about every
+# tenth of it (at most every 100 s). Tests of crash recovery shorten it.
+CELERY_VISIBILITY_TIMEOUT_SECONDS = env_int("CELERY_VISIBILITY_TIMEOUT_SECONDS", 3600, minimum=1)
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": CELERY_VISIBILITY_TIMEOUT_SECONDS,
+    "unacked_restore_interval": max(1, min(10, CELERY_VISIBILITY_TIMEOUT_SECONDS // 100)),
+    "unacked_restore_throttle": 1 if CELERY_VISIBILITY_TIMEOUT_SECONDS < 1000 else 10,
+}
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
 CELERY_BEAT_SCHEDULE = {
     "expire-orders": {"task": "marketplace.tasks.expire_orders", "schedule": 15.0},
     "settle-completed": {"task": "marketplace.tasks.sweep_settlements", "schedule": 60.0},
     "reprovision-pending": {"task": "marketplace.tasks.sweep_pending_orders", "schedule": 30.0},
     "repush-lagging-nodes": {"task": "meshnet.tasks.repush_lagging_nodes", "schedule": 10.0},
+    "release-earnings": {"task": "marketplace.tasks.release_due_earnings", "schedule": 60.0},
+    "refresh-reliability": {"task": "marketplace.tasks.refresh_reliability", "schedule": 60.0},
+    "purge-idempotency-keys": {
+        "task": "marketplace.tasks.purge_idempotency_keys",
+        "schedule": 3600.0,
+    },
+    "audit-ledger": {"task": "marketplace.tasks.audit_ledger", "schedule": 3600.0},
 }
 
 # --- MOLT ---------------------------------------------------------------------------------
@@ -192,6 +207,22 @@ MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 864
 MOLT_WORKLOAD_POOL_MAX_NODES = env_int("MOLT_WORKLOAD_POOL_MAX_NODES", 256, minimum=1)
 MOLT_PROVISIONING_TIMEOUT_SECONDS = env_int("MOLT_PROVISIONING_TIMEOUT_SECONDS", 120, minimum=5)
 MOLT_NODE_OFFLINE_AFTER_SECONDS = env_int("MOLT_NODE_OFFLINE_AFTER_SECONDS", 45, minimum=5)
+# Running orders of a node silent this long fail (time up to its last heartbeat is billed).
+MOLT_NODE_FAILURE_GRACE_SECONDS = env_int("MOLT_NODE_FAILURE_GRACE_SECONDS", 300, minimum=5)
+# A buyer may dispute a settled order this long after settlement; the provider's share stays
+# frozen until then.
+MOLT_DISPUTE_WINDOW_SECONDS = env_int("MOLT_DISPUTE_WINDOW_SECONDS", 72 * 3600, minimum=0)
+# Idempotency keys are kept at least this long (issue 4: 24 h at least).
+MOLT_IDEMPOTENCY_KEY_TTL_SECONDS = env_int("MOLT_IDEMPOTENCY_KEY_TTL_SECONDS", 86400, minimum=86400)
+# A request holding an Idempotency-Key this long without finishing is presumed crashed; a
+# retry with the key then runs it (its own writes never committed: see api/idempotency.py).
+MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS = env_int("MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS", 60, minimum=5)
+# Reliability scores look at this much history.
+MOLT_RELIABILITY_WINDOW_SECONDS = env_int(
+    "MOLT_RELIABILITY_WINDOW_SECONDS", 30 * 86400, minimum=3600
+)
+# Let any signed-in user top up their own wallet (demo only; operators always can).
+MOLT_ALLOW_SELF_TOP_UP = env_bool("MOLT_ALLOW_SELF_TOP_UP", DEBUG)
 MOLT_ALLOW_SIMULATED_GPUS = env_bool("MOLT_ALLOW_SIMULATED_GPUS", DEBUG)
 MOLT_WIREGUARD_LISTEN_PORT = env_int("MOLT_WIREGUARD_LISTEN_PORT", 51820, minimum=1)
 

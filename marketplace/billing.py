@@ -6,7 +6,9 @@ the counters say.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 GIB = 1 << 30
 SECONDS_PER_HOUR = 3600
@@ -97,3 +99,114 @@ def settlement_amounts(
         provider_amount=captured - fee,
         released=hold - captured,
     )
+
+
+# --- offline time ------------------------------------------------------------------------------
+
+Interval = tuple[datetime, datetime]
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def covered(start: datetime, end: datetime, intervals: Iterable[Interval]) -> timedelta:
+    """How much of [start, end) the union of `intervals` covers (overlaps counted once)."""
+    clipped = sorted((max(a, start), min(b, end)) for a, b in intervals if a < end and b > start)
+    total = timedelta(0)
+    cursor = start
+    for a, b in clipped:
+        a = max(a, cursor)
+        if b > a:
+            total += b - a
+            cursor = b
+    return total
+
+
+def charged_seconds(start: datetime, end: datetime, outages: Iterable[Interval]) -> tuple[int, int]:
+    """(charged, offline) whole seconds of the span [start, end) given the provider's outages.
+
+    charged is the online time rounded down; offline is the rest of the span's whole seconds, so
+    charged + offline == floor(end - start) and a fraction of a second offline is never billed.
+    """
+    if end <= start:
+        return 0, 0
+    span = (end - start) // _MICROSECOND
+    online = span - covered(start, end, outages) // _MICROSECOND
+    gross = span // 1_000_000
+    charged = online // 1_000_000
+    return charged, gross - charged
+
+
+# --- receipts ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceiptLine:
+    """One line of an order's receipt. The lines' amounts sum to what was captured."""
+
+    kind: str  # time | offline_credit | bandwidth | hold_cap
+    description: str
+    amount: int
+    seconds: int | None = None
+    gpu_count: int | None = None
+    bytes: int | None = None
+
+
+def receipt_lines(
+    *,
+    gpu_count: int,
+    price_per_gpu_hour: int,
+    price_per_gib: int,
+    billed_seconds: int,
+    offline_seconds: int,
+    bandwidth_bytes: int,
+    captured: int,
+) -> tuple[ReceiptLine, ...]:
+    """The itemised lines of a settlement: the whole booked span used, less a credit for the
+    provider's offline time, plus bandwidth, less whatever the hold could not cover. The credit
+    is the difference of two rounded-down charges, so the lines add up to `captured` exactly."""
+    gross = billed_seconds + offline_seconds
+    time_gross = time_charge(
+        price_per_gpu_hour=price_per_gpu_hour, gpu_count=gpu_count, seconds=gross
+    )
+    time_net = time_charge(
+        price_per_gpu_hour=price_per_gpu_hour, gpu_count=gpu_count, seconds=billed_seconds
+    )
+    bandwidth = bandwidth_charge(price_per_gib=price_per_gib, total_bytes=bandwidth_bytes)
+    lines = [
+        ReceiptLine(
+            kind="time",
+            description=(
+                f"{gpu_count} GPU x {gross} s at {price_per_gpu_hour} micro-USD per GPU-hour"
+            ),
+            amount=time_gross,
+            seconds=gross,
+            gpu_count=gpu_count,
+        )
+    ]
+    if offline_seconds:
+        lines.append(
+            ReceiptLine(
+                kind="offline_credit",
+                description=f"provider node offline for {offline_seconds} s: not billed",
+                amount=time_net - time_gross,
+                seconds=offline_seconds,
+                gpu_count=gpu_count,
+            )
+        )
+    lines.append(
+        ReceiptLine(
+            kind="bandwidth",
+            description=f"{bandwidth_bytes} bytes at {price_per_gib} micro-USD per GiB",
+            amount=bandwidth,
+            bytes=bandwidth_bytes,
+        )
+    )
+    beyond_hold = time_net + bandwidth - captured
+    if beyond_hold:
+        lines.append(
+            ReceiptLine(
+                kind="hold_cap",
+                description="beyond the hold: never captured",
+                amount=-beyond_hold,
+            )
+        )
+    return tuple(lines)

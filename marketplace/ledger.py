@@ -5,6 +5,12 @@ cached balance with a conditional UPDATE (balance + amount >= 0 for every accoun
 outside world), so two concurrent debits can never both pass; a failed guard raises
 InsufficientFunds and the enclosing transaction rolls back, leaving nothing half-written.
 Entries are append-only: triggers installed by migration 0002 refuse UPDATE and DELETE.
+Corrections are reversing transactions (reverse_transaction), never edits.
+
+Exactly-once rules are unique columns of LedgerTransaction, so the second of two racing
+resolutions fails at the INSERT and moves nothing: `resolves_hold` (an escrow hold is captured
+or released once), `reverses` (a transaction is reversed once) and `once_key` (a frozen provider
+share is released or resolved once, a payout request is paid or rejected once).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from marketplace.errors import AlreadyResolved, InsufficientFunds
+from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
 
 Leg = tuple[Account, int]
@@ -50,10 +56,13 @@ def post(
     *,
     memo: str = "",
     resolves_hold: EscrowHold | None = None,
+    reverses: LedgerTransaction | None = None,
+    once_key: str | None = None,
 ) -> LedgerTransaction:
     """Write one balanced transaction. Zero legs are dropped. Raises ValueError when the legs do
     not sum to zero, InsufficientFunds when a debit would take an account below zero, and
-    AlreadyResolved when `resolves_hold` already has a resolution.
+    AlreadyResolved when `resolves_hold`, `reverses` or `once_key` was already used by another
+    transaction.
 
     Locks: the touched account rows (in primary-key order, so concurrent postings never
     deadlock on each other)."""
@@ -67,10 +76,21 @@ def post(
         try:
             with transaction.atomic():
                 txn = LedgerTransaction.objects.create(
-                    kind=kind, memo=memo, resolves_hold=resolves_hold
+                    kind=kind,
+                    memo=memo[:200],
+                    resolves_hold=resolves_hold,
+                    reverses=reverses,
+                    once_key=once_key,
                 )
         except IntegrityError:
-            raise AlreadyResolved("this hold was already resolved") from None
+            what = (
+                "this hold was already resolved"
+                if resolves_hold is not None
+                else f"transaction #{reverses.pk} was already reversed"
+                if reverses is not None
+                else f"{once_key} was already settled"
+            )
+            raise AlreadyResolved(what) from None
         entries = []
         for pk in sorted(merged):
             account, amount = merged[pk]
@@ -113,10 +133,17 @@ def place_hold(order, amount: int) -> EscrowHold:
 
 
 def resolve_hold(
-    hold: EscrowHold, *, captured: int, fee: int, provider, memo: str
+    hold: EscrowHold,
+    *,
+    captured: int,
+    fee: int,
+    provider,
+    memo: str,
+    earnings: Account | None = None,
 ) -> LedgerTransaction:
-    """Resolve `hold` exactly once: `captured` goes to the provider's earnings less `fee` (to
-    platform fees), the rest back to the buyer's wallet. captured == 0 is a full release.
+    """Resolve `hold` exactly once: `captured` goes to the provider's earnings (or to
+    `earnings`, the frozen account settlement uses) less `fee` (to platform fees), the rest back
+    to the buyer's wallet. captured == 0 is a full release.
 
     Locks: the hold row. A second resolution raises AlreadyResolved and moves nothing (the
     unique LedgerTransaction.resolves_hold backs this even without the lock)."""
@@ -134,7 +161,8 @@ def resolve_hold(
             (wallet_account(locked.order.buyer), locked.amount - captured),
         ]
         if captured:
-            legs += [(earnings_account(provider), captured - fee), (fees_account(), fee)]
+            provider_account = earnings if earnings is not None else earnings_account(provider)
+            legs += [(provider_account, captured - fee), (fees_account(), fee)]
         txn = post(kind, legs, memo=memo, resolves_hold=locked)
         state = EscrowHold.State.CAPTURED if captured else EscrowHold.State.RELEASED
         EscrowHold.objects.filter(pk=locked.pk, state=EscrowHold.State.OPEN).update(
@@ -154,4 +182,55 @@ def held_for(user) -> int:
 
 def available_for(user) -> int:
     account = Account.objects.filter(kind=Account.Kind.WALLET, user=user).first()
+    return account.balance if account else 0
+
+
+# Kinds an operator may reverse directly. Every other kind belongs to a record with a state of
+# its own (an escrow hold, a frozen share, a payout request), whose own resolution is the
+# correction: reversing such a posting behind its record's back would leave the record and its
+# account disagreeing, which the audit reports.
+REVERSIBLE_KINDS = frozenset({LedgerTransaction.Kind.GRANT})
+
+
+def reverse_transaction(txn: LedgerTransaction, memo: str) -> LedgerTransaction:
+    """Correct `txn` by posting its exact opposite (every entry negated) as a REVERSAL that
+    names it. At most once per transaction (the unique `reverses` column); refused with
+    InsufficientFunds, moving nothing, when an account no longer holds what it received (a
+    granted wallet already spent the credits). Only REVERSIBLE_KINDS may be reversed."""
+    memo = memo.strip()
+    if not memo:
+        raise MarketError("say why the transaction is reversed", field="memo")
+    if txn.kind not in REVERSIBLE_KINDS:
+        raise MarketError(
+            f"a {txn.kind} transaction is corrected through its own record, not reversed",
+            field="transaction",
+        )
+    legs = [(entry.account, -entry.amount) for entry in txn.entries.select_related("account")]
+    return post(
+        LedgerTransaction.Kind.REVERSAL,
+        legs,
+        memo=f"reversal of #{txn.pk}: {memo}",
+        reverses=txn,
+    )
+
+
+def frozen_for(user) -> int:
+    """Provider shares of `user`'s settled orders still frozen (window open or disputed)."""
+    return (
+        Account.objects.filter(kind=Account.Kind.FROZEN, user=user).aggregate(t=Sum("balance"))["t"]
+        or 0
+    )
+
+
+def payouts_pending_for(user) -> int:
+    """Earnings of `user` set aside by payout requests an operator has not decided yet."""
+    return (
+        Account.objects.filter(kind=Account.Kind.PAYOUT, user=user).aggregate(t=Sum("balance"))["t"]
+        or 0
+    )
+
+
+def earnings_for(user) -> int:
+    """What `user` as a provider can request to be paid out now."""
+    account = Account.objects.filter(kind=Account.Kind.EARNINGS, user=user).first()
     return account.balance if account else 0

@@ -35,6 +35,8 @@ class Account(models.Model):
         EARNINGS = "earnings", "provider earnings"
         FEES = "fees", "platform fees"
         WORLD = "world", "outside world (deposits in, payouts out)"
+        FROZEN = "frozen", "provider share of one settled order, frozen for the dispute window"
+        PAYOUT = "payout", "one payout request, set aside until an operator pays or rejects it"
 
     kind = models.CharField(max_length=10, choices=Kind.choices)
     user = models.ForeignKey(
@@ -73,8 +75,12 @@ class LedgerTransaction(models.Model):
         HOLD = "hold", "escrow hold placed"
         CAPTURE = "capture", "escrow captured (settlement)"
         RELEASE = "release", "escrow released in full"
-        PAYOUT = "payout", "provider payout"
+        PAYOUT = "payout", "provider payout paid to the outside world"
         REVERSAL = "reversal", "reversal of an earlier transaction"
+        EARNED = "earned", "provider share released after the dispute window"
+        DISPUTE = "dispute", "dispute resolved: refund to the buyer, rest to the provider"
+        PAYOUT_REQUEST = "payout_req", "payout requested: earnings set aside"
+        PAYOUT_REJECTED = "payout_rej", "payout request rejected: back to earnings"
 
     kind = models.CharField(max_length=10, choices=Kind.choices)
     memo = models.CharField(max_length=200, blank=True)
@@ -83,6 +89,31 @@ class LedgerTransaction(models.Model):
     resolves_hold = models.OneToOneField(
         "EscrowHold", null=True, blank=True, on_delete=models.PROTECT, related_name="resolution"
     )
+    # A reversal names what it reverses; unique (below) => a transaction is reversed at most once.
+    reverses = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="reversals"
+    )
+    # Every other exactly-once movement carries a key naming what it settles ("earnings:12" for
+    # the release or dispute resolution of one frozen share, "payout:7" for paying or rejecting
+    # one payout request): unique, so the second of two racing resolutions cannot be written.
+    # NULL, not "", for "no key": NULLs are exempt from the unique index, empty strings are not.
+    once_key = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+
+    class Meta:
+        # Partial unique indexes (NULLs exempt). Being partial also keeps SQLite from rebuilding
+        # the table to add them, which would drop its append-only triggers.
+        constraints = [
+            models.UniqueConstraint(
+                fields=["reverses"],
+                condition=Q(reverses__isnull=False),
+                name="ledger_reversed_once",
+            ),
+            models.UniqueConstraint(
+                fields=["once_key"],
+                condition=Q(once_key__isnull=False),
+                name="ledger_once_key_unique",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} #{self.pk}"
@@ -152,9 +183,19 @@ class Order(models.Model):
         COMPLETED = "completed"
         CANCELLED = "cancelled"
         FAILED = "failed"
+        DISPUTED = "disputed"
+        RESOLVED = "resolved"
 
     LIVE_STATES = (State.PENDING, State.PROVISIONING, State.RUNNING, State.STOPPING)
-    ENDED_STATES = (State.COMPLETED, State.CANCELLED, State.FAILED)
+    ENDED_STATES = (
+        State.COMPLETED,
+        State.CANCELLED,
+        State.FAILED,
+        State.DISPUTED,
+        State.RESOLVED,
+    )
+    # Orders that reached completion: each has exactly one settlement.
+    COMPLETED_STATES = (State.COMPLETED, State.DISPUTED, State.RESOLVED)
 
     buyer = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders"
@@ -250,7 +291,10 @@ class Settlement(models.Model):
     transaction = models.OneToOneField(
         LedgerTransaction, on_delete=models.PROTECT, related_name="settlement"
     )
-    billed_seconds = models.BigIntegerField()
+    billed_seconds = models.BigIntegerField(help_text="seconds charged: online time only")
+    offline_seconds = models.BigIntegerField(
+        default=0, help_text="seconds of the booked span the provider node was offline (free)"
+    )
     time_charge = models.BigIntegerField()
     bandwidth_bytes = models.BigIntegerField()
     bandwidth_charge = models.BigIntegerField()
@@ -270,9 +314,14 @@ class IdempotencyRecord(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
     key = models.CharField(max_length=255)
     fingerprint = models.CharField(max_length=64, help_text="SHA-256 of method, path and body")
-    status_code = models.PositiveSmallIntegerField()
+    status_code = models.PositiveSmallIntegerField(help_text="0 while the first is in flight")
     response_body = models.TextField()
     created_at = models.DateTimeField(default=timezone.now)
+    # Who runs the request now: a random token, and since when. A crashed request's claim goes
+    # stale after MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS and a retry takes it over; the response is
+    # stored by compare-and-set on the token, in the same transaction as the request's writes.
+    claim = models.CharField(max_length=32, blank=True)
+    claimed_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["user", "key"], name="idempotency_key_once")]
@@ -280,3 +329,194 @@ class IdempotencyRecord(models.Model):
 
     def __str__(self) -> str:
         return f"idempotency key of user {self.user_id}"
+
+
+class EarningsHold(models.Model):
+    """The provider's share of one settled order, frozen in an account of its own until the
+    dispute window (MOLT_DISPUTE_WINDOW_SECONDS from settlement) passes; then it is released to
+    the provider's earnings. If the buyer disputes in time it stays frozen until an operator
+    resolves the dispute. Either way it is resolved once: the resolving LedgerTransaction
+    carries the unique once_key "earnings:<id>"."""
+
+    class State(models.TextChoices):
+        FROZEN = "frozen"
+        DISPUTED = "disputed"
+        RELEASED = "released"
+        RESOLVED = "resolved"
+
+    order = models.OneToOneField(Order, on_delete=models.PROTECT, related_name="earnings_hold")
+    provider = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="earnings_holds"
+    )
+    account = models.OneToOneField(Account, on_delete=models.PROTECT, related_name="earnings_hold")
+    amount = models.BigIntegerField()
+    state = models.CharField(max_length=10, choices=State.choices, default=State.FROZEN)
+    created_at = models.DateTimeField(default=timezone.now)
+    release_after = models.DateTimeField()
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolution = models.OneToOneField(
+        LedgerTransaction,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="resolved_earnings",
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gte=0), name="earnings_hold_non_negative")
+        ]
+        indexes = [
+            models.Index(fields=["state", "release_after"], name="earnings_hold_due_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"frozen share of order {self.order_id}: {self.amount} ({self.state})"
+
+
+class Dispute(models.Model):
+    """A buyer's dispute of a settled order (one per order). An operator resolves it by
+    refunding part or all of what was captured; see services.resolve_dispute."""
+
+    class State(models.TextChoices):
+        OPEN = "open"
+        RESOLVED = "resolved"
+
+    order = models.OneToOneField(Order, on_delete=models.PROTECT, related_name="dispute")
+    buyer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="disputes"
+    )
+    reason = models.TextField(max_length=2000)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.OPEN)
+    opened_at = models.DateTimeField(default=timezone.now)
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    refund = models.BigIntegerField(null=True, blank=True, help_text="micro-USD back to the buyer")
+    resolution_note = models.CharField(max_length=500, blank=True)
+    resolution = models.OneToOneField(
+        LedgerTransaction,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="dispute_resolution",
+    )
+
+    class Meta:
+        ordering = ["-opened_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(state="open", resolution__isnull=True, refund__isnull=True)
+                | Q(state="resolved", resolution__isnull=False, refund__gte=0),
+                name="dispute_resolved_with_refund",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"dispute of order {self.order_id} ({self.state})"
+
+
+class PayoutRequest(models.Model):
+    """A provider asks for earnings to be paid out. The amount moves from earnings into an
+    account of the request's own at once (so it cannot be spent twice); an operator then marks
+    it paid (to the outside world) or rejects it (back to earnings), once: the resolving
+    transaction carries the unique once_key "payout:<id>"."""
+
+    class State(models.TextChoices):
+        REQUESTED = "requested"
+        PAID = "paid"
+        REJECTED = "rejected"
+
+    provider = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="payout_requests"
+    )
+    amount = models.BigIntegerField()
+    account = models.OneToOneField(Account, on_delete=models.PROTECT, related_name="payout")
+    state = models.CharField(max_length=10, choices=State.choices, default=State.REQUESTED)
+    requested_at = models.DateTimeField(default=timezone.now)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
+    note = models.CharField(
+        max_length=200, blank=True, help_text="payment reference, or why it was rejected"
+    )
+    request_transaction = models.OneToOneField(
+        LedgerTransaction, on_delete=models.PROTECT, related_name="payout_request"
+    )
+    resolution = models.OneToOneField(
+        LedgerTransaction,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="resolved_payout",
+    )
+
+    class Meta:
+        ordering = ["-requested_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=0), name="payout_positive"),
+            models.CheckConstraint(
+                condition=Q(state="requested", resolution__isnull=True)
+                | (~Q(state="requested") & Q(resolution__isnull=False)),
+                name="payout_resolved_once",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"payout {self.pk} of {self.provider}: {self.amount} ({self.state})"
+
+
+class NodeReliability(models.Model):
+    """A node's track record, recomputed by the refresh-reliability beat task (see
+    marketplace.reliability): jobs completed versus failed on it, and its heartbeat uptime over
+    the last MOLT_RELIABILITY_WINDOW_SECONDS. `score` (0..100) is what listings show."""
+
+    node = models.OneToOneField(
+        "meshnet.Node", on_delete=models.CASCADE, related_name="reliability"
+    )
+    score = models.PositiveSmallIntegerField()
+    jobs_completed = models.PositiveIntegerField()
+    jobs_failed = models.PositiveIntegerField()
+    uptime_bp = models.PositiveIntegerField(help_text="uptime in basis points (10000 = 100 %)")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(condition=Q(score__lte=100), name="reliability_at_most_100"),
+            models.CheckConstraint(condition=Q(uptime_bp__lte=10_000), name="uptime_at_most_1"),
+        ]
+        indexes = [models.Index(fields=["score"], name="reliability_score_idx")]
+
+    def __str__(self) -> str:
+        return f"reliability of node {self.node_id}: {self.score}"
+
+
+class AuditRun(models.Model):
+    """One run of the ledger audit (`manage.py audit_ledger` or the hourly beat task): when,
+    whether the books balanced, and what was wrong. The ops dashboard shows the latest."""
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    ok = models.BooleanField()
+    violation_count = models.PositiveIntegerField(default=0)
+    violations = models.TextField(blank=True, help_text="one violation per line")
+    transaction_count = models.PositiveBigIntegerField(default=0)
+    entry_count = models.PositiveBigIntegerField(default=0)
+    duration_ms = models.PositiveIntegerField(default=0)
+    source = models.CharField(max_length=20, default="command", help_text="command or beat")
+
+    class Meta:
+        ordering = ["-at", "-id"]
+        get_latest_by = "at"
+
+    def __str__(self) -> str:
+        return f"audit {self.at:%Y-%m-%d %H:%M:%S}: {'OK' if self.ok else 'VIOLATIONS'}"

@@ -4,7 +4,7 @@ from django.dispatch import receiver
 
 from marketplace import services
 from marketplace.models import Order
-from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
+from meshnet.signals import node_revoked, peer_acknowledged, peer_removed, peer_traffic
 
 
 @receiver(peer_acknowledged, dispatch_uid="marketplace.peer_acknowledged")
@@ -24,3 +24,13 @@ def on_peer_removed(sender, job_peer, at, **kwargs) -> None:
 @receiver(peer_traffic, dispatch_uid="marketplace.peer_traffic")
 def on_peer_traffic(sender, job_peer, rx_bytes, tx_bytes, **kwargs) -> None:
     services.add_traffic(job_peer, rx_bytes=rx_bytes, tx_bytes=tx_bytes)
+    # The hold covers the bandwidth allowance and no more: reaching it stops the job.
+    services.stop_if_allowance_used(job_peer)
+
+
+@receiver(node_revoked, dispatch_uid="marketplace.node_revoked")
+def on_node_revoked(sender, node, reason, **kwargs) -> None:
+    # Each order in its own transaction: one that fails to end does not keep the others live,
+    # and revoke_node can be called again to retry it.
+    for order in Order.objects.live().filter(listing__node=node).only("pk"):
+        services.fail_order(order, f"provider node revoked: {reason}"[:200])

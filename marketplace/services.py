@@ -22,11 +22,19 @@ from marketplace.errors import (
     MarketError,
     Oversold,
 )
-from marketplace.models import ApiToken, Listing, Order, OrderTransition, Settlement
+from marketplace.models import (
+    Account,
+    ApiToken,
+    EarningsHold,
+    Listing,
+    Order,
+    OrderTransition,
+    Settlement,
+)
 from meshnet import ipplan
 from meshnet import services as mesh
 from meshnet.errors import MeshError
-from meshnet.models import Node
+from meshnet.models import Node, NodeOutage
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +209,7 @@ def _transition(order: Order, from_state: str, to_state: str, why: str, **fields
     OrderTransition.objects.create(
         order=order, from_state=from_state, to_state=to_state, reason=why
     )
+    announce_order(order.pk)
     order.refresh_from_db()
     return True
 
@@ -330,21 +339,42 @@ def complete_order(order: Order, at: datetime) -> bool:
         return True
 
 
-def billed_seconds(order: Order) -> int:
-    """From the agent's ack to the earlier of the stop request and the end of booked time."""
+def billing_span(order: Order, cut_at: datetime | None = None) -> tuple[datetime, datetime] | None:
+    """What an order is billed for: from the agent's ack to the earliest of the stop request,
+    the end of booked time and `cut_at` (the last heartbeat of a node that was lost). None when
+    it never ran."""
     if order.running_since is None:
-        return 0
-    end = order.ends_at
-    if order.stop_requested_at and (end is None or order.stop_requested_at < end):
-        end = order.stop_requested_at
-    if end is None:
-        end = order.ended_at or timezone.now()
-    return max(int((end - order.running_since).total_seconds()), 0)
+        return None
+    ends = [t for t in (order.ends_at, order.stop_requested_at, cut_at) if t is not None]
+    end = min(ends) if ends else (order.ended_at or timezone.now())
+    return order.running_since, max(end, order.running_since)
 
 
-def settle_order(order: Order) -> Settlement:
-    """Capture time + bandwidth (up to the hold), take the fee, pay the provider, release the
-    rest; exactly once (unique Settlement.order and hold resolution back this)."""
+def charged_seconds(order: Order, cut_at: datetime | None = None) -> tuple[int, int]:
+    """(charged, offline) whole seconds of the billing span: the provider node's recorded
+    outages (NodeOutage) inside it are not charged (see billing.charged_seconds)."""
+    span = billing_span(order, cut_at)
+    if span is None:
+        return 0, 0
+    start, end = span
+    outages = NodeOutage.objects.filter(
+        node_id=order.listing.node_id, started_at__lt=end, ended_at__gt=start
+    ).values_list("started_at", "ended_at")
+    return billing.charged_seconds(start, end, list(outages))
+
+
+def billed_seconds(order: Order) -> int:
+    """The seconds an order is charged for: its billing span less its node's outages."""
+    return charged_seconds(order)[0]
+
+
+def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
+    """Capture time + bandwidth (up to the hold), take the fee, release the rest; exactly once
+    (unique Settlement.order and hold resolution back this). The provider's share goes into a
+    frozen account of this order (an EarningsHold) until the dispute window passes: see
+    marketplace.payments. `cut_at` ends the billing span early (a lost node's last heartbeat).
+
+    Locks: the order row, then the hold row and accounts."""
     with transaction.atomic():
         order = (
             Order.objects.select_for_update(of=("self",))
@@ -357,7 +387,7 @@ def settle_order(order: Order) -> Settlement:
         if order.state not in Order.ENDED_STATES:
             # Settling a live order would bill it so far and release the rest while it runs.
             raise InvalidTransition(f"order {order.pk} is {order.state}: only ended orders settle")
-        seconds = billed_seconds(order)
+        seconds, offline = charged_seconds(order, cut_at)
         amounts = billing.settlement_amounts(
             hold=order.hold.amount,
             price_per_gpu_hour=order.price_per_gpu_hour,
@@ -367,17 +397,31 @@ def settle_order(order: Order) -> Settlement:
             total_bytes=order.bytes_in + order.bytes_out,
             fee_bps=settings.MOLT_PLATFORM_FEE_BPS,
         )
+        frozen = None
+        if amounts.captured:
+            frozen = Account.objects.create(kind=Account.Kind.FROZEN, user=order.listing.owner)
         txn = ledger.resolve_hold(
             order.hold,
             captured=amounts.captured,
             fee=amounts.fee,
             provider=order.listing.owner,
             memo=f"settlement of order {order.pk}",
+            earnings=frozen,
         )
+        if frozen is not None:
+            window = timedelta(seconds=settings.MOLT_DISPUTE_WINDOW_SECONDS)
+            EarningsHold.objects.create(
+                order=order,
+                provider=order.listing.owner,
+                account=frozen,
+                amount=amounts.provider_amount,
+                release_after=timezone.now() + window,
+            )
         return Settlement.objects.create(
             order=order,
             transaction=txn,
             billed_seconds=seconds,
+            offline_seconds=offline,
             time_charge=amounts.time_charge,
             bandwidth_bytes=order.bytes_in + order.bytes_out,
             bandwidth_charge=amounts.bandwidth_charge,
@@ -399,6 +443,7 @@ def expire_orders(now: datetime | None = None) -> int:
             changed += 1
         except InvalidTransition:
             pass  # stopped by someone else meanwhile
+    changed += end_orders_of_lost_nodes(now)
     deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():
@@ -419,3 +464,158 @@ def add_traffic(job_peer, *, rx_bytes: int, tx_bytes: int) -> None:
     Order.objects.filter(job_peer=job_peer).update(
         bytes_in=F("bytes_in") + tx_bytes, bytes_out=F("bytes_out") + rx_bytes
     )
+
+
+# --- the bandwidth allowance and lost provider nodes -------------------------------------------
+
+BANDWIDTH_USED_UP = "bandwidth allowance used up"
+
+
+def stop_if_allowance_used(job_peer) -> bool:
+    """Stop the job's running order once its metered bytes reach the bandwidth allowance its
+    hold covers, with the reason BANDWIDTH_USED_UP. True when this call stopped it. Runs in the
+    metering transaction, after add_traffic; locks as stop_order."""
+    order = Order.objects.filter(job_peer=job_peer, state=S.RUNNING).first()
+    if order is None or order.bytes_in + order.bytes_out < order.bandwidth_allowance_bytes:
+        return False
+    try:
+        stopped = stop_order(order, reason=BANDWIDTH_USED_UP)
+    except InvalidTransition:
+        return False  # stopped meanwhile
+    return stopped.state == S.STOPPING
+
+
+def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
+    """End the orders of provider nodes silent for MOLT_NODE_FAILURE_GRACE_SECONDS: running
+    ones fail, stopping ones complete (no agent will acknowledge the removal). Each is settled
+    at once, billed up to the node's last heartbeat (less earlier outages), the rest of the hold
+    released, and its peer dropped from desired state. Returns how many ended.
+
+    One transaction per order, in id order. Locks: the order row, then the hold and accounts,
+    then (through meshnet) the node row."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
+    candidates = (
+        Order.objects.filter(
+            state__in=(S.RUNNING, S.STOPPING), listing__node__last_seen_at__lt=cutoff
+        )
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    ended = 0
+    for order_id in list(candidates):
+        with transaction.atomic():
+            order = Order.objects.select_for_update(of=("self",)).select_related("listing")
+            order = order.get(pk=order_id)
+            last_seen = Node.objects.values_list("last_seen_at", flat=True).get(
+                pk=order.listing.node_id
+            )
+            if order.state not in (S.RUNNING, S.STOPPING) or not last_seen or last_seen >= cutoff:
+                continue  # it came back, or the order moved on meanwhile
+            why = f"provider node offline since {last_seen:%Y-%m-%d %H:%M:%S} UTC"
+            if order.state == S.RUNNING:
+                moved = _transition(order, S.RUNNING, S.FAILED, why, ended_at=now, reason=why)
+            else:
+                moved = _transition(order, S.STOPPING, S.COMPLETED, why, ended_at=now)
+            if not moved:
+                continue
+            settle_order(order, cut_at=last_seen)
+            mesh.remove_job_peer(f"order:{order.pk}")
+            ended += 1
+    return ended
+
+
+# --- re-keying and live order pages ------------------------------------------------------------
+
+
+def rekey_order(order: Order, wireguard_public_key: str) -> Order:
+    """Give a live order a new WireGuard public key: the buyer lost the private key of the old
+    one. Before provisioning only the order changes; after it, the job peer keeps its address and
+    gets the new key in a new desired revision (meshnet.services.replace_peer_key), so the
+    agent's reconcile drops the old key's peer and adds the new one. Sending the key the order
+    already has is a no-op (a retried request).
+
+    Locks: the order row, then (through meshnet) the node row. Raises MarketError naming
+    wireguard_public_key (invalid, or live on another order or peer) and InvalidTransition when
+    the order is stopping or ended."""
+    try:
+        mesh.validate_peer_key(wireguard_public_key)
+    except MeshError as exc:
+        raise MarketError(str(exc), field="wireguard_public_key") from None
+    with transaction.atomic():
+        order = Order.objects.select_for_update().get(pk=order.pk)
+        if order.wireguard_public_key == wireguard_public_key:
+            return order
+        if order.state not in (S.PENDING, S.PROVISIONING, S.RUNNING):
+            raise InvalidTransition(f"order {order.pk} is {order.state}: it cannot be re-keyed")
+        if (
+            Order.objects.live()
+            .filter(wireguard_public_key=wireguard_public_key)
+            .exclude(pk=order.pk)
+            .exists()
+        ):
+            raise MarketError(
+                "this WireGuard public key is already used by a live order; "
+                "generate a new key pair",
+                field="wireguard_public_key",
+            )
+        Order.objects.filter(pk=order.pk).update(wireguard_public_key=wireguard_public_key)
+        if order.job_peer_id is not None:
+            try:
+                mesh.replace_peer_key(f"order:{order.pk}", wireguard_public_key)
+            except MeshError as exc:
+                raise MarketError(str(exc), field="wireguard_public_key") from None
+        announce_order(order.pk)
+        order.refresh_from_db()
+        return order
+
+
+def order_group(order_id: int) -> str:
+    """The Channels group the order's browser pages join (frontend.consumers.OrderConsumer)."""
+    return f"order.{order_id}"
+
+
+def announce_order(order_id: int) -> None:
+    """After commit, tell the order's open pages that it changed. The message carries only the
+    id: each page's consumer re-reads the order and re-checks its owner before sending anything.
+    At most once (the channel layer may drop it); a page that reconnects gets the full state."""
+
+    def send() -> None:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(
+                order_group(order_id), {"type": "order.changed", "order": order_id}
+            )
+        except Exception:
+            # A page that misses this still shows the truth on its next reconnect or reload;
+            # the transition that already committed must not look failed to its caller.
+            log.warning("could not announce order %s to its pages", order_id, exc_info=True)
+
+    transaction.on_commit(send, robust=True)
+
+
+def revoke_api_token(user, token_id: int) -> bool:
+    """Delete one of `user`'s API tokens; requests bearing it fail from now on. False when
+    `user` has no such token (another user's token id reads as unknown)."""
+    deleted, _ = ApiToken.objects.filter(pk=token_id, user=user).delete()
+    return bool(deleted)
+
+
+def fail_order(order: Order, reason: str) -> bool:
+    """End a live order as failed with its hold released in full, whatever state it reached:
+    the provider side can no longer be trusted (its node was revoked), so nothing it ran is
+    billed. The job peer, if any, is dropped from desired state. False (and nothing written)
+    when the order had already ended.
+
+    Locks: the order row, then the hold and accounts, then (through meshnet) the node row: the
+    same order as stop_order."""
+    with transaction.atomic():
+        locked = Order.objects.select_for_update().get(pk=order.pk)
+        if locked.state not in Order.LIVE_STATES:
+            return False
+        return _release_and_end(locked, locked.state, S.FAILED, reason)

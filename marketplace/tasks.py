@@ -45,10 +45,43 @@ def sweep_pending_orders() -> int:
 def sweep_settlements() -> int:
     """Settle completed orders that have no settlement yet (a crash between the two)."""
     ids = list(
-        Order.objects.filter(state="completed", settlement__isnull=True).values_list(
+        Order.objects.filter(state__in=Order.COMPLETED_STATES, settlement__isnull=True).values_list(
             "pk", flat=True
         )
     )
     for order_id in ids:
         services.settle_order(Order.objects.get(pk=order_id))
     return len(ids)
+
+
+@shared_task(acks_late=True)
+def release_due_earnings() -> int:
+    """Frozen provider shares whose dispute window passed go to the providers' earnings."""
+    from marketplace.payments import release_due_earnings as release
+
+    return release()
+
+
+@shared_task(acks_late=True)
+def refresh_reliability() -> int:
+    from marketplace.reliability import refresh_reliability as refresh
+
+    return refresh()
+
+
+@shared_task(acks_late=True)
+def purge_idempotency_keys() -> int:
+    from marketplace.api.idempotency import purge_expired_keys
+
+    return purge_expired_keys()
+
+
+@shared_task(acks_late=True)
+def audit_ledger() -> bool:
+    """The hourly ledger audit; its result is kept as an AuditRun for the ops dashboard."""
+    from marketplace.audit import record_audit_run
+
+    run = record_audit_run(source="beat")
+    if not run.ok:
+        log.error("ledger audit: %s violation(s):\n%s", run.violation_count, run.violations)
+    return run.ok

@@ -99,8 +99,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     node, content.get("envelope")
                 )
             elif kind == "ack":
-                await database_sync_to_async(services.process_ack)(node, content.get("envelope"))
+                # Heartbeat first: a silence that just ended is recorded as an outage before
+                # the ack can complete and settle an order (billing leaves outages out).
                 await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
+                await database_sync_to_async(services.process_ack)(node, content.get("envelope"))
             else:
                 raise services.AgentRefused(
                     f"unknown message type {kind!r}", protocol.CLOSE_BAD_MESSAGE

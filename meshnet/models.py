@@ -274,3 +274,30 @@ class MeteringSample(models.Model):
 
     def __str__(self) -> str:
         return f"sample {self.boot_id}/{self.seq} of {self.node_id}"
+
+
+class NodeOutage(models.Model):
+    """A silence of a node longer than MOLT_NODE_OFFLINE_AFTER_SECONDS: from its last heartbeat
+    before the gap to the first one after it. Written by record_heartbeat when heartbeats resume,
+    so every row is closed and exact; an outage still going on is last_seen_at to now. Billing
+    leaves these intervals out of an order's time, and reliability counts them as downtime."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="outages")
+    started_at = models.DateTimeField()
+    ended_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["node_id", "started_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(ended_at__gt=models.F("started_at")), name="outage_positive"
+            ),
+            # One outage per gap: the heartbeat that closes it compare-and-sets last_seen_at.
+            models.UniqueConstraint(fields=["node", "started_at"], name="outage_once_per_gap"),
+        ]
+        indexes = [models.Index(fields=["node", "ended_at"], name="outage_node_end_idx")]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.node_id} offline {self.started_at:%Y-%m-%d %H:%M:%S}-{self.ended_at:%H:%M:%S}"
+        )

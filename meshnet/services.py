@@ -19,12 +19,13 @@ from clawnode import protocol
 from clawnode.keys import (
     InvalidKey,
     encode_key,
+    node_id_for,
     parse_wireguard_public_key,
     x25519_public_from_ed25519,
 )
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from meshnet import ipplan, metering
@@ -38,10 +39,11 @@ from meshnet.models import (
     JobPeer,
     MeteringSample,
     Node,
+    NodeOutage,
     PeerTraffic,
     UsedNonce,
 )
-from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
+from meshnet.signals import node_revoked, peer_acknowledged, peer_removed, peer_traffic
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +232,7 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
         lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)
         node = Node.objects.create(
             owner_id=token.owner_id,
-            node_id=protocol_node_id(identity_key),
+            node_id=node_id_for(identity_key),
             name=f"pending-{secrets.token_hex(6)}",
             identity_public_key=request.identity_public_key,
             wireguard_public_key=request.wireguard_public_key,
@@ -248,14 +250,9 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
         token.used_at = timezone.now()
         token.node = node
         token.save(update_fields=["used_at", "node"])
+        notify_owner(node, "enrolled")
     log.info("node %s enrolled at %s for user %s", node.name, node.mesh_address, node.owner_id)
     return Enrolment(node=node, created=True)
-
-
-def protocol_node_id(identity_key: bytes) -> str:
-    from clawnode.keys import node_id_for
-
-    return node_id_for(identity_key)
 
 
 def websocket_url(base_url: str) -> str:
@@ -400,7 +397,7 @@ def acknowledge_revision(
                 peer_acknowledged.send(sender=JobPeer, job_peer=peer, at=at)
         removed = JobPeer.objects.filter(
             node=locked, state=JobPeer.State.REMOVING, removed_revision__lte=revision
-        )
+        ).exclude(public_key__in=failed_keys)
         for peer in removed:
             if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
                 state=JobPeer.State.REMOVED, removed_at=at
@@ -454,22 +451,87 @@ def authenticate_agent(envelope: Mapping[str, Any], *, challenge: str) -> Node:
     return node
 
 
-def record_heartbeat(node: Node, observed_ip: str | None = None) -> None:
-    fields: dict[str, Any] = {"last_seen_at": timezone.now()}
+def record_heartbeat(
+    node: Node, observed_ip: str | None = None, at: datetime | None = None
+) -> None:
+    """Mark `node` seen now (or at `at`). `node` is the row as read before this heartbeat: its
+    owner's pages are told only when that changes what they show (offline to online, a new
+    source address), not on every heartbeat.
+
+    A heartbeat after a silence longer than MOLT_NODE_OFFLINE_AFTER_SECONDS records a
+    NodeOutage from the last heartbeat to this one (billing leaves it out). last_seen_at is
+    compare-and-set against the value read, so of two racing heartbeats one records the gap, and
+    it never moves back."""
+    at = at or timezone.now()
+    fields: dict[str, Any] = {"last_seen_at": at}
     if observed_ip:
         fields["observed_ip"] = observed_ip
-    Node.objects.filter(pk=node.pk).update(**fields)
+    with transaction.atomic():
+        previous = Node.objects.values_list("last_seen_at", flat=True).get(pk=node.pk)
+        if previous is not None and at <= previous:
+            del fields["last_seen_at"]  # a late heartbeat does not move the clock back
+        seen = Q(last_seen_at=previous) if previous is not None else Q(last_seen_at__isnull=True)
+        changed = bool(fields) and Node.objects.filter(seen, pk=node.pk).update(**fields) == 1
+        gap = (at - previous).total_seconds() if previous is not None else 0.0
+        if changed and "last_seen_at" in fields and gap > settings.MOLT_NODE_OFFLINE_AFTER_SECONDS:
+            NodeOutage.objects.create(node_id=node.pk, started_at=previous, ended_at=at)
+    if not node.online or (observed_ip and observed_ip != node.observed_ip):
+        notify_owner(node, "online")
 
 
-def update_inventory(node: Node, gpus: list[Mapping[str, Any]]) -> None:
-    """Replace the node's GPU rows with what its agent reports (NVML or simulated)."""
+_GPU_FIELDS = ("index", "name", "memory_mb", "uuid", "driver_version", "cuda_version", "simulated")
+
+
+def update_inventory(
+    node: Node,
+    gpus: list[Mapping[str, Any]],
+    health: list[Mapping[str, Any]] | None = None,
+    reason: str = "",
+) -> None:
+    """Take the node's GPU inventory as its agent reports it (NVML or simulated).
+
+    An empty report with a reason (the driver failed to answer) keeps the GPUs we know and
+    records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
+    utilisation) update in place."""
     parsed = tuple(protocol.GpuInfo.from_dict(gpu) for gpu in gpus)
+    changed = False
     with transaction.atomic():
         Node.objects.select_for_update().get(pk=node.pk)
-        try:
-            _replace_gpus(node, parsed)
-        except EnrollmentRefused as exc:
-            raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+        if parsed:
+            known = list(node.gpus.order_by("index").values_list(
+                "index", "name", "memory_mb", "uuid", "simulated"
+            ))  # fmt: skip
+            reported = [(g.index, g.name, g.memory_mb, g.uuid, g.simulated) for g in parsed]
+            if known != reported:
+                try:
+                    _replace_gpus(node, parsed)
+                except EnrollmentRefused as exc:
+                    raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+                changed = True
+        elif reason:
+            record_report(node, f"GPU inventory: {reason}")
+        for reading in health or []:
+            if not isinstance(reading, Mapping) or not isinstance(reading.get("index"), int):
+                continue
+            values = {
+                "temperature_c": _small_int(reading.get("temperature_c")),
+                "utilization_pct": _small_int(reading.get("utilization_pct")),
+            }
+            # Only a reading that differs is written (and so announced).
+            changed |= bool(
+                Gpu.objects.filter(node=node, index=reading["index"])
+                .exclude(**values)
+                .update(**values)
+            )
+        # The agent resends its inventory every minute: the owner's pages hear of a difference.
+        if changed:
+            notify_owner(node, "inventory")
+
+
+def _small_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000:
+        return value
+    return None
 
 
 def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
@@ -554,3 +616,124 @@ def record_report(node: Node, detail: object) -> None:
     text = str(detail or "")[:500]
     log.warning("node %s reports: %s", node.name, text)
     Node.objects.filter(pk=node.pk).update(last_report=text, last_report_at=timezone.now())
+
+
+def replace_peer_key(ref: str, public_key: str) -> JobPeer:
+    """Give the live peer named `ref` a new public key (its buyer re-keyed) and keep its job
+    address. The node's desired state gets a new revision without the old key and with the new
+    one: the agent's reconcile (keyed by public key) removes the old peer and adds the new. The
+    peer is `desired` again until the agent acknowledges that revision. The traffic base is
+    reset, since the new key's counters start from zero (the agent gives the new key its own
+    epoch); bytes the old key moved after the last metering sample are not counted.
+
+    Locks: node row. Raises InvalidPeerKey, PeerKeyInUse (the key is live on another peer) and
+    MeshError when no live peer is named `ref`."""
+    from meshnet.errors import MeshError
+
+    validate_peer_key(public_key)
+    with transaction.atomic():
+        peer = JobPeer.objects.filter(ref=ref).first()
+        if peer is None:
+            raise MeshError(f"no job peer {ref}")
+        Node.objects.select_for_update().get(pk=peer.node_id)
+        peer.refresh_from_db()
+        if peer.state not in (JobPeer.State.DESIRED, JobPeer.State.ACTIVE):
+            raise MeshError(f"job peer {ref} is {peer.state}: it cannot be re-keyed")
+        if peer.public_key == public_key:
+            return peer
+        if JobPeer.objects.live().filter(public_key=public_key).exclude(pk=peer.pk).exists():
+            raise PeerKeyInUse("this WireGuard public key is already in use on another peer")
+        _bump_revision(peer.node_id)
+        revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+        try:
+            with transaction.atomic():
+                JobPeer.objects.filter(pk=peer.pk).update(
+                    public_key=public_key,
+                    state=JobPeer.State.DESIRED,
+                    added_revision=revision,
+                    acked_at=None,
+                )
+        except IntegrityError:
+            raise PeerKeyInUse(
+                "this WireGuard public key is already in use on another peer"
+            ) from None
+        PeerTraffic.objects.filter(job_peer=peer).update(epoch=0, rx_bytes=0, tx_bytes=0)
+        _push_on_commit(peer.node_id)
+        peer.refresh_from_db()
+        log.info("job peer %s re-keyed at revision %s", ref, revision)
+        return peer
+
+
+# --- events for pages and agents, and revocation ------------------------------------------------
+
+
+def owner_group(user_id: int) -> str:
+    """The Channels group of one provider's open pages (frontend.provider_consumers)."""
+    return f"owner.{user_id}"
+
+
+def _group_send_on_commit(group: str, message: dict[str, Any]) -> None:
+    """The one way meshnet talks to Channels groups from a write path: after commit (a rolled
+    back change is never announced), at most once (the channel layer may drop it), and never
+    failing the write that already committed: whoever misses a message catches up from the
+    database (a page on reload, an agent on reconnect)."""
+
+    def send() -> None:
+        from asgiref.sync import async_to_sync
+        from channels.layers import get_channel_layer
+
+        layer = get_channel_layer()
+        if layer is None:
+            return
+        try:
+            async_to_sync(layer.group_send)(group, message)
+        except Exception:
+            log.warning("could not send %s to group %s", message.get("type"), group, exc_info=True)
+
+    transaction.on_commit(send, robust=True)
+
+
+def notify_owner(node: Node, change: str) -> None:
+    """Tell `node`'s owner's open pages that the node changed (`change`: enrolled, online,
+    inventory, revoked). The message names the node only: the page's consumer re-checks who is
+    logged in and the page fetches what it shows through its own authorized view."""
+    _group_send_on_commit(
+        owner_group(node.owner_id), {"type": "node.changed", "node": node.pk, "change": change}
+    )
+
+
+def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
+    """Cut `node` off the mesh for good. Returns True when this call revoked it, False when it
+    already was (the clean-up below still runs, so calling again re-drives a clean-up that a
+    crash interrupted).
+
+    1. revoked_at is set by compare-and-set and committed on its own: from then on the agent's
+       frames and any new auth are refused, its listings are no longer available, and its agent
+       connection is told to close (after commit, through its group).
+    2. node_revoked fires outside any lock; marketplace fails the node's live orders there,
+       each in its own transaction in the market's lock order (order row, then this node row).
+    3. Job peers still live on the node are closed out (removed now, addresses quarantined):
+       no agent will acknowledge their removal any more. Locks: node row, one transaction.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        revoked = bool(
+            Node.objects.filter(pk=node.pk, revoked_at__isnull=True).update(revoked_at=now)
+        )
+        node.refresh_from_db()
+        if revoked:
+            from meshnet.tasks import node_group
+
+            _group_send_on_commit(node_group(node.node_id), {"type": "node.revoked"})
+            notify_owner(node, "revoked")
+            log.warning("node %s revoked: %s", node.name, reason)
+    node_revoked.send(sender=Node, node=node, reason=reason)
+    with transaction.atomic():
+        Node.objects.select_for_update().get(pk=node.pk)
+        for peer in JobPeer.objects.filter(node=node).live().select_related("allocation"):
+            JobPeer.objects.filter(pk=peer.pk).update(
+                state=JobPeer.State.REMOVED, removed_at=peer.removed_at or now
+            )
+            if peer.allocation is not None:
+                release_address(peer.allocation)
+    return revoked

@@ -11,3 +11,7 @@ peer_removed = Signal()
 
 # kwargs: job_peer, rx_bytes, tx_bytes (new bytes since the last sample; rx = provider received)
 peer_traffic = Signal()
+
+# kwargs: node (meshnet.models.Node, already revoked and committed), reason (str). Sent outside
+# any lock by meshnet.services.revoke_node; receivers end whatever ran on the node.
+node_revoked = Signal()

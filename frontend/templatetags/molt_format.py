@@ -22,3 +22,30 @@ def usd(micro: int | None) -> str:
     text = f"{Decimal(abs(amount)) / MICRO_PER_USD:,.6f}".rstrip("0")
     whole, _, frac = text.partition(".")
     return f"{sign}${whole}.{frac.ljust(2, '0')}"
+
+
+_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+@register.filter
+def iec_bytes(count: int | None) -> str:
+    """`0 B`, `512 B`, `1.5 MiB`, `50 GiB`: binary units, as bandwidth is priced per GiB."""
+    if count is None or count == "":
+        return ""
+    value = float(int(count))
+    for unit in _BYTE_UNITS:
+        if abs(value) < 1024 or unit == _BYTE_UNITS[-1]:
+            if unit == "B":
+                return f"{int(value)} B"
+            text = f"{value:.1f}".removesuffix(".0")
+            return f"{text} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+@register.filter
+def iec_rate(bytes_per_second: float | None) -> str:
+    """A bandwidth as `1.2 MiB/s`."""
+    if bytes_per_second is None or bytes_per_second == "":
+        return ""
+    return f"{iec_bytes(round(float(bytes_per_second)))}/s"

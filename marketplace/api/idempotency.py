@@ -1,18 +1,29 @@
-"""`Idempotency-Key` for money-moving POSTs (design/money.md).
+"""`Idempotency-Key` for money-moving POSTs (design/money.md; issue 4).
 
 A client that sends the header may retry the request as often as it likes: the first successful
 (2xx) response is stored and every retry with the same key and the same request gets it back
 byte for byte, without running the view again (so nothing moves twice). The same key with a
-different request is refused with 422. Error responses are not stored: a retry after a 402 or a
-409 runs again.
+different request is refused with 422. A retry that arrives while the first request is still
+running is refused with 409 (retry shortly). Error responses are not stored: a retry after a
+402 or a 409 runs again. Keys are kept MOLT_IDEMPOTENCY_KEY_TTL_SECONDS (at least 24 h; the
+purge-idempotency-keys beat task deletes older ones).
 
-How it stays exactly-once: the view runs inside one transaction that starts by inserting the
-key's IdempotencyRecord (a placeholder) and ends by filling in the response; the unique
-(user, key) constraint does the rest. On PostgreSQL a concurrent duplicate blocks on that unique
-index until the first transaction ends: if it committed, the duplicate gets IntegrityError,
-re-reads the record and replays it; if it rolled back, the duplicate goes ahead as the first.
-On SQLite, IMMEDIATE transactions serialize the two anyway. Because the placeholder is never
-committed, a record seen with the in-flight status means a bug, and is answered with 409.
+How it stays exactly-once:
+
+1. Claim. The key's IdempotencyRecord is inserted in a short transaction of its own and
+   committed at once, in flight (status 0) with a random claim token. A concurrent duplicate
+   hits the unique (user, key) constraint immediately (the row is committed, nothing to wait
+   for), reads the in-flight row and gets 409.
+2. Work. The view runs in one transaction that ends by storing the response on the record by
+   compare-and-set on the claim token. The response and every write of the view commit
+   together, or neither does: an in-flight record therefore means the work has not committed.
+3. Failure. A non-2xx response or an exception rolls the work back and deletes the claim (same
+   compare-and-set), so a corrected retry with the key runs.
+4. Crash. A process that dies between 1 and 2 leaves an in-flight record whose work never
+   committed. After MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS a retry takes the claim over (a new token
+   by compare-and-set) and runs. Should the first request not be dead after all but merely
+   slow, its final compare-and-set finds another token, its work rolls back and it answers
+   409: the work lands once either way.
 
 Use it on a view method and document the header with IDEMPOTENCY_KEY_PARAMETER:
 
@@ -27,10 +38,14 @@ import functools
 import hashlib
 import json
 import re
+import secrets
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.http import HttpResponse
+from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import status
@@ -45,8 +60,7 @@ HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 # Visible ASCII only: the key is echoed in error messages and must fit the unique column.
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
-# The placeholder's status while the first request runs. It is never committed (the record is
-# filled in before commit or rolled back with the request), so seeing it means a bug.
+# The record's status while the first request runs (committed, so duplicates see it).
 IN_FLIGHT = 0
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
@@ -58,8 +72,9 @@ IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
         "Optional. A client-chosen key (1-255 visible ASCII characters) that makes this request "
         "safe to retry: a retry with the same key and body returns the first successful "
         "response byte for byte and moves nothing (the replay carries "
-        f"`{REPLAYED_HEADER}: true`); the same key with a different body is refused with 422. "
-        "Keys are scoped to the authenticated user."
+        f"`{REPLAYED_HEADER}: true`); the same key with a different body is refused with 422; "
+        "a retry while the first request is still being processed gets 409. Keys are scoped "
+        "to the authenticated user and kept at least 24 hours."
     ),
 )
 
@@ -109,11 +124,22 @@ def _rendered_body(response: HttpResponse) -> str:
     return response.content.decode("utf-8")
 
 
-def _claim(user, key: str, fingerprint: str) -> tuple[IdempotencyRecord, bool]:
-    """The key's record and whether this request claimed it (True: run the view). Must run
-    inside the request's transaction."""
-    existing = IdempotencyRecord.objects.filter(user=user, key=key).first()
-    if existing is None:
+def _shown(key: str) -> str:
+    return key if len(key) <= 64 else key[:61] + "..."
+
+
+def _in_flight(key: str) -> IdempotencyKeyInFlight:
+    return IdempotencyKeyInFlight(
+        f"a request with {HEADER} {_shown(key)!r} is still being processed; retry shortly"
+    )
+
+
+def _claim(user, key: str, fingerprint: str, token: str) -> tuple[IdempotencyRecord, bool]:
+    """The key's record and whether this request now holds its claim (True: run the view).
+    The claim commits at once, in its own transaction (see the module docstring). Raises 422
+    for another request's key and 409 while another request holds a live claim."""
+    for _ in range(3):
+        now = timezone.now()
         try:
             with transaction.atomic():
                 record = IdempotencyRecord.objects.create(
@@ -122,29 +148,54 @@ def _claim(user, key: str, fingerprint: str) -> tuple[IdempotencyRecord, bool]:
                     fingerprint=fingerprint,
                     status_code=IN_FLIGHT,
                     response_body="",
+                    claim=token,
+                    claimed_at=now,
+                    created_at=now,
                 )
             return record, True
         except IntegrityError:
-            # A concurrent request with this key committed while we waited on the unique index.
-            existing = IdempotencyRecord.objects.get(user=user, key=key)
-    shown = key if len(key) <= 64 else key[:61] + "..."
-    if existing.fingerprint != fingerprint:
-        raise IdempotencyKeyReused(
-            f"{HEADER} {shown!r} was already used for a different request; "
-            "send a new key for a new request"
-        )
-    if existing.status_code == IN_FLIGHT:
-        raise IdempotencyKeyInFlight(
-            f"a request with {HEADER} {shown!r} is still being processed; retry shortly"
-        )
-    return existing, False
+            existing = IdempotencyRecord.objects.filter(user=user, key=key).first()
+        if existing is None:
+            continue  # the holder failed and freed the key between our insert and our read
+        if existing.fingerprint != fingerprint:
+            raise IdempotencyKeyReused(
+                f"{HEADER} {_shown(key)!r} was already used for a different request; "
+                "send a new key for a new request"
+            )
+        if existing.status_code != IN_FLIGHT:
+            return existing, False
+        if not _stale(existing.claimed_at, now):
+            raise _in_flight(key)
+        # The holder presumably crashed (its work never committed): take the claim over, by
+        # compare-and-set on its token so that of two retries only one does.
+        if IdempotencyRecord.objects.filter(
+            pk=existing.pk, status_code=IN_FLIGHT, claim=existing.claim
+        ).update(claim=token, claimed_at=now):
+            existing.claim, existing.claimed_at = token, now
+            return existing, True
+    raise _in_flight(key)
+
+
+def _stale(claimed_at: datetime | None, now: datetime) -> bool:
+    timeout = timedelta(seconds=settings.MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS)
+    return claimed_at is None or now - claimed_at > timeout
+
+
+def _free(record: IdempotencyRecord, token: str) -> None:
+    """Give the key back after a failure, unless someone else took the claim meanwhile."""
+    IdempotencyRecord.objects.filter(pk=record.pk, status_code=IN_FLIGHT, claim=token).delete()
+
+
+class _ClaimLost(Exception):
+    """Our claim went stale and another request took it over: our work must not commit."""
 
 
 def idempotent(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Make a DRF view method honour the Idempotency-Key header (see the module docstring).
 
-    Without the header the method runs as usual. With it, the method runs inside one
-    transaction together with the key's record; a non-2xx response rolls that transaction back.
+    Without the header the method runs as usual. With it, the key is claimed in a committed
+    transaction of its own, then the method runs in one transaction that also stores its
+    response; a non-2xx response rolls that transaction back and frees the key.
     """
 
     @functools.wraps(handler)
@@ -155,19 +206,40 @@ def idempotent(handler: Callable[..., HttpResponse]) -> Callable[..., HttpRespon
         if not _KEY_RE.fullmatch(key):
             raise InvalidIdempotencyKey()
         fingerprint = request_fingerprint(request)
-        with transaction.atomic():
-            record, claimed = _claim(request.user, key, fingerprint)
-            if not claimed:
-                return _json_response(record.status_code, record.response_body, replayed=True)
-            response = handler(view, request, *args, **kwargs)
-            if not 200 <= response.status_code < 300:
-                # Only successes are remembered; the key stays free for a corrected retry.
-                transaction.set_rollback(True)
-                return response
-            body = _rendered_body(response)
-            IdempotencyRecord.objects.filter(pk=record.pk).update(
-                status_code=response.status_code, response_body=body
-            )
-            return _json_response(response.status_code, body, replayed=False)
+        token = secrets.token_hex(16)
+        record, claimed = _claim(request.user, key, fingerprint, token)
+        if not claimed:
+            return _json_response(record.status_code, record.response_body, replayed=True)
+        try:
+            with transaction.atomic():
+                response = handler(view, request, *args, **kwargs)
+                if not 200 <= response.status_code < 300:
+                    transaction.set_rollback(True)
+                else:
+                    body = _rendered_body(response)
+                    stored = IdempotencyRecord.objects.filter(
+                        pk=record.pk, status_code=IN_FLIGHT, claim=token
+                    ).update(status_code=response.status_code, response_body=body, claim="")
+                    if not stored:
+                        raise _ClaimLost()
+        except _ClaimLost:
+            raise _in_flight(key) from None
+        except BaseException:
+            _free(record, token)
+            raise
+        if not 200 <= response.status_code < 300:
+            # Only successes are remembered; the key stays free for a corrected retry.
+            _free(record, token)
+            return response
+        return _json_response(response.status_code, body, replayed=False)
 
     return wrapper
+
+
+def purge_expired_keys(now: datetime | None = None) -> int:
+    """Delete idempotency records older than MOLT_IDEMPOTENCY_KEY_TTL_SECONDS (at least 24 h);
+    returns how many. Run hourly by the purge-idempotency-keys beat task."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MOLT_IDEMPOTENCY_KEY_TTL_SECONDS)
+    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

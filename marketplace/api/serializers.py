@@ -34,6 +34,10 @@ class ListingSerializer(serializers.ModelSerializer):
     gpus_available = serializers.SerializerMethodField(
         help_text="GPUs of this listing not taken by live orders"
     )
+    reliability = serializers.SerializerMethodField(
+        help_text="the node's reliability, 0 to 100: round(100 x jobs completed / finished x "
+        "heartbeat uptime over 30 days); null until first computed (within a minute)"
+    )
 
     class Meta:
         model = Listing
@@ -51,8 +55,13 @@ class ListingSerializer(serializers.ModelSerializer):
             "simulated",
             "is_active",
             "created_at",
+            "reliability",
         ]
         read_only_fields = fields
+
+    def get_reliability(self, listing: Listing) -> int | None:
+        record = getattr(listing.node, "reliability", None)  # None: no NodeReliability row yet
+        return record.score if record is not None else None
 
     def get_gpus_available(self, listing: Listing) -> int:
         in_use = getattr(listing, "gpus_in_use", None)
@@ -112,10 +121,27 @@ class OrderCreateSerializer(serializers.Serializer):
     )
 
 
+class DisputeSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    order = serializers.IntegerField(source="order_id")
+    state = serializers.CharField(help_text="open, then resolved by an operator")
+    reason = serializers.CharField()
+    opened_at = serializers.DateTimeField()
+    resolved_at = serializers.DateTimeField(allow_null=True)
+    refund = serializers.IntegerField(allow_null=True, help_text="micro-USD back to your wallet")
+    resolution_note = serializers.CharField()
+
+
 class OrderSerializer(serializers.ModelSerializer):
     hold = serializers.IntegerField(source="hold_amount", read_only=True, help_text="micro-USD")
     charges = serializers.SerializerMethodField(
         help_text="micro-USD captured at settlement; null until the order is settled"
+    )
+    dispute = serializers.SerializerMethodField(
+        help_text="the buyer's dispute of this order, null if none"
+    )
+    dispute_window_ends_at = serializers.SerializerMethodField(
+        help_text="until when the order can be disputed; null when it was not charged"
     )
     job_address = serializers.SerializerMethodField(help_text="the buyer's tunnel address")
     provider_address = serializers.SerializerMethodField(help_text="the node's mesh address")
@@ -147,12 +173,26 @@ class OrderSerializer(serializers.ModelSerializer):
             "provider_address",
             "provider_public_key",
             "endpoint",
+            "dispute",
+            "dispute_window_ends_at",
         ]
         read_only_fields = fields
 
     def get_charges(self, order: Order) -> int | None:
         settlement = getattr(order, "settlement", None)
         return settlement.captured if settlement is not None else None
+
+    @extend_schema_field(DisputeSerializer(allow_null=True))
+    def get_dispute(self, order: Order) -> dict | None:
+        dispute = getattr(order, "dispute", None)
+        return DisputeSerializer(dispute).data if dispute is not None else None
+
+    @extend_schema_field(OpenApiTypes.DATETIME)
+    def get_dispute_window_ends_at(self, order: Order):
+        share = getattr(order, "earnings_hold", None)
+        if share is None:
+            return None
+        return serializers.DateTimeField().to_representation(share.release_after)
 
     # Tunnel details exist once provisioning allocated the job's peer.
     def get_job_address(self, order: Order) -> str | None:
@@ -171,5 +211,107 @@ class OrderSerializer(serializers.ModelSerializer):
 class WalletSerializer(serializers.Serializer):
     available = serializers.IntegerField(help_text="spendable, in `unit` of `currency`")
     held = serializers.IntegerField(help_text="in escrow for live orders")
+    earnings = serializers.IntegerField(
+        help_text="as a provider: earnings you can request to be paid out"
+    )
+    earnings_frozen = serializers.IntegerField(
+        help_text="as a provider: shares of settled orders still in their dispute window"
+    )
+    payouts_pending = serializers.IntegerField(
+        help_text="as a provider: requested payouts an operator has not decided yet"
+    )
     currency = serializers.CharField()
     unit = serializers.CharField(help_text="micro: amounts are integers of 1e-6 `currency`")
+
+
+class QuoteRequestSerializer(serializers.Serializer):
+    hours = serializers.IntegerField(min_value=1, help_text="hours booked")
+    gpu_count = serializers.IntegerField(min_value=1, help_text="GPUs of the listing")
+
+
+class QuoteSerializer(serializers.Serializer):
+    """The all-in price of an order not yet placed; `total_hold` is what the escrow would hold.
+    Amounts in micro-USD."""
+
+    listing = serializers.IntegerField()
+    hours = serializers.IntegerField()
+    gpu_count = serializers.IntegerField()
+    gpus_available = serializers.IntegerField(help_text="GPUs of the listing free right now")
+    time_charge = serializers.IntegerField(help_text="price per GPU-hour x GPUs x hours")
+    bandwidth_allowance_bytes = serializers.IntegerField()
+    bandwidth_allowance_charge = serializers.IntegerField(
+        help_text="the allowance at the listing's price per GiB; unused traffic is released"
+    )
+    fee = serializers.IntegerField(
+        help_text="platform fee, taken from what is captured (included, not added on top)"
+    )
+    total_hold = serializers.IntegerField(help_text="held on your wallet when you order")
+    currency = serializers.CharField()
+    unit = serializers.CharField()
+
+
+class RekeySerializer(serializers.Serializer):
+    wireguard_public_key = serializers.CharField(
+        trim_whitespace=False,
+        validators=[validate_wireguard_public_key],
+        help_text="base64 X25519 public key of a new key pair for this order",
+    )
+
+
+# --- money: top-ups, disputes, payouts, receipts ---------------------------------------------
+
+
+class TopUpRequestSerializer(serializers.Serializer):
+    amount = serializers.IntegerField(min_value=1, max_value=10**12, help_text="micro-USD")
+    user = serializers.CharField(
+        required=False, help_text="username to credit (operators only); default yourself"
+    )
+
+
+class TopUpSerializer(serializers.Serializer):
+    transaction = serializers.IntegerField(help_text="id of the ledger transaction")
+    user = serializers.CharField()
+    amount = serializers.IntegerField()
+    available = serializers.IntegerField(help_text="the wallet's available balance after it")
+
+
+class DisputeRequestSerializer(serializers.Serializer):
+    reason = serializers.CharField(max_length=2000, help_text="what went wrong")
+
+
+class PayoutCreateSerializer(serializers.Serializer):
+    amount = serializers.IntegerField(min_value=1, max_value=10**12, help_text="micro-USD")
+
+
+class PayoutSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    amount = serializers.IntegerField()
+    state = serializers.CharField(help_text="requested, then paid or rejected by an operator")
+    requested_at = serializers.DateTimeField()
+    decided_at = serializers.DateTimeField(allow_null=True)
+    note = serializers.CharField(help_text="the payment reference, or why it was rejected")
+
+
+class ReceiptLineSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["time", "offline_credit", "bandwidth", "hold_cap"])
+    description = serializers.CharField()
+    amount = serializers.IntegerField(help_text="micro-USD; the lines sum to `captured`")
+    seconds = serializers.IntegerField(allow_null=True)
+    gpu_count = serializers.IntegerField(allow_null=True)
+    bytes = serializers.IntegerField(allow_null=True)
+
+
+class ReceiptSerializer(serializers.Serializer):
+    order = serializers.IntegerField()
+    state = serializers.CharField()
+    hold = serializers.IntegerField(help_text="what was held when the order was placed")
+    lines = ReceiptLineSerializer(many=True)
+    captured = serializers.IntegerField(help_text="what you paid: the sum of the lines")
+    platform_fee = serializers.IntegerField(help_text="the platform's share of `captured`")
+    provider_share = serializers.IntegerField(help_text="the provider's share of `captured`")
+    released = serializers.IntegerField(help_text="back to your wallet at settlement")
+    refunded = serializers.IntegerField(help_text="back to your wallet after a dispute")
+    net_paid = serializers.IntegerField(help_text="captured less refunded")
+    settled_at = serializers.DateTimeField(allow_null=True)
+    currency = serializers.CharField()
+    unit = serializers.CharField()

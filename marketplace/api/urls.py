@@ -6,10 +6,12 @@ from marketplace.api import views
 router = SimpleRouter()
 router.register("listings", views.ListingViewSet, basename="listing")
 router.register("orders", views.OrderViewSet, basename="order")
+router.register("payouts", views.PayoutViewSet, basename="payout")
 
 urlpatterns = [
     path("auth/token/", views.ApiTokenView.as_view(), name="auth-token"),
     path("wallet/", views.WalletView.as_view(), name="wallet"),
+    path("wallet/top-ups/", views.TopUpView.as_view(), name="wallet-top-up"),
     # No trailing slash: the URL names the file it downloads.
     path(
         "orders/<int:pk>/wireguard.conf",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.contrib.auth import authenticate
+from django.contrib.auth import authenticate, get_user_model
 from django.db.models import OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpResponse
@@ -18,27 +18,38 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
+from rest_framework.generics import get_object_or_404
 from rest_framework.permissions import AllowAny
 from rest_framework.renderers import BaseRenderer, JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace import ledger, services
+from marketplace import ledger, payments, services
 from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
 from marketplace.api.serializers import (
     ApiTokenRequestSerializer,
     ApiTokenSerializer,
+    DisputeRequestSerializer,
+    DisputeSerializer,
     ListingCreateSerializer,
     ListingSerializer,
     ListingUpdateSerializer,
     OrderCreateSerializer,
     OrderSerializer,
+    PayoutCreateSerializer,
+    PayoutSerializer,
+    QuoteRequestSerializer,
+    QuoteSerializer,
+    ReceiptSerializer,
+    RekeySerializer,
+    TopUpRequestSerializer,
+    TopUpSerializer,
     WalletSerializer,
 )
-from marketplace.models import Listing, Order
+from marketplace.models import Listing, Order, PayoutRequest
 from meshnet.api.serializers import ErrorSerializer
 from meshnet.wgconfig import buyer_config
 
@@ -97,10 +108,15 @@ class ListingFilter(filters.FilterSet):
     )
     region = filters.CharFilter(field_name="region")
     min_gpus = IntegerFilter(field_name="gpu_count", lookup_expr="gte")
+    min_reliability = IntegerFilter(
+        field_name="node__reliability__score",
+        lookup_expr="gte",
+        help_text="0 to 100; listings whose node has no score yet are left out",
+    )
 
     class Meta:
         model = Listing
-        fields = ["gpu_model", "min_vram_gb", "max_price", "region", "min_gpus"]
+        fields = ["gpu_model", "min_vram_gb", "max_price", "region", "min_gpus", "min_reliability"]
 
 
 MINE_PARAMETER = OpenApiParameter(
@@ -146,7 +162,7 @@ class ListingViewSet(
             .annotate(n=Sum("gpu_count"))
             .values("n")
         )
-        return listings.select_related("node", "owner").annotate(
+        return listings.select_related("node__reliability", "owner").annotate(
             gpus_in_use=Coalesce(Subquery(in_use), 0)
         )
 
@@ -196,6 +212,48 @@ class ListingViewSet(
     def perform_destroy(self, instance: Listing) -> None:
         services.delete_listing(instance)
 
+    @extend_schema(
+        parameters=[QuoteRequestSerializer],
+        responses={
+            200: QuoteSerializer,
+            **_errors(
+                {
+                    400: "hours or gpu_count missing or out of range, naming the field",
+                    404: "no such listing on offer",
+                }
+            ),
+        },
+        summary="The all-in price of an order of this listing (nothing is held)",
+    )
+    @action(detail=True, methods=["get"], permission_classes=[AllowAny])
+    def quote(self, request: Request, pk: str | None = None) -> Response:
+        # Anyone may price an offer, signed in or not: only listings on offer are quoted.
+        listing = get_object_or_404(Listing.objects.available(), pk=pk)
+        params = QuoteRequestSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        hours, gpu_count = params.validated_data["hours"], params.validated_data["gpu_count"]
+        if hours > settings.MOLT_MAX_ORDER_HOURS:
+            raise ValidationError(
+                {"hours": [f"hours must be between 1 and {settings.MOLT_MAX_ORDER_HOURS}"]}
+            )
+        if gpu_count > listing.gpu_count:
+            raise ValidationError({"gpu_count": [f"this listing has {listing.gpu_count} GPU(s)"]})
+        q = services.quote_for(listing, gpu_count=gpu_count, hours=hours)
+        data = {
+            "listing": listing.pk,
+            "hours": hours,
+            "gpu_count": gpu_count,
+            "gpus_available": max(listing.gpu_count - Order.objects.gpus_in_use(listing.pk), 0),
+            "time_charge": q.time_charge,
+            "bandwidth_allowance_bytes": q.bandwidth_allowance_bytes,
+            "bandwidth_allowance_charge": q.bandwidth_allowance_charge,
+            "fee": q.fee,
+            "total_hold": q.total_hold,
+            "currency": settings.MOLT_CURRENCY,
+            "unit": settings.MOLT_CURRENCY_UNIT,
+        }
+        return Response(QuoteSerializer(data).data)
+
 
 # --- orders ----------------------------------------------------------------------------------
 
@@ -228,7 +286,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
 
     def get_queryset(self):
         return Order.objects.for_buyer(self.request.user).select_related(
-            "listing__node", "job_peer", "settlement"
+            "listing__node", "job_peer", "settlement", "dispute", "earnings_hold"
         )
 
     def get_renderers(self):
@@ -292,6 +350,70 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         return Response(self.get_serializer(self._fresh(order)).data)
 
     @extend_schema(
+        request=RekeySerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            200: OrderSerializer,
+            **_errors(
+                {
+                    400: "invalid key, or a key live on another order",
+                    404: "no such order of yours",
+                    409: "the order is stopping or ended",
+                    422: "Idempotency-Key reused with a different request",
+                }
+            ),
+        },
+        summary="Replace the order's WireGuard public key (its private key was lost)",
+    )
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def rekey(self, request: Request, pk: str | None = None) -> Response:
+        form = RekeySerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        order = services.rekey_order(self.get_object(), form.validated_data["wireguard_public_key"])
+        return Response(self.get_serializer(self._fresh(order)).data)
+
+    @extend_schema(
+        request=DisputeRequestSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            201: DisputeSerializer,
+            **_errors(
+                {
+                    400: "no reason given",
+                    404: "no such order of yours",
+                    409: "not disputable: not settled, nothing charged, already disputed, or "
+                    "the dispute window closed",
+                    422: "Idempotency-Key reused with a different request",
+                }
+            ),
+        },
+        summary="Dispute a settled order within the dispute window; an operator resolves it",
+    )
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def dispute(self, request: Request, pk: str | None = None) -> Response:
+        form = DisputeRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        dispute = payments.open_dispute(
+            self.get_object(), request.user, form.validated_data["reason"]
+        )
+        return Response(DisputeSerializer(dispute).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        responses={
+            200: ReceiptSerializer,
+            **_errors({404: "no such order of yours", 409: "the order has not ended yet"}),
+        },
+        summary="The itemised receipt of an ended order; its lines sum to what was captured",
+    )
+    @action(detail=True, methods=["get"])
+    def receipt(self, request: Request, pk: str | None = None) -> Response:
+        data = payments.receipt_for(self.get_object())
+        data.update(currency=settings.MOLT_CURRENCY, unit=settings.MOLT_CURRENCY_UNIT)
+        return Response(ReceiptSerializer(data).data)
+
+    @extend_schema(
         operation_id="orders_wireguard_conf",
         responses={
             (200, "text/plain"): OpenApiResponse(
@@ -338,7 +460,94 @@ class WalletView(APIView):
         data = {
             "available": ledger.available_for(request.user),
             "held": ledger.held_for(request.user),
+            "earnings": ledger.earnings_for(request.user),
+            "earnings_frozen": ledger.frozen_for(request.user),
+            "payouts_pending": ledger.payouts_pending_for(request.user),
             "currency": settings.MOLT_CURRENCY,
             "unit": settings.MOLT_CURRENCY_UNIT,
         }
         return Response(WalletSerializer(data).data)
+
+
+class TopUpView(APIView):
+    """Credits enter the ledger by an operator's action (design/money.md): staff may top up
+    any user's wallet. Where MOLT_ALLOW_SELF_TOP_UP is true (the default with DEBUG, for demos
+    only) any signed-in user may also top up their own wallet; in production that is off and
+    the endpoint is operator-only."""
+
+    @extend_schema(
+        request=TopUpRequestSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            201: TopUpSerializer,
+            **_errors(
+                {
+                    400: "bad amount, or unknown user",
+                    403: "not an operator (and self top-ups are off, or another user's wallet)",
+                    422: "Idempotency-Key reused with a different body",
+                }
+            ),
+        },
+        summary="Top up a wallet (operators; yourself where self top-ups are enabled)",
+    )
+    @idempotent
+    def post(self, request: Request) -> Response:
+        form = TopUpRequestSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        username = form.validated_data.get("user")
+        target = request.user
+        if request.user.is_staff:
+            if username:
+                target = get_user_model().objects.filter(username=username).first()
+                if target is None:
+                    raise ValidationError({"user": [f"unknown user {username!r}"]})
+        elif not settings.MOLT_ALLOW_SELF_TOP_UP:
+            raise PermissionDenied("top-ups are an operator action: ask an operator for credits")
+        elif username and username != request.user.get_username():
+            raise PermissionDenied("only operators can top up another user's wallet")
+        amount = form.validated_data["amount"]
+        txn = payments.top_up(target, amount, by=request.user)
+        data = {
+            "transaction": txn.pk,
+            "user": target.get_username(),
+            "amount": amount,
+            "available": ledger.available_for(target),
+        }
+        return Response(TopUpSerializer(data).data, status=status.HTTP_201_CREATED)
+
+
+# --- payouts ---------------------------------------------------------------------------------
+
+
+class PayoutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """A provider's payout requests; another user's is a 404."""
+
+    queryset = PayoutRequest.objects.none()  # for the schema generator; see get_queryset
+    serializer_class = PayoutSerializer
+    ordering_fields = ["requested_at", "id"]
+
+    def get_queryset(self):
+        return PayoutRequest.objects.filter(provider=self.request.user)
+
+    @extend_schema(
+        request=PayoutCreateSerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            201: PayoutSerializer,
+            **_errors(
+                {
+                    400: "bad amount",
+                    402: "more than your earnings (shares in their dispute window are not "
+                    "earnings yet)",
+                    422: "Idempotency-Key reused with a different body",
+                }
+            ),
+        },
+        summary="Ask for earnings to be paid out; they are set aside until an operator pays",
+    )
+    @idempotent
+    def create(self, request: Request) -> Response:
+        form = PayoutCreateSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        payout = payments.request_payout(request.user, form.validated_data["amount"])
+        return Response(PayoutSerializer(payout).data, status=status.HTTP_201_CREATED)

@@ -5,6 +5,11 @@ One loop per gateway connection: challenge-response auth, then three things at o
   reconciled peer by peer (reconcile.plan, then apply), acknowledged with per-peer results;
 - heartbeats (and the GPU inventory now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
+The agent plans against its own view of the interface's peers (the last full read, updated by
+each change it applies), not a fresh read of the whole device per change, which cost most of a
+change at a thousand peers. The view is replaced by a full read on every (re)connect, after any
+change the device refused, and at every metering sample; a sample that finds the device drifted
+from the last applied desired state (someone ran `wg set` by hand) restores that state.
 A lost connection is retried with exponential backoff and jitter; on reconnect the gateway
 sends the full state again, so nothing depends on a message that was lost. SIGTERM stops the
 daemon and leaves the interface and its peers as the last desired state said, so an agent
@@ -28,11 +33,12 @@ from typing import Any
 import websockets
 
 from . import protocol, reconcile
+from .cidr import sorted_networks
 from .firewall import Firewall
 from .gpu import GpuReader
 from .keys import Identity
 from .state import AgentStatus, Enrollment, StateDir, write_private_atomically
-from .wireguard import PeerStatus, WireGuardBackend
+from .wireguard import PeerStatus, WireGuardBackend, WireGuardError
 
 log = logging.getLogger("clawnode")
 
@@ -79,10 +85,15 @@ class Agent:
         self.applied_revision = previous.revision if previous is not None else -1
         self.boot_id = protocol.new_nonce()
         self.seq = 0
-        self.epochs: dict[str, int] = self._load_epochs()
+        self.epochs, self.next_epoch = self._load_epochs()
         self.since = int(time.time())
         self._welcomed = False
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
+        # The interface's peers as the agent believes them to be; None: read the device first.
+        self._view: dict[str, PeerStatus] | None = None
+        self._desired: protocol.DesiredState | None = None  # the last one applied
+        self._drift_reported = ""
+        self._epochs_unsaved = False
 
     # -- local state -------------------------------------------------------------------------
 
@@ -90,20 +101,34 @@ class Agent:
     def _epochs_path(self) -> Path:
         return self.state.path / EPOCHS_FILE
 
-    def _load_epochs(self) -> dict[str, int]:
+    def _load_epochs(self) -> tuple[dict[str, int], int]:
+        """(epoch of each peer, the next epoch to hand out).
+
+        Epochs come from one counter that only grows and is saved with them, so a key whose
+        entry was pruned (removed peer) and is added again later gets a higher epoch than any it
+        had: the gateway takes a lower epoch for a late sample and would count nothing.
+        """
         try:
             data = json.loads(self._epochs_path.read_text())
         except FileNotFoundError:
-            return {}
+            return {}, 1
         except ValueError:
             # A corrupt file must not double-bill: bumping every epoch makes the gateway count
             # from zero only if the counters really restarted, which it also detects itself.
-            return {}
-        return {str(k): int(v) for k, v in data.items()}
+            return {}, 1
+        if isinstance(data, dict) and "next_epoch" in data:
+            epochs = {str(k): int(v) for k, v in data.get("peers", {}).items()}
+            following = int(data["next_epoch"])
+        else:  # the first format: {key: epoch}, never pruned
+            epochs = {str(k): int(v) for k, v in data.items()}
+            following = 1
+        return epochs, max(following, max(epochs.values(), default=0) + 1)
 
     def _save_epochs(self) -> None:
+        self._epochs_unsaved = False
+        data = {"next_epoch": self.next_epoch, "peers": self.epochs}
         write_private_atomically(
-            self._epochs_path, (json.dumps(self.epochs, sort_keys=True) + "\n").encode()
+            self._epochs_path, (json.dumps(data, sort_keys=True) + "\n").encode()
         )
 
     def _status(self, state: str, detail: str = "") -> None:
@@ -134,7 +159,8 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set; raises Revoked when the gateway refuses this node."""
-        # Off the event loop: pyroute2's synchronous IPRoute runs an asyncio loop of its own.
+        # Off the event loop: pyroute2's synchronous IPRoute (the kernel backend) runs an asyncio
+        # loop of its own, and the userspace backend waits for a child process.
         await asyncio.to_thread(self.bring_up)
         backoff = self.timing.backoff_initial
         while not stop.is_set():
@@ -147,9 +173,18 @@ class Agent:
             except Revoked:
                 self._status("refused", "the gateway does not know this node: run clawnode join")
                 raise
+            except WireGuardError as exc:
+                # The device failed under us (wireguard-go died, the interface was deleted by
+                # hand): bring it up again, then reconnect; the gateway resends the full state.
+                self.say(f"WireGuard device error ({exc}); bringing {self.enrollment.interface} up")
+                self._status("disconnected", f"WireGuardError: {exc}")
+                try:
+                    await asyncio.to_thread(self.bring_up)
+                except WireGuardError as again:
+                    self.say(f"could not bring the interface up: {again}")
             except (OSError, TimeoutError, websockets.WebSocketException) as exc:
                 detail = f"{type(exc).__name__}: {exc}"
-                self.say(f"gateway connection lost ({detail}); retrying in {backoff:.1f}s")
+                self.say(f"gateway connection lost ({detail}); retrying")
                 self._status("disconnected", detail)
             if stop.is_set():
                 break
@@ -167,6 +202,10 @@ class Agent:
         await ws.send(json.dumps(frame))
 
     async def _session(self, ws: Any, stop: asyncio.Event) -> None:
+        # Whatever happened while disconnected (or before a restart), start from the device and
+        # from the desired state the gateway sends on connecting.
+        self._view = None
+        self._desired = None
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
@@ -236,7 +275,8 @@ class Agent:
             body = protocol.open_envelope(
                 envelope, self.enrollment.gateway_key, protocol.DESIRED_STATE
             )
-            desired = protocol.DesiredState.from_dict(body)
+            # Peers unchanged since the last state applied are not checked again.
+            desired = protocol.DesiredState.from_dict(body, known=self._desired)
             if desired.node_id != self.identity.node_id:
                 raise protocol.ProtocolError("desired state is for another node")
         except (protocol.BadSignature, protocol.ProtocolError) as exc:
@@ -247,38 +287,32 @@ class Agent:
         if desired.revision < self.applied_revision:
             return  # an older state that arrived late; the newer one is already applied
         async with self._lock:
-            actual = await asyncio.to_thread(self.backend.list_peers)
-            actions = reconcile.plan(desired, actual)
-            if any(isinstance(a, reconcile.Remove) for a in actions):
-                # Bill every byte: the last counters of peers about to go are sent first.
-                await self._send_sample(ws, actual)
-            results = await asyncio.to_thread(reconcile.apply, self.backend, actions)
-            added = [
-                a.public_key
-                for a in actions
-                if isinstance(a, reconcile.Add) and results.get(a.public_key) == reconcile.OK
-            ]
-            if added:
-                # A peer (re-)added starts its counters at zero: a new epoch says so.
-                for key in added:
-                    self.epochs[key] = self.epochs.get(key, 0) + 1
-                self._save_epochs()
+            if self._view is None:
+                self._view = await asyncio.to_thread(self.backend.list_peers)
+            actions = reconcile.plan(desired, self._view)
+            removed = [a.public_key for a in actions if isinstance(a, reconcile.Remove)]
+            if removed:
+                # Bill every byte: the last counters of the peers about to go are sent first
+                # (theirs only: the others are in the periodic samples).
+                last = await asyncio.to_thread(self.backend.read_peers, removed)
+                if last:
+                    await self._send_sample(ws, last)
+            results = await self._apply(desired, actions)
             self.applied_revision = desired.revision
         ack = protocol.Ack(
             node_id=self.identity.node_id,
             revision=desired.revision,
-            # Every peer of the desired state, and every peer removed for it: a removal that
-            # failed must not be taken for done (the gateway would settle a live tunnel).
+            # The peers this revision changed, failures included: a peer left out is one the
+            # interface already had as desired (the gateway counts every peer not reported
+            # failed as applied), and a removal that failed must not be taken for done (the
+            # gateway would settle a live tunnel).
             results=tuple(
                 protocol.PeerResult(
                     public_key=key,
-                    ok=results.get(key, reconcile.OK) == reconcile.OK,
-                    detail=results.get(key, reconcile.OK)[:500],
+                    ok=results[key] == reconcile.OK,
+                    detail=results[key][:500],
                 )
-                for key in sorted(
-                    {peer.public_key for peer in desired.peers}
-                    | {a.public_key for a in actions if isinstance(a, reconcile.Remove)}
-                )
+                for key in sorted(results)
             ),
             timestamp=int(time.time()),
         ).to_dict()
@@ -289,6 +323,78 @@ class Agent:
         changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
         self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
         self._status("connected")
+
+    async def _apply(
+        self, desired: protocol.DesiredState, actions: list[reconcile.Action]
+    ) -> dict[str, str]:
+        """Apply `actions` (planned for `desired` against the view); keep the view, the epochs
+        and the last applied state in step. Call with the lock held."""
+        try:
+            results = (
+                await asyncio.to_thread(reconcile.apply, self.backend, actions) if actions else {}
+            )
+        except BaseException:
+            self._view = None  # the device may be anywhere between before and after
+            raise
+        self._desired = desired
+        added = [
+            a.public_key
+            for a in actions
+            if isinstance(a, reconcile.Add) and results.get(a.public_key) == reconcile.OK
+        ]
+        # A peer (re-)added starts its counters at zero: a new epoch says so.
+        for key in added:
+            self.epochs[key] = self.next_epoch
+            self.next_epoch += 1
+        self._update_view(actions, results)
+        if self._prune_epochs(desired):
+            # Forgetting need not be durable at once (a forgotten epoch is never handed out
+            # again either way): it is saved with the next addition or sample.
+            self._epochs_unsaved = True
+        if added:
+            # Before any sample carries the new epochs: a restart must not hand them out again.
+            self._save_epochs()
+        return results
+
+    def _update_view(self, actions: list[reconcile.Action], results: dict[str, str]) -> None:
+        """What the interface holds after `actions` did what `results` say. A refused change
+        leaves that peer in an unknown state: the next reconcile reads the device again."""
+        view = self._view
+        if view is None:
+            return
+        for action in actions:
+            key = action.public_key
+            if results.get(key) != reconcile.OK:
+                self._view = None
+                return
+            if isinstance(action, reconcile.Remove):
+                view.pop(key, None)
+                continue
+            previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
+            view[key] = PeerStatus(
+                public_key=key,
+                allowed_ips=sorted_networks(action.allowed_ips),
+                endpoint=action.endpoint or previous.endpoint,
+                rx_bytes=previous.rx_bytes,
+                tx_bytes=previous.tx_bytes,
+                last_handshake=previous.last_handshake,
+                persistent_keepalive=action.keepalive,
+            )
+
+    def _prune_epochs(self, desired: protocol.DesiredState) -> bool:
+        """Forget the epochs of peers that are neither desired nor on the interface (only when
+        the view is known: a peer whose removal failed is still there and keeps its epoch).
+        True when something was forgotten."""
+        view = self._view
+        if view is None:
+            return False
+        gone = [key for key in self.epochs if key not in view]
+        if gone:
+            wanted = {peer.public_key for peer in desired.peers}
+            gone = [key for key in gone if key not in wanted]
+        for key in gone:
+            del self.epochs[key]
+        return bool(gone)
 
     # -- heartbeats, inventory, metering ---------------------------------------------------------
 
@@ -352,6 +458,41 @@ class Agent:
             async with self._lock:
                 peers = await asyncio.to_thread(self.backend.list_peers)
                 await self._send_sample(ws, peers)
+                # The device as it is now: a change made behind the agent's back shows here.
+                self._view = dict(peers)
+                await self._restore_drift(ws)
+                if self._epochs_unsaved:
+                    self._save_epochs()
+
+    async def _restore_drift(self, ws: Any) -> None:
+        """Put back what the last applied desired state says, if the interface drifted from it
+        (a peer removed or changed by hand). Call with the lock held, the view just read.
+
+        An endpoint that differs and nothing else is left alone: WireGuard updates a peer's
+        endpoint when the peer roams, and setting it back every sample would fight that; the
+        next desired state sets it, as before. The counters of a peer removed here were in
+        the sample just sent."""
+        desired, view = self._desired, self._view
+        if desired is None or view is None:
+            return
+        actions = [
+            a
+            for a in reconcile.plan(desired, view)
+            if not (isinstance(a, reconcile.Update) and a.changed == ("endpoint",))
+        ]
+        if not actions:
+            self._drift_reported = ""
+            return
+        results = await self._apply(desired, actions)
+        failed = sorted(key for key, result in results.items() if result != reconcile.OK)
+        what = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
+        note = f"the interface had drifted from revision {desired.revision}; restored ({what})"
+        if failed:
+            note += f"; {len(failed)} refused: {results[failed[0]][:200]}"
+        self.say(note)
+        if note != self._drift_reported:  # once, not every sample while a peer stays refused
+            self._drift_reported = note
+            await self._send(ws, {"type": "report", "detail": note[:500]})
 
 
 def run_daemon(
@@ -363,7 +504,7 @@ def run_daemon(
 
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, SimulatedGpuReader
-    from .wireguard import choose_backend
+    from .wireguard import choose_backend, kernel_wireguard_available_in_child
 
     state = StateDir(state_dir)
     enrollment = state.load_enrollment()
@@ -371,7 +512,11 @@ def run_daemon(
     if enrollment is None or identity is None:
         say(f"not enrolled ({state.path}): run `clawnode join --gateway URL --token TOKEN` first")
         return 1
-    backend_class, why = choose_backend(backend or enrollment.backend)
+    # `auto` asks a child process whether the kernel has WireGuard: asking here would import
+    # pyroute2 (8 MB for good) into an agent that may well end up on wireguard-go.
+    backend_class, why = choose_backend(
+        backend or enrollment.backend, kernel_probe=kernel_wireguard_available_in_child
+    )
     say(f"backend: {why}")
     reader: GpuReader = (
         # Seeded by the node id: the same simulated UUIDs as `join` reported.

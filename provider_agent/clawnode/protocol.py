@@ -28,6 +28,7 @@ from typing import Any, Literal
 import nacl.exceptions
 import nacl.signing
 
+from .cidr import ipv4_network_key
 from .keys import (
     Identity,
     InvalidKey,
@@ -136,6 +137,55 @@ def _check_json_value(value: object, path: str, depth: int) -> None:
     raise ProtocolError(f"{path} has unsupported type {type(value).__name__}", path)
 
 
+def _plainly_canonical(value: object, depth: int) -> bool:
+    """True when ``value`` certainly passes _check_json_value, found without building the paths
+    its error messages name (a desired state has thousands of values; making a path string per
+    value was most of the cost of checking a valid one).
+
+    False means "not sure": anything invalid, but also subclasses, other Mappings and tuples,
+    which _check_json_value then judges (and names, when it refuses). Strings are not looked at:
+    canonical_bytes finds a lone surrogate when it encodes the whole text.
+    """
+    if depth > _MAX_DEPTH:
+        return False
+    kind = type(value)
+    if kind is dict:
+        if depth == _MAX_DEPTH and value:
+            return False  # its items would be nested too deep
+        for key, item in value.items():  # type: ignore[attr-defined]
+            if type(key) is not str:
+                return False
+            item_kind = type(item)
+            if item_kind is str or item is None or item_kind is bool:
+                continue
+            if item_kind is int:
+                if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+                    return False
+                continue
+            if not _plainly_canonical(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        if depth == _MAX_DEPTH and value:
+            return False
+        for item in value:  # type: ignore[attr-defined]
+            item_kind = type(item)
+            if item_kind is str or item is None or item_kind is bool:
+                continue
+            if item_kind is int:
+                if not -MAX_SAFE_INT <= item <= MAX_SAFE_INT:
+                    return False
+                continue
+            if not _plainly_canonical(item, depth + 1):
+                return False
+        return True
+    if kind is str or value is None or kind is bool:
+        return True
+    if kind is int:
+        return -MAX_SAFE_INT <= value <= MAX_SAFE_INT  # type: ignore[operator]
+    return False
+
+
 def _check_text(text: str, path: str) -> None:
     # A lone surrogate cannot be encoded as UTF-8; catch it here with a useful path.
     try:
@@ -154,11 +204,18 @@ def canonical_bytes(kind: str, body: Mapping[str, Any]) -> bytes:
         raise ProtocolError(f"unknown message kind {_short(kind)}")
     if not isinstance(body, Mapping):
         raise ProtocolError(f"body must be a JSON object, got {type(body).__name__}")
-    _check_json_value(body, "body", 0)
+    if not _plainly_canonical(body, 0):
+        _check_json_value(body, "body", 0)
     text = json.dumps(
         body, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
     )
-    return kind.encode("ascii") + b"\n" + text.encode("utf-8")
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate in a string or key: the full check finds it and names its path.
+        _check_json_value(body, "body", 0)
+        raise ProtocolError("body is not valid Unicode (lone surrogate)") from None
+    return kind.encode("ascii") + b"\n" + encoded
 
 
 def sign(identity_or_signing_seed: Identity | bytes, kind: str, body: Mapping[str, Any]) -> str:
@@ -267,6 +324,7 @@ _NONCE_RE = re.compile(r"[A-Za-z0-9_-]{22,64}")  # at least 128 bits, as new_non
 _NODE_ID_RE = re.compile(r"nd_[0-9a-f]{32}")  # keys.node_id_for
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME_RE = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
 
 PEER_KINDS = ("job", "mesh")
 
@@ -292,7 +350,7 @@ def _str(value: object, name: str, *, max_len: int, empty: bool = False) -> str:
     if len(value) > max_len:
         raise ProtocolError(f"{name} is longer than {max_len} characters", name)
     # Control characters have no business in these fields and would corrupt logs and configs.
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL_RE.search(value):
         raise ProtocolError(f"{name} contains control characters", name)
     return value
 
@@ -359,18 +417,40 @@ def _checked_fields(cls: type[Any], data: object) -> dict[str, Any]:
     """Check ``data`` is an object with exactly the dataclass's fields (defaults optional)."""
     if not isinstance(data, Mapping):
         raise ProtocolError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
-    fields = dataclasses.fields(cls)
-    names = {f.name for f in fields}
+    names, required = _field_names(cls)
     # The kind string carries the version, so a new field means a new version: an unknown field
     # is a bug or a forgery, not something to drop silently.
-    for key in data:
-        if key not in names:
-            raise ProtocolError(f"{_short(key)} is not a field of {cls.__name__}", str(key)[:64])
-    for f in fields:
-        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        if no_default and f.name not in data:
-            raise ProtocolError(f"{f.name} is required", f.name)
+    if not names.issuperset(data):
+        for key in data:
+            if key not in names:
+                raise ProtocolError(
+                    f"{_short(key)} is not a field of {cls.__name__}", str(key)[:64]
+                )
+    for name in required:
+        if name not in data:
+            raise ProtocolError(f"{name} is required", name)
     return dict(data)
+
+
+_FIELD_NAMES: dict[type[Any], tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _field_names(cls: type[Any]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """(every field name, the required ones in declaration order) of a message dataclass,
+    worked out once per class: a desired state parses a thousand PeerSpecs."""
+    cached = _FIELD_NAMES.get(cls)
+    if cached is None:
+        fields = dataclasses.fields(cls)
+        cached = (
+            frozenset(f.name for f in fields),
+            tuple(
+                f.name
+                for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            ),
+        )
+        _FIELD_NAMES[cls] = cached
+    return cached
 
 
 def _nested(exc: ProtocolError, prefix: str) -> ProtocolError:
@@ -494,6 +574,8 @@ class PeerSpec:
         if not allowed:
             raise ProtocolError("allowed_ips must not be empty", "allowed_ips")
         for i, text in enumerate(allowed):
+            if type(text) is str and ipv4_network_key(text) is not None:
+                continue  # canonical IPv4 (what ip_network and the spelling check below accept)
             name = f"allowed_ips[{i}]"
             _str(text, name, max_len=43)
             try:
@@ -520,6 +602,40 @@ class PeerSpec:
         out = dataclasses.asdict(self)
         out["allowed_ips"] = list(self.allowed_ips)
         return out
+
+    def written_as(self, data: object) -> bool:
+        """Whether ``data`` is exactly this peer as JSON carries it: a dict of all six fields,
+        each of the JSON type (str, list of str, int) and equal to this peer's value.
+
+        from_dict of such data gives a PeerSpec equal to this one (checking is a function of
+        those values alone), so a parser that already checked this one may take it instead:
+        DesiredState.from_dict(..., known=) with the previous state, where most peers are
+        unchanged from one revision to the next.
+        """
+        if type(data) is not dict or len(data) != 6:
+            return False
+        try:
+            public_key, allowed = data["public_key"], data["allowed_ips"]
+            kind, ref, endpoint = data["kind"], data["ref"], data["endpoint"]
+            keepalive = data["persistent_keepalive"]
+        except KeyError:
+            return False
+        return (
+            type(public_key) is str
+            and public_key == self.public_key
+            and type(allowed) is list
+            and len(allowed) == len(self.allowed_ips)
+            and all(type(text) is str for text in allowed)
+            and tuple(allowed) == self.allowed_ips
+            and type(kind) is str
+            and kind == self.kind
+            and type(ref) is str
+            and ref == self.ref
+            and type(endpoint) is str
+            and endpoint == self.endpoint
+            and type(keepalive) is int
+            and keepalive == self.persistent_keepalive
+        )
 
 
 @dataclass(frozen=True)
@@ -564,9 +680,18 @@ class DesiredState:
         _int(self.issued_at, "issued_at")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DesiredState:
+    def from_dict(
+        cls, data: Mapping[str, Any], *, known: DesiredState | None = None
+    ) -> DesiredState:
+        """Parse and check ``data``. ``known``: an earlier state already checked (the agent's
+        last one); a peer written exactly as one of its peers (PeerSpec.written_as) is taken
+        from it instead of being checked again. What is accepted or refused is the same."""
         fields = _checked_fields(cls, data)
-        fields["peers"] = _items(PeerSpec, _tuple(fields["peers"], "peers", 65535), "peers")
+        items = _tuple(fields["peers"], "peers", 65535)
+        if known is not None and known.peers:
+            previous = {peer.public_key: peer for peer in known.peers}
+            items = tuple(_known_peer(item, previous) for item in items)
+        fields["peers"] = _items(PeerSpec, items, "peers")
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -576,6 +701,17 @@ class DesiredState:
             "peers": [peer.to_dict() for peer in self.peers],
             "issued_at": self.issued_at,
         }
+
+
+def _known_peer(item: object, previous: Mapping[str, PeerSpec]) -> object:
+    """The checked PeerSpec ``item`` is written as, else ``item`` itself (to be checked)."""
+    if type(item) is dict:
+        key = item.get("public_key")
+        if type(key) is str:
+            spec = previous.get(key)
+            if spec is not None and spec.written_as(item):
+                return spec
+    return item
 
 
 # -- the agent channel (websocket /ws/agent/) ---------------------------------------------------

@@ -9,8 +9,10 @@
   (>= 0.9.3): one peer per set call, every part of a multi-part dump read and merged.
 - ``FakeBackend``: in memory, for tests of the daemon without WireGuard.
 
-Addresses and links go through pyroute2's IPRoute for both real backends. ``choose_backend``
-implements ``--backend auto|kernel|userspace`` and says why it chose what it chose.
+Addresses and links go through pyroute2's IPRoute for both real backends (clawnode.links); the
+userspace backend does it in a short-lived child process, so the long-lived agent never imports
+pyroute2. ``choose_backend`` implements ``--backend auto|kernel|userspace`` and says why it chose
+what it chose.
 
 Peers are changed one at a time (``set_peer`` is an upsert of one peer, ``remove_peer`` removes
 one): never replace-all, which would reset every peer's counters and drop live sessions.
@@ -31,11 +33,13 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import links
+from .cidr import sorted_networks as _sorted_networks
 from .keys import (
     InvalidKey,
     encode_key,
@@ -43,6 +47,7 @@ from .keys import (
     parse_wireguard_public_key,
     wireguard_public_key,
 )
+from .links import WireGuardError, check_address, kernel_wireguard_available
 from .protocol import parse_endpoint
 
 __all__ = [
@@ -58,19 +63,12 @@ __all__ = [
     "kernel_wireguard_available",
     "key_to_hex",
     "parse_uapi_get",
+    "parse_uapi_peers",
     "peers_from_netlink_dump",
 ]
 
 UAPI_SOCKET_DIR = Path("/var/run/wireguard")
 MAX_KEEPALIVE = 65535
-
-
-class WireGuardError(Exception):
-    """A WireGuard operation failed. ``errno`` is the positive errno when one is known, else 0."""
-
-    def __init__(self, message: str, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
 
 
 @dataclass(frozen=True)
@@ -107,6 +105,12 @@ class WireGuardBackend(Protocol):
     def interface_exists(self) -> bool: ...
 
     def list_peers(self) -> dict[str, PeerStatus]: ...
+
+    def read_peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        """The current status of these peers only (those the interface lacks are left out).
+        Still one read of the whole device, but only these peers are parsed: the agent reads
+        the last counters of peers it is about to remove."""
+        ...
 
     def set_peer(
         self,
@@ -172,15 +176,6 @@ def _check_keepalive(keepalive: int) -> int:
     return keepalive
 
 
-def _check_address(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    if "/" not in address:
-        raise WireGuardError(f"interface address {address!r} must be in CIDR form (a.b.c.d/n)")
-    try:
-        return ipaddress.ip_interface(address)
-    except ValueError:
-        raise WireGuardError(f"interface address {address!r} is not valid") from None
-
-
 def resolve_endpoint(endpoint: str) -> tuple[str, int]:
     """``host:port`` -> (IP literal, port). Neither UAPI nor netlink take host names, so names
     are resolved here (as ``wg`` does), preferring IPv4."""
@@ -204,87 +199,17 @@ def _format_endpoint(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _sorted_networks(networks: Iterable[str]) -> tuple[str, ...]:
-    parsed = {ipaddress.ip_network(n, strict=False) for n in networks}
-    return tuple(str(n) for n in sorted(parsed, key=lambda n: (n.version, n)))
+# -- addresses and links (IPRoute through clawnode.links, shared by both real backends) ----------
 
 
-# -- addresses and links (IPRoute, shared by both real backends) ----------------------------------
-
-
-def _pyroute2() -> tuple[Any, Any, type[Exception]]:
-    """pyroute2's IPRoute, WireGuard and NetlinkError, imported on first use: importing pyroute2
-    takes a quarter of a second, which `clawnode join` and the pure helpers do not need."""
-    from pyroute2 import IPRoute, WireGuard  # type: ignore[import-untyped]
-    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
-
-    return IPRoute, WireGuard, NetlinkError
-
-
-def _netlink_error(exc: Exception, what: str) -> WireGuardError:
-    code = getattr(exc, "code", 0) or 0
-    text = os.strerror(code) if code else str(exc)
-    return WireGuardError(f"{what}: {text}", code)
-
-
-def _link_index(ipr: Any, name: str) -> int | None:
-    found = ipr.link_lookup(ifname=name)
-    return int(found[0]) if found else None
-
-
-def _configure_link(name: str, address: str) -> None:
-    """Give ``name`` exactly one address of ``address``'s family (this one) and bring it up.
-
-    The interface is the agent's: an address left from an earlier enrolment is removed, so the
-    node never answers on a mesh address it no longer owns.
-    """
-    IPRoute, _, NetlinkError = _pyroute2()
-    wanted = _check_address(address)
-    family = socket.AF_INET if wanted.version == 4 else socket.AF_INET6
+def kernel_wireguard_available_in_child() -> tuple[bool, str]:
+    """kernel_wireguard_available, asked in a child process so this one does not import
+    pyroute2 (for `clawnode run --backend auto`, which may end up on wireguard-go)."""
     try:
-        with IPRoute() as ipr:
-            index = _link_index(ipr, name)
-            if index is None:
-                raise WireGuardError(f"interface {name} does not exist", errno_mod.ENODEV)
-            present = False
-            for entry in ipr.get_addr(index=index, family=family):
-                ip = entry.get_attr("IFA_ADDRESS")
-                prefixlen = entry["prefixlen"]
-                if ip == str(wanted.ip) and prefixlen == wanted.network.prefixlen:
-                    present = True
-                elif wanted.version == 6 and ipaddress.ip_address(ip).is_link_local:
-                    continue  # the kernel's own fe80:: address
-                else:
-                    ipr.addr("del", index=index, address=ip, prefixlen=prefixlen)
-            if not present:
-                ipr.addr(
-                    "add", index=index, address=str(wanted.ip), prefixlen=wanted.network.prefixlen
-                )
-            ipr.link("set", index=index, state="up")
-    except NetlinkError as exc:
-        raise _netlink_error(exc, f"configuring interface {name} with {address}") from None
-
-
-def _link_exists(name: str) -> bool:
-    IPRoute, _, _ = _pyroute2()
-    with IPRoute() as ipr:
-        return _link_index(ipr, name) is not None
-
-
-def _delete_link(name: str) -> bool:
-    """Delete the link if it exists; True if it existed."""
-    IPRoute, _, NetlinkError = _pyroute2()
-    try:
-        with IPRoute() as ipr:
-            index = _link_index(ipr, name)
-            if index is None:
-                return False
-            ipr.link("del", index=index)
-            return True
-    except NetlinkError as exc:
-        if getattr(exc, "code", 0) == errno_mod.ENODEV:
-            return False
-        raise _netlink_error(exc, f"deleting interface {name}") from None
+        available, why = links.in_child("probe-kernel")
+    except WireGuardError as exc:
+        return False, f"cannot probe the kernel for WireGuard: {exc}"
+    return bool(available), str(why)
 
 
 def _same_private_key(a: bytes, b: bytes) -> bool:
@@ -320,48 +245,67 @@ def _uapi_error(code: int) -> str:
     return f"errno {code}" + (f" ({name}: {os.strerror(code)})" if name else "")
 
 
+# The peer fields of a get=1 reply the agent keeps, and the PeerStatus field each fills.
+_UAPI_PEER_INTS = {
+    "rx_bytes": "rx_bytes",
+    "tx_bytes": "tx_bytes",
+    "last_handshake_time_sec": "last_handshake",
+    "persistent_keepalive_interval": "persistent_keepalive",
+}
+
+
 def parse_uapi_get(text: str) -> tuple[dict[str, str], dict[str, PeerStatus]]:
     """Parse a ``get=1`` reply (without its ``errno=`` line) into device fields and peers."""
     device: dict[str, str] = {}
     peers: dict[str, PeerStatus] = {}
-    current: dict[str, Any] | None = None
-
-    def finish() -> None:
-        if current is not None:
-            peers[current["public_key"]] = PeerStatus(
-                public_key=current["public_key"],
-                allowed_ips=_sorted_networks(current["allowed_ips"]),
-                endpoint=current.get("endpoint", ""),
-                rx_bytes=current.get("rx_bytes", 0),
-                tx_bytes=current.get("tx_bytes", 0),
-                last_handshake=current.get("last_handshake", 0),
-                persistent_keepalive=current.get("persistent_keepalive", 0),
-            )
-
-    for line in text.splitlines():
+    key = ""
+    allowed: list[str] = []
+    fields: dict[str, Any] = {}
+    ints = _UAPI_PEER_INTS
+    for line in text.split("\n"):
         if not line:
             continue
-        key, sep, value = line.partition("=")
+        name, sep, value = line.partition("=")
         if not sep:
             raise WireGuardError(f"unexpected UAPI line {line[:80]!r}")
-        if key == "public_key":
-            finish()
-            current = {"public_key": hex_to_key(value), "allowed_ips": []}
-        elif current is None:
-            device[key] = value
-        elif key == "allowed_ip":
-            current["allowed_ips"].append(value)
-        elif key == "endpoint":
-            current["endpoint"] = value
-        elif key in ("rx_bytes", "tx_bytes"):
-            current[key] = int(value)
-        elif key == "last_handshake_time_sec":
-            current["last_handshake"] = int(value)
-        elif key == "persistent_keepalive_interval":
-            current["persistent_keepalive"] = int(value)
+        if name == "public_key":
+            if key:
+                peers[key] = PeerStatus(key, _sorted_networks(allowed), **fields)
+            key, allowed, fields = hex_to_key(value), [], {}
+        elif not key:
+            device[name] = value
+        elif name == "allowed_ip":
+            allowed.append(value)
+        elif name in ints:
+            fields[ints[name]] = int(value)
+        elif name == "endpoint":
+            fields["endpoint"] = value
         # preshared_key, protocol_version, last_handshake_time_nsec: not needed
-    finish()
+    if key:
+        peers[key] = PeerStatus(key, _sorted_networks(allowed), **fields)
     return device, peers
+
+
+def _whole_line(text: str, start: int, end: int) -> bool:
+    return (start == 0 or text[start - 1] == "\n") and (end == len(text) or text[end] == "\n")
+
+
+def parse_uapi_peers(text: str, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+    """The peers named by ``public_keys`` (base64) from a ``get=1`` reply, parsing only their
+    lines: each peer's part is found by its key and ends where the next peer's begins. Peers the
+    reply does not have are left out."""
+    peers: dict[str, PeerStatus] = {}
+    for public_key in public_keys:
+        marker = f"public_key={key_to_hex(public_key)}"
+        start = text.find(marker)
+        while start != -1 and not _whole_line(text, start, start + len(marker)):
+            start = text.find(marker, start + 1)
+        if start == -1:
+            continue
+        end = text.find("\npublic_key=", start + len(marker))
+        _, found = parse_uapi_get(text[start:] if end == -1 else text[start:end])
+        peers.update(found)
+    return peers
 
 
 class UserspaceBackend(_Named):
@@ -489,7 +433,7 @@ class UserspaceBackend(_Named):
         self._bind_name(name)
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise WireGuardError("private key must be 32 bytes")
-        _check_address(address)
+        check_address(address)
         started = False
         if not self._alive():
             self._start()
@@ -505,7 +449,8 @@ class UserspaceBackend(_Named):
                 lines.append(f"listen_port={int(listen_port)}")
             if lines:
                 self._set(lines, "setting key and listen port")
-            _configure_link(name, address)
+            # In a child process: the agent itself never imports pyroute2 (clawnode.links).
+            links.in_child("configure", name, address)
         except BaseException:
             if started:
                 self.delete_interface()  # do not leave a half-configured interface behind
@@ -569,7 +514,7 @@ class UserspaceBackend(_Named):
 
     def delete_interface(self) -> None:
         """Remove the link (wireguard-go exits when its TUN device goes) and stop our child."""
-        _delete_link(self.name)
+        links.in_child("delete", self.name)
         self._stop_process()
         # An adopted wireguard-go (not our child) exits by itself once its TUN device is gone;
         # wait for that, so the name is free again when this returns.
@@ -586,6 +531,11 @@ class UserspaceBackend(_Named):
 
     def list_peers(self) -> dict[str, PeerStatus]:
         return self._get()[1]
+
+    def read_peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        for public_key in public_keys:
+            _check_public_key(public_key)
+        return parse_uapi_peers(self._request("get=1\n\n", "reading peers"), public_keys)
 
     def set_peer(
         self,
@@ -667,25 +617,6 @@ def peers_from_netlink_dump(messages: Iterable[Any]) -> dict[str, PeerStatus]:
     return peers
 
 
-def kernel_wireguard_available() -> tuple[bool, str]:
-    """Does the running kernel speak WireGuard? (available, why) — asks generic netlink for the
-    'wireguard' family, which is what KernelBackend needs (and loads the module if it can)."""
-    try:
-        _, WireGuard, NetlinkError = _pyroute2()
-    except ImportError as exc:
-        return False, f"pyroute2 is missing ({exc})"
-    try:
-        sock = WireGuard()
-    except NetlinkError as exc:
-        if getattr(exc, "code", 0) == errno_mod.ENOENT:
-            return False, "the kernel has no WireGuard (generic netlink family 'wireguard' missing)"
-        return False, f"the kernel WireGuard netlink family is unusable: {exc}"
-    except OSError as exc:
-        return False, f"cannot open generic netlink: {exc}"
-    sock.close()
-    return True, "the kernel has WireGuard (generic netlink family 'wireguard')"
-
-
 def _kernel_peer(
     public_key: str, allowed_ips: Sequence[str], endpoint: str, keepalive: int
 ) -> dict[str, Any]:
@@ -708,7 +639,7 @@ class KernelBackend(_Named):
 
     @contextlib.contextmanager
     def _wg(self, what: str) -> Iterator[Any]:
-        _, WireGuard, NetlinkError = _pyroute2()
+        _, WireGuard, NetlinkError = links.pyroute2()
         try:
             sock = WireGuard()
         except NetlinkError as exc:
@@ -717,11 +648,11 @@ class KernelBackend(_Named):
                     f"{what} on {self.name}: the kernel has no WireGuard (use --backend userspace)",
                     errno_mod.EOPNOTSUPP,
                 ) from None
-            raise _netlink_error(exc, f"{what} on {self.name}") from None
+            raise links.netlink_error(exc, f"{what} on {self.name}") from None
         try:
             yield sock
         except NetlinkError as exc:
-            raise _netlink_error(exc, f"{what} on {self.name}") from None
+            raise links.netlink_error(exc, f"{what} on {self.name}") from None
         finally:
             sock.close()
 
@@ -730,25 +661,25 @@ class KernelBackend(_Named):
             return list(wg.info(self.name))
 
     def interface_exists(self) -> bool:
-        return _link_exists(self.name)
+        return links.link_exists(self.name)
 
     def ensure_interface(
         self, name: str, private_key: bytes, listen_port: int, address: str
     ) -> None:
-        IPRoute, _, NetlinkError = _pyroute2()
+        IPRoute, _, NetlinkError = links.pyroute2()
         self._bind_name(name)
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise WireGuardError("private key must be 32 bytes")
-        _check_address(address)
+        check_address(address)
         available, why = kernel_wireguard_available()
         if not available:
             raise WireGuardError(f"cannot create {name}: {why}", errno_mod.EOPNOTSUPP)
         try:
             with IPRoute() as ipr:
-                if _link_index(ipr, name) is None:
+                if links.link_index(ipr, name) is None:
                     ipr.link("add", ifname=name, kind="wireguard")
         except NetlinkError as exc:
-            raise _netlink_error(exc, f"creating interface {name}") from None
+            raise links.netlink_error(exc, f"creating interface {name}") from None
         current_key = b""
         current_port = None
         for message in self._dump("reading configuration"):
@@ -766,10 +697,15 @@ class KernelBackend(_Named):
         if settings:
             with self._wg("setting key and listen port") as wg:
                 wg.set(self.name, **settings)
-        _configure_link(name, address)
+        links.configure_link(name, address)
 
     def list_peers(self) -> dict[str, PeerStatus]:
         return peers_from_netlink_dump(self._dump("reading peers"))
+
+    def read_peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        # A netlink dump is of the whole device; there is no cheaper way to a peer's counters.
+        peers = self.list_peers()
+        return {key: peers[key] for key in public_keys if key in peers}
 
     def set_peer(
         self,
@@ -788,7 +724,7 @@ class KernelBackend(_Named):
             wg.set(self.name, peer={"public_key": public_key, "remove": True})
 
     def delete_interface(self) -> None:
-        _delete_link(self.name)
+        links.delete_link(self.name)
 
 
 # -- in memory ------------------------------------------------------------------------------------
@@ -812,7 +748,9 @@ class FakeBackend(_Named):
         self.address = ""
         self.peers: dict[str, PeerStatus] = {}
         self.refuse: dict[str, str] = {}
-        self.calls: list[tuple[str, str]] = []  # (operation, public key or name), in order
+        # (operation, public key or name), in order; reads too: ("list_peers", name) for the
+        # whole device, ("read_peers", key) for each peer asked for.
+        self.calls: list[tuple[str, str]] = []
 
     def interface_exists(self) -> bool:
         return self.exists
@@ -821,7 +759,7 @@ class FakeBackend(_Named):
         self, name: str, private_key: bytes, listen_port: int, address: str
     ) -> None:
         self._bind_name(name)
-        _check_address(address)
+        check_address(address)
         self.calls.append(("ensure_interface", name))
         self.exists = True
         self.private_key, self.listen_port, self.address = private_key, listen_port, address
@@ -832,7 +770,13 @@ class FakeBackend(_Named):
 
     def list_peers(self) -> dict[str, PeerStatus]:
         self._require()
+        self.calls.append(("list_peers", self._name))
         return dict(self.peers)
+
+    def read_peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        self._require()
+        self.calls.extend(("read_peers", key) for key in public_keys)
+        return {key: self.peers[key] for key in public_keys if key in self.peers}
 
     def set_peer(
         self,

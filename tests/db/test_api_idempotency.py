@@ -1,15 +1,18 @@
 """Idempotency-Key on money-moving POSTs (orders, stop): a retry returns the first response byte
 for byte and moves nothing; the same key with another body is refused; failures are not
-remembered; a concurrent duplicate waits for the first and replays it."""
+remembered; a concurrent duplicate while the first runs gets 409; a crashed request's claim
+expires; keys are kept 24 h. (Top-ups, disputes and payouts: tests/db/test_payments.py.)"""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection, connections, transaction
+from django.utils import timezone
 from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
@@ -232,7 +235,7 @@ def wait_for(condition, what: str, timeout: float = 15.0) -> None:
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_a_concurrent_duplicate_waits_for_the_first_and_replays_it(
+def test_a_concurrent_duplicate_gets_409_while_the_first_runs_and_the_replay_after(
     buyer, listing, eager_provisioning
 ):
     from marketplace.services import issue_api_token
@@ -242,40 +245,242 @@ def test_a_concurrent_duplicate_waits_for_the_first_and_replays_it(
     body = json.dumps(order_body(listing))
     responses: dict[str, object] = {}
 
-    def send(name: str) -> None:
-        client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+    def client() -> APIClient:
+        c = APIClient()
+        c.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        return c
+
+    def send_first() -> None:
         try:
-            responses[name] = post_order(client, None, key="dup", raw=body)
+            responses["first"] = post_order(client(), None, key="dup", raw=body)
         except Exception as exc:  # reported by the assertions below
-            responses[name] = exc
+            responses["first"] = exc
         finally:
             connections.close_all()
 
-    first = threading.Thread(target=send, args=("first",))
-    second = threading.Thread(target=send, args=("second",))
+    first = threading.Thread(target=send_first)
     try:
-        # Hold the listing's row lock so the first request stops inside place_order, after it
-        # has claimed the key; the second then blocks on the key's unique index.
+        # Hold the listing's row lock so the first request stops inside place_order, after its
+        # claim on the key committed. The duplicate must not wait for it: 409 at once.
         with transaction.atomic():
             Listing.objects.select_for_update().get(pk=listing.pk)
             first.start()
             wait_for(lambda: waiting_backends() == 1, "the first request to wait on the listing")
-            second.start()
-            wait_for(lambda: waiting_backends() == 2, "the second request to wait on the key")
+            record = IdempotencyRecord.objects.get(user=buyer, key="dup")
+            assert record.status_code == 0  # in flight, committed, visible to others
+            started = time.monotonic()
+            duplicate = post_order(client(), None, key="dup", raw=body)
+            waited = time.monotonic() - started
+            assert waiting_backends() == 1  # the duplicate never queued behind the first
     finally:
         first.join(timeout=30)
-        second.join(timeout=30)
 
-    a, b = responses["first"], responses["second"]
+    assert duplicate.status_code == 409, duplicate.content
+    assert duplicate.json()["code"] == "idempotency_key_in_flight"
+    assert "'dup'" in duplicate.json()["detail"]
+    assert waited < 5
+    a = responses["first"]
     assert not isinstance(a, Exception), a
-    assert not isinstance(b, Exception), b
-    assert (a.status_code, b.status_code) == (201, 201), (a.content, b.content)
-    assert b.content == a.content
-    assert b["Idempotent-Replayed"] == "true"
+    assert a.status_code == 201, a.content
+    # Once the first finished, a retry replays it byte for byte.
+    replay = post_order(client(), None, key="dup", raw=body)
+    assert replay.status_code == 201
+    assert replay.content == a.content
+    assert replay["Idempotent-Replayed"] == "true"
     assert Order.objects.filter(buyer=buyer).count() == 1
     assert EscrowHold.objects.filter(order__buyer=buyer).count() == 1
     order = Order.objects.get(buyer=buyer)
     assert ledger.available_for(buyer) == 100 * USD - order.hold_amount
     # The committed order was provisioned on commit, as in production.
     assert order.state == "provisioning"
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_two_racing_duplicates_place_one_order(buyer, listing, eager_provisioning):
+    """Eight copies of one request at once: one places the order, the others get 409 or the
+    replay, and exactly one hold is placed."""
+    from marketplace.services import issue_api_token
+
+    ledger.grant_credits(buyer, 100 * USD)
+    token = issue_api_token(buyer)
+    body = json.dumps(order_body(listing))
+    start = threading.Barrier(8)
+    results: list[tuple[int, bytes]] = []
+
+    def send() -> None:
+        try:
+            c = APIClient()
+            c.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+            start.wait(timeout=30)
+            r = post_order(c, None, key="race", raw=body)
+            results.append((r.status_code, r.content))
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+
+    codes = sorted(code for code, _ in results)
+    assert len(codes) == 8 and set(codes) <= {201, 409}, codes
+    created = {content for code, content in results if code == 201}
+    assert len(created) == 1  # every 201 is the same bytes: the first, or its replay
+    assert Order.objects.filter(buyer=buyer).count() == 1
+    assert EscrowHold.objects.filter(order__buyer=buyer).count() == 1
+
+
+# --- a crashed request, a stale claim taken over, and the 24 h retention ---------------------
+
+
+def fingerprint_of(raw: str) -> str:
+    """The fingerprint the decorator computes for POST /api/v1/orders/ with body `raw`."""
+    from rest_framework.parsers import JSONParser
+    from rest_framework.request import Request
+    from rest_framework.test import APIRequestFactory
+
+    from marketplace.api.idempotency import request_fingerprint
+
+    wsgi = APIRequestFactory().post(ORDERS, raw, content_type="application/json")
+    return request_fingerprint(Request(wsgi, parsers=[JSONParser()]))
+
+
+def test_a_crashed_requests_claim_blocks_retries_until_it_expires_then_one_runs(
+    buyer_api, buyer, listing, settings
+):
+    from marketplace.api.idempotency import _claim
+
+    raw = json.dumps(order_body(listing))
+    # Phase 1 of a request whose process then died: the claim committed, the work never did.
+    record, claimed = _claim(buyer, "crashed", fingerprint_of(raw), "dead-process-token")
+    assert claimed and record.status_code == 0
+
+    retry = post_order(buyer_api, None, key="crashed", raw=raw)
+    assert retry.status_code == 409
+    assert retry.json()["code"] == "idempotency_key_in_flight"
+    assert Order.objects.filter(buyer=buyer).count() == 0
+
+    stale = timedelta(seconds=settings.MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS + 1)
+    IdempotencyRecord.objects.filter(pk=record.pk).update(claimed_at=timezone.now() - stale)
+    taken_over = post_order(buyer_api, None, key="crashed", raw=raw)
+    assert taken_over.status_code == 201, taken_over.content
+    assert "Idempotent-Replayed" not in taken_over
+    again = post_order(buyer_api, None, key="crashed", raw=raw)
+    assert again.content == taken_over.content and again["Idempotent-Replayed"] == "true"
+    assert Order.objects.filter(buyer=buyer).count() == 1
+    record.refresh_from_db()
+    assert (record.status_code, record.claim) == (201, "")
+
+
+def test_a_stale_claim_with_another_body_is_still_a_422(buyer_api, buyer, listing):
+    from marketplace.api.idempotency import _claim
+
+    record, _ = _claim(buyer, "k", fingerprint_of(json.dumps(order_body(listing))), "dead")
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        claimed_at=timezone.now() - timedelta(days=1)
+    )
+
+    response = post_order(buyer_api, order_body(listing), key="k")
+
+    assert response.status_code == 422
+    assert Order.objects.count() == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_slow_request_whose_claim_was_taken_over_rolls_its_work_back(
+    buyer, listing, eager_provisioning
+):
+    """The first request is not dead but stuck past the in-flight timeout; a retry takes the
+    claim over. Both then run: the first's final compare-and-set finds the other's token, so
+    its order is rolled back and it answers 409. One order, one hold."""
+    from marketplace.services import issue_api_token
+
+    ledger.grant_credits(buyer, 100 * USD)
+    token = issue_api_token(buyer)
+    raw = json.dumps(order_body(listing))
+    responses: dict[str, object] = {}
+
+    def send(name: str) -> None:
+        c = APIClient()
+        c.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
+        try:
+            responses[name] = post_order(c, None, key="slow", raw=raw)
+        except Exception as exc:  # reported by the assertions below
+            responses[name] = exc
+        finally:
+            connections.close_all()
+
+    first = threading.Thread(target=send, args=("first",))
+    retry = threading.Thread(target=send, args=("retry",))
+    try:
+        with transaction.atomic():
+            Listing.objects.select_for_update().get(pk=listing.pk)
+            first.start()
+            wait_for(lambda: waiting_backends() == 1, "the first request to wait on the listing")
+            IdempotencyRecord.objects.filter(key="slow").update(
+                claimed_at=timezone.now() - timedelta(hours=1)
+            )
+            retry.start()
+            wait_for(lambda: waiting_backends() == 2, "the retry to take over and wait too")
+    finally:
+        first.join(timeout=30)
+        retry.join(timeout=30)
+
+    a, b = responses["first"], responses["retry"]
+    assert not isinstance(a, Exception), a
+    assert not isinstance(b, Exception), b
+    assert (a.status_code, b.status_code) == (409, 201), (a.content, b.content)
+    assert Order.objects.filter(buyer=buyer).count() == 1
+    assert EscrowHold.objects.filter(order__buyer=buyer).count() == 1
+    order = Order.objects.get(buyer=buyer)
+    assert ledger.available_for(buyer) == 100 * USD - order.hold_amount
+    assert json.loads(b.content)["id"] == order.pk
+
+
+def test_keys_are_kept_at_least_a_day_then_purged(buyer_api, buyer, listing, settings):
+    from marketplace.api.idempotency import purge_expired_keys
+
+    assert settings.MOLT_IDEMPOTENCY_KEY_TTL_SECONDS >= 24 * 3600
+    body = order_body(listing)
+    first = post_order(buyer_api, body, key="day-old")
+    record = IdempotencyRecord.objects.get(user=buyer, key="day-old")
+    now = timezone.now()
+
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        created_at=now - timedelta(hours=23, minutes=59)
+    )
+    assert purge_expired_keys(now=now) == 0
+    replay = post_order(buyer_api, body, key="day-old")
+    assert replay.content == first.content and replay["Idempotent-Replayed"] == "true"
+
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        created_at=now - timedelta(hours=24, seconds=1)
+    )
+    assert purge_expired_keys(now=now) == 1
+    assert not IdempotencyRecord.objects.filter(pk=record.pk).exists()
+
+
+def test_the_ttl_setting_refuses_less_than_a_day():
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=REPO,
+        env={
+            "DJANGO_SETTINGS_MODULE": "config.settings",
+            "DJANGO_DEBUG": "true",
+            "MOLT_IDEMPOTENCY_KEY_TTL_SECONDS": "3600",
+            "PATH": "/usr/bin:/bin",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "MOLT_IDEMPOTENCY_KEY_TTL_SECONDS=3600 must be at least 86400" in result.stderr

@@ -25,7 +25,14 @@ PATHS = {
     "/api/v1/orders/{id}/": {"get"},
     "/api/v1/orders/{id}/wireguard.conf": {"get"},
     "/api/v1/orders/{id}/stop/": {"post"},
+    "/api/v1/orders/{id}/rekey/": {"post"},
+    "/api/v1/listings/{id}/quote/": {"get"},
     "/api/v1/wallet/": {"get"},
+    "/api/v1/wallet/top-ups/": {"post"},
+    "/api/v1/orders/{id}/dispute/": {"post"},
+    "/api/v1/orders/{id}/receipt/": {"get"},
+    "/api/v1/payouts/": {"get", "post"},
+    "/api/v1/payouts/{id}/": {"get"},
 }
 
 
@@ -45,7 +52,13 @@ def test_the_schema_documents_every_endpoint_and_method(schema):
 
 
 def test_the_schema_documents_idempotency_keys_on_money_moving_posts(schema):
-    for path in ("/api/v1/orders/", "/api/v1/orders/{id}/stop/"):
+    for path in (
+        "/api/v1/orders/",
+        "/api/v1/orders/{id}/stop/",
+        "/api/v1/orders/{id}/dispute/",
+        "/api/v1/wallet/top-ups/",
+        "/api/v1/payouts/",
+    ):
         headers = [
             p["name"] for p in schema["paths"][path]["post"]["parameters"] if p["in"] == "header"
         ]
@@ -54,7 +67,15 @@ def test_the_schema_documents_idempotency_keys_on_money_moving_posts(schema):
 
 def test_the_schema_documents_the_listing_filters(schema):
     names = {p["name"] for p in schema["paths"]["/api/v1/listings/"]["get"]["parameters"]}
-    assert {"gpu_model", "min_vram_gb", "max_price", "region", "min_gpus", "ordering"} <= names
+    assert {
+        "gpu_model",
+        "min_vram_gb",
+        "max_price",
+        "region",
+        "min_gpus",
+        "min_reliability",
+        "ordering",
+    } <= names
 
 
 def test_the_wireguard_config_is_documented_as_plain_text(schema):

@@ -26,7 +26,15 @@ def test_a_new_user_has_an_empty_wallet(api_client_for, buyer):
     response = api_client_for(buyer).get(WALLET)
 
     assert response.status_code == 200
-    assert response.json() == {"available": 0, "held": 0, "currency": "USD", "unit": "micro"}
+    assert response.json() == {
+        "available": 0,
+        "held": 0,
+        "earnings": 0,
+        "earnings_frozen": 0,
+        "payouts_pending": 0,
+        "currency": "USD",
+        "unit": "micro",
+    }
 
 
 def test_an_order_moves_its_hold_from_available_to_held(api_client_for, buyer, listing):

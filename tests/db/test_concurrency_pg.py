@@ -193,21 +193,29 @@ def test_a_hundred_concurrent_orders_against_a_wallet_for_ten_place_exactly_ten(
 
 
 def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, provider):
-    rounds, racers = 50, 32
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(rounds)])
-    listing = services.create_listing(
-        provider, node=node, gpu_count=rounds, price_per_gpu_hour=USD, price_per_gib=0
-    )
+    rounds, racers = 200, 32
+    # One hold per round, each on a GPU of its own: four nodes of 50 (an agent reports at most
+    # 64 GPUs per node).
+    listings = [
+        services.create_listing(
+            provider,
+            node=factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(50)]),
+            gpu_count=50,
+            price_per_gpu_hour=USD,
+            price_per_gib=0,
+        )
+        for _ in range(rounds // 50)
+    ]
     ledger.grant_credits(buyer, rounds * USD)
     holds = [
         services.place_order(
             buyer,
-            listing_id=listing.pk,
+            listing_id=listings[r % len(listings)].pk,
             gpu_count=1,
             hours=1,
             wireguard_public_key=factories.wg_public_key(),
         ).hold
-        for _ in range(rounds)
+        for r in range(rounds)
     ]
     assert ledger.available_for(buyer) == 0
 

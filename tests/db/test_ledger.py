@@ -4,12 +4,12 @@ that recomputes every invariant of money.md from the rows."""
 from __future__ import annotations
 
 import pytest
-from django.core.management import call_command, execute_from_command_line
+from django.core.management import CommandError, call_command, execute_from_command_line
 from django.db import DatabaseError, connection, transaction
 
 from marketplace import ledger, services
 from marketplace.audit import audit_ledger
-from marketplace.errors import AlreadyResolved, InsufficientFunds
+from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
 from tests import factories
 
@@ -260,3 +260,137 @@ def test_audit_command_prints_violations_and_exits_non_zero(buyer, capsys):
     out = capsys.readouterr()
     assert "VIOLATION:" in out.out and "balance 999 != sum of its entries 10" in out.out
     assert "1 violation" in out.err
+
+
+# --- corrections are reversing transactions ----------------------------------------------------
+
+
+def test_a_grant_is_corrected_by_a_reversal_that_negates_every_entry(buyer):
+    grant = ledger.grant_credits(buyer, 7 * USD, memo="typo: meant 7 cents")
+    reversal = ledger.reverse_transaction(grant, "wrong amount")
+    assert reversal.kind == LedgerTransaction.Kind.REVERSAL
+    assert reversal.reverses_id == grant.pk
+    legs = sorted((e.account.kind, e.amount) for e in reversal.entries.select_related("account"))
+    assert legs == [("wallet", -7 * USD), ("world", 7 * USD)]
+    assert ledger.available_for(buyer) == 0
+    assert ledger.world_account().balance == 0
+    # The original stays, untouched: the books show the mistake and its correction.
+    assert LedgerEntry.objects.filter(transaction=grant).count() == 2
+    assert audit_ledger() == []
+
+
+def test_a_transaction_is_reversed_at_most_once(buyer):
+    grant = ledger.grant_credits(buyer, 5 * USD)
+    ledger.reverse_transaction(grant, "first")
+    ledger.grant_credits(buyer, 5 * USD)  # so the wallet could cover a second reversal
+    before = (ledger_rows(), balances())
+    with pytest.raises(AlreadyResolved, match="already reversed"):
+        ledger.reverse_transaction(grant, "again")
+    assert (ledger_rows(), balances()) == before
+
+
+def test_reversing_credits_already_spent_is_refused_and_moves_nothing(buyer, order):
+    grant = LedgerTransaction.objects.get(kind="grant")  # the 100 USD the order's hold used
+    before = (ledger_rows(), balances())
+    with pytest.raises(InsufficientFunds):
+        ledger.reverse_transaction(grant, "chargeback")
+    assert (ledger_rows(), balances()) == before
+
+
+def test_records_with_their_own_resolution_are_not_reversed_directly(order):
+    hold_txn = LedgerTransaction.objects.get(kind="hold")
+    with pytest.raises(MarketError, match="corrected through its own record"):
+        ledger.reverse_transaction(hold_txn, "undo")
+    with pytest.raises(MarketError, match="why"):
+        ledger.reverse_transaction(LedgerTransaction.objects.get(kind="grant"), "  ")
+    assert not LedgerTransaction.objects.filter(kind="reversal").exists()
+
+
+def test_the_audit_finds_a_reversal_that_is_not_the_exact_opposite(buyer):
+    grant = ledger.grant_credits(buyer, 10)
+    wallet, world = ledger.wallet_account(buyer), ledger.world_account()
+    ledger.post("reversal", [(wallet, -4), (world, 4)], reverses=grant)  # reverses only part
+    ledger.post("reversal", [(wallet, -1), (world, 1)])  # names nothing
+    violations = audit_ledger()
+    assert any(f"is not the exact opposite of #{grant.pk}" in v for v in violations)
+    assert any("does not name the transaction it reverses" in v for v in violations)
+
+
+# --- frozen shares and payouts in the audit --------------------------------------------------
+
+
+def settle(buyer, order):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from meshnet import services as mesh
+
+    services.provision_order(order.pk)
+    node = order.listing.node
+    node.refresh_from_db()
+    mesh.acknowledge_revision(
+        node, node.desired_revision, at=timezone.now() - timedelta(minutes=30)
+    )
+    services.stop_order(type(order).objects.get(pk=order.pk))
+    node.refresh_from_db()
+    mesh.acknowledge_revision(node, node.desired_revision)
+    return type(order).objects.select_related("earnings_hold").get(pk=order.pk)
+
+
+def test_the_audit_finds_a_frozen_share_moved_without_its_resolution(buyer, provider, order):
+    settled = settle(buyer, order)
+    share = settled.earnings_hold
+    assert audit_ledger() == []
+    ledger.post("reversal", [(share.account, -100), (ledger.earnings_account(provider), 100)])
+    violations = audit_ledger()
+    assert any(f"frozen share #{share.pk}" in v and "its account holds" in v for v in violations)
+
+
+def test_the_audit_finds_a_payout_account_that_disagrees_with_its_request(provider):
+    from marketplace import payments
+
+    ledger.post("grant", [(ledger.world_account(), -500), (ledger.earnings_account(provider), 500)])
+    payout = payments.request_payout(provider, 300)
+    assert audit_ledger() == []
+    ledger.post("reversal", [(payout.account, -1), (ledger.earnings_account(provider), 1)])
+    assert any(f"payout #{payout.pk} is requested for 300" in v for v in audit_ledger())
+
+
+def test_the_audit_finds_a_completed_order_whose_share_was_never_frozen(buyer, order):
+    settled = settle(buyer, order)
+    EarningsHold = type(settled.earnings_hold)
+    # Sneak the share out of existence the way only a bug could: drop its row.
+    EarningsHold.objects.filter(pk=settled.earnings_hold.pk).delete()
+    violations = audit_ledger()
+    assert any("captured money but froze no share" in v for v in violations)
+    assert any("belongs to no share" in v for v in violations)
+
+
+# --- the audit's result is kept for the ops dashboard -----------------------------------------
+
+
+def test_each_audit_command_run_is_recorded(buyer, capsys):
+    from marketplace.models import AuditRun
+
+    ledger.grant_credits(buyer, 10)
+    call_command("audit_ledger")
+    run = AuditRun.objects.latest()
+    assert (run.ok, run.violation_count, run.violations, run.source) == (True, 0, "", "command")
+    assert (run.transaction_count, run.entry_count) == (1, 2)
+
+    Account.objects.filter(kind="wallet", user=buyer).update(balance=999)
+    with pytest.raises(CommandError):
+        call_command("audit_ledger")
+    failed = AuditRun.objects.latest()
+    assert failed.pk != run.pk
+    assert (failed.ok, failed.violation_count) == (False, 1)
+    assert "balance 999 != sum of its entries 10" in failed.violations
+
+
+def test_the_hourly_beat_task_records_an_audit_run(buyer):
+    from marketplace import tasks
+    from marketplace.models import AuditRun
+
+    assert tasks.audit_ledger() is True
+    assert AuditRun.objects.get().source == "beat"

@@ -142,7 +142,9 @@ def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
     assert order.hold.state == EscrowHold.State.CAPTURED
 
     assert wallet(funded_buyer) == 1000 * USD - settlement.captured
-    assert ledger.earnings_account(provider).balance == settlement.provider_amount
+    # The provider's share is frozen for the dispute window, not yet earnings.
+    assert ledger.frozen_for(provider) == settlement.provider_amount
+    assert ledger.earnings_account(provider).balance == 0
     assert ledger.fees_account().balance == settlement.fee
     assert ledger.held_for(funded_buyer) == 0
 

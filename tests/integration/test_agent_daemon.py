@@ -241,3 +241,26 @@ def test_desired_state_with_a_bad_signature_is_refused_and_reported(
         )
     assert "signature" in reported
     assert backend.peers == {}
+
+
+def test_a_device_lost_under_the_agent_is_rebuilt_with_its_peers(
+    gateway, buyer, provider, provider_node
+):
+    _identity, node, _state, _enrollment = provider_node
+    listing = create_listing(
+        provider, node=node, gpu_count=2, price_per_gpu_hour=1_000_000, price_per_gib=0
+    )
+    ledger.grant_credits(buyer, 500_000_000)
+    backend = FakeBackend()
+    key = wg_public_key()
+    with RunningAgent(make_agent(provider_node, backend)) as running:
+        order_id, _token = order(gateway, buyer, listing, key)
+        wait_until(
+            lambda: Order.objects.filter(pk=order_id, state="running").exists(),
+            timeout=30,
+            message="the order to run",
+        )
+        backend.delete_interface()  # wireguard-go died, or someone deleted the link
+        wait_until(lambda: key in backend.peers, timeout=30, message="the peer to come back")
+        assert backend.exists
+        assert running.error is None

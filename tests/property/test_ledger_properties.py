@@ -1,22 +1,30 @@
-"""A Hypothesis state machine over the money paths: grants, orders, provisioning, the agent's
-acks, stops, cancels, expiry, metering and settlement retries, in any order and at any times.
-After every step the ledger audit must be clean and the orders must agree with their holds.
+"""A Hypothesis state machine over every money path: grants, top-ups and their reversal,
+orders, provisioning, the agent's acks, stops, cancels, expiry, node silences (outages and
+lost nodes), metering and the bandwidth allowance, settlement retries, the dispute window,
+disputes and their resolution, payout requests paid or rejected, and crash-and-retry steps (an
+operation whose transaction dies before commit, then runs again). After every step the ledger
+audit must be clean and the money of every party must add up.
 
-It runs inside one pytest-django test (one transaction, rolled back at the end), so rows from
-earlier examples stay: each example makes its own users, node and listing under fresh names,
-and every check either is global (the audit) or looks at this example's buyer only.
+Issue 4 asks for at least 200 examples of 30+ steps in CI: that is the default here
+(MOLT_PROPERTY_EXAMPLES and MOLT_PROPERTY_STEPS change it). Each example runs inside a savepoint
+rolled back at its end, so the database does not grow across examples and the audit, which
+reads the whole ledger, stays as cheap on the 200th example as on the first. On failure
+Hypothesis prints the failing steps and a blob to reproduce them (`print_blob=True`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import uuid
+from collections import Counter
 from datetime import timedelta
 from itertools import pairwise
 
 import pytest
+from django.conf import settings as django_settings
 from django.contrib.auth import get_user_model
-from django.db.models import Sum
+from django.db import transaction
+from django.db.models import Count, Sum
 from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -28,41 +36,82 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from marketplace import ledger, services
+from marketplace import ledger, payments, services
 from marketplace.audit import audit_ledger
-from marketplace.errors import AlreadyResolved, InsufficientFunds, InvalidTransition, Oversold
-from marketplace.models import EscrowHold, Order, OrderTransition, Settlement
+from marketplace.errors import MarketError
+from marketplace.models import (
+    Account,
+    Dispute,
+    EarningsHold,
+    EscrowHold,
+    LedgerTransaction,
+    Order,
+    OrderTransition,
+    PayoutRequest,
+    Settlement,
+)
 from meshnet import services as mesh
+from meshnet.models import Node
 from tests import factories
 
 pytestmark = [pytest.mark.property, pytest.mark.db, pytest.mark.django_db]
 
 USD = 1_000_000
 LIVE = {"pending", "provisioning", "running", "stopping"}
+EXAMPLES = int(os.environ.get("MOLT_PROPERTY_EXAMPLES", "200"))
+STEPS = int(os.environ.get("MOLT_PROPERTY_STEPS", "30"))
+MIN_STEPS = min(30, STEPS)
 
-order_index = st.integers(min_value=0, max_value=1_000)
+pick = st.integers(min_value=0, max_value=15)
+percent = st.integers(min_value=0, max_value=100)
+
+
+CRASHES = ("ack", "provision", "expire", "release", "resolve", "payout", "stop", "lost_node")
+
+
+class Crash(Exception):
+    """The process died here: the transaction around the operation never commits."""
 
 
 class MoneyMachine(RuleBasedStateMachine):
+    # Set by the test: users, node and listing made once, outside the per-example savepoint.
+    fixtures: dict = {}
+    runs: list[int] = []
+    reached: Counter = Counter()
+
     def __init__(self) -> None:
         super().__init__()
-        tag = uuid.uuid4().hex[:10]
-        users = get_user_model().objects
-        self.buyer = users.create_user(username=f"buyer-{tag}", password="x-pass-123")
-        self.provider = users.create_user(username=f"provider-{tag}", password="x-pass-123")
-        self.node = factories.enrolled_node(
-            self.provider, gpus=[factories.gpu(i) for i in range(4)]
-        )
-        self.listing = services.create_listing(
-            self.provider,
-            node=self.node,
-            gpu_count=4,
-            price_per_gpu_hour=1_500_000,
-            price_per_gib=20_000,
-        )
+        self.savepoint = transaction.savepoint()
+        self.buyer = self.fixtures["buyer"]
+        self.provider = self.fixtures["provider"]
+        self.operator = self.fixtures["operator"]
+        self.node = self.fixtures["node"]
+        self.listing = self.fixtures["listing"]
+        self.now = timezone.now()
         self.order_ids: list[int] = []
+        self.grants: list[tuple[int, int]] = []  # (transaction id, amount) not reversed
         self.granted = 0
+        self.steps = 0
         self.grant(100 * USD)  # enough for a few orders, so examples get past the wallet
+        self.grants.clear()  # that first grant stays: reversals drain only later credits
+        self.steps = 0
+
+    def teardown(self) -> None:
+        reached = type(self).reached
+        reached["settled"] += Settlement.objects.count()
+        reached["share released"] += EarningsHold.objects.filter(state="released").count()
+        for state, n in Dispute.objects.values_list("state").annotate(n=Count("id")):
+            reached[f"dispute {state}"] += n
+        for state, n in PayoutRequest.objects.values_list("state").annotate(n=Count("id")):
+            reached[f"payout {state}"] += n
+        reached["reversal"] += LedgerTransaction.objects.filter(kind="reversal").count()
+        reached["lost node"] += Order.objects.filter(reason__contains="offline since").count()
+        reached["allowance used up"] += Order.objects.filter(
+            reason=services.BANDWIDTH_USED_UP
+        ).count()
+        reached["outage billed"] += Settlement.objects.filter(offline_seconds__gt=0).count()
+        transaction.savepoint_rollback(self.savepoint)
+        type(self).runs.append(self.steps)
 
     def _order(self, i: int, states: tuple[str, ...] = ()) -> Order | None:
         """The i-th (modulo) of this example's orders, among those in `states` if given."""
@@ -72,15 +121,54 @@ class MoneyMachine(RuleBasedStateMachine):
         found = list(orders)
         return found[i % len(found)] if found else None
 
-    # --- rules ---------------------------------------------------------------------------
+    def _ack_all(self, at) -> None:
+        self.node.refresh_from_db()
+        mesh.acknowledge_revision(self.node, self.node.desired_revision, at=at)
 
-    @rule(amount=st.integers(min_value=1, max_value=40 * USD))
+    def _step(self) -> None:
+        self.steps += 1
+
+    # --- money in --------------------------------------------------------------------------
+
+    @rule(amount=st.integers(min_value=1, max_value=40).map(lambda usd: usd * USD - 1))
     def grant(self, amount: int) -> None:
-        ledger.grant_credits(self.buyer, amount)
+        self._step()
+        txn = ledger.grant_credits(self.buyer, amount)
+        self.grants.append((txn.pk, amount))
         self.granted += amount
 
-    @rule(gpu_count=st.integers(min_value=1, max_value=3), hours=st.integers(1, 6))
-    def place_order(self, gpu_count: int, hours: int) -> None:
+    @rule(amount=st.integers(min_value=1, max_value=20).map(lambda usd: usd * USD + 7))
+    def top_up(self, amount: int) -> None:
+        self._step()
+        txn = payments.top_up(self.buyer, amount, by=self.operator)
+        self.grants.append((txn.pk, amount))
+        self.granted += amount
+
+    @precondition(lambda self: self.grants)
+    @rule(i=pick)
+    def reverse_a_grant(self, i: int) -> None:
+        """An operator corrects a grant. Refused (moving nothing) when the credits are spent."""
+        self._step()
+        txn_id, amount = self.grants[i % len(self.grants)]
+        try:
+            ledger.reverse_transaction(LedgerTransaction.objects.get(pk=txn_id), "correction")
+        except MarketError:
+            return  # InsufficientFunds: already spent
+        self.grants.remove((txn_id, amount))
+        self.granted -= amount
+
+    # --- the order lifecycle -------------------------------------------------------------------
+
+    @rule(
+        gpu_count=st.integers(min_value=1, max_value=2),
+        minutes=st.integers(min_value=0, max_value=6 * 60),
+        gib=st.integers(min_value=0, max_value=60),
+        hours=st.integers(1, 6),
+    )
+    def rent_and_return(self, gpu_count: int, minutes: int, gib: int, hours: int) -> None:
+        """A whole rental in one step (the granular rules interleave the same paths): placed,
+        provisioned, acknowledged `minutes` ago, some traffic, stopped, removal acknowledged."""
+        self._step()
         try:
             order = services.place_order(
                 self.buyer,
@@ -89,132 +177,441 @@ class MoneyMachine(RuleBasedStateMachine):
                 hours=hours,
                 wireguard_public_key=factories.wg_public_key(),
             )
-        except (InsufficientFunds, Oversold):
+        except MarketError:
+            return
+        self.order_ids.append(order.pk)
+        services.provision_order(order.pk)
+        self._ack_all(self.now - timedelta(minutes=minutes))
+        order = Order.objects.get(pk=order.pk)
+        if order.state == "running":
+            services.add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=0)
+            services.stop_if_allowance_used(order.job_peer)
+            with contextlib.suppress(MarketError):
+                services.stop_order(Order.objects.get(pk=order.pk))
+        self._ack_all(self.now)
+
+    @rule(gpu_count=st.integers(min_value=1, max_value=2), hours=st.integers(1, 6))
+    def place_order(self, gpu_count: int, hours: int) -> None:
+        self._step()
+        try:
+            order = services.place_order(
+                self.buyer,
+                listing_id=self.listing.pk,
+                gpu_count=gpu_count,
+                hours=hours,
+                wireguard_public_key=factories.wg_public_key(),
+            )
+        except MarketError:  # InsufficientFunds, Oversold
             return
         self.order_ids.append(order.pk)
 
-    def _ack_all(self, at) -> None:
-        self.node.refresh_from_db()
-        mesh.acknowledge_revision(self.node, self.node.desired_revision, at=at)
-
     @precondition(lambda self: self.order_ids)
-    @rule(i=order_index, agent_answers=st.booleans(), minutes_ago=st.integers(0, 8 * 60))
+    @rule(i=pick, agent_answers=st.booleans(), minutes_ago=st.integers(0, 8 * 60))
     def provision(self, i: int, agent_answers: bool, minutes_ago: int) -> None:
         """The provisioning task ran (again, for a retried message); the agent may apply the
         new peer at once, as it usually does."""
+        self._step()
         order = self._order(i, ("pending",)) or self._order(i)
         services.provision_order(order.pk)
         if agent_answers:
-            self._ack_all(timezone.now() - timedelta(minutes=minutes_ago))
+            self._ack_all(self.now - timedelta(minutes=minutes_ago))
 
     @rule(back=st.integers(min_value=0, max_value=3), minutes_ago=st.integers(0, 8 * 60))
     def agent_acks(self, back: int, minutes_ago: int) -> None:
-        """The agent applied some revision (the latest, or an older one arriving late, or a
-        repeat), which starts billing for added peers and completes (and settles) orders whose
-        peer it removed."""
+        """The agent applied some revision (the latest, an older one arriving late, or a
+        repeat): added peers start billing, removed ones complete and settle their orders."""
+        self._step()
         self.node.refresh_from_db()
         revision = max(self.node.desired_revision - back, 0)
-        mesh.acknowledge_revision(
-            self.node, revision, at=timezone.now() - timedelta(minutes=minutes_ago)
-        )
+        mesh.acknowledge_revision(self.node, revision, at=self.now - timedelta(minutes=minutes_ago))
 
     @precondition(lambda self: self.order_ids)
-    @rule(i=order_index, agent_answers=st.booleans())
+    @rule(i=pick, agent_answers=st.booleans())
     def stop_or_cancel(self, i: int, agent_answers: bool) -> None:
-        """The buyer stops a live order (a cancel before it runs) or, now and then, one that
-        already ended (refused). The agent may then acknowledge the peer's removal at once."""
+        self._step()
         order = self._order(i, ("pending", "provisioning", "running")) or self._order(i)
         try:
             services.stop_order(order)
-        except InvalidTransition:
+        except MarketError:
             assert order.state not in ("pending", "provisioning", "running")
         else:
             expected = "stopping" if order.state == "running" else "cancelled"
             assert Order.objects.get(pk=order.pk).state == expected
         if agent_answers:
-            self._ack_all(timezone.now())
+            self._ack_all(self.now)
 
     @rule(ahead_minutes=st.integers(min_value=0, max_value=8 * 60), agent_answers=st.booleans())
     def expire(self, ahead_minutes: int, agent_answers: bool) -> None:
         """The beat task runs, maybe late: booked time up -> stopping, provisioning past its
-        timeout -> failed. The agent may then acknowledge the removals."""
-        services.expire_orders(now=timezone.now() + timedelta(minutes=ahead_minutes))
+        timeout -> failed, orders of a node silent past the grace -> failed or completed."""
+        self._step()
+        services.expire_orders(now=self.now + timedelta(minutes=ahead_minutes))
         if agent_answers:
-            self._ack_all(timezone.now())
+            self._ack_all(self.now)
+
+    @rule(minutes=st.integers(min_value=-8 * 60, max_value=60))
+    def heartbeat(self, minutes: int) -> None:
+        """The node's agent sends a heartbeat at some time; after a long silence that records
+        an outage, which later settlements leave out."""
+        self._step()
+        mesh.record_heartbeat(
+            Node.objects.get(pk=self.node.pk), at=self.now + timedelta(minutes=minutes)
+        )
 
     @precondition(lambda self: self.order_ids)
-    @rule(i=order_index, rx=st.integers(0, 20 << 30), tx=st.integers(0, 20 << 30))
-    def traffic(self, i: int, rx: int, tx: int) -> None:
+    @rule(i=pick, gib=st.integers(0, 80), mib=st.integers(0, 1023))
+    def traffic(self, i: int, gib: int, mib: int) -> None:
+        """Metered bytes arrive (as the peer_traffic receiver applies them): past the
+        bandwidth allowance the job stops."""
+        self._step()
         order = self._order(i, ("running", "stopping"))
         if order is not None:
-            services.add_traffic(order.job_peer, rx_bytes=rx, tx_bytes=tx)
+            services.add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=mib << 20)
+            services.stop_if_allowance_used(order.job_peer)
 
     @precondition(lambda self: self.order_ids)
-    @rule(i=order_index)
+    @rule(i=pick)
     def settle_again(self, i: int) -> None:
         """A retried settlement (the sweep, a redelivered task) never settles twice, and an
         order that is not ready for settlement is refused without moving money."""
+        self._step()
         order = self._order(i, ("completed",)) or self._order(i)
         before = Settlement.objects.filter(order=order).values_list("pk", flat=True).first()
         try:
             settlement = services.settle_order(order)
-        except (InvalidTransition, AlreadyResolved):
+        except MarketError:
             assert before is None
             return
         assert before is None or settlement.pk == before
 
-    # --- invariants ------------------------------------------------------------------------
+    # --- after settlement: the dispute window, disputes, payouts -------------------------------
+
+    @rule(ahead_hours=st.integers(min_value=0, max_value=200))
+    def release_earnings(self, ahead_hours: int) -> None:
+        self._step()
+        payments.release_due_earnings(now=self.now + timedelta(hours=ahead_hours))
+
+    @precondition(lambda self: self.order_ids)
+    @rule(i=pick, ahead_hours=st.integers(min_value=0, max_value=60))
+    def dispute(self, i: int, ahead_hours: int) -> None:
+        self._step()
+        order = self._order(i, ("completed", "failed")) or self._order(i)
+        try:
+            payments.open_dispute(
+                order,
+                self.buyer,
+                "not as described",
+                now=timezone.now() + timedelta(hours=ahead_hours),
+            )
+        except MarketError:
+            return
+        assert Order.objects.get(pk=order.pk).state == "disputed"
+
+    @precondition(lambda self: Dispute.objects.filter(buyer=self.buyer, state="open").exists())
+    @rule(i=pick, share=percent)
+    def resolve_dispute(self, i: int, share: int) -> None:
+        self._step()
+        disputes = list(Dispute.objects.filter(buyer=self.buyer, state="open").order_by("pk"))
+        dispute = disputes[i % len(disputes)]
+        captured = Settlement.objects.get(order_id=dispute.order_id).captured
+        refund = captured * share // 100
+        payments.resolve_dispute(dispute, refund=refund, operator=self.operator)
+
+    @rule(share=percent)
+    def request_payout(self, share: int) -> None:
+        self._step()
+        amount = ledger.earnings_for(self.provider) * share // 100
+        if amount <= 0:
+            return
+        payments.request_payout(self.provider, amount)
+
+    @precondition(lambda self: PayoutRequest.objects.filter(state="requested").exists())
+    @rule(i=pick, paid=st.booleans())
+    def decide_payout(self, i: int, paid: bool) -> None:
+        self._step()
+        payouts = list(PayoutRequest.objects.filter(state="requested").order_by("pk"))
+        payout = payouts[i % len(payouts)]
+        if paid:
+            payments.mark_payout_paid(payout, operator=self.operator, reference="wire")
+        else:
+            payments.reject_payout(payout, operator=self.operator, reason="details missing")
+
+    # --- whole paths in one step (the rules above interleave the same calls) -----------------
+
+    @rule(share=percent, paid=st.booleans())
+    def payout_round(self, share: int, paid: bool) -> None:
+        """Dispute windows pass, the provider asks for part of its earnings, an operator
+        decides."""
+        self._step()
+        payments.release_due_earnings(now=self.now + timedelta(days=30))
+        amount = ledger.earnings_for(self.provider) * share // 100
+        if amount <= 0:
+            return
+        payout = payments.request_payout(self.provider, amount)
+        if paid:
+            payments.mark_payout_paid(payout, operator=self.operator, reference="wire")
+        else:
+            payments.reject_payout(payout, operator=self.operator, reason="details missing")
+
+    @rule(i=pick, share=percent)
+    def dispute_round(self, i: int, share: int) -> None:
+        """The buyer disputes a settled order in time; an operator refunds `share` % of it."""
+        self._step()
+        order = self._order(i, ("completed", "failed"))
+        if order is None:
+            return
+        try:
+            dispute = payments.open_dispute(order, self.buyer, "slow")
+        except MarketError:
+            return  # not charged, or its window closed
+        captured = Settlement.objects.get(order=order).captured
+        payments.resolve_dispute(dispute, refund=captured * share // 100, operator=self.operator)
+
+    @rule(minutes=st.integers(min_value=1, max_value=120))
+    def node_lost_mid_job(self, minutes: int) -> None:
+        """A job runs, the node's heartbeats stop, and the beat task runs past the grace: the
+        node's running orders fail and stopping ones complete, billed to its last heartbeat."""
+        self._step()
+        try:
+            order = services.place_order(
+                self.buyer,
+                listing_id=self.listing.pk,
+                gpu_count=1,
+                hours=4,
+                wireguard_public_key=factories.wg_public_key(),
+            )
+        except MarketError:
+            order = None
+        if order is not None:
+            self.order_ids.append(order.pk)
+            services.provision_order(order.pk)
+            self._ack_all(self.now - timedelta(minutes=minutes))
+        mesh.record_heartbeat(Node.objects.get(pk=self.node.pk), at=self.now)
+        last_seen = Node.objects.values_list("last_seen_at", flat=True).get(pk=self.node.pk)
+        grace = timedelta(seconds=django_settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
+        services.expire_orders(now=last_seen + grace + timedelta(seconds=1))
+
+    # --- crashes -----------------------------------------------------------------------------
+
+    @rule(what=st.sampled_from(CRASHES), i=pick)
+    def crash_and_retry(self, what: str, i: int) -> None:
+        """A worker or request dies in the middle of an operation: its transaction never
+        commits, so nothing of it may remain. Then the operation runs again (the redelivered
+        task, the client's retry) and lands once."""
+        self._step()
+        operation = self._operation(what, i)
+        if operation is None:
+            return
+        type(self).reached[f"crash in {what}"] += 1
+        before = self._snapshot()
+        try:
+            with transaction.atomic():
+                operation()
+                raise Crash
+        except Crash:
+            pass
+        except MarketError:
+            return  # refused up front: nothing to crash in
+        assert self._snapshot() == before, f"a crashed {what} left something behind"
+        operation()
+        operation_again = self._operation(what, i)
+        if operation_again is not None and what in ("ack", "expire", "release", "lost_node"):
+            before = self._snapshot()
+            operation_again()  # a duplicate delivery after the effect landed: a no-op
+            assert self._snapshot() == before, f"a repeated {what} moved money"
+
+    def _operation(self, what: str, i: int):
+        if what == "ack":
+            return lambda: self._ack_all(self.now)
+        if what == "expire":
+            return lambda: services.expire_orders(now=self.now)
+        if what == "lost_node":
+            return lambda: services.end_orders_of_lost_nodes(now=self.now + timedelta(hours=8))
+        if what == "release":
+            return lambda: payments.release_due_earnings(now=self.now + timedelta(days=30))
+        if what == "provision":
+            order = self._order(i, ("pending",)) or self._placed()
+            return (lambda: services.provision_order(order.pk)) if order else None
+        if what == "stop":
+            order = self._order(i, ("pending", "provisioning", "running")) or self._placed()
+            return (lambda: services.stop_order(order)) if order else None
+        if what == "resolve":
+            dispute = Dispute.objects.filter(buyer=self.buyer, state="open").first()
+            order = self._order(i, ("completed", "failed"))
+            if dispute is None and order is not None:
+                with contextlib.suppress(MarketError):  # committed before the crash
+                    dispute = payments.open_dispute(order, self.buyer, "crash test")
+            if dispute is None:
+                return None
+            return lambda: payments.resolve_dispute(dispute, refund=i, operator=self.operator)
+        if what == "payout":
+            payout = PayoutRequest.objects.filter(state="requested").first()
+            if payout is None:
+                payments.release_due_earnings(now=self.now + timedelta(days=30))
+                if ledger.earnings_for(self.provider) > 0:  # committed before the crash
+                    payout = payments.request_payout(self.provider, 1)
+            if payout is None:
+                return None
+            return lambda: payments.mark_payout_paid(payout, operator=self.operator)
+        raise AssertionError(what)
+
+    def _placed(self) -> Order | None:
+        """A fresh pending order (committed before the crash under test), if funds allow."""
+        try:
+            order = services.place_order(
+                self.buyer,
+                listing_id=self.listing.pk,
+                gpu_count=1,
+                hours=1,
+                wireguard_public_key=factories.wg_public_key(),
+            )
+        except MarketError:
+            return None
+        self.order_ids.append(order.pk)
+        return order
+
+    def _snapshot(self) -> tuple:
+        return (
+            tuple(Account.objects.order_by("pk").values_list("pk", "balance")),
+            LedgerTransaction.objects.count(),
+            tuple(Order.objects.order_by("pk").values_list("pk", "state")),
+            Settlement.objects.count(),
+            tuple(EarningsHold.objects.order_by("pk").values_list("pk", "state")),
+            tuple(PayoutRequest.objects.order_by("pk").values_list("pk", "state")),
+        )
+
+    # --- invariants --------------------------------------------------------------------------
 
     @invariant()
     def the_ledger_audit_is_clean(self) -> None:
         assert audit_ledger() == []
 
     @invariant()
-    def orders_agree_with_their_holds(self) -> None:
-        for order in Order.objects.filter(buyer=self.buyer).select_related("hold"):
-            if order.state in LIVE:
-                assert order.hold.state == EscrowHold.State.OPEN, order
-            else:
-                assert order.hold.state != EscrowHold.State.OPEN, order
-            has_settlement = Settlement.objects.filter(order=order).exists()
-            assert has_settlement == (order.state == "completed"), order
-
-    @invariant()
-    def the_wallet_is_grants_less_holds_less_captures(self) -> None:
-        open_holds = ledger.held_for(self.buyer)
-        captured = (
-            Settlement.objects.filter(order__buyer=self.buyer).aggregate(t=Sum("captured"))["t"]
-            or 0
+    def orders_holds_settlements_and_logs_agree(self) -> None:
+        """Two queries: every order with its hold, settlement and transition log; and the
+        listing's GPUs are never oversold."""
+        rows = list(
+            Order.objects.values_list("pk", "state", "hold__state", "settlement__id", "gpu_count")
         )
-        assert ledger.available_for(self.buyer) == self.granted - open_holds - captured
-        assert ledger.available_for(self.buyer) >= 0
-
-    @invariant()
-    def every_order_has_a_chained_transition_log(self) -> None:
-        for order in Order.objects.filter(buyer=self.buyer):
-            log = list(
-                OrderTransition.objects.filter(order=order).values_list("from_state", "to_state")
-            )
+        orders = {pk: (state, hold_state, settled) for pk, state, hold_state, settled, _ in rows}
+        in_use = sum(gpus for _, state, _, _, gpus in rows if state in LIVE)
+        assert in_use <= self.listing.gpu_count
+        for state, hold_state, settled in orders.values():
+            assert (hold_state == EscrowHold.State.OPEN) == (state in LIVE), (state, hold_state)
+            if state in Order.COMPLETED_STATES:
+                assert settled is not None, state
+            elif state != "failed":  # a failed order is settled when it had run
+                assert settled is None, state
+        logs: dict[int, list[tuple[str, str]]] = {}
+        for order_id, from_state, to_state in OrderTransition.objects.order_by(
+            "order_id", "pk"
+        ).values_list("order_id", "from_state", "to_state"):
+            logs.setdefault(order_id, []).append((from_state, to_state))
+        assert logs.keys() == orders.keys()
+        for order_id, log in logs.items():
             assert log[0] == ("", "pending")
             for (_, to_state), (from_state, _) in pairwise(log):
                 assert from_state == to_state
-            assert log[-1][1] == order.state
+            assert log[-1][1] == orders[order_id][0]
 
     @invariant()
-    def gpus_are_never_oversold(self) -> None:
-        assert Order.objects.gpus_in_use(self.listing.pk) <= self.listing.gpu_count
+    def every_party_holds_exactly_its_money(self) -> None:
+        """Buyer, provider, platform and the outside world, each from first principles (what
+        was granted, captured, refunded, paid out), against the ledger's balances: four
+        queries. The savepoint per example means the tables hold this example's rows only."""
+        totals = Settlement.objects.aggregate(
+            captured=Sum("captured"), fee=Sum("fee"), shares=Sum("provider_amount")
+        )
+        captured = totals["captured"] or 0
+        refunds = list(
+            Dispute.objects.filter(refund__isnull=False).values_list(
+                "refund", "order__earnings_hold__amount"
+            )
+        )
+        refunded = sum(refund for refund, _ in refunds)
+        from_shares = sum(min(refund, share) for refund, share in refunds)
+        paid_out = PayoutRequest.objects.filter(state="paid").aggregate(t=Sum("amount"))["t"] or 0
+        balance: dict[tuple[str, int | None], int] = {}
+        for kind, user_id, total in (
+            Account.objects.values("kind", "user_id")
+            .annotate(total=Sum("balance"))
+            .values_list("kind", "user_id", "total")
+        ):
+            balance[(kind, user_id)] = total
+
+        def of(kind: str, user=None) -> int:
+            return balance.get((kind, user.pk if user else None), 0)
+
+        wallet = of("wallet", self.buyer)
+        assert wallet >= 0
+        assert wallet == self.granted - of("escrow", self.buyer) - captured + refunded
+        provider_money = (
+            of("frozen", self.provider)
+            + of("earnings", self.provider)
+            + of("payout", self.provider)
+            + paid_out
+        )
+        assert provider_money == (totals["shares"] or 0) - from_shares
+        assert of("fees") == (totals["fee"] or 0) - (refunded - from_shares)
+        assert of("world") == -self.granted + paid_out
+        assert sum(balance.values()) == 0
 
 
-def test_money_invariants_hold_under_any_sequence_of_operations(db):
-    run_state_machine_as_test(
-        MoneyMachine,
-        settings=settings(
-            # Cheap by default (it runs on both databases in every `make test`); set
-            # MOLT_PROPERTY_EXAMPLES=500 for a longer hunt.
-            max_examples=int(os.environ.get("MOLT_PROPERTY_EXAMPLES", "30")),
-            stateful_step_count=20,
-            deadline=None,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow],
-        ),
+def test_money_invariants_hold_under_any_sequence_of_operations(db, settings):
+    # Faster beat-visible edges for small step counts: a window and a grace that the generated
+    # time jumps (hours ahead) actually cross.
+    settings.MOLT_DISPUTE_WINDOW_SECONDS = 48 * 3600
+    settings.MOLT_BANDWIDTH_ALLOWANCE_GIB = 50
+    users = get_user_model().objects
+    # Unusable passwords: hashing one costs more than a whole example.
+    buyer = users.create_user(username="prop-buyer", password=None)
+    provider = users.create_user(username="prop-provider", password=None)
+    operator = users.create_user(username="prop-operator", password=None, is_staff=True)
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(8)])
+    listing = services.create_listing(
+        provider, node=node, gpu_count=8, price_per_gpu_hour=1_500_000, price_per_gib=20_000
+    )
+    MoneyMachine.fixtures = {
+        "buyer": buyer,
+        "provider": provider,
+        "operator": operator,
+        "node": node,
+        "listing": listing,
+    }
+    MoneyMachine.runs = []
+    MoneyMachine.reached = Counter()
+    # _min_steps: Hypothesis (pinned in pyproject) otherwise also tries some short runs, and
+    # issue 4 asks for 200 examples of 30 steps or more. A failure still shrinks each step to
+    # its simplest rule and arguments; it just keeps at least MIN_STEPS of them.
+    run_state_machine_as_test(MoneyMachine, settings=settings_for_ci(), _min_steps=MIN_STEPS)
+    # The run really was as big as issue 4 asks (a failure above would have stopped us first).
+    full = [steps for steps in MoneyMachine.runs if steps >= MIN_STEPS]
+    assert len(full) >= EXAMPLES, sorted(MoneyMachine.runs)
+    # And it reached every money path, not only the easy ones.
+    if EXAMPLES >= 100:
+        paths = [
+            "settled",
+            "share released",
+            "dispute resolved",
+            "payout paid",
+            "payout rejected",
+            "reversal",
+            "lost node",
+            "allowance used up",
+            "outage billed",
+            *(f"crash in {what}" for what in CRASHES),
+        ]
+        missing = [path for path in paths if not MoneyMachine.reached[path]]
+        assert not missing, f"never reached: {missing} ({dict(MoneyMachine.reached)})"
+    print("REACHED", dict(MoneyMachine.reached))
+
+
+def settings_for_ci() -> settings:
+    return settings(
+        max_examples=EXAMPLES,
+        stateful_step_count=STEPS,
+        deadline=None,
+        database=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
     )

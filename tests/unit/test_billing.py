@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from fractions import Fraction
 
 import pytest
@@ -186,3 +187,119 @@ def test_a_full_booking_with_the_full_allowance_is_exactly_the_quoted_hold(
     assert s.captured == q.total_hold
     assert s.released == 0
     assert s.fee == q.fee
+
+
+# --- offline time and receipts -------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_charged_seconds_leaves_out_outages_inside_the_span():
+    outages = [(at(100), at(160)), (at(-50), at(10)), (at(3500), at(4000))]
+    # span [0, 3600): offline 10 + 60 + 100 = 170 s
+    assert billing.charged_seconds(at(0), at(3600), outages) == (3430, 170)
+
+
+def test_overlapping_outages_count_once():
+    outages = [(at(100), at(200)), (at(150), at(300)), (at(120), at(130))]
+    assert billing.charged_seconds(at(0), at(1000), outages) == (800, 200)
+
+
+def test_a_fraction_of_a_second_offline_is_never_billed():
+    # 10.5 s span, 0.2 s offline: 10.3 s online -> 10 billed, and the 0.5 s tail is no one's.
+    assert billing.charged_seconds(at(0), at(10.5), [(at(5), at(5.2))]) == (10, 0)
+    assert billing.charged_seconds(at(0), at(10.5), [(at(5), at(5.6))]) == (9, 1)
+
+
+def test_an_empty_or_inverted_span_charges_nothing():
+    assert billing.charged_seconds(at(10), at(10), []) == (0, 0)
+    assert billing.charged_seconds(at(10), at(5), [(at(0), at(20))]) == (0, 0)
+
+
+intervals = st.lists(
+    st.tuples(st.integers(-5000, 15000), st.integers(1, 4000)).map(
+        lambda p: (at(p[0] / 10), at(p[0] / 10 + p[1]))
+    ),
+    max_size=8,
+)
+
+
+@given(start=st.integers(0, 5000), length=st.integers(0, 10_000), outages=intervals)
+def test_charged_plus_offline_is_the_whole_span_and_matches_a_brute_force_count(
+    start, length, outages
+):
+    begin, end = at(start), at(start + length)
+    charged, offline = billing.charged_seconds(begin, end, outages)
+    assert charged + offline == length
+    assert 0 <= charged <= length
+    # Brute force at tenth-of-a-second resolution (every interval starts on a tenth).
+    ticks = [begin + timedelta(seconds=t / 10) for t in range(length * 10)]
+    online = sum(1 for tick in ticks if not any(a <= tick < b for a, b in outages))
+    assert charged == online // 10
+
+
+@given(
+    hold=amounts,
+    price_per_gpu_hour=amounts,
+    price_per_gib=amounts,
+    gpu_count=st.integers(min_value=1, max_value=64),
+    billed_seconds=st.integers(min_value=0, max_value=720 * 3600),
+    offline_seconds=st.integers(min_value=0, max_value=720 * 3600),
+    total_bytes=st.integers(min_value=0, max_value=10**15),
+    fee_bps=st.integers(min_value=0, max_value=10_000),
+)
+def test_receipt_lines_always_sum_to_the_capture(
+    hold,
+    price_per_gpu_hour,
+    price_per_gib,
+    gpu_count,
+    billed_seconds,
+    offline_seconds,
+    total_bytes,
+    fee_bps,
+):
+    s = billing.settlement_amounts(
+        hold=hold,
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+        gpu_count=gpu_count,
+        billed_seconds=billed_seconds,
+        total_bytes=total_bytes,
+        fee_bps=fee_bps,
+    )
+    lines = billing.receipt_lines(
+        gpu_count=gpu_count,
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+        billed_seconds=billed_seconds,
+        offline_seconds=offline_seconds,
+        bandwidth_bytes=total_bytes,
+        captured=s.captured,
+    )
+    assert sum(line.amount for line in lines) == s.captured
+    kinds = [line.kind for line in lines]
+    assert kinds[0] == "time" and "bandwidth" in kinds
+    assert ("offline_credit" in kinds) == (offline_seconds > 0)
+    assert all(line.amount <= 0 for line in lines if line.kind in ("offline_credit", "hold_cap"))
+    assert lines[0].seconds == billed_seconds + offline_seconds
+
+
+def test_receipt_lines_of_a_simple_order():
+    lines = billing.receipt_lines(
+        gpu_count=2,
+        price_per_gpu_hour=3_600_000,
+        price_per_gib=10_000,
+        billed_seconds=3000,
+        offline_seconds=600,
+        bandwidth_bytes=2 * GIB,
+        captured=6_020_000,
+    )
+    assert [(line.kind, line.amount) for line in lines] == [
+        ("time", 7_200_000),
+        ("offline_credit", -1_200_000),
+        ("bandwidth", 20_000),
+    ]

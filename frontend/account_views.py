@@ -1,0 +1,139 @@
+"""Accounts: sign up, log in and out, password change, and API tokens for the CLI and API.
+
+Django's own auth views where they fit; every write goes through Django auth or
+marketplace.services (API tokens are issued and revoked there, stored only as hashes)."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import messages
+from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.models import User
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse_lazy
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_http_methods, require_POST
+
+from frontend.security import content_security_policy
+from marketplace import services
+from marketplace.models import ApiToken
+
+LOGIN_URL = reverse_lazy("frontend:login")
+
+
+def buyer_login_required(view):
+    """login_required that sends people to this site's login page, not the admin's (the
+    project's LOGIN_URL points at the admin, which refuses anyone but staff)."""
+    return login_required(view, login_url=LOGIN_URL)
+
+
+class SignUpForm(UserCreationForm):
+    email = forms.EmailField(
+        required=False, help_text="Optional. Only used to reach you about your orders."
+    )
+
+    class Meta(UserCreationForm.Meta):
+        model = User
+        fields = ("username", "email")
+
+
+def _safe_next(request: HttpRequest) -> str | None:
+    target = request.POST.get("next") or request.GET.get("next")
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return None
+
+
+@content_security_policy
+@require_http_methods(["GET", "POST"])
+def signup(request: HttpRequest) -> HttpResponse:
+    if request.user.is_authenticated:
+        return redirect(_safe_next(request) or "frontend:marketplace")
+    form = SignUpForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        # Log the new user in straight away (one backend: ModelBackend checked the password).
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+        messages.success(request, f"Welcome, {user.username}. Your account is ready.")
+        return redirect(_safe_next(request) or "frontend:marketplace")
+    return render(
+        request, "frontend/accounts/signup.html", {"form": form, "next": _safe_next(request)}
+    )
+
+
+login_view = content_security_policy(
+    auth_views.LoginView.as_view(
+        template_name="frontend/accounts/login.html",
+        redirect_authenticated_user=True,
+        next_page=reverse_lazy("frontend:marketplace"),
+    )
+)
+# POST only (Django 5): a link or an image on another page cannot log anyone out.
+logout_view = auth_views.LogoutView.as_view(next_page=reverse_lazy("frontend:marketplace"))
+password_change = content_security_policy(
+    buyer_login_required(
+        auth_views.PasswordChangeView.as_view(
+            template_name="frontend/accounts/password_change.html",
+            success_url=reverse_lazy("frontend:password_change_done"),
+        )
+    )
+)
+password_change_done = content_security_policy(
+    buyer_login_required(
+        auth_views.PasswordChangeDoneView.as_view(
+            template_name="frontend/accounts/password_change_done.html"
+        )
+    )
+)
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(
+        max_length=100,
+        required=False,
+        label="Token name",
+        help_text="What the token is for, e.g. “laptop CLI”.",
+    )
+
+
+def _tokens_page(request: HttpRequest, form: TokenForm, new_token: str | None) -> HttpResponse:
+    tokens = ApiToken.objects.filter(user=request.user).order_by("-created_at", "-id")
+    return render(
+        request,
+        "frontend/accounts/tokens.html",
+        {"form": form, "tokens": tokens, "new_token": new_token},
+    )
+
+
+@content_security_policy
+@never_cache  # the page with a new token must not be kept by any cache or the back button
+@buyer_login_required
+@require_http_methods(["GET", "POST"])
+def api_tokens(request: HttpRequest) -> HttpResponse:
+    """GET lists the user's tokens; POST issues one and shows it in this response only. There
+    is no redirect after the POST on purpose: the plaintext would have to be kept somewhere
+    (a session, a message cookie) to survive it, and only its hash may be kept."""
+    if request.method == "POST":
+        form = TokenForm(request.POST)
+        if form.is_valid():
+            token = services.issue_api_token(request.user, name=form.cleaned_data["name"])
+            return _tokens_page(request, TokenForm(), token)
+        return _tokens_page(request, form, None)
+    return _tokens_page(request, TokenForm(), None)
+
+
+@content_security_policy
+@buyer_login_required
+@require_POST
+def revoke_api_token(request: HttpRequest, token_id: int) -> HttpResponse:
+    if not services.revoke_api_token(request.user, token_id):
+        raise Http404("no such token of yours")
+    messages.success(request, "Token revoked: requests that use it are refused from now on.")
+    return redirect("frontend:api_tokens")

@@ -1,0 +1,152 @@
+"""Buyer pages: a listing with its quote, the buyer's orders, one order live, and the wallet.
+
+Read-only: orders are placed, stopped and re-keyed by the page's script through the REST API
+(session auth + CSRF), because the WireGuard key pair is made in the browser and only its
+public key may reach the server. Another buyer's order is a 404, like a missing one."""
+
+from __future__ import annotations
+
+from django import forms
+from django.conf import settings
+from django.core.paginator import Paginator
+from django.db.models import F, Sum, Window
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.views.decorators.http import require_GET
+
+from frontend.account_views import buyer_login_required
+from frontend.charts import line_chart
+from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
+from frontend.security import content_security_policy
+from frontend.views import PAGE_SIZE, listings_with_free_gpus
+from marketplace import ledger, services
+from marketplace.models import Account, EscrowHold, LedgerEntry, Order
+
+
+class QuoteForm(forms.Form):
+    """Hours and GPUs of the order being priced; the page's script re-prices as they change."""
+
+    def __init__(self, data, *, max_gpus: int) -> None:
+        super().__init__(data)
+        self.fields["hours"] = forms.IntegerField(
+            min_value=1, max_value=settings.MOLT_MAX_ORDER_HOURS, label="Hours"
+        )
+        self.fields["gpu_count"] = forms.IntegerField(
+            min_value=1, max_value=max(max_gpus, 1), label="GPUs"
+        )
+
+
+@content_security_policy
+@require_GET
+def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    listing = listings_with_free_gpus().filter(pk=pk).first()
+    if listing is None:
+        raise Http404("no such listing on offer")
+    data = request.GET if {"hours", "gpu_count"} & set(request.GET) else {}
+    form = QuoteForm(data or {"hours": 1, "gpu_count": 1}, max_gpus=listing.gpus_free)
+    quote = None
+    if form.is_valid():
+        quote = services.quote_for(
+            listing, gpu_count=form.cleaned_data["gpu_count"], hours=form.cleaned_data["hours"]
+        )
+    gpus = [gpu for gpu in listing.node.gpus.all() if gpu.name == listing.gpu_model]
+    available = ledger.available_for(request.user) if request.user.is_authenticated else None
+    return render(
+        request,
+        "frontend/listing.html",
+        {
+            "listing": listing,
+            "form": form,
+            "quote": quote,
+            "gpus": gpus,
+            "available": available,
+            "allowance_gib": settings.MOLT_BANDWIDTH_ALLOWANCE_GIB,
+            "fee_percent": settings.MOLT_PLATFORM_FEE_BPS / 100,
+            "own": request.user.is_authenticated and listing.owner_id == request.user.pk,
+        },
+    )
+
+
+@content_security_policy
+@buyer_login_required
+@require_GET
+def order_list(request: HttpRequest) -> HttpResponse:
+    orders = Order.objects.for_buyer(request.user).select_related("listing", "settlement")
+    page = Paginator(orders, PAGE_SIZE).get_page(request.GET.get("page"))
+    return render(request, "frontend/orders.html", {"page": page})
+
+
+def _order_context(order: Order) -> dict:
+    points = usage_intervals(order)
+    state = snapshot(order)
+    reached = STEPS.index(order.state) if order.state in STEPS else -1
+    return {
+        "order": order,
+        "state": state,
+        "steps": [(step, i < reached, i == reached) for i, step in enumerate(STEPS)],
+        "transitions": order.transitions.all(),
+        "chart": line_chart(points, width=640, height=160),
+        "intervals": len(points),
+        "settlement": getattr(order, "settlement", None),
+        "allowance_used_percent": min(
+            100,
+            (order.bytes_in + order.bytes_out) * 100 // max(order.bandwidth_allowance_bytes, 1),
+        ),
+    }
+
+
+@content_security_policy
+@buyer_login_required
+@require_GET
+def order_detail(request: HttpRequest, pk: int) -> HttpResponse:
+    order = order_for(request.user, pk)
+    if order is None:
+        raise Http404("no such order of yours")
+    return render(request, "frontend/order.html", _order_context(order))
+
+
+@content_security_policy
+@buyer_login_required
+@require_GET
+def order_panels(request: HttpRequest, pk: int) -> HttpResponse:
+    """The order page's server-rendered live panels (usage, receipt, history), fetched by its
+    script when the websocket says the order changed, so amounts and dates are formatted in
+    one place."""
+    order = order_for(request.user, pk)
+    if order is None:
+        raise Http404("no such order of yours")
+    return render(request, "frontend/order_panels.html", _order_context(order))
+
+
+@content_security_policy
+@buyer_login_required
+@require_GET
+def wallet(request: HttpRequest) -> HttpResponse:
+    account = Account.objects.filter(kind=Account.Kind.WALLET, user=request.user).first()
+    entries = LedgerEntry.objects.none()
+    if account is not None:
+        # The balance after each entry, computed in the same query; entries are appended in
+        # id order, so that order is the wallet's history.
+        entries = (
+            LedgerEntry.objects.filter(account=account)
+            .select_related("transaction")
+            .annotate(balance_after=Window(Sum("amount"), order_by=F("id").asc()))
+            .order_by("-id")
+        )
+    page = Paginator(entries, PAGE_SIZE).get_page(request.GET.get("page"))
+    holds = (
+        EscrowHold.objects.filter(order__buyer=request.user, state=EscrowHold.State.OPEN)
+        .select_related("order__listing")
+        .order_by("-id")
+    )
+    return render(
+        request,
+        "frontend/wallet.html",
+        {
+            "available": account.balance if account is not None else 0,
+            "held": ledger.held_for(request.user),
+            "currency": settings.MOLT_CURRENCY,
+            "page": page,
+            "holds": holds,
+        },
+    )

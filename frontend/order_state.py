@@ -1,0 +1,106 @@
+"""Read side of a buyer's order for the order page and its live channel: the order as its owner
+may see it, the snapshot pushed over the websocket, and the bandwidth samples of its chart."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+from django.db.models import F, Window
+from django.db.models.functions import Mod, RowNumber
+
+from frontend.charts import Interval, intervals
+from marketplace.models import Order
+from meshnet.metering import Counters
+from meshnet.models import JobPeer, MeteringSample
+
+# Enough points for a 640-pixel-wide chart; a month-long order at one sample every ten seconds
+# has a quarter of a million samples, and only every n-th is read (see usage_intervals).
+MAX_CHART_SAMPLES = 240
+# Samples arrive a little before the ack and after the stop: keep the edges of the order.
+SAMPLE_MARGIN = timedelta(minutes=1)
+
+S = Order.State
+STEPS = ("pending", "provisioning", "running", "stopping", "completed")
+
+
+def order_for(user, order_id: int) -> Order | None:
+    """`user`'s order `order_id` with what its page shows, or None for anyone else's (a
+    stranger's order and a missing one look the same)."""
+    if not getattr(user, "is_authenticated", False):
+        return None
+    return (
+        Order.objects.for_buyer(user)
+        .select_related("listing__node", "job_peer", "settlement")
+        .filter(pk=order_id)
+        .first()
+    )
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def snapshot(order: Order) -> dict[str, Any]:
+    """What the order page needs to redraw its live parts. Never holds a private key: the
+    server never had one."""
+    peer = order.job_peer if order.job_peer_id else None
+    node = order.listing.node
+    settled = getattr(order, "settlement", None) is not None
+    return {
+        "type": "order",
+        "id": order.pk,
+        "state": order.state,
+        "reason": order.reason,
+        "wireguard_public_key": order.wireguard_public_key,
+        "job_address": peer.address if peer else None,
+        "provider_address": node.mesh_address if peer else None,
+        # The node has the current key once its agent acknowledged the revision that added it.
+        "peer_applied": bool(peer and peer.state == JobPeer.State.ACTIVE),
+        "bytes_in": order.bytes_in,
+        "bytes_out": order.bytes_out,
+        "running_since": _iso(order.running_since),
+        "ends_at": _iso(order.ends_at),
+        "ended_at": _iso(order.ended_at),
+        "settled": settled,
+        "can_download": peer is not None and order.state in (S.PROVISIONING, S.RUNNING),
+        "can_stop": order.state in (S.PENDING, S.PROVISIONING, S.RUNNING),
+        "can_rekey": order.state in (S.PENDING, S.PROVISIONING, S.RUNNING),
+    }
+
+
+def usage_intervals(order: Order) -> list[Interval]:
+    """Traffic of the order's current key between metering samples of its node while the order
+    ran, from at most MAX_CHART_SAMPLES samples spread evenly over the order (counters are
+    cumulative, so skipping samples loses no bytes, only detail). Two queries."""
+    if order.running_since is None:
+        return []
+    samples = MeteringSample.objects.filter(
+        node_id=order.listing.node_id, sampled_at__gte=order.running_since - SAMPLE_MARGIN
+    )
+    if order.ended_at is not None:
+        samples = samples.filter(sampled_at__lte=order.ended_at + SAMPLE_MARGIN)
+    total = samples.count()
+    if total < 2:
+        return []
+    step = math.ceil(total / MAX_CHART_SAMPLES)
+    if step > 1:
+        samples = samples.annotate(
+            n=Window(RowNumber(), order_by=[F("sampled_at").asc(), F("id").asc()])
+        ).annotate(every=Mod(F("n"), step))
+        samples = samples.filter(every=0)
+    rows = samples.order_by("sampled_at", "id").values_list("sampled_at", "body")
+    key = order.wireguard_public_key
+    points: list[tuple[Any, Counters]] = []
+    for sampled_at, body in rows:
+        for peer in (body or {}).get("peers", ()):
+            if peer.get("public_key") == key:
+                counters = Counters(
+                    int(peer.get("epoch", 0)),
+                    int(peer.get("rx_bytes", 0)),
+                    int(peer.get("tx_bytes", 0)),
+                )
+                points.append((sampled_at, counters))
+                break
+    return intervals(points)

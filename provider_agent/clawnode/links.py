@@ -1,0 +1,230 @@
+"""Links and addresses through pyroute2's IPRoute, in this process or in a short-lived child.
+
+Both real backends put the node's address on the WireGuard interface and bring it up with
+pyroute2 (never by running ``ip``). Importing pyroute2 costs the process about 8 MB of resident
+memory for good. The kernel backend needs pyroute2 for generic netlink on every peer change
+anyway; the userspace backend (wireguard-go, configured over its UAPI socket) needs it only once
+at start-up. So the userspace backend runs these one-off calls in a child,
+``python -m clawnode.links configure IFACE ADDRESS``, which imports pyroute2, does the work,
+answers one JSON line and exits: the long-lived agent never loads pyroute2 (``in_child``).
+
+This module imports nothing heavy at module level (no PyNaCl, no pyroute2), so the child starts
+quickly.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "WireGuardError",
+    "check_address",
+    "configure_link",
+    "delete_link",
+    "in_child",
+    "kernel_wireguard_available",
+    "link_exists",
+]
+
+CHILD_TIMEOUT_S = 60.0
+
+
+class WireGuardError(Exception):
+    """A WireGuard operation failed. ``errno`` is the positive errno when one is known, else 0."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+def check_address(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    if "/" not in address:
+        raise WireGuardError(f"interface address {address!r} must be in CIDR form (a.b.c.d/n)")
+    try:
+        return ipaddress.ip_interface(address)
+    except ValueError:
+        raise WireGuardError(f"interface address {address!r} is not valid") from None
+
+
+def pyroute2() -> tuple[Any, Any, type[Exception]]:
+    """pyroute2's IPRoute, WireGuard and NetlinkError, imported on first use: importing pyroute2
+    takes a quarter of a second and 8 MB, which `clawnode join`, the pure helpers and the
+    userspace agent do not need."""
+    from pyroute2 import IPRoute, WireGuard  # type: ignore[import-untyped]
+    from pyroute2.netlink.exceptions import NetlinkError  # type: ignore[import-untyped]
+
+    return IPRoute, WireGuard, NetlinkError
+
+
+def netlink_error(exc: Exception, what: str) -> WireGuardError:
+    code = getattr(exc, "code", 0) or 0
+    text = os.strerror(code) if code else str(exc)
+    return WireGuardError(f"{what}: {text}", code)
+
+
+def link_index(ipr: Any, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return int(found[0]) if found else None
+
+
+def configure_link(name: str, address: str) -> None:
+    """Give ``name`` exactly one address of ``address``'s family (this one) and bring it up.
+
+    The interface is the agent's: an address left from an earlier enrolment is removed, so the
+    node never answers on a mesh address it no longer owns.
+    """
+    IPRoute, _, NetlinkError = pyroute2()
+    wanted = check_address(address)
+    family = socket.AF_INET if wanted.version == 4 else socket.AF_INET6
+    try:
+        with IPRoute() as ipr:
+            index = link_index(ipr, name)
+            if index is None:
+                raise WireGuardError(f"interface {name} does not exist", errno_mod.ENODEV)
+            present = False
+            for entry in ipr.get_addr(index=index, family=family):
+                ip = entry.get_attr("IFA_ADDRESS")
+                prefixlen = entry["prefixlen"]
+                if ip == str(wanted.ip) and prefixlen == wanted.network.prefixlen:
+                    present = True
+                elif wanted.version == 6 and ipaddress.ip_address(ip).is_link_local:
+                    continue  # the kernel's own fe80:: address
+                else:
+                    ipr.addr("del", index=index, address=ip, prefixlen=prefixlen)
+            if not present:
+                ipr.addr(
+                    "add", index=index, address=str(wanted.ip), prefixlen=wanted.network.prefixlen
+                )
+            ipr.link("set", index=index, state="up")
+    except NetlinkError as exc:
+        raise netlink_error(exc, f"configuring interface {name} with {address}") from None
+
+
+def link_exists(name: str) -> bool:
+    IPRoute, _, _ = pyroute2()
+    with IPRoute() as ipr:
+        return link_index(ipr, name) is not None
+
+
+def delete_link(name: str) -> bool:
+    """Delete the link if it exists; True if it existed."""
+    IPRoute, _, NetlinkError = pyroute2()
+    try:
+        with IPRoute() as ipr:
+            index = link_index(ipr, name)
+            if index is None:
+                return False
+            ipr.link("del", index=index)
+            return True
+    except NetlinkError as exc:
+        if getattr(exc, "code", 0) == errno_mod.ENODEV:
+            return False
+        raise netlink_error(exc, f"deleting interface {name}") from None
+
+
+def kernel_wireguard_available() -> tuple[bool, str]:
+    """Does the running kernel speak WireGuard? (available, why) — asks generic netlink for the
+    'wireguard' family, which is what KernelBackend needs (and loads the module if it can)."""
+    try:
+        _, WireGuard, NetlinkError = pyroute2()
+    except ImportError as exc:
+        return False, f"pyroute2 is missing ({exc})"
+    try:
+        sock = WireGuard()
+    except NetlinkError as exc:
+        if getattr(exc, "code", 0) == errno_mod.ENOENT:
+            return False, "the kernel has no WireGuard (generic netlink family 'wireguard' missing)"
+        return False, f"the kernel WireGuard netlink family is unusable: {exc}"
+    except OSError as exc:
+        return False, f"cannot open generic netlink: {exc}"
+    sock.close()
+    return True, "the kernel has WireGuard (generic netlink family 'wireguard')"
+
+
+# -- the child -------------------------------------------------------------------------------------
+
+_OPERATIONS = {
+    # name: (arguments, function)
+    "configure": (("IFACE", "ADDRESS"), configure_link),
+    "delete": (("IFACE",), delete_link),
+    "exists": (("IFACE",), link_exists),
+    "probe-kernel": ((), kernel_wireguard_available),
+}
+
+
+def in_child(operation: str, *args: str, timeout: float = CHILD_TIMEOUT_S) -> Any:
+    """Run one operation of this module in a child interpreter and return its result (JSON
+    types: a tuple comes back as a list); its WireGuardError is raised here with its errno.
+
+    The child is this interpreter (``sys.executable``) with this copy of clawnode first on its
+    path, in this process's network namespace. No shell: the arguments are argv entries.
+    """
+    if operation not in _OPERATIONS:
+        raise ValueError(f"unknown link operation {operation!r}")
+    if not sys.executable:
+        raise WireGuardError(f"{operation}: cannot find the Python interpreter to run pyroute2")
+    package_root = str(Path(__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    env = dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "clawnode.links", operation, *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise WireGuardError(
+            f"{operation} {' '.join(args)}: the pyroute2 helper gave no answer in {timeout:g} s",
+            errno_mod.ETIMEDOUT,
+        ) from None
+    except OSError as exc:
+        raise WireGuardError(
+            f"{operation} {' '.join(args)}: cannot start the pyroute2 helper: {exc}",
+            exc.errno or 0,
+        ) from None
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        answer = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict) or not ("result" in answer or "error" in answer):
+        stderr = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        detail = stderr[-1][-300:] if stderr else "no output"
+        raise WireGuardError(
+            f"{operation} {' '.join(args)}: the pyroute2 helper failed "
+            f"(exit status {done.returncode}): {detail}"
+        )
+    if "error" in answer:
+        raise WireGuardError(str(answer["error"]), int(answer.get("errno") or 0))
+    return answer["result"]
+
+
+def main(argv: list[str]) -> int:
+    """The child: one operation, one JSON line on stdout ({"result"} or {"error", "errno"})."""
+    if not argv or argv[0] not in _OPERATIONS or len(argv) - 1 != len(_OPERATIONS[argv[0]][0]):
+        usage = " | ".join(" ".join((name, *args)) for name, (args, _) in _OPERATIONS.items())
+        print(f"usage: python -m clawnode.links {usage}", file=sys.stderr)
+        return 2
+    function = _OPERATIONS[argv[0]][1]
+    try:
+        result = function(*argv[1:])  # type: ignore[operator]
+    except WireGuardError as exc:
+        print(json.dumps({"error": str(exc), "errno": exc.errno}))
+        return 1
+    print(json.dumps({"result": result}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""An operator opens the ops dashboard in Debian's Chromium against a live server holding the
+demo market with orders in every state: it logs in through the admin's login page, and the
+dashboard's charts are drawn with data (bars of non-zero height in each inline SVG), its
+figures are there, and nothing is loaded from elsewhere. Screenshots go to
+test-artifacts/browser/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from marketplace.audit import record_audit_run
+from tests.scaled_market import seed_scaled_market
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
+PASSWORD = "run-the-market-2"
+
+
+@pytest.fixture
+def page(monkeypatch):
+    # Playwright's sync API runs an event loop in this thread; the test touches the database
+    # only around the browser, never concurrently with it.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+def drawn_bars(page, chart_id: str) -> list[float]:
+    """Heights of the bars the browser laid out in the chart (its rendered boxes, in px)."""
+    bars = page.locator(f"#{chart_id} svg rect.bar")
+    return [box["height"] for box in (bars.nth(i).bounding_box() for i in range(bars.count()))]
+
+
+def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
+    live_server, page, django_user_model
+):
+    django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
+    seed_scaled_market(2)
+    record_audit_run(source="beat")
+    requested: list[str] = []
+    console_errors: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+
+    page.goto(f"{live_server.url}/ops/")
+    assert "/admin/login/" in page.url  # staff only
+    page.fill("#id_username", "operator")
+    page.fill("#id_password", PASSWORD)
+    with page.expect_navigation():
+        page.click("input[type=submit]")
+    assert page.url == f"{live_server.url}/ops/"
+    # From here on, only the dashboard's own loading counts (the admin's login page has no
+    # favicon link, and Chromium logs the 404 of its guess at /favicon.ico as an error).
+    requested.clear()
+    console_errors.clear()
+    page.goto(f"{live_server.url}/ops/")
+
+    assert page.title() == "MOLT · Operations"
+    for chart in ("revenue-chart", "bandwidth-chart", "jobs-chart"):
+        svg = page.locator(f"#{chart} svg")
+        assert svg.is_visible()
+        box = svg.bounding_box()
+        assert box["width"] > 200 and box["height"] > 50, chart
+        heights = drawn_bars(page, chart)
+        assert heights and max(heights) > 10, (chart, heights)
+        assert page.locator(f"#{chart} [data-chart-empty]").count() == 0
+    # Today's bar is the tallest revenue bar (every settlement of the seed is from today).
+    revenue = drawn_bars(page, "revenue-chart")
+    assert revenue[-1] == max(revenue) and sum(1 for h in revenue if h > 0) == 1
+    # Jobs by state: completed (4) twice the height of failed (2).
+    jobs = dict(
+        zip(
+            [text.strip() for text in page.locator("#jobs-table th").all_text_contents()],
+            drawn_bars(page, "jobs-chart"),
+            strict=True,
+        )
+    )
+    assert jobs["completed"] == pytest.approx(2 * jobs["failed"], rel=0.05)
+    assert page.locator("#nodes-online").inner_text() != "0"
+    assert page.locator("#audit-result").inner_text() == "OK"
+    assert page.locator("#failed-orders tbody tr").count() == 4  # 2 failed, 2 cancelled
+    assert page.locator("#pool-molt meter").get_attribute("value") not in (None, "0")
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "ops-dashboard.png"), full_page=True)
+    assert requested and all(url.startswith(live_server.url) for url in requested), requested
+    assert console_errors == []

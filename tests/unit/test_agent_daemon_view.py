@@ -1,0 +1,318 @@
+"""The daemon's reconcile step on the in-memory backend, one signed desired state at a time.
+
+The agent plans each change against its own view of the interface instead of reading the whole
+device; these tests pin what that must not cost: a device changed by hand is noticed and put
+back, a refused change makes the agent read the device again, the last bytes of a removed peer
+are billed, acks name every peer that changed or failed, and epochs only grow.
+
+The websocket is a stand-in that keeps the frames the agent sends (what the gateway would get);
+everything else is real: signatures, the reconcile, the epochs file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from clawnode import protocol
+from clawnode.daemon import Agent, Timing
+from clawnode.firewall import FakeFirewall
+from clawnode.gpu import SimulatedGpuReader
+from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
+from clawnode.state import Enrollment, StateDir
+from clawnode.wireguard import FakeBackend
+
+pytestmark = [pytest.mark.unit]
+
+GATEWAY = Identity.from_seed(bytes(range(100, 132)))
+
+
+def wg_key() -> str:
+    return encode_key(generate_wireguard_keypair()[1])
+
+
+class Frames:
+    """Stand-in for the agent's websocket: keeps every frame the agent sends, parsed."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, text: str) -> None:
+        self.sent.append(json.loads(text))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [frame for frame in self.sent if frame["type"] == kind]
+
+    def bodies(self, kind: str) -> list[dict[str, Any]]:
+        return [frame["envelope"]["body"] for frame in self.of(kind)]
+
+
+class Connection(Frames):
+    """Stand-in for a new gateway connection: a challenge, then `frames`, then closed."""
+
+    def __init__(self, frames: list[dict[str, Any]]) -> None:
+        super().__init__()
+        self.frames = frames
+
+    async def recv(self) -> str:
+        return json.dumps({"type": "challenge", "challenge": "c" * 43})
+
+    async def __aiter__(self) -> Any:
+        for frame in self.frames:
+            yield json.dumps(frame)
+
+
+class Node:
+    """An agent on a FakeBackend, fed signed desired states as the gateway would send them."""
+
+    def __init__(self, state_dir: Path, backend: FakeBackend | None = None) -> None:
+        self.identity = Identity.from_seed(bytes(range(32)))
+        self.backend = backend or FakeBackend()
+        self.ws = Frames()
+        self.revision = 0
+        self.agent = self._agent(state_dir)
+        if not self.backend.exists:
+            self.agent.bring_up()
+
+    def _agent(self, state_dir: Path) -> Agent:
+        state = StateDir(state_dir)
+        enrollment = Enrollment(
+            gateway="http://127.0.0.1:9",
+            node_id=self.identity.node_id,
+            name="node-1",
+            mesh_address="10.100.128.1",
+            gateway_public_key=GATEWAY.public_key_b64,
+            websocket_url="ws://127.0.0.1:9/ws/agent/",
+            backend="userspace",
+        )
+        return Agent(
+            state=state,
+            enrollment=enrollment,
+            identity=self.identity,
+            backend=self.backend,
+            firewall=FakeFirewall(),
+            gpus=SimulatedGpuReader("RTX 4090:1"),
+            timing=Timing(metering=0.01),
+            say=lambda line: None,
+        )
+
+    def envelope(self, peers: dict[str, str]) -> dict[str, Any]:
+        """Desired state {key: allowed network} at the next revision, signed by the gateway."""
+        self.revision += 1
+        desired = protocol.DesiredState(
+            node_id=self.identity.node_id,
+            revision=self.revision,
+            peers=tuple(
+                protocol.PeerSpec(key, (network,), "job", f"order-{i}")
+                for i, (key, network) in enumerate(peers.items())
+            ),
+            issued_at=int(time.time()),
+        )
+        return protocol.signed_envelope(protocol.DESIRED_STATE, desired.to_dict(), GATEWAY)
+
+    def desire(self, peers: dict[str, str]) -> dict[str, Any]:
+        """Send a desired state on the current connection; return the agent's ack."""
+        acks = len(self.ws.of("ack"))
+        asyncio.run(self.agent._apply_desired(self.ws, self.envelope(peers)))
+        assert len(self.ws.of("ack")) == acks + 1, self.ws.sent[-1]
+        return self.ws.bodies("ack")[-1]
+
+    def reconnect(self, peers: dict[str, str]) -> dict[str, Any]:
+        """A new connection: challenge, the agent's auth, the full desired state, closed."""
+        self.ws = Connection([{"type": "desired_state", "envelope": self.envelope(peers)}])
+        asyncio.run(self.agent._session(self.ws, asyncio.Event()))
+        assert [frame["type"] for frame in self.ws.sent[:1]] == ["auth"]
+        return self.ws.bodies("ack")[-1]
+
+    def sample(self) -> None:
+        """One whole turn of the metering loop (the 10 s sample and what follows it)."""
+
+        async def one_turn() -> None:
+            task = asyncio.ensure_future(self.agent._metering(self.ws))
+            # The second sample is taken after the first turn has finished.
+            samples = len(self.ws.of("metering"))
+            while len(self.ws.of("metering")) < samples + 2 and not task.done():
+                await asyncio.sleep(0.005)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(one_turn())
+
+    def reads(self) -> int:
+        return sum(1 for op, _ in self.backend.calls if op == "list_peers")
+
+
+def results(ack: dict[str, Any]) -> dict[str, bool]:
+    return {r["public_key"]: r["ok"] for r in ack["results"]}
+
+
+def test_one_change_is_planned_from_the_agents_view_without_reading_the_device(tmp_path):
+    node = Node(tmp_path)
+    a, b, c = wg_key(), wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    assert node.reads() == 1  # the first state after connecting reads the device
+
+    ack = node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32", c: "10.100.128.11/32"})
+
+    assert node.reads() == 1
+    assert c in node.backend.peers
+    # Only what this revision changed is acknowledged; peers already right are not listed.
+    assert results(ack) == {c: True}
+
+
+def test_a_reconnect_reads_the_device_again(tmp_path):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    del node.backend.peers[a]  # gone while the agent was disconnected
+
+    ack = node.reconnect({a: "10.100.128.9/32"})
+
+    assert node.reads() == 2
+    assert results(ack) == {a: True}
+    assert a in node.backend.peers
+
+
+def test_a_removed_peers_last_bytes_are_sent_before_it_goes_and_only_its(tmp_path):
+    node = Node(tmp_path)
+    stays, goes = wg_key(), wg_key()
+    node.desire({stays: "10.100.128.9/32", goes: "10.100.128.10/32"})
+    node.backend.add_traffic(stays, rx=1, tx=2)
+    node.backend.add_traffic(goes, rx=3_000, tx=4_000)  # after the last periodic sample
+
+    ack = node.desire({stays: "10.100.128.9/32"})
+
+    sample = node.ws.bodies("metering")[-1]
+    assert [(p["public_key"], p["rx_bytes"], p["tx_bytes"]) for p in sample["peers"]] == [
+        (goes, 3_000, 4_000)
+    ]
+    kinds = [frame["type"] for frame in node.ws.sent[-2:]]
+    assert kinds == ["metering", "ack"]
+    ops = [call for call in node.backend.calls if call[1] == goes]
+    assert ops[-2:] == [("read_peers", goes), ("remove_peer", goes)]
+    assert results(ack) == {goes: True}
+
+
+def test_a_refused_removal_is_reported_and_the_next_state_reads_the_device_and_retries(tmp_path):
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.backend.refuse[b] = "device busy"
+
+    ack = node.desire({a: "10.100.128.9/32"})
+
+    assert results(ack) == {b: False}
+    assert "device busy" in ack["results"][0]["detail"]
+    reads = node.reads()
+    del node.backend.refuse[b]
+    ack = node.desire({a: "10.100.128.9/32"})
+    assert node.reads() == reads + 1  # after a refusal the view is not trusted
+    assert results(ack) == {b: True}
+    assert b not in node.backend.peers
+
+
+def test_a_peer_removed_by_hand_is_noticed_at_the_next_sample_and_put_back(tmp_path):
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.backend.remove_peer(a)  # someone ran `wg set molt0 peer A remove`
+    node.backend.set_peer(b, ["10.100.128.99/32"])  # and changed B's allowed IPs
+
+    node.sample()
+
+    assert node.backend.peers[a].allowed_ips == ("10.100.128.9/32",)
+    assert node.backend.peers[b].allowed_ips == ("10.100.128.10/32",)
+    reports = [frame["detail"] for frame in node.ws.of("report")]
+    assert len(reports) == 1 and "drifted from revision 1" in reports[0]
+    # Put back, the peer starts from zero: it gets a new epoch, sent with its counters.
+    node.sample()
+    counters = {p["public_key"]: p for p in node.ws.bodies("metering")[-1]["peers"]}
+    assert counters[a]["epoch"] > counters[b]["epoch"]
+    assert len(node.ws.of("report")) == 1  # nothing drifted since: nothing more to say
+
+
+def test_a_peer_added_by_hand_is_removed_at_the_next_sample(tmp_path):
+    node = Node(tmp_path)
+    a, stranger = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    node.backend.set_peer(stranger, ["10.100.128.50/32"])
+
+    node.sample()
+
+    assert set(node.backend.peers) == {a}
+
+
+def test_a_desired_state_planned_before_the_sample_is_fixed_by_the_sample(tmp_path):
+    # The view is up to one sample old: a change made by hand in between is not seen by the
+    # next desired state, but the sample after it sees it and restores the newest state.
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    node.backend.remove_peer(a)
+
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.sample()
+
+    assert set(node.backend.peers) == {a, b}
+
+
+def test_a_roamed_endpoint_alone_is_not_reset_by_the_sample(tmp_path):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    node.backend.set_peer(a, ["10.100.128.9/32"], endpoint="203.0.113.5:40000")  # roamed
+    changes = len([call for call in node.backend.calls if call[0] == "set_peer"])
+
+    node.sample()
+
+    assert len([call for call in node.backend.calls if call[0] == "set_peer"]) == changes
+    assert node.ws.of("report") == []
+
+
+def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    first = dict(node.agent.epochs)
+
+    node.desire({b: "10.100.128.10/32"})
+    assert a not in node.agent.epochs  # removed, not desired: pruned
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+
+    assert node.agent.epochs[a] > max(first.values())  # re-added: higher than any before
+    assert node.agent.epochs[b] == first[b]
+    # A restarted agent goes on from the saved counter, so pruning never reuses an epoch.
+    saved = json.loads((tmp_path / "epochs.json").read_text())
+    assert saved["peers"] == node.agent.epochs
+    restarted = Node(tmp_path, backend=node.backend)
+    restarted.revision = node.revision
+    restarted.desire({b: "10.100.128.10/32"})
+    restarted.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    assert restarted.agent.epochs[a] > node.agent.epochs[a]
+
+
+def test_a_peer_whose_removal_failed_keeps_its_epoch(tmp_path):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    epoch = node.agent.epochs[a]
+    node.backend.refuse[a] = "device busy"
+
+    node.desire({})
+
+    assert node.agent.epochs[a] == epoch  # still on the interface, still metered
+
+
+def test_epochs_saved_in_the_first_format_are_read(tmp_path):
+    a, b = wg_key(), wg_key()
+    (tmp_path / "epochs.json").write_text(json.dumps({a: 3, b: 7}))
+
+    node = Node(tmp_path)
+    node.desire({wg_key(): "10.100.128.20/32"})
+
+    assert a not in node.agent.epochs and b not in node.agent.epochs  # pruned: not there
+    assert node.agent.next_epoch == 9  # above every epoch ever handed out
