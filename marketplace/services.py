@@ -316,8 +316,14 @@ def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) 
 def stop_order(order: Order, reason: str = "stopped by the buyer") -> Order:
     """Stop an order. Before it runs: cancelled, hold released in full. Running: stopping, the
     peer is dropped from desired state, and settlement follows the agent's removal ack.
-    Raises InvalidTransition when the order already ended or is stopping."""
+    Raises InvalidTransition when the order already ended or is stopping.
+
+    Locks: the provider node's row, then the order's: the same order as an agent's ack (node,
+    then the orders its peers belong to), so a stop racing an ack waits instead of deadlocking.
+    """
     with transaction.atomic():
+        node_id = Listing.objects.filter(orders=order.pk).values_list("node_id", flat=True).get()
+        Node.objects.select_for_update().filter(pk=node_id).first()
         order = Order.objects.select_for_update().get(pk=order.pk)
         now = timezone.now()
         if order.state in (S.PENDING, S.PROVISIONING):

@@ -1,7 +1,7 @@
 """Concurrency on PostgreSQL: real threads, each with its own database connection, racing the
 real services. These are the "Done when" figures of issue 2: the whole MOLT range from 8
 threads with no duplicate and a 409 at the end; 100 orders against a wallet that covers 10;
-and capture racing release on one hold.
+and capture racing release on one hold (32 threads, 200 rounds: issue 4).
 
 Every thread closes its connection when it ends (Django opens one per thread), so the test
 database can be flushed and dropped afterwards.

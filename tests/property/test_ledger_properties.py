@@ -435,25 +435,36 @@ class MoneyMachine(RuleBasedStateMachine):
         if what == "stop":
             order = self._order(i, ("pending", "provisioning", "running")) or self._placed()
             return (lambda: services.stop_order(order)) if order else None
+        # What the crashed operation needs is set up first when missing (and committed: only
+        # the operation itself dies).
         if what == "resolve":
             dispute = Dispute.objects.filter(buyer=self.buyer, state="open").first()
-            order = self._order(i, ("completed", "failed"))
-            if dispute is None and order is not None:
-                with contextlib.suppress(MarketError):  # committed before the crash
-                    dispute = payments.open_dispute(order, self.buyer, "crash test")
+            if dispute is None and (order := self._settled_order()) is not None:
+                dispute = payments.open_dispute(order, self.buyer, "crash test")
             if dispute is None:
                 return None
             return lambda: payments.resolve_dispute(dispute, refund=i, operator=self.operator)
         if what == "payout":
             payout = PayoutRequest.objects.filter(state="requested").first()
-            if payout is None:
+            if payout is None and self._settled_order() is not None:
                 payments.release_due_earnings(now=self.now + timedelta(days=30))
-                if ledger.earnings_for(self.provider) > 0:  # committed before the crash
-                    payout = payments.request_payout(self.provider, 1)
+                payout = payments.request_payout(self.provider, 1)
             if payout is None:
                 return None
             return lambda: payments.mark_payout_paid(payout, operator=self.operator)
         raise AssertionError(what)
+
+    def _settled_order(self) -> Order | None:
+        """A freshly completed, charged order (its dispute window open), if funds allow."""
+        order = self._placed()
+        if order is None:
+            return None
+        services.provision_order(order.pk)
+        self._ack_all(self.now - timedelta(minutes=30))
+        services.stop_order(Order.objects.get(pk=order.pk))
+        self._ack_all(self.now)
+        order = Order.objects.get(pk=order.pk)
+        return order if order.state == "completed" else None
 
     def _placed(self) -> Order | None:
         """A fresh pending order (committed before the crash under test), if funds allow."""
