@@ -48,8 +48,18 @@ class ListingFilterForm(forms.Form):
         decimal_places=6,
         label="max USD per GPU-hour",
     )
+    max_price_per_gib = forms.DecimalField(
+        required=False,
+        min_value=Decimal(0),
+        max_digits=12,
+        decimal_places=6,
+        label="max USD per GiB",
+    )
     region = forms.ChoiceField(
         required=False, choices=[("", "any region"), *((r, r) for r in REGIONS)], label="region"
+    )
+    min_reliability = forms.IntegerField(
+        required=False, min_value=0, max_value=100, label="min reliability (0-100)"
     )
     min_gpus = forms.IntegerField(
         required=False, min_value=1, max_value=1024, label="min free GPUs"
@@ -81,7 +91,7 @@ def listings_with_free_gpus() -> QuerySet[Listing]:
     )
     return (
         Listing.objects.available()
-        .select_related("node", "owner")
+        .select_related("node", "node__reliability", "owner")
         .annotate(gpus_free=F("gpu_count") - Coalesce(Subquery(in_use), 0))
     )
 
@@ -95,8 +105,16 @@ def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> Que
     if max_price is not None:
         # decimal_places=6 makes this exact: the form refuses anything finer than a micro-USD.
         listings = listings.filter(price_per_gpu_hour__lte=int(max_price * MICRO_PER_USD))
+    max_gib = (
+        None if "max_price_per_gib" in form.errors else form.cleaned_data.get("max_price_per_gib")
+    )
+    if max_gib is not None:
+        listings = listings.filter(price_per_gib__lte=int(max_gib * MICRO_PER_USD))
     if region := form.value("region"):
         listings = listings.filter(region=region)
+    if (reliability := form.value("min_reliability")) is not None:
+        # A node without a score yet (no finished job) does not pass a reliability filter.
+        listings = listings.filter(node__reliability__score__gte=reliability)
     if (gpus := form.value("min_gpus")) is not None:
         listings = listings.filter(gpus_free__gte=gpus)
     return listings.order_by(*SORTS[form.value("sort") or "price"])

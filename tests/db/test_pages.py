@@ -106,6 +106,29 @@ def test_filter_by_max_price_in_usd(client, market):
     assert 0 < len(listed) < market.count()
 
 
+def test_filter_by_max_price_per_gib_in_usd(client, market):
+    cheapest = min(market.values_list("price_per_gib", flat=True))
+    listed = ids(client.get("/", {"max_price_per_gib": f"{cheapest / 1_000_000:.6f}"}))
+
+    assert set(listed) == set(
+        market.filter(price_per_gib__lte=cheapest).values_list("pk", flat=True)
+    )
+    assert 0 < len(listed) < market.count()
+
+
+def test_filter_by_min_reliability_shows_only_nodes_with_that_score(client, market):
+    from marketplace.models import NodeReliability
+
+    scored = market.first()
+    NodeReliability.objects.create(
+        node=scored.node, score=97, jobs_completed=30, jobs_failed=1, uptime_bp=10_000
+    )
+    listed = ids(client.get("/", {"min_reliability": "90"}))
+
+    assert set(listed) == set(market.filter(node=scored.node).values_list("pk", flat=True))
+    assert "97" in dict(rows(client.get("/")))[scored.pk]
+
+
 def test_filter_by_min_gpus_counts_only_free_gpus(client, market):
     """GPUs held by a live order are not free: an 8-GPU listing with 6 ordered offers 2."""
     big = market.filter(gpu_count=8).first()
