@@ -399,7 +399,12 @@ class MoneyMachine(RuleBasedStateMachine):
         commits, so nothing of it may remain. Then the operation runs again (the redelivered
         task, the client's retry) and lands once."""
         self._step()
-        operation = self._operation(what, i)
+        try:
+            operation = self._operation(what, i)
+        except MarketError:
+            # What the crash needs could not be set up (no funds, nothing was charged so there
+            # is nothing to dispute or pay out): there is no operation to crash in.
+            return
         if operation is None:
             return
         type(self).reached[f"crash in {what}"] += 1
@@ -464,7 +469,8 @@ class MoneyMachine(RuleBasedStateMachine):
         services.stop_order(Order.objects.get(pk=order.pk))
         self._ack_all(self.now)
         order = Order.objects.get(pk=order.pk)
-        return order if order.state == "completed" else None
+        charged = Settlement.objects.filter(order=order, captured__gt=0).exists()
+        return order if order.state == "completed" and charged else None
 
     def _placed(self) -> Order | None:
         """A fresh pending order (committed before the crash under test), if funds allow."""
