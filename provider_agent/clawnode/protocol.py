@@ -355,6 +355,14 @@ def _str(value: object, name: str, *, max_len: int, empty: bool = False) -> str:
     return value
 
 
+def _node_id(value: object) -> str:
+    """A node id as keys.node_id_for makes it; every message naming a node checks it so."""
+    node_id = _str(value, "node_id", max_len=35)
+    if not _NODE_ID_RE.fullmatch(node_id):
+        raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+    return node_id
+
+
 def _bool(value: object, name: str) -> bool:
     if not isinstance(value, bool):
         raise ProtocolError(f"{name} must be a boolean, got {type(value).__name__}", name)
@@ -651,9 +659,7 @@ class DesiredState:
     issued_at: int  # Unix seconds
 
     def __post_init__(self) -> None:
-        node_id = _str(self.node_id, "node_id", max_len=35)
-        if not _NODE_ID_RE.fullmatch(node_id):
-            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        _node_id(self.node_id)
         _int(self.revision, "revision")
         peers = _tuple(self.peers, "peers", 65535)
         keys: set[str] = set()
@@ -740,8 +746,7 @@ class AgentAuth:
     timestamp: int
 
     def __post_init__(self) -> None:
-        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
-            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        _node_id(self.node_id)
         if not _CHALLENGE_RE.fullmatch(_str(self.challenge, "challenge", max_len=43)):
             raise ProtocolError("challenge must be 43 URL-safe base64 characters", "challenge")
         _int(self.timestamp, "timestamp")
@@ -785,8 +790,7 @@ class Ack:
     timestamp: int
 
     def __post_init__(self) -> None:
-        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
-            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        _node_id(self.node_id)
         _int(self.revision, "revision")
         results = _tuple(self.results, "results", 65535)
         for i, result in enumerate(results):
@@ -853,8 +857,7 @@ class MeteringSample:
     peers: tuple[PeerCounters, ...]
 
     def __post_init__(self) -> None:
-        if not _NODE_ID_RE.fullmatch(_str(self.node_id, "node_id", max_len=35)):
-            raise ProtocolError("node_id must be 'nd_' and 32 lowercase hex digits", "node_id")
+        _node_id(self.node_id)
         if not _NONCE_RE.fullmatch(_str(self.boot_id, "boot_id", max_len=64)):
             raise ProtocolError("boot_id must be 22-64 URL-safe base64 characters", "boot_id")
         _int(self.seq, "seq")
