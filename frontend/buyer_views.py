@@ -12,6 +12,7 @@ from django.core.paginator import Paginator
 from django.db.models import F, Sum, Window
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.utils import timezone
 from django.views.decorators.http import require_GET
 
 from frontend.account_views import buyer_login_required
@@ -20,7 +21,7 @@ from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
 from frontend.security import content_security_policy
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
 from marketplace import ledger, services
-from marketplace.models import Account, EscrowHold, LedgerEntry, Order
+from marketplace.models import Account, Dispute, EarningsHold, EscrowHold, LedgerEntry, Order
 
 
 class QuoteForm(forms.Form):
@@ -71,15 +72,56 @@ def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
 @buyer_login_required
 @require_GET
 def order_list(request: HttpRequest) -> HttpResponse:
-    orders = Order.objects.for_buyer(request.user).select_related("listing", "settlement")
+    orders = Order.objects.for_buyer(request.user).select_related(
+        "listing", "settlement", "dispute"
+    )
     page = Paginator(orders, PAGE_SIZE).get_page(request.GET.get("page"))
     return render(request, "frontend/orders.html", {"page": page})
+
+
+# The reason box takes what the API takes.
+DISPUTE_REASON_MAX_LENGTH = Dispute._meta.get_field("reason").max_length
+
+# A disputed or resolved order went through every step first.
+_AFTER_COMPLETION = (Order.State.DISPUTED, Order.State.RESOLVED)
+
+
+def _dispute_context(order: Order, settlement) -> dict:
+    """The order page's dispute panel: the buyer's dispute and its outcome, or whether (and
+    until when) the order can still be disputed. At most one query, and none for an order that
+    was never settled. The form is offered on the same terms payments.open_dispute applies, so
+    it shows only when the API would accept it (the API still decides: a page left open past
+    the window gets its 409)."""
+    if order.state in _AFTER_COMPLETION:
+        dispute = Dispute.objects.filter(order=order).first()
+        refunded = dispute.refund if dispute is not None and dispute.refund is not None else 0
+        return {
+            "dispute": dispute,
+            "refunded": refunded,
+            "net_paid": settlement.captured - refunded if settlement is not None else 0,
+        }
+    share = None
+    if settlement is not None and settlement.captured > 0:
+        share = EarningsHold.objects.filter(order=order).only("state", "release_after").first()
+    can_dispute = (
+        order.state in (Order.State.COMPLETED, Order.State.FAILED)
+        and share is not None
+        and share.state == EarningsHold.State.FROZEN
+        and timezone.now() < share.release_after
+    )
+    return {
+        "dispute": None,
+        "can_dispute": can_dispute,
+        "dispute_window_ends_at": share.release_after if share is not None else None,
+    }
 
 
 def _order_context(order: Order) -> dict:
     points = usage_intervals(order)
     state = snapshot(order)
-    reached = STEPS.index(order.state) if order.state in STEPS else -1
+    current = STEPS[-1] if order.state in _AFTER_COMPLETION else order.state
+    reached = STEPS.index(current) if current in STEPS else -1
+    settlement = getattr(order, "settlement", None)
     return {
         "order": order,
         "state": state,
@@ -87,11 +129,13 @@ def _order_context(order: Order) -> dict:
         "transitions": order.transitions.all(),
         "chart": line_chart(points, width=640, height=160),
         "intervals": len(points),
-        "settlement": getattr(order, "settlement", None),
+        "settlement": settlement,
         "allowance_used_percent": min(
             100,
             (order.bytes_in + order.bytes_out) * 100 // max(order.bandwidth_allowance_bytes, 1),
         ),
+        "dispute_max_length": DISPUTE_REASON_MAX_LENGTH,
+        **_dispute_context(order, settlement),
     }
 
 

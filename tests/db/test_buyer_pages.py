@@ -1,21 +1,25 @@
 """Buyer and account pages through Django's test client: who sees what, what each page shows,
 that API tokens are shown once and kept hashed, that no page loads anything from elsewhere,
-and that each page costs a bounded number of queries. Also the two API endpoints the pages
-use: the quote and re-keying."""
+and that each page costs a bounded number of queries. Also the API endpoints the pages use:
+the quote, re-keying and disputes (the order page's dispute panel and its outcome)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import time
+import uuid
+from datetime import timedelta
 
 import pytest
 from clawnode import protocol
 from clawnode.keys import Identity
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
-from marketplace import ledger
-from marketplace.models import ApiToken, Order
+from frontend.templatetags.molt_format import usd
+from marketplace import ledger, payments
+from marketplace.models import ApiToken, Dispute, EarningsHold, Order
 from marketplace.services import (
     create_listing,
     issue_api_token,
@@ -55,8 +59,8 @@ def listing(provider, node_identity):
     )
 
 
-def ack(node: Node) -> None:
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+def ack(node: Node, at=None) -> None:
+    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision, at=at)
 
 
 @pytest.fixture
@@ -409,6 +413,225 @@ def test_the_receipt_shows_the_settlement_once_completed(client, buyer, listing,
     assert released in re.search(r'id="receipt-released">([^<]+)<', panels).group(1)
 
 
+# --- disputes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settled_order(buyer, listing):
+    """An order that ran an hour and was stopped and settled, through the real paths: charged,
+    so its provider share is frozen for the dispute window."""
+    ledger.grant_credits(buyer, 100_000_000)
+    order = place_order(
+        buyer, listing_id=listing.pk, gpu_count=1, hours=2, wireguard_public_key=wg_public_key()
+    )
+    provision_order(order.pk)
+    ack(listing.node, at=timezone.now() - timedelta(hours=1))
+    stop_order(Order.objects.get(pk=order.pk))
+    ack(listing.node)
+    order = Order.objects.select_related("settlement", "earnings_hold").get(pk=order.pk)
+    assert order.state == "completed" and order.settlement.captured > 0
+    return order
+
+
+def dispute_via_page_api(client, order, reason: str, key: str | None = None):
+    """What the order page's script sends: the session's JSON POST with a fresh key."""
+    return client.post(
+        f"/api/v1/orders/{order.pk}/dispute/",
+        {"reason": reason},
+        content_type="application/json",
+        HTTP_IDEMPOTENCY_KEY=key or str(uuid.uuid4()),
+    )
+
+
+def dispute_panel(page: str) -> str:
+    return re.search(r'<section class="card" id="panel-dispute".*?</section>', page, re.S).group(0)
+
+
+def test_a_settled_order_offers_a_dispute_until_its_window_closes(client, buyer, settled_order):
+    login(client, buyer)
+
+    page = text(client.get(f"/orders/{settled_order.pk}/"))
+
+    panel = dispute_panel(page)
+    assert 'id="dispute-form"' in panel and "hidden" not in panel.split(">", 1)[0]
+    assert '<textarea id="dispute-reason" name="reason"' in panel and 'maxlength="2000"' in panel
+    ends = settled_order.earnings_hold.release_after
+    assert f'id="dispute-window-ends">{ends:%Y-%m-%d %H:%M:%S} UTC<' in panel
+    assert f'data-charged="{usd(settled_order.settlement.captured)}"' in panel
+    assert f'data-dispute-url="/api/v1/orders/{settled_order.pk}/dispute/"' in page
+    # The live panels the script fetches carry the same form.
+    assert 'id="dispute-form"' in text(client.get(f"/orders/{settled_order.pk}/panels/"))
+
+
+def test_a_live_order_has_no_dispute_panel_to_show(client, buyer, running_order):
+    login(client, buyer)
+
+    panel = dispute_panel(text(client.get(f"/orders/{running_order.pk}/")))
+
+    # There (hidden) so that the panels the script fetches later can fill it in.
+    assert (
+        panel.startswith('<section class="card" id="panel-dispute" data-panel')
+        and " hidden>" in panel
+    )
+    assert 'id="dispute-form"' not in panel
+
+
+def test_after_the_window_the_page_offers_no_dispute_and_the_api_refuses_it(
+    client, buyer, settled_order
+):
+    share = settled_order.earnings_hold
+    # The window passes: the beat task releases the share to the provider.
+    assert payments.release_due_earnings(now=share.release_after) == 1
+    login(client, buyer)
+
+    panel = dispute_panel(text(client.get(f"/orders/{settled_order.pk}/")))
+
+    assert 'id="dispute-form"' not in panel
+    assert 'id="dispute-closed"' in panel
+    assert f'closed at <time datetime="{share.release_after:%Y-%m-%dT%H:%M:%S}' in panel
+    response = dispute_via_page_api(client, settled_order, "too late")
+    assert response.status_code == 409
+    body = response.json()
+    assert body["code"] == "not_disputable"
+    assert body["detail"] == (
+        f"the dispute window of order {settled_order.pk} closed at "
+        f"{share.release_after:%Y-%m-%d %H:%M:%S} UTC"
+    )
+    assert not Dispute.objects.exists()
+
+
+def test_a_zero_window_closes_disputes_at_settlement(client, buyer, listing, settings):
+    settings.MOLT_DISPUTE_WINDOW_SECONDS = 0
+    ledger.grant_credits(buyer, 100_000_000)
+    order = place_order(
+        buyer, listing_id=listing.pk, gpu_count=1, hours=2, wireguard_public_key=wg_public_key()
+    )
+    provision_order(order.pk)
+    ack(listing.node, at=timezone.now() - timedelta(minutes=30))
+    stop_order(Order.objects.get(pk=order.pk))
+    ack(listing.node)
+    login(client, buyer)
+
+    panel = dispute_panel(text(client.get(f"/orders/{order.pk}/")))
+
+    assert 'id="dispute-closed"' in panel and 'id="dispute-form"' not in panel
+    assert dispute_via_page_api(client, order, "x").status_code == 409
+
+
+def test_an_open_dispute_shows_on_the_order_page_and_the_orders_list(client, buyer, settled_order):
+    login(client, buyer)
+    reason = "The GPU was throttled\nfor most of the hour"
+
+    response = dispute_via_page_api(client, settled_order, reason)
+
+    assert response.status_code == 201, response.content
+    page = text(client.get(f"/orders/{settled_order.pk}/"))
+    assert 'data-state="disputed"' in page
+    # Every step was reached: disputing comes after completion.
+    assert '<li data-step="completed" class=" current" aria-current="step">' in page
+    assert '<li data-step="running" class="done">' in page
+    panel = dispute_panel(page)
+    assert 'id="dispute-form"' not in panel
+    assert 'id="dispute-state" data-state="open">open<' in panel
+    assert "An operator is reviewing it" in panel
+    assert "The GPU was throttled\nfor most of the hour</dd>" in panel
+    opened = Dispute.objects.get(order=settled_order).opened_at
+    assert f'id="dispute-opened">{opened:%Y-%m-%d %H:%M:%S} UTC<' in panel
+    assert 'id="receipt-refunded"' not in page  # nothing refunded yet
+    row = re.search(
+        rf'<tr data-order-id="{settled_order.pk}">(.*?)</tr>', text(client.get("/orders/")), re.S
+    ).group(1)
+    assert "state-disputed" in row and 'data-dispute="open"' in row
+
+    # A second dispute, from a second click that got a key of its own, is refused and says why.
+    again = dispute_via_page_api(client, settled_order, reason)
+    assert again.status_code == 409
+    assert again.json()["detail"] == f"order {settled_order.pk} was already disputed"
+    assert Dispute.objects.count() == 1
+
+
+def test_a_double_click_with_one_key_opens_one_dispute(client, buyer, settled_order):
+    login(client, buyer)
+
+    first = dispute_via_page_api(client, settled_order, "slow", key="attempt-1")
+    second = dispute_via_page_api(client, settled_order, "slow", key="attempt-1")
+
+    assert (first.status_code, second.status_code) == (201, 201)
+    assert second["Idempotent-Replayed"] == "true" and second.content == first.content
+    assert Dispute.objects.count() == 1
+
+
+def test_a_resolved_dispute_shows_the_refund_on_the_page_receipt_wallet_and_list(
+    client, buyer, make_user, settled_order
+):
+    dispute = payments.open_dispute(settled_order, buyer, "never reachable")
+    before = ledger.available_for(buyer)
+    refund = settled_order.settlement.captured // 2
+    payments.resolve_dispute(
+        dispute, refund=refund, operator=make_user("olga"), note="half back: it was slow"
+    )
+    login(client, buyer)
+
+    page = text(client.get(f"/orders/{settled_order.pk}/"))
+
+    assert 'data-state="resolved"' in page
+    panel = dispute_panel(page)
+    assert 'id="dispute-state" data-state="refunded">resolved with a refund<' in panel
+    assert f'id="dispute-refund">{usd(refund)}<' in panel
+    assert 'id="dispute-note">half back: it was slow<' in panel
+    assert "never reachable" in panel
+    assert f'id="receipt-refunded">{usd(refund)}<' in page
+    captured = settled_order.settlement.captured
+    assert f'id="receipt-net-paid">{usd(captured - refund)}<' in page
+    assert ledger.available_for(buyer) == before + refund
+    wallet = text(client.get("/wallet/"))
+    newest = re.findall(r"<tr>\s*<td><time.*?</tr>", wallet, re.S)[0]
+    assert f"dispute of order {settled_order.pk}" in newest and f"+{usd(refund)}" in newest
+    row = re.search(
+        rf'<tr data-order-id="{settled_order.pk}">(.*?)</tr>', text(client.get("/orders/")), re.S
+    ).group(1)
+    assert f'data-dispute="refunded">refunded {usd(refund)}<' in row
+
+
+def test_a_dispute_resolved_without_a_refund_reads_as_rejected(
+    client, buyer, make_user, settled_order
+):
+    dispute = payments.open_dispute(settled_order, buyer, "meh")
+    payments.resolve_dispute(dispute, refund=0, operator=make_user("olga"))
+    login(client, buyer)
+
+    page = text(client.get(f"/orders/{settled_order.pk}/panels/"))
+
+    panel = dispute_panel(page)
+    assert 'id="dispute-state" data-state="rejected">rejected<' in panel
+    assert "The operator refunded nothing." in panel and 'id="dispute-note"' not in panel
+    assert f'id="receipt-refunded">{usd(0)}<' in page
+    assert 'data-dispute="rejected"' in text(client.get("/orders/"))
+
+
+def test_the_order_page_of_a_settled_disputed_and_resolved_order_costs_a_bounded_number_of_queries(
+    client, buyer, make_user, settled_order, django_assert_max_num_queries
+):
+    login(client, buyer)
+    url = f"/orders/{settled_order.pk}/"
+    client.get(url)  # warm the session and content-type caches
+    for step in ("settled", "disputed", "resolved"):
+        if step == "disputed":
+            dispute = payments.open_dispute(settled_order, buyer, "slow")
+        elif step == "resolved":
+            payments.resolve_dispute(dispute, refund=1, operator=make_user("olga"))
+        # One query more than a live order's page: the dispute, or the frozen share's window.
+        with django_assert_max_num_queries(7):
+            response = client.get(url)
+        assert f'data-state="{step if step != "settled" else "completed"}"' in text(response)
+
+
+def test_a_stranger_cannot_dispute_from_the_page_api(client, stranger, settled_order):
+    login(client, stranger)
+    assert dispute_via_page_api(client, settled_order, "x").status_code == 404
+    assert EarningsHold.objects.get(order=settled_order).state == "frozen"
+
+
 # --- re-key ------------------------------------------------------------------------------------
 
 
@@ -745,5 +968,27 @@ def test_the_socket_rechecks_the_session_on_every_event(client, buyer, pending_o
         await database_sync_to_async(client.logout)()
         await database_sync_to_async(stop_order)(pending_order)
         assert await closed_with(socket) == 4401
+
+    run(scenario)
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("in_memory_layer")
+def test_the_socket_pushes_a_dispute_and_its_resolution(client, buyer, make_user, settled_order):
+    from channels.db import database_sync_to_async
+
+    cookie = session_cookie(client, buyer)
+    operator = make_user("olga")
+
+    async def scenario():
+        socket = order_socket(settled_order.pk, cookie)
+        assert (await socket.connect())[0]
+        assert (await socket.receive_json_from(timeout=5))["state"] == "completed"
+        dispute = await database_sync_to_async(payments.open_dispute)(settled_order, buyer, "slow")
+        assert (await socket.receive_json_from(timeout=5))["state"] == "disputed"
+        await database_sync_to_async(payments.resolve_dispute)(dispute, refund=5, operator=operator)
+        assert (await socket.receive_json_from(timeout=5))["state"] == "resolved"
+        await socket.disconnect()
 
     run(scenario)

@@ -1,5 +1,5 @@
 /* Order page: live state over the order's websocket, the config and its QR code built here
- * with the private key this browser holds, stop, and re-key. */
+ * with the private key this browser holds, stop, re-key, and disputing a settled order. */
 "use strict";
 
 (function () {
@@ -25,7 +25,8 @@
     qr: $("qr"),
     panels: $("panels"),
   };
-  const ENDED = ["completed", "cancelled", "failed"];
+  const ENDED = ["completed", "cancelled", "failed", "disputed", "resolved"];
+  const DISPUTED = ["disputed", "resolved"];
   const STEPS = ["pending", "provisioning", "running", "stopping", "completed"];
   let state = JSON.parse($("order-snapshot").textContent);
   let busy = false;
@@ -42,7 +43,8 @@
     ui.state.className = `state-badge state-${state.state}`;
     ui.reason.textContent = state.reason || "";
     ui.reason.hidden = !state.reason;
-    const reached = STEPS.indexOf(state.state);
+    // A disputed or resolved order went through every step first.
+    const reached = STEPS.indexOf(DISPUTED.includes(state.state) ? "completed" : state.state);
     ui.steps.forEach((li, i) => {
       li.classList.toggle("done", reached >= 0 && i < reached);
       li.classList.toggle("current", i === reached);
@@ -71,22 +73,25 @@
     if (ui.download.disabled && !ui.qrPanel.hidden) hideQr();
     ui.rekey.disabled = busy || !state.can_rekey || !Molt.keys.supported();
     ui.stop.disabled = busy || !state.can_stop;
+    syncDisputeForm();
   }
 
   let lastPanels = null;
   let panelTimer = null;
   let panelsLoaded = 0;
 
-  // Usage, receipt and history are rendered by the server: fetched when something they show
-  // changed, at most every few seconds while traffic is flowing.
+  // Usage, receipt, dispute and history are rendered by the server: fetched when something
+  // they show changed, at once for a new state, else at most every few seconds while traffic
+  // is flowing. Resolves once a fetch started now is in.
   function maybeRefreshPanels(previous) {
     const signature = [state.state, state.settled, state.bytes_in, state.bytes_out, state.wireguard_public_key].join("|");
     if (lastPanels === null) lastPanels = [previous.state, previous.settled, previous.bytes_in, previous.bytes_out, previous.wireguard_public_key].join("|");
-    if (signature === lastPanels) return;
+    if (signature === lastPanels) return Promise.resolve();
     lastPanels = signature;
-    const wait = previous.state !== state.state ? 0 : Math.max(0, 5000 - (Date.now() - panelsLoaded));
     clearTimeout(panelTimer);
-    panelTimer = setTimeout(refreshPanels, wait);
+    if (previous.state !== state.state) return refreshPanels();
+    panelTimer = setTimeout(refreshPanels, Math.max(0, 5000 - (Date.now() - panelsLoaded)));
+    return Promise.resolve();
   }
 
   async function refreshPanels() {
@@ -94,10 +99,18 @@
     try {
       const html = await Molt.api("GET", root.dataset.panelsUrl, { raw: true, accept: "text/html" });
       const fresh = new DOMParser().parseFromString(html, "text/html");
+      // A reason being typed survives the dispute panel being redrawn under it.
+      const reason = $("dispute-reason");
+      const draft = reason ? reason.value : "";
+      const typing = reason !== null && document.activeElement === reason;
       fresh.querySelectorAll("[data-panel]").forEach((panel) => {
         const current = document.getElementById(panel.id);
         if (current) current.replaceWith(document.importNode(panel, true));
       });
+      const redrawn = $("dispute-reason");
+      if (redrawn && draft) redrawn.value = draft;
+      if (redrawn && typing) redrawn.focus();
+      syncDisputeForm();
     } catch (err) {
       // The panels stay as they were; the next change tries again.
     }
@@ -131,8 +144,12 @@
       if (data.type !== "order" || String(data.id) !== String(orderId)) return;
       const previous = state;
       state = data;
-      if (previous.state !== state.state && ENDED.includes(state.state) && !busy) {
-        Molt.setStatus(ui.status, `The order is ${state.state}.`, "ok");
+      if (previous.state !== state.state && !busy) {
+        if (state.state === "resolved") {
+          sayDispute("An operator resolved your dispute: the outcome is below.", "ok");
+        } else if (ENDED.includes(state.state) && !DISPUTED.includes(state.state)) {
+          Molt.setStatus(ui.status, `The order is ${state.state}.`, "ok");
+        }
       }
       render();
       maybeRefreshPanels(previous);
@@ -174,19 +191,27 @@
     return template.replace(placeholder, `PrivateKey = ${key.privateKey}`);
   }
 
-  async function withBusy(button, message, work) {
+  // One action at a time: every button is disabled while `work` runs, `say` shows its progress
+  // and its error, and focus goes back to the button (or, if the panels were redrawn and it is
+  // gone, to `focusAfter`).
+  async function withBusy(button, message, work, { say = sayAction, focusAfter = null } = {}) {
     busy = true;
     render();
-    Molt.setStatus(ui.status, message, "busy");
+    say(message, "busy");
     try {
       await work();
     } catch (err) {
-      Molt.setStatus(ui.status, err.message, "error");
+      say(err.message, "error");
     } finally {
       busy = false;
       render();
-      button.focus();
+      const target = button.isConnected ? button : focusAfter && focusAfter();
+      if (target) target.focus();
     }
+  }
+
+  function sayAction(message, kind) {
+    Molt.setStatus(ui.status, message, kind);
   }
 
   ui.download.addEventListener("click", () =>
@@ -294,6 +319,82 @@
       state = { ...state, wireguard_public_key: updated.wireguard_public_key, peer_applied: false };
       Molt.setStatus(ui.status, "New key in place. Download the config again; the provider node swaps the peer in a few seconds.", "ok");
     });
+  });
+
+  // --- dispute -------------------------------------------------------------------------------
+  // The dispute panel is server-rendered and redrawn when the order's state changes, so its
+  // form is found by id each time and its message is kept here to survive the redraw.
+
+  let disputeNote = null;
+  let disputeAttempt = null;
+
+  function sayDispute(message, kind) {
+    disputeNote = message ? { message, kind } : null;
+    Molt.setStatus($("dispute-status"), message, kind);
+  }
+
+  function syncDisputeForm() {
+    const submit = $("dispute-submit");
+    const reason = $("dispute-reason");
+    const form = $("dispute-form");
+    if (submit) submit.disabled = busy;
+    if (reason) reason.readOnly = busy;
+    if (form) form.setAttribute("aria-busy", busy ? "true" : "false");
+    const status = $("dispute-status");
+    if (status && disputeNote && status.textContent !== disputeNote.message) {
+      Molt.setStatus(status, disputeNote.message, disputeNote.kind);
+    }
+  }
+
+  ui.panels.addEventListener("submit", (event) => {
+    if (event.target.id !== "dispute-form") return;
+    event.preventDefault();
+    if (busy) return;
+    const form = event.target;
+    const field = $("dispute-reason");
+    const reason = field.value.trim();
+    if (!reason) {
+      sayDispute("Say what went wrong first: the operator decides on the refund from it.", "error");
+      field.focus();
+      return;
+    }
+    const question =
+      `Dispute order #${orderId}? An operator reviews your reason and may refund part or all of the ` +
+      `${form.dataset.charged} charged. You can open one dispute per order and cannot withdraw it.`;
+    if (!window.confirm(question)) return;
+    // One key per attempt; a retry after a lost answer reuses it, so the server answers with
+    // the dispute it already opened instead of refusing a second one.
+    if (!disputeAttempt || disputeAttempt.reason !== reason) {
+      disputeAttempt = { reason, idempotencyKey: Molt.newIdempotencyKey() };
+    }
+    const attempt = disputeAttempt;
+    withBusy(
+      $("dispute-submit"),
+      "Opening your dispute…",
+      async () => {
+        try {
+          await Molt.api("POST", root.dataset.disputeUrl, {
+            body: { reason: attempt.reason },
+            idempotencyKey: attempt.idempotencyKey,
+          });
+        } catch (err) {
+          if (err instanceof Molt.ApiError && err.network) {
+            throw new Error(`${err.message} Trying again cannot open a second dispute.`);
+          }
+          disputeAttempt = null;
+          // Refused (window closed, already disputed): redraw the panel to show why.
+          if (err instanceof Molt.ApiError && err.status === 409) await refreshPanels();
+          throw new Error(`Your dispute was not opened: ${err.message}`);
+        }
+        disputeAttempt = null;
+        const previous = state;
+        state = { ...state, state: "disputed" };
+        sayDispute("Dispute opened. An operator will review it; this page shows the outcome.", "ok");
+        render();
+        await maybeRefreshPanels(previous);
+      },
+      { say: sayDispute, focusAfter: () => $("dispute-title") }
+    );
   });
 
   if (!Molt.keys.supported()) $("webcrypto-missing").hidden = false;
