@@ -139,7 +139,21 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.api.errors.exception_handler",
+    # Calls that take a credential with no account behind them (config/throttling.py).
+    "DEFAULT_THROTTLE_RATES": {
+        "auth": env_str("MOLT_THROTTLE_AUTH", "10/min"),
+        "enroll": env_str("MOLT_THROTTLE_ENROLL", "60/min"),
+    },
+    # Limits count REMOTE_ADDR, which uvicorn's --proxy-headers already sets to the client's
+    # address behind a trusted proxy; set this only where proxies append to X-Forwarded-For
+    # and the server does not (never trust a header the client can write).
+    "NUM_PROXIES": env_int("MOLT_TRUSTED_PROXIES", 0, minimum=0),
 }
+# Failed log-ins on the browser's form per client address: (failures, window in seconds).
+MOLT_LOGIN_FAILURES = (
+    env_int("MOLT_LOGIN_FAILURES", 10, minimum=1),
+    env_int("MOLT_LOGIN_FAILURE_WINDOW_SECONDS", 900, minimum=1),
+)
 SPECTACULAR_SETTINGS = {
     "TITLE": "MOLT gateway API",
     "DESCRIPTION": "GPU marketplace on a WireGuard mesh. Amounts are integers in micro-USD.",
@@ -157,6 +171,14 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("MOLT_CHANNEL_PREFIX", "molt")},
+    }
+}
+# Rate-limit counters (config/throttling.py) must be shared by every gateway process.
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": env_str("MOLT_CACHE_URL", REDIS_URL),
+        "KEY_PREFIX": env_str("MOLT_CHANNEL_PREFIX", "molt"),
     }
 }
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL)
@@ -189,6 +211,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
     },
     "audit-ledger": {"task": "marketplace.tasks.audit_ledger", "schedule": 3600.0},
+    "prune-used-nonces": {"task": "meshnet.tasks.prune_used_nonces", "schedule": 3600.0},
 }
 
 # --- MOLT ---------------------------------------------------------------------------------

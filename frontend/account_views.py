@@ -10,8 +10,9 @@ from django.contrib import messages
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import UserCreationForm
+from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
 from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse_lazy
@@ -19,6 +20,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
+from config.throttling import LoginFailures, client_address
 from frontend.security import content_security_policy
 from marketplace import services
 from marketplace.models import ApiToken
@@ -68,8 +70,31 @@ def signup(request: HttpRequest) -> HttpResponse:
     )
 
 
+class ThrottledAuthenticationForm(AuthenticationForm):
+    """Django's log-in form, refusing to check any password from an address that failed too
+    often lately (config/throttling.py): a password is guessed by repetition."""
+
+    def clean(self):
+        limiter = LoginFailures(client_address(self.request))
+        wait = limiter.retry_after()
+        if wait:
+            minutes = (wait + 59) // 60
+            raise ValidationError(
+                f"Too many failed log-ins from your address. Try again in "
+                f"{minutes} minute{'s' if minutes != 1 else ''}.",
+                code="throttled",
+            )
+        try:
+            return super().clean()
+        except ValidationError as exc:
+            if exc.code == "invalid_login":
+                limiter.record()
+            raise
+
+
 login_view = content_security_policy(
     auth_views.LoginView.as_view(
+        authentication_form=ThrottledAuthenticationForm,
         template_name="frontend/accounts/login.html",
         redirect_authenticated_user=True,
         next_page=reverse_lazy("frontend:marketplace"),

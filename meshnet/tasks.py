@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from asgiref.sync import async_to_sync
 from celery import shared_task
 from channels.layers import get_channel_layer
+from django.conf import settings
+from django.utils import timezone
 
-from meshnet.models import Node
+from meshnet.models import Node, UsedNonce
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +50,18 @@ def repush_lagging_nodes() -> int:
     for node_pk in ids:
         push_desired_state(node_pk)
     return len(ids)
+
+
+@shared_task(acks_late=True)
+def prune_used_nonces() -> int:
+    """Forget the nonces no replay could use any more.
+
+    A signed request is accepted only within MOLT_ENROLLMENT_MAX_SKEW_SECONDS of its own
+    timestamp, so a copy of one accepted at `seen_at` is refused as stale once twice the skew has
+    passed, whatever its nonce; remembering the nonce beyond that (plus a minute for clocks)
+    protects nothing. Returns how many were deleted."""
+    keep = 2 * settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS + 60
+    deleted, _ = UsedNonce.objects.filter(
+        seen_at__lt=timezone.now() - timedelta(seconds=keep)
+    ).delete()
+    return deleted

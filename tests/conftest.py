@@ -54,6 +54,10 @@ def _missing_for(tier: str) -> str | None:
                 return (
                     f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
                 )
+    if tier == "vm":
+        from tests.vm.harness import missing_tools
+
+        return missing_tools()
     if tier == "browser":
         if not os.path.exists("/usr/bin/chromium"):
             return "needs Debian's chromium at /usr/bin/chromium"
@@ -64,7 +68,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser")
+TIERS = ("postgres", "integration", "netns", "browser", "vm")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -136,3 +140,21 @@ def api_client_for():
 def _isolated_state_dir(settings, tmp_path_factory):
     """The gateway key lives in a per-session temporary state dir, never the developer's."""
     settings.MOLT_STATE_DIR = tmp_path_factory.getbasetemp() / "gateway-state"
+
+
+@pytest.fixture(autouse=True)
+def _own_cache_keys():
+    """Each test gets cache keys of its own, on a Redis db that neither `make run` (db 0) nor the
+    integration gateways (dbs 10-14) use: rate-limit counters never leak between tests. The
+    cache is only reached by tests that use it (the db tier and up have Redis)."""
+    import uuid
+
+    from django.test import override_settings
+
+    cache = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:6379/9",
+        "KEY_PREFIX": f"test-{uuid.uuid4().hex}",
+    }
+    with override_settings(CACHES={"default": cache}):
+        yield

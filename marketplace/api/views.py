@@ -26,6 +26,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.throttling import AuthTokenThrottle
 from marketplace import ledger, payments, services
 from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
@@ -68,11 +69,17 @@ class ApiTokenView(APIView):
     # Credentials are in the body: no session (and so no CSRF) and no token needed to get one.
     permission_classes = [AllowAny]
     authentication_classes: list = []
+    # A password is guessed by repetition: limited per client address.
+    throttle_classes = [AuthTokenThrottle]
 
     @extend_schema(
         operation_id="auth_token_create",
         request=ApiTokenRequestSerializer,
-        responses={201: ApiTokenSerializer, 400: OpenApiResponse(description="wrong credentials")},
+        responses={
+            201: ApiTokenSerializer,
+            400: OpenApiResponse(description="wrong credentials"),
+            429: OpenApiResponse(description="too many attempts from this address"),
+        },
         summary="Exchange a username and password for an API token",
         auth=[],
     )

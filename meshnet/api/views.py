@@ -13,6 +13,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from config.throttling import EnrollThrottle
 from meshnet import ipplan, services
 from meshnet.api.serializers import (
     EnrollEnvelopeSerializer,
@@ -74,6 +75,9 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
                 description="refused: bad signature, stale, replayed, token unknown/used/expired",
             ),
             409: OpenApiResponse(ErrorSerializer, description="the mesh address pool is exhausted"),
+            429: OpenApiResponse(
+                ErrorSerializer, description="too many enrolment attempts from this address"
+            ),
         },
         summary="Register a provider node (called by `clawnode join`, signed by the node)",
         description=(
@@ -90,6 +94,8 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
         methods=["post"],
         permission_classes=[AllowAny],
         authentication_classes=[],
+        # The enrolment token is guessed by repetition: limited per client address.
+        throttle_classes=[EnrollThrottle],
     )
     def enroll(self, request: Request) -> Response:
         envelope = EnrollEnvelopeSerializer(data=request.data)

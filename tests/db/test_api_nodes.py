@@ -266,3 +266,42 @@ def test_a_token_made_by_one_user_enrols_the_node_to_that_user(api_client_for, s
     agent.post(ENROLL, factories.enroll_request(Identity.generate(), token), format="json")
 
     assert list(Node.objects.values_list("owner__username", flat=True)) == ["mallory"]
+
+
+def test_nonces_are_forgotten_only_once_a_replay_would_be_stale(provider_api, agent, settings):
+    from unittest import mock
+
+    from meshnet.models import UsedNonce
+    from meshnet.tasks import prune_used_nonces
+
+    settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS = 300
+    sent_at = int(timezone.now().timestamp()) - 290  # nearly the oldest still accepted
+    envelope = factories.enroll_request(
+        Identity.generate(), issue_token(provider_api), timestamp=sent_at
+    )
+    assert agent.post(ENROLL, envelope, format="json").status_code == 201
+    assert prune_used_nonces() == 0  # just seen: a replay now would be fresh enough
+
+    # Twice the skew and a minute later the nonce is pruned, and a replay of the same request is
+    # still refused: by its timestamp this time.
+    later = timezone.now() + timedelta(seconds=661)
+    with mock.patch("django.utils.timezone.now", return_value=later):
+        assert prune_used_nonces() == 1
+        assert not UsedNonce.objects.exists()
+        replay = agent.post(ENROLL, envelope, format="json")
+    assert replay.status_code == 403
+    assert "timestamp" in replay.json()["detail"]
+    assert Node.objects.count() == 1
+
+
+def test_nonces_younger_than_twice_the_skew_are_kept(provider_api, agent, settings):
+    from meshnet.models import UsedNonce
+    from meshnet.tasks import prune_used_nonces
+
+    settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS = 300
+    envelope = factories.enroll_request(Identity.generate(), issue_token(provider_api))
+    assert agent.post(ENROLL, envelope, format="json").status_code == 201
+    UsedNonce.objects.update(seen_at=timezone.now() - timedelta(seconds=600))
+
+    assert prune_used_nonces() == 0
+    assert UsedNonce.objects.count() == 1

@@ -1,0 +1,105 @@
+"""Rate limits on the calls that take a credential with no account behind them: the API token
+exchange, node enrolment and the browser's log-in form, each counted per client address in
+the shared (Redis) cache."""
+
+from __future__ import annotations
+
+import pytest
+from django.test import Client
+from rest_framework.test import APIClient
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
+
+TOKEN_URL = "/api/v1/auth/token/"
+ENROLL_URL = "/api/v1/nodes/enroll/"
+LOGIN_URL = "/accounts/login/"
+
+
+def wrong_password(client: APIClient, address: str):
+    return client.post(
+        TOKEN_URL,
+        {"username": "alice", "password": "not-it"},
+        format="json",
+        REMOTE_ADDR=address,
+    )
+
+
+def test_token_exchange_is_limited_per_address_with_retry_after(buyer):
+    client = APIClient()
+    for _ in range(10):
+        assert wrong_password(client, "203.0.113.7").status_code == 400
+
+    refused = wrong_password(client, "203.0.113.7")
+    right_password_too = client.post(
+        TOKEN_URL,
+        {"username": "alice", "password": "alice-pass-123"},
+        format="json",
+        REMOTE_ADDR="203.0.113.7",
+    )
+
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "throttled"
+    assert int(refused["Retry-After"]) > 0
+    # The limit refuses before any password is checked, right ones included.
+    assert right_password_too.status_code == 429
+    # Another address is not held up by the first one's guesses.
+    other = client.post(
+        TOKEN_URL,
+        {"username": "alice", "password": "alice-pass-123"},
+        format="json",
+        REMOTE_ADDR="203.0.113.8",
+    )
+    assert other.status_code == 201
+
+
+def test_a_forged_forwarded_for_header_does_not_reset_the_count(buyer):
+    client = APIClient()
+    for n in range(11):
+        response = client.post(
+            TOKEN_URL,
+            {"username": "alice", "password": "not-it"},
+            format="json",
+            REMOTE_ADDR="203.0.113.9",
+            HTTP_X_FORWARDED_FOR=f"198.51.100.{n}",
+        )
+    assert response.status_code == 429
+
+
+def test_enrolment_is_limited_per_address_before_the_body_is_read():
+    client = APIClient()
+    statuses = [
+        client.post(ENROLL_URL, {"garbage": True}, format="json", REMOTE_ADDR="203.0.113.20")
+        for _ in range(61)
+    ]
+    assert {s.status_code for s in statuses[:60]} == {400}
+    assert statuses[60].status_code == 429
+    assert "throttled" in statuses[60].json()["code"]
+    fresh = client.post(ENROLL_URL, {"garbage": True}, format="json", REMOTE_ADDR="203.0.113.21")
+    assert fresh.status_code == 400
+
+
+def log_in(client: Client, password: str, address: str):
+    return client.post(LOGIN_URL, {"username": "alice", "password": password}, REMOTE_ADDR=address)
+
+
+def test_login_form_stops_checking_passwords_after_ten_failures(buyer):
+    client = Client()
+    for _ in range(10):
+        response = log_in(client, "not-it", "203.0.113.30")
+        assert response.status_code == 200
+        assert b"Please enter a correct username and password" in response.content
+
+    refused = log_in(client, "alice-pass-123", "203.0.113.30")
+
+    assert refused.status_code == 200
+    assert b"Too many failed log-ins from your address" in refused.content
+    assert "_auth_user_id" not in client.session
+    # The same person from another address logs in.
+    elsewhere = log_in(Client(), "alice-pass-123", "203.0.113.31")
+    assert elsewhere.status_code == 302
+
+
+def test_successful_log_ins_are_never_counted(buyer):
+    for _ in range(15):
+        response = log_in(Client(), "alice-pass-123", "203.0.113.40")
+        assert response.status_code == 302
