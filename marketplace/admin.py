@@ -337,6 +337,10 @@ class EntryInline(admin.TabularInline):
         return False
 
 
+class ReverseForm(forms.Form):
+    text = forms.CharField(max_length=150, label="Why it is reversed")
+
+
 @admin.register(LedgerTransaction)
 class LedgerTransactionAdmin(ReadOnlyAdmin):
     list_display = ("id", "kind", "memo", "created_at")
@@ -344,6 +348,51 @@ class LedgerTransactionAdmin(ReadOnlyAdmin):
     search_fields = ("=id", "memo")
     date_hierarchy = "created_at"
     inlines = [EntryInline]
+    actions = ["reverse"]
+
+    def has_reverse_permission(self, request) -> bool:
+        return request.user.is_superuser or request.user.has_perm(
+            "marketplace.add_ledgertransaction"
+        )
+
+    @admin.action(description="Reverse the selected grant", permissions=["reverse"])
+    def reverse(self, request, queryset):
+        """An intermediate page asks why; submitting it posts the exact opposite through
+        ledger.reverse_transaction (at most once per transaction: a second submission is
+        refused, moving nothing; refused too when the wallet already spent the credits)."""
+        selected = list(queryset.order_by("pk")[:2])
+        if len(selected) != 1:
+            self.message_user(request, "Select exactly one transaction.", messages.ERROR)
+            return None
+        txn = selected[0]
+        if "apply" in request.POST:
+            form = ReverseForm(request.POST)
+            if form.is_valid():
+                try:
+                    reversal = ledger.reverse_transaction(
+                        txn, f"{form.cleaned_data['text']} (by {request.user.get_username()})"
+                    )
+                except MarketError as exc:
+                    form.add_error("text", str(exc))
+                else:
+                    self.message_user(request, f"Transaction #{txn.pk} reversed by #{reversal.pk}.")
+                    return None
+        else:
+            form = ReverseForm()
+        return _action_page(
+            self,
+            request,
+            title=f"Reverse transaction #{txn.pk}",
+            intro=f"{txn.kind}: {txn.memo}. Every entry is posted again with the opposite sign.",
+            items=[
+                f"{entry.account}: {usd(entry.amount)}"
+                for entry in txn.entries.select_related("account__user").order_by("pk")
+            ],
+            form=form,
+            action="reverse",
+            selected=[txn.pk],
+            submit="Reverse",
+        )
 
 
 @admin.register(LedgerEntry)

@@ -196,6 +196,67 @@ def test_a_visitor_or_a_non_staff_user_cannot_reach_the_action(client, buyer):
     assert grants_to(buyer) == 0
 
 
+# --- reverse a grant ----------------------------------------------------------------------------
+
+TRANSACTIONS = "/admin/marketplace/ledgertransaction/"
+
+
+def reverse(browser, txn, why="granted to the wrong account", apply=True):
+    data = {"action": "reverse", "_selected_action": [txn.pk], "text": why}
+    if apply:
+        data["apply"] = "1"
+    return browser.post(TRANSACTIONS, data, follow=True)
+
+
+def test_an_operator_reverses_a_grant_once_after_saying_why(ops, buyer):
+    txn = ledger.grant_credits(buyer, 7 * USD, memo="oops")
+
+    page = reverse(ops, txn, apply=False)
+    assert f"Reverse transaction #{txn.pk}" in page.content.decode()
+    assert ledger.available_for(buyer) == 7 * USD  # asking moves nothing
+
+    done = reverse(ops, txn)
+    again = reverse(ops, txn)
+
+    reversal = LedgerTransaction.objects.get(kind="reversal")
+    assert f"Transaction #{txn.pk} reversed by #{reversal.pk}." in messages_of(done)
+    assert reversal.reverses_id == txn.pk
+    assert "granted to the wrong account (by operator)" in reversal.memo
+    assert "already reversed" in again.content.decode()  # the form again, with the refusal
+    assert LedgerTransaction.objects.filter(kind="reversal").count() == 1
+    assert ledger.available_for(buyer) == 0
+    assert audit_ledger() == []
+
+
+def test_reversal_needs_a_reason_and_a_single_selection(ops, buyer):
+    first = ledger.grant_credits(buyer, 2 * USD, memo="a")
+    second = ledger.grant_credits(buyer, 3 * USD, memo="b")
+
+    blank = reverse(ops, first, why="   ")
+    both = ops.post(
+        TRANSACTIONS,
+        {"action": "reverse", "_selected_action": [first.pk, second.pk], "apply": "1", "text": "x"},
+        follow=True,
+    )
+
+    assert "Select exactly one transaction." in messages_of(both)
+    assert 'class="errorlist' in blank.content.decode()
+    assert not LedgerTransaction.objects.filter(kind="reversal").exists()
+    assert ledger.available_for(buyer) == 5 * USD
+
+
+def test_staff_without_the_ledger_permission_cannot_reverse(buyer, django_user_model):
+    txn = ledger.grant_credits(buyer, 2 * USD, memo="a")
+    clerk = django_user_model.objects.create_user("clerk", password="clerk-pass-123", is_staff=True)
+    clerk.user_permissions.add(Permission.objects.get(codename="view_ledgertransaction"))
+    browser = Client()
+    browser.force_login(clerk)
+
+    assert 'value="reverse"' not in browser.get(TRANSACTIONS).content.decode()
+    reverse(browser, txn)
+    assert not LedgerTransaction.objects.filter(kind="reversal").exists()
+
+
 # --- revoke a node --------------------------------------------------------------------------------
 
 
