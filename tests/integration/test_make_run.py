@@ -1,0 +1,156 @@
+"""`make run`, the README's first command, as a person runs it: with no Redis answering it starts
+its own, migrates a fresh SQLite database, seeds the demo market, and serves it with web, worker
+and beat; Ctrl-C stops every process it started, the private Redis included."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.factories import wg_public_key
+from tests.integration.conftest import free_port, wait_until
+
+pytestmark = [pytest.mark.integration]
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def call(base: str, method: str, path: str, body=None, token: str | None = None) -> dict:
+    request = urllib.request.Request(
+        base + path,
+        method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Content-Type": "application/json"}
+        | ({"Authorization": f"Bearer {token}"} if token else {}),
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def processes_with(marker: str) -> list[str]:
+    """Processes whose environment carries `marker` (everything this `make run` started)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker.encode() in environ.split(b"\0"):
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
+    port, redis_port = free_port(), free_port()
+    marker = f"MOLT_CHANNEL_PREFIX=makerun{port}"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        # The test process's own settings must not leak into the demo.
+        if key not in {"CELERY_BROKER_URL", "DATABASE_URL", "DJANGO_DEBUG", "REDIS_URL"}
+    }
+    env |= {
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "DATABASE_URL": f"sqlite:///{tmp_path}/molt.sqlite3",
+        # Nothing answers here: make run must start (and later stop) a redis-server of its own.
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "MOLT_STATE_DIR": str(tmp_path / "state"),
+        "MOLT_CHANNEL_PREFIX": f"makerun{port}",
+    }
+    log_path = tmp_path / "make-run.log"
+    base = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        make = subprocess.Popen(
+            ["make", "run"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, as a terminal's foreground job
+        )
+    try:
+        wait_until(
+            lambda: make.poll() is not None or listening(port),
+            timeout=180,
+            message="make run to serve",
+        )
+        output = log_path.read_text()
+        assert make.poll() is None, f"make run exited early:\n{output}"
+        assert "starting redis-server" in output
+        assert "MOLT demo marketplace" in output
+
+        with urllib.request.urlopen(f"{base}/healthz/", timeout=10) as response:
+            assert response.status == 200
+        # The credentials the banner printed work, and the demo market is there.
+        username, password = re.search(r"(demo-buyer)\s+(\S+)", output).groups()
+        token = call(
+            base, "POST", "/api/v1/auth/token/", {"username": username, "password": password}
+        )["token"]
+        listings = call(base, "GET", "/api/v1/listings/?limit=100", token=token)
+        assert listings["count"] == 10
+        # The worker is up: an order placed through the API is provisioned by it (no agent is
+        # connected, so it stays provisioning with its job address allocated).
+        listing = listings["results"][0]
+        order = call(
+            base,
+            "POST",
+            "/api/v1/orders/",
+            {
+                "listing": listing["id"],
+                "gpu_count": 1,
+                "hours": 1,
+                "wireguard_public_key": wg_public_key(),
+            },
+            token=token,
+        )
+        wait_until(
+            lambda: (
+                call(base, "GET", f"/api/v1/orders/{order['id']}/", token=token)["state"]
+                == "provisioning"
+            ),
+            timeout=60,
+            message="the worker to provision the order",
+        )
+        # Beat is up: it sends its schedule (expire-orders every 15 s).
+        wait_until(
+            lambda: "Sending due task expire-orders" in log_path.read_text(),
+            timeout=60,
+            message="beat to send a due task",
+        )
+
+        # Ctrl-C: the terminal sends SIGINT to the foreground process group.
+        os.killpg(make.pid, signal.SIGINT)
+        # make itself dies of the SIGINT once its recipe has ended (GNU make re-raises it).
+        assert make.wait(timeout=60) in (0, -signal.SIGINT), log_path.read_text()[-3000:]
+        wait_until(lambda: not processes_with(marker), timeout=15, message="every process to end")
+        assert not listening(port)
+        assert not listening(redis_port), "the private redis-server was left running"
+        output = log_path.read_text()
+        assert "stopping the redis-server make run started" in output
+        assert "Traceback" not in output
+        for process in ("web", "worker", "beat"):
+            assert re.search(rf"{process}\.1 stopped \(rc=(0|-15)\)", output), process
+    finally:
+        if make.poll() is None:
+            os.killpg(make.pid, signal.SIGKILL)
+        for line in processes_with(marker):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
