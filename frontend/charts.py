@@ -1,14 +1,15 @@
 """Bandwidth over time for an order's usage chart: pure, no database.
 
-The input is the order key's cumulative WireGuard counters as signed metering samples carried
-them; the output is the bytes moved in each interval between samples and the geometry of a
-small inline SVG line chart (no chart library, nothing loaded from elsewhere).
+The input is the cumulative WireGuard counters of the order's keys (a re-keyed order has more
+than one) as signed metering samples carried them; the output is the bytes moved in each
+interval between samples and the geometry of a small inline SVG line chart (no chart library,
+nothing loaded from elsewhere).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -47,6 +48,34 @@ def intervals(samples: Sequence[tuple[datetime, Counters]]) -> list[Interval]:
             continue
         rx, tx = delta(previous, current)
         result.append(Interval(start=start, end=end, bytes_in=tx, bytes_out=rx))
+    return result
+
+
+def key_intervals(
+    samples: Sequence[tuple[datetime, Mapping[Hashable, Counters]]],
+) -> list[Interval]:
+    """Per-interval traffic of several keys of one peer from time-ordered samples, each with the
+    counters of the keys it carries. Each key is compared with its own last counters, as billing
+    does; a key first seen after the first sample (the key a re-key added) counts all it shows.
+    Bytes of a sample taken in the same second as the one before go into the next interval."""
+    result: list[Interval] = []
+    last: dict[Hashable, Counters] = {}
+    start: datetime | None = None
+    rx = tx = 0
+    for at, counters in samples:
+        for key, current in counters.items():
+            previous = last.get(key)
+            if previous is not None and current.epoch < previous.epoch:
+                continue  # a late sample of an older epoch: keep the newer base
+            if start is not None:
+                key_rx, key_tx = delta(previous, current)
+                rx, tx = rx + key_rx, tx + key_tx
+            last[key] = current
+        if start is None:
+            start = at
+        elif at > start:
+            result.append(Interval(start=start, end=at, bytes_in=tx, bytes_out=rx))
+            start, rx, tx = at, 0, 0
     return result
 
 

@@ -10,10 +10,10 @@ from typing import Any
 from django.db.models import F, Window
 from django.db.models.functions import Mod, RowNumber
 
-from frontend.charts import Interval, intervals
+from frontend.charts import Interval, key_intervals
 from marketplace.models import Order
 from meshnet.metering import Counters
-from meshnet.models import JobPeer, MeteringSample
+from meshnet.models import JobPeer, JobPeerKey, MeteringSample
 
 # Enough points for a 640-pixel-wide chart; a month-long order at one sample every ten seconds
 # has a quarter of a million samples, and only every n-th is read (see usage_intervals).
@@ -71,11 +71,19 @@ def snapshot(order: Order) -> dict[str, Any]:
 
 
 def usage_intervals(order: Order) -> list[Interval]:
-    """Traffic of the order's current key between metering samples of its node while the order
-    ran, from at most MAX_CHART_SAMPLES samples spread evenly over the order (counters are
-    cumulative, so skipping samples loses no bytes, only detail). Two queries."""
-    if order.running_since is None:
+    """Traffic of the order's peer, over every key it has had (a re-key adds one), between
+    metering samples of its node while the order ran, from at most MAX_CHART_SAMPLES samples
+    spread evenly over the order (counters are cumulative, so skipping samples loses no bytes,
+    only detail). A key's counters count in the samples the gateway received while that key was
+    open for the peer (from active_from until closed_at, as billing attributes them), so a key
+    reused by another order later is not charted here. Three queries."""
+    if order.running_since is None or order.job_peer_id is None:
         return []
+    keys = list(
+        JobPeerKey.objects.filter(job_peer_id=order.job_peer_id).values_list(
+            "pk", "public_key", "active_from", "closed_at"
+        )
+    )
     samples = MeteringSample.objects.filter(
         node_id=order.listing.node_id, sampled_at__gte=order.running_since - SAMPLE_MARGIN
     )
@@ -90,17 +98,23 @@ def usage_intervals(order: Order) -> list[Interval]:
             n=Window(RowNumber(), order_by=[F("sampled_at").asc(), F("id").asc()])
         ).annotate(every=Mod(F("n"), step))
         samples = samples.filter(every=0)
-    rows = samples.order_by("sampled_at", "id").values_list("sampled_at", "body")
-    key = order.wireguard_public_key
-    points: list[tuple[Any, Counters]] = []
-    for sampled_at, body in rows:
+    rows = samples.order_by("sampled_at", "id").values_list("sampled_at", "received_at", "body")
+    points: list[tuple[Any, dict[Any, Counters]]] = []
+    for sampled_at, received_at, body in rows:
+        open_keys = {
+            public_key: pk
+            for pk, public_key, active_from, closed_at in keys
+            if active_from <= received_at and (closed_at is None or received_at <= closed_at)
+        }
+        counters: dict[Any, Counters] = {}
         for peer in (body or {}).get("peers", ()):
-            if peer.get("public_key") == key:
-                counters = Counters(
+            pk = open_keys.get(peer.get("public_key"))
+            if pk is not None:
+                counters[pk] = Counters(
                     int(peer.get("epoch", 0)),
                     int(peer.get("rx_bytes", 0)),
                     int(peer.get("tx_bytes", 0)),
                 )
-                points.append((sampled_at, counters))
-                break
-    return intervals(points)
+        if counters:
+            points.append((sampled_at, counters))
+    return key_intervals(points)

@@ -84,7 +84,10 @@ def settlement_amounts(
 ) -> SettlementAmounts:
     """Split a hold: captured = min(time + bandwidth, hold); fee from the captured amount;
     the provider gets the rest of it; the buyer gets back what was not captured.
-    captured + released == hold and fee + provider_amount == captured, always."""
+    captured + released == hold and fee + provider_amount == captured, always.
+
+    `total_bytes` is the order's bytes_in + bytes_out: the metered bytes of every key its job
+    peer had (a re-keyed order's old keys included; see meshnet.models.JobPeerKey)."""
     t = time_charge(
         price_per_gpu_hour=price_per_gpu_hour, gpu_count=gpu_count, seconds=billed_seconds
     )

@@ -11,7 +11,7 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Q, Sum
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
@@ -22,10 +22,10 @@ from meshnet.models import (
     IpAllocation,
     IpPool,
     JobPeer,
+    JobPeerKey,
     MeteringSample,
     Node,
     NodeOutage,
-    PeerTraffic,
     UsedNonce,
 )
 
@@ -236,6 +236,36 @@ class GpuAdmin(ReadOnlyAdmin):
     search_fields = ("node__name", "name", "uuid")
 
 
+KEY_COLUMNS = (
+    "public_key",
+    "epoch",
+    "total_rx_bytes",
+    "total_tx_bytes",
+    "active_from",
+    "added_revision",
+    "retired_at",
+    "retired_revision",
+    "closed_at",
+    "last_sample_at",
+)
+
+
+class JobPeerKeyInline(admin.TabularInline):
+    """Every key the peer has had (a re-key retires one and adds the next), with its bytes."""
+
+    model = JobPeerKey
+    extra = 0
+    can_delete = False
+    fields = KEY_COLUMNS
+    readonly_fields = KEY_COLUMNS
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(JobPeer)
 class JobPeerAdmin(ReadOnlyAdmin):
     list_display = (
@@ -247,18 +277,71 @@ class JobPeerAdmin(ReadOnlyAdmin):
         "created_at",
         "acked_at",
         "removed_at",
+        "key_count",
+        "rx_bytes",
+        "tx_bytes",
     )
     list_filter = ("state",)
     list_select_related = ("node",)
-    search_fields = ("ref", "public_key", "address", "node__name")
+    search_fields = ("ref", "public_key", "keys__public_key", "address", "node__name")
     date_hierarchy = "created_at"
+    inlines = [JobPeerKeyInline]
+
+    def get_queryset(self, request):
+        # Totals over all the peer's keys, in the list's one query.
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                n_keys=Count("keys"),
+                rx_total=Sum("keys__total_rx_bytes"),
+                tx_total=Sum("keys__total_tx_bytes"),
+            )
+        )
+
+    @admin.display(description="keys", ordering="n_keys")
+    def key_count(self, peer: JobPeer) -> int:
+        return peer.n_keys
+
+    @admin.display(description="rx bytes (all keys)", ordering="rx_total")
+    def rx_bytes(self, peer: JobPeer) -> int:
+        return peer.rx_total or 0
+
+    @admin.display(description="tx bytes (all keys)", ordering="tx_total")
+    def tx_bytes(self, peer: JobPeer) -> int:
+        return peer.tx_total or 0
 
 
-@admin.register(PeerTraffic)
-class PeerTrafficAdmin(ReadOnlyAdmin):
-    list_display = ("job_peer", "epoch", "total_rx_bytes", "total_tx_bytes", "updated_at")
+class KeyStateFilter(admin.SimpleListFilter):
+    title = "key"
+    parameter_name = "key"
+
+    def lookups(self, request, model_admin):
+        return [
+            ("current", "current"),
+            ("retired_open", "retired, final counters to come"),
+            ("closed", "closed"),
+        ]
+
+    def queryset(self, request, queryset):
+        if self.value() == "current":
+            return queryset.filter(retired_at__isnull=True)
+        if self.value() == "retired_open":
+            return queryset.filter(retired_at__isnull=False, closed_at__isnull=True)
+        if self.value() == "closed":
+            return queryset.filter(closed_at__isnull=False)
+        return queryset
+
+
+@admin.register(JobPeerKey)
+class JobPeerKeyAdmin(ReadOnlyAdmin):
+    """The metering base and totals of each key of each peer: a re-keyed peer has several."""
+
+    list_display = ("job_peer", *KEY_COLUMNS)
+    list_filter = (KeyStateFilter,)
     list_select_related = ("job_peer__node",)
-    search_fields = ("job_peer__ref", "job_peer__public_key")
+    search_fields = ("public_key", "job_peer__ref", "job_peer__node__name")
+    date_hierarchy = "active_from"
 
 
 @admin.register(MeteringSample)

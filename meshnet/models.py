@@ -1,5 +1,5 @@
 """Tables of the mesh: address pools and leases, nodes and their GPUs, enrolment tokens,
-replay nonces and job peers."""
+replay nonces, job peers and their keys, metering samples and node outages."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import Q, Sum
 from django.utils import timezone
 
 from meshnet.querysets import JobPeerQuerySet, NodeQuerySet
@@ -200,7 +200,8 @@ class JobPeer(models.Model):
 
     desired -> active (agent acknowledged) -> removing -> removed (agent acknowledged removal).
     `ref` names the job outside meshnet (marketplace uses "order:<id>"), so meshnet does not
-    import marketplace.
+    import marketplace. `public_key` is the current key; every key the peer has had, with its
+    metered bytes, is a JobPeerKey.
     """
 
     class State(models.TextChoices):
@@ -239,20 +240,77 @@ class JobPeer(models.Model):
     def __str__(self) -> str:
         return f"{self.ref} on {self.node.name} ({self.address}, {self.state})"
 
+    def traffic_totals(self) -> tuple[int, int]:
+        """(rx, tx) bytes metered for this peer: the sum over all the keys it has had."""
+        totals = self.keys.aggregate(rx=Sum("total_rx_bytes"), tx=Sum("total_tx_bytes"))
+        return totals["rx"] or 0, totals["tx"] or 0
 
-class PeerTraffic(models.Model):
-    """The last cumulative counters seen for a job peer; the base of the next delta."""
 
-    job_peer = models.OneToOneField(JobPeer, on_delete=models.CASCADE, related_name="traffic")
+class JobPeerKey(models.Model):
+    """One WireGuard public key of a job peer, with the metering base and totals of that key.
+
+    A peer has one current key (retired_at unset); a re-key retires it at the desired revision
+    that drops it from the node and adds the next key. A key stays *open* (closed_at unset) until
+    its final counters have been taken: the agent sends a removed key's last counters before it
+    acknowledges the revision that removed it, on the same connection, so the gateway closes the
+    key when that acknowledgement arrives (or when the node is revoked). Metering samples of the
+    peer's node that carry an open key are billed to that key's peer, retired or not; a closed
+    key counts nothing more. The peer's traffic is the sum over its keys.
+
+    An open key belongs to one peer in the whole mesh, so a key reused later (another order, or
+    the same key back) gets a new row only once the old one is closed: a sample is never
+    ambiguous."""
+
+    job_peer = models.ForeignKey(JobPeer, on_delete=models.CASCADE, related_name="keys")
+    public_key = models.CharField(max_length=44)
+    # The last cumulative counters seen for this key: the base of its next delta.
     epoch = models.BigIntegerField(default=0)
     rx_bytes = models.BigIntegerField(default=0)
     tx_bytes = models.BigIntegerField(default=0)
     total_rx_bytes = models.BigIntegerField(default=0)
     total_tx_bytes = models.BigIntegerField(default=0)
-    updated_at = models.DateTimeField(auto_now=True)
+    active_from = models.DateTimeField(default=timezone.now)
+    added_revision = models.PositiveBigIntegerField()
+    retired_at = models.DateTimeField(null=True, blank=True)
+    retired_revision = models.PositiveBigIntegerField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    last_sample_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job_peer_id", "id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job_peer"],
+                condition=Q(retired_at__isnull=True),
+                name="peer_one_current_key",
+            ),
+            # Metering resolves a key to the one open row that has it: never two.
+            models.UniqueConstraint(
+                fields=["public_key"],
+                condition=Q(closed_at__isnull=True),
+                name="peer_key_open_once",
+            ),
+            models.CheckConstraint(
+                condition=Q(retired_at__isnull=True, retired_revision__isnull=True)
+                | Q(retired_at__isnull=False, retired_revision__isnull=False),
+                name="peer_key_retired_at_revision",
+            ),
+            models.CheckConstraint(
+                condition=Q(total_rx_bytes__gte=0, total_tx_bytes__gte=0),
+                name="peer_key_totals_not_negative",
+            ),
+        ]
 
     def __str__(self) -> str:
-        return f"traffic of {self.job_peer_id}: rx {self.total_rx_bytes} tx {self.total_tx_bytes}"
+        return f"{self.public_key[:8]}… of {self.job_peer_id}"
+
+    @property
+    def current(self) -> bool:
+        return self.retired_at is None
+
+    @property
+    def open(self) -> bool:
+        return self.closed_at is None
 
 
 class MeteringSample(models.Model):
@@ -270,6 +328,11 @@ class MeteringSample(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["node", "boot_id", "seq"], name="metering_sample_once")
+        ]
+        indexes = [
+            # An order's usage chart reads its node's samples within the order's time: without
+            # this, every chart scans all the samples the node ever sent (8,640 a day).
+            models.Index(fields=["node", "sampled_at"], name="metering_node_time_idx")
         ]
 
     def __str__(self) -> str:

@@ -37,10 +37,10 @@ from meshnet.models import (
     IpAllocation,
     IpPool,
     JobPeer,
+    JobPeerKey,
     MeteringSample,
     Node,
     NodeOutage,
-    PeerTraffic,
     UsedNonce,
 )
 from meshnet.signals import node_revoked, peer_acknowledged, peer_removed, peer_traffic
@@ -287,8 +287,9 @@ def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
     """Add a buyer's peer to `node` with a fresh job address from the MOLT pool.
 
     Idempotent on `ref` (a retried task returns the same peer). Locks: node row, then pool row.
-    Bumps the node's desired revision and pushes the signed state after commit.
-    Raises InvalidPeerKey, PeerKeyInUse (the key is live on another peer), PoolExhausted.
+    Bumps the node's desired revision and pushes the signed state after commit. The key becomes
+    the peer's first JobPeerKey. Raises InvalidPeerKey, PeerKeyInUse (the key is live on another
+    peer, or retired from one whose node has not yet acknowledged its removal), PoolExhausted.
     """
     validate_peer_key(public_key)
     with transaction.atomic():
@@ -296,8 +297,8 @@ def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
         existing = JobPeer.objects.filter(ref=ref).first()
         if existing is not None:
             return existing
-        if JobPeer.objects.live().filter(public_key=public_key).exists():
-            raise PeerKeyInUse("this WireGuard public key is already in use on another peer")
+        if _key_in_use(public_key):
+            raise PeerKeyInUse(KEY_IN_USE)
         lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
         _bump_revision(locked.pk)
         locked.refresh_from_db(fields=["desired_revision"])
@@ -311,12 +312,31 @@ def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
                     ref=ref,
                     added_revision=locked.desired_revision,
                 )
+                JobPeerKey.objects.create(
+                    job_peer=peer,
+                    public_key=public_key,
+                    active_from=peer.created_at,
+                    added_revision=peer.added_revision,
+                )
         except IntegrityError:
-            raise PeerKeyInUse(
-                "this WireGuard public key is already in use on another peer"
-            ) from None
+            raise PeerKeyInUse(KEY_IN_USE) from None
         _push_on_commit(locked.pk)
         return peer
+
+
+KEY_IN_USE = "this WireGuard public key is already in use on another peer"
+
+
+def _key_in_use(public_key: str, *, peer: JobPeer | None = None) -> bool:
+    """Whether `public_key` is open on a peer other than `peer`: live there, or retired from it
+    with its final counters still to come (see JobPeerKey). The unique constraints decide races;
+    this check only gives the usual case a clear error before any write."""
+    open_keys = JobPeerKey.objects.filter(public_key=public_key, closed_at__isnull=True)
+    live = JobPeer.objects.live().filter(public_key=public_key)
+    if peer is not None:
+        open_keys = open_keys.exclude(job_peer=peer)
+        live = live.exclude(pk=peer.pk)
+    return open_keys.exists() or live.exists()
 
 
 def remove_job_peer(ref: str) -> JobPeer | None:
@@ -372,7 +392,10 @@ def acknowledge_revision(
 
     Peers added at or before `revision` (and not in `failed_keys`) become active and fire
     peer_acknowledged; peers removed at or before it become removed, their address goes into
-    quarantine, and peer_removed fires. A stale or repeated ack changes nothing. Locks: node row.
+    quarantine, and peer_removed fires. Keys the revision took off the node (retired by a re-key,
+    or of a removed peer) are closed: the agent sent their final counters before this ack, so no
+    later sample is billed to them. Keys in `failed_keys` stay as they are. A stale or repeated
+    ack changes nothing. Locks: node row, then the keys it closes.
     """
     at = at or timezone.now()
     with transaction.atomic():
@@ -386,6 +409,17 @@ def acknowledge_revision(
         # the reconciler push it again, and the agent retries the failed peers.
         if revision > locked.acked_revision and not failed_keys:
             Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
+        # Closed before the receivers below lock orders, so this ack never holds an order row
+        # while it waits for a key row that a metering sample holds.
+        gone = Q(retired_revision__lte=revision) | Q(
+            job_peer__state=JobPeer.State.REMOVING, job_peer__removed_revision__lte=revision
+        )
+        _close_keys(
+            JobPeerKey.objects.filter(gone, job_peer__node=locked).exclude(
+                public_key__in=failed_keys
+            ),
+            at,
+        )
         added = JobPeer.objects.filter(
             node=locked, state=JobPeer.State.DESIRED, added_revision__lte=revision
         ).exclude(public_key__in=failed_keys)
@@ -554,9 +588,13 @@ def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
 def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     """Store a signed metering sample from `node` once and turn its counters into deltas.
 
-    Each peer's delta (see meshnet.metering) is added to its PeerTraffic under a row lock and
-    announced with peer_traffic, all in one transaction with the stored sample; a resent
-    sample (same boot_id and seq) changes nothing. Returns the number of peers billed."""
+    Each public key in the sample is resolved to the open JobPeerKey of `node` that has it (the
+    peer's current key, or one retired by a re-key whose final counters are still to come; see
+    JobPeerKey); keys with none are ignored. The delta against that key's own base (see
+    meshnet.metering) is added to the key's totals under a row lock, and each peer's bytes over
+    its keys are announced once with peer_traffic, all in one transaction with the stored
+    sample. A resent sample (same boot_id and seq) changes nothing. Returns the number of peers
+    billed. Locks: the keys in the sample, in id order."""
     body = envelope.get("body") if isinstance(envelope, Mapping) else None
     try:
         protocol.open_envelope(
@@ -567,7 +605,7 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
         raise AgentRefused(f"metering refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
     if sample.node_id != node.node_id:
         raise AgentRefused("metering sample names another node", protocol.CLOSE_BAD_MESSAGE)
-    billed = 0
+    sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
     with transaction.atomic():
         try:
             with transaction.atomic():
@@ -575,40 +613,79 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                     node=node,
                     boot_id=sample.boot_id,
                     seq=sample.seq,
-                    sampled_at=datetime.fromtimestamp(sample.sampled_at, tz=UTC),
+                    sampled_at=sampled_at,
                     body=dict(body),
                     signature=str(envelope.get("signature", "")),
                 )
         except IntegrityError:
             return 0  # already stored: a resend after a lost connection
+        keys = _open_keys(node, {counters.public_key for counters in sample.peers})
+        per_peer: dict[int, tuple[JobPeer, int, int]] = {}
         for counters in sample.peers:
-            # The key is live on at most one peer; a peer removed since still gets its last bytes.
-            peer = (
-                JobPeer.objects.filter(node=node, public_key=counters.public_key)
-                .order_by("-id")
-                .first()
-            )
-            if peer is None:
+            key = keys.get(counters.public_key)
+            if key is None:
                 continue
-            traffic, _ = PeerTraffic.objects.get_or_create(job_peer=peer)
-            traffic = PeerTraffic.objects.select_for_update().get(pk=traffic.pk)
-            # A fresh row (epoch 0, zero counters) is the same base as "nothing seen yet".
-            previous = metering.Counters(traffic.epoch, traffic.rx_bytes, traffic.tx_bytes)
+            # A fresh key (epoch 0, zero counters) is the same base as "nothing seen yet".
+            previous = metering.Counters(key.epoch, key.rx_bytes, key.tx_bytes)
             current = metering.Counters(counters.epoch, counters.rx_bytes, counters.tx_bytes)
             if current.epoch < previous.epoch:
                 continue  # a late sample from an older epoch: keep the newer base
             rx, tx = metering.delta(previous, current)
-            PeerTraffic.objects.filter(pk=traffic.pk).update(
+            JobPeerKey.objects.filter(pk=key.pk).update(
                 epoch=current.epoch,
                 rx_bytes=current.rx_bytes,
                 tx_bytes=current.tx_bytes,
                 total_rx_bytes=F("total_rx_bytes") + rx,
                 total_tx_bytes=F("total_tx_bytes") + tx,
+                last_sample_at=sampled_at,
             )
+            # A key listed twice in one sample is compared with its own first listing.
+            key.epoch = current.epoch
+            key.rx_bytes, key.tx_bytes = current.rx_bytes, current.tx_bytes
+            _, peer_rx, peer_tx = per_peer.get(key.job_peer_id, (key.job_peer, 0, 0))
+            per_peer[key.job_peer_id] = (key.job_peer, peer_rx + rx, peer_tx + tx)
+        billed = 0
+        for peer, rx, tx in per_peer.values():
             if rx or tx:
                 peer_traffic.send(sender=JobPeer, job_peer=peer, rx_bytes=rx, tx_bytes=tx)
                 billed += 1
     return billed
+
+
+def _open_keys(node: Node, public_keys: set[str]) -> dict[str, JobPeerKey]:
+    """The open keys of `node` among `public_keys`, locked in id order (a node has a handful of
+    open keys; the sample may list many). An open key is on one peer only (peer_key_open_once),
+    and a key closed meanwhile by an ack is not taken: the lock re-reads the row."""
+    candidates = [
+        pk
+        for pk, public_key in JobPeerKey.objects.filter(
+            job_peer__node=node, closed_at__isnull=True
+        ).values_list("pk", "public_key")
+        if public_key in public_keys
+    ]
+    if not candidates:
+        return {}
+    locked = (
+        JobPeerKey.objects.select_for_update(of=("self",))
+        .filter(pk__in=candidates, closed_at__isnull=True)
+        .select_related("job_peer")
+        .order_by("pk")
+    )
+    return {key.public_key: key for key in locked}
+
+
+def _close_keys(keys: Any, at: datetime) -> int:
+    """Close the open keys among `keys` (a JobPeerKey queryset) at `at`, locking them in id order
+    as ingest_metering does, so the two never wait on each other in a circle."""
+    pks = list(
+        keys.filter(closed_at__isnull=True)
+        .select_for_update(of=("self",))
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not pks:
+        return 0
+    return JobPeerKey.objects.filter(pk__in=pks, closed_at__isnull=True).update(closed_at=at)
 
 
 def record_report(node: Node, detail: object) -> None:
@@ -622,12 +699,17 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
     """Give the live peer named `ref` a new public key (its buyer re-keyed) and keep its job
     address. The node's desired state gets a new revision without the old key and with the new
     one: the agent's reconcile (keyed by public key) removes the old peer and adds the new. The
-    peer is `desired` again until the agent acknowledges that revision. The traffic base is
-    reset, since the new key's counters start from zero (the agent gives the new key its own
-    epoch); bytes the old key moved after the last metering sample are not counted.
+    peer is `desired` again until the agent acknowledges that revision.
 
-    Locks: node row. Raises InvalidPeerKey, PeerKeyInUse (the key is live on another peer) and
-    MeshError when no live peer is named `ref`."""
+    The old key is retired at that revision, not forgotten: until the agent acknowledges it, the
+    node's samples that carry the old key (the periodic ones meanwhile, and the final counters the
+    agent sends just before removing it) are still billed to this peer, against the old key's
+    own base. The new key gets its own JobPeerKey with a zero base (its counters start at zero,
+    under an epoch of its own). Going back to a key of this peer that is retired but not yet
+    closed makes it current again, with the base it has.
+
+    Locks: node row, then the peer's keys. Raises InvalidPeerKey, PeerKeyInUse (the key is open
+    on another peer) and MeshError when no live peer is named `ref`."""
     from meshnet.errors import MeshError
 
     validate_peer_key(public_key)
@@ -641,10 +723,11 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
             raise MeshError(f"job peer {ref} is {peer.state}: it cannot be re-keyed")
         if peer.public_key == public_key:
             return peer
-        if JobPeer.objects.live().filter(public_key=public_key).exclude(pk=peer.pk).exists():
-            raise PeerKeyInUse("this WireGuard public key is already in use on another peer")
+        if _key_in_use(public_key, peer=peer):
+            raise PeerKeyInUse(KEY_IN_USE)
         _bump_revision(peer.node_id)
         revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+        now = timezone.now()
         try:
             with transaction.atomic():
                 JobPeer.objects.filter(pk=peer.pk).update(
@@ -653,11 +736,22 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
                     added_revision=revision,
                     acked_at=None,
                 )
+                # Retired first: the peer has one current key at every step.
+                JobPeerKey.objects.filter(job_peer=peer, retired_at__isnull=True).update(
+                    retired_at=now, retired_revision=revision
+                )
+                back = JobPeerKey.objects.filter(
+                    job_peer=peer, public_key=public_key, closed_at__isnull=True
+                ).update(retired_at=None, retired_revision=None, added_revision=revision)
+                if not back:
+                    JobPeerKey.objects.create(
+                        job_peer=peer,
+                        public_key=public_key,
+                        active_from=now,
+                        added_revision=revision,
+                    )
         except IntegrityError:
-            raise PeerKeyInUse(
-                "this WireGuard public key is already in use on another peer"
-            ) from None
-        PeerTraffic.objects.filter(job_peer=peer).update(epoch=0, rx_bytes=0, tx_bytes=0)
+            raise PeerKeyInUse(KEY_IN_USE) from None
         _push_on_commit(peer.node_id)
         peer.refresh_from_db()
         log.info("job peer %s re-keyed at revision %s", ref, revision)
@@ -736,4 +830,6 @@ def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
             )
             if peer.allocation is not None:
                 release_address(peer.allocation)
+        # A revoked node's samples are refused: its keys take nothing more and may be reused.
+        _close_keys(JobPeerKey.objects.filter(job_peer__node=node), now)
     return revoked
