@@ -102,7 +102,7 @@ def _serve(kind: str) -> None:
         if method == "ensure_interface":
             args["private_key"] = base64.b64decode(args["private_key"])
         result = getattr(backend, method)(**args)
-        if method == "list_peers":
+        if method in ("list_peers", "read_peers"):
             return {key: dataclasses.asdict(peer) for key, peer in result.items()}
         return result
 
