@@ -212,6 +212,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "audit-ledger": {"task": "marketplace.tasks.audit_ledger", "schedule": 3600.0},
     "prune-used-nonces": {"task": "meshnet.tasks.prune_used_nonces", "schedule": 3600.0},
+    "close-out-silent-nodes": {
+        "task": "meshnet.tasks.close_out_silent_nodes",
+        "schedule": 3600.0,
+    },
 }
 
 # --- MOLT ---------------------------------------------------------------------------------
@@ -232,6 +236,13 @@ MOLT_PROVISIONING_TIMEOUT_SECONDS = env_int("MOLT_PROVISIONING_TIMEOUT_SECONDS",
 MOLT_NODE_OFFLINE_AFTER_SECONDS = env_int("MOLT_NODE_OFFLINE_AFTER_SECONDS", 45, minimum=5)
 # Running orders of a node silent this long fail (time up to its last heartbeat is billed).
 MOLT_NODE_FAILURE_GRACE_SECONDS = env_int("MOLT_NODE_FAILURE_GRACE_SECONDS", 300, minimum=5)
+# Peer removals on a node silent this long are closed out without its acknowledgement (job
+# addresses and keys freed). Far beyond the grace above: the orders ended long before.
+MOLT_NODE_ABANDONED_AFTER_SECONDS = env_int(
+    "MOLT_NODE_ABANDONED_AFTER_SECONDS",
+    7 * 86400,
+    minimum=max(3600, MOLT_NODE_FAILURE_GRACE_SECONDS + 1),
+)
 # A buyer may dispute a settled order this long after settlement; the provider's share stays
 # frozen until then.
 MOLT_DISPUTE_WINDOW_SECONDS = env_int("MOLT_DISPUTE_WINDOW_SECONDS", 72 * 3600, minimum=0)

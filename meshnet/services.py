@@ -688,6 +688,57 @@ def _close_keys(keys: Any, at: datetime) -> int:
     return JobPeerKey.objects.filter(pk__in=pks, closed_at__isnull=True).update(closed_at=at)
 
 
+def close_out_silent_nodes(now: datetime | None = None) -> int:
+    """Close out the peer removals no agent will acknowledge: on a node (not revoked) silent
+    for MOLT_NODE_ABANDONED_AFTER_SECONDS, peers still `removing` become `removed`, their job
+    addresses go into quarantine and their keys are closed (so the key and the address can be
+    used again). Their orders ended long before, through the node-failure grace, so no order
+    is told. If the node comes back, its agent gets a desired state without these peers and
+    removes them; samples of their closed keys count nothing. Returns how many peers.
+
+    Locks: each node row in turn (re-checking its silence under the lock, so a heartbeat that
+    just arrived keeps its peers), then the keys it closes, as revoke_node does."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MOLT_NODE_ABANDONED_AFTER_SECONDS)
+    candidates = (
+        Node.objects.filter(
+            revoked_at__isnull=True,
+            last_seen_at__lt=cutoff,
+            job_peers__state=JobPeer.State.REMOVING,
+        )
+        .distinct()
+        .values_list("pk", flat=True)
+    )
+    closed = 0
+    for node_pk in list(candidates):
+        with transaction.atomic():
+            node = Node.objects.select_for_update().get(pk=node_pk)
+            if node.revoked_at is not None or node.last_seen_at is None:
+                continue
+            if node.last_seen_at >= cutoff:
+                continue
+            peers = list(
+                JobPeer.objects.filter(node=node, state=JobPeer.State.REMOVING).select_related(
+                    "allocation"
+                )
+            )
+            for peer in peers:
+                JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
+                    state=JobPeer.State.REMOVED, removed_at=now
+                )
+                if peer.allocation is not None:
+                    release_address(peer.allocation)
+            _close_keys(JobPeerKey.objects.filter(job_peer__in=peers), now)
+            closed += len(peers)
+            log.warning(
+                "node %s silent since %s: %d peer removal(s) closed out without its ack",
+                node.name,
+                node.last_seen_at.isoformat(),
+                len(peers),
+            )
+    return closed
+
+
 def record_report(node: Node, detail: object) -> None:
     """Keep the agent's last complaint on the node (shown to operators)."""
     text = str(detail or "")[:500]

@@ -65,3 +65,12 @@ def prune_used_nonces() -> int:
         seen_at__lt=timezone.now() - timedelta(seconds=keep)
     ).delete()
     return deleted
+
+
+@shared_task(acks_late=True)
+def close_out_silent_nodes() -> int:
+    """Release the job addresses and keys of peer removals that a long-silent node will never
+    acknowledge (meshnet.services.close_out_silent_nodes)."""
+    from meshnet.services import close_out_silent_nodes as close_out
+
+    return close_out()

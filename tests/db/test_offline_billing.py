@@ -260,3 +260,74 @@ def test_reaching_the_bandwidth_allowance_stops_the_job_with_that_reason(
     assert s.bandwidth_charge == 10_000 * 1100 // 1024
     assert s.captured <= order.hold_amount
     assert audit_ledger() == []
+
+
+# --- a node lost for good ------------------------------------------------------------------------
+
+
+def test_removals_a_node_lost_for_good_never_acknowledges_are_closed_out(
+    funded_buyer, listing, node, settings
+):
+    from meshnet.models import IpAllocation, JobPeerKey
+
+    start = timezone.now() - timedelta(days=10)
+    heartbeat(node, start)
+    order = running(funded_buyer, listing, node, started=start)
+    last = start + timedelta(minutes=20)
+    online(node, start, last)
+    assert services.expire_orders(now=last + timedelta(hours=1)) == 1  # the grace: failed
+    peer = JobPeer.objects.get(order=order)
+    assert peer.state == JobPeer.State.REMOVING
+    key = peer.public_key
+    abandoned = settings.MOLT_NODE_ABANDONED_AFTER_SECONDS
+
+    # Silent, but not yet for long enough: the removal waits for the agent.
+    assert mesh.close_out_silent_nodes(now=last + timedelta(seconds=abandoned - 1)) == 0
+    assert JobPeer.objects.get(pk=peer.pk).state == JobPeer.State.REMOVING
+
+    assert mesh.close_out_silent_nodes(now=last + timedelta(seconds=abandoned + 1)) == 1
+    peer.refresh_from_db()
+    assert peer.state == JobPeer.State.REMOVED
+    lease = IpAllocation.objects.get(pk=peer.allocation_id)
+    assert lease.released_at is not None  # into quarantine, then reusable
+    assert not JobPeerKey.objects.filter(job_peer=peer, closed_at__isnull=True).exists()
+    assert mesh.close_out_silent_nodes(now=timezone.now()) == 0  # nothing left to close out
+    order.refresh_from_db()
+    assert order.state == "failed"
+    assert Settlement.objects.filter(order=order).count() == 1
+
+    # The key is free for another order now.
+    other = services.place_order(
+        funded_buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
+    )
+    services.provision_order(other.pk)
+    assert Order.objects.get(pk=other.pk).state == "provisioning"
+
+    # The node comes back and acknowledges the removal: nothing changes twice.
+    heartbeat(node, timezone.now())
+    ack(node)
+    assert Order.objects.get(pk=order.pk).state == "failed"
+    assert Settlement.objects.filter(order=order).count() == 1
+    assert audit_ledger() == []
+
+
+def test_a_node_heard_from_again_keeps_its_pending_removals(funded_buyer, listing, node, settings):
+    start = timezone.now() - timedelta(days=10)
+    heartbeat(node, start)
+    order = running(funded_buyer, listing, node, started=start)
+    services.stop_order(order)
+    peer = JobPeer.objects.get(order=order)
+    assert peer.state == JobPeer.State.REMOVING
+    heartbeat(node, timezone.now())  # the agent is back: it will acknowledge the removal itself
+
+    assert mesh.close_out_silent_nodes() == 0
+    assert JobPeer.objects.get(pk=peer.pk).state == JobPeer.State.REMOVING
+
+
+def test_a_revoked_node_is_left_to_revocation(funded_buyer, listing, node, settings):
+    start = timezone.now() - timedelta(days=10)
+    heartbeat(node, start)
+    running(funded_buyer, listing, node, started=start)
+    mesh.revoke_node(Node.objects.get(pk=node.pk))
+
+    assert mesh.close_out_silent_nodes() == 0
