@@ -54,6 +54,8 @@ def _missing_for(tier: str) -> str | None:
                 return (
                     f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
                 )
+        if shutil.which("systemd-nspawn") is None:
+            return "needs systemd-nspawn (apt-get install systemd-container)"
     if tier == "vm":
         from tests.vm.harness import missing_tools
 

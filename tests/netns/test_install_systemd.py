@@ -1,0 +1,235 @@
+"""The install line's systemd path, for real: this machine's own root booted as a container with
+systemd as PID 1 (systemd-nspawn), in a testbed namespace that reaches the live gateway, and
+`curl -fsSL GATEWAY/install.sh | sh -s -- --token T` run in it as a user runs it, with the
+default prefix and state directory. The unit must be written, enabled and running, the node
+online; `systemctl stop` must end the agent.
+
+The container's root is an overlay of / with a tmpfs upper layer, mounted in a mount namespace
+of its own: everything the script writes (/opt/clawnode, /etc/systemd/system, /var/lib) lands
+on the tmpfs and is gone when the container stops. nspawn refuses --directory=/ with
+--volatile=overlay, hence the overlay by hand. Units this machine enables (databases, brokers,
+timers) are masked on systemd's command line, so the container boots only systemd's own.
+
+Still skipped here: apt (step 2). The testbed namespace has no way out of the machine, so
+--skip-apt, and clawnode's dependencies come from the local wheelhouse."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import shlex
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from meshnet import services as mesh
+from meshnet.models import Node
+from tests.integration.conftest import running_gateway, wait_until
+from tests.netns.test_install_script import CLEAN_ENV, STEP_LINE, build_wheelhouse
+from tests.netns.testbed import network_testbed
+
+pytestmark = [pytest.mark.netns, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
+
+
+def masked_units() -> list[str]:
+    """Every unit this machine enables, except targets: the container boots none of them."""
+    names = {os.path.basename(p) for p in glob.glob("/etc/systemd/system/*.wants/*")}
+    return sorted(name for name in names if not name.endswith(".target"))
+
+
+def cgroup_dirs(name: str) -> list[Path]:
+    """A cgroup `name` beside this process's own, in each hierarchy systemd uses (the name=systemd
+    one and the unified one on a hybrid host, the unified one alone on a cgroup2 host).
+    nspawn --keep-unit makes its payload/ and supervisor/ cgroups inside the cgroup it starts
+    in; in one of its own they do not land in this process's cgroup, and are removed after."""
+    mounts = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        fstype = fields[fields.index("-") + 1]
+        options = fields[-1]
+        if fstype == "cgroup2":
+            mounts["0::"] = fields[4]
+        elif fstype == "cgroup" and "name=systemd" in options.split(","):
+            mounts["name=systemd"] = fields[4]
+    dirs = []
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        number, controllers, path = line.split(":", 2)
+        key = "0::" if number == "0" else controllers
+        if key in mounts:
+            dirs.append(Path(mounts[key] + path.rstrip("/")) / name)
+    return dirs
+
+
+@dataclass
+class Container:
+    leader: int  # systemd's PID (1 inside)
+    log: Path
+
+    def sh(self, script: str, timeout: float = 60, check: bool = False):
+        """`script` as root inside the container, with the environment sudo would give it."""
+        return subprocess.run(
+            ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net",
+             "--pid", "--cgroup", "--root", "--wd", *CLEAN_ENV, "sh", "-c", script],
+            capture_output=True, text=True, timeout=timeout, check=check,
+        )  # fmt: skip
+
+    def systemctl(self, *args: str) -> str:
+        return self.sh(shlex.join(["systemctl", *args])).stdout.strip()
+
+
+@contextlib.contextmanager
+def booted_container(ns: str, tmp_path: Path, binds: list[Path]) -> Iterator[Container]:
+    """This machine's root, booted by systemd-nspawn in network namespace `ns`."""
+    name = f"molt-sd-{os.getpid() % 100000}"
+    cgroups = cgroup_dirs(name)
+    for directory in cgroups:
+        directory.mkdir()
+    top = tmp_path / "container"
+    top.mkdir()
+    log = tmp_path / "container.log"
+    nspawn = ["--quiet", "--register=no",
+              "--keep-unit", "--link-journal=no", "--console=read-only", f"--machine={name}",
+              # The namespace is the container's own, yet nspawn drops CAP_NET_ADMIN unless
+              # it made it; the agent needs it for its WireGuard device, as on a real machine.
+              f"--network-namespace-path=/run/netns/{ns}", "--capability=CAP_NET_ADMIN",
+              *(f"--bind-ro={path}" for path in binds), "--boot",
+              "systemd.unit=multi-user.target",
+              *(f"systemd.mask={unit}" for unit in masked_units())]  # fmt: skip
+    script = (
+        'for procs in $2; do echo $$ >"$procs"; done\n'
+        'mount -t tmpfs molt-nspawn "$1"\n'
+        'mkdir "$1/upper" "$1/work" "$1/root"\n'
+        'mount -t overlay overlay -o lowerdir=/,upperdir="$1/upper",workdir="$1/work" "$1/root"\n'
+        'exec systemd-nspawn --directory="$1/root" ' + shlex.join(nspawn)
+    )
+    procs = " ".join(str(directory / "cgroup.procs") for directory in cgroups)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["unshare", "--mount", "--propagation=private", "sh", "-ec", script, "sh", str(top),
+             procs],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+
+        def leader() -> int | None:
+            assert proc.poll() is None, f"systemd-nspawn exited\n{log.read_text()}"
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+            for child in children:
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        return int(child)
+            return None
+
+        container = Container(leader=wait_until(leader, timeout=30, message="systemd"), log=log)
+
+        def booted() -> str:
+            # Empty until systemd listens on its private socket; then it waits for the boot.
+            return container.sh("systemctl is-system-running --wait", timeout=60).stdout.strip()
+
+        try:
+            state = wait_until(booted, timeout=60, message="the container to boot")
+        except AssertionError as timeout:
+            raise AssertionError(f"{timeout}\n{log.read_text()}") from None
+        # Degraded is fine (a unit of this machine failing in a container); starting is not.
+        assert state in {"running", "degraded"}, state + log.read_text()
+        yield container
+    finally:
+        if proc.poll() is None:
+            proc.terminate()  # nspawn shuts the container down as a poweroff would
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        for directory in cgroups:
+            for sub in sorted(directory.rglob("*"), key=lambda p: -len(p.parts)):
+                if sub.is_dir():
+                    with contextlib.suppress(OSError):
+                        sub.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory) -> Path:
+    return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
+
+
+@pytest.fixture
+def provider(django_user_model):
+    return django_user_model.objects.create_user("carol", password="carol-pass-123")
+
+
+def test_the_install_line_installs_enables_and_starts_the_systemd_unit(
+    tmp_path, settings, wheelhouse, provider
+):
+    # The test's own view of "online"; the agent heartbeats every 5 seconds.
+    settings.MOLT_NODE_OFFLINE_AFTER_SECONDS = 10
+    with network_testbed() as bed:
+        ns = bed.namespace("insd")
+        bed.attach(ns)
+        with (
+            running_gateway(tmp_path, settings, host=bed.gateway_ip) as gateway,
+            booted_container(ns, tmp_path, binds=[wheelhouse]) as container,
+        ):
+            assert container.sh("cat /proc/1/comm").stdout.strip() == "systemd"
+            token = mesh.create_enrollment_token(provider).token
+            result = container.sh(
+                f"curl -fsSL {gateway.base_url}/install.sh | sh -s -- --token {token} "
+                f"--skip-apt --find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'",
+                timeout=300,
+            )
+            output = result.stdout
+            assert result.returncode == 0, output + result.stderr + gateway.logs()
+            step6 = ("6", "installing and starting clawnode.service")
+            assert STEP_LINE.findall(output)[-1] == step6
+            assert "  /etc/systemd/system/clawnode.service: active" in output
+            joined = re.search(r"^done: (node-\d+) joined the mesh at ", output, re.M)
+            assert joined, output
+
+            unit = container.sh("cat /etc/systemd/system/clawnode.service").stdout
+            assert ("ExecStart=/opt/clawnode/bin/clawnode run --state-dir /var/lib/clawnode "
+                    '--simulated-gpus "RTX 4090:2"') in unit.splitlines()  # fmt: skip
+            assert "WantedBy=multi-user.target" in unit.splitlines()
+            # Nothing of it on this machine: the container wrote to its overlay.
+            assert not Path("/etc/systemd/system/clawnode.service").exists()
+            assert container.systemctl("is-enabled", "clawnode") == "enabled"
+            assert container.systemctl("is-active", "clawnode") == "active"
+            pid = int(container.systemctl("show", "-p", "MainPID", "--value", "clawnode"))
+            assert pid > 0
+            # systemd split ExecStart's quoted argument as the shell would have.
+            cmdline = container.sh(f"cat /proc/{pid}/cmdline").stdout.split("\0")
+            assert cmdline[-3:] == ["--simulated-gpus", "RTX 4090:2", ""], cmdline
+
+            node = Node.objects.get(name=joined.group(1))
+            assert node.owner == provider
+
+            def journal() -> str:
+                return container.sh("journalctl -u clawnode --no-pager -n 50").stdout
+
+            try:
+                wait_until(lambda: Node.objects.get(pk=node.pk).online, timeout=30,
+                           message="the service's agent to heartbeat")  # fmt: skip
+                seen = Node.objects.get(pk=node.pk).last_seen_at
+                wait_until(lambda: Node.objects.get(pk=node.pk).last_seen_at > seen, timeout=30,
+                           message="a second heartbeat")  # fmt: skip
+            except AssertionError as timeout:
+                raise AssertionError(f"{timeout}\n{journal()}\n{gateway.logs()}") from None
+
+            stop = container.sh("systemctl stop clawnode")
+            assert stop.returncode == 0, stop.stderr
+            assert container.systemctl("is-active", "clawnode") == "inactive"
+            # It stopped on SIGTERM cleanly, not killed after the stop timeout.
+            assert container.systemctl("show", "-p", "Result", "--value", "clawnode") == "success"
+            assert container.sh(f"test -e /proc/{pid}").returncode != 0
+            assert container.systemctl("is-enabled", "clawnode") == "enabled"
+            wait_until(
+                lambda: not Node.objects.get(pk=node.pk).online,
+                timeout=30,
+                message="the node to go offline after systemctl stop",
+            )
