@@ -178,9 +178,12 @@ def wallet(request: HttpRequest) -> HttpResponse:
             .order_by("-id")
         )
     page = Paginator(entries, PAGE_SIZE).get_page(request.GET.get("page"))
-    holds = (
+    # Only what the list shows: a buyer with many live orders has a hold each. The total held
+    # is summed from the same rows, so it always matches the list (and costs no query).
+    holds = list(
         EscrowHold.objects.filter(order__buyer=request.user, state=EscrowHold.State.OPEN)
         .select_related("order__listing")
+        .only("amount", "order__listing__gpu_model")
         .order_by("-id")
     )
     return render(
@@ -188,7 +191,7 @@ def wallet(request: HttpRequest) -> HttpResponse:
         "frontend/wallet.html",
         {
             "available": account.balance if account is not None else 0,
-            "held": ledger.held_for(request.user),
+            "held": sum(hold.amount for hold in holds),
             "currency": settings.MOLT_CURRENCY,
             "page": page,
             "holds": holds,
