@@ -10,16 +10,23 @@ on the tmpfs and is gone when the container stops. nspawn refuses --directory=/ 
 --volatile=overlay, hence the overlay by hand. Units this machine enables (databases, brokers,
 timers) are masked on systemd's command line, so the container boots only systemd's own.
 
-Still skipped here: apt (step 2). The testbed namespace has no way out of the machine, so
---skip-apt, and clawnode's dependencies come from the local wheelhouse."""
+Step 2, apt, runs for real against a local repository. The testbed namespace has no way out of
+the machine, so wireguard-tools and wireguard-go are fetched on this machine (`apt-get download`,
+cached in /var/cache/molt-apt) into a flat repository bound into the container; in the
+container's overlay apt knows only that repository and both packages are removed, so the
+script's apt-get update and apt-get install must put them back. This machine's dpkg state and
+apt sources are checked unchanged after. clawnode's Python dependencies come from the local
+wheelhouse."""
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -160,34 +167,128 @@ def wheelhouse(tmp_path_factory) -> Path:
     return build_wheelhouse(tmp_path_factory.mktemp("wheelhouse"))
 
 
+APT_CACHE = Path("/var/cache/molt-apt")
+APT_PACKAGES = ("wireguard-tools", "wireguard-go")
+
+
+@pytest.fixture(scope="module")
+def apt_repo() -> Path:
+    """A flat apt repository (`deb [trusted=yes] file:DIR ./`) of the packages the script's apt
+    step installs, as this machine's apt fetches them. The .debs are kept in APT_CACHE, so only
+    a new Debian version of either package downloads anything. The repository is there too, not
+    under pytest's tmp_path: apt reads it as user _apt, and tmp_path's parents are root's only."""
+    APT_CACHE.mkdir(parents=True, exist_ok=True)
+    repo = APT_CACHE / "repo"
+    shutil.rmtree(repo, ignore_errors=True)
+    repo.mkdir()
+    for directory in (APT_CACHE, repo):
+        directory.chmod(0o755)
+    for package in APT_PACKAGES:
+        # `--print-uris` names the candidate's file without fetching it: 'URI' FILE SIZE HASH.
+        uris = subprocess.run(
+            ["apt-get", "download", "--print-uris", package],
+            capture_output=True, text=True, check=True,
+        ).stdout.split()  # fmt: skip
+        assert len(uris) >= 2, f"apt-get download --print-uris {package} named no file: {uris}"
+        deb = APT_CACHE / uris[1]
+        if not deb.exists():
+            fetched = subprocess.run(["apt-get", "download", package], cwd=APT_CACHE,
+                                     capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert fetched.returncode == 0 and deb.exists(), (
+                f"apt-get download {package} did not fetch {deb.name} "
+                f"(run apt-get update?)\n{fetched.stdout}{fetched.stderr}"
+            )
+        shutil.copy(deb, repo / deb.name)
+    scan = subprocess.run(["dpkg-scanpackages", "--multiversion", ".", "/dev/null"], cwd=repo,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (repo / "Packages").write_text(scan.stdout)
+    return repo
+
+
+def host_apt_state() -> dict[str, str]:
+    """What the container's apt and dpkg must leave alone on this machine."""
+    paths = [Path("/var/lib/dpkg/status"), Path("/etc/apt/sources.list"),
+             *sorted(Path("/etc/apt/sources.list.d").iterdir())]  # fmt: skip
+    state = {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else "absent"
+        for path in paths
+    }
+    for tool in ("wg", "wireguard-go"):
+        state[tool] = shutil.which(tool) or "absent"
+    return state
+
+
+def kernel_has_wireguard(ns: str) -> bool:
+    """As the script probes it: the container shares this machine's kernel."""
+    added = subprocess.run(["ip", "-n", ns, "link", "add", "molt-wgprobe", "type", "wireguard"],
+                           capture_output=True)  # fmt: skip
+    if added.returncode == 0:
+        subprocess.run(["ip", "-n", ns, "link", "del", "molt-wgprobe"], check=True)
+    return added.returncode == 0
+
+
 @pytest.fixture
 def provider(django_user_model):
     return django_user_model.objects.create_user("carol", password="carol-pass-123")
 
 
-def test_the_install_line_installs_enables_and_starts_the_systemd_unit(
-    tmp_path, settings, wheelhouse, provider
+def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
+    tmp_path, settings, wheelhouse, apt_repo, provider
 ):
     # The test's own view of "online"; the agent heartbeats every 5 seconds.
     settings.MOLT_NODE_OFFLINE_AFTER_SECONDS = 10
     with network_testbed() as bed:
         ns = bed.namespace("insd")
         bed.attach(ns)
+        wireguard_in_kernel = kernel_has_wireguard(ns)
+        host_before = host_apt_state()
         with (
             running_gateway(tmp_path, settings, host=bed.gateway_ip) as gateway,
-            booted_container(ns, tmp_path, binds=[wheelhouse]) as container,
+            booted_container(ns, tmp_path, binds=[wheelhouse, apt_repo]) as container,
         ):
             assert container.sh("cat /proc/1/comm").stdout.strip() == "systemd"
+            # The next commands remove packages and apt sources: make sure they land in the
+            # container's overlay, not on this machine.
+            marker = f"/etc/molt-container-{os.getpid()}"
+            container.sh(f"touch {marker}", check=True)
+            assert not Path(marker).exists(), "the container writes to this machine's /etc"
+            prepare = container.sh(
+                "set -e\n"
+                "rm -f /etc/apt/sources.list.d/*\n"
+                f"echo 'deb [trusted=yes] file:{apt_repo} ./' >/etc/apt/sources.list\n"
+                f"dpkg -r --force-depends {' '.join(APT_PACKAGES)}\n"
+                "! command -v wg\n"
+            )
+            assert prepare.returncode == 0, prepare.stdout + prepare.stderr
+            assert host_apt_state() == host_before
+
             token = mesh.create_enrollment_token(provider).token
             result = container.sh(
                 f"curl -fsSL {gateway.base_url}/install.sh | sh -s -- --token {token} "
-                f"--skip-apt --find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'",
+                f"--find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'",
                 timeout=300,
             )
             output = result.stdout
             assert result.returncode == 0, output + result.stderr + gateway.logs()
+            steps = STEP_LINE.findall(output)
+            step2 = ("2", "installing wireguard-tools, nftables and python3-venv with apt-get")
+            assert step2 in steps, output
+            assert "Setting up wireguard-tools " in output, output
+            installed = dict.fromkeys(APT_PACKAGES, True)
+            if wireguard_in_kernel:
+                assert "  the kernel has WireGuard" in output, output
+                installed["wireguard-go"] = False  # the script installs it only when needed
+            else:
+                assert "  the kernel has no WireGuard module: installing wireguard-go" in output
+                assert "Setting up wireguard-go " in output, output
+            for package, expected in installed.items():
+                status = container.sh(f"dpkg-query -W -f='${{Status}}' {package}").stdout
+                assert (status == "install ok installed") == expected, (package, status)
+            # The reinstalled wg works: it makes keys.
+            keys = container.sh("wg genkey | wg pubkey")
+            assert keys.returncode == 0 and len(keys.stdout.strip()) == 44, keys
             step6 = ("6", "installing and starting clawnode.service")
-            assert STEP_LINE.findall(output)[-1] == step6
+            assert steps[-1] == step6
             assert "  /etc/systemd/system/clawnode.service: active" in output
             joined = re.search(r"^done: (node-\d+) joined the mesh at ", output, re.M)
             assert joined, output
@@ -233,3 +334,6 @@ def test_the_install_line_installs_enables_and_starts_the_systemd_unit(
                 timeout=30,
                 message="the node to go offline after systemctl stop",
             )
+        # Nothing of the container's apt and dpkg work on this machine.
+        assert host_apt_state() == host_before
+        assert not Path(marker).exists()
