@@ -24,8 +24,15 @@ change costs with 1,000 peers on the interface.
     - list_peers alone, split into the UAPI get round trip and parse_uapi_get, and plan alone;
     - the daemon's whole path for the same three changes: Agent._apply_desired on the JSON
       frame (signature check and parse of the full signed desired state, the read, plan,
-      apply, the pre-removal metering sample, epochs file, the signed per-peer ack, status
-      file), with a stand-in websocket that only keeps what is sent;
+      apply, the pre-removal metering sample, epochs journal, the signed ack of the changed
+      peers, status file), with a stand-in websocket that only keeps what is sent. Each is
+      timed three ways: with the agent's lock held (plan against the agent's view, the
+      removed peer's last counters read and sent, the UAPI set, view and epochs kept: the
+      cost of applying the change, what the target is about), until the ack is sent, and the
+      whole call. The added peer goes through one metering sample (Agent._sample_once, as the
+      10 s loop would) before it is removed; a second peer is added and removed with no sample
+      in between, the one case where a removal must first make the peer's epoch durable
+      (epochs.json, fsync);
     - baseline: `wg set IFACE peer KEY allowed-ips X` as a subprocess (the wireguard-tools path).
     Target: p95 under 5 ms for one change.
 
@@ -77,6 +84,8 @@ REDIS_DB = 8  # time_to_tunnel.py uses 9; see there
 BRIDGE_NET = "198.18.8"
 RSS_TARGET_BYTES = 40_000_000  # "40 MB"
 APPLY_TARGET_MS = 5.0
+# The daemon's one-peer changes; "remove_unsampled": a peer removed before any sample saw it.
+CHANGES = ("add", "remove", "update", "remove_unsampled")
 
 # What the daemon imports, step by step, in a fresh interpreter: RSS after each step.
 IMPORT_STEPS = """
@@ -238,14 +247,36 @@ def idle_memory(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[
 
 
 class KeepLast:
-    """A stand-in for the agent's websocket: keeps what the daemon sends, sends nothing."""
+    """A stand-in for the agent's websocket: keeps what the daemon sends, sends nothing, and
+    notes when the last ack went."""
 
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.ack_at = 0.0
 
     async def send(self, text: str) -> None:
+        if text.startswith('{"type": "ack"'):
+            self.ack_at = time.perf_counter()
         self.sent.append(text)
         del self.sent[:-4]
+
+
+class TimedLock(asyncio.Lock):
+    """The agent's lock, noting how long each hold lasted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[float] = []
+        self._since = 0.0
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self._since = time.perf_counter()
+        return True
+
+    def release(self) -> None:
+        self.held.append(time.perf_counter() - self._since)
+        super().release()
 
 
 def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -316,7 +347,9 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "remove_peer", "set_peer_update", "list_peers", "uapi_get_round_trip",
                 "parse_uapi_get", "plan_only", "wg_set_subprocess_add",
                 "wg_set_subprocess_remove", "agent_add", "agent_remove", "agent_update",
-                "verify_and_parse_desired_state",
+                "agent_remove_unsampled", "verify_and_parse_desired_state", "held_add",
+                "held_remove", "held_update", "held_remove_unsampled", "ack_add", "ack_remove",
+                "ack_update", "ack_remove_unsampled", "metering_sample",
             )
         }  # fmt: skip
         next_address = args.big + 1000
@@ -390,6 +423,8 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             say=lambda line: None,
         )  # fmt: skip
         ws = KeepLast()
+        lock = TimedLock()
+        agent._lock = lock
 
         def frame(desired: protocol.DesiredState) -> str:
             envelope = protocol.signed_envelope(
@@ -399,9 +434,11 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         async def agent_reps() -> None:
             nonlocal next_address
+            await agent._sample_once(ws)  # reads the device: the agent's view from here on
             for rep in range(args.reps):
                 extra = protocol.PeerSpec(new_key(), (address(next_address),), "job", "bench:y")
-                next_address += 1
+                brief = protocol.PeerSpec(new_key(), (address(next_address + 1),), "job", "b:z")
+                next_address += 2
                 j = (rep + 7) % len(peers)
                 updated = list(peers)
                 updated[j] = protocol.PeerSpec(
@@ -409,16 +446,28 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
                 next_address += 1
                 steps = [
-                    ("agent_add", frame(state([*peers, extra]))),
-                    ("agent_remove", frame(state(peers))),
-                    ("agent_update", frame(state(updated))),
+                    ("add", frame(state([*peers, extra]))),
+                    ("sample", ""),  # the 10 s loop: the added peer's epoch is saved here
+                    ("remove", frame(state(peers))),
+                    ("", frame(state([*peers, brief]))),
+                    ("remove_unsampled", frame(state(peers))),
+                    ("update", frame(state(updated))),
                 ]
                 for label, text in steps:
+                    if label == "sample":
+                        t0 = time.perf_counter()
+                        await agent._sample_once(ws)
+                        times["metering_sample"].append(time.perf_counter() - t0)
+                        continue
                     t0 = time.perf_counter()
                     message = json.loads(text)
                     await agent._apply_desired(ws, message["envelope"])
-                    times[label].append(time.perf_counter() - t0)
+                    done = time.perf_counter()
                     assert json.loads(ws.sent[-1])["type"] == "ack", ws.sent[-1][:200]
+                    if label:
+                        times[f"agent_{label}"].append(done - t0)
+                        times[f"ack_{label}"].append(ws.ack_at - t0)
+                        times[f"held_{label}"].append(lock.held[-1])
                 peers[j] = updated[j]
                 # The agent's own first step, alone: the signature check and the parse.
                 message = json.loads(steps[0][1])
@@ -457,12 +506,13 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "parse_uapi_get": stats["parse_uapi_get"],
             "plan_only": stats["plan_only"],
         },
-        "daemon_apply_desired_full_path": {
-            "add": stats["agent_add"],
-            "remove": stats["agent_remove"],
-            "update": stats["agent_update"],
+        "daemon_lock_held": {k: stats[f"held_{k}"] for k in CHANGES},
+        "daemon_until_ack_sent": {k: stats[f"ack_{k}"] for k in CHANGES},
+        "daemon_apply_desired_full_path": {k: stats[f"agent_{k}"] for k in CHANGES}
+        | {
             "of_which_verify_and_parse_desired_state": stats["verify_and_parse_desired_state"],
         },
+        "daemon_metering_sample": stats["metering_sample"],
         "baseline_wg_set_subprocess": {
             "add": base,
             "remove": stats["wg_set_subprocess_remove"],
@@ -477,6 +527,9 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 v["p95_ms"] < APPLY_TARGET_MS for v in one_change.values()
             ),
             "set_peer_alone_met": stats["set_peer_add"]["p95_ms"] < APPLY_TARGET_MS,
+            "daemon_lock_held_met": all(
+                stats[f"held_{k}"]["p95_ms"] < APPLY_TARGET_MS for k in ("add", "remove", "update")
+            ),
             "daemon_full_path_met": all(
                 stats[f"agent_{k}"]["p95_ms"] < APPLY_TARGET_MS for k in ("add", "remove", "update")
             ),

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import random
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +38,15 @@ from .cidr import sorted_networks
 from .firewall import Firewall
 from .gpu import GpuReader
 from .keys import Identity
-from .state import AgentStatus, Enrollment, StateDir, write_private_atomically
+from .state import AgentStatus, Enrollment, StateDir, append_private, write_private_atomically
 from .wireguard import PeerStatus, WireGuardBackend, WireGuardError
 
 log = logging.getLogger("clawnode")
 
 EPOCHS_FILE = "epochs.json"
+EPOCHS_JOURNAL = "epochs.journal"
+# One journal line: a peer's base64 key and the epoch handed to it.
+_JOURNAL_LINE = re.compile(rb"([A-Za-z0-9+/]{43}=) ([0-9]{1,18})")
 
 
 class Revoked(Exception):
@@ -85,7 +89,8 @@ class Agent:
         self.applied_revision = previous.revision if previous is not None else -1
         self.boot_id = protocol.new_nonce()
         self.seq = 0
-        self.epochs, self.next_epoch = self._load_epochs()
+        # Epochs from `durable_epoch` on were handed out after epochs.json was last written.
+        self.epochs, self.next_epoch, self.durable_epoch = self._load_epochs()
         self.since = int(time.time())
         self._welcomed = False
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
@@ -101,35 +106,111 @@ class Agent:
     def _epochs_path(self) -> Path:
         return self.state.path / EPOCHS_FILE
 
-    def _load_epochs(self) -> tuple[dict[str, int], int]:
-        """(epoch of each peer, the next epoch to hand out).
+    @property
+    def _journal_path(self) -> Path:
+        return self.state.path / EPOCHS_JOURNAL
+
+    # Epochs are written in two steps, so that adding a peer costs no fsync:
+    #
+    # - Before a peer is added, its new epoch is appended to epochs.journal, without fsync
+    #   (_hand_out_epochs). The kernel has the line once the write returns, so it survives the
+    #   agent dying at any point after; only a power cut or a kernel crash can lose it.
+    # - Before any metering sample carries an epoch that is only in the journal, epochs.json is
+    #   rewritten with fsync (_send_sample, _save_epochs) and the journal emptied.
+    #
+    # Why this bills every byte once:
+    # - The gateway only learns an epoch from a sample, and by then the epoch, and a next_epoch
+    #   above it, are durable. So after any restart next_epoch is above every epoch the gateway
+    #   has seen; an epoch lost with a power cut was never seen and may be handed out again.
+    # - Agent restarted, machine up: the interface kept its peers and their counters. A peer
+    #   added since the last fsync has its epoch in the journal (written before the device had
+    #   the peer), so the restarted agent reports it with that epoch, which is new to the
+    #   gateway (no sample ever carried it): the gateway counts the peer's counters from zero,
+    #   which is where they started when the peer was added. This holds for a key that had an
+    #   older epoch in epochs.json too (removed, then added again): the journal line, newer,
+    #   wins over it.
+    # - Power cut or kernel crash: the interface is gone with its peers and counters, so no
+    #   peer is reported with an epoch that was lost; the gateway sends the full state again
+    #   and every peer is added afresh, with an epoch above any the gateway has seen.
+
+    def _load_epochs(self) -> tuple[dict[str, int], int, int]:
+        """(epoch of each peer, the next epoch to hand out, the first epoch not yet durable).
 
         Epochs come from one counter that only grows and is saved with them, so a key whose
         entry was pruned (removed peer) and is added again later gets a higher epoch than any it
         had: the gateway takes a lower epoch for a late sample and would count nothing.
+
+        epochs.json is read first, then the journal's lines for epochs handed out after it was
+        written: a line with a lower epoch is already in epochs.json (the journal is emptied
+        after epochs.json is written, but a crash can come between the two).
         """
+        epochs: dict[str, int]
         try:
             data = json.loads(self._epochs_path.read_text())
         except FileNotFoundError:
-            return {}, 1
+            epochs, following = {}, 1
         except ValueError:
             # A corrupt file must not double-bill: bumping every epoch makes the gateway count
             # from zero only if the counters really restarted, which it also detects itself.
-            return {}, 1
-        if isinstance(data, dict) and "next_epoch" in data:
-            epochs = {str(k): int(v) for k, v in data.get("peers", {}).items()}
-            following = int(data["next_epoch"])
-        else:  # the first format: {key: epoch}, never pruned
-            epochs = {str(k): int(v) for k, v in data.items()}
-            following = 1
-        return epochs, max(following, max(epochs.values(), default=0) + 1)
+            epochs, following = {}, 1
+        else:
+            if isinstance(data, dict) and "next_epoch" in data:
+                epochs = {str(k): int(v) for k, v in data.get("peers", {}).items()}
+                following = int(data["next_epoch"])
+            else:  # the first format: {key: epoch}, never pruned
+                epochs = {str(k): int(v) for k, v in data.items()}
+                following = 1
+        durable = max(following, max(epochs.values(), default=0) + 1)
+        journal = self._read_journal(durable)
+        epochs.update(journal)
+        return epochs, max(durable, max(journal.values(), default=0) + 1), durable
+
+    def _read_journal(self, durable: int) -> dict[str, int]:
+        """The journal's epochs from `durable` on, in the order written (a later line for the
+        same key wins). Reading stops at the first line that is not whole: a power cut can
+        leave the end of the file short or unwritten."""
+        try:
+            data = self._journal_path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        found: dict[str, int] = {}
+        for line in data.split(b"\n")[:-1]:  # what follows the last newline was cut short
+            match = _JOURNAL_LINE.fullmatch(line)
+            if match is None:
+                break
+            epoch = int(match[2])
+            if epoch >= durable:
+                found[match[1].decode("ascii")] = epoch
+        return found
+
+    def _hand_out_epochs(self, keys: Iterable[str]) -> None:
+        """New epochs for peers about to be added, journaled before the device has the peers
+        (see above): a crash after a peer is added never leaves it without its epoch."""
+        lines = []
+        for key in keys:
+            self.epochs[key] = self.next_epoch
+            lines.append(f"{key} {self.next_epoch}\n")
+            self.next_epoch += 1
+        if lines:
+            append_private(self._journal_path, "".join(lines).encode("ascii"))
 
     def _save_epochs(self) -> None:
+        """Write epochs.json durably (fsync), then empty the journal it now covers."""
         self._epochs_unsaved = False
         data = {"next_epoch": self.next_epoch, "peers": self.epochs}
         write_private_atomically(
             self._epochs_path, (json.dumps(data, sort_keys=True) + "\n").encode()
         )
+        self.durable_epoch = self.next_epoch
+        # Left as it was, the journal's lines are all below next_epoch: the next load skips them.
+        with contextlib.suppress(OSError):
+            os.truncate(self._journal_path, 0)
+
+    def _make_epochs_durable(self, keys: Iterable[str]) -> None:
+        """Before a sample carries these keys' epochs: any of them not yet durable is made so."""
+        durable = self.durable_epoch
+        if self.next_epoch > durable and any(self.epochs.get(k, 0) >= durable for k in keys):
+            self._save_epochs()
 
     def _status(self, state: str, detail: str = "") -> None:
         now = int(time.time())
@@ -289,12 +370,22 @@ class Agent:
         async with self._lock:
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-            actions = reconcile.plan(desired, self._view)
-            removed = [a.public_key for a in actions if isinstance(a, reconcile.Remove)]
-            if removed:
-                # Bill every byte: the last counters of the peers about to go are sent first
-                # (theirs only: the others are in the periodic samples).
-                last = await asyncio.to_thread(self.backend.read_peers, removed)
+            # Bill every byte: the last counters of the peers about to go are sent before they
+            # go (theirs only: the others are in the periodic samples). The plan removes
+            # exactly the peers of the view that are not desired. Reading them is mostly
+            # wireguard-go writing out the whole device, so the read is started (a connect and
+            # a send, here: a thread would not start before the plan let go of the GIL) and
+            # the plan made meanwhile.
+            going = sorted(self._view.keys() - {peer.public_key for peer in desired.peers})
+            pending = self.backend.start_read() if going else None
+            try:
+                actions = reconcile.plan(desired, self._view)
+            except BaseException:
+                if pending is not None:
+                    pending.close()
+                raise
+            if pending is not None:
+                last = await asyncio.to_thread(pending.peers, going)
                 if last:
                     await self._send_sample(ws, last)
             results = await self._apply(desired, actions)
@@ -329,6 +420,10 @@ class Agent:
     ) -> dict[str, str]:
         """Apply `actions` (planned for `desired` against the view); keep the view, the epochs
         and the last applied state in step. Call with the lock held."""
+        # A peer (re-)added starts its counters at zero: a new epoch says so. Handed out before
+        # the device has the peer; a peer the device refused keeps it, harmlessly (it is not
+        # there, and is pruned, or is still desired and gets another when added again).
+        self._hand_out_epochs(a.public_key for a in actions if isinstance(a, reconcile.Add))
         try:
             results = (
                 await asyncio.to_thread(reconcile.apply, self.backend, actions) if actions else {}
@@ -337,23 +432,11 @@ class Agent:
             self._view = None  # the device may be anywhere between before and after
             raise
         self._desired = desired
-        added = [
-            a.public_key
-            for a in actions
-            if isinstance(a, reconcile.Add) and results.get(a.public_key) == reconcile.OK
-        ]
-        # A peer (re-)added starts its counters at zero: a new epoch says so.
-        for key in added:
-            self.epochs[key] = self.next_epoch
-            self.next_epoch += 1
         self._update_view(actions, results)
         if self._prune_epochs(desired):
             # Forgetting need not be durable at once (a forgotten epoch is never handed out
-            # again either way): it is saved with the next addition or sample.
+            # again either way): it is saved at the next sample.
             self._epochs_unsaved = True
-        if added:
-            # Before any sample carries the new epochs: a restart must not hand them out again.
-            self._save_epochs()
         return results
 
     def _update_view(self, actions: list[reconcile.Action], results: dict[str, str]) -> None:
@@ -428,6 +511,7 @@ class Agent:
                 last_inventory = time.monotonic()
 
     async def _send_sample(self, ws: Any, peers: dict[str, PeerStatus]) -> None:
+        self._make_epochs_durable(peers)
         self.seq += 1
         body = protocol.MeteringSample(
             node_id=self.identity.node_id,
@@ -455,14 +539,18 @@ class Agent:
     async def _metering(self, ws: Any) -> None:
         while True:
             await asyncio.sleep(self.timing.metering)
-            async with self._lock:
-                peers = await asyncio.to_thread(self.backend.list_peers)
-                await self._send_sample(ws, peers)
-                # The device as it is now: a change made behind the agent's back shows here.
-                self._view = dict(peers)
-                await self._restore_drift(ws)
-                if self._epochs_unsaved:
-                    self._save_epochs()
+            await self._sample_once(ws)
+
+    async def _sample_once(self, ws: Any) -> None:
+        """One metering sample of every peer, and what follows it."""
+        async with self._lock:
+            peers = await asyncio.to_thread(self.backend.list_peers)
+            await self._send_sample(ws, peers)
+            # The device as it is now: a change made behind the agent's back shows here.
+            self._view = dict(peers)
+            await self._restore_drift(ws)
+            if self._epochs_unsaved:
+                self._save_epochs()
 
     async def _restore_drift(self, ws: Any) -> None:
         """Put back what the last applied desired state says, if the interface drifted from it

@@ -110,23 +110,38 @@ def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action
 
     Order: removals, then updates, then additions, each sorted by public key. Removals go first
     so allowed networks a removed peer held are free before another peer claims them.
+
+    Only the actions are sorted, not the thousand keys they were picked from: sorting every
+    key on both sides was a third of a plan's cost for a one-peer change.
     """
     wanted = {spec.public_key: spec for spec in desired.peers}
-    removes: list[Action] = [Remove(key) for key in sorted(actual) if key not in wanted]
-    updates: list[Action] = []
-    adds: list[Action] = []
-    for key in sorted(wanted):
-        spec = wanted[key]
+    removes: list[Action] = [Remove(key) for key in sorted(actual.keys() - wanted.keys())]
+    updates: list[Update] = []
+    adds: list[Add] = []
+    for key, spec in wanted.items():
         status = actual.get(key)
         if status is None:
             adds.append(Add(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive))
+            continue
+        if (
+            # The common case, decided without a call: _changes would find nothing.
+            spec.allowed_ips == status.allowed_ips
+            and (not spec.endpoint or spec.endpoint == status.endpoint)
+            and spec.persistent_keepalive == status.persistent_keepalive
+        ):
             continue
         changed = _changes(spec, status)
         if changed:
             updates.append(
                 Update(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive, changed)
             )
-    return removes + updates + adds
+    updates.sort(key=_by_key)
+    adds.sort(key=_by_key)
+    return [*removes, *updates, *adds]
+
+
+def _by_key(action: Add | Update) -> str:
+    return action.public_key
 
 
 def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str]:

@@ -55,6 +55,7 @@ __all__ = [
     "FakeBackend",
     "KernelBackend",
     "PeerStatus",
+    "PendingRead",
     "UserspaceBackend",
     "WireGuardBackend",
     "WireGuardError",
@@ -84,6 +85,27 @@ class PeerStatus:
     persistent_keepalive: int = 0  # seconds; 0 = off
 
 
+class PendingRead(Protocol):
+    """A read started by WireGuardBackend.start_read."""
+
+    def peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]: ...
+
+    def close(self) -> None: ...
+
+
+class _ReadLater:
+    """start_read of a backend that cannot split a read: read_peers when collected."""
+
+    def __init__(self, backend: WireGuardBackend) -> None:
+        self._backend = backend
+
+    def peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        return self._backend.read_peers(public_keys)
+
+    def close(self) -> None:
+        pass
+
+
 class WireGuardBackend(Protocol):
     """What the agent needs from WireGuard. All keys are base64 strings except the private key.
 
@@ -110,6 +132,12 @@ class WireGuardBackend(Protocol):
         """The current status of these peers only (those the interface lacks are left out).
         Still one read of the whole device, but only these peers are parsed: the agent reads
         the last counters of peers it is about to remove."""
+        ...
+
+    def start_read(self) -> PendingRead:
+        """Ask the device for its peers now, and collect them with ``peers(public_keys)`` (the
+        same as read_peers) or drop them with ``close()``: the caller works while the device
+        answers. The reading happens when collected where a read cannot be split."""
         ...
 
     def set_peer(
@@ -286,26 +314,85 @@ def parse_uapi_get(text: str) -> tuple[dict[str, str], dict[str, PeerStatus]]:
     return device, peers
 
 
-def _whole_line(text: str, start: int, end: int) -> bool:
-    return (start == 0 or text[start - 1] == "\n") and (end == len(text) or text[end] == "\n")
-
-
-def parse_uapi_peers(text: str, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+def parse_uapi_peers(
+    reply: str | bytes | bytearray, public_keys: Collection[str]
+) -> dict[str, PeerStatus]:
     """The peers named by ``public_keys`` (base64) from a ``get=1`` reply, parsing only their
     lines: each peer's part is found by its key and ends where the next peer's begins. Peers the
-    reply does not have are left out."""
+    reply does not have are left out.
+
+    ``reply`` may be the raw bytes off the socket: only the parts of the peers asked for are
+    decoded (a reply for a thousand peers is some 300 kB, and the agent reads it to take the
+    last counters of the one peer it is about to remove)."""
+    data = reply.encode("utf-8") if isinstance(reply, str) else reply
+    size = len(data)
     peers: dict[str, PeerStatus] = {}
     for public_key in public_keys:
-        marker = f"public_key={key_to_hex(public_key)}"
-        start = text.find(marker)
-        while start != -1 and not _whole_line(text, start, start + len(marker)):
-            start = text.find(marker, start + 1)
+        marker = b"public_key=" + key_to_hex(public_key).encode("ascii")
+        start = data.find(marker)
+        # Only a whole line starts a peer (a preshared key may hold the same hex).
+        while start != -1 and not (
+            (start == 0 or data[start - 1] == 0x0A)
+            and (start + len(marker) == size or data[start + len(marker)] == 0x0A)
+        ):
+            start = data.find(marker, start + 1)
         if start == -1:
             continue
-        end = text.find("\npublic_key=", start + len(marker))
-        _, found = parse_uapi_get(text[start:] if end == -1 else text[start:end])
+        end = data.find(b"\npublic_key=", start + len(marker))
+        # Cut at "\n" and at an ASCII marker: never inside a multi-byte character, so decoding
+        # the part gives what decoding the whole reply would.
+        part = data[start:] if end == -1 else data[start:end]
+        _, found = parse_uapi_get(bytes(part).decode("utf-8", "replace"))
         peers.update(found)
     return peers
+
+
+class _UapiCall:
+    """One UAPI request, sent; ``reply()`` waits for the answer and closes the connection."""
+
+    def __init__(
+        self, backend: UserspaceBackend, sock: socket.socket, what: str, log_offset: int
+    ) -> None:
+        self._backend, self._sock, self._what, self._log_offset = backend, sock, what, log_offset
+
+    def reply(self) -> bytearray:
+        backend, what = self._backend, self._what
+        try:
+            with backend._socket_errors(what):
+                reply = bytearray()
+                # The reply ends with an empty line; the connection stays open for more requests.
+                while not reply.endswith(b"\n\n"):
+                    chunk = self._sock.recv(65536)
+                    if not chunk:
+                        raise WireGuardError(
+                            f"{what} on {backend.name}: wireguard-go closed the socket"
+                        )
+                    reply += chunk
+        finally:
+            self._sock.close()
+        return backend._check_reply(reply, what, self._log_offset)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _UapiRead:
+    """A read of some peers whose ``get=1`` is already sent (UserspaceBackend.start_read)."""
+
+    def __init__(self, call: _UapiCall) -> None:
+        self._call = call
+
+    def peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
+        try:
+            for public_key in public_keys:
+                _check_public_key(public_key)
+        except BaseException:
+            self.close()
+            raise
+        return parse_uapi_peers(self._call.reply(), public_keys)
+
+    def close(self) -> None:
+        self._call.close()
 
 
 class UserspaceBackend(_Named):
@@ -346,21 +433,30 @@ class UserspaceBackend(_Named):
     # -- the UAPI protocol ------------------------------------------------------------------------
 
     def _request(self, request: str, what: str) -> str:
+        return self._exchange(request, what).decode("utf-8", "replace")
+
+    def _exchange(self, request: str, what: str) -> bytearray:
+        """Send one UAPI request; the reply's "k=v" lines as bytes (errno checked)."""
+        return self._send(request, what).reply()
+
+    def _send(self, request: str, what: str) -> _UapiCall:
+        """Connect and send ``request``; the reply is for the returned call's ``reply()``."""
         log_offset = self._log_size()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            with self._socket_errors(what):
                 sock.settimeout(self._timeout)
                 sock.connect(str(self.socket_path))
                 sock.sendall(request.encode("ascii"))
-                reply = bytearray()
-                # The reply ends with an empty line; the connection stays open for more requests.
-                while not reply.endswith(b"\n\n"):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        raise WireGuardError(
-                            f"{what} on {self.name}: wireguard-go closed the socket"
-                        )
-                    reply += chunk
+        except BaseException:
+            sock.close()
+            raise
+        return _UapiCall(self, sock, what, log_offset)
+
+    @contextlib.contextmanager
+    def _socket_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
         except FileNotFoundError:
             raise WireGuardError(
                 f"{what} on {self.name}: no wireguard-go is serving it ({self.socket_path} is "
@@ -379,8 +475,16 @@ class UserspaceBackend(_Named):
             ) from None
         except OSError as exc:
             raise WireGuardError(f"{what} on {self.name}: {exc}", exc.errno or 0) from None
-        # "k=v" lines (a get reply), then "errno=N" and the empty line.
-        body, _, last = reply.decode("utf-8", "replace").rstrip("\n").rpartition("\n")
+
+    def _check_reply(self, reply: bytearray, what: str, log_offset: int) -> bytearray:
+        """A whole reply: "k=v" lines (a get reply), then "errno=N" and the empty line. Split as
+        bytes: a get reply is decoded only as far as the caller needs it (parse_uapi_peers)."""
+        trimmed = len(reply)
+        while trimmed and reply[trimmed - 1] == 0x0A:
+            trimmed -= 1
+        cut = reply.rfind(b"\n", 0, trimmed)
+        last = bytes(reply[cut + 1 : trimmed]).decode("utf-8", "replace")
+        body = reply[: max(cut, 0)]
         if not last.startswith("errno="):
             raise WireGuardError(f"{what} on {self.name}: malformed UAPI reply {last[:80]!r}")
         try:
@@ -533,9 +637,12 @@ class UserspaceBackend(_Named):
         return self._get()[1]
 
     def read_peers(self, public_keys: Collection[str]) -> dict[str, PeerStatus]:
-        for public_key in public_keys:
-            _check_public_key(public_key)
-        return parse_uapi_peers(self._request("get=1\n\n", "reading peers"), public_keys)
+        return self.start_read().peers(public_keys)
+
+    def start_read(self) -> PendingRead:
+        # The get is sent now; wireguard-go writes the whole device (milliseconds at a thousand
+        # peers) while the caller does something else.
+        return _UapiRead(self._send("get=1\n\n", "reading peers"))
 
     def set_peer(
         self,
@@ -707,6 +814,9 @@ class KernelBackend(_Named):
         peers = self.list_peers()
         return {key: peers[key] for key in public_keys if key in peers}
 
+    def start_read(self) -> PendingRead:
+        return _ReadLater(self)
+
     def set_peer(
         self,
         public_key: str,
@@ -777,6 +887,9 @@ class FakeBackend(_Named):
         self._require()
         self.calls.extend(("read_peers", key) for key in public_keys)
         return {key: self.peers[key] for key in public_keys if key in self.peers}
+
+    def start_read(self) -> PendingRead:
+        return _ReadLater(self)
 
     def set_peer(
         self,

@@ -213,6 +213,16 @@ def test_userspace_backend_manages_peers_one_by_one_and_counts_real_traffic(bed,
         assert counted["rx_bytes"] > 64 * 1024 and counted["tx_bytes"] > 64 * 1024
         assert time.time() - 120 < counted["last_handshake"] <= time.time() + 1
         assert counted["endpoint"] == "203.0.113.2:" + counted["endpoint"].rsplit(":", 1)[1]
+        # The last counters of a peer about to be removed come from the reply's raw bytes, only
+        # that peer's part parsed: the same peer as the full parse, counters in between.
+        some = driver.call("read_peers", public_keys=[buyer_public, key()])
+        after = driver.call("list_peers")[buyer_public]
+        assert list(some) == [buyer_public]
+        took = some[buyer_public]
+        for field in ("allowed_ips", "endpoint", "last_handshake", "persistent_keepalive"):
+            assert took[field] == counted[field] == after[field]
+        for field in ("rx_bytes", "tx_bytes"):
+            assert counted[field] <= took[field] <= after[field]
 
         # -- an update in place keeps the counters and the session -------------------------
         driver.call(

@@ -6,7 +6,9 @@ back, a refused change makes the agent read the device again, the last bytes of 
 are billed, acks name every peer that changed or failed, and epochs only grow.
 
 The websocket is a stand-in that keeps the frames the agent sends (what the gateway would get);
-everything else is real: signatures, the reconcile, the epochs file.
+everything else is real: signatures, the reconcile, the epochs files. Every metering sample any
+test here makes is checked, as it is sent, against epochs.json: an epoch reaches the gateway
+only once it is durable.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import clawnode.daemon
 import pytest
 from clawnode import protocol
 from clawnode.daemon import Agent, Timing
@@ -25,6 +30,8 @@ from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.state import Enrollment, StateDir
 from clawnode.wireguard import FakeBackend
+
+from meshnet import metering
 
 pytestmark = [pytest.mark.unit]
 
@@ -40,9 +47,12 @@ class Frames:
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
+        self.on_send: Callable[[dict[str, Any]], None] = lambda frame: None
 
     async def send(self, text: str) -> None:
-        self.sent.append(json.loads(text))
+        frame = json.loads(text)
+        self.on_send(frame)
+        self.sent.append(frame)
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [frame for frame in self.sent if frame["type"] == kind]
@@ -72,7 +82,9 @@ class Node:
     def __init__(self, state_dir: Path, backend: FakeBackend | None = None) -> None:
         self.identity = Identity.from_seed(bytes(range(32)))
         self.backend = backend or FakeBackend()
+        self.state_dir = state_dir
         self.ws = Frames()
+        self.ws.on_send = self.check_epochs_durable
         self.revision = 0
         self.agent = self._agent(state_dir)
         if not self.backend.exists:
@@ -124,6 +136,7 @@ class Node:
     def reconnect(self, peers: dict[str, str]) -> dict[str, Any]:
         """A new connection: challenge, the agent's auth, the full desired state, closed."""
         self.ws = Connection([{"type": "desired_state", "envelope": self.envelope(peers)}])
+        self.ws.on_send = self.check_epochs_durable
         asyncio.run(self.agent._session(self.ws, asyncio.Event()))
         assert [frame["type"] for frame in self.ws.sent[:1]] == ["auth"]
         return self.ws.bodies("ack")[-1]
@@ -141,6 +154,18 @@ class Node:
             await asyncio.gather(task, return_exceptions=True)
 
         asyncio.run(one_turn())
+
+    def check_epochs_durable(self, frame: dict[str, Any]) -> None:
+        """At the moment a sample is sent: each epoch it carries is in epochs.json (fsynced),
+        and below the next epoch saved there, so no restart can hand it out again."""
+        if frame["type"] != "metering":
+            return
+        saved = json.loads((self.state_dir / "epochs.json").read_text())
+        for peer in frame["envelope"]["body"]["peers"]:
+            if peer["epoch"] == 0:
+                continue  # a peer the agent never added (one added by hand)
+            assert saved["peers"].get(peer["public_key"]) == peer["epoch"], (peer, saved)
+            assert peer["epoch"] < saved["next_epoch"]
 
     def reads(self) -> int:
         return sum(1 for op, _ in self.backend.calls if op == "list_peers")
@@ -285,10 +310,11 @@ def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):
 
     assert node.agent.epochs[a] > max(first.values())  # re-added: higher than any before
     assert node.agent.epochs[b] == first[b]
-    # A restarted agent goes on from the saved counter, so pruning never reuses an epoch.
-    saved = json.loads((tmp_path / "epochs.json").read_text())
-    assert saved["peers"] == node.agent.epochs
+    # A restarted agent goes on from the saved counter and the journal, so pruning never
+    # reuses an epoch.
     restarted = Node(tmp_path, backend=node.backend)
+    assert restarted.agent.epochs == node.agent.epochs
+    assert restarted.agent.next_epoch == node.agent.next_epoch
     restarted.revision = node.revision
     restarted.desire({b: "10.100.128.10/32"})
     restarted.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
@@ -316,3 +342,176 @@ def test_epochs_saved_in_the_first_format_are_read(tmp_path):
 
     assert a not in node.agent.epochs and b not in node.agent.epochs  # pruned: not there
     assert node.agent.next_epoch == 9  # above every epoch ever handed out
+
+
+# -- epochs: no fsync to add a peer, durable before a sample carries them -------------------------
+
+
+class Gateway:
+    """What the gateway bills from the samples, per key, by meshnet.metering's rule."""
+
+    def __init__(self) -> None:
+        self.base: dict[str, metering.Counters] = {}
+        self.billed: Counter[str] = Counter()
+        self.seen: set[tuple[str, int]] = set()
+
+    def take(self, frames: Frames) -> None:
+        for body in frames.bodies("metering"):
+            if (body["boot_id"], body["seq"]) in self.seen:
+                continue
+            self.seen.add((body["boot_id"], body["seq"]))
+            for peer in body["peers"]:
+                key = peer["public_key"]
+                current = metering.Counters(peer["epoch"], peer["rx_bytes"], peer["tx_bytes"])
+                previous = self.base.get(key)
+                if previous is not None and current.epoch < previous.epoch:
+                    continue
+                rx, tx = metering.delta(previous, current)
+                self.base[key] = current
+                self.billed[key] += rx + tx
+
+
+def epochs_json_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths the daemon writes with write_private_atomically (fsync), in order."""
+    written: list[Path] = []
+    real = clawnode.daemon.write_private_atomically
+
+    def spy(path: Path, data: bytes) -> None:
+        written.append(path)
+        real(path, data)
+
+    monkeypatch.setattr(clawnode.daemon, "write_private_atomically", spy)
+    return written
+
+
+def test_adding_a_peer_journals_its_epoch_and_the_next_sample_saves_it_first(tmp_path, monkeypatch):
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    node.sample()
+    written = epochs_json_writes(monkeypatch)
+
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+
+    assert written == []  # no fsync on the way to the ack
+    epoch = node.agent.epochs[b]
+    assert (tmp_path / "epochs.journal").read_text() == f"{b} {epoch}\n"
+    assert b not in json.loads((tmp_path / "epochs.json").read_text())["peers"]
+
+    node.sample()  # check_epochs_durable: saved before the sample went
+
+    assert written[:1] == [tmp_path / "epochs.json"]
+    sent = {p["public_key"]: p["epoch"] for p in node.ws.bodies("metering")[-1]["peers"]}
+    assert sent[b] == epoch
+    assert (tmp_path / "epochs.journal").read_bytes() == b""  # covered by epochs.json now
+
+
+def test_a_peer_removed_before_any_sample_has_its_epoch_saved_before_its_last_bytes_go(
+    tmp_path, monkeypatch
+):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    node.backend.add_traffic(a, rx=10, tx=20)
+    written = epochs_json_writes(monkeypatch)
+
+    node.desire({})
+
+    assert written == [tmp_path / "epochs.json"]  # check_epochs_durable saw it there in time
+    last = node.ws.bodies("metering")[-1]["peers"]
+    assert [(p["public_key"], p["rx_bytes"], p["tx_bytes"]) for p in last] == [(a, 10, 20)]
+
+
+def test_a_removal_of_a_peer_already_sampled_writes_no_epochs(tmp_path, monkeypatch):
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.sample()
+    written = epochs_json_writes(monkeypatch)
+
+    node.desire({b: "10.100.128.10/32"})
+
+    assert written == []
+    assert node.ws.bodies("metering")[-1]["peers"][0]["public_key"] == a
+
+
+def test_an_agent_that_died_before_saving_an_epoch_bills_the_peer_once_after_restart(tmp_path):
+    # A key sampled under one epoch, removed, added again (its counters start at zero under a
+    # new epoch, in the journal only: epochs.json still has the old one), then the agent dies.
+    # The interface keeps the peer and its counters. The restarted agent must report the new
+    # epoch: with the old one the gateway would take the new counters for growth of the old
+    # and miss what the peer had before its removal.
+    gateway = Gateway()
+    node = Node(tmp_path)
+    k, other = wg_key(), wg_key()
+    both = {k: "10.100.128.9/32", other: "10.100.128.10/32"}
+    node.desire(both)
+    node.backend.add_traffic(k, rx=100, tx=200)
+    node.sample()
+    node.backend.add_traffic(k, rx=50, tx=50)
+    node.desire({other: "10.100.128.10/32"})  # k's last bytes (150, 250) go first
+    gateway.take(node.ws)
+    node.desire(both)
+    added_with = node.agent.epochs[k]
+    node.backend.add_traffic(k, rx=1_000, tx=2_000)  # more than before its removal
+    assert json.loads((tmp_path / "epochs.json").read_text())["peers"][k] < added_with
+
+    restarted = Node(tmp_path, backend=node.backend)  # nothing saved on the way down
+    restarted.revision = node.revision
+    assert restarted.agent.epochs[k] == added_with
+    restarted.reconnect(both)
+    restarted.sample()  # check_epochs_durable: the journaled epoch is saved before it goes
+    gateway.take(restarted.ws)
+    restarted.backend.add_traffic(k, rx=1, tx=1)
+    restarted.sample()
+    gateway.take(restarted.ws)
+
+    assert gateway.billed[k] == (150 + 250) + (1_001 + 2_001)
+    # And epochs handed out after the restart are above every one before it.
+    restarted.desire({other: "10.100.128.10/32"})
+    restarted.desire(both)
+    assert restarted.agent.epochs[k] > added_with
+
+
+def test_the_journal_is_read_after_epochs_json_and_stops_at_a_line_cut_short(tmp_path):
+    a, b, c, d = wg_key(), wg_key(), wg_key(), wg_key()
+    (tmp_path / "epochs.json").write_text(json.dumps({"next_epoch": 5, "peers": {a: 3}}))
+    (tmp_path / "epochs.journal").write_text(
+        f"{a} 2\n"  # older than epochs.json (the journal was not emptied): already in it
+        f"{b} 5\n{a} 6\n"  # handed out after it: these count, the later line for a wins
+        "\x00\x00\x00\n"  # what a power cut can leave
+        f"{c} 7\n"  # nothing after a bad line is trusted
+        f"{d} 8"  # and a last line without its newline was cut short
+    )
+
+    agent = Node(tmp_path).agent
+
+    assert agent.epochs == {a: 6, b: 5}
+    assert agent.next_epoch == 7
+    assert agent.durable_epoch == 5  # 5 and 6 are not durable yet: the next sample saves them
+
+
+class JournalWitness(FakeBackend):
+    """A device that, when asked to add a peer, notes whether its epoch was already journaled."""
+
+    def __init__(self, journal: Path) -> None:
+        super().__init__()
+        self.journal = journal
+        self.journaled_when_added: dict[str, bool] = {}
+
+    def set_peer(self, public_key: str, *args: Any, **kwargs: Any) -> None:
+        if public_key not in self.peers:
+            text = self.journal.read_text() if self.journal.exists() else ""
+            self.journaled_when_added[public_key] = f"{public_key} " in text
+        super().set_peer(public_key, *args, **kwargs)
+
+
+def test_an_epoch_is_journaled_before_the_device_has_the_peer(tmp_path):
+    # Journaled after the add, a crash between the two would leave a live peer with no epoch.
+    backend = JournalWitness(tmp_path / "epochs.journal")
+    node = Node(tmp_path, backend=backend)
+    a, b = wg_key(), wg_key()
+
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+
+    assert backend.journaled_when_added == {a: True, b: True}

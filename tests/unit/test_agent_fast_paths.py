@@ -1,9 +1,11 @@
 """The agent's fast paths decide exactly as the slow, obvious code they stand in for.
 
 The hot paths of a reconcile at a thousand peers skip ``ipaddress`` for canonical IPv4 text
-(clawnode.cidr), skip building error paths for valid JSON (protocol.canonical_bytes), and parse
-only the peers asked for in a UAPI reply (wireguard.parse_uapi_peers). Each is checked here
-against the straightforward computation, on generated input that includes the awkward cases.
+(clawnode.cidr), skip building error paths for valid JSON (protocol.canonical_bytes), parse only
+the peers asked for in a UAPI reply, from its raw bytes (wireguard.parse_uapi_peers), and plan
+without sorting every key or comparing unchanged peers field by field (reconcile.plan). Each is
+checked here against the straightforward computation, on generated input that includes the
+awkward cases.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ import string
 from typing import Any
 
 import pytest
-from clawnode import protocol
+from clawnode import protocol, reconcile
 from clawnode.cidr import ipv4_network_key, sorted_networks
 from clawnode.keys import encode_key, generate_wireguard_keypair
 from clawnode.protocol import DESIRED_STATE, PeerSpec, ProtocolError, canonical_bytes
 from clawnode.wireguard import (
     FakeBackend,
+    PeerStatus,
     key_to_hex,
     parse_uapi_get,
     parse_uapi_peers,
@@ -249,6 +252,35 @@ def test_reading_some_peers_parses_the_same_as_reading_them_all() -> None:
     assert some[keys[3]].allowed_ips == ("10.99.0.3/32", "10.100.3.0/24")
 
 
+@given(
+    st.lists(st.booleans(), min_size=1, max_size=8),
+    st.lists(st.integers(0, 7), max_size=4),
+    st.binary(max_size=6),
+)
+def test_reading_some_peers_from_the_raw_bytes_parses_as_the_whole_decoded_reply(
+    multi: list[bool], picks: list[int], junk: bytes
+) -> None:
+    # The agent takes the last counters of a peer it removes from the reply's bytes, decoding
+    # only that peer's part; the reply may hold anything wireguard-go writes, even bytes that
+    # are not UTF-8 (here, in a device field before the peers).
+    keys = [wg_key() for _ in multi]
+    text = uapi_reply(
+        {
+            k: ["10.100.1.0/24", f"10.99.0.{i}/32"] if m else []
+            for i, (k, m) in enumerate(zip(keys, multi, strict=True))
+        }
+    )
+    head, _, rest = text.partition("\n")
+    raw = head.encode() + b"\nfwmark=" + junk.replace(b"\n", b"") + b"\n" + rest.encode()
+    _, everything = parse_uapi_get(raw.decode("utf-8", "replace"))
+    wanted = [keys[i % len(keys)] for i in picks] + [wg_key()]
+
+    some = parse_uapi_peers(raw, wanted)
+
+    assert some == {k: everything[k] for k in wanted if k in everything}
+    assert some == parse_uapi_peers(bytearray(raw), wanted)
+
+
 def test_a_key_that_appears_inside_another_line_is_not_taken_for_a_peer() -> None:
     one, other = wg_key(), wg_key()
     # A device field that happens to hold the hex of a key (a preshared key equal to it): only a
@@ -257,6 +289,8 @@ def test_a_key_that_appears_inside_another_line_is_not_taken_for_a_peer() -> Non
 
     assert parse_uapi_peers(reply, [other]) == {}
     assert set(parse_uapi_peers(reply, [one])) == {one}
+    assert parse_uapi_peers(reply.encode(), [other]) == {}
+    assert set(parse_uapi_peers(reply.encode(), [one])) == {one}
 
 
 def test_the_fake_backend_reads_some_peers_and_records_the_reads() -> None:
@@ -346,3 +380,84 @@ def test_parsing_with_the_previous_state_accepts_and_refuses_the_same(mutation: 
         assert with_previous.peers[0] is previous.peers[0]
     if mutation == "keepalive True for 1":
         assert with_previous[0] == "refused"
+
+
+# -- planning without sorting every key ------------------------------------------------------------
+
+
+def reference_plan(
+    desired: protocol.DesiredState, actual: dict[str, PeerStatus]
+) -> list[reconcile.Action]:
+    """The plan as first written: every key on both sides sorted, every peer compared."""
+    wanted = {spec.public_key: spec for spec in desired.peers}
+    removes: list[reconcile.Action] = [
+        reconcile.Remove(key) for key in sorted(actual) if key not in wanted
+    ]
+    updates: list[reconcile.Action] = []
+    adds: list[reconcile.Action] = []
+    for key in sorted(wanted):
+        spec = wanted[key]
+        status = actual.get(key)
+        if status is None:
+            adds.append(
+                reconcile.Add(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive)
+            )
+            continue
+        changed = reconcile._changes(spec, status)
+        if changed:
+            updates.append(
+                reconcile.Update(
+                    key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive, changed
+                )
+            )
+    return removes + updates + adds
+
+
+PLAN_KEYS = [wg_key() for _ in range(6)]
+networks_pool = st.sampled_from(
+    ["10.100.128.9/32", "10.100.128.10/32", "10.200.0.0/24", "fd00::/64", "fd00:0::1/128"]
+)
+endpoints_pool = st.sampled_from(
+    ["", "203.0.113.5:51820", "203.0.113.5:40000", "[2001:db8::1]:51820", "node.example:51820"]
+)
+actual_endpoints = st.sampled_from(
+    ["", "203.0.113.5:51820", "203.0.113.5:40000", "[2001:db8:0::1]:51820", "nonsense"]
+)
+
+
+@st.composite
+def plan_inputs(draw: Any) -> tuple[protocol.DesiredState, dict[str, PeerStatus]]:
+    desired_keys = draw(st.lists(st.sampled_from(PLAN_KEYS), unique=True, max_size=6))
+    # Each network on one desired peer at most (DesiredState refuses a network routed twice),
+    # one or two a peer, in either order (the device writes them sorted).
+    networks = draw(st.permutations([f"10.100.128.{i}/32" for i in range(8)] + [
+        "10.200.0.0/24", "10.201.0.0/16", "fd00::/64", "fd01::/64"]))  # fmt: skip
+    specs = []
+    for i, key in enumerate(desired_keys):
+        allowed = tuple(networks[2 * i : 2 * i + draw(st.integers(1, 2))])
+        keepalive = draw(st.sampled_from([0, 25]))
+        specs.append(PeerSpec(key, allowed, "job", f"r{i}", draw(endpoints_pool), keepalive))
+    actual = {}
+    for key in draw(st.lists(st.sampled_from(PLAN_KEYS), unique=True, max_size=6)):
+        same = next((spec for spec in specs if spec.public_key == key), None)
+        if same is not None and draw(st.booleans()):
+            allowed = sorted_networks(same.allowed_ips)  # as the device writes them
+        else:
+            allowed = sorted_networks(draw(st.lists(networks_pool, unique=True, max_size=3)))
+        keepalive = draw(st.sampled_from([0, 25]))
+        actual[key] = PeerStatus(
+            key, allowed, draw(actual_endpoints), persistent_keepalive=keepalive
+        )
+    desired = protocol.DesiredState(
+        node_id="nd_" + "ab" * 16, revision=1, peers=tuple(specs), issued_at=1
+    )
+    return desired, actual
+
+
+@given(plan_inputs())
+def test_plan_gives_the_actions_of_the_plan_that_sorted_and_compared_everything(
+    inputs: tuple[protocol.DesiredState, dict[str, PeerStatus]],
+) -> None:
+    desired, actual = inputs
+
+    assert reconcile.plan(desired, actual) == reference_plan(desired, actual)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 
+import clawnode.state
 import pytest
 from clawnode.keys import Identity
 from clawnode.state import (
@@ -12,6 +13,7 @@ from clawnode.state import (
     Enrollment,
     StateDir,
     StateError,
+    append_private,
     normalize_gateway_url,
     validate_interface_name,
 )
@@ -158,3 +160,29 @@ def test_daemon_status_round_trips_and_absent_status_is_none(tmp_path):
 def test_daemon_status_refuses_an_unknown_state():
     with pytest.raises(StateError, match="state must be one of"):
         AgentStatus(state="dancing", since=0, updated_at=0, pid=1)
+
+
+def test_appends_are_private_and_a_failed_one_is_taken_back(tmp_path, monkeypatch):
+    journal = tmp_path / "state" / "epochs.journal"
+    append_private(journal, b"one 1\n")
+    append_private(journal, b"two 2\n")
+    assert journal.read_bytes() == b"one 1\ntwo 2\n"
+    assert mode(journal) == 0o600 and mode(journal.parent) == 0o700
+
+    real_write = clawnode.state.os.write
+    writes = []
+
+    def disk_fills_up(fd: int, data) -> int:
+        if writes:
+            raise OSError(28, "No space left on device")
+        writes.append(1)
+        return real_write(fd, bytes(data[:3]))  # part of the line, then the disk is full
+
+    monkeypatch.setattr(clawnode.state.os, "write", disk_fills_up)
+    with pytest.raises(OSError, match="No space"):
+        append_private(journal, b"three 3\n")
+    monkeypatch.undo()
+
+    assert journal.read_bytes() == b"one 1\ntwo 2\n"  # no half line for the next to continue
+    append_private(journal, b"four 4\n")
+    assert journal.read_bytes().splitlines() == [b"one 1", b"two 2", b"four 4"]
