@@ -301,11 +301,11 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs -o mode=0755 tmpfs /run
-# The host has no /lib/modules for this kernel: show the unpacked package there (before /tmp
-# gets its own tmpfs, in case the cache lives under the host's /tmp).
+# The host has no /lib/modules for this kernel: show the unpacked package there.
 mkdir -p /lib/modules/{release}
 mount --bind {modules} /lib/modules/{release}
-mount -t tmpfs -o mode=1777 tmpfs /tmp
+# /tmp stays the overlay's (no tmpfs of its own): the checkout and its venv may live under the
+# host's /tmp, as CI's clean clones do, and writes land in the overlay's tmpfs anyway.
 echo molt-vm > /proc/sys/kernel/hostname
 ip link set lo up
 cut -d' ' -f1 /proc/uptime > /molt-out/started
