@@ -15,23 +15,19 @@ import time
 
 from django.conf import settings
 from django.core.cache import cache
-from rest_framework.throttling import BaseThrottle, SimpleRateThrottle
+from rest_framework.throttling import AnonRateThrottle, BaseThrottle
+
+# DRF's AnonRateThrottle counts per client address; these calls take no authentication, so
+# every caller is anonymous and the scope picks the rate.
 
 
-class _ByAddress(SimpleRateThrottle):
-    """SimpleRateThrottle keyed by the client address only (these calls have no user)."""
-
-    def get_cache_key(self, request, view):
-        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
-
-
-class AuthTokenThrottle(_ByAddress):
+class AuthTokenThrottle(AnonRateThrottle):
     """POST /api/v1/auth/token/: a username and password for an API token."""
 
     scope = "auth"
 
 
-class EnrollThrottle(_ByAddress):
+class EnrollThrottle(AnonRateThrottle):
     """POST /api/v1/nodes/enroll/: a one-time enrolment token inside a signed request."""
 
     scope = "enroll"

@@ -292,6 +292,27 @@ def seed_history(copy: Copy, index: int, *, operator) -> None:
                 payments.mark_payout_paid(payout, operator=operator, reference=f"bank {index}")
 
 
+def _signed_sample_row(node, identity, boot_id: str, seq: int, at, peers) -> MeteringSample:
+    """One metering sample of `node` as its agent signs it, stored as ingestion stores it
+    (received 300 ms after it was taken)."""
+    body = protocol.MeteringSample(
+        node_id=node.node_id,
+        boot_id=boot_id,
+        seq=seq,
+        sampled_at=int(at.timestamp()),
+        peers=tuple(peers),
+    ).to_dict()
+    return MeteringSample(
+        node=node,
+        boot_id=boot_id,
+        seq=seq,
+        sampled_at=datetime.fromtimestamp(body["sampled_at"], tz=UTC),
+        received_at=at + timedelta(milliseconds=300),
+        body=body,
+        signature=protocol.signed_envelope(protocol.METERING, body, identity)["signature"],
+    )
+
+
 def seed_samples(copy: Copy, *, every_s: int, hours: int = SAMPLE_HOURS) -> int:
     """Every `every_s` seconds of the last `hours`, a metering sample of each history node as
     its agent would send it: the cumulative counters of every peer live on the node at that
@@ -323,24 +344,9 @@ def seed_samples(copy: Copy, *, every_s: int, hours: int = SAMPLE_HOURS) -> int:
                         )
                     )
             seq += 1
-            body = protocol.MeteringSample(
-                node_id=node.node_id,
-                boot_id=boot_id,
-                seq=seq,
-                sampled_at=int(at.timestamp()),
-                peers=tuple(sorted(peers, key=lambda p: p.public_key)),
-            ).to_dict()
             rows.append(
-                MeteringSample(
-                    node=node,
-                    boot_id=boot_id,
-                    seq=seq,
-                    sampled_at=datetime.fromtimestamp(body["sampled_at"], tz=UTC),
-                    received_at=at + timedelta(milliseconds=300),
-                    body=body,
-                    signature=protocol.signed_envelope(protocol.METERING, body, identity)[
-                        "signature"
-                    ],
+                _signed_sample_row(
+                    node, identity, boot_id, seq, at, sorted(peers, key=lambda p: p.public_key)
                 )
             )
             at += timedelta(seconds=every_s)
@@ -362,26 +368,7 @@ def seed_older_samples(copy: Copy, node: Node, *, days: int, every_s: int = 10) 
         rows = []
         for seq in range(first + 1, min(first + 5_000, count) + 1):
             at = end - timedelta(seconds=every_s * (count - seq + 1))
-            body = protocol.MeteringSample(
-                node_id=node.node_id,
-                boot_id=boot_id,
-                seq=seq,
-                sampled_at=int(at.timestamp()),
-                peers=(),
-            ).to_dict()
-            rows.append(
-                MeteringSample(
-                    node=node,
-                    boot_id=boot_id,
-                    seq=seq,
-                    sampled_at=datetime.fromtimestamp(body["sampled_at"], tz=UTC),
-                    received_at=at + timedelta(milliseconds=300),
-                    body=body,
-                    signature=protocol.signed_envelope(protocol.METERING, body, identity)[
-                        "signature"
-                    ],
-                )
-            )
+            rows.append(_signed_sample_row(node, identity, boot_id, seq, at, ()))
         MeteringSample.objects.bulk_create(rows)
         stored += len(rows)
     return stored
