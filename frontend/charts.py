@@ -8,7 +8,6 @@ nothing loaded from elsewhere).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,18 +36,6 @@ class Interval:
     @property
     def rate_out(self) -> float:
         return self.bytes_out / self.seconds
-
-
-def intervals(samples: Sequence[tuple[datetime, Counters]]) -> list[Interval]:
-    """Per-interval traffic from time-ordered cumulative counters. A counter restart (new
-    epoch, or lower counters) counts what the new counters show, as billing does."""
-    result: list[Interval] = []
-    for (start, previous), (end, current) in itertools.pairwise(samples):
-        if end <= start:
-            continue
-        rx, tx = delta(previous, current)
-        result.append(Interval(start=start, end=end, bytes_in=tx, bytes_out=rx))
-    return result
 
 
 def key_intervals(
