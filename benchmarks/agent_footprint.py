@@ -19,20 +19,24 @@ change costs with 1,000 peers on the interface.
 (b) One peer change with `--big` peers on the interface. UserspaceBackend on a wireguard-go
     interface in a namespace holding `--big` peers; `--reps` times each, interleaved:
     - list_peers + reconcile.plan + reconcile.apply for one added, one removed and one updated
-      (allowed IP changed) peer: what the daemon does per desired state, the read included;
+      (allowed IP changed) peer: a reconcile that reads the whole device first (the removal:
+      retired, its final counters read, removed);
     - set_peer / remove_peer alone (one UAPI set);
     - list_peers alone, split into the UAPI get round trip and parse_uapi_get, and plan alone;
     - the daemon's whole path for the same three changes: Agent._apply_desired on the JSON
-      frame (signature check and parse of the full signed desired state, the read, plan,
-      apply, the pre-removal metering sample, epochs journal, the signed ack of the changed
-      peers, status file), with a stand-in websocket that only keeps what is sent. Each is
-      timed three ways: with the agent's lock held (plan against the agent's view, the
-      removed peer's last counters read and sent, the UAPI set, view and epochs kept: the
-      cost of applying the change, what the target is about), until the ack is sent, and the
-      whole call. The added peer goes through one metering sample (Agent._sample_once, as the
-      10 s loop would) before it is removed; a second peer is added and removed with no sample
-      in between, the one case where a removal must first make the peer's epoch durable
-      (epochs.json, fsync);
+      frame (signature check and parse of the full signed desired state, plan against the
+      agent's view, apply, epochs journal, the signed ack, status file), with a stand-in
+      websocket that only keeps what is sent. Each is timed three ways: with the agent's lock
+      held (the cost of applying the change, what the target is about), until the ack is
+      sent, and the whole call. A removal is two steps (clawnode/reconcile.py): the change
+      retires the peer (cut off: no allowed IPs, no keepalive); then the removals task
+      (Agent._finish_removals) reads its final counters with the lock free, and with the lock
+      sends them in a signed sample, removes the peer and reports it removed. That second
+      step is timed too: its lock holds, the read without the lock, the change and the
+      removal's holds together, and frame to `removed` sent. The added peer goes through one
+      metering sample (Agent._sample_once, as the 10 s loop would) before it is removed; a
+      second peer is added and removed with no sample in between, the one case where the
+      removal must first make the peer's epoch durable (epochs.json, fsync);
     - baseline: `wg set IFACE peer KEY allowed-ips X` as a subprocess (the wireguard-tools path).
     Target: p95 under 5 ms for one change.
 
@@ -253,10 +257,13 @@ class KeepLast:
     def __init__(self) -> None:
         self.sent: list[str] = []
         self.ack_at = 0.0
+        self.removed_at = 0.0
 
     async def send(self, text: str) -> None:
         if text.startswith('{"type": "ack"'):
             self.ack_at = time.perf_counter()
+        elif text.startswith('{"type": "removed"'):
+            self.removed_at = time.perf_counter()
         self.sent.append(text)
         del self.sent[:-4]
 
@@ -335,6 +342,11 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             actual = backend.list_peers()
             actions = reconcile.plan(desired, actual)
             results = reconcile.apply(backend, actions)
+            if kind is reconcile.Retire:
+                # The rest of a removal: the retired peer's final counters, then its removal.
+                gone = actions[0].public_key
+                backend.read_peers([gone])
+                results |= reconcile.apply(backend, [reconcile.Remove(gone)])
             elapsed = time.perf_counter() - t0
             assert len(actions) == 1 and isinstance(actions[0], kind), actions
             assert set(results.values()) == {reconcile.OK}, results
@@ -350,6 +362,10 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "agent_remove_unsampled", "verify_and_parse_desired_state", "held_add",
                 "held_remove", "held_update", "held_remove_unsampled", "ack_add", "ack_remove",
                 "ack_update", "ack_remove_unsampled", "metering_sample",
+                "finish_held_remove", "finish_held_remove_unsampled", "total_held_remove",
+                "total_held_remove_unsampled", "finish_read_unlocked_remove",
+                "finish_read_unlocked_remove_unsampled", "removed_sent_remove",
+                "removed_sent_remove_unsampled",
             )
         }  # fmt: skip
         next_address = args.big + 1000
@@ -359,7 +375,7 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             next_address += 1
             with_extra, base = state([*peers, extra]), state(peers)
             times["plan_apply_add"].append(reconcile_once(with_extra, reconcile.Add))
-            times["plan_apply_remove"].append(reconcile_once(base, reconcile.Remove))
+            times["plan_apply_remove"].append(reconcile_once(base, reconcile.Retire))
             # One peer's allowed IP changed in place (kept changed: the next rep starts there).
             j = rep % len(peers)
             peers[j] = protocol.PeerSpec(
@@ -468,6 +484,20 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                         times[f"agent_{label}"].append(done - t0)
                         times[f"ack_{label}"].append(ws.ack_at - t0)
                         times[f"held_{label}"].append(lock.held[-1])
+                    if label.startswith("remove"):
+                        # What the removals task does next: the final read (lock free), the
+                        # final counters sent, the peer removed, the removal reported.
+                        holds = len(lock.held)
+                        finish_started = time.perf_counter()
+                        agent._removals_due.clear()
+                        await agent._finish_removals(ws)
+                        finish_s = time.perf_counter() - finish_started
+                        assert json.loads(ws.sent[-1])["type"] == "removed", ws.sent[-1][:200]
+                        finish_held = sum(lock.held[holds:])
+                        times[f"finish_held_{label}"].append(finish_held)
+                        times[f"total_held_{label}"].append(lock.held[holds - 1] + finish_held)
+                        times[f"finish_read_unlocked_{label}"].append(finish_s - finish_held)
+                        times[f"removed_sent_{label}"].append(ws.removed_at - t0)
                 peers[j] = updated[j]
                 # The agent's own first step, alone: the signature check and the parse.
                 message = json.loads(steps[0][1])
@@ -507,6 +537,15 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "plan_only": stats["plan_only"],
         },
         "daemon_lock_held": {k: stats[f"held_{k}"] for k in CHANGES},
+        "daemon_removal_after_the_change": {
+            k: {
+                "lock_held": stats[f"finish_held_{k}"],
+                "read_without_the_lock": stats[f"finish_read_unlocked_{k}"],
+                "lock_held_change_plus_removal": stats[f"total_held_{k}"],
+                "frame_to_removed_sent": stats[f"removed_sent_{k}"],
+            }
+            for k in ("remove", "remove_unsampled")
+        },
         "daemon_until_ack_sent": {k: stats[f"ack_{k}"] for k in CHANGES},
         "daemon_apply_desired_full_path": {k: stats[f"agent_{k}"] for k in CHANGES}
         | {
@@ -530,6 +569,8 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             "daemon_lock_held_met": all(
                 stats[f"held_{k}"]["p95_ms"] < APPLY_TARGET_MS for k in ("add", "remove", "update")
             ),
+            "daemon_lock_held_removal_whole_met": stats["total_held_remove"]["p95_ms"]
+            < APPLY_TARGET_MS,
             "daemon_full_path_met": all(
                 stats[f"agent_{k}"]["p95_ms"] < APPLY_TARGET_MS for k in ("add", "remove", "update")
             ),

@@ -98,11 +98,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(services.ingest_metering)(
                     node, content.get("envelope")
                 )
-            elif kind == "ack":
+            elif kind in ("ack", "removed"):
                 # Heartbeat first: a silence that just ended is recorded as an outage before
-                # the ack can complete and settle an order (billing leaves outages out).
+                # the message can complete and settle an order (billing leaves outages out).
                 await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
-                await database_sync_to_async(services.process_ack)(node, content.get("envelope"))
+                process = services.process_ack if kind == "ack" else services.process_removed
+                await database_sync_to_async(process)(node, content.get("envelope"))
             else:
                 raise services.AgentRefused(
                     f"unknown message type {kind!r}", protocol.CLOSE_BAD_MESSAGE

@@ -13,7 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from clawnode import protocol
 from clawnode.keys import (
@@ -386,16 +386,20 @@ def signed_desired_state(node: Node) -> dict[str, Any]:
 
 
 def acknowledge_revision(
-    node: Node, revision: int, failed_keys: frozenset[str] = frozenset(), at: datetime | None = None
+    node: Node,
+    revision: int,
+    failed_keys: frozenset[str] = frozenset(),
+    at: datetime | None = None,
+    removing_keys: frozenset[str] = frozenset(),
 ) -> None:
     """Record that `node`'s agent applied desired state `revision`.
 
     Peers added at or before `revision` (and not in `failed_keys`) become active and fire
-    peer_acknowledged; peers removed at or before it become removed, their address goes into
-    quarantine, and peer_removed fires. Keys the revision took off the node (retired by a re-key,
-    or of a removed peer) are closed: the agent sent their final counters before this ack, so no
-    later sample is billed to them. Keys in `failed_keys` stay as they are. A stale or repeated
-    ack changes nothing. Locks: node row, then the keys it closes.
+    peer_acknowledged; peers removed at or before it are gone (see _record_gone). Keys in
+    `failed_keys` stay as they are. Keys in `removing_keys` are still on the interface, cut
+    off, their final counters not yet read: they stay open until a REMOVED message names them
+    (record_removed). A stale or repeated ack changes nothing else. Locks: node row, then the
+    keys it closes.
     """
     at = at or timezone.now()
     with transaction.atomic():
@@ -406,19 +410,16 @@ def acknowledge_revision(
                 f"desired revision {locked.desired_revision}"
             )
         # A revision with failed peers is not fully applied: leaving acked_revision behind makes
-        # the reconciler push it again, and the agent retries the failed peers.
+        # the reconciler push it again, and the agent retries the failed peers. Peers still
+        # leaving are applied (cut off); their removal follows without another push.
         if revision > locked.acked_revision and not failed_keys:
             Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
-        # Closed before the receivers below lock orders, so this ack never holds an order row
-        # while it waits for a key row that a metering sample holds.
-        gone = Q(retired_revision__lte=revision) | Q(
-            job_peer__state=JobPeer.State.REMOVING, job_peer__removed_revision__lte=revision
-        )
-        _close_keys(
-            JobPeerKey.objects.filter(gone, job_peer__node=locked).exclude(
-                public_key__in=failed_keys
-            ),
+        _record_gone(
+            locked,
+            Q(retired_revision__lte=revision),
+            Q(removed_revision__lte=revision),
             at,
+            exclude=failed_keys | removing_keys,
         )
         added = JobPeer.objects.filter(
             node=locked, state=JobPeer.State.DESIRED, added_revision__lte=revision
@@ -429,17 +430,51 @@ def acknowledge_revision(
             ):
                 peer.refresh_from_db()
                 peer_acknowledged.send(sender=JobPeer, job_peer=peer, at=at)
-        removed = JobPeer.objects.filter(
-            node=locked, state=JobPeer.State.REMOVING, removed_revision__lte=revision
-        ).exclude(public_key__in=failed_keys)
-        for peer in removed:
-            if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
-                state=JobPeer.State.REMOVED, removed_at=at
-            ):
-                peer.refresh_from_db()
-                if peer.allocation_id is not None:
-                    release_address(peer.allocation)
-                peer_removed.send(sender=JobPeer, job_peer=peer, at=at)
+
+
+def record_removed(node: Node, public_keys: frozenset[str], at: datetime | None = None) -> None:
+    """Record that `node`'s agent removed the peers with `public_keys` from its interface, their
+    final counters sent before (see protocol.Removed). Only keys the gateway took off the node
+    are affected: a retired key of a re-key, or the key of a peer being removed. Idempotent.
+    Locks: node row, then the keys it closes."""
+    at = at or timezone.now()
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        _record_gone(
+            locked,
+            Q(retired_revision__isnull=False, public_key__in=public_keys),
+            Q(public_key__in=public_keys),
+            at,
+        )
+
+
+def _record_gone(
+    node: Node,
+    retired_keys: Q,
+    removed_peers: Q,
+    at: datetime,
+    exclude: frozenset[str] = frozenset(),
+) -> None:
+    """Keys and peers the node no longer has. Keys retired by a re-key (`retired_keys`) and the
+    keys of removed peers (`removed_peers`, among the node's REMOVING peers) are closed: the
+    agent sent their final counters before, so no later sample is billed to them. Those peers
+    become removed, their address goes into quarantine, and peer_removed fires. Keys in
+    `exclude` are left as they are. Call inside a transaction holding the node's row."""
+    removing = JobPeer.objects.filter(node=node, state=JobPeer.State.REMOVING).filter(removed_peers)
+    # Closed before the receivers below lock orders, so this never holds an order row while it
+    # waits for a key row that a metering sample holds.
+    gone = retired_keys | Q(job_peer__in=removing.values("pk"))
+    _close_keys(
+        JobPeerKey.objects.filter(gone, job_peer__node=node).exclude(public_key__in=exclude), at
+    )
+    for peer in removing.exclude(public_key__in=exclude):
+        if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
+            state=JobPeer.State.REMOVED, removed_at=at
+        ):
+            peer.refresh_from_db()
+            if peer.allocation_id is not None:
+                release_address(peer.allocation)
+            peer_removed.send(sender=JobPeer, job_peer=peer, at=at)
 
 
 # --- the agent channel ----------------------------------------------------------------------
@@ -568,21 +603,44 @@ def _small_int(value: object) -> int | None:
     return None
 
 
-def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
-    """Verify a signed ACK from `node` and record it (see acknowledge_revision)."""
+_NodeMessage = TypeVar("_NodeMessage", protocol.Ack, protocol.Removed, protocol.MeteringSample)
+
+
+def _open_node_message(
+    node: Node, envelope: object, kind: str, message: type[_NodeMessage], what: str
+) -> _NodeMessage:
+    """The body of a message `node` signed, of `kind`, parsed as `message`; AgentRefused (4400)
+    when the signature is not the node's, the body is malformed or it names another node."""
     body = envelope.get("body") if isinstance(envelope, Mapping) else None
     try:
-        protocol.open_envelope(envelope, base64.b64decode(node.identity_public_key), protocol.ACK)
-        ack = protocol.Ack.from_dict(body if isinstance(body, Mapping) else {})
+        protocol.open_envelope(envelope, base64.b64decode(node.identity_public_key), kind)
+        parsed = message.from_dict(body if isinstance(body, Mapping) else {})
     except (protocol.BadSignature, protocol.ProtocolError) as exc:
-        raise AgentRefused(f"ack refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
-    if ack.node_id != node.node_id:
-        raise AgentRefused("ack names another node", protocol.CLOSE_BAD_MESSAGE)
+        raise AgentRefused(f"{what} refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+    if parsed.node_id != node.node_id:
+        raise AgentRefused(f"{what} names another node", protocol.CLOSE_BAD_MESSAGE)
+    return parsed
+
+
+def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
+    """Verify a signed ACK from `node` and record it (see acknowledge_revision)."""
+    ack = _open_node_message(node, envelope, protocol.ACK, protocol.Ack, "ack")
     try:
-        acknowledge_revision(node, ack.revision, ack.failed_keys)
+        acknowledge_revision(
+            node, ack.revision, ack.failed_keys, removing_keys=frozenset(ack.removing)
+        )
     except ValueError as exc:
         raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
     return ack
+
+
+def process_removed(node: Node, envelope: Mapping[str, Any]) -> protocol.Removed:
+    """Verify a signed REMOVED message from `node` and record it (see record_removed)."""
+    removed = _open_node_message(
+        node, envelope, protocol.REMOVED, protocol.Removed, "removal report"
+    )
+    record_removed(node, frozenset(removed.public_keys))
+    return removed
 
 
 def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
@@ -595,16 +653,9 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     its keys are announced once with peer_traffic, all in one transaction with the stored
     sample. A resent sample (same boot_id and seq) changes nothing. Returns the number of peers
     billed. Locks: the keys in the sample, in id order."""
-    body = envelope.get("body") if isinstance(envelope, Mapping) else None
-    try:
-        protocol.open_envelope(
-            envelope, base64.b64decode(node.identity_public_key), protocol.METERING
-        )
-        sample = protocol.MeteringSample.from_dict(body if isinstance(body, Mapping) else {})
-    except (protocol.BadSignature, protocol.ProtocolError) as exc:
-        raise AgentRefused(f"metering refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
-    if sample.node_id != node.node_id:
-        raise AgentRefused("metering sample names another node", protocol.CLOSE_BAD_MESSAGE)
+    sample = _open_node_message(
+        node, envelope, protocol.METERING, protocol.MeteringSample, "metering sample"
+    )
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
     with transaction.atomic():
         try:
@@ -614,7 +665,7 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                     boot_id=sample.boot_id,
                     seq=sample.seq,
                     sampled_at=sampled_at,
-                    body=dict(body),
+                    body=dict(envelope["body"]),  # verified above: the signed object
                     signature=str(envelope.get("signature", "")),
                 )
         except IntegrityError:

@@ -1,8 +1,11 @@
 """`clawnode run`: the agent daemon.
 
-One loop per gateway connection: challenge-response auth, then three things at once:
+One loop per gateway connection: challenge-response auth, then four things at once:
 - desired state from the gateway: verified against the gateway key pinned at enrolment,
   reconciled peer by peer (reconcile.plan, then apply), acknowledged with per-peer results;
+  a peer no longer desired is cut off there and named "removing" in the ack;
+- removals: the final counters of the peers cut off, read without holding up other changes,
+  sent in a signed sample, then the peers removed and reported "removed" (_finish_removals);
 - heartbeats (and the GPU inventory now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
 The agent plans against its own view of the interface's peers (the last full read, updated by
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -99,6 +103,8 @@ class Agent:
         self._desired: protocol.DesiredState | None = None  # the last one applied
         self._drift_reported = ""
         self._epochs_unsaved = False
+        # Set when a peer was retired: _removals reads its final counters and removes it.
+        self._removals_due = asyncio.Event()
 
     # -- local state -------------------------------------------------------------------------
 
@@ -306,6 +312,7 @@ class Agent:
             asyncio.ensure_future(self._receive(ws)),
             asyncio.ensure_future(self._heartbeats(ws)),
             asyncio.ensure_future(self._metering(ws)),
+            asyncio.ensure_future(self._removals(ws)),
             asyncio.ensure_future(stop.wait()),
         ]
         try:
@@ -370,33 +377,27 @@ class Agent:
         async with self._lock:
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-            # Bill every byte: the last counters of the peers about to go are sent before they
-            # go (theirs only: the others are in the periodic samples). The plan removes
-            # exactly the peers of the view that are not desired. Reading them is mostly
-            # wireguard-go writing out the whole device, so the read is started (a connect and
-            # a send, here: a thread would not start before the plan let go of the GIL) and
-            # the plan made meanwhile.
-            going = sorted(self._view.keys() - {peer.public_key for peer in desired.peers})
-            pending = self.backend.start_read() if going else None
-            try:
-                actions = reconcile.plan(desired, self._view)
-            except BaseException:
-                if pending is not None:
-                    pending.close()
-                raise
-            if pending is not None:
-                last = await asyncio.to_thread(pending.peers, going)
-                if last:
-                    await self._send_sample(ws, last)
+            actions = reconcile.plan(desired, self._view)
             results = await self._apply(desired, actions)
+            if self._view is None:  # a change was refused: where the device is now is unknown
+                self._view = await asyncio.to_thread(self.backend.list_peers)
             self.applied_revision = desired.revision
+            # Peers the revision took off are retired (cut off) now and removed once their final
+            # counters are read (_finish_removals): the ack says they are still leaving. One
+            # whose retirement was refused is in the results as failed instead.
+            removing = [
+                key
+                for key in reconcile.leaving(desired, self._view)
+                if results.get(key, reconcile.OK) == reconcile.OK
+            ]
+        if removing:
+            self._removals_due.set()
         ack = protocol.Ack(
             node_id=self.identity.node_id,
             revision=desired.revision,
             # The peers this revision changed, failures included: a peer left out is one the
             # interface already had as desired (the gateway counts every peer not reported
-            # failed as applied), and a removal that failed must not be taken for done (the
-            # gateway would settle a live tunnel).
+            # failed as applied), and a retirement that failed must not be taken for done.
             results=tuple(
                 protocol.PeerResult(
                     public_key=key,
@@ -406,6 +407,7 @@ class Agent:
                 for key in sorted(results)
             ),
             timestamp=int(time.time()),
+            removing=tuple(removing),
         ).to_dict()
         await self._send(
             ws,
@@ -433,6 +435,11 @@ class Agent:
             raise
         self._desired = desired
         self._update_view(actions, results)
+        if any(
+            isinstance(a, reconcile.Retire) and results[a.public_key] == reconcile.OK
+            for a in actions
+        ):
+            self._removals_due.set()
         if self._prune_epochs(desired):
             # Forgetting need not be durable at once (a forgotten epoch is never handed out
             # again either way): it is saved at the next sample.
@@ -452,6 +459,10 @@ class Agent:
                 return
             if isinstance(action, reconcile.Remove):
                 view.pop(key, None)
+                continue
+            if isinstance(action, reconcile.Retire):
+                previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
+                view[key] = dataclasses.replace(previous, allowed_ips=(), persistent_keepalive=0)
                 continue
             previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
             view[key] = PeerStatus(
@@ -548,9 +559,96 @@ class Agent:
             await self._send_sample(ws, peers)
             # The device as it is now: a change made behind the agent's back shows here.
             self._view = dict(peers)
+            # The sample just sent has the final counters of any retired peer: remove them.
+            removed = await self._remove_retired(set(peers))
             await self._restore_drift(ws)
             if self._epochs_unsaved:
                 self._save_epochs()
+        await self._send_removed(ws, removed)
+
+    # -- removals --------------------------------------------------------------------------------
+
+    async def _removals(self, ws: Any) -> None:
+        while True:
+            await self._removals_due.wait()
+            self._removals_due.clear()
+            await self._finish_removals(ws)
+
+    async def _finish_removals(self, ws: Any) -> None:
+        """Read the final counters of the retired peers, send them, remove the peers, and tell
+        the gateway they are gone.
+
+        The read is a dump of the whole device (milliseconds at a thousand peers) and is made
+        without the lock, so changes for other peers are not held up by it: a retired peer has
+        no allowed IPs, so nothing a buyer can use passes it any more. What it still counts
+        between the read and the removal is what it refuses (a cut-off buyer's packets, dropped
+        after decryption, and its handshakes), the bytes a read just before a removal always
+        missed too. Peers retired meanwhile are read on the next round; a peer desired again
+        meanwhile is not removed."""
+        while True:
+            async with self._lock:
+                if self._desired is None:
+                    return  # no desired state applied in this session yet: nothing is retired
+                if self._view is None:
+                    self._view = await asyncio.to_thread(self.backend.list_peers)
+                keys = reconcile.retired(self._desired, self._view)
+                if not keys:
+                    return
+                read = self.backend.start_read()
+            try:
+                last = await asyncio.to_thread(read.peers, keys)
+            finally:
+                read.close()
+            async with self._lock:
+                if self._desired is None or self._view is None:
+                    return  # the session is starting over: its first reconcile reads anew
+                still = set(reconcile.retired(self._desired, self._view))
+                last = {key: status for key, status in last.items() if key in still}
+                if last:
+                    await self._send_sample(ws, last)
+                # A retired peer the read did not find is not on the device any more.
+                vanished = [key for key in keys if key in still and key not in last]
+                for key in vanished:
+                    self._view.pop(key, None)
+                removed = await self._remove_retired(set(last)) + vanished
+                failed = len(removed) < len(still & set(keys))
+            await self._send_removed(ws, removed)
+            if failed:
+                return  # the next sample retries (see _sample_once), not a busy loop here
+
+    async def _remove_retired(self, counted: set[str]) -> list[str]:
+        """Remove the retired peers whose final counters are in `counted` (a sample sent).
+        Call with the lock held and the view known; returns the keys removed."""
+        desired, view = self._desired, self._view
+        if desired is None or view is None:
+            return []
+        actions: list[reconcile.Action] = [
+            reconcile.Remove(key) for key in reconcile.retired(desired, view) if key in counted
+        ]
+        if not actions:
+            return []
+        results = await self._apply(desired, actions)
+        refused = sorted(key for key, result in results.items() if result != reconcile.OK)
+        if refused:
+            self.say(f"removing {len(refused)} retired peer(s) failed: {results[refused[0]][:200]}")
+        return [a.public_key for a in actions if results.get(a.public_key) == reconcile.OK]
+
+    async def _send_removed(self, ws: Any, keys: list[str]) -> None:
+        if not keys:
+            return
+        body = protocol.Removed(
+            node_id=self.identity.node_id,
+            public_keys=tuple(sorted(keys)),
+            timestamp=int(time.time()),
+        ).to_dict()
+        await self._send(
+            ws,
+            {
+                "type": "removed",
+                "envelope": protocol.signed_envelope(protocol.REMOVED, body, self.identity),
+            },
+        )
+        self.say(f"removed {', '.join(key[:8] + '…' for key in sorted(keys))}")
 
     async def _restore_drift(self, ws: Any) -> None:
         """Put back what the last applied desired state says, if the interface drifted from it

@@ -44,6 +44,7 @@ __all__ = [
     "KEY_CERT",
     "KINDS",
     "METERING",
+    "REMOVED",
     "BadSignature",
     "DesiredState",
     "EnrollRequest",
@@ -64,10 +65,12 @@ __all__ = [
 ENROLL = "molt/enroll/v1"
 AGENT_AUTH = "molt/agent-auth/v1"
 DESIRED_STATE = "molt/desired-state/v1"
-ACK = "molt/ack/v1"
+# v2: an ack names the peers still leaving (Ack.removing); their removal is a REMOVED message.
+ACK = "molt/ack/v2"
 METERING = "molt/metering/v1"
+REMOVED = "molt/removed/v1"
 KEY_CERT = "molt/key-cert/v1"
-KINDS = frozenset({ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, KEY_CERT})
+KINDS = frozenset({ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, REMOVED, KEY_CERT})
 
 # I-JSON (RFC 7493) interoperable integer range: a JavaScript or other double-based parser
 # reads these exactly, so a verifier in another language re-encodes the same digits.
@@ -725,7 +728,8 @@ def _known_peer(item: object, previous: Mapping[str, PeerSpec]) -> object:
 # Frames are JSON objects with a "type". Gateway -> agent: "challenge" {challenge, server_time},
 # "welcome" {node_id, name, mesh_address}, "desired_state" {envelope: signed DESIRED_STATE},
 # "error" {detail}. Agent -> gateway: "auth" {envelope: signed AGENT_AUTH}, "heartbeat" {},
-# "inventory" {gpus, reason}, "ack" {envelope: signed ACK}, "metering" {envelope: signed METERING}.
+# "inventory" {gpus, reason}, "ack" {envelope: signed ACK}, "metering" {envelope: signed METERING},
+# "removed" {envelope: signed REMOVED}.
 
 # Close codes the gateway uses, so an agent can tell "retry later" from "give up".
 CLOSE_BAD_MESSAGE = 4400
@@ -782,12 +786,19 @@ class PeerResult:
 
 @dataclass(frozen=True)
 class Ack:
-    """Body of an ACK message: the agent applied desired state `revision`, peer by peer."""
+    """Body of an ACK message: the agent applied desired state `revision`, peer by peer.
+
+    `results` covers the peers the revision changed; a desired peer left out is one the
+    interface already had as desired. `removing` names every peer still on the interface that
+    the revision no longer has: cut off, but its final counters not yet read, so the gateway
+    neither settles it nor closes its key until a REMOVED message names it. A peer the
+    revision took off that is in neither list is gone from the interface."""
 
     node_id: str
     revision: int
     results: tuple[PeerResult, ...]
     timestamp: int
+    removing: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _node_id(self.node_id)
@@ -798,6 +809,7 @@ class Ack:
                 raise ProtocolError(f"results[{i}] must be a PeerResult", f"results[{i}]")
         object.__setattr__(self, "results", results)
         _int(self.timestamp, "timestamp")
+        object.__setattr__(self, "removing", _keys(self.removing, "removing"))
 
     @property
     def failed_keys(self) -> frozenset[str]:
@@ -817,7 +829,47 @@ class Ack:
             "revision": self.revision,
             "results": [r.to_dict() for r in self.results],
             "timestamp": self.timestamp,
+            "removing": list(self.removing),
         }
+
+
+@dataclass(frozen=True)
+class Removed:
+    """Body of a REMOVED message: these peers, once named in an ack's `removing`, are off the
+    interface now. Their final counters went in a metering sample sent before this message."""
+
+    node_id: str
+    public_keys: tuple[str, ...]
+    timestamp: int
+
+    def __post_init__(self) -> None:
+        _node_id(self.node_id)
+        keys = _keys(self.public_keys, "public_keys")
+        if not keys:
+            raise ProtocolError("public_keys must name at least one peer", "public_keys")
+        object.__setattr__(self, "public_keys", keys)
+        _int(self.timestamp, "timestamp")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Removed:
+        return cls(**_checked_fields(cls, data))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "public_keys": list(self.public_keys),
+            "timestamp": self.timestamp,
+        }
+
+
+def _keys(value: object, name: str) -> tuple[str, ...]:
+    """A list of distinct WireGuard public keys."""
+    keys = _tuple(value, name, 65535)
+    for i, key in enumerate(keys):
+        _wireguard_key(key, f"{name}[{i}]")
+    if len(set(keys)) != len(keys):
+        raise ProtocolError(f"{name} names a key twice", name)
+    return keys
 
 
 @dataclass(frozen=True)

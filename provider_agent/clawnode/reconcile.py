@@ -8,6 +8,14 @@ updated in place, which keeps its counters and its session.
 ``apply(backend, actions)`` runs the actions in order and records a result per peer; one
 failure does not stop the others (the acknowledgement reports each peer's result).
 
+A peer that is no longer desired leaves in two steps. ``plan`` *retires* it: its allowed IPs
+are emptied and its keepalive stopped, one cheap ``set`` that cuts the buyer off at once (no
+packet is routed to or accepted from it). Its removal waits for its final counters: reading
+them is a dump of every peer (wireguard-go has no per-peer read, and at a thousand peers the
+dump is most of a removal's cost), so the daemon reads the peers ``retired`` returns later, in
+one read for all of them or with a metering sample that reads every peer anyway, then
+``Remove``s them (see the daemon's _finish_removals).
+
 ``plan`` is pure: no I/O, no clock; the same inputs give the same list.
 """
 
@@ -20,7 +28,18 @@ from dataclasses import dataclass
 from .protocol import DesiredState, PeerSpec, parse_endpoint
 from .wireguard import PeerStatus, WireGuardBackend
 
-__all__ = ["OK", "Action", "Add", "Remove", "Update", "apply", "plan"]
+__all__ = [
+    "OK",
+    "Action",
+    "Add",
+    "Remove",
+    "Retire",
+    "Update",
+    "apply",
+    "leaving",
+    "plan",
+    "retired",
+]
 
 OK = "ok"
 
@@ -45,11 +64,21 @@ class Update:
 
 
 @dataclass(frozen=True)
-class Remove:
+class Retire:
+    """Cut a peer that is no longer desired off (no allowed IPs, no keepalive), keeping it and
+    its counters on the interface until they are read."""
+
     public_key: str
 
 
-Action = Add | Update | Remove
+@dataclass(frozen=True)
+class Remove:
+    """Take a retired peer off the interface (its final counters were read)."""
+
+    public_key: str
+
+
+Action = Add | Update | Retire | Remove
 
 
 def _networks(values: Sequence[str]) -> frozenset[ipaddress.IPv4Network | ipaddress.IPv6Network]:
@@ -108,14 +137,17 @@ def _changes(spec: PeerSpec, status: PeerStatus) -> tuple[str, ...]:
 def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action]:
     """Per-peer actions that turn ``actual`` into ``desired``.
 
-    Order: removals, then updates, then additions, each sorted by public key. Removals go first
-    so allowed networks a removed peer held are free before another peer claims them.
+    Order: retirements, then updates, then additions, each sorted by public key. Retirements go
+    first so allowed networks a leaving peer held are free before another peer claims them. A
+    leaving peer already retired needs nothing here: see ``retired``.
 
     Only the actions are sorted, not the thousand keys they were picked from: sorting every
     key on both sides was a third of a plan's cost for a one-peer change.
     """
     wanted = {spec.public_key: spec for spec in desired.peers}
-    removes: list[Action] = [Remove(key) for key in sorted(actual.keys() - wanted.keys())]
+    removes: list[Action] = [
+        Retire(key) for key in sorted(actual.keys() - wanted.keys()) if not _is_retired(actual[key])
+    ]
     updates: list[Update] = []
     adds: list[Add] = []
     for key, spec in wanted.items():
@@ -144,6 +176,23 @@ def _by_key(action: Add | Update) -> str:
     return action.public_key
 
 
+def _is_retired(status: PeerStatus) -> bool:
+    return not status.allowed_ips and not status.persistent_keepalive
+
+
+def leaving(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[str]:
+    """The peers on the interface that ``desired`` no longer has, retired or not yet, sorted:
+    the acknowledgement names them, so the gateway waits for their final counters."""
+    wanted = {spec.public_key for spec in desired.peers}
+    return sorted(actual.keys() - wanted)
+
+
+def retired(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[str]:
+    """The leaving peers already cut off (see ``Retire``), sorted: what is left is to read their
+    final counters and ``Remove`` them."""
+    return [key for key in leaving(desired, actual) if _is_retired(actual[key])]
+
+
 def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str]:
     """Apply ``actions`` in order; return {public key: "ok" or "error: <why>"} for each.
 
@@ -155,6 +204,8 @@ def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str
         try:
             if isinstance(action, Remove):
                 backend.remove_peer(action.public_key)
+            elif isinstance(action, Retire):
+                backend.set_peer(action.public_key, (), keepalive=0)
             else:
                 backend.set_peer(
                     action.public_key,

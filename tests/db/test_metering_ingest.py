@@ -9,9 +9,10 @@ from clawnode import protocol
 from clawnode.keys import Identity
 
 from marketplace import ledger
-from marketplace.services import create_listing, place_order, provision_order
+from marketplace.models import Order
+from marketplace.services import create_listing, place_order, provision_order, stop_order
 from meshnet import services as mesh
-from meshnet.models import MeteringSample
+from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from tests.factories import enroll_request, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -82,8 +83,79 @@ def test_counter_reset_with_new_epoch_loses_nothing(running_job):
 
 def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job):
     identity, node, order, key = running_job
-    with pytest.raises(mesh.AgentRefused, match="metering refused"):
+    with pytest.raises(mesh.AgentRefused, match="metering sample refused"):
         mesh.ingest_metering(node, sample(identity, key, 1, 0, 10, 10, signer=Identity.generate()))
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (0, 0)
     assert not MeteringSample.objects.exists()
+
+
+# -- a removal in two steps: cut off (ack names the key removing), then removed ----------------
+
+
+def signed(identity, kind, message):
+    return protocol.signed_envelope(kind, message.to_dict(), identity)
+
+
+def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_job):
+
+    identity, node, order, key = running_job
+    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
+    stop_order(order)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    ack = protocol.Ack(
+        node_id=identity.node_id,
+        revision=revision,
+        results=(protocol.PeerResult(key, ok=True),),
+        timestamp=int(time.time()),
+        removing=(key,),
+    )
+
+    mesh.process_ack(node, signed(identity, protocol.ACK, ack))
+
+    peer = JobPeer.objects.get(ref=f"order:{order.pk}")
+    assert peer.state == "removing"
+    assert Order.objects.get(pk=order.pk).state == "stopping"  # not settled yet
+    assert Node.objects.get(pk=node.pk).acked_revision == revision  # applied: no re-push
+    assert JobPeerKey.objects.get(public_key=key).closed_at is None
+    # The final counters, read after the cut-off, are billed to the key still open.
+    mesh.ingest_metering(node, sample(identity, key, 2, 0, 1200, 5900))
+    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+
+    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+
+    assert JobPeer.objects.get(pk=peer.pk).state == "removed"
+    assert JobPeerKey.objects.get(public_key=key).closed_at is not None
+    order = Order.objects.get(pk=order.pk)
+    assert order.state == "completed"
+    assert (order.bytes_out, order.bytes_in) == (1200, 5900)
+    # A later sample of the closed key is not billed; a repeated report changes nothing.
+    mesh.ingest_metering(node, sample(identity, key, 3, 0, 9999, 9999))
+    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+    order.refresh_from_db()
+    assert (order.state, order.bytes_out, order.bytes_in) == ("completed", 1200, 5900)
+
+
+def test_a_removal_report_cannot_end_a_peer_the_gateway_still_wants(running_job):
+
+    identity, node, order, key = running_job
+    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+
+    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+
+    assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
+    assert JobPeerKey.objects.get(public_key=key).closed_at is None
+    assert Order.objects.get(pk=order.pk).state == "running"
+
+
+def test_a_removal_report_signed_by_another_key_or_for_another_node_is_refused(running_job):
+
+    identity, node, order, key = running_job
+    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+    with pytest.raises(mesh.AgentRefused, match="removal report refused"):
+        mesh.process_removed(node, signed(Identity.generate(), protocol.REMOVED, removed))
+    other = Identity.generate()
+    elsewhere = protocol.Removed(node_id=other.node_id, public_keys=(key,), timestamp=1)
+    with pytest.raises(mesh.AgentRefused, match="another node"):
+        mesh.process_removed(node, signed(identity, protocol.REMOVED, elsewhere))
+    assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"

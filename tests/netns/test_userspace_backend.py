@@ -308,6 +308,27 @@ def test_userspace_backend_manages_peers_one_by_one_and_counts_real_traffic(bed,
             "results": {buyer_public: "ok"},
         }
 
+        # -- a peer no longer desired is cut off at once, its counters kept to be read -------
+        ping = ("ping", "-c", "2", "-W", "1", PROVIDER_MESH)
+        assert bed.exec(buyer, *ping, check=False).returncode == 0
+        before = driver.call("list_peers")[buyer_public]
+        desired["peers"], desired["revision"] = [], 4
+        assert driver.call("reconcile", desired=desired) == {
+            "actions": ["Retire"],
+            "results": {buyer_public: "ok"},
+        }
+        assert bed.exec(buyer, *ping, check=False).returncode != 0  # nothing passes any more
+        cut = driver.call("list_peers")[buyer_public]
+        assert (cut["allowed_ips"], cut["persistent_keepalive"]) == ([], 0)
+        assert cut["rx_bytes"] > before["rx_bytes"]  # the refused pings are still counted
+        assert (
+            f"{buyer_public}\t(none)" in bed.exec(prov, "wg", "show", prov_if, "allowed-ips").stdout
+        )
+        # Already cut off: nothing more to plan; what is left is the read, then the removal.
+        assert driver.call("reconcile", desired=desired) == {"actions": [], "results": {}}
+        driver.call("remove_peer", public_key=buyer_public)
+        assert driver.call("list_peers") == {}
+
         # -- a refusal by wireguard-go is a WireGuardError with its errno -------------------
         hold_until_ready(bed, prov, UDP_HOLDER)
         with pytest.raises(DriverError) as info:

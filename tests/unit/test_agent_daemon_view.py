@@ -127,11 +127,20 @@ class Node:
         return protocol.signed_envelope(protocol.DESIRED_STATE, desired.to_dict(), GATEWAY)
 
     def desire(self, peers: dict[str, str]) -> dict[str, Any]:
-        """Send a desired state on the current connection; return the agent's ack."""
+        """Send a desired state on the current connection; return the agent's ack. Peers it
+        retired are then removed, as the session's removals task would (finish_removals)."""
         acks = len(self.ws.of("ack"))
         asyncio.run(self.agent._apply_desired(self.ws, self.envelope(peers)))
         assert len(self.ws.of("ack")) == acks + 1, self.ws.sent[-1]
-        return self.ws.bodies("ack")[-1]
+        ack = self.ws.bodies("ack")[-1]
+        self.finish_removals()
+        return ack
+
+    def finish_removals(self) -> None:
+        """What the removals task does when woken (a session's task may have been cancelled
+        with the session before it finished)."""
+        self.agent._removals_due.clear()
+        asyncio.run(self.agent._finish_removals(self.ws))
 
     def reconnect(self, peers: dict[str, str]) -> dict[str, Any]:
         """A new connection: challenge, the agent's auth, the full desired state, closed."""
@@ -202,42 +211,93 @@ def test_a_reconnect_reads_the_device_again(tmp_path):
     assert a in node.backend.peers
 
 
-def test_a_removed_peers_last_bytes_are_sent_before_it_goes_and_only_its(tmp_path):
+def test_a_removed_peer_is_cut_off_then_its_last_bytes_are_sent_before_it_goes(tmp_path):
     node = Node(tmp_path)
     stays, goes = wg_key(), wg_key()
     node.desire({stays: "10.100.128.9/32", goes: "10.100.128.10/32"})
     node.backend.add_traffic(stays, rx=1, tx=2)
     node.backend.add_traffic(goes, rx=3_000, tx=4_000)  # after the last periodic sample
+    sent = len(node.ws.sent)
 
-    ack = node.desire({stays: "10.100.128.9/32"})
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({stays: "10.100.128.9/32"})))
 
+    # Cut off at once (no allowed IPs, no keepalive), still on the interface with its counters;
+    # the ack says so, and nothing is read for it yet.
+    assert node.backend.peers[goes].allowed_ips == ()
+    assert node.backend.peers[goes].persistent_keepalive == 0
+    assert [frame["type"] for frame in node.ws.sent[sent:]] == ["ack"]
+    ack = node.ws.bodies("ack")[-1]
+    assert results(ack) == {goes: True}
+    assert ack["removing"] == [goes]
+    assert node.agent._removals_due.is_set()
+
+    node.finish_removals()
+
+    assert goes not in node.backend.peers and stays in node.backend.peers
+    assert [frame["type"] for frame in node.ws.sent[sent:]] == ["ack", "metering", "removed"]
     sample = node.ws.bodies("metering")[-1]
     assert [(p["public_key"], p["rx_bytes"], p["tx_bytes"]) for p in sample["peers"]] == [
         (goes, 3_000, 4_000)
     ]
-    kinds = [frame["type"] for frame in node.ws.sent[-2:]]
-    assert kinds == ["metering", "ack"]
+    assert node.ws.bodies("removed")[-1]["public_keys"] == [goes]
     ops = [call for call in node.backend.calls if call[1] == goes]
-    assert ops[-2:] == [("read_peers", goes), ("remove_peer", goes)]
-    assert results(ack) == {goes: True}
+    assert ops[-3:] == [("set_peer", goes), ("read_peers", goes), ("remove_peer", goes)]
 
 
-def test_a_refused_removal_is_reported_and_the_next_state_reads_the_device_and_retries(tmp_path):
+def test_a_retired_peer_desired_again_before_its_removal_is_kept(tmp_path):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({})))
+    assert node.backend.peers[a].allowed_ips == ()
+
+    ack = node.desire({a: "10.100.128.9/32"})  # and the removals task runs after it
+
+    assert results(ack) == {a: True} and ack["removing"] == []
+    assert node.backend.peers[a].allowed_ips == ("10.100.128.9/32",)
+    assert node.ws.of("removed") == []
+
+
+def test_a_retired_peer_found_after_a_restart_is_named_removing_and_removed(tmp_path):
+    # The agent stopped between cutting a peer off and removing it: the interface keeps the
+    # retired peer; the next session's ack names it, then it is read and removed.
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.backend.set_peer(b, [], keepalive=0)  # retired, not removed
+    node.backend.add_traffic(b, rx=5, tx=6)
+
+    ack = node.reconnect({a: "10.100.128.9/32"})
+
+    assert results(ack) == {} and ack["removing"] == [b]
+    node.finish_removals()
+    assert set(node.backend.peers) == {a}
+    assert node.ws.bodies("removed")[-1]["public_keys"] == [b]
+    assert (b, 5, 6) in [
+        (p["public_key"], p["rx_bytes"], p["tx_bytes"])
+        for p in node.ws.bodies("metering")[-1]["peers"]
+    ]
+
+
+def test_a_refused_removal_is_reported_and_the_device_read_again_and_the_next_state_retries(
+    tmp_path,
+):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
     node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
     node.backend.refuse[b] = "device busy"
+    reads = node.reads()
 
     ack = node.desire({a: "10.100.128.9/32"})
 
-    assert results(ack) == {b: False}
+    assert results(ack) == {b: False} and ack["removing"] == []
     assert "device busy" in ack["results"][0]["detail"]
-    reads = node.reads()
+    assert node.reads() == reads + 1  # after a refusal the view is not trusted: read again
     del node.backend.refuse[b]
     ack = node.desire({a: "10.100.128.9/32"})
-    assert node.reads() == reads + 1  # after a refusal the view is not trusted
-    assert results(ack) == {b: True}
+    assert results(ack) == {b: True} and ack["removing"] == [b]
     assert b not in node.backend.peers
+    assert node.ws.bodies("removed")[-1]["public_keys"] == [b]
 
 
 def test_a_peer_removed_by_hand_is_noticed_at_the_next_sample_and_put_back(tmp_path):

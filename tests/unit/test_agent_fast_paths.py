@@ -391,7 +391,9 @@ def reference_plan(
     """The plan as first written: every key on both sides sorted, every peer compared."""
     wanted = {spec.public_key: spec for spec in desired.peers}
     removes: list[reconcile.Action] = [
-        reconcile.Remove(key) for key in sorted(actual) if key not in wanted
+        reconcile.Retire(key)
+        for key in sorted(actual)
+        if key not in wanted and (actual[key].allowed_ips or actual[key].persistent_keepalive)
     ]
     updates: list[reconcile.Action] = []
     adds: list[reconcile.Action] = []

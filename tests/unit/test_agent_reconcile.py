@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from clawnode.keys import encode_key, generate_wireguard_keypair
 from clawnode.protocol import DesiredState, PeerSpec
-from clawnode.reconcile import Add, Remove, Update, apply, plan
+from clawnode.reconcile import Add, Remove, Retire, Update, apply, leaving, plan, retired
 from clawnode.wireguard import FakeBackend, PeerStatus
 
 pytestmark = [pytest.mark.unit]
@@ -55,12 +55,34 @@ def test_nothing_to_do_when_actual_matches_desired():
     assert plan(desired(spec(A, "10.100.128.9/32")), actual) == []
 
 
-def test_new_peers_are_added_and_missing_ones_removed_one_by_one():
+def test_new_peers_are_added_and_missing_ones_retired_one_by_one():
     actual = {A: status(A, "10.100.128.9/32"), B: status(B, "10.100.128.10/32")}
 
     actions = plan(desired(spec(A, "10.100.128.9/32"), spec(C, "10.100.128.11/32")), actual)
 
-    assert actions == [Remove(B), Add(C, ("10.100.128.11/32",))]
+    assert actions == [Retire(B), Add(C, ("10.100.128.11/32",))]
+
+
+def test_a_retired_peer_needs_no_action_and_is_listed_for_removal():
+    actual = {
+        A: status(A, "10.100.128.9/32"),
+        B: status(B),  # retired: no allowed IPs, no keepalive
+        C: status(C, keepalive=25),  # not desired, no allowed IPs, but still keeps alive
+        D: status(D, "10.100.128.4/32"),
+    }
+    want = desired(spec(A, "10.100.128.9/32"))
+
+    assert plan(want, actual) == [Retire(C), Retire(D)]
+    assert leaving(want, actual) == sorted([B, C, D])
+    assert retired(want, actual) == [B]
+
+
+def test_a_retired_peer_desired_again_is_updated_back():
+    actual = {A: status(A)}
+
+    actions = plan(desired(spec(A, "10.100.128.9/32")), actual)
+
+    assert actions == [Update(A, ("10.100.128.9/32",), changed=("allowed_ips",))]
 
 
 def test_one_new_peer_among_many_never_touches_the_others():
@@ -126,22 +148,22 @@ def test_the_plan_is_deterministic_whatever_the_input_order():
     assert (
         one
         == two
-        == [Remove(C), Remove(D), Add(A, ("10.100.128.1/32",)), Add(B, ("10.100.128.2/32",))]
+        == [Retire(C), Retire(D), Add(A, ("10.100.128.1/32",)), Add(B, ("10.100.128.2/32",))]
     )
 
 
-def test_removals_come_before_additions_so_a_moved_network_is_free_first():
+def test_retirements_come_before_additions_so_a_moved_network_is_free_first():
     actual = {A: status(A, "10.100.128.9/32")}
 
     actions = plan(desired(spec(B, "10.100.128.9/32")), actual)
 
-    assert actions == [Remove(A), Add(B, ("10.100.128.9/32",))]
+    assert actions == [Retire(A), Add(B, ("10.100.128.9/32",))]
 
 
-def test_an_empty_desired_state_removes_every_peer():
+def test_an_empty_desired_state_retires_every_peer():
     actual = {A: status(A, "10.100.128.9/32"), B: status(B, "10.100.128.10/32")}
 
-    assert plan(desired(), actual) == [Remove(A), Remove(B)]
+    assert plan(desired(), actual) == [Retire(A), Retire(B)]
 
 
 # -- apply --------------------------------------------------------------------------------------
@@ -162,6 +184,13 @@ def test_apply_then_plan_again_finds_nothing_to_do():
     results = apply(backend, plan(want, backend.list_peers()))
 
     assert results == {A: "ok", B: "ok", C: "ok"}
+    # B is cut off (no allowed IPs, counters kept) and left for its final read.
+    peers = backend.list_peers()
+    assert sorted(peers) == sorted([A, B, C]) and peers[B].allowed_ips == ()
+    assert plan(want, peers) == []
+    assert retired(want, peers) == [B]
+
+    assert apply(backend, [Remove(B)]) == {B: "ok"}
     assert sorted(backend.list_peers()) == sorted([A, C])
     assert plan(want, backend.list_peers()) == []
 
@@ -191,7 +220,8 @@ def test_one_refused_peer_does_not_stop_the_others():
     results = apply(backend, plan(want, backend.list_peers()))
 
     assert results == {D: "ok", A: "ok", B: "error: device out of memory", C: "ok"}
-    assert sorted(backend.list_peers()) == sorted([A, C])
+    assert sorted(backend.list_peers()) == sorted([A, C, D])
+    assert backend.list_peers()[D].allowed_ips == ()
     # The next reconcile retries only what failed.
     del backend.refuse[B]
     assert plan(want, backend.list_peers()) == [Add(B, ("10.100.128.2/32",))]

@@ -17,6 +17,7 @@ from clawnode.protocol import (
     KEY_CERT,
     KINDS,
     METERING,
+    REMOVED,
     BadSignature,
     DesiredState,
     EnrollRequest,
@@ -56,17 +57,18 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/enroll/v1",
         "molt/agent-auth/v1",
         "molt/desired-state/v1",
-        "molt/ack/v1",
+        "molt/ack/v2",
         "molt/metering/v1",
+        "molt/removed/v1",
         "molt/key-cert/v1",
     } == KINDS
-    assert {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, KEY_CERT} == KINDS
+    assert {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, REMOVED, KEY_CERT} == KINDS
 
 
 def test_canonical_bytes_exact_format() -> None:
     body = {"z": [1, True, None], "a": "é", "m": {"y": -3, "b": ""}}
     assert canonical_bytes(ACK, body) == (
-        b'molt/ack/v1\n{"a":"\xc3\xa9","m":{"b":"","y":-3},"z":[1,true,null]}'
+        b'molt/ack/v2\n{"a":"\xc3\xa9","m":{"b":"","y":-3},"z":[1,true,null]}'
     )
 
 
@@ -90,7 +92,7 @@ def test_unknown_kind_is_refused_by_name() -> None:
     with pytest.raises(ProtocolError, match="molt/bogus/v1"):
         canonical_bytes("molt/bogus/v1", {})
     with pytest.raises(ValueError, match="unknown message kind"):
-        canonical_bytes("molt/ack/v2", {})
+        canonical_bytes("molt/ack/v3", {})
 
 
 @pytest.mark.parametrize(
@@ -659,3 +661,56 @@ def test_overlapping_but_different_networks_are_allowed() -> None:
 def test_module_exports_what_it_documents() -> None:
     for name in protocol.__all__:
         assert hasattr(protocol, name), name
+
+
+# -- ack and removal report ------------------------------------------------------------------------
+
+
+def _wg() -> str:
+    return encode_key(generate_wireguard_keypair()[1])
+
+
+def test_ack_names_the_peers_still_leaving_and_round_trips() -> None:
+    a, b = _wg(), _wg()
+    ack = protocol.Ack(
+        node_id=NODE.node_id,
+        revision=4,
+        results=(protocol.PeerResult(a, ok=True),),
+        timestamp=1_700_000_000,
+        removing=(b,),
+    )
+    envelope = signed_envelope(ACK, ack.to_dict(), NODE)
+
+    parsed = protocol.Ack.from_dict(open_envelope(envelope, NODE.public_key, ACK))
+
+    assert parsed == ack and parsed.removing == (b,)
+    # An ack without the field (nothing leaving) is read as an empty list.
+    body = ack.to_dict()
+    del body["removing"]
+    assert protocol.Ack.from_dict(body).removing == ()
+
+
+def test_ack_and_removed_refuse_bad_keys_by_name() -> None:
+    a = _wg()
+    with pytest.raises(ProtocolError, match=r"removing\[1\]"):
+        protocol.Ack(
+            node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, "nope")
+        )
+    with pytest.raises(ProtocolError, match="removing names a key twice"):
+        protocol.Ack(node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, a))
+    with pytest.raises(ProtocolError, match="at least one"):
+        protocol.Removed(node_id=NODE.node_id, public_keys=(), timestamp=1)
+    with pytest.raises(ProtocolError, match="public_keys must be a list"):
+        protocol.Removed.from_dict({"node_id": NODE.node_id, "public_keys": a, "timestamp": 1})
+
+
+def test_removed_round_trips_through_its_signed_envelope() -> None:
+    keys = (_wg(), _wg())
+    removed = protocol.Removed(node_id=NODE.node_id, public_keys=keys, timestamp=1_700_000_000)
+    envelope = signed_envelope(REMOVED, removed.to_dict(), NODE)
+
+    assert protocol.Removed.from_dict(open_envelope(envelope, NODE.public_key, REMOVED)) == (
+        removed
+    )
+    with pytest.raises(BadSignature):
+        open_envelope(envelope, NODE.public_key, ACK)  # not an ack, whatever its body
