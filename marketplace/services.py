@@ -34,7 +34,7 @@ from marketplace.models import (
 from meshnet import ipplan
 from meshnet import services as mesh
 from meshnet.errors import MeshError
-from meshnet.models import Node, NodeOutage
+from meshnet.models import JobPeerKey, Node, NodeOutage
 
 log = logging.getLogger(__name__)
 
@@ -541,14 +541,26 @@ def rekey_order(order: Order, wireguard_public_key: str) -> Order:
     agent's reconcile drops the old key's peer and adds the new one. Sending the key the order
     already has is a no-op (a retried request).
 
-    Locks: the order row, then (through meshnet) the node row. Raises MarketError naming
-    wireguard_public_key (invalid, or live on another order or peer) and InvalidTransition when
-    the order is stopping or ended."""
+    Locks: the provider node's row, the job peer's key rows, then the order's: the order
+    everything else takes them in. An agent's ack locks the node, then keys, then orders; a
+    metering sample locks keys, then the order; stop_order the node, then the order. Taking
+    the order first here deadlocked with a sample of the same order arriving meanwhile.
+    Raises MarketError naming wireguard_public_key (invalid, or live on another order or peer)
+    and InvalidTransition when the order is stopping or ended."""
     try:
         mesh.validate_peer_key(wireguard_public_key)
     except MeshError as exc:
         raise MarketError(str(exc), field="wireguard_public_key") from None
     with transaction.atomic():
+        node_id = Listing.objects.filter(orders=order.pk).values_list("node_id", flat=True).get()
+        Node.objects.select_for_update().filter(pk=node_id).first()
+        job_peer_id = Order.objects.filter(pk=order.pk).values_list("job_peer_id", flat=True).get()
+        if job_peer_id is not None:
+            list(
+                JobPeerKey.objects.select_for_update()
+                .filter(job_peer_id=job_peer_id)
+                .order_by("pk")
+            )
         order = Order.objects.select_for_update().get(pk=order.pk)
         if order.wireguard_public_key == wireguard_public_key:
             return order

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from clawnode.keys import Identity
-from django.db import connection
+from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
@@ -29,7 +30,7 @@ from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransacti
 from meshnet import ipplan
 from meshnet import services as mesh
 from meshnet.errors import PoolExhausted
-from meshnet.models import IpAllocation, IpPool, Node
+from meshnet.models import IpAllocation, IpPool, JobPeerKey, Node
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
@@ -270,3 +271,62 @@ def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, p
     assert ledger.earnings_account(provider).balance == captures * (capture - 60_000)
     assert ledger.fees_account().balance == captures * 60_000
     assert audit_ledger() == []
+
+
+# --- lock order: a re-key racing a metering sample of the same order ----------------------------
+
+
+def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
+    buyer, provider, eager_celery
+):
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+    listing = services.create_listing(
+        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
+    )
+    ledger.grant_credits(buyer, 10 * USD)
+    order = services.place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    order = services.provision_order(order.pk)
+    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    key = JobPeerKey.objects.get(job_peer=order.job_peer_id, retired_at__isnull=True)
+    sample_holds_the_key = threading.Event()
+    failures: list[BaseException] = []
+
+    def sample() -> None:
+        # meshnet.services.ingest_metering's locks: the key rows, then the order (peer_traffic
+        # adds the bytes), held long enough for the re-key to come in between.
+        try:
+            with transaction.atomic():
+                list(JobPeerKey.objects.select_for_update().filter(pk=key.pk))
+                sample_holds_the_key.set()
+                time.sleep(0.5)
+                services.add_traffic(order.job_peer, rx_bytes=10, tx_bytes=20)
+        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def rekey() -> None:
+        try:
+            assert sample_holds_the_key.wait(10)
+            services.rekey_order(order, factories.wg_public_key())
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=sample), threading.Thread(target=rekey)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert failures == []
+    order.refresh_from_db()
+    assert (order.bytes_out, order.bytes_in) == (10, 20)
+    assert order.wireguard_public_key != key.public_key
