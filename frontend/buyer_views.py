@@ -20,7 +20,7 @@ from frontend.charts import line_chart
 from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
 from frontend.security import content_security_policy
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
-from marketplace import ledger, services
+from marketplace import ledger, payments, services
 from marketplace.models import Account, Dispute, EarningsHold, EscrowHold, LedgerEntry, Order
 
 
@@ -89,9 +89,9 @@ _AFTER_COMPLETION = (Order.State.DISPUTED, Order.State.RESOLVED)
 def _dispute_context(order: Order, settlement) -> dict:
     """The order page's dispute panel: the buyer's dispute and its outcome, or whether (and
     until when) the order can still be disputed. At most one query, and none for an order that
-    was never settled. The form is offered on the same terms payments.open_dispute applies, so
-    it shows only when the API would accept it (the API still decides: a page left open past
-    the window gets its 409)."""
+    was never settled. The form is offered on the rule payments.open_dispute applies
+    (payments.why_not_disputable), so it shows only when the API would accept it (the API
+    still decides: a page left open past the window gets its 409)."""
     if order.state in _AFTER_COMPLETION:
         dispute = Dispute.objects.filter(order=order).first()
         refunded = dispute.refund if dispute is not None and dispute.refund is not None else 0
@@ -103,12 +103,7 @@ def _dispute_context(order: Order, settlement) -> dict:
     share = None
     if settlement is not None and settlement.captured > 0:
         share = EarningsHold.objects.filter(order=order).only("state", "release_after").first()
-    can_dispute = (
-        order.state in (Order.State.COMPLETED, Order.State.FAILED)
-        and share is not None
-        and share.state == EarningsHold.State.FROZEN
-        and timezone.now() < share.release_after
-    )
+    can_dispute = payments.why_not_disputable(order, share, timezone.now()) is None
     return {
         "dispute": None,
         "can_dispute": can_dispute,

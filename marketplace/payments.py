@@ -139,24 +139,34 @@ def open_dispute(order: Order, buyer, reason: str, *, now: datetime | None = Non
         order = Order.objects.select_for_update().get(pk=order.pk)
         if order.buyer_id != buyer.pk:
             raise MarketError(f"unknown order {order.pk}", field="order")
-        if order.state in (S.DISPUTED, S.RESOLVED):
-            raise DisputeRefused(f"order {order.pk} was already disputed")
-        if order.state not in (S.COMPLETED, S.FAILED):
-            raise DisputeRefused(f"order {order.pk} is {order.state}: only a settled order")
         hold = EarningsHold.objects.select_for_update().filter(order=order).first()
-        if hold is None:
-            raise DisputeRefused(f"order {order.pk} was not charged: there is nothing to dispute")
-        if hold.state != EarningsHold.State.FROZEN or now >= hold.release_after:
-            raise DisputeRefused(
-                f"the dispute window of order {order.pk} closed at "
-                f"{hold.release_after:%Y-%m-%d %H:%M:%S} UTC"
-            )
+        refusal = why_not_disputable(order, hold, now)
+        if refusal is not None or hold is None:
+            raise DisputeRefused(refusal or f"order {order.pk} was not charged")
         EarningsHold.objects.filter(pk=hold.pk, state=EarningsHold.State.FROZEN).update(
             state=EarningsHold.State.DISPUTED
         )
         dispute = Dispute.objects.create(order=order, buyer=buyer, reason=reason, opened_at=now)
         _order_transition(order, order.state, S.DISPUTED, "disputed by the buyer")
         return dispute
+
+
+def why_not_disputable(order: Order, share: EarningsHold | None, now: datetime) -> str | None:
+    """Why the buyer cannot dispute `order` at `now`, or None when they can: the rule
+    open_dispute applies, and the order page's (which offers the form only when it holds).
+    `share` is the order's EarningsHold (None: the order was never charged)."""
+    if order.state in (S.DISPUTED, S.RESOLVED):
+        return f"order {order.pk} was already disputed"
+    if order.state not in (S.COMPLETED, S.FAILED):
+        return f"order {order.pk} is {order.state}: only a settled order"
+    if share is None:
+        return f"order {order.pk} was not charged: there is nothing to dispute"
+    if share.state != EarningsHold.State.FROZEN or now >= share.release_after:
+        return (
+            f"the dispute window of order {order.pk} closed at "
+            f"{share.release_after:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    return None
 
 
 def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") -> Dispute:
