@@ -48,6 +48,10 @@ from .wireguard import PeerStatus, WireGuardBackend, WireGuardError
 log = logging.getLogger("clawnode")
 
 EPOCHS_FILE = "epochs.json"
+# How long the final counters of a removed peer are kept to send again after a reconnect: longer
+# than it takes the websocket to notice a dead connection (websockets pings every 20 s and
+# gives up after 20 s more) plus the longest reconnect backoff (30 s).
+RESEND_FINALS_SECONDS = 120.0
 EPOCHS_JOURNAL = "epochs.journal"
 # One journal line: a peer's base64 key and the epoch handed to it.
 _JOURNAL_LINE = re.compile(rb"([A-Za-z0-9+/]{43}=) ([0-9]{1,18})")
@@ -105,6 +109,10 @@ class Agent:
         self._epochs_unsaved = False
         # Set when a peer was retired: _removals reads its final counters and removes it.
         self._removals_due = asyncio.Event()
+        # The final counters of peers removed lately, with when they were sent: a connection
+        # that dies right after may have lost them, and nothing else can carry them any more
+        # (the peer is gone), so the next session sends them again first (_resend_finals).
+        self._recent_finals: dict[str, tuple[float, protocol.PeerCounters]] = {}
 
     # -- local state -------------------------------------------------------------------------
 
@@ -293,6 +301,8 @@ class Agent:
         # from the desired state the gateway sends on connecting.
         self._view = None
         self._desired = None
+        # Retired peers are found again from the device by this session's first reconcile.
+        self._removals_due = asyncio.Event()
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
@@ -343,6 +353,7 @@ class Agent:
                     self._welcomed = True
                     self.say(f"connected to the gateway as {frame.get('name')}")
                     self._status("connected")
+                    await self._resend_finals(ws)
                     await self._send_inventory(ws)
                 elif kind == "desired_state":
                     await self._apply_desired(ws, frame.get("envelope"))
@@ -523,13 +534,9 @@ class Agent:
 
     async def _send_sample(self, ws: Any, peers: dict[str, PeerStatus]) -> None:
         self._make_epochs_durable(peers)
-        self.seq += 1
-        body = protocol.MeteringSample(
-            node_id=self.identity.node_id,
-            boot_id=self.boot_id,
-            seq=self.seq,
-            sampled_at=int(time.time()),
-            peers=tuple(
+        await self._send_counters(
+            ws,
+            [
                 protocol.PeerCounters(
                     public_key=key,
                     epoch=self.epochs.get(key, 0),
@@ -537,7 +544,17 @@ class Agent:
                     tx_bytes=status.tx_bytes,
                 )
                 for key, status in sorted(peers.items())
-            ),
+            ],
+        )
+
+    async def _send_counters(self, ws: Any, counters: list[protocol.PeerCounters]) -> None:
+        self.seq += 1
+        body = protocol.MeteringSample(
+            node_id=self.identity.node_id,
+            boot_id=self.boot_id,
+            seq=self.seq,
+            sampled_at=int(time.time()),
+            peers=tuple(counters),
         ).to_dict()
         await self._send(
             ws,
@@ -546,6 +563,34 @@ class Agent:
                 "envelope": protocol.signed_envelope(protocol.METERING, body, self.identity),
             },
         )
+
+    def _keep_finals(self, keys: Iterable[str], peers: dict[str, PeerStatus]) -> None:
+        """Note the final counters (just sent) of the peers about to be removed. Call before
+        removing them: their epochs are forgotten with them."""
+        now = time.monotonic()
+        self._forget_old_finals(now)
+        for key in keys:
+            status = peers[key]
+            self._recent_finals[key] = (
+                now,
+                protocol.PeerCounters(
+                    key, self.epochs.get(key, 0), status.rx_bytes, status.tx_bytes
+                ),
+            )
+
+    async def _resend_finals(self, ws: Any) -> None:
+        """On a new session, before anything else can close their keys: send again the final
+        counters of the peers removed in the last RESEND_FINALS_SECONDS. The gateway counts
+        each byte once whatever arrives twice (same epoch, same counters: nothing new), and
+        ignores a key it has closed already."""
+        self._forget_old_finals(time.monotonic())
+        if self._recent_finals:
+            finals = self._recent_finals
+            await self._send_counters(ws, [finals[key][1] for key in sorted(finals)])
+
+    def _forget_old_finals(self, now: float) -> None:
+        horizon = now - RESEND_FINALS_SECONDS
+        self._recent_finals = {k: v for k, v in self._recent_finals.items() if v[0] >= horizon}
 
     async def _metering(self, ws: Any) -> None:
         while True:
@@ -560,6 +605,9 @@ class Agent:
             # The device as it is now: a change made behind the agent's back shows here.
             self._view = dict(peers)
             # The sample just sent has the final counters of any retired peer: remove them.
+            self._keep_finals(
+                reconcile.retired(self._desired, peers) if self._desired else (), peers
+            )
             removed = await self._remove_retired(set(peers))
             await self._restore_drift(ws)
             if self._epochs_unsaved:
@@ -610,6 +658,7 @@ class Agent:
                 vanished = [key for key in keys if key in still and key not in last]
                 for key in vanished:
                     self._view.pop(key, None)
+                self._keep_finals(last, last)
                 removed = await self._remove_retired(set(last)) + vanished
                 failed = len(removed) < len(still & set(keys))
             await self._send_removed(ws, removed)
