@@ -212,6 +212,10 @@ CELERY_BEAT_SCHEDULE = {
     },
     "audit-ledger": {"task": "marketplace.tasks.audit_ledger", "schedule": 3600.0},
     "prune-used-nonces": {"task": "meshnet.tasks.prune_used_nonces", "schedule": 3600.0},
+    "prune-metering-samples": {
+        "task": "meshnet.tasks.prune_metering_samples",
+        "schedule": 3600.0,
+    },
     "close-out-silent-nodes": {
         "task": "meshnet.tasks.close_out_silent_nodes",
         "schedule": 3600.0,
@@ -246,6 +250,14 @@ MOLT_NODE_ABANDONED_AFTER_SECONDS = env_int(
 # A buyer may dispute a settled order this long after settlement; the provider's share stays
 # frozen until then.
 MOLT_DISPUTE_WINDOW_SECONDS = env_int("MOLT_DISPUTE_WINDOW_SECONDS", 72 * 3600, minimum=0)
+# Signed metering samples are kept this long (the bills' proof and the orders' usage charts),
+# at least as long as the longest order plus its dispute window: every sample of an order that
+# can still be disputed is there.
+MOLT_METERING_RETENTION_DAYS = env_int(
+    "MOLT_METERING_RETENTION_DAYS",
+    90,
+    minimum=-(-(MOLT_MAX_ORDER_HOURS * 3600 + MOLT_DISPUTE_WINDOW_SECONDS) // 86400) + 1,
+)
 # Idempotency keys are kept at least this long (issue 4: 24 h at least).
 MOLT_IDEMPOTENCY_KEY_TTL_SECONDS = env_int("MOLT_IDEMPOTENCY_KEY_TTL_SECONDS", 86400, minimum=86400)
 # A request holding an Idempotency-Key this long without finishing is presumed crashed; a

@@ -314,7 +314,8 @@ class JobPeerKey(models.Model):
 
 
 class MeteringSample(models.Model):
-    """Every signed metering sample, kept as received so a bill can be proved. The unique
+    """Every signed metering sample, kept as received so a bill can be proved, for
+    MOLT_METERING_RETENTION_DAYS (meshnet.tasks.prune_metering_samples). The unique
     (node, boot_id, seq) makes a resent sample count once."""
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="metering_samples")
@@ -332,7 +333,9 @@ class MeteringSample(models.Model):
         indexes = [
             # An order's usage chart reads its node's samples within the order's time: without
             # this, every chart scans all the samples the node ever sent (8,640 a day).
-            models.Index(fields=["node", "sampled_at"], name="metering_node_time_idx")
+            models.Index(fields=["node", "sampled_at"], name="metering_node_time_idx"),
+            # Pruning by age (the gateway's clock, not the agent's) reads the oldest first.
+            models.Index(fields=["received_at"], name="metering_received_idx"),
         ]
 
     def __str__(self) -> str:

@@ -11,7 +11,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
-from meshnet.models import Node, UsedNonce
+from meshnet.models import MeteringSample, Node, UsedNonce
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,30 @@ def prune_used_nonces() -> int:
         seen_at__lt=timezone.now() - timedelta(seconds=keep)
     ).delete()
     return deleted
+
+
+# Rows deleted per statement: each batch is its own short transaction, so pruning a day of a
+# large mesh (8,640 samples a node) never holds a long lock or one huge transaction.
+PRUNE_BATCH = 5000
+
+
+@shared_task(acks_late=True)
+def prune_metering_samples() -> int:
+    """Delete the metering samples received more than MOLT_METERING_RETENTION_DAYS ago, oldest
+    first, in batches. Billing does not read them (each key keeps its own base and totals, see
+    meshnet.metering), so this changes no bill; it ends the proof of bills far older than any
+    dispute window, and the usage chart of orders that old. Returns how many were deleted."""
+    cutoff = timezone.now() - timedelta(days=settings.MOLT_METERING_RETENTION_DAYS)
+    deleted = 0
+    while True:
+        batch = list(
+            MeteringSample.objects.filter(received_at__lt=cutoff)
+            .order_by("received_at")
+            .values_list("pk", flat=True)[:PRUNE_BATCH]
+        )
+        if not batch:
+            return deleted
+        deleted += MeteringSample.objects.filter(pk__in=batch).delete()[0]
 
 
 @shared_task(acks_late=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 from clawnode import protocol
 from clawnode.keys import Identity
+from django.utils import timezone
 
+import meshnet.tasks
 from marketplace import ledger
 from marketplace.models import Order
 from marketplace.services import create_listing, place_order, provision_order, stop_order
@@ -159,3 +162,28 @@ def test_a_removal_report_signed_by_another_key_or_for_another_node_is_refused(r
     with pytest.raises(mesh.AgentRefused, match="another node"):
         mesh.process_removed(node, signed(identity, protocol.REMOVED, elsewhere))
     assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+def test_samples_past_the_retention_are_pruned_oldest_first_and_no_bill_changes(
+    running_job, settings, monkeypatch
+):
+    identity, node, order, key = running_job
+    for seq, (rx, tx) in enumerate([(100, 200), (300, 500), (700, 900)], start=1):
+        mesh.ingest_metering(node, sample(identity, key, seq, 0, rx, tx))
+    past = timezone.now() - timedelta(days=settings.MOLT_METERING_RETENTION_DAYS, minutes=1)
+    MeteringSample.objects.filter(seq__in=(1, 2)).update(received_at=past)
+    monkeypatch.setattr(meshnet.tasks, "PRUNE_BATCH", 1)  # two batches
+
+    assert meshnet.tasks.prune_metering_samples() == 2
+
+    assert list(MeteringSample.objects.values_list("seq", flat=True)) == [3]
+    order.refresh_from_db()
+    assert (order.bytes_out, order.bytes_in) == (700, 900)
+    # Billing goes on from the key's own base, not from the samples.
+    mesh.ingest_metering(node, sample(identity, key, 4, 0, 1000, 1000))
+    order.refresh_from_db()
+    assert (order.bytes_out, order.bytes_in) == (1000, 1000)
+    assert meshnet.tasks.prune_metering_samples() == 0
