@@ -27,7 +27,7 @@ from marketplace.models import Dispute, Order
 from marketplace.services import create_listing, place_order, provision_order, stop_order
 from meshnet import services as mesh
 from meshnet.models import Node
-from tests.browser.test_buyer_flow import browser_page, usd  # noqa: F401  (a fixture)
+from tests.browser.test_buyer_flow import usd
 from tests.factories import enrolled_node, gpu, wg_public_key
 from tests.integration.conftest import gateway  # noqa: F401  (a fixture)
 
@@ -38,7 +38,7 @@ REFUND = 1_250_000  # what the operator types: 1.25 USD
 
 
 def shot(page, name: str) -> None:
-    from tests.browser.test_buyer_flow import ARTIFACTS
+    from tests.browser.conftest import ARTIFACTS
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"dispute-{name}.png"), full_page=True)
@@ -88,7 +88,7 @@ def market(gateway, provider):  # noqa: F811
 def test_a_buyer_disputes_a_settled_order_and_sees_the_operators_refund(
     gateway,  # noqa: F811
     market,
-    browser_page,  # noqa: F811
+    browser_page,
 ):
     from playwright.sync_api import expect
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 from clawnode.wireguard import FakeBackend
-from django.db import connections
 
 from marketplace import ledger
 from marketplace.models import Order
 from marketplace.services import create_listing, quote_for
 from meshnet.models import Node
+from tests.browser.conftest import ARTIFACTS
 from tests.factories import enrolled_node, gpu
 from tests.integration.conftest import gateway, wait_until  # noqa: F401  (the gateway fixture)
 from tests.integration.test_agent_daemon import (  # noqa: F401  (provider_node is a fixture)
@@ -37,16 +37,6 @@ from tests.integration.test_agent_daemon import (  # noqa: F401  (provider_node 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres]
 
 PASSWORD = "rent-a-gpu-by-the-hour-7"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 
 
 class Traffic:
@@ -71,31 +61,6 @@ class Traffic:
 
     def everything(self) -> str:
         return "\n".join(self.requests + self.frames)
-
-
-@pytest.fixture
-def browser_page(monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the test touches the database
-    # only between browser steps, never concurrently with them.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(
-            viewport={"width": 1280, "height": 900}, accept_downloads=True
-        )
-        page = context.new_page()
-        page.set_default_timeout(20_000)
-        try:
-            yield page
-        finally:
-            context.close()
-            browser.close()
-            # The test's queries ran while Playwright's loop held this thread, and Django kept
-            # them on a connection of their own: close it, or the test database cannot be
-            # dropped at the end of the session.
-            connections.close_all()
 
 
 def shot(page, name: str) -> None:

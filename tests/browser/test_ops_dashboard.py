@@ -6,41 +6,15 @@ test-artifacts/browser/."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from marketplace.audit import record_audit_run
+from tests.browser.conftest import ARTIFACTS
 from tests.scaled_market import seed_scaled_market
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
 PASSWORD = "run-the-market-2"
-
-
-@pytest.fixture
-def page(monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the test touches the database
-    # only around the browser, never concurrently with it.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        yield context.new_page()
-        context.close()
-        browser.close()
 
 
 def drawn_bars(page, chart_id: str) -> list[float]:
@@ -50,8 +24,9 @@ def drawn_bars(page, chart_id: str) -> list[float]:
 
 
 def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
-    live_server, page, django_user_model
+    live_server, browser_page, django_user_model
 ):
+    page = browser_page
     django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
     seed_scaled_market(2)
     record_audit_run(source="beat")

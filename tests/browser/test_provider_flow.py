@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from meshnet.models import Node
+from tests.browser.conftest import ARTIFACTS
 from tests.integration.conftest import running_gateway, wait_until
 from tests.netns.test_install_script import CLEAN_ENV, build_wheelhouse
 from tests.netns.testbed import network_testbed
@@ -31,31 +31,6 @@ pytestmark = [
 ]
 
 PASSWORD = "sell-my-gpus-by-the-hour-3"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "browser"
-
-
-@pytest.fixture
-def browser_page(monkeypatch):
-    # Playwright's sync API runs an event loop in this thread; the test touches the database
-    # only between browser steps, never concurrently with them.
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        yield context.new_page()
-        context.close()
-        browser.close()
 
 
 def test_a_provider_installs_a_machine_and_watches_it_join_and_come_online(
