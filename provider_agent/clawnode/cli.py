@@ -315,11 +315,15 @@ def _peer_line(peer: PeerStatus, now: int) -> str:
         if peer.last_handshake
         else "no handshake"
     )
-    return (
+    line = (
         f"  peer {peer.public_key}  allowed {', '.join(peer.allowed_ips) or '-'}  "
         f"endpoint {peer.endpoint or '-'}  {handshake}  "
         f"rx {_human_bytes(peer.rx_bytes)}  tx {_human_bytes(peer.tx_bytes)}"
     )
+    if not peer.allowed_ips and not peer.persistent_keepalive:
+        # What a removal leaves until its final counters are read (clawnode/reconcile.py).
+        line += "  cut off, removal pending"
+    return line
 
 
 def _pid_alive(pid: int) -> bool:

@@ -318,3 +318,17 @@ def test_status_says_not_running_when_the_daemon_is_gone(tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == (
         "gateway: not running (last state connected, 10 min ago)"
     )
+
+
+def test_a_peer_cut_off_and_not_yet_removed_says_so_in_status():
+    from clawnode.cli import _peer_line
+    from clawnode.wireguard import PeerStatus
+
+    key = "g/HtZfAPruXhYkCEKqPDHMRb/d4UtHdxK/uWnvde9DM="
+    live = PeerStatus(key, ("10.100.128.9/32",), rx_bytes=2048, tx_bytes=4096)
+    cut = PeerStatus(key, (), rx_bytes=2048, tx_bytes=4096)
+
+    assert "removal pending" not in _peer_line(live, now=1_700_000_000)
+    line = _peer_line(cut, now=1_700_000_000)
+    assert "allowed -" in line and line.endswith("cut off, removal pending")
+    assert "rx 2.0 KiB  tx 4.0 KiB" in line
