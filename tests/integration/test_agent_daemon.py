@@ -17,16 +17,18 @@ from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity
 from clawnode.state import Enrollment, StateDir
 from clawnode.wireguard import FakeBackend
+from django.db.models import F
 
 from marketplace import ledger
 from marketplace.models import Order, Settlement
 from marketplace.services import create_listing, issue_api_token
 from meshnet import services as mesh
 from meshnet.gateway_key import gateway_identity
-from meshnet.models import Node
+from meshnet.models import JobPeer, Node
 from meshnet.tasks import node_group
 from tests.factories import enroll_request, gpu, wg_public_key
 from tests.integration.conftest import wait_until
+from tests.integration.test_crash_safety import send
 from tests.integration.test_order_provisioning import call
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -264,3 +266,41 @@ def test_a_device_lost_under_the_agent_is_rebuilt_with_its_peers(
         wait_until(lambda: key in backend.peers, timeout=30, message="the peer to come back")
         assert backend.exists
         assert running.error is None
+
+
+def test_the_beat_task_pushes_again_a_desired_state_whose_push_was_lost(
+    gateway, provider_node, settings, monkeypatch
+):
+    """The channel layer delivers at most once: a push that never reaches the agent leaves the
+    node lagging until the beat entry repush-lagging-nodes sends the state again."""
+    _identity, node, _state, _enrollment = provider_node
+    backend = FakeBackend()
+    with RunningAgent(make_agent(provider_node, backend)):
+        wait_until(
+            lambda: Node.objects.filter(
+                pk=node.pk, acked_revision=F("desired_revision"), last_seen_at__isnull=False
+            ).exists(),
+            timeout=20,
+            message="the agent to connect and acknowledge its first state",
+        )
+        # A peer added, its push lost (here: never sent).
+        monkeypatch.setattr(mesh, "_push_on_commit", lambda node_pk: None)
+        key = wg_public_key()
+        mesh.create_job_peer(node, key, "repush:1")
+        time.sleep(3)  # six heartbeats and metering samples: nothing else brings the change
+        lagging = Node.objects.get(pk=node.pk)
+        assert lagging.acked_revision < lagging.desired_revision
+        assert key not in backend.peers
+
+        # What beat sends, by the name its schedule gives, to the gateway's worker.
+        send(gateway, settings.CELERY_BEAT_SCHEDULE["repush-lagging-nodes"]["task"])
+
+        wait_until(
+            lambda: Node.objects.filter(
+                pk=node.pk, acked_revision=lagging.desired_revision
+            ).exists(),
+            timeout=20,
+            message=f"the re-pushed state to be acknowledged\n{gateway.logs()}",
+        )
+        assert key in backend.peers
+        assert JobPeer.objects.get(ref="repush:1").state == "active"
