@@ -615,3 +615,26 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
     monkeypatch.setattr(clawnode.daemon, "RESEND_FINALS_SECONDS", 0.0)
     session()
     assert all(p["public_key"] != b for body in node.ws.bodies("metering") for p in body["peers"])
+
+
+def test_a_removal_the_device_refuses_is_retried_by_the_next_sample(tmp_path):
+    node = Node(tmp_path)
+    a = wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({})))  # cut off
+    node.backend.refuse[a] = "device busy"
+
+    node.finish_removals()
+
+    assert a in node.backend.peers  # still there, cut off, counters kept
+    assert node.ws.of("removed") == []
+    del node.backend.refuse[a]
+    node.backend.add_traffic(a, rx=11, tx=22)
+    node.sample()
+    assert a not in node.backend.peers
+    assert node.ws.bodies("removed")[-1]["public_keys"] == [a]
+    # The sample that removed it carried its final counters.
+    finals = [
+        p for body in node.ws.bodies("metering") for p in body["peers"] if p["public_key"] == a
+    ]
+    assert (finals[-1]["rx_bytes"], finals[-1]["tx_bytes"]) == (11, 22)
