@@ -38,6 +38,7 @@ from .keys import (
 
 __all__ = [
     "ACK",
+    "ACK_V1",
     "AGENT_AUTH",
     "DESIRED_STATE",
     "ENROLL",
@@ -67,10 +68,14 @@ AGENT_AUTH = "molt/agent-auth/v1"
 DESIRED_STATE = "molt/desired-state/v1"
 # v2: an ack names the peers still leaving (Ack.removing); their removal is a REMOVED message.
 ACK = "molt/ack/v2"
+# What agents from before the two-step removal send: the same body without `removing` (they
+# removed a peer, its final counters sent, before acknowledging). The gateway still takes it,
+# so those agents keep working until they are upgraded; agents never send it any more.
+ACK_V1 = "molt/ack/v1"
 METERING = "molt/metering/v1"
 REMOVED = "molt/removed/v1"
 KEY_CERT = "molt/key-cert/v1"
-KINDS = frozenset({ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, REMOVED, KEY_CERT})
+KINDS = frozenset({ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT})
 
 # I-JSON (RFC 7493) interoperable integer range: a JavaScript or other double-based parser
 # reads these exactly, so a verifier in another language re-encodes the same digits.

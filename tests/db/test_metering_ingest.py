@@ -187,3 +187,29 @@ def test_samples_past_the_retention_are_pruned_oldest_first_and_no_bill_changes(
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (1000, 1000)
     assert meshnet.tasks.prune_metering_samples() == 0
+
+
+def test_an_ack_of_the_first_version_still_completes_a_removal(running_job):
+    # An agent not yet upgraded removes the peer, its final counters sent, then acknowledges
+    # with molt/ack/v1 (no `removing`): the removal is done at once, as it always was.
+    identity, node, order, key = running_job
+    stop_order(order)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    body = protocol.Ack(
+        node_id=identity.node_id,
+        revision=revision,
+        results=(protocol.PeerResult(key, ok=True),),
+        timestamp=int(time.time()),
+    ).to_dict()
+    del body["removing"]
+    with pytest.raises(mesh.AgentRefused, match="a v1 ack has no removing"):
+        mesh.process_ack(
+            node,
+            protocol.signed_envelope(protocol.ACK_V1, {**body, "removing": [key]}, identity),
+        )
+    assert Order.objects.get(pk=order.pk).state == "stopping"
+
+    mesh.process_ack(node, protocol.signed_envelope(protocol.ACK_V1, body, identity))
+
+    assert Order.objects.get(pk=order.pk).state == "completed"
+    assert JobPeerKey.objects.get(public_key=key).closed_at is not None

@@ -11,6 +11,7 @@ from clawnode import protocol
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.protocol import (
     ACK,
+    ACK_V1,
     AGENT_AUTH,
     DESIRED_STATE,
     ENROLL,
@@ -58,11 +59,12 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/agent-auth/v1",
         "molt/desired-state/v1",
         "molt/ack/v2",
+        "molt/ack/v1",
         "molt/metering/v1",
         "molt/removed/v1",
         "molt/key-cert/v1",
     } == KINDS
-    assert {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, METERING, REMOVED, KEY_CERT} == KINDS
+    assert {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT} == KINDS
 
 
 def test_canonical_bytes_exact_format() -> None:
