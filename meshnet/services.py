@@ -660,12 +660,19 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     meshnet.metering) is added to the key's totals under a row lock, and each peer's bytes over
     its keys are announced once with peer_traffic, all in one transaction with the stored
     sample. A resent sample (same boot_id and seq) changes nothing. Returns the number of peers
-    billed. Locks: the keys in the sample, in id order."""
+    billed. Locks: the node's row, then the keys in the sample in id order, then (through
+    peer_traffic) the orders."""
     sample = _open_node_message(
         node, envelope, protocol.METERING, protocol.MeteringSample, "metering sample"
     )
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
     with transaction.atomic():
+        # The node's row first, as an ack, a revocation and a stop take it: the stored sample's
+        # foreign key is checked at commit (deferred) with a share lock on that row, which would
+        # otherwise come after the key rows below and deadlock with an ack that holds the node
+        # and waits for them. One node's samples and acks arrive on one connection, in turn,
+        # so this lock costs no waiting in the normal course.
+        Node.objects.select_for_update().filter(pk=node.pk).first()
         try:
             with transaction.atomic():
                 MeteringSample.objects.create(

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from clawnode import protocol
 from clawnode.keys import Identity
 from django.db import connection, transaction
 from rest_framework.test import APIClient
@@ -298,8 +299,8 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
     failures: list[BaseException] = []
 
     def sample() -> None:
-        # meshnet.services.ingest_metering's locks: the key rows, then the order (peer_traffic
-        # adds the bytes), held long enough for the re-key to come in between.
+        # A transaction that holds the peer's key rows, then takes the order's row (as metering
+        # ingestion does, after the node's row), long enough for the re-key to come in between.
         try:
             with transaction.atomic():
                 list(JobPeerKey.objects.select_for_update().filter(pk=key.pk))
@@ -330,3 +331,72 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (10, 20)
     assert order.wireguard_public_key != key.public_key
+
+
+def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
+    buyer, provider, eager_celery, settings
+):
+    # The stored sample's foreign key to the node is checked at commit with a share lock on the
+    # node's row; an ack holds that row and then wants the key rows the sample holds. The sample
+    # also uses up the bandwidth allowance, so its transaction stops the order (node, order).
+    settings.MOLT_BANDWIDTH_ALLOWANCE_GIB = 1
+    identity = Identity.generate()
+    issued = mesh.create_enrollment_token(provider)
+    node = mesh.enroll_node(
+        factories.enroll_request(identity, issued.token, gpus=[factories.gpu(0)]),
+        observed_ip=None,
+    ).node
+    listing = services.create_listing(
+        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
+    )
+    ledger.grant_credits(buyer, 10 * USD)
+    key = factories.wg_public_key()
+    order = services.place_order(
+        buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
+    )
+    order = services.provision_order(order.pk)
+    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    over = protocol.MeteringSample(
+        node_id=identity.node_id,
+        boot_id=protocol.new_nonce(),
+        seq=1,
+        sampled_at=int(time.time()),
+        peers=(protocol.PeerCounters(key, 0, rx_bytes=600 << 20, tx_bytes=600 << 20),),
+    )
+    envelope = protocol.signed_envelope(protocol.METERING, over.to_dict(), identity)
+    ack_holds_the_node = threading.Event()
+    failures: list[BaseException] = []
+
+    def ack() -> None:
+        # acknowledge_revision's locks (and revoke_node's): the node's row, then key rows, held
+        # long enough for the sample to come in between.
+        try:
+            with transaction.atomic():
+                Node.objects.select_for_update().get(pk=node.pk)
+                ack_holds_the_node.set()
+                time.sleep(0.5)
+                list(JobPeerKey.objects.select_for_update().filter(public_key=key))
+        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def sample() -> None:
+        try:
+            assert ack_holds_the_node.wait(10)
+            mesh.ingest_metering(node, envelope)  # 1.2 GiB: past the 1 GiB allowance
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=ack), threading.Thread(target=sample)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert failures == []
+    order.refresh_from_db()
+    assert order.state == "stopping" and order.reason == services.BANDWIDTH_USED_UP
+    assert order.bytes_in + order.bytes_out == 1200 << 20
