@@ -313,6 +313,16 @@ def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) 
     return True
 
 
+def _lock_node_then_order(order_pk: int) -> Order:
+    """Lock the order's provider node row, then the order's, and return the order. Every path
+    that changes an order together with its peer takes them in this order, as an agent's ack
+    does (the node, then the orders of its peers), so they wait for each other instead of
+    deadlocking. Call inside a transaction."""
+    node_id = Listing.objects.filter(orders=order_pk).values_list("node_id", flat=True).get()
+    Node.objects.select_for_update().filter(pk=node_id).first()
+    return Order.objects.select_for_update().get(pk=order_pk)
+
+
 def stop_order(order: Order, reason: str = "stopped by the buyer") -> Order:
     """Stop an order. Before it runs: cancelled, hold released in full. Running: stopping, the
     peer is dropped from desired state, and settlement follows the agent's removal ack.
@@ -322,9 +332,7 @@ def stop_order(order: Order, reason: str = "stopped by the buyer") -> Order:
     then the orders its peers belong to), so a stop racing an ack waits instead of deadlocking.
     """
     with transaction.atomic():
-        node_id = Listing.objects.filter(orders=order.pk).values_list("node_id", flat=True).get()
-        Node.objects.select_for_update().filter(pk=node_id).first()
-        order = Order.objects.select_for_update().get(pk=order.pk)
+        order = _lock_node_then_order(order.pk)
         now = timezone.now()
         if order.state in (S.PENDING, S.PROVISIONING):
             _release_and_end(order, order.state, S.CANCELLED, reason)
@@ -453,7 +461,7 @@ def expire_orders(now: datetime | None = None) -> int:
     deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():
-            locked = Order.objects.select_for_update().get(pk=order.pk)
+            locked = _lock_node_then_order(order.pk)
             if locked.state == S.PROVISIONING and _release_and_end(
                 locked, S.PROVISIONING, S.FAILED, "the provider node did not acknowledge in time"
             ):
@@ -497,8 +505,8 @@ def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
     at once, billed up to the node's last heartbeat (less earlier outages), the rest of the hold
     released, and its peer dropped from desired state. Returns how many ended.
 
-    One transaction per order, in id order. Locks: the order row, then the hold and accounts,
-    then (through meshnet) the node row."""
+    One transaction per order, in id order. Locks: the node row, the order row, then the hold
+    and accounts."""
     now = now or timezone.now()
     cutoff = now - timedelta(seconds=settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
     candidates = (
@@ -511,8 +519,7 @@ def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
     ended = 0
     for order_id in list(candidates):
         with transaction.atomic():
-            order = Order.objects.select_for_update(of=("self",)).select_related("listing")
-            order = order.get(pk=order_id)
+            order = _lock_node_then_order(order_id)
             last_seen = Node.objects.values_list("last_seen_at", flat=True).get(
                 pk=order.listing.node_id
             )
@@ -630,10 +637,10 @@ def fail_order(order: Order, reason: str) -> bool:
     billed. The job peer, if any, is dropped from desired state. False (and nothing written)
     when the order had already ended.
 
-    Locks: the order row, then the hold and accounts, then (through meshnet) the node row: the
-    same order as stop_order."""
+    Locks: the node row, the order row, then the hold and accounts: the same order as
+    stop_order."""
     with transaction.atomic():
-        locked = Order.objects.select_for_update().get(pk=order.pk)
+        locked = _lock_node_then_order(order.pk)
         if locked.state not in Order.LIVE_STATES:
             return False
         return _release_and_end(locked, locked.state, S.FAILED, reason)

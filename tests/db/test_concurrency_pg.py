@@ -400,3 +400,59 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
     order.refresh_from_db()
     assert order.state == "stopping" and order.reason == services.BANDWIDTH_USED_UP
     assert order.bytes_in + order.bytes_out == 1200 << 20
+
+
+def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlock(
+    buyer, provider, eager_celery
+):
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+    listing = services.create_listing(
+        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
+    )
+    ledger.grant_credits(buyer, 10 * USD)
+    order = services.place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    order = services.provision_order(order.pk)
+    assert order.state == "provisioning"
+    ack_holds_the_node = threading.Event()
+    failures: list[BaseException] = []
+
+    def ack() -> None:
+        # acknowledge_revision's locks: the node's row, then (peer_acknowledged moves the order
+        # to running) the order's, held long enough for the timeout to come in between.
+        try:
+            with transaction.atomic():
+                Node.objects.select_for_update().get(pk=node.pk)
+                ack_holds_the_node.set()
+                time.sleep(0.5)
+                list(Order.objects.select_for_update().filter(pk=order.pk))
+        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def timeout() -> None:
+        # What expire_orders does to an order still provisioning after the timeout (and a
+        # revocation to every live order): fail it, release its hold, drop its peer.
+        try:
+            assert ack_holds_the_node.wait(10)
+            assert services.fail_order(order, "the provider node did not acknowledge in time")
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=ack), threading.Thread(target=timeout)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert failures == []
+    order.refresh_from_db()
+    assert order.state == "failed"
