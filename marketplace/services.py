@@ -275,9 +275,11 @@ def place_order(
 def provision_order(order_id: int) -> Order:
     """Allocate the job's MOLT address and desired peer on the provider node; pending ->
     provisioning. Idempotent: an order no longer pending is returned unchanged. If the mesh
-    refuses (pool exhausted, key live elsewhere) the order fails and its hold is released."""
+    refuses (pool exhausted, key live elsewhere) the order fails and its hold is released.
+    Locks: the node row, the order row (as stop_order: a buyer cancelling while the worker
+    provisions waits instead of deadlocking), then the pool row."""
     with transaction.atomic():
-        order = Order.objects.select_for_update().select_related("listing__node").get(pk=order_id)
+        order = _lock_node_then_order(order_id)
         if order.state != S.PENDING:
             return order
         try:

@@ -456,3 +456,52 @@ def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlo
     assert failures == []
     order.refresh_from_db()
     assert order.state == "failed"
+
+
+def test_a_cancel_racing_the_provisioning_of_its_order_does_not_deadlock(buyer, provider):
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+    listing = services.create_listing(
+        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
+    )
+    ledger.grant_credits(buyer, 10 * USD)
+    order = services.place_order(  # no eager Celery: the test provisions it itself
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    stop_holds_the_node = threading.Event()
+    failures: list[BaseException] = []
+
+    def cancel() -> None:
+        # stop_order's locks: the node's row, then the order's, held long enough for the
+        # provisioning to come in between.
+        try:
+            with transaction.atomic():
+                Node.objects.select_for_update().get(pk=node.pk)
+                stop_holds_the_node.set()
+                time.sleep(0.5)
+                list(Order.objects.select_for_update().filter(pk=order.pk))
+        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    def provision() -> None:
+        try:
+            assert stop_holds_the_node.wait(10)
+            services.provision_order(order.pk)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=cancel), threading.Thread(target=provision)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert failures == []
+    assert Order.objects.get(pk=order.pk).state == "provisioning"
