@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 import pytest
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
@@ -86,6 +87,31 @@ def test_kernel_backend_does_what_the_running_kernel_supports(bed):
             "10.100.128.9/32",
             "10.200.5.0/24",
         ]
+        # A peer no longer desired is cut off first (no allowed IPs, no keepalive), kept with
+        # its counters until they are read, then removed.
+        desired = {
+            "node_id": identity.node_id,
+            "revision": 1,
+            "peers": [
+                {
+                    "public_key": one,
+                    "allowed_ips": ["10.100.128.9/32", "10.200.5.0/24"],
+                    "kind": "job",
+                    "ref": "order-1",
+                    "endpoint": "",
+                    "persistent_keepalive": 0,
+                }
+            ],
+            "issued_at": int(time.time()),
+        }
+        assert driver.call("reconcile", desired=desired) == {
+            "actions": ["Retire"],
+            "results": {two: "ok"},
+        }
+        cut = driver.call("list_peers")[two]
+        assert (cut["allowed_ips"], cut["persistent_keepalive"]) == ([], 0)
+        assert f"{two}\t(none)" in bed.exec(ns, "wg", "show", name, "allowed-ips").stdout
+        assert driver.call("reconcile", desired=desired) == {"actions": [], "results": {}}
         driver.call("remove_peer", public_key=two)
         assert list(driver.call("list_peers")) == [one]
         driver.call("delete_interface")
