@@ -214,6 +214,7 @@ def test_a_buyer_disputes_a_settled_order_and_sees_the_operators_refund(
     page.goto(f"{base}/orders/{order.pk}/")
     page.evaluate("window.__sameDocument = true")
     expect(page.locator("#live-status")).to_have_text("live")
+    page.focus("#dispute-title")  # a keyboard or screen-reader user reading the panel
     before = ledger.available_for(carol)
     operator = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
     admin = operator.new_page()
@@ -248,6 +249,8 @@ def test_a_buyer_disputes_a_settled_order_and_sees_the_operators_refund(
     expect(page.locator("#receipt-net-paid")).to_have_text(usd(captured - REFUND))
     expect(page.locator("#dispute-status")).to_contain_text("An operator resolved your dispute")
     assert page.evaluate("window.__sameDocument === true")
+    # The panel was redrawn under the reader: focus is where it was, not back at the top.
+    assert page.evaluate("document.activeElement.id") == "dispute-title"
     assert ledger.available_for(carol) == before + REFUND
     page.locator("#panel-dispute").scroll_into_view_if_needed()
     shot(page, "resolved")

@@ -99,17 +99,22 @@
     try {
       const html = await Molt.api("GET", root.dataset.panelsUrl, { raw: true, accept: "text/html" });
       const fresh = new DOMParser().parseFromString(html, "text/html");
-      // A reason being typed survives the dispute panel being redrawn under it.
+      // A reason being typed survives the dispute panel being redrawn under it, and so does
+      // focus: whatever had it inside a panel (a heading focus was moved to, the field being
+      // typed in) has it again in the redrawn panel, or keyboard and screen-reader users would
+      // be thrown back to the top of the page by a live update.
       const reason = $("dispute-reason");
       const draft = reason ? reason.value : "";
-      const typing = reason !== null && document.activeElement === reason;
+      const active = document.activeElement;
+      const focusedId = active && active.id && active.closest("[data-panel]") ? active.id : "";
       fresh.querySelectorAll("[data-panel]").forEach((panel) => {
         const current = document.getElementById(panel.id);
         if (current) current.replaceWith(document.importNode(panel, true));
       });
       const redrawn = $("dispute-reason");
       if (redrawn && draft) redrawn.value = draft;
-      if (redrawn && typing) redrawn.focus();
+      const refocus = focusedId && document.getElementById(focusedId);
+      if (refocus && document.activeElement !== refocus) refocus.focus();
       syncDisputeForm();
     } catch (err) {
       // The panels stay as they were; the next change tries again.
