@@ -561,9 +561,10 @@ def rekey_order(order: Order, wireguard_public_key: str) -> Order:
     except MeshError as exc:
         raise MarketError(str(exc), field="wireguard_public_key") from None
     with transaction.atomic():
-        node_id = Listing.objects.filter(orders=order.pk).values_list("node_id", flat=True).get()
+        node_id, job_peer_id = (
+            Order.objects.filter(pk=order.pk).values_list("listing__node_id", "job_peer_id").get()
+        )
         Node.objects.select_for_update().filter(pk=node_id).first()
-        job_peer_id = Order.objects.filter(pk=order.pk).values_list("job_peer_id", flat=True).get()
         if job_peer_id is not None:
             list(
                 JobPeerKey.objects.select_for_update()

@@ -622,14 +622,11 @@ def _open_node_message(
     return parsed
 
 
-def _kind_of(envelope: object) -> object:
-    return envelope.get("kind") if isinstance(envelope, Mapping) else None
-
-
 def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
     """Verify a signed ACK from `node` and record it (see acknowledge_revision). An ack of the
     first version (an agent not yet upgraded) has no `removing`: its removals are done."""
-    kind = protocol.ACK_V1 if _kind_of(envelope) == protocol.ACK_V1 else protocol.ACK
+    sent_as = envelope.get("kind") if isinstance(envelope, Mapping) else None
+    kind = protocol.ACK_V1 if sent_as == protocol.ACK_V1 else protocol.ACK
     ack = _open_node_message(node, envelope, kind, protocol.Ack, "ack")
     if kind == protocol.ACK_V1 and ack.removing:
         raise AgentRefused("ack refused: a v1 ack has no removing", protocol.CLOSE_BAD_MESSAGE)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, protocol
+from . import __version__, protocol, reconcile
 from .firewall import FirewallError
 from .gateway_http import GatewayError, build_enroll_envelope, enroll
 from .gpu import (
@@ -320,8 +320,7 @@ def _peer_line(peer: PeerStatus, now: int) -> str:
         f"endpoint {peer.endpoint or '-'}  {handshake}  "
         f"rx {_human_bytes(peer.rx_bytes)}  tx {_human_bytes(peer.tx_bytes)}"
     )
-    if not peer.allowed_ips and not peer.persistent_keepalive:
-        # What a removal leaves until its final counters are read (clawnode/reconcile.py).
+    if reconcile.is_retired(peer):  # a removal's first step, until its final counters are read
         line += "  cut off, removal pending"
     return line
 

@@ -36,6 +36,7 @@ __all__ = [
     "Retire",
     "Update",
     "apply",
+    "is_retired",
     "leaving",
     "plan",
     "retired",
@@ -146,7 +147,7 @@ def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action
     """
     wanted = {spec.public_key: spec for spec in desired.peers}
     removes: list[Action] = [
-        Retire(key) for key in sorted(actual.keys() - wanted.keys()) if not _is_retired(actual[key])
+        Retire(key) for key in sorted(actual.keys() - wanted.keys()) if not is_retired(actual[key])
     ]
     updates: list[Update] = []
     adds: list[Add] = []
@@ -176,7 +177,8 @@ def _by_key(action: Add | Update) -> str:
     return action.public_key
 
 
-def _is_retired(status: PeerStatus) -> bool:
+def is_retired(status: PeerStatus) -> bool:
+    """Whether a peer is cut off (see ``Retire``): no allowed IPs, no keepalive."""
     return not status.allowed_ips and not status.persistent_keepalive
 
 
@@ -190,7 +192,7 @@ def leaving(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[str
 def retired(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[str]:
     """The leaving peers already cut off (see ``Retire``), sorted: what is left is to read their
     final counters and ``Remove`` them."""
-    return [key for key in leaving(desired, actual) if _is_retired(actual[key])]
+    return [key for key in leaving(desired, actual) if is_retired(actual[key])]
 
 
 def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str]:

@@ -274,13 +274,12 @@ def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, p
     assert audit_ledger() == []
 
 
-# --- lock order: a re-key racing a metering sample of the same order ----------------------------
+# --- lock order: node, then keys, then order -------------------------------------------------
 
 
-def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
-    buyer, provider, eager_celery
-):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+def one_gpu_order(buyer, provider, *, node=None, key: str | None = None) -> tuple[Node, Order]:
+    """A placed order of one GPU for an hour, on `node` (default: a new node of `provider`)."""
+    node = node or factories.enrolled_node(provider, gpus=[factories.gpu(0)])
     listing = services.create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
     )
@@ -290,42 +289,64 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
         listing_id=listing.pk,
         gpu_count=1,
         hours=1,
-        wireguard_public_key=factories.wg_public_key(),
+        wireguard_public_key=key or factories.wg_public_key(),
     )
-    order = services.provision_order(order.pk)
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
-    key = JobPeerKey.objects.get(job_peer=order.job_peer_id, retired_at__isnull=True)
-    sample_holds_the_key = threading.Event()
+    return node, order
+
+
+def race(
+    hold: Callable[[], object], then: Callable[[], object], racer: Callable[[], object]
+) -> list[BaseException]:
+    """Two threads, each with a connection of its own: a transaction takes `hold`'s locks, lets
+    `racer` start, and half a second later takes `then`'s. What either raised comes back: a
+    deadlock is PostgreSQL aborting one side ("deadlock detected")."""
+    holding = threading.Event()
     failures: list[BaseException] = []
 
-    def sample() -> None:
-        # A transaction that holds the peer's key rows, then takes the order's row (as metering
-        # ingestion does, after the node's row), long enough for the re-key to come in between.
+    def holder() -> None:
         try:
             with transaction.atomic():
-                list(JobPeerKey.objects.select_for_update().filter(pk=key.pk))
-                sample_holds_the_key.set()
+                hold()
+                holding.set()
                 time.sleep(0.5)
-                services.add_traffic(order.job_peer, rx_bytes=10, tx_bytes=20)
-        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    def rekey() -> None:
-        try:
-            assert sample_holds_the_key.wait(10)
-            services.rekey_order(order, factories.wg_public_key())
+                then()
         except BaseException as exc:
             failures.append(exc)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=sample), threading.Thread(target=rekey)]
+    def other() -> None:
+        try:
+            assert holding.wait(10)
+            racer()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=holder), threading.Thread(target=other)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(30)
+    return failures
+
+
+def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
+    buyer, provider, eager_celery
+):
+    node, order = one_gpu_order(buyer, provider)
+    order = services.provision_order(order.pk)
+    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    key = JobPeerKey.objects.get(job_peer=order.job_peer_id, retired_at__isnull=True)
+
+    failures = race(
+        # A transaction that holds the peer's key rows, then takes the order's row (as metering
+        # ingestion does, after the node's row), while the re-key comes in between.
+        hold=lambda: list(JobPeerKey.objects.select_for_update().filter(pk=key.pk)),
+        then=lambda: services.add_traffic(order.job_peer, rx_bytes=10, tx_bytes=20),
+        racer=lambda: services.rekey_order(order, factories.wg_public_key()),
+    )
 
     assert failures == []
     order.refresh_from_db()
@@ -346,14 +367,8 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
         factories.enroll_request(identity, issued.token, gpus=[factories.gpu(0)]),
         observed_ip=None,
     ).node
-    listing = services.create_listing(
-        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
-    )
-    ledger.grant_credits(buyer, 10 * USD)
     key = factories.wg_public_key()
-    order = services.place_order(
-        buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
-    )
+    _, order = one_gpu_order(buyer, provider, node=node, key=key)
     order = services.provision_order(order.pk)
     mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     over = protocol.MeteringSample(
@@ -364,37 +379,13 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
         peers=(protocol.PeerCounters(key, 0, rx_bytes=600 << 20, tx_bytes=600 << 20),),
     )
     envelope = protocol.signed_envelope(protocol.METERING, over.to_dict(), identity)
-    ack_holds_the_node = threading.Event()
-    failures: list[BaseException] = []
 
-    def ack() -> None:
-        # acknowledge_revision's locks (and revoke_node's): the node's row, then key rows, held
-        # long enough for the sample to come in between.
-        try:
-            with transaction.atomic():
-                Node.objects.select_for_update().get(pk=node.pk)
-                ack_holds_the_node.set()
-                time.sleep(0.5)
-                list(JobPeerKey.objects.select_for_update().filter(public_key=key))
-        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    def sample() -> None:
-        try:
-            assert ack_holds_the_node.wait(10)
-            mesh.ingest_metering(node, envelope)  # 1.2 GiB: past the 1 GiB allowance
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=ack), threading.Thread(target=sample)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    failures = race(
+        # acknowledge_revision's locks (and revoke_node's): the node's row, then key rows.
+        hold=lambda: Node.objects.select_for_update().get(pk=node.pk),
+        then=lambda: list(JobPeerKey.objects.select_for_update().filter(public_key=key)),
+        racer=lambda: mesh.ingest_metering(node, envelope),  # 1.2 GiB: past the 1 GiB allowance
+    )
 
     assert failures == []
     order.refresh_from_db()
@@ -405,53 +396,19 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
 def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlock(
     buyer, provider, eager_celery
 ):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    listing = services.create_listing(
-        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
-    )
-    ledger.grant_credits(buyer, 10 * USD)
-    order = services.place_order(
-        buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=1,
-        wireguard_public_key=factories.wg_public_key(),
-    )
+    node, order = one_gpu_order(buyer, provider)
     order = services.provision_order(order.pk)
     assert order.state == "provisioning"
-    ack_holds_the_node = threading.Event()
-    failures: list[BaseException] = []
 
-    def ack() -> None:
+    failures = race(
         # acknowledge_revision's locks: the node's row, then (peer_acknowledged moves the order
-        # to running) the order's, held long enough for the timeout to come in between.
-        try:
-            with transaction.atomic():
-                Node.objects.select_for_update().get(pk=node.pk)
-                ack_holds_the_node.set()
-                time.sleep(0.5)
-                list(Order.objects.select_for_update().filter(pk=order.pk))
-        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    def timeout() -> None:
+        # to running) the order's.
+        hold=lambda: Node.objects.select_for_update().get(pk=node.pk),
+        then=lambda: list(Order.objects.select_for_update().filter(pk=order.pk)),
         # What expire_orders does to an order still provisioning after the timeout (and a
         # revocation to every live order): fail it, release its hold, drop its peer.
-        try:
-            assert ack_holds_the_node.wait(10)
-            assert services.fail_order(order, "the provider node did not acknowledge in time")
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=ack), threading.Thread(target=timeout)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+        racer=lambda: services.fail_order(order, "the provider node did not acknowledge in time"),
+    )
 
     assert failures == []
     order.refresh_from_db()
@@ -459,49 +416,14 @@ def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlo
 
 
 def test_a_cancel_racing_the_provisioning_of_its_order_does_not_deadlock(buyer, provider):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    listing = services.create_listing(
-        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
+    node, order = one_gpu_order(buyer, provider)  # no eager Celery: the test provisions it
+
+    failures = race(
+        # stop_order's locks: the node's row, then the order's.
+        hold=lambda: Node.objects.select_for_update().get(pk=node.pk),
+        then=lambda: list(Order.objects.select_for_update().filter(pk=order.pk)),
+        racer=lambda: services.provision_order(order.pk),
     )
-    ledger.grant_credits(buyer, 10 * USD)
-    order = services.place_order(  # no eager Celery: the test provisions it itself
-        buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=1,
-        wireguard_public_key=factories.wg_public_key(),
-    )
-    stop_holds_the_node = threading.Event()
-    failures: list[BaseException] = []
-
-    def cancel() -> None:
-        # stop_order's locks: the node's row, then the order's, held long enough for the
-        # provisioning to come in between.
-        try:
-            with transaction.atomic():
-                Node.objects.select_for_update().get(pk=node.pk)
-                stop_holds_the_node.set()
-                time.sleep(0.5)
-                list(Order.objects.select_for_update().filter(pk=order.pk))
-        except BaseException as exc:  # a deadlock: PostgreSQL aborts one side
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    def provision() -> None:
-        try:
-            assert stop_holds_the_node.wait(10)
-            services.provision_order(order.pk)
-        except BaseException as exc:
-            failures.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=cancel), threading.Thread(target=provision)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
 
     assert failures == []
     assert Order.objects.get(pk=order.pk).state == "provisioning"

@@ -100,26 +100,29 @@ def signed(identity, kind, message):
     return protocol.signed_envelope(kind, message.to_dict(), identity)
 
 
-def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_job):
-
-    identity, node, order, key = running_job
-    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
+def stop_and_ack(identity, node, order, key, removing=()) -> protocol.Ack:
+    """Stop the order; the agent's ack of the revision that took its peer off."""
     stop_order(order)
-    revision = Node.objects.get(pk=node.pk).desired_revision
-    ack = protocol.Ack(
+    return protocol.Ack(
         node_id=identity.node_id,
-        revision=revision,
+        revision=Node.objects.get(pk=node.pk).desired_revision,
         results=(protocol.PeerResult(key, ok=True),),
         timestamp=int(time.time()),
-        removing=(key,),
+        removing=removing,
     )
+
+
+def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_job):
+    identity, node, order, key = running_job
+    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
+    ack = stop_and_ack(identity, node, order, key, removing=(key,))
 
     mesh.process_ack(node, signed(identity, protocol.ACK, ack))
 
     peer = JobPeer.objects.get(ref=f"order:{order.pk}")
     assert peer.state == "removing"
     assert Order.objects.get(pk=order.pk).state == "stopping"  # not settled yet
-    assert Node.objects.get(pk=node.pk).acked_revision == revision  # applied: no re-push
+    assert Node.objects.get(pk=node.pk).acked_revision == ack.revision  # applied: no re-push
     assert JobPeerKey.objects.get(public_key=key).closed_at is None
     # The final counters, read after the cut-off, are billed to the key still open.
     mesh.ingest_metering(node, sample(identity, key, 2, 0, 1200, 5900))
@@ -193,14 +196,7 @@ def test_an_ack_of_the_first_version_still_completes_a_removal(running_job):
     # An agent not yet upgraded removes the peer, its final counters sent, then acknowledges
     # with molt/ack/v1 (no `removing`): the removal is done at once, as it always was.
     identity, node, order, key = running_job
-    stop_order(order)
-    revision = Node.objects.get(pk=node.pk).desired_revision
-    body = protocol.Ack(
-        node_id=identity.node_id,
-        revision=revision,
-        results=(protocol.PeerResult(key, ok=True),),
-        timestamp=int(time.time()),
-    ).to_dict()
+    body = stop_and_ack(identity, node, order, key).to_dict()
     del body["removing"]
     with pytest.raises(mesh.AgentRefused, match="a v1 ack has no removing"):
         mesh.process_ack(
