@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/build_agent_wheel.py [OUT_DIR]     (default: dist/)
 
-The same builder as the gateway's (frontend.install.build_wheel_bytes): no network, no build
+The same builder as the gateway's (frontend.wheel.build_wheel_bytes): no network, no build
 backend, byte-for-byte reproducible, so the SHA-256 printed here is the one /install.sh
 checks. Useful to install the agent on a machine that cannot reach the gateway over HTTP
 (`pip install clawnode-*.whl`) or to publish the wheel elsewhere.
@@ -11,7 +11,6 @@ checks. Useful to install the agent on a machine that cannot reach the gateway o
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -20,13 +19,8 @@ sys.path.insert(0, str(REPO))
 
 
 def main(argv: list[str]) -> int:
-    # frontend.install imports Django settings for its views; the builder itself needs none.
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
-    os.environ.setdefault("DJANGO_DEBUG", "true")
-    import django
-
-    django.setup()
-    from frontend.install import build_wheel_bytes
+    # After the path insert above; frontend.wheel needs no Django settings.
+    from frontend.wheel import build_wheel_bytes
 
     out = Path(argv[1]) if len(argv) > 1 else REPO / "dist"
     project, data = build_wheel_bytes(REPO / "provider_agent")
