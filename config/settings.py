@@ -139,7 +139,7 @@ REST_FRAMEWORK = {
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "marketplace.api.errors.exception_handler",
-    # Calls that take a credential with no account behind them (config/throttling.py).
+    # Calls that take a credential with no account behind them (meshnet/throttling.py).
     "DEFAULT_THROTTLE_RATES": {
         "auth": env_str("MOLT_THROTTLE_AUTH", "10/min"),
         "enroll": env_str("MOLT_THROTTLE_ENROLL", "60/min"),
@@ -173,7 +173,7 @@ CHANNEL_LAYERS = {
         "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("MOLT_CHANNEL_PREFIX", "molt")},
     }
 }
-# Rate-limit counters (config/throttling.py) must be shared by every gateway process.
+# Rate-limit counters (meshnet/throttling.py) must be shared by every gateway process.
 CACHES = {
     "default": {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",

@@ -20,10 +20,10 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
-from config.throttling import LoginFailures, client_address
 from frontend.security import content_security_policy
 from marketplace import services
 from marketplace.models import ApiToken
+from meshnet.throttling import LoginFailures, client_address
 
 LOGIN_URL = reverse_lazy("frontend:login")
 
@@ -72,7 +72,7 @@ def signup(request: HttpRequest) -> HttpResponse:
 
 class ThrottledAuthenticationForm(AuthenticationForm):
     """Django's log-in form, refusing to check any password from an address that failed too
-    often lately (config/throttling.py): a password is guessed by repetition."""
+    often lately (meshnet/throttling.py): a password is guessed by repetition."""
 
     def clean(self):
         limiter = LoginFailures(client_address(self.request))

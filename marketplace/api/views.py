@@ -26,7 +26,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.throttling import AuthTokenThrottle
 from marketplace import ledger, payments, services
 from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
@@ -52,6 +51,7 @@ from marketplace.api.serializers import (
 )
 from marketplace.models import Listing, Order, PayoutRequest
 from meshnet.api.serializers import ErrorSerializer
+from meshnet.throttling import AuthTokenThrottle
 from meshnet.wgconfig import buyer_config
 
 

@@ -13,7 +13,6 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.throttling import EnrollThrottle
 from meshnet import ipplan, services
 from meshnet.api.serializers import (
     EnrollEnvelopeSerializer,
@@ -24,6 +23,7 @@ from meshnet.api.serializers import (
 )
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import Node
+from meshnet.throttling import EnrollThrottle
 
 
 def gateway_base_url(request: Request) -> str:

@@ -7,6 +7,9 @@ shares them, so a guesser gains nothing by spreading requests over workers.
 
 Rates are settings (MOLT_THROTTLE_AUTH, MOLT_THROTTLE_ENROLL, MOLT_LOGIN_FAILURES); the client
 address is REMOTE_ADDR, or the X-Forwarded-For hop that MOLT_TRUSTED_PROXIES says to trust.
+
+It lives in meshnet, the lowest app, because meshnet, marketplace and frontend all use it and
+each may import meshnet (config, the top, is imported by none of them).
 """
 
 from __future__ import annotations
