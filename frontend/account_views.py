@@ -20,7 +20,6 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
-from frontend.security import content_security_policy
 from marketplace import services
 from marketplace.models import ApiToken
 from meshnet.throttling import LoginFailures, client_address
@@ -53,7 +52,6 @@ def _safe_next(request: HttpRequest) -> str | None:
     return None
 
 
-@content_security_policy
 @require_http_methods(["GET", "POST"])
 def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
@@ -92,29 +90,23 @@ class ThrottledAuthenticationForm(AuthenticationForm):
             raise
 
 
-login_view = content_security_policy(
-    auth_views.LoginView.as_view(
-        authentication_form=ThrottledAuthenticationForm,
-        template_name="frontend/accounts/login.html",
-        redirect_authenticated_user=True,
-        next_page=reverse_lazy("frontend:marketplace"),
-    )
+login_view = auth_views.LoginView.as_view(
+    authentication_form=ThrottledAuthenticationForm,
+    template_name="frontend/accounts/login.html",
+    redirect_authenticated_user=True,
+    next_page=reverse_lazy("frontend:marketplace"),
 )
 # POST only (Django 5): a link or an image on another page cannot log anyone out.
 logout_view = auth_views.LogoutView.as_view(next_page=reverse_lazy("frontend:marketplace"))
-password_change = content_security_policy(
-    buyer_login_required(
-        auth_views.PasswordChangeView.as_view(
-            template_name="frontend/accounts/password_change.html",
-            success_url=reverse_lazy("frontend:password_change_done"),
-        )
+password_change = buyer_login_required(
+    auth_views.PasswordChangeView.as_view(
+        template_name="frontend/accounts/password_change.html",
+        success_url=reverse_lazy("frontend:password_change_done"),
     )
 )
-password_change_done = content_security_policy(
-    buyer_login_required(
-        auth_views.PasswordChangeDoneView.as_view(
-            template_name="frontend/accounts/password_change_done.html"
-        )
+password_change_done = buyer_login_required(
+    auth_views.PasswordChangeDoneView.as_view(
+        template_name="frontend/accounts/password_change_done.html"
     )
 )
 
@@ -137,7 +129,6 @@ def _tokens_page(request: HttpRequest, form: TokenForm, new_token: str | None) -
     )
 
 
-@content_security_policy
 @never_cache  # the page with a new token must not be kept by any cache or the back button
 @buyer_login_required
 @require_http_methods(["GET", "POST"])
@@ -154,7 +145,6 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
     return _tokens_page(request, TokenForm(), None)
 
 
-@content_security_policy
 @buyer_login_required
 @require_POST
 def revoke_api_token(request: HttpRequest, token_id: int) -> HttpResponse:

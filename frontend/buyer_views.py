@@ -18,7 +18,6 @@ from django.views.decorators.http import require_GET
 from frontend.account_views import buyer_login_required
 from frontend.charts import line_chart
 from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
-from frontend.security import content_security_policy
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
 from marketplace import ledger, payments, services
 from marketplace.models import Account, Dispute, EarningsHold, EscrowHold, LedgerEntry, Order
@@ -37,7 +36,6 @@ class QuoteForm(forms.Form):
         )
 
 
-@content_security_policy
 @require_GET
 def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
     listing = listings_with_free_gpus().filter(pk=pk).first()
@@ -68,7 +66,6 @@ def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
     )
 
 
-@content_security_policy
 @buyer_login_required
 @require_GET
 def order_list(request: HttpRequest) -> HttpResponse:
@@ -134,7 +131,6 @@ def _order_context(order: Order) -> dict:
     }
 
 
-@content_security_policy
 @buyer_login_required
 @require_GET
 def order_detail(request: HttpRequest, pk: int) -> HttpResponse:
@@ -144,7 +140,6 @@ def order_detail(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "frontend/order.html", _order_context(order))
 
 
-@content_security_policy
 @buyer_login_required
 @require_GET
 def order_panels(request: HttpRequest, pk: int) -> HttpResponse:
@@ -157,7 +152,6 @@ def order_panels(request: HttpRequest, pk: int) -> HttpResponse:
     return render(request, "frontend/order_panels.html", _order_context(order))
 
 
-@content_security_policy
 @buyer_login_required
 @require_GET
 def wallet(request: HttpRequest) -> HttpResponse:

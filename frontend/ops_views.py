@@ -25,7 +25,6 @@ from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from frontend.security import content_security_policy
 from frontend.templatetags.molt_format import iec_bytes, usd
 from marketplace.audit import audit_ledger, ledger_counts
 from marketplace.models import Account, AuditRun, EscrowHold, LedgerEntry, Order
@@ -294,7 +293,6 @@ def ledger_audit() -> dict:
     }
 
 
-@content_security_policy
 @staff_member_required
 @require_GET
 def dashboard(request: HttpRequest) -> HttpResponse:

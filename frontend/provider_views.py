@@ -26,7 +26,6 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from frontend.account_views import buyer_login_required
 from frontend.install import gateway_url
-from frontend.security import content_security_policy
 from marketplace import ledger, payments
 from marketplace import services as market
 from marketplace.errors import MarketError
@@ -39,8 +38,8 @@ MICRO_PER_USD = 1_000_000
 
 
 def provider_page(view):
-    """Provider pages: logged in (this site's login page), and the site's CSP."""
-    return content_security_policy(buyer_login_required(view))
+    """Provider pages: logged in (this site's login page)."""
+    return buyer_login_required(view)
 
 
 def to_micro(amount: Decimal) -> int:

@@ -12,7 +12,6 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from frontend.security import content_security_policy
 from marketplace.models import Listing, Order
 from meshnet.ipplan import REGIONS
 
@@ -120,7 +119,6 @@ def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> Que
     return listings.order_by(*SORTS[form.value("sort") or "price"])
 
 
-@content_security_policy
 @require_GET
 def marketplace(request: HttpRequest) -> HttpResponse:
     gpu_models = list(
