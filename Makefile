@@ -6,18 +6,32 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
 export DJANGO_SETTINGS_MODULE := config.settings
 
-.PHONY: run test install lint format check-migrations clean
+.PHONY: run test install lock lint format check-migrations clean
 
-$(STAMP): pyproject.toml provider_agent/pyproject.toml
+# Everything from the lock (hash-checked), then the two local packages without their
+# dependencies (the lock has them), built with the lock's setuptools; pip check proves the lock
+# still satisfies both pyproject.toml files.
+$(STAMP): $(LOCK) pyproject.toml provider_agent/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ./provider_agent -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e ./provider_agent -e .
+	$(BIN)/pip check
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate the lock from the direct pins of both pyproject.toml files (dev extra included)
+# after changing either. Not through $(STAMP): the old lock may lack what was just added.
+lock:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@test -x $(BIN)/pip-compile || $(BIN)/pip install --quiet "$$(grep -o 'pip-tools==[0-9.]*' pyproject.toml)"
+	$(BIN)/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras --extra dev \
+	    --no-emit-index-url --no-emit-find-links --output-file $(LOCK) \
+	    pyproject.toml provider_agent/pyproject.toml
 
 run: $(STAMP)
 	@HOST=$(HOST) PORT=$(PORT) $(BIN)/python scripts/run_dev.py
