@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, protocol, reconcile
+from . import __version__, reconcile, wire
 from .firewall import FirewallError
 from .gateway_http import GatewayError, build_enroll_envelope, enroll
 from .gpu import (
@@ -68,7 +68,7 @@ EXPECTED_ERRORS = (
     SimulatedSpecError,
     IdentityFileError,
     InvalidKey,
-    protocol.ProtocolError,
+    wire.ProtocolError,
     OSError,
 )
 
@@ -196,7 +196,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     endpoint = args.endpoint.strip()
     if endpoint:
         try:
-            protocol.parse_endpoint(endpoint)
+            wire.parse_endpoint(endpoint)
         except ValueError as exc:
             raise CliError(f"--endpoint: {exc}") from None
     spec = args.simulated_gpus.strip()

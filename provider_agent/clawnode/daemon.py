@@ -37,7 +37,7 @@ from typing import Any
 
 import websockets
 
-from . import protocol, reconcile
+from . import reconcile, wire
 from .cidr import sorted_networks
 from .firewall import Firewall
 from .gpu import GpuReader
@@ -95,7 +95,7 @@ class Agent:
         # state is refused after a restart too.
         previous = state.read_status() if state.status_path.exists() else None
         self.applied_revision = previous.revision if previous is not None else -1
-        self.boot_id = protocol.new_nonce()
+        self.boot_id = wire.new_nonce()
         self.seq = 0
         # Epochs from `durable_epoch` on were handed out after epochs.json was last written.
         self.epochs, self.next_epoch, self.durable_epoch = self._load_epochs()
@@ -104,7 +104,7 @@ class Agent:
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
         # The interface's peers as the agent believes them to be; None: read the device first.
         self._view: dict[str, PeerStatus] | None = None
-        self._desired: protocol.DesiredState | None = None  # the last one applied
+        self._desired: wire.DesiredState | None = None  # the last one applied
         self._drift_reported = ""
         self._epochs_unsaved = False
         # Set when a peer was retired: _removals reads its final counters and removes it.
@@ -112,7 +112,7 @@ class Agent:
         # The final counters of peers removed lately, with when they were sent: a connection
         # that dies right after may have lost them, and nothing else can carry them any more
         # (the peer is gone), so the next session sends them again first (_resend_finals).
-        self._recent_finals: dict[str, tuple[float, protocol.PeerCounters]] = {}
+        self._recent_finals: dict[str, tuple[float, wire.PeerCounters]] = {}
 
     # -- local state -------------------------------------------------------------------------
 
@@ -306,7 +306,7 @@ class Agent:
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
-        auth = protocol.AgentAuth(
+        auth = wire.AgentAuth(
             node_id=self.identity.node_id,
             challenge=challenge["challenge"],
             timestamp=int(time.time()),
@@ -315,7 +315,7 @@ class Agent:
             ws,
             {
                 "type": "auth",
-                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, auth, self.identity),
+                "envelope": wire.signed_envelope(wire.AGENT_AUTH, auth, self.identity),
             },
         )
         tasks = [
@@ -361,7 +361,7 @@ class Agent:
                     self.say(f"gateway says: {frame.get('detail')}")
         except websockets.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            if code == protocol.CLOSE_FORBIDDEN:
+            if code == wire.CLOSE_FORBIDDEN:
                 raise Revoked(exc.rcvd.reason if exc.rcvd else "") from None
             raise
 
@@ -370,15 +370,13 @@ class Agent:
     async def _apply_desired(self, ws: Any, envelope: Any) -> None:
         try:
             if not isinstance(envelope, dict):
-                raise protocol.BadSignature("desired state is not a signed envelope")
-            body = protocol.open_envelope(
-                envelope, self.enrollment.gateway_key, protocol.DESIRED_STATE
-            )
+                raise wire.BadSignature("desired state is not a signed envelope")
+            body = wire.open_envelope(envelope, self.enrollment.gateway_key, wire.DESIRED_STATE)
             # Peers unchanged since the last state applied are not checked again.
-            desired = protocol.DesiredState.from_dict(body, known=self._desired)
+            desired = wire.DesiredState.from_dict(body, known=self._desired)
             if desired.node_id != self.identity.node_id:
-                raise protocol.ProtocolError("desired state is for another node")
-        except (protocol.BadSignature, protocol.ProtocolError) as exc:
+                raise wire.ProtocolError("desired state is for another node")
+        except (wire.BadSignature, wire.ProtocolError) as exc:
             # A compromised bus must not add peers: refuse, keep the current peers, tell.
             self.say(f"refused a desired state: {exc}")
             await self._send(ws, {"type": "report", "detail": f"refused desired state: {exc}"})
@@ -403,14 +401,14 @@ class Agent:
             ]
         if removing:
             self._removals_due.set()
-        ack = protocol.Ack(
+        ack = wire.Ack(
             node_id=self.identity.node_id,
             revision=desired.revision,
             # The peers this revision changed, failures included: a peer left out is one the
             # interface already had as desired (the gateway counts every peer not reported
             # failed as applied), and a retirement that failed must not be taken for done.
             results=tuple(
-                protocol.PeerResult(
+                wire.PeerResult(
                     public_key=key,
                     ok=results[key] == reconcile.OK,
                     detail=results[key][:500],
@@ -422,14 +420,14 @@ class Agent:
         ).to_dict()
         await self._send(
             ws,
-            {"type": "ack", "envelope": protocol.signed_envelope(protocol.ACK, ack, self.identity)},
+            {"type": "ack", "envelope": wire.signed_envelope(wire.ACK, ack, self.identity)},
         )
         changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
         self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
         self._status("connected")
 
     async def _apply(
-        self, desired: protocol.DesiredState, actions: list[reconcile.Action]
+        self, desired: wire.DesiredState, actions: list[reconcile.Action]
     ) -> dict[str, str]:
         """Apply `actions` (planned for `desired` against the view); keep the view, the epochs
         and the last applied state in step. Call with the lock held."""
@@ -486,7 +484,7 @@ class Agent:
                 persistent_keepalive=action.keepalive,
             )
 
-    def _prune_epochs(self, desired: protocol.DesiredState) -> bool:
+    def _prune_epochs(self, desired: wire.DesiredState) -> bool:
         """Forget the epochs of peers that are neither desired nor on the interface (only when
         the view is known: a peer whose removal failed is still there and keeps its epoch).
         True when something was forgotten."""
@@ -537,7 +535,7 @@ class Agent:
         await self._send_counters(
             ws,
             [
-                protocol.PeerCounters(
+                wire.PeerCounters(
                     public_key=key,
                     epoch=self.epochs.get(key, 0),
                     rx_bytes=status.rx_bytes,
@@ -547,9 +545,9 @@ class Agent:
             ],
         )
 
-    async def _send_counters(self, ws: Any, counters: list[protocol.PeerCounters]) -> None:
+    async def _send_counters(self, ws: Any, counters: list[wire.PeerCounters]) -> None:
         self.seq += 1
-        body = protocol.MeteringSample(
+        body = wire.MeteringSample(
             node_id=self.identity.node_id,
             boot_id=self.boot_id,
             seq=self.seq,
@@ -560,7 +558,7 @@ class Agent:
             ws,
             {
                 "type": "metering",
-                "envelope": protocol.signed_envelope(protocol.METERING, body, self.identity),
+                "envelope": wire.signed_envelope(wire.METERING, body, self.identity),
             },
         )
 
@@ -573,9 +571,7 @@ class Agent:
             status = peers[key]
             self._recent_finals[key] = (
                 now,
-                protocol.PeerCounters(
-                    key, self.epochs.get(key, 0), status.rx_bytes, status.tx_bytes
-                ),
+                wire.PeerCounters(key, self.epochs.get(key, 0), status.rx_bytes, status.tx_bytes),
             )
 
     async def _resend_finals(self, ws: Any) -> None:
@@ -685,7 +681,7 @@ class Agent:
     async def _send_removed(self, ws: Any, keys: list[str]) -> None:
         if not keys:
             return
-        body = protocol.Removed(
+        body = wire.Removed(
             node_id=self.identity.node_id,
             public_keys=tuple(sorted(keys)),
             timestamp=int(time.time()),
@@ -694,7 +690,7 @@ class Agent:
             ws,
             {
                 "type": "removed",
-                "envelope": protocol.signed_envelope(protocol.REMOVED, body, self.identity),
+                "envelope": wire.signed_envelope(wire.REMOVED, body, self.identity),
             },
         )
         self.say(f"removed {', '.join(key[:8] + '…' for key in sorted(keys))}")

@@ -25,7 +25,7 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .protocol import DesiredState, PeerSpec, parse_endpoint
+from .wire import DesiredState, PeerSpec, parse_endpoint
 from .wireguard import PeerStatus, WireGuardBackend
 
 __all__ = [

@@ -48,7 +48,7 @@ from .keys import (
     wireguard_public_key,
 )
 from .links import WireGuardError, check_address, kernel_wireguard_available
-from .protocol import parse_endpoint
+from .wire import parse_endpoint
 
 __all__ = [
     "UAPI_SOCKET_DIR",

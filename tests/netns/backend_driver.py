@@ -84,7 +84,7 @@ class Driver:
 
 def _serve(kind: str) -> None:
     from clawnode import reconcile
-    from clawnode.protocol import DesiredState
+    from clawnode.wire import DesiredState
     from clawnode.wireguard import KernelBackend, UserspaceBackend, kernel_wireguard_available
 
     backend: Any = UserspaceBackend() if kind == "userspace" else KernelBackend()

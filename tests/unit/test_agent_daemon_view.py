@@ -23,7 +23,7 @@ from typing import Any
 
 import clawnode.daemon
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.daemon import Agent, Timing
 from clawnode.firewall import FakeFirewall
 from clawnode.gpu import SimulatedGpuReader
@@ -115,16 +115,16 @@ class Node:
     def envelope(self, peers: dict[str, str]) -> dict[str, Any]:
         """Desired state {key: allowed network} at the next revision, signed by the gateway."""
         self.revision += 1
-        desired = protocol.DesiredState(
+        desired = wire.DesiredState(
             node_id=self.identity.node_id,
             revision=self.revision,
             peers=tuple(
-                protocol.PeerSpec(key, (network,), "job", f"order-{i}")
+                wire.PeerSpec(key, (network,), "job", f"order-{i}")
                 for i, (key, network) in enumerate(peers.items())
             ),
             issued_at=int(time.time()),
         )
-        return protocol.signed_envelope(protocol.DESIRED_STATE, desired.to_dict(), GATEWAY)
+        return wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), GATEWAY)
 
     def desire(self, peers: dict[str, str]) -> dict[str, Any]:
         """Send a desired state on the current connection; return the agent's ack. Peers it

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.protocol import DesiredState, PeerSpec
 from clawnode.reconcile import Add, Remove, Retire, Update, apply, leaving, plan, retired
+from clawnode.wire import DesiredState, PeerSpec
 from clawnode.wireguard import FakeBackend, PeerStatus
 
 pytestmark = [pytest.mark.unit]
