@@ -288,10 +288,11 @@ class TimedLock(asyncio.Lock):
 
 def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from clawnode import reconcile, wire
+    from clawnode.backends.uapi import parse_uapi_get
+    from clawnode.backends.userspace import UserspaceBackend
     from clawnode.daemon import Agent
     from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
     from clawnode.state import Enrollment, StateDir
-    from clawnode.wireguard import UserspaceBackend, parse_uapi_get
 
     def new_key() -> str:
         return encode_key(generate_wireguard_keypair()[1])

@@ -19,6 +19,11 @@ from pathlib import Path
 from typing import TextIO
 
 from . import __version__, reconcile, wire
+from .backends.base import PeerStatus
+from .backends.choose import choose_backend
+from .backends.errors import WireGuardError
+from .backends.kernel import KernelBackend
+from .backends.userspace import UAPI_SOCKET_DIR, UserspaceBackend
 from .firewall import FirewallError
 from .gateway_http import GatewayError, build_enroll_envelope, enroll
 from .gpu import (
@@ -39,14 +44,6 @@ from .state import (
     StateError,
     normalize_gateway_url,
     validate_interface_name,
-)
-from .wireguard import (
-    UAPI_SOCKET_DIR,
-    KernelBackend,
-    PeerStatus,
-    UserspaceBackend,
-    WireGuardError,
-    choose_backend,
 )
 
 TOKEN_ENV = "CLAWNODE_TOKEN"  # noqa: S105 (the variable's name, not a secret)

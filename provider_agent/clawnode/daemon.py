@@ -38,12 +38,13 @@ from typing import Any
 import websockets
 
 from . import reconcile, wire
+from .backends.base import PeerStatus, WireGuardBackend
+from .backends.errors import WireGuardError
 from .cidr import sorted_networks
 from .firewall import Firewall
 from .gpu import GpuReader
 from .keys import Identity
 from .state import AgentStatus, Enrollment, StateDir, append_private, write_private_atomically
-from .wireguard import PeerStatus, WireGuardBackend, WireGuardError
 
 log = logging.getLogger("clawnode")
 
@@ -733,9 +734,9 @@ def run_daemon(
     Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
     import signal
 
+    from .backends.choose import choose_backend, kernel_wireguard_available_in_child
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, SimulatedGpuReader
-    from .wireguard import choose_backend, kernel_wireguard_available_in_child
 
     state = StateDir(state_dir)
     enrollment = state.load_enrollment()

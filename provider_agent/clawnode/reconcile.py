@@ -25,8 +25,8 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from .backends.base import PeerStatus, WireGuardBackend
 from .wire import DesiredState, PeerSpec, parse_endpoint
-from .wireguard import PeerStatus, WireGuardBackend
 
 __all__ = [
     "OK",

@@ -11,12 +11,12 @@ import pytest
 from asgiref.sync import async_to_sync
 from channels_redis.core import RedisChannelLayer
 from clawnode import wire
+from clawnode.backends.memory import FakeBackend
 from clawnode.daemon import Agent, Timing
 from clawnode.firewall import FakeFirewall
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity
 from clawnode.state import Enrollment, StateDir
-from clawnode.wireguard import FakeBackend
 from django.db.models import F
 
 from marketplace import ledger

@@ -24,12 +24,12 @@ from typing import Any
 import clawnode.daemon
 import pytest
 from clawnode import wire
+from clawnode.backends.memory import FakeBackend
 from clawnode.daemon import Agent, Timing
 from clawnode.firewall import FakeFirewall
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.state import Enrollment, StateDir
-from clawnode.wireguard import FakeBackend
 
 from meshnet import metering
 

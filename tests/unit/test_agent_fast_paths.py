@@ -2,7 +2,7 @@
 
 The hot paths of a reconcile at a thousand peers skip ``ipaddress`` for canonical IPv4 text
 (clawnode.cidr), skip building error paths for valid JSON (wire.canonical_bytes), parse only
-the peers asked for in a UAPI reply, from its raw bytes (wireguard.parse_uapi_peers), and plan
+the peers asked for in a UAPI reply, from its raw bytes (backends.uapi.parse_uapi_peers), and plan
 without sorting every key or comparing unchanged peers field by field (reconcile.plan). Each is
 checked here against the straightforward computation, on generated input that includes the
 awkward cases.
@@ -17,16 +17,12 @@ from typing import Any
 
 import pytest
 from clawnode import reconcile, wire
+from clawnode.backends.base import PeerStatus
+from clawnode.backends.memory import FakeBackend
+from clawnode.backends.uapi import key_to_hex, parse_uapi_get, parse_uapi_peers
 from clawnode.cidr import ipv4_network_key, sorted_networks
 from clawnode.keys import encode_key, generate_wireguard_keypair
 from clawnode.wire import DESIRED_STATE, PeerSpec, ProtocolError, canonical_bytes, signing
-from clawnode.wireguard import (
-    FakeBackend,
-    PeerStatus,
-    key_to_hex,
-    parse_uapi_get,
-    parse_uapi_peers,
-)
 from hypothesis import example, given
 from hypothesis import strategies as st
 

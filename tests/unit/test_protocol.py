@@ -733,7 +733,7 @@ def test_the_wire_contract_imports_nothing_of_the_agents_machinery_or_the_gatewa
         "import sys, clawnode.wire; "
         "print(' '.join(sorted(m for m in sys.modules "
         "if m.split('.')[0] in ('pyroute2', 'pynvml', 'websockets', 'django') "
-        "or m in ('subprocess', 'clawnode.links', 'clawnode.daemon', 'clawnode.gpu'))))"
+        "or m in ('subprocess', 'clawnode.backends.links', 'clawnode.daemon', 'clawnode.gpu'))))"
     )
     found = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
