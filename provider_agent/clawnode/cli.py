@@ -398,7 +398,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
-    from .daemon import run_daemon
+    from .service import run_daemon
 
     if args.simulated_gpus:
         parse_simulated_spec(args.simulated_gpus)
