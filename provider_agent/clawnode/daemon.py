@@ -8,6 +8,9 @@ One loop per gateway connection: challenge-response auth, then four things at on
   sent in a signed sample, then the peers removed and reported "removed" (_finish_removals);
 - heartbeats (and the GPU inventory now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
+What it sends is built in clawnode.frames and clawnode.metering; the epochs are kept by
+clawnode.journal; `clawnode run` as a process (backend, signals, exit status) is
+clawnode.service.
 The agent plans against its own view of the interface's peers (the last full read, updated by
 each change it applies), not a fresh read of the whole device per change, which cost most of a
 change at a thousand peers. The view is replaced by a full read on every (re)connect, after any
