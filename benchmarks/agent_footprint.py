@@ -287,11 +287,12 @@ class TimedLock(asyncio.Lock):
 
 
 def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    from clawnode import protocol, reconcile
+    from clawnode import reconcile, wire
+    from clawnode.backends.uapi import parse_uapi_get
+    from clawnode.backends.userspace import UserspaceBackend
     from clawnode.daemon import Agent
     from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
     from clawnode.state import Enrollment, StateDir
-    from clawnode.wireguard import UserspaceBackend, parse_uapi_get
 
     def new_key() -> str:
         return encode_key(generate_wireguard_keypair()[1])
@@ -317,7 +318,7 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         node = Identity.generate()
         gateway_key = Identity.generate()
         peers = [
-            protocol.PeerSpec(public_key=new_key(), allowed_ips=(address(i),), kind="job",
+            wire.PeerSpec(public_key=new_key(), allowed_ips=(address(i),), kind="job",
                               ref=f"bench:{i}")
             for i in range(args.big)
         ]  # fmt: skip
@@ -329,15 +330,15 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
         revision = 0
 
-        def state(specs: list[protocol.PeerSpec]) -> protocol.DesiredState:
+        def state(specs: list[wire.PeerSpec]) -> wire.DesiredState:
             nonlocal revision
             revision += 1
-            return protocol.DesiredState(
+            return wire.DesiredState(
                 node_id=node.node_id, revision=revision, peers=tuple(specs),
                 issued_at=int(time.time()),
             )  # fmt: skip
 
-        def reconcile_once(desired: protocol.DesiredState, kind: type) -> float:
+        def reconcile_once(desired: wire.DesiredState, kind: type) -> float:
             t0 = time.perf_counter()
             actual = backend.list_peers()
             actions = reconcile.plan(desired, actual)
@@ -371,14 +372,14 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         next_address = args.big + 1000
         for rep in range(args.reps):
             # One added peer, then the same peer removed: both one-peer changes.
-            extra = protocol.PeerSpec(new_key(), (address(next_address),), "job", "bench:x")
+            extra = wire.PeerSpec(new_key(), (address(next_address),), "job", "bench:x")
             next_address += 1
             with_extra, base = state([*peers, extra]), state(peers)
             times["plan_apply_add"].append(reconcile_once(with_extra, reconcile.Add))
             times["plan_apply_remove"].append(reconcile_once(base, reconcile.Retire))
             # One peer's allowed IP changed in place (kept changed: the next rep starts there).
             j = rep % len(peers)
-            peers[j] = protocol.PeerSpec(
+            peers[j] = wire.PeerSpec(
                 peers[j].public_key, (address(next_address),), "job", peers[j].ref
             )
             next_address += 1
@@ -442,22 +443,20 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         lock = TimedLock()
         agent._lock = lock
 
-        def frame(desired: protocol.DesiredState) -> str:
-            envelope = protocol.signed_envelope(
-                protocol.DESIRED_STATE, desired.to_dict(), gateway_key
-            )
+        def frame(desired: wire.DesiredState) -> str:
+            envelope = wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), gateway_key)
             return json.dumps({"type": "desired_state", "envelope": envelope})
 
         async def agent_reps() -> None:
             nonlocal next_address
             await agent._sample_once(ws)  # reads the device: the agent's view from here on
             for rep in range(args.reps):
-                extra = protocol.PeerSpec(new_key(), (address(next_address),), "job", "bench:y")
-                brief = protocol.PeerSpec(new_key(), (address(next_address + 1),), "job", "b:z")
+                extra = wire.PeerSpec(new_key(), (address(next_address),), "job", "bench:y")
+                brief = wire.PeerSpec(new_key(), (address(next_address + 1),), "job", "b:z")
                 next_address += 2
                 j = (rep + 7) % len(peers)
                 updated = list(peers)
-                updated[j] = protocol.PeerSpec(
+                updated[j] = wire.PeerSpec(
                     peers[j].public_key, (address(next_address),), "job", peers[j].ref
                 )
                 next_address += 1
@@ -502,10 +501,10 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 # The agent's own first step, alone: the signature check and the parse.
                 message = json.loads(steps[0][1])
                 t0 = time.perf_counter()
-                body = protocol.open_envelope(
-                    message["envelope"], gateway_key.public_key, protocol.DESIRED_STATE
+                body = wire.open_envelope(
+                    message["envelope"], gateway_key.public_key, wire.DESIRED_STATE
                 )
-                protocol.DesiredState.from_dict(body)
+                wire.DesiredState.from_dict(body)
                 times["verify_and_parse_desired_state"].append(time.perf_counter() - t0)
 
         asyncio.run(agent_reps())

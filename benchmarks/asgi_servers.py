@@ -98,7 +98,7 @@ def load(port: int, token: str, requests: int, clients: int) -> tuple[list[float
 
 def agent_connects(port: int, identity, rounds: int = 50) -> list[float]:
     import websockets
-    from clawnode import protocol
+    from clawnode import wire
 
     async def main() -> list[float]:
         out = []
@@ -106,12 +106,12 @@ def agent_connects(port: int, identity, rounds: int = 50) -> list[float]:
             start = time.perf_counter()
             async with websockets.connect(f"ws://127.0.0.1:{port}/ws/agent/") as ws:
                 challenge = json.loads(await ws.recv())
-                body = protocol.AgentAuth(
+                body = wire.AgentAuth(
                     node_id=identity.node_id,
                     challenge=challenge["challenge"],
                     timestamp=int(time.time()),
                 ).to_dict()
-                envelope = protocol.signed_envelope(protocol.AGENT_AUTH, body, identity)
+                envelope = wire.signed_envelope(wire.AGENT_AUTH, body, identity)
                 await ws.send(json.dumps({"type": "auth", "envelope": envelope}))
                 while json.loads(await ws.recv())["type"] != "welcome":
                     pass

@@ -15,7 +15,7 @@ import time
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from clawnode import protocol
+from clawnode import wire
 
 from meshnet import services
 from meshnet.models import Node
@@ -42,7 +42,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     async def _close_if_not_authenticated(self) -> None:
         await asyncio.sleep(AUTH_TIMEOUT_SECONDS)
         if self.node is None:
-            await self._refuse("no auth within the time limit", protocol.CLOSE_AUTH_TIMEOUT)
+            await self._refuse("no auth within the time limit", wire.CLOSE_AUTH_TIMEOUT)
 
     async def disconnect(self, code: int) -> None:
         if self._auth_timer is not None:
@@ -71,17 +71,17 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         try:
             if kind is None:
                 raise services.AgentRefused(
-                    "frames must be JSON objects with a type", protocol.CLOSE_BAD_MESSAGE
+                    "frames must be JSON objects with a type", wire.CLOSE_BAD_MESSAGE
                 )
             if self.node is None:
                 if kind != "auth":
-                    raise services.AgentRefused("authenticate first", protocol.CLOSE_AUTH_FAILED)
+                    raise services.AgentRefused("authenticate first", wire.CLOSE_AUTH_FAILED)
                 await self._authenticate(content.get("envelope"))
                 return
             # Re-check on every frame: a node revoked mid-connection is cut off.
             node = await database_sync_to_async(Node.objects.filter(pk=self.node.pk).first)()
             if node is None or node.revoked_at is not None:
-                raise services.AgentRefused("node revoked", protocol.CLOSE_FORBIDDEN)
+                raise services.AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
             self.node = node
             if kind == "heartbeat":
                 await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
@@ -106,12 +106,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(process)(node, content.get("envelope"))
             else:
                 raise services.AgentRefused(
-                    f"unknown message type {kind!r}", protocol.CLOSE_BAD_MESSAGE
+                    f"unknown message type {kind!r}", wire.CLOSE_BAD_MESSAGE
                 )
         except services.AgentRefused as exc:
             await self._refuse(str(exc), exc.close_code)
-        except (protocol.ProtocolError, ValueError, TypeError) as exc:
-            await self._refuse(f"bad message: {exc}", protocol.CLOSE_BAD_MESSAGE)
+        except (wire.ProtocolError, ValueError, TypeError) as exc:
+            await self._refuse(f"bad message: {exc}", wire.CLOSE_BAD_MESSAGE)
 
     async def _authenticate(self, envelope) -> None:
         node = await database_sync_to_async(services.authenticate_agent)(
@@ -137,7 +137,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         """Group message from meshnet.services.revoke_node: close now rather than at the
         agent's next frame (which the per-frame check would refuse anyway)."""
         if self.node is not None:
-            await self._refuse("node revoked", protocol.CLOSE_FORBIDDEN)
+            await self._refuse("node revoked", wire.CLOSE_FORBIDDEN)
 
     async def desired_state(self, event) -> None:
         """Group message from push_desired_state: forward the signed state to the agent."""

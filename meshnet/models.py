@@ -136,7 +136,7 @@ class Gpu(models.Model):
 
     node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="gpus")
     index = models.PositiveSmallIntegerField()
-    # Lengths as clawnode.protocol.GpuInfo allows them, so a valid report always fits.
+    # Lengths as clawnode.wire.GpuInfo allows them, so a valid report always fits.
     name = models.CharField(max_length=256)
     memory_mb = models.PositiveIntegerField()
     uuid = models.CharField(max_length=128, blank=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import (
     InvalidKey,
     encode_key,
@@ -142,7 +142,7 @@ def _remember_nonce(kind: str, nonce: str) -> None:
         raise EnrollmentRefused("replayed request: this nonce was already used") from None
 
 
-def _replace_gpus(node: Node, gpus: tuple[protocol.GpuInfo, ...]) -> None:
+def _replace_gpus(node: Node, gpus: tuple[wire.GpuInfo, ...]) -> None:
     if any(gpu.simulated for gpu in gpus) and not settings.MOLT_ALLOW_SIMULATED_GPUS:
         raise EnrollmentRefused("simulated GPUs are not accepted by this gateway")
     node.gpus.all().delete()
@@ -180,23 +180,23 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
     if not isinstance(body, Mapping):
         raise EnrollmentRefused("request must be a signed envelope with a 'body' object")
     try:
-        request = protocol.EnrollRequest.from_dict(body)
-    except (protocol.ProtocolError, InvalidKey) as exc:
+        request = wire.EnrollRequest.from_dict(body)
+    except (wire.ProtocolError, InvalidKey) as exc:
         err = EnrollmentRefused(f"invalid enrolment request: {exc}")
         err.status_code = 400
         raise err from None
     identity_key = base64.b64decode(request.identity_public_key)
     try:
-        protocol.open_envelope(envelope, identity_key, protocol.ENROLL)
-    except (protocol.BadSignature, protocol.ProtocolError) as exc:
+        wire.open_envelope(envelope, identity_key, wire.ENROLL)
+    except (wire.BadSignature, wire.ProtocolError) as exc:
         raise EnrollmentRefused(f"signature refused: {exc}") from None
     try:
-        protocol.check_fresh(
+        wire.check_fresh(
             request.timestamp,
             int(timezone.now().timestamp()),
             max_skew=settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS,
         )
-    except protocol.StaleMessage as exc:
+    except wire.StaleMessage as exc:
         raise EnrollmentRefused(f"stale request: {exc}") from None
     if encode_key(x25519_public_from_ed25519(identity_key)) != request.wireguard_public_key:
         raise EnrollmentRefused(
@@ -204,7 +204,7 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
         )
 
     with transaction.atomic():
-        _remember_nonce(protocol.ENROLL, request.nonce)
+        _remember_nonce(wire.ENROLL, request.nonce)
         token = (
             EnrollmentToken.objects.select_for_update(of=("self",))
             .filter(token_hash=_hash_token(request.token))
@@ -360,10 +360,10 @@ def remove_job_peer(ref: str) -> JobPeer | None:
         return peer
 
 
-def desired_state(node: Node) -> protocol.DesiredState:
+def desired_state(node: Node) -> wire.DesiredState:
     """The full set of peers `node` should have at its current desired revision."""
     peers = tuple(
-        protocol.PeerSpec(
+        wire.PeerSpec(
             public_key=peer.public_key,
             allowed_ips=(f"{peer.address}/32",),
             kind="job",
@@ -371,7 +371,7 @@ def desired_state(node: Node) -> protocol.DesiredState:
         )
         for peer in JobPeer.objects.filter(node=node).in_desired_state().order_by("id")
     )
-    return protocol.DesiredState(
+    return wire.DesiredState(
         node_id=node.node_id,
         revision=node.desired_revision,
         peers=peers,
@@ -380,8 +380,8 @@ def desired_state(node: Node) -> protocol.DesiredState:
 
 
 def signed_desired_state(node: Node) -> dict[str, Any]:
-    return protocol.signed_envelope(
-        protocol.DESIRED_STATE, desired_state(node).to_dict(), gateway_identity()
+    return wire.signed_envelope(
+        wire.DESIRED_STATE, desired_state(node).to_dict(), gateway_identity()
     )
 
 
@@ -434,7 +434,7 @@ def acknowledge_revision(
 
 def record_removed(node: Node, public_keys: frozenset[str], at: datetime | None = None) -> None:
     """Record that `node`'s agent removed the peers with `public_keys` from its interface, their
-    final counters sent before (see protocol.Removed). Only keys the gateway took off the node
+    final counters sent before (see wire.Removed). Only keys the gateway took off the node
     are affected: a retired key of a re-key, or the key of a peer being removed. Idempotent.
     Locks: node row, then the keys it closes."""
     at = at or timezone.now()
@@ -493,30 +493,26 @@ def authenticate_agent(envelope: Mapping[str, Any], *, challenge: str) -> Node:
     revoked, the signature is its identity's, the challenge is ours and the clock is close."""
     body = envelope.get("body") if isinstance(envelope, Mapping) else None
     try:
-        auth = protocol.AgentAuth.from_dict(body if isinstance(body, Mapping) else {})
-    except protocol.ProtocolError as exc:
-        raise AgentRefused(f"bad auth message: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+        auth = wire.AgentAuth.from_dict(body if isinstance(body, Mapping) else {})
+    except wire.ProtocolError as exc:
+        raise AgentRefused(f"bad auth message: {exc}", wire.CLOSE_BAD_MESSAGE) from None
     node = Node.objects.filter(node_id=auth.node_id).first()
     if node is None or node.revoked_at is not None:
-        raise AgentRefused("unknown or revoked node: enrol again", protocol.CLOSE_FORBIDDEN)
+        raise AgentRefused("unknown or revoked node: enrol again", wire.CLOSE_FORBIDDEN)
     try:
-        protocol.open_envelope(
-            envelope, base64.b64decode(node.identity_public_key), protocol.AGENT_AUTH
-        )
-    except protocol.BadSignature as exc:
-        raise AgentRefused(f"auth signature refused: {exc}", protocol.CLOSE_AUTH_FAILED) from None
+        wire.open_envelope(envelope, base64.b64decode(node.identity_public_key), wire.AGENT_AUTH)
+    except wire.BadSignature as exc:
+        raise AgentRefused(f"auth signature refused: {exc}", wire.CLOSE_AUTH_FAILED) from None
     if not secrets.compare_digest(auth.challenge, challenge):
-        raise AgentRefused(
-            "auth answers another connection's challenge", protocol.CLOSE_AUTH_FAILED
-        )
+        raise AgentRefused("auth answers another connection's challenge", wire.CLOSE_AUTH_FAILED)
     try:
-        protocol.check_fresh(
+        wire.check_fresh(
             auth.timestamp,
             int(timezone.now().timestamp()),
             max_skew=settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS,
         )
-    except protocol.StaleMessage as exc:
-        raise AgentRefused(f"stale auth: {exc}", protocol.CLOSE_AUTH_FAILED) from None
+    except wire.StaleMessage as exc:
+        raise AgentRefused(f"stale auth: {exc}", wire.CLOSE_AUTH_FAILED) from None
     return node
 
 
@@ -562,7 +558,7 @@ def update_inventory(
     An empty report with a reason (the driver failed to answer) keeps the GPUs we know and
     records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
     utilisation) update in place."""
-    parsed = tuple(protocol.GpuInfo.from_dict(gpu) for gpu in gpus)
+    parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
     changed = False
     with transaction.atomic():
         Node.objects.select_for_update().get(pk=node.pk)
@@ -575,7 +571,7 @@ def update_inventory(
                 try:
                     _replace_gpus(node, parsed)
                 except EnrollmentRefused as exc:
-                    raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+                    raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
                 changed = True
         elif reason:
             record_report(node, f"GPU inventory: {reason}")
@@ -603,7 +599,7 @@ def _small_int(value: object) -> int | None:
     return None
 
 
-_NodeMessage = TypeVar("_NodeMessage", protocol.Ack, protocol.Removed, protocol.MeteringSample)
+_NodeMessage = TypeVar("_NodeMessage", wire.Ack, wire.Removed, wire.MeteringSample)
 
 
 def _open_node_message(
@@ -613,37 +609,35 @@ def _open_node_message(
     when the signature is not the node's, the body is malformed or it names another node."""
     body = envelope.get("body") if isinstance(envelope, Mapping) else None
     try:
-        protocol.open_envelope(envelope, base64.b64decode(node.identity_public_key), kind)
+        wire.open_envelope(envelope, base64.b64decode(node.identity_public_key), kind)
         parsed = message.from_dict(body if isinstance(body, Mapping) else {})
-    except (protocol.BadSignature, protocol.ProtocolError) as exc:
-        raise AgentRefused(f"{what} refused: {exc}", protocol.CLOSE_BAD_MESSAGE) from None
+    except (wire.BadSignature, wire.ProtocolError) as exc:
+        raise AgentRefused(f"{what} refused: {exc}", wire.CLOSE_BAD_MESSAGE) from None
     if parsed.node_id != node.node_id:
-        raise AgentRefused(f"{what} names another node", protocol.CLOSE_BAD_MESSAGE)
+        raise AgentRefused(f"{what} names another node", wire.CLOSE_BAD_MESSAGE)
     return parsed
 
 
-def process_ack(node: Node, envelope: Mapping[str, Any]) -> protocol.Ack:
+def process_ack(node: Node, envelope: Mapping[str, Any]) -> wire.Ack:
     """Verify a signed ACK from `node` and record it (see acknowledge_revision). An ack of the
     first version (an agent not yet upgraded) has no `removing`: its removals are done."""
     sent_as = envelope.get("kind") if isinstance(envelope, Mapping) else None
-    kind = protocol.ACK_V1 if sent_as == protocol.ACK_V1 else protocol.ACK
-    ack = _open_node_message(node, envelope, kind, protocol.Ack, "ack")
-    if kind == protocol.ACK_V1 and ack.removing:
-        raise AgentRefused("ack refused: a v1 ack has no removing", protocol.CLOSE_BAD_MESSAGE)
+    kind = wire.ACK_V1 if sent_as == wire.ACK_V1 else wire.ACK
+    ack = _open_node_message(node, envelope, kind, wire.Ack, "ack")
+    if kind == wire.ACK_V1 and ack.removing:
+        raise AgentRefused("ack refused: a v1 ack has no removing", wire.CLOSE_BAD_MESSAGE)
     try:
         acknowledge_revision(
             node, ack.revision, ack.failed_keys, removing_keys=frozenset(ack.removing)
         )
     except ValueError as exc:
-        raise AgentRefused(str(exc), protocol.CLOSE_BAD_MESSAGE) from None
+        raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
     return ack
 
 
-def process_removed(node: Node, envelope: Mapping[str, Any]) -> protocol.Removed:
+def process_removed(node: Node, envelope: Mapping[str, Any]) -> wire.Removed:
     """Verify a signed REMOVED message from `node` and record it (see record_removed)."""
-    removed = _open_node_message(
-        node, envelope, protocol.REMOVED, protocol.Removed, "removal report"
-    )
+    removed = _open_node_message(node, envelope, wire.REMOVED, wire.Removed, "removal report")
     record_removed(node, frozenset(removed.public_keys))
     return removed
 
@@ -660,7 +654,7 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     billed. Locks: the node's row, then the keys in the sample in id order, then (through
     peer_traffic) the orders."""
     sample = _open_node_message(
-        node, envelope, protocol.METERING, protocol.MeteringSample, "metering sample"
+        node, envelope, wire.METERING, wire.MeteringSample, "metering sample"
     )
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
     with transaction.atomic():

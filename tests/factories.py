@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 
 from meshnet import services as mesh
@@ -22,7 +22,7 @@ def enroll_request(
     endpoint: str = "",
 ) -> dict:
     """A signed enrolment envelope, exactly as `clawnode join` sends it."""
-    body = protocol.EnrollRequest(
+    body = wire.EnrollRequest(
         token=token,
         identity_public_key=identity.public_key_b64,
         wireguard_public_key=identity.wireguard_public_key_b64,
@@ -31,13 +31,13 @@ def enroll_request(
         endpoint=endpoint,
         gpus=tuple(gpus),
         timestamp=int(time.time()) if timestamp is None else timestamp,
-        nonce=nonce or protocol.new_nonce(),
+        nonce=nonce or wire.new_nonce(),
     ).to_dict()
-    return protocol.signed_envelope(protocol.ENROLL, body, identity)
+    return wire.signed_envelope(wire.ENROLL, body, identity)
 
 
 def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: bool = False):
-    return protocol.GpuInfo(
+    return wire.GpuInfo(
         index=index,
         name=name,
         memory_mb=memory_mb,

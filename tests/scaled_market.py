@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -79,7 +79,7 @@ def _enrol(owner, demo_node: DemoNode) -> tuple[Node, Identity]:
     node's metering samples can be signed the way its agent would sign them."""
     identity = Identity.generate()
     issued = mesh.create_enrollment_token(owner)
-    body = protocol.EnrollRequest(
+    body = wire.EnrollRequest(
         token=issued.token,
         identity_public_key=identity.public_key_b64,
         wireguard_public_key=identity.wireguard_public_key_b64,
@@ -88,9 +88,9 @@ def _enrol(owner, demo_node: DemoNode) -> tuple[Node, Identity]:
         endpoint=demo_node.endpoint,
         gpus=_simulated_gpus(demo_node),
         timestamp=int(time.time()),
-        nonce=protocol.new_nonce(),
+        nonce=wire.new_nonce(),
     ).to_dict()
-    envelope = protocol.signed_envelope(protocol.ENROLL, body, identity)
+    envelope = wire.signed_envelope(wire.ENROLL, body, identity)
     node = mesh.enroll_node(envelope, observed_ip=demo_node.observed_ip).node
     Node.objects.filter(pk=node.pk).update(region=demo_node.region)
     node.region = demo_node.region
@@ -295,7 +295,7 @@ def seed_history(copy: Copy, index: int, *, operator) -> None:
 def _signed_sample_row(node, identity, boot_id: str, seq: int, at, peers) -> MeteringSample:
     """One metering sample of `node` as its agent signs it, stored as ingestion stores it
     (received 300 ms after it was taken)."""
-    body = protocol.MeteringSample(
+    body = wire.MeteringSample(
         node_id=node.node_id,
         boot_id=boot_id,
         seq=seq,
@@ -309,7 +309,7 @@ def _signed_sample_row(node, identity, boot_id: str, seq: int, at, peers) -> Met
         sampled_at=datetime.fromtimestamp(body["sampled_at"], tz=UTC),
         received_at=at + timedelta(milliseconds=300),
         body=body,
-        signature=protocol.signed_envelope(protocol.METERING, body, identity)["signature"],
+        signature=wire.signed_envelope(wire.METERING, body, identity)["signature"],
     )
 
 
@@ -324,7 +324,7 @@ def seed_samples(copy: Copy, *, every_s: int, hours: int = SAMPLE_HOURS) -> int:
     for listing in _history_listings(copy):
         node = listing.node
         identity = copy.identities[node.pk]
-        boot_id = protocol.new_nonce()
+        boot_id = wire.new_nonce()
         runs = [
             (order.wireguard_public_key, order.running_since, order.ended_at or now, order)
             for order in Order.objects.filter(listing__node=node, running_since__isnull=False)
@@ -336,7 +336,7 @@ def seed_samples(copy: Copy, *, every_s: int, hours: int = SAMPLE_HOURS) -> int:
                 if start <= at <= end:
                     done = (at - start) / max(end - start, timedelta(seconds=1))
                     peers.append(
-                        protocol.PeerCounters(
+                        wire.PeerCounters(
                             public_key=key,
                             epoch=1,
                             rx_bytes=int(order.bytes_out * done),
@@ -361,7 +361,7 @@ def seed_older_samples(copy: Copy, node: Node, *, days: int, every_s: int = 10) 
     earliest = MeteringSample.objects.filter(node=node).order_by("sampled_at").first()
     end = earliest.sampled_at if earliest is not None else timezone.now()
     identity = copy.identities[node.pk]
-    boot_id = protocol.new_nonce()
+    boot_id = wire.new_nonce()
     count = days * 86_400 // every_s
     stored = 0
     for first in range(0, count, 5_000):

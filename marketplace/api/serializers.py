@@ -3,12 +3,13 @@ listing, funds, free GPUs) live in marketplace.services. Amounts are integers of
 
 from __future__ import annotations
 
-from clawnode.keys import InvalidKey, parse_wireguard_public_key
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.models import Listing, Order
+from meshnet.errors import InvalidPeerKey
+from meshnet.keys import check_wireguard_public_key
 from meshnet.models import Node
 
 
@@ -104,10 +105,9 @@ class ListingUpdateSerializer(serializers.Serializer):
 
 def validate_wireguard_public_key(value: str) -> str:
     try:
-        parse_wireguard_public_key(value)
-    except InvalidKey as exc:
+        return check_wireguard_public_key(value)
+    except InvalidPeerKey as exc:
         raise serializers.ValidationError(str(exc)) from None
-    return value
 
 
 class OrderCreateSerializer(serializers.Serializer):

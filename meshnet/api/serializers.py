@@ -74,7 +74,7 @@ class EnrollEnvelopeSerializer(serializers.Serializer):
     body = serializers.JSONField(
         help_text=(
             "the enrolment request: token, identity_public_key, wireguard_public_key, hostname, "
-            "listen_port, endpoint, gpus, timestamp, nonce (see clawnode.protocol.EnrollRequest)"
+            "listen_port, endpoint, gpus, timestamp, nonce (see clawnode.wire.EnrollRequest)"
         )
     )
     # The signature is checked byte for byte: never trim or rewrite it.

@@ -1,7 +1,7 @@
 """Canonical CIDR text, with IPv4 recognised without ``ipaddress``: the agent's hot paths.
 
-Every peer's allowed IPs are checked on each desired state (protocol.PeerSpec), read back from
-the device (wireguard.parse_uapi_get) and compared (reconcile.plan). ``ipaddress.ip_network``
+Every peer's allowed IPs are checked on each desired state (wire.PeerSpec), read back from
+the device (backends.uapi.parse_uapi_get) and compared (reconcile.plan). ``ipaddress.ip_network``
 costs several microseconds a call, which at a thousand peers was most of a reconcile. Job and
 mesh peers have IPv4 networks written canonically (``10.100.128.9/32``), so that case is
 recognised here with one regular expression and a little integer arithmetic; anything else (IPv6,

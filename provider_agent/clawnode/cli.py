@@ -18,7 +18,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, protocol, reconcile
+from . import __version__, reconcile, wire
+from .backends.base import PeerStatus
+from .backends.choose import choose_backend
+from .backends.errors import WireGuardError
+from .backends.kernel import KernelBackend
+from .backends.userspace import UAPI_SOCKET_DIR, UserspaceBackend
 from .firewall import FirewallError
 from .gateway_http import GatewayError, build_enroll_envelope, enroll
 from .gpu import (
@@ -40,14 +45,6 @@ from .state import (
     normalize_gateway_url,
     validate_interface_name,
 )
-from .wireguard import (
-    UAPI_SOCKET_DIR,
-    KernelBackend,
-    PeerStatus,
-    UserspaceBackend,
-    WireGuardError,
-    choose_backend,
-)
 
 TOKEN_ENV = "CLAWNODE_TOKEN"  # noqa: S105 (the variable's name, not a secret)
 DEFAULT_INTERFACE = "molt0"
@@ -68,7 +65,7 @@ EXPECTED_ERRORS = (
     SimulatedSpecError,
     IdentityFileError,
     InvalidKey,
-    protocol.ProtocolError,
+    wire.ProtocolError,
     OSError,
 )
 
@@ -196,7 +193,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     endpoint = args.endpoint.strip()
     if endpoint:
         try:
-            protocol.parse_endpoint(endpoint)
+            wire.parse_endpoint(endpoint)
         except ValueError as exc:
             raise CliError(f"--endpoint: {exc}") from None
     spec = args.simulated_gpus.strip()
@@ -401,7 +398,7 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
-    from .daemon import run_daemon
+    from .service import run_daemon
 
     if args.simulated_gpus:
         parse_simulated_spec(args.simulated_gpus)

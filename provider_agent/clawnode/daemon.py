@@ -8,6 +8,9 @@ One loop per gateway connection: challenge-response auth, then four things at on
   sent in a signed sample, then the peers removed and reported "removed" (_finish_removals);
 - heartbeats (and the GPU inventory now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
+What it sends is built in clawnode.frames and clawnode.metering; the epochs are kept by
+clawnode.journal; `clawnode run` as a process (backend, signals, exit status) is
+clawnode.service.
 The agent plans against its own view of the interface's peers (the last full read, updated by
 each change it applies), not a fresh read of the whole device per change, which cost most of a
 change at a thousand peers. The view is replaced by a full read on every (re)connect, after any
@@ -23,38 +26,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
-import logging
 import os
 import random
-import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import websockets
 
-from . import protocol, reconcile
-from .cidr import sorted_networks
+from . import frames, reconcile, wire
+from .backends.base import PeerStatus, WireGuardBackend
+from .backends.errors import WireGuardError
 from .firewall import Firewall
 from .gpu import GpuReader
+from .journal import EpochJournal
 from .keys import Identity
-from .state import AgentStatus, Enrollment, StateDir, append_private, write_private_atomically
-from .wireguard import PeerStatus, WireGuardBackend, WireGuardError
-
-log = logging.getLogger("clawnode")
-
-EPOCHS_FILE = "epochs.json"
-# How long the final counters of a removed peer are kept to send again after a reconnect: longer
-# than it takes the websocket to notice a dead connection (websockets pings every 20 s and
-# gives up after 20 s more) plus the longest reconnect backoff (30 s).
-RESEND_FINALS_SECONDS = 120.0
-EPOCHS_JOURNAL = "epochs.journal"
-# One journal line: a peer's base64 key and the epoch handed to it.
-_JOURNAL_LINE = re.compile(rb"([A-Za-z0-9+/]{43}=) ([0-9]{1,18})")
+from .metering import Meter
+from .state import AgentStatus, Enrollment, StateDir
 
 
 class Revoked(Exception):
@@ -95,136 +85,19 @@ class Agent:
         # state is refused after a restart too.
         previous = state.read_status() if state.status_path.exists() else None
         self.applied_revision = previous.revision if previous is not None else -1
-        self.boot_id = protocol.new_nonce()
-        self.seq = 0
-        # Epochs from `durable_epoch` on were handed out after epochs.json was last written.
-        self.epochs, self.next_epoch, self.durable_epoch = self._load_epochs()
+        self.journal = EpochJournal(state.path)
+        self.meter = Meter(identity, self.journal)
         self.since = int(time.time())
         self._welcomed = False
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
         # The interface's peers as the agent believes them to be; None: read the device first.
         self._view: dict[str, PeerStatus] | None = None
-        self._desired: protocol.DesiredState | None = None  # the last one applied
+        self._desired: wire.DesiredState | None = None  # the last one applied
         self._drift_reported = ""
-        self._epochs_unsaved = False
         # Set when a peer was retired: _removals reads its final counters and removes it.
         self._removals_due = asyncio.Event()
-        # The final counters of peers removed lately, with when they were sent: a connection
-        # that dies right after may have lost them, and nothing else can carry them any more
-        # (the peer is gone), so the next session sends them again first (_resend_finals).
-        self._recent_finals: dict[str, tuple[float, protocol.PeerCounters]] = {}
 
     # -- local state -------------------------------------------------------------------------
-
-    @property
-    def _epochs_path(self) -> Path:
-        return self.state.path / EPOCHS_FILE
-
-    @property
-    def _journal_path(self) -> Path:
-        return self.state.path / EPOCHS_JOURNAL
-
-    # Epochs are written in two steps, so that adding a peer costs no fsync:
-    #
-    # - Before a peer is added, its new epoch is appended to epochs.journal, without fsync
-    #   (_hand_out_epochs). The kernel has the line once the write returns, so it survives the
-    #   agent dying at any point after; only a power cut or a kernel crash can lose it.
-    # - Before any metering sample carries an epoch that is only in the journal, epochs.json is
-    #   rewritten with fsync (_send_sample, _save_epochs) and the journal emptied.
-    #
-    # Why this bills every byte once:
-    # - The gateway only learns an epoch from a sample, and by then the epoch, and a next_epoch
-    #   above it, are durable. So after any restart next_epoch is above every epoch the gateway
-    #   has seen; an epoch lost with a power cut was never seen and may be handed out again.
-    # - Agent restarted, machine up: the interface kept its peers and their counters. A peer
-    #   added since the last fsync has its epoch in the journal (written before the device had
-    #   the peer), so the restarted agent reports it with that epoch, which is new to the
-    #   gateway (no sample ever carried it): the gateway counts the peer's counters from zero,
-    #   which is where they started when the peer was added. This holds for a key that had an
-    #   older epoch in epochs.json too (removed, then added again): the journal line, newer,
-    #   wins over it.
-    # - Power cut or kernel crash: the interface is gone with its peers and counters, so no
-    #   peer is reported with an epoch that was lost; the gateway sends the full state again
-    #   and every peer is added afresh, with an epoch above any the gateway has seen.
-
-    def _load_epochs(self) -> tuple[dict[str, int], int, int]:
-        """(epoch of each peer, the next epoch to hand out, the first epoch not yet durable).
-
-        Epochs come from one counter that only grows and is saved with them, so a key whose
-        entry was pruned (removed peer) and is added again later gets a higher epoch than any it
-        had: the gateway takes a lower epoch for a late sample and would count nothing.
-
-        epochs.json is read first, then the journal's lines for epochs handed out after it was
-        written: a line with a lower epoch is already in epochs.json (the journal is emptied
-        after epochs.json is written, but a crash can come between the two).
-        """
-        epochs: dict[str, int]
-        try:
-            data = json.loads(self._epochs_path.read_text())
-        except FileNotFoundError:
-            epochs, following = {}, 1
-        except ValueError:
-            # A corrupt file must not double-bill: bumping every epoch makes the gateway count
-            # from zero only if the counters really restarted, which it also detects itself.
-            epochs, following = {}, 1
-        else:
-            if isinstance(data, dict) and "next_epoch" in data:
-                epochs = {str(k): int(v) for k, v in data.get("peers", {}).items()}
-                following = int(data["next_epoch"])
-            else:  # the first format: {key: epoch}, never pruned
-                epochs = {str(k): int(v) for k, v in data.items()}
-                following = 1
-        durable = max(following, max(epochs.values(), default=0) + 1)
-        journal = self._read_journal(durable)
-        epochs.update(journal)
-        return epochs, max(durable, max(journal.values(), default=0) + 1), durable
-
-    def _read_journal(self, durable: int) -> dict[str, int]:
-        """The journal's epochs from `durable` on, in the order written (a later line for the
-        same key wins). Reading stops at the first line that is not whole: a power cut can
-        leave the end of the file short or unwritten."""
-        try:
-            data = self._journal_path.read_bytes()
-        except FileNotFoundError:
-            return {}
-        found: dict[str, int] = {}
-        for line in data.split(b"\n")[:-1]:  # what follows the last newline was cut short
-            match = _JOURNAL_LINE.fullmatch(line)
-            if match is None:
-                break
-            epoch = int(match[2])
-            if epoch >= durable:
-                found[match[1].decode("ascii")] = epoch
-        return found
-
-    def _hand_out_epochs(self, keys: Iterable[str]) -> None:
-        """New epochs for peers about to be added, journaled before the device has the peers
-        (see above): a crash after a peer is added never leaves it without its epoch."""
-        lines = []
-        for key in keys:
-            self.epochs[key] = self.next_epoch
-            lines.append(f"{key} {self.next_epoch}\n")
-            self.next_epoch += 1
-        if lines:
-            append_private(self._journal_path, "".join(lines).encode("ascii"))
-
-    def _save_epochs(self) -> None:
-        """Write epochs.json durably (fsync), then empty the journal it now covers."""
-        self._epochs_unsaved = False
-        data = {"next_epoch": self.next_epoch, "peers": self.epochs}
-        write_private_atomically(
-            self._epochs_path, (json.dumps(data, sort_keys=True) + "\n").encode()
-        )
-        self.durable_epoch = self.next_epoch
-        # Left as it was, the journal's lines are all below next_epoch: the next load skips them.
-        with contextlib.suppress(OSError):
-            os.truncate(self._journal_path, 0)
-
-    def _make_epochs_durable(self, keys: Iterable[str]) -> None:
-        """Before a sample carries these keys' epochs: any of them not yet durable is made so."""
-        durable = self.durable_epoch
-        if self.next_epoch > durable and any(self.epochs.get(k, 0) >= durable for k in keys):
-            self._save_epochs()
 
     def _status(self, state: str, detail: str = "") -> None:
         now = int(time.time())
@@ -306,18 +179,7 @@ class Agent:
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
-        auth = protocol.AgentAuth(
-            node_id=self.identity.node_id,
-            challenge=challenge["challenge"],
-            timestamp=int(time.time()),
-        ).to_dict()
-        await self._send(
-            ws,
-            {
-                "type": "auth",
-                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, auth, self.identity),
-            },
-        )
+        await self._send(ws, frames.auth(self.identity, challenge["challenge"]))
         tasks = [
             asyncio.ensure_future(self._receive(ws)),
             asyncio.ensure_future(self._heartbeats(ws)),
@@ -361,7 +223,7 @@ class Agent:
                     self.say(f"gateway says: {frame.get('detail')}")
         except websockets.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
-            if code == protocol.CLOSE_FORBIDDEN:
+            if code == wire.CLOSE_FORBIDDEN:
                 raise Revoked(exc.rcvd.reason if exc.rcvd else "") from None
             raise
 
@@ -370,15 +232,13 @@ class Agent:
     async def _apply_desired(self, ws: Any, envelope: Any) -> None:
         try:
             if not isinstance(envelope, dict):
-                raise protocol.BadSignature("desired state is not a signed envelope")
-            body = protocol.open_envelope(
-                envelope, self.enrollment.gateway_key, protocol.DESIRED_STATE
-            )
+                raise wire.BadSignature("desired state is not a signed envelope")
+            body = wire.open_envelope(envelope, self.enrollment.gateway_key, wire.DESIRED_STATE)
             # Peers unchanged since the last state applied are not checked again.
-            desired = protocol.DesiredState.from_dict(body, known=self._desired)
+            desired = wire.DesiredState.from_dict(body, known=self._desired)
             if desired.node_id != self.identity.node_id:
-                raise protocol.ProtocolError("desired state is for another node")
-        except (protocol.BadSignature, protocol.ProtocolError) as exc:
+                raise wire.ProtocolError("desired state is for another node")
+        except (wire.BadSignature, wire.ProtocolError) as exc:
             # A compromised bus must not add peers: refuse, keep the current peers, tell.
             self.say(f"refused a desired state: {exc}")
             await self._send(ws, {"type": "report", "detail": f"refused desired state: {exc}"})
@@ -403,40 +263,20 @@ class Agent:
             ]
         if removing:
             self._removals_due.set()
-        ack = protocol.Ack(
-            node_id=self.identity.node_id,
-            revision=desired.revision,
-            # The peers this revision changed, failures included: a peer left out is one the
-            # interface already had as desired (the gateway counts every peer not reported
-            # failed as applied), and a retirement that failed must not be taken for done.
-            results=tuple(
-                protocol.PeerResult(
-                    public_key=key,
-                    ok=results[key] == reconcile.OK,
-                    detail=results[key][:500],
-                )
-                for key in sorted(results)
-            ),
-            timestamp=int(time.time()),
-            removing=tuple(removing),
-        ).to_dict()
-        await self._send(
-            ws,
-            {"type": "ack", "envelope": protocol.signed_envelope(protocol.ACK, ack, self.identity)},
-        )
+        await self._send(ws, frames.ack(self.identity, desired.revision, results, removing))
         changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
         self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
         self._status("connected")
 
     async def _apply(
-        self, desired: protocol.DesiredState, actions: list[reconcile.Action]
+        self, desired: wire.DesiredState, actions: list[reconcile.Action]
     ) -> dict[str, str]:
         """Apply `actions` (planned for `desired` against the view); keep the view, the epochs
         and the last applied state in step. Call with the lock held."""
         # A peer (re-)added starts its counters at zero: a new epoch says so. Handed out before
         # the device has the peer; a peer the device refused keeps it, harmlessly (it is not
         # there, and is pruned, or is still desired and gets another when added again).
-        self._hand_out_epochs(a.public_key for a in actions if isinstance(a, reconcile.Add))
+        self.journal.hand_out(a.public_key for a in actions if isinstance(a, reconcile.Add))
         try:
             results = (
                 await asyncio.to_thread(reconcile.apply, self.backend, actions) if actions else {}
@@ -445,82 +285,31 @@ class Agent:
             self._view = None  # the device may be anywhere between before and after
             raise
         self._desired = desired
-        self._update_view(actions, results)
+        if self._view is not None and not reconcile.update_view(self._view, actions, results):
+            self._view = None  # a change was refused: that peer is now in an unknown state
         if any(
             isinstance(a, reconcile.Retire) and results[a.public_key] == reconcile.OK
             for a in actions
         ):
             self._removals_due.set()
-        if self._prune_epochs(desired):
-            # Forgetting need not be durable at once (a forgotten epoch is never handed out
-            # again either way): it is saved at the next sample.
-            self._epochs_unsaved = True
+        self._prune_epochs(desired)
         return results
 
-    def _update_view(self, actions: list[reconcile.Action], results: dict[str, str]) -> None:
-        """What the interface holds after `actions` did what `results` say. A refused change
-        leaves that peer in an unknown state: the next reconcile reads the device again."""
+    def _prune_epochs(self, desired: wire.DesiredState) -> None:
+        """Forget the epochs of peers that are neither desired nor on the interface (only when
+        the view is known: a peer whose removal failed is still there and keeps its epoch)."""
         view = self._view
         if view is None:
             return
-        for action in actions:
-            key = action.public_key
-            if results.get(key) != reconcile.OK:
-                self._view = None
-                return
-            if isinstance(action, reconcile.Remove):
-                view.pop(key, None)
-                continue
-            if isinstance(action, reconcile.Retire):
-                previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
-                view[key] = dataclasses.replace(previous, allowed_ips=(), persistent_keepalive=0)
-                continue
-            previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
-            view[key] = PeerStatus(
-                public_key=key,
-                allowed_ips=sorted_networks(action.allowed_ips),
-                endpoint=action.endpoint or previous.endpoint,
-                rx_bytes=previous.rx_bytes,
-                tx_bytes=previous.tx_bytes,
-                last_handshake=previous.last_handshake,
-                persistent_keepalive=action.keepalive,
-            )
-
-    def _prune_epochs(self, desired: protocol.DesiredState) -> bool:
-        """Forget the epochs of peers that are neither desired nor on the interface (only when
-        the view is known: a peer whose removal failed is still there and keeps its epoch).
-        True when something was forgotten."""
-        view = self._view
-        if view is None:
-            return False
-        gone = [key for key in self.epochs if key not in view]
+        gone = [key for key in self.journal.epochs if key not in view]
         if gone:
             wanted = {peer.public_key for peer in desired.peers}
-            gone = [key for key in gone if key not in wanted]
-        for key in gone:
-            del self.epochs[key]
-        return bool(gone)
+            self.journal.forget([key for key in gone if key not in wanted])
 
     # -- heartbeats, inventory, metering ---------------------------------------------------------
 
     async def _send_inventory(self, ws: Any) -> None:
-        report = await asyncio.to_thread(self.gpus.read)
-        await self._send(
-            ws,
-            {
-                "type": "inventory",
-                "gpus": [gpu.to_dict() for gpu in report.gpus],
-                "health": [
-                    {
-                        "index": h.index,
-                        "temperature_c": h.temperature_c,
-                        "utilization_pct": h.utilization_pct,
-                    }
-                    for h in report.health
-                ],
-                "reason": report.reason,
-            },
-        )
+        await self._send(ws, frames.inventory(await asyncio.to_thread(self.gpus.read)))
 
     async def _heartbeats(self, ws: Any) -> None:
         last_inventory = time.monotonic()
@@ -533,64 +322,14 @@ class Agent:
                 last_inventory = time.monotonic()
 
     async def _send_sample(self, ws: Any, peers: dict[str, PeerStatus]) -> None:
-        self._make_epochs_durable(peers)
-        await self._send_counters(
-            ws,
-            [
-                protocol.PeerCounters(
-                    public_key=key,
-                    epoch=self.epochs.get(key, 0),
-                    rx_bytes=status.rx_bytes,
-                    tx_bytes=status.tx_bytes,
-                )
-                for key, status in sorted(peers.items())
-            ],
-        )
-
-    async def _send_counters(self, ws: Any, counters: list[protocol.PeerCounters]) -> None:
-        self.seq += 1
-        body = protocol.MeteringSample(
-            node_id=self.identity.node_id,
-            boot_id=self.boot_id,
-            seq=self.seq,
-            sampled_at=int(time.time()),
-            peers=tuple(counters),
-        ).to_dict()
-        await self._send(
-            ws,
-            {
-                "type": "metering",
-                "envelope": protocol.signed_envelope(protocol.METERING, body, self.identity),
-            },
-        )
-
-    def _keep_finals(self, keys: Iterable[str], peers: dict[str, PeerStatus]) -> None:
-        """Note the final counters (just sent) of the peers about to be removed. Call before
-        removing them: their epochs are forgotten with them."""
-        now = time.monotonic()
-        self._forget_old_finals(now)
-        for key in keys:
-            status = peers[key]
-            self._recent_finals[key] = (
-                now,
-                protocol.PeerCounters(
-                    key, self.epochs.get(key, 0), status.rx_bytes, status.tx_bytes
-                ),
-            )
+        await self._send(ws, frames.metering(self.meter.sample(peers)))
 
     async def _resend_finals(self, ws: Any) -> None:
         """On a new session, before anything else can close their keys: send again the final
-        counters of the peers removed in the last RESEND_FINALS_SECONDS. The gateway counts
-        each byte once whatever arrives twice (same epoch, same counters: nothing new), and
-        ignores a key it has closed already."""
-        self._forget_old_finals(time.monotonic())
-        if self._recent_finals:
-            finals = self._recent_finals
-            await self._send_counters(ws, [finals[key][1] for key in sorted(finals)])
-
-    def _forget_old_finals(self, now: float) -> None:
-        horizon = now - RESEND_FINALS_SECONDS
-        self._recent_finals = {k: v for k, v in self._recent_finals.items() if v[0] >= horizon}
+        counters of the peers removed lately (Meter.finals_to_resend)."""
+        finals = self.meter.finals_to_resend()
+        if finals:
+            await self._send(ws, frames.metering(self.meter.envelope(finals)))
 
     async def _metering(self, ws: Any) -> None:
         while True:
@@ -605,13 +344,13 @@ class Agent:
             # The device as it is now: a change made behind the agent's back shows here.
             self._view = dict(peers)
             # The sample just sent has the final counters of any retired peer: remove them.
-            self._keep_finals(
+            self.meter.keep_finals(
                 reconcile.retired(self._desired, peers) if self._desired else (), peers
             )
             removed = await self._remove_retired(set(peers))
             await self._restore_drift(ws)
-            if self._epochs_unsaved:
-                self._save_epochs()
+            if self.journal.unsaved:
+                self.journal.save()
         await self._send_removed(ws, removed)
 
     # -- removals --------------------------------------------------------------------------------
@@ -658,7 +397,7 @@ class Agent:
                 vanished = [key for key in keys if key in still and key not in last]
                 for key in vanished:
                     self._view.pop(key, None)
-                self._keep_finals(last, last)
+                self.meter.keep_finals(last, last)
                 removed = await self._remove_retired(set(last)) + vanished
                 failed = len(removed) < len(still & set(keys))
             await self._send_removed(ws, removed)
@@ -685,18 +424,7 @@ class Agent:
     async def _send_removed(self, ws: Any, keys: list[str]) -> None:
         if not keys:
             return
-        body = protocol.Removed(
-            node_id=self.identity.node_id,
-            public_keys=tuple(sorted(keys)),
-            timestamp=int(time.time()),
-        ).to_dict()
-        await self._send(
-            ws,
-            {
-                "type": "removed",
-                "envelope": protocol.signed_envelope(protocol.REMOVED, body, self.identity),
-            },
-        )
+        await self._send(ws, frames.removed(self.identity, keys))
         self.say(f"removed {', '.join(key[:8] + '…' for key in sorted(keys))}")
 
     async def _restore_drift(self, ws: Any) -> None:
@@ -728,58 +456,3 @@ class Agent:
         if note != self._drift_reported:  # once, not every sample while a peer stays refused
             self._drift_reported = note
             await self._send(ws, {"type": "report", "detail": note[:500]})
-
-
-def run_daemon(
-    state_dir: str, *, backend: str | None, simulated_gpus: str, say: Callable[[str], None]
-) -> int:
-    """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
-    Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
-    import signal
-
-    from .firewall import NftFirewall
-    from .gpu import NvmlGpuReader, SimulatedGpuReader
-    from .wireguard import choose_backend, kernel_wireguard_available_in_child
-
-    state = StateDir(state_dir)
-    enrollment = state.load_enrollment()
-    identity = state.load_identity()
-    if enrollment is None or identity is None:
-        say(f"not enrolled ({state.path}): run `clawnode join --gateway URL --token TOKEN` first")
-        return 1
-    # `auto` asks a child process whether the kernel has WireGuard: asking here would import
-    # pyroute2 (8 MB for good) into an agent that may well end up on wireguard-go.
-    backend_class, why = choose_backend(
-        backend or enrollment.backend, kernel_probe=kernel_wireguard_available_in_child
-    )
-    say(f"backend: {why}")
-    reader: GpuReader = (
-        # Seeded by the node id: the same simulated UUIDs as `join` reported.
-        SimulatedGpuReader(simulated_gpus, seed=identity.node_id)
-        if simulated_gpus
-        else NvmlGpuReader()
-    )
-    agent = Agent(
-        state=state,
-        enrollment=enrollment,
-        identity=identity,
-        backend=backend_class(),
-        firewall=NftFirewall(),
-        gpus=reader,
-        say=say,
-    )
-
-    async def main() -> int:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await agent.run(stop)
-        except Revoked as exc:
-            say(f"the gateway refused this node ({exc}): enrol again with clawnode join")
-            return 3
-        say("stopped; the interface and its peers stay as the last desired state said")
-        return 0
-
-    return asyncio.run(main())

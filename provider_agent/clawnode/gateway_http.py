@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import __version__, protocol
+from . import __version__, wire
 from .keys import Identity, InvalidKey, parse_ed25519_public_key
 
 __all__ = [
@@ -60,11 +60,11 @@ def build_enroll_envelope(
     hostname: str,
     listen_port: int,
     endpoint: str,
-    gpus: Sequence[protocol.GpuInfo],
+    gpus: Sequence[wire.GpuInfo],
     now: int | None = None,
 ) -> dict[str, Any]:
     """The signed ENROLL envelope (proof that we hold the identity key)."""
-    body = protocol.EnrollRequest(
+    body = wire.EnrollRequest(
         token=token,
         identity_public_key=identity.public_key_b64,
         wireguard_public_key=identity.wireguard_public_key_b64,
@@ -73,9 +73,9 @@ def build_enroll_envelope(
         endpoint=endpoint,
         gpus=tuple(gpus),
         timestamp=int(time.time()) if now is None else now,
-        nonce=protocol.new_nonce(),
+        nonce=wire.new_nonce(),
     ).to_dict()
-    return protocol.signed_envelope(protocol.ENROLL, body, identity)
+    return wire.signed_envelope(wire.ENROLL, body, identity)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
-from .protocol import GpuInfo
+from .wire import GpuInfo
 
 __all__ = [
     "DEFAULT_SIMULATED_MEMORY_MB",
@@ -39,7 +39,7 @@ __all__ = [
 
 _T = TypeVar("_T")
 
-MAX_GPUS = 64  # protocol.EnrollRequest accepts at most 64 GPUs
+MAX_GPUS = 64  # wire.EnrollRequest accepts at most 64 GPUs
 MAX_NAME_LEN = 100  # the gateway stores GPU names in 100 characters
 
 # Memory of well-known models in MiB, as NVML reports it (total framebuffer). Anything else is

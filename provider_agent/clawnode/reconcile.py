@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from .protocol import DesiredState, PeerSpec, parse_endpoint
-from .wireguard import PeerStatus, WireGuardBackend
+from .backends.base import PeerStatus, WireGuardBackend
+from .cidr import sorted_networks
+from .wire import DesiredState, PeerSpec, parse_endpoint
 
 __all__ = [
     "OK",
@@ -40,6 +41,7 @@ __all__ = [
     "leaving",
     "plan",
     "retired",
+    "update_view",
 ]
 
 OK = "ok"
@@ -220,3 +222,33 @@ def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str
         else:
             results[action.public_key] = OK
     return results
+
+
+def update_view(
+    view: dict[str, PeerStatus], actions: Sequence[Action], results: Mapping[str, str]
+) -> bool:
+    """Change ``view`` (the interface's peers as the agent believes them to be) to what the
+    interface holds after ``actions`` did what ``results`` say. False when a change was refused:
+    that peer is in an unknown state, and the view is not to be used until the device is read
+    again."""
+    for action in actions:
+        key = action.public_key
+        if results.get(key) != OK:
+            return False
+        if isinstance(action, Remove):
+            view.pop(key, None)
+            continue
+        previous = view.get(key) or PeerStatus(public_key=key, allowed_ips=())
+        if isinstance(action, Retire):
+            view[key] = replace(previous, allowed_ips=(), persistent_keepalive=0)
+            continue
+        view[key] = PeerStatus(
+            public_key=key,
+            allowed_ips=sorted_networks(action.allowed_ips),
+            endpoint=action.endpoint or previous.endpoint,
+            rx_bytes=previous.rx_bytes,
+            tx_bytes=previous.tx_bytes,
+            last_handshake=previous.last_handshake,
+            persistent_keepalive=action.keepalive,
+        )
+    return True

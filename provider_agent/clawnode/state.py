@@ -5,8 +5,8 @@ Layout (default /var/lib/clawnode, ``--state-dir`` to change)::
     identity.key      Ed25519 seed, 0600 (keys.Identity)
     enrollment.json   what the gateway gave at enrolment, 0600, written atomically
     status.json       the daemon's gateway connection state, rewritten as it changes
-    epochs.json       each peer's metering epoch and the next one to hand out (clawnode.daemon)
-    epochs.journal    epochs handed out since epochs.json was last written (clawnode.daemon)
+    epochs.json       each peer's metering epoch and the next one to hand out (clawnode.journal)
+    epochs.journal    epochs handed out since epochs.json was last written (clawnode.journal)
 
 Every file but the journal is replaced atomically (temporary file in the same directory, fsync,
 rename), so a crash or a power cut leaves either the old or the new file, never half of one.
@@ -314,7 +314,7 @@ def _make_private_dir(directory: Path) -> None:
 def append_private(path: Path, data: bytes) -> None:
     """Append ``data`` to ``path`` (created 0600), with no fsync: it survives the process dying
     at any point after this returns (the kernel has it), not a power cut. For what only a
-    process crash can make needed (clawnode.daemon's epoch journal). An append that fails
+    process crash can make needed (the epoch journal, clawnode.journal). An append that fails
     (a full disk) is taken back, so the next one does not continue a line cut short."""
     _make_private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

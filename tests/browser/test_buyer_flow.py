@@ -19,7 +19,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from clawnode.wireguard import FakeBackend
+from clawnode.backends.memory import FakeBackend
 
 from marketplace import ledger
 from marketplace.models import Order

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 import websockets
 from channels.db import database_sync_to_async
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.apps import apps
 from django.contrib import admin
@@ -335,14 +335,14 @@ def test_a_revoked_node_cannot_authenticate_again(ops, provider):
     node = enroll(provider, identity)
     revoke(ops, [node])
 
-    body = protocol.AgentAuth(
+    body = wire.AgentAuth(
         node_id=identity.node_id, challenge="c" * 43, timestamp=int(time.time())
     ).to_dict()
     with pytest.raises(mesh.AgentRefused) as refused:
         mesh.authenticate_agent(
-            protocol.signed_envelope(protocol.AGENT_AUTH, body, identity), challenge="c" * 43
+            wire.signed_envelope(wire.AGENT_AUTH, body, identity), challenge="c" * 43
         )
-    assert refused.value.close_code == protocol.CLOSE_FORBIDDEN
+    assert refused.value.close_code == wire.CLOSE_FORBIDDEN
 
 
 def test_revoking_twice_says_so_and_moves_nothing_more(ops, provider, buyer):
@@ -371,10 +371,10 @@ def gateway(transactional_db, tmp_path, settings):
 async def agent_session(gateway, identity: Identity):
     ws = await websockets.connect(gateway.base_url.replace("http://", "ws://") + "/ws/agent/")
     challenge = json.loads(await ws.recv())
-    body = protocol.AgentAuth(
+    body = wire.AgentAuth(
         node_id=identity.node_id, challenge=challenge["challenge"], timestamp=int(time.time())
     ).to_dict()
-    envelope = protocol.signed_envelope(protocol.AGENT_AUTH, body, identity)
+    envelope = wire.signed_envelope(wire.AGENT_AUTH, body, identity)
     await ws.send(json.dumps({"type": "auth", "envelope": envelope}))
     kinds = set()
     while kinds != {"welcome", "desired_state"}:
@@ -421,7 +421,7 @@ def test_the_agent_of_a_revoked_node_is_cut_off_and_its_next_frame_refused(
         }
         await database_sync_to_async(revoke)(ops, [told_node])
         error, code = await refusal(told_ws)
-        assert (error["detail"], code) == ("node revoked", protocol.CLOSE_FORBIDDEN)
+        assert (error["detail"], code) == ("node revoked", wire.CLOSE_FORBIDDEN)
 
         # Revoked where no push can reach it (another channel prefix): the agent's next frame
         # is refused all the same, by the check every frame gets.
@@ -434,7 +434,7 @@ def test_the_agent_of_a_revoked_node_is_cut_off_and_its_next_frame_refused(
         await database_sync_to_async(revoke)(ops, [silent_node])
         await silent_ws.send(json.dumps({"type": "heartbeat"}))
         error, code = await refusal(silent_ws)
-        assert (error["detail"], code) == ("node revoked", protocol.CLOSE_FORBIDDEN)
+        assert (error["detail"], code) == ("node revoked", wire.CLOSE_FORBIDDEN)
 
     asyncio.run(scenario())
     assert Node.objects.filter(pk__in=[told_node.pk, silent_node.pk], revoked_at=None).count() == 0

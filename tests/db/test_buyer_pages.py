@@ -12,7 +12,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.contrib.auth import get_user_model
 from django.utils import timezone
@@ -363,14 +363,14 @@ def test_no_orders_says_so(client, buyer):
 
 
 def metering(identity, key, seq, at, rx, tx):
-    body = protocol.MeteringSample(
+    body = wire.MeteringSample(
         node_id=identity.node_id,
         boot_id="b" * 22,
         seq=seq,
         sampled_at=at,
-        peers=(protocol.PeerCounters(public_key=key, epoch=1, rx_bytes=rx, tx_bytes=tx),),
+        peers=(wire.PeerCounters(public_key=key, epoch=1, rx_bytes=rx, tx_bytes=tx),),
     ).to_dict()
-    return protocol.signed_envelope(protocol.METERING, body, identity)
+    return wire.signed_envelope(wire.METERING, body, identity)
 
 
 def test_usage_is_charted_from_the_nodes_signed_metering_samples(

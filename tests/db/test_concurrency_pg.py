@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.db import connection, transaction
 from rest_framework.test import APIClient
@@ -371,14 +371,14 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
     _, order = one_gpu_order(buyer, provider, node=node, key=key)
     order = services.provision_order(order.pk)
     mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
-    over = protocol.MeteringSample(
+    over = wire.MeteringSample(
         node_id=identity.node_id,
-        boot_id=protocol.new_nonce(),
+        boot_id=wire.new_nonce(),
         seq=1,
         sampled_at=int(time.time()),
-        peers=(protocol.PeerCounters(key, 0, rx_bytes=600 << 20, tx_bytes=600 << 20),),
+        peers=(wire.PeerCounters(key, 0, rx_bytes=600 << 20, tx_bytes=600 << 20),),
     )
-    envelope = protocol.signed_envelope(protocol.METERING, over.to_dict(), identity)
+    envelope = wire.signed_envelope(wire.METERING, over.to_dict(), identity)
 
     failures = race(
         # acknowledge_revision's locks (and revoke_node's): the node's row, then key rows.

@@ -6,7 +6,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.utils import timezone
 
@@ -20,7 +20,7 @@ from tests.factories import enroll_request, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-BOOT = protocol.new_nonce()
+BOOT = wire.new_nonce()
 
 
 @pytest.fixture
@@ -46,14 +46,14 @@ def running_job(buyer, provider):
 
 
 def sample(identity, key, seq, epoch, rx, tx, signer=None):
-    body = protocol.MeteringSample(
+    body = wire.MeteringSample(
         node_id=identity.node_id,
         boot_id=BOOT,
         seq=seq,
         sampled_at=int(time.time()),
-        peers=(protocol.PeerCounters(public_key=key, epoch=epoch, rx_bytes=rx, tx_bytes=tx),),
+        peers=(wire.PeerCounters(public_key=key, epoch=epoch, rx_bytes=rx, tx_bytes=tx),),
     ).to_dict()
-    return protocol.signed_envelope(protocol.METERING, body, signer or identity)
+    return wire.signed_envelope(wire.METERING, body, signer or identity)
 
 
 def test_samples_add_deltas_to_the_order(running_job):
@@ -97,16 +97,16 @@ def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job)
 
 
 def signed(identity, kind, message):
-    return protocol.signed_envelope(kind, message.to_dict(), identity)
+    return wire.signed_envelope(kind, message.to_dict(), identity)
 
 
-def stop_and_ack(identity, node, order, key, removing=()) -> protocol.Ack:
+def stop_and_ack(identity, node, order, key, removing=()) -> wire.Ack:
     """Stop the order; the agent's ack of the revision that took its peer off."""
     stop_order(order)
-    return protocol.Ack(
+    return wire.Ack(
         node_id=identity.node_id,
         revision=Node.objects.get(pk=node.pk).desired_revision,
-        results=(protocol.PeerResult(key, ok=True),),
+        results=(wire.PeerResult(key, ok=True),),
         timestamp=int(time.time()),
         removing=removing,
     )
@@ -117,7 +117,7 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
     mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
     ack = stop_and_ack(identity, node, order, key, removing=(key,))
 
-    mesh.process_ack(node, signed(identity, protocol.ACK, ack))
+    mesh.process_ack(node, signed(identity, wire.ACK, ack))
 
     peer = JobPeer.objects.get(ref=f"order:{order.pk}")
     assert peer.state == "removing"
@@ -126,9 +126,9 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
     assert JobPeerKey.objects.get(public_key=key).closed_at is None
     # The final counters, read after the cut-off, are billed to the key still open.
     mesh.ingest_metering(node, sample(identity, key, 2, 0, 1200, 5900))
-    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+    removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
 
-    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
 
     assert JobPeer.objects.get(pk=peer.pk).state == "removed"
     assert JobPeerKey.objects.get(public_key=key).closed_at is not None
@@ -137,7 +137,7 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
     assert (order.bytes_out, order.bytes_in) == (1200, 5900)
     # A later sample of the closed key is not billed; a repeated report changes nothing.
     mesh.ingest_metering(node, sample(identity, key, 3, 0, 9999, 9999))
-    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
     order.refresh_from_db()
     assert (order.state, order.bytes_out, order.bytes_in) == ("completed", 1200, 5900)
 
@@ -145,9 +145,9 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
 def test_a_removal_report_cannot_end_a_peer_the_gateway_still_wants(running_job):
 
     identity, node, order, key = running_job
-    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+    removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
 
-    mesh.process_removed(node, signed(identity, protocol.REMOVED, removed))
+    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
 
     assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
     assert JobPeerKey.objects.get(public_key=key).closed_at is None
@@ -157,13 +157,13 @@ def test_a_removal_report_cannot_end_a_peer_the_gateway_still_wants(running_job)
 def test_a_removal_report_signed_by_another_key_or_for_another_node_is_refused(running_job):
 
     identity, node, order, key = running_job
-    removed = protocol.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
+    removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
     with pytest.raises(mesh.AgentRefused, match="removal report refused"):
-        mesh.process_removed(node, signed(Identity.generate(), protocol.REMOVED, removed))
+        mesh.process_removed(node, signed(Identity.generate(), wire.REMOVED, removed))
     other = Identity.generate()
-    elsewhere = protocol.Removed(node_id=other.node_id, public_keys=(key,), timestamp=1)
+    elsewhere = wire.Removed(node_id=other.node_id, public_keys=(key,), timestamp=1)
     with pytest.raises(mesh.AgentRefused, match="another node"):
-        mesh.process_removed(node, signed(identity, protocol.REMOVED, elsewhere))
+        mesh.process_removed(node, signed(identity, wire.REMOVED, elsewhere))
     assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
 
 
@@ -201,11 +201,11 @@ def test_an_ack_of_the_first_version_still_completes_a_removal(running_job):
     with pytest.raises(mesh.AgentRefused, match="a v1 ack has no removing"):
         mesh.process_ack(
             node,
-            protocol.signed_envelope(protocol.ACK_V1, {**body, "removing": [key]}, identity),
+            wire.signed_envelope(wire.ACK_V1, {**body, "removing": [key]}, identity),
         )
     assert Order.objects.get(pk=order.pk).state == "stopping"
 
-    mesh.process_ack(node, protocol.signed_envelope(protocol.ACK_V1, body, identity))
+    mesh.process_ack(node, wire.signed_envelope(wire.ACK_V1, body, identity))
 
     assert Order.objects.get(pk=order.pk).state == "completed"
     assert JobPeerKey.objects.get(public_key=key).closed_at is not None

@@ -13,7 +13,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.utils import timezone
 
@@ -223,18 +223,18 @@ def test_a_node_that_was_never_heard_from_does_not_fail_orders(funded_buyer, lis
 
 # --- the bandwidth allowance ---------------------------------------------------------------------
 
-BOOT = protocol.new_nonce()
+BOOT = wire.new_nonce()
 
 
 def metering(identity, key, seq, rx, tx):
-    body = protocol.MeteringSample(
+    body = wire.MeteringSample(
         node_id=identity.node_id,
         boot_id=BOOT,
         seq=seq,
         sampled_at=int(time.time()),
-        peers=(protocol.PeerCounters(public_key=key, epoch=0, rx_bytes=rx, tx_bytes=tx),),
+        peers=(wire.PeerCounters(public_key=key, epoch=0, rx_bytes=rx, tx_bytes=tx),),
     ).to_dict()
-    return protocol.signed_envelope(protocol.METERING, body, identity)
+    return wire.signed_envelope(wire.METERING, body, identity)
 
 
 def test_reaching_the_bandwidth_allowance_stops_the_job_with_that_reason(

@@ -671,7 +671,8 @@ def test_the_agent_wheel_carries_the_agent_its_dependencies_and_its_command(tmp_
             expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
             assert digest == f"sha256={expected.decode()}" and int(size) == len(data), name
 
-    sources = {f"clawnode/{path.name}" for path in (agent_source_dir() / "clawnode").glob("*.py")}
+    package = agent_source_dir() / "clawnode"
+    sources = {f"clawnode/{path.relative_to(package).as_posix()}" for path in package.rglob("*.py")}
     assert sources and sources <= names
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in names)
     assert {name for name, _, _ in record} == names

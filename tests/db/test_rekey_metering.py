@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.db import IntegrityError, connection, transaction
 from django.db.migrations.executor import MigrationExecutor
@@ -43,7 +43,7 @@ class Agent:
     def __init__(self, identity: Identity, node: Node) -> None:
         self.identity = identity
         self.node = node
-        self.boot_id = protocol.new_nonce()
+        self.boot_id = wire.new_nonce()
         self.seq = 0
         self.clock = int(time.time())
 
@@ -52,17 +52,17 @@ class Agent:
             self.seq += 1
             seq = self.seq
         self.clock += 10
-        body = protocol.MeteringSample(
+        body = wire.MeteringSample(
             node_id=self.identity.node_id,
             boot_id=self.boot_id,
             seq=seq,
             sampled_at=self.clock,
             peers=tuple(
-                protocol.PeerCounters(public_key=key, epoch=epoch, rx_bytes=rx, tx_bytes=tx)
+                wire.PeerCounters(public_key=key, epoch=epoch, rx_bytes=rx, tx_bytes=tx)
                 for key, epoch, rx, tx in peers
             ),
         ).to_dict()
-        return protocol.signed_envelope(protocol.METERING, body, self.identity)
+        return wire.signed_envelope(wire.METERING, body, self.identity)
 
     def send(self, *peers: tuple[str, int, int, int]) -> int:
         return mesh.ingest_metering(self.node, self.envelope(*peers))

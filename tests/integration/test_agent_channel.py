@@ -9,7 +9,7 @@ import time
 
 import pytest
 import websockets
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 
 from marketplace import ledger
@@ -39,14 +39,14 @@ def ws_url(gateway) -> str:
 async def authenticate(ws, identity: Identity) -> dict:
     challenge = json.loads(await ws.recv())
     assert challenge["type"] == "challenge"
-    body = protocol.AgentAuth(
+    body = wire.AgentAuth(
         node_id=identity.node_id, challenge=challenge["challenge"], timestamp=int(time.time())
     ).to_dict()
     await ws.send(
         json.dumps(
             {
                 "type": "auth",
-                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, body, identity),
+                "envelope": wire.signed_envelope(wire.AGENT_AUTH, body, identity),
             }
         )
     )
@@ -82,7 +82,7 @@ def test_agent_receives_signed_state_and_its_ack_starts_the_order(gateway, buyer
             welcome = await recv_type(ws, "welcome")
             assert welcome["name"] == node.name
             first = await recv_type(ws, "desired_state")
-            state = protocol.open_envelope(first["envelope"], gateway_key(), protocol.DESIRED_STATE)
+            state = wire.open_envelope(first["envelope"], gateway_key(), wire.DESIRED_STATE)
             assert state["peers"] == []
 
             order = {"listing": listing.pk, "gpu_count": 1, "hours": 1}
@@ -92,21 +92,19 @@ def test_agent_receives_signed_state_and_its_ack_starts_the_order(gateway, buyer
             )
             assert status == 201, body
             pushed = await recv_type(ws, "desired_state")
-            state = protocol.open_envelope(
-                pushed["envelope"], gateway_key(), protocol.DESIRED_STATE
-            )
+            state = wire.open_envelope(pushed["envelope"], gateway_key(), wire.DESIRED_STATE)
             assert [p["public_key"] for p in state["peers"]] == [buyer_key]
-            ack = protocol.Ack(
+            ack = wire.Ack(
                 node_id=identity.node_id,
                 revision=state["revision"],
-                results=(protocol.PeerResult(public_key=buyer_key, ok=True),),
+                results=(wire.PeerResult(public_key=buyer_key, ok=True),),
                 timestamp=int(time.time()),
             ).to_dict()
             await ws.send(
                 json.dumps(
                     {
                         "type": "ack",
-                        "envelope": protocol.signed_envelope(protocol.ACK, ack, identity),
+                        "envelope": wire.signed_envelope(wire.ACK, ack, identity),
                     }
                 )
             )
@@ -130,14 +128,14 @@ def test_replayed_auth_from_another_connection_is_refused(gateway, provider):
     async def scenario():
         async with websockets.connect(ws_url(gateway)) as first:
             challenge = json.loads(await first.recv())
-            body = protocol.AgentAuth(
+            body = wire.AgentAuth(
                 node_id=identity.node_id,
                 challenge=challenge["challenge"],
                 timestamp=int(time.time()),
             ).to_dict()
             recorded = {
                 "type": "auth",
-                "envelope": protocol.signed_envelope(protocol.AGENT_AUTH, body, identity),
+                "envelope": wire.signed_envelope(wire.AGENT_AUTH, body, identity),
             }
             await first.send(json.dumps(recorded))
             await recv_type(first, "welcome")
@@ -152,7 +150,7 @@ def test_replayed_auth_from_another_connection_is_refused(gateway, provider):
 
     error, code = asyncio.run(scenario())
     assert "challenge" in error["detail"]
-    assert code == protocol.CLOSE_AUTH_FAILED
+    assert code == wire.CLOSE_AUTH_FAILED
 
 
 def test_auth_signed_by_another_key_is_refused(gateway, provider):
@@ -162,12 +160,12 @@ def test_auth_signed_by_another_key_is_refused(gateway, provider):
     async def scenario():
         async with websockets.connect(ws_url(gateway)) as ws:
             challenge = json.loads(await ws.recv())
-            body = protocol.AgentAuth(
+            body = wire.AgentAuth(
                 node_id=identity.node_id,
                 challenge=challenge["challenge"],
                 timestamp=int(time.time()),
             ).to_dict()
-            forged = protocol.signed_envelope(protocol.AGENT_AUTH, body, impostor)
+            forged = wire.signed_envelope(wire.AGENT_AUTH, body, impostor)
             await ws.send(json.dumps({"type": "auth", "envelope": forged}))
             error = await recv_type(ws, "error")
             with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -176,7 +174,7 @@ def test_auth_signed_by_another_key_is_refused(gateway, provider):
 
     error, code = asyncio.run(scenario())
     assert "signature" in error["detail"]
-    assert code == protocol.CLOSE_AUTH_FAILED
+    assert code == wire.CLOSE_AUTH_FAILED
 
 
 def test_a_frame_that_is_not_json_closes_the_connection_with_a_code(gateway, provider):
@@ -191,4 +189,4 @@ def test_a_frame_that_is_not_json_closes_the_connection_with_a_code(gateway, pro
 
     error, code = asyncio.run(scenario())
     assert "JSON" in error["detail"]
-    assert code == protocol.CLOSE_BAD_MESSAGE
+    assert code == wire.CLOSE_BAD_MESSAGE

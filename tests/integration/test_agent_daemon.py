@@ -10,13 +10,13 @@ import time
 import pytest
 from asgiref.sync import async_to_sync
 from channels_redis.core import RedisChannelLayer
-from clawnode import protocol
+from clawnode import wire
+from clawnode.backends.memory import FakeBackend
 from clawnode.daemon import Agent, Timing
 from clawnode.firewall import FakeFirewall
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity
 from clawnode.state import Enrollment, StateDir
-from clawnode.wireguard import FakeBackend
 from django.db.models import F
 
 from marketplace import ledger
@@ -215,11 +215,11 @@ def test_desired_state_with_a_bad_signature_is_refused_and_reported(
     backend = FakeBackend()
     with RunningAgent(make_agent(provider_node, backend)):
         wait_until(lambda: Node.objects.get(pk=node.pk).last_seen_at, timeout=20, message="connect")
-        forged = protocol.DesiredState(
+        forged = wire.DesiredState(
             node_id=node.node_id,
             revision=99,
             peers=(
-                protocol.PeerSpec(
+                wire.PeerSpec(
                     public_key=wg_public_key(),
                     allowed_ips=("10.100.200.1/32",),
                     kind="job",
@@ -228,7 +228,7 @@ def test_desired_state_with_a_bad_signature_is_refused_and_reported(
             ),
             issued_at=int(time.time()),
         ).to_dict()
-        envelope = protocol.signed_envelope(protocol.DESIRED_STATE, forged, Identity.generate())
+        envelope = wire.signed_envelope(wire.DESIRED_STATE, forged, Identity.generate())
         # Straight onto the node's group, as a compromised bus could: the gateway never signed it.
         layer = RedisChannelLayer(
             hosts=[gateway.env["REDIS_URL"]], prefix=gateway.env["MOLT_CHANNEL_PREFIX"]

@@ -4,7 +4,8 @@ reads just before it removes the old key, after the last periodic sample."""
 from __future__ import annotations
 
 import pytest
-from clawnode.wireguard import FakeBackend, PeerStatus
+from clawnode.backends.base import PeerStatus
+from clawnode.backends.memory import FakeBackend
 
 from marketplace import ledger
 from marketplace.models import Order, Settlement

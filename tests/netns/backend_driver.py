@@ -84,8 +84,10 @@ class Driver:
 
 def _serve(kind: str) -> None:
     from clawnode import reconcile
-    from clawnode.protocol import DesiredState
-    from clawnode.wireguard import KernelBackend, UserspaceBackend, kernel_wireguard_available
+    from clawnode.backends.kernel import KernelBackend
+    from clawnode.backends.links import kernel_wireguard_available
+    from clawnode.backends.userspace import UserspaceBackend
+    from clawnode.wire import DesiredState
 
     backend: Any = UserspaceBackend() if kind == "userspace" else KernelBackend()
 

@@ -22,8 +22,9 @@ pytestmark = [pytest.mark.netns]
 # Runs inside the namespace: one line of JSON per step, then waits for the test to go on.
 AGENT_SIDE = """
 import base64, json, sys
-from clawnode import links
-from clawnode.wireguard import UserspaceBackend, WireGuardError
+from clawnode.backends import links
+from clawnode.backends.errors import WireGuardError
+from clawnode.backends.userspace import UserspaceBackend
 
 name, private, address = sys.argv[1], base64.b64decode(sys.argv[2]), sys.argv[3]
 

@@ -321,8 +321,8 @@ def test_status_says_not_running_when_the_daemon_is_gone(tmp_path, capsys):
 
 
 def test_a_peer_cut_off_and_not_yet_removed_says_so_in_status():
+    from clawnode.backends.base import PeerStatus
     from clawnode.cli import _peer_line
-    from clawnode.wireguard import PeerStatus
 
     key = "g/HtZfAPruXhYkCEKqPDHMRb/d4UtHdxK/uWnvde9DM="
     live = PeerStatus(key, ("10.100.128.9/32",), rx_bytes=2048, tx_bytes=4096)

@@ -21,15 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import clawnode.daemon
+import clawnode.journal
+import clawnode.metering
 import pytest
-from clawnode import protocol
+from clawnode import wire
+from clawnode.backends.memory import FakeBackend
 from clawnode.daemon import Agent, Timing
 from clawnode.firewall import FakeFirewall
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.state import Enrollment, StateDir
-from clawnode.wireguard import FakeBackend
 
 from meshnet import metering
 
@@ -115,16 +116,16 @@ class Node:
     def envelope(self, peers: dict[str, str]) -> dict[str, Any]:
         """Desired state {key: allowed network} at the next revision, signed by the gateway."""
         self.revision += 1
-        desired = protocol.DesiredState(
+        desired = wire.DesiredState(
             node_id=self.identity.node_id,
             revision=self.revision,
             peers=tuple(
-                protocol.PeerSpec(key, (network,), "job", f"order-{i}")
+                wire.PeerSpec(key, (network,), "job", f"order-{i}")
                 for i, (key, network) in enumerate(peers.items())
             ),
             issued_at=int(time.time()),
         )
-        return protocol.signed_envelope(protocol.DESIRED_STATE, desired.to_dict(), GATEWAY)
+        return wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), GATEWAY)
 
     def desire(self, peers: dict[str, str]) -> dict[str, Any]:
         """Send a desired state on the current connection; return the agent's ack. Peers it
@@ -174,7 +175,7 @@ class Node:
             if peer["epoch"] == 0:
                 continue  # a peer the agent never added (one added by hand)
             assert peer["epoch"] < saved["next_epoch"]
-            if peer["public_key"] not in self.agent.epochs:
+            if peer["public_key"] not in self.agent.journal.epochs:
                 continue  # the final counters of a removed peer, sent again after a reconnect
             assert saved["peers"].get(peer["public_key"]) == peer["epoch"], (peer, saved)
 
@@ -364,35 +365,35 @@ def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
     node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
-    first = dict(node.agent.epochs)
+    first = dict(node.agent.journal.epochs)
 
     node.desire({b: "10.100.128.10/32"})
-    assert a not in node.agent.epochs  # removed, not desired: pruned
+    assert a not in node.agent.journal.epochs  # removed, not desired: pruned
     node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
 
-    assert node.agent.epochs[a] > max(first.values())  # re-added: higher than any before
-    assert node.agent.epochs[b] == first[b]
+    assert node.agent.journal.epochs[a] > max(first.values())  # re-added: higher than any before
+    assert node.agent.journal.epochs[b] == first[b]
     # A restarted agent goes on from the saved counter and the journal, so pruning never
     # reuses an epoch.
     restarted = Node(tmp_path, backend=node.backend)
-    assert restarted.agent.epochs == node.agent.epochs
-    assert restarted.agent.next_epoch == node.agent.next_epoch
+    assert restarted.agent.journal.epochs == node.agent.journal.epochs
+    assert restarted.agent.journal.next_epoch == node.agent.journal.next_epoch
     restarted.revision = node.revision
     restarted.desire({b: "10.100.128.10/32"})
     restarted.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
-    assert restarted.agent.epochs[a] > node.agent.epochs[a]
+    assert restarted.agent.journal.epochs[a] > node.agent.journal.epochs[a]
 
 
 def test_a_peer_whose_removal_failed_keeps_its_epoch(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
     node.desire({a: "10.100.128.9/32"})
-    epoch = node.agent.epochs[a]
+    epoch = node.agent.journal.epochs[a]
     node.backend.refuse[a] = "device busy"
 
     node.desire({})
 
-    assert node.agent.epochs[a] == epoch  # still on the interface, still metered
+    assert node.agent.journal.epochs[a] == epoch  # still on the interface, still metered
 
 
 def test_epochs_saved_in_the_first_format_are_read(tmp_path):
@@ -402,8 +403,9 @@ def test_epochs_saved_in_the_first_format_are_read(tmp_path):
     node = Node(tmp_path)
     node.desire({wg_key(): "10.100.128.20/32"})
 
-    assert a not in node.agent.epochs and b not in node.agent.epochs  # pruned: not there
-    assert node.agent.next_epoch == 9  # above every epoch ever handed out
+    # pruned: not there
+    assert a not in node.agent.journal.epochs and b not in node.agent.journal.epochs
+    assert node.agent.journal.next_epoch == 9  # above every epoch ever handed out
 
 
 # -- epochs: no fsync to add a peer, durable before a sample carries them -------------------------
@@ -434,15 +436,15 @@ class Gateway:
 
 
 def epochs_json_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    """The paths the daemon writes with write_private_atomically (fsync), in order."""
+    """The paths the epoch journal writes with write_private_atomically (fsync), in order."""
     written: list[Path] = []
-    real = clawnode.daemon.write_private_atomically
+    real = clawnode.journal.write_private_atomically
 
     def spy(path: Path, data: bytes) -> None:
         written.append(path)
         real(path, data)
 
-    monkeypatch.setattr(clawnode.daemon, "write_private_atomically", spy)
+    monkeypatch.setattr(clawnode.journal, "write_private_atomically", spy)
     return written
 
 
@@ -456,7 +458,7 @@ def test_adding_a_peer_journals_its_epoch_and_the_next_sample_saves_it_first(tmp
     node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
 
     assert written == []  # no fsync on the way to the ack
-    epoch = node.agent.epochs[b]
+    epoch = node.agent.journal.epochs[b]
     assert (tmp_path / "epochs.journal").read_text() == f"{b} {epoch}\n"
     assert b not in json.loads((tmp_path / "epochs.json").read_text())["peers"]
 
@@ -514,13 +516,13 @@ def test_an_agent_that_died_before_saving_an_epoch_bills_the_peer_once_after_res
     node.desire({other: "10.100.128.10/32"})  # k's last bytes (150, 250) go first
     gateway.take(node.ws)
     node.desire(both)
-    added_with = node.agent.epochs[k]
+    added_with = node.agent.journal.epochs[k]
     node.backend.add_traffic(k, rx=1_000, tx=2_000)  # more than before its removal
     assert json.loads((tmp_path / "epochs.json").read_text())["peers"][k] < added_with
 
     restarted = Node(tmp_path, backend=node.backend)  # nothing saved on the way down
     restarted.revision = node.revision
-    assert restarted.agent.epochs[k] == added_with
+    assert restarted.agent.journal.epochs[k] == added_with
     restarted.reconnect(both)
     restarted.sample()  # check_epochs_durable: the journaled epoch is saved before it goes
     gateway.take(restarted.ws)
@@ -532,7 +534,7 @@ def test_an_agent_that_died_before_saving_an_epoch_bills_the_peer_once_after_res
     # And epochs handed out after the restart are above every one before it.
     restarted.desire({other: "10.100.128.10/32"})
     restarted.desire(both)
-    assert restarted.agent.epochs[k] > added_with
+    assert restarted.agent.journal.epochs[k] > added_with
 
 
 def test_the_journal_is_read_after_epochs_json_and_stops_at_a_line_cut_short(tmp_path):
@@ -548,9 +550,10 @@ def test_the_journal_is_read_after_epochs_json_and_stops_at_a_line_cut_short(tmp
 
     agent = Node(tmp_path).agent
 
-    assert agent.epochs == {a: 6, b: 5}
-    assert agent.next_epoch == 7
-    assert agent.durable_epoch == 5  # 5 and 6 are not durable yet: the next sample saves them
+    assert agent.journal.epochs == {a: 6, b: 5}
+    assert agent.journal.next_epoch == 7
+    # 5 and 6 are not durable yet: the next sample saves them
+    assert agent.journal.durable_epoch == 5
 
 
 class JournalWitness(FakeBackend):
@@ -591,7 +594,7 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
     node.backend.add_traffic(b, rx=700, tx=800)
     node.desire({a: "10.100.128.9/32"})
     final = next(p for p in node.ws.bodies("metering")[-1]["peers"] if p["public_key"] == b)
-    assert b not in node.backend.peers and b not in node.agent.epochs
+    assert b not in node.backend.peers and b not in node.agent.journal.epochs
 
     def session() -> list[dict[str, Any]]:
         node.ws = Connection(
@@ -612,7 +615,7 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
     assert final["rx_bytes"] == 700 and final["tx_bytes"] == 800
 
     # Past the window (a dead connection is noticed well within it) they are not sent again.
-    monkeypatch.setattr(clawnode.daemon, "RESEND_FINALS_SECONDS", 0.0)
+    monkeypatch.setattr(clawnode.metering, "RESEND_FINALS_SECONDS", 0.0)
     session()
     assert all(p["public_key"] != b for body in node.ws.bodies("metering") for p in body["peers"])
 

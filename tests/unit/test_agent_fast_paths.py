@@ -1,8 +1,8 @@
 """The agent's fast paths decide exactly as the slow, obvious code they stand in for.
 
 The hot paths of a reconcile at a thousand peers skip ``ipaddress`` for canonical IPv4 text
-(clawnode.cidr), skip building error paths for valid JSON (protocol.canonical_bytes), parse only
-the peers asked for in a UAPI reply, from its raw bytes (wireguard.parse_uapi_peers), and plan
+(clawnode.cidr), skip building error paths for valid JSON (wire.canonical_bytes), parse only
+the peers asked for in a UAPI reply, from its raw bytes (backends.uapi.parse_uapi_peers), and plan
 without sorting every key or comparing unchanged peers field by field (reconcile.plan). Each is
 checked here against the straightforward computation, on generated input that includes the
 awkward cases.
@@ -16,17 +16,13 @@ import string
 from typing import Any
 
 import pytest
-from clawnode import protocol, reconcile
+from clawnode import reconcile, wire
+from clawnode.backends.base import PeerStatus
+from clawnode.backends.memory import FakeBackend
+from clawnode.backends.uapi import key_to_hex, parse_uapi_get, parse_uapi_peers
 from clawnode.cidr import ipv4_network_key, sorted_networks
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.protocol import DESIRED_STATE, PeerSpec, ProtocolError, canonical_bytes
-from clawnode.wireguard import (
-    FakeBackend,
-    PeerStatus,
-    key_to_hex,
-    parse_uapi_get,
-    parse_uapi_peers,
-)
+from clawnode.wire import DESIRED_STATE, PeerSpec, ProtocolError, canonical_bytes, signing
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -133,7 +129,7 @@ def test_peer_spec_accepts_an_allowed_ip_exactly_when_it_is_written_canonically(
 def full_check(body: dict[str, Any]) -> str | None:
     """What the complete, path-naming check says about ``body`` (None: acceptable)."""
     try:
-        protocol._check_json_value(body, "body", 0)
+        signing._check_json_value(body, "body", 0)
     except ProtocolError as exc:
         return str(exc)
     return None
@@ -349,16 +345,16 @@ PEER_MUTATIONS: dict[str, Any] = {
 }
 
 
-def parse_outcome(body: dict[str, Any], known: protocol.DesiredState | None) -> Any:
+def parse_outcome(body: dict[str, Any], known: wire.DesiredState | None) -> Any:
     try:
-        return protocol.DesiredState.from_dict(body, known=known)
+        return wire.DesiredState.from_dict(body, known=known)
     except ProtocolError as exc:
         return ("refused", str(exc), exc.field)
 
 
 @pytest.mark.parametrize("mutation", sorted(PEER_MUTATIONS))
 def test_parsing_with_the_previous_state_accepts_and_refuses_the_same(mutation: str) -> None:
-    previous = protocol.DesiredState(
+    previous = wire.DesiredState(
         node_id="nd_" + "ab" * 16,
         revision=1,
         peers=(
@@ -386,7 +382,7 @@ def test_parsing_with_the_previous_state_accepts_and_refuses_the_same(mutation: 
 
 
 def reference_plan(
-    desired: protocol.DesiredState, actual: dict[str, PeerStatus]
+    desired: wire.DesiredState, actual: dict[str, PeerStatus]
 ) -> list[reconcile.Action]:
     """The plan as first written: every key on both sides sorted, every peer compared."""
     wanted = {spec.public_key: spec for spec in desired.peers}
@@ -428,7 +424,7 @@ actual_endpoints = st.sampled_from(
 
 
 @st.composite
-def plan_inputs(draw: Any) -> tuple[protocol.DesiredState, dict[str, PeerStatus]]:
+def plan_inputs(draw: Any) -> tuple[wire.DesiredState, dict[str, PeerStatus]]:
     desired_keys = draw(st.lists(st.sampled_from(PLAN_KEYS), unique=True, max_size=6))
     # Each network on one desired peer at most (DesiredState refuses a network routed twice),
     # one or two a peer, in either order (the device writes them sorted).
@@ -450,7 +446,7 @@ def plan_inputs(draw: Any) -> tuple[protocol.DesiredState, dict[str, PeerStatus]
         actual[key] = PeerStatus(
             key, allowed, draw(actual_endpoints), persistent_keepalive=keepalive
         )
-    desired = protocol.DesiredState(
+    desired = wire.DesiredState(
         node_id="nd_" + "ab" * 16, revision=1, peers=tuple(specs), issued_at=1
     )
     return desired, actual
@@ -458,7 +454,7 @@ def plan_inputs(draw: Any) -> tuple[protocol.DesiredState, dict[str, PeerStatus]
 
 @given(plan_inputs())
 def test_plan_gives_the_actions_of_the_plan_that_sorted_and_compared_everything(
-    inputs: tuple[protocol.DesiredState, dict[str, PeerStatus]],
+    inputs: tuple[wire.DesiredState, dict[str, PeerStatus]],
 ) -> None:
     desired, actual = inputs
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.gateway_http import (
     ENROLL_PATH,
     GatewayError,
@@ -102,7 +102,7 @@ def test_enrolment_posts_a_signed_envelope_and_returns_the_node():
     assert headers["Content-Type"] == "application/json"
     sent = json.loads(body)
     # The gateway can check it: signed by the identity whose key the body carries.
-    opened = protocol.open_envelope(sent, identity.public_key, protocol.ENROLL)
+    opened = wire.open_envelope(sent, identity.public_key, wire.ENROLL)
     assert opened["token"] == TOKEN
     assert TOKEN not in path and TOKEN not in json.dumps(headers)
 

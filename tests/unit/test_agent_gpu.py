@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pynvml
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.gpu import (
     DEFAULT_SIMULATED_MEMORY_MB,
     FakeGpu,
@@ -150,7 +150,7 @@ def test_nvml_gpus_fit_the_enrolment_message():
     }
 
     # What the reader produces must survive the wire type's validation unchanged.
-    parsed = [protocol.GpuInfo.from_dict(g) for g in body["gpus"]]
+    parsed = [wire.GpuInfo.from_dict(g) for g in body["gpus"]]
     assert tuple(parsed) == report.gpus
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from clawnode.backends.base import PeerStatus
+from clawnode.backends.memory import FakeBackend
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.protocol import DesiredState, PeerSpec
 from clawnode.reconcile import Add, Remove, Retire, Update, apply, leaving, plan, retired
-from clawnode.wireguard import FakeBackend, PeerStatus
+from clawnode.wire import DesiredState, PeerSpec
 
 pytestmark = [pytest.mark.unit]
 

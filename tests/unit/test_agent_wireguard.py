@@ -11,22 +11,16 @@ import errno
 import socket
 
 import pytest
+from clawnode.backends.base import PeerStatus, resolve_endpoint
+from clawnode.backends.choose import choose_backend
+from clawnode.backends.errors import WireGuardError
+from clawnode.backends.kernel import KernelBackend
+from clawnode.backends.links import kernel_wireguard_available
+from clawnode.backends.memory import FakeBackend
+from clawnode.backends.netlink import netlink_peer, peers_from_netlink_dump
+from clawnode.backends.uapi import hex_to_key, key_to_hex, parse_uapi_get
+from clawnode.backends.userspace import UserspaceBackend
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.wireguard import (
-    FakeBackend,
-    KernelBackend,
-    PeerStatus,
-    UserspaceBackend,
-    WireGuardError,
-    _kernel_peer,
-    choose_backend,
-    hex_to_key,
-    kernel_wireguard_available,
-    key_to_hex,
-    parse_uapi_get,
-    peers_from_netlink_dump,
-    resolve_endpoint,
-)
 from pyroute2.netlink.generic.wireguard import WG_CMD_GET_DEVICE, wgmsg
 
 pytestmark = [pytest.mark.unit]
@@ -61,7 +55,7 @@ def test_bad_keys_are_refused_before_they_reach_a_socket():
 def test_kernel_peer_request_replaces_only_this_peers_allowed_ips():
     public = key()
 
-    peer = _kernel_peer(public, ["10.100.128.9/32"], "203.0.113.2:51820", 25)
+    peer = netlink_peer(public, ["10.100.128.9/32"], "203.0.113.2:51820", 25)
 
     assert peer == {
         "public_key": public,
@@ -88,7 +82,7 @@ def test_kernel_peer_request_replaces_only_this_peers_allowed_ips():
 )
 def test_peer_values_are_validated_before_use(allowed, endpoint, keepalive):
     with pytest.raises(WireGuardError):
-        _kernel_peer(key(), allowed, endpoint, keepalive)
+        netlink_peer(key(), allowed, endpoint, keepalive)
 
 
 def test_endpoints_resolve_to_ip_literals():

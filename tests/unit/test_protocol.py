@@ -1,15 +1,17 @@
-"""Canonical signing and wire types shared by agent and gateway (clawnode.protocol)."""
+"""Canonical signing and wire types shared by agent and gateway (clawnode.wire)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from typing import Any
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
-from clawnode.protocol import (
+from clawnode.wire import (
     ACK,
     ACK_V1,
     AGENT_AUTH,
@@ -304,8 +306,8 @@ def test_envelope_round_trip() -> None:
     body = {"node_id": NODE.node_id, "revision": 2, "peers": [], "issued_at": 1}
     envelope = signed_envelope(DESIRED_STATE, body, GATEWAY)
     assert set(envelope) == {"kind", "body", "signature"}
-    wire = json.loads(json.dumps(envelope))
-    assert open_envelope(wire, GATEWAY.public_key, DESIRED_STATE) == body
+    received = json.loads(json.dumps(envelope))
+    assert open_envelope(received, GATEWAY.public_key, DESIRED_STATE) == body
 
 
 def test_envelope_of_another_kind_is_refused() -> None:
@@ -482,8 +484,8 @@ def test_enroll_request_round_trip_through_json_and_signature() -> None:
     request = EnrollRequest.from_dict(data)
     assert request.gpus[1].simulated is True
     assert request.identity_key == NODE.public_key
-    wire = json.loads(json.dumps(signed_envelope(ENROLL, request.to_dict(), NODE)))
-    body = open_envelope(wire, request.identity_key, ENROLL)
+    received = json.loads(json.dumps(signed_envelope(ENROLL, request.to_dict(), NODE)))
+    body = open_envelope(received, request.identity_key, ENROLL)
     assert EnrollRequest.from_dict(body) == request
     assert request.to_dict()["gpus"][0] == GpuInfo.from_dict(gpu_dict()).to_dict()
 
@@ -660,9 +662,19 @@ def test_overlapping_but_different_networks_are_allowed() -> None:
     assert len(state.peers) == 2
 
 
-def test_module_exports_what_it_documents() -> None:
-    for name in protocol.__all__:
-        assert hasattr(protocol, name), name
+@pytest.mark.parametrize(
+    "module", [wire, wire.signing, wire.fields, wire.schema, wire.messages, wire.channel]
+)
+def test_module_exports_what_it_documents(module: Any) -> None:
+    for name in module.__all__:
+        assert hasattr(module, name), name
+
+
+def test_the_package_gathers_every_public_name_of_its_modules() -> None:
+    parts = (wire.signing, wire.fields, wire.messages, wire.channel)
+    defined = {name: getattr(part, name) for part in parts for name in part.__all__}
+    for name in wire.__all__:
+        assert getattr(wire, name) is defined[name], name
 
 
 # -- ack and removal report ------------------------------------------------------------------------
@@ -674,45 +686,56 @@ def _wg() -> str:
 
 def test_ack_names_the_peers_still_leaving_and_round_trips() -> None:
     a, b = _wg(), _wg()
-    ack = protocol.Ack(
+    ack = wire.Ack(
         node_id=NODE.node_id,
         revision=4,
-        results=(protocol.PeerResult(a, ok=True),),
+        results=(wire.PeerResult(a, ok=True),),
         timestamp=1_700_000_000,
         removing=(b,),
     )
     envelope = signed_envelope(ACK, ack.to_dict(), NODE)
 
-    parsed = protocol.Ack.from_dict(open_envelope(envelope, NODE.public_key, ACK))
+    parsed = wire.Ack.from_dict(open_envelope(envelope, NODE.public_key, ACK))
 
     assert parsed == ack and parsed.removing == (b,)
     # An ack without the field (nothing leaving) is read as an empty list.
     body = ack.to_dict()
     del body["removing"]
-    assert protocol.Ack.from_dict(body).removing == ()
+    assert wire.Ack.from_dict(body).removing == ()
 
 
 def test_ack_and_removed_refuse_bad_keys_by_name() -> None:
     a = _wg()
     with pytest.raises(ProtocolError, match=r"removing\[1\]"):
-        protocol.Ack(
-            node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, "nope")
-        )
+        wire.Ack(node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, "nope"))
     with pytest.raises(ProtocolError, match="removing names a key twice"):
-        protocol.Ack(node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, a))
+        wire.Ack(node_id=NODE.node_id, revision=1, results=(), timestamp=1, removing=(a, a))
     with pytest.raises(ProtocolError, match="at least one"):
-        protocol.Removed(node_id=NODE.node_id, public_keys=(), timestamp=1)
+        wire.Removed(node_id=NODE.node_id, public_keys=(), timestamp=1)
     with pytest.raises(ProtocolError, match="public_keys must be a list"):
-        protocol.Removed.from_dict({"node_id": NODE.node_id, "public_keys": a, "timestamp": 1})
+        wire.Removed.from_dict({"node_id": NODE.node_id, "public_keys": a, "timestamp": 1})
 
 
 def test_removed_round_trips_through_its_signed_envelope() -> None:
     keys = (_wg(), _wg())
-    removed = protocol.Removed(node_id=NODE.node_id, public_keys=keys, timestamp=1_700_000_000)
+    removed = wire.Removed(node_id=NODE.node_id, public_keys=keys, timestamp=1_700_000_000)
     envelope = signed_envelope(REMOVED, removed.to_dict(), NODE)
 
-    assert protocol.Removed.from_dict(open_envelope(envelope, NODE.public_key, REMOVED)) == (
-        removed
-    )
+    assert wire.Removed.from_dict(open_envelope(envelope, NODE.public_key, REMOVED)) == removed
     with pytest.raises(BadSignature):
         open_envelope(envelope, NODE.public_key, ACK)  # not an ack, whatever its body
+
+
+def test_the_wire_contract_imports_nothing_of_the_agents_machinery_or_the_gateway() -> None:
+    # The gateway imports clawnode.wire: it must not pull in pyroute2, NVML, the websocket
+    # client or Django (design/architecture.md), nor the agent's system-facing modules.
+    code = (
+        "import sys, clawnode.wire; "
+        "print(' '.join(sorted(m for m in sys.modules "
+        "if m.split('.')[0] in ('pyroute2', 'pynvml', 'websockets', 'django') "
+        "or m in ('subprocess', 'clawnode.backends.links', 'clawnode.daemon', 'clawnode.gpu'))))"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert found == []

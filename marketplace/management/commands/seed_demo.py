@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -166,10 +166,10 @@ PROVIDERS: tuple[tuple[DemoUser, tuple[DemoNode, ...]], ...] = (
 )
 
 
-def _simulated_gpus(node: DemoNode) -> tuple[protocol.GpuInfo, ...]:
+def _simulated_gpus(node: DemoNode) -> tuple[wire.GpuInfo, ...]:
     name, memory_mb = node.gpu
     return tuple(
-        protocol.GpuInfo(
+        wire.GpuInfo(
             index=index,
             name=name,
             memory_mb=memory_mb,
@@ -189,7 +189,7 @@ def _enrol(owner, node: DemoNode) -> Node:
     listings to look at, not machines an agent will ever connect from."""
     identity = Identity.generate()
     issued = mesh.create_enrollment_token(owner)
-    body = protocol.EnrollRequest(
+    body = wire.EnrollRequest(
         token=issued.token,
         identity_public_key=identity.public_key_b64,
         wireguard_public_key=identity.wireguard_public_key_b64,
@@ -198,9 +198,9 @@ def _enrol(owner, node: DemoNode) -> Node:
         endpoint=node.endpoint,
         gpus=_simulated_gpus(node),
         timestamp=int(time.time()),
-        nonce=protocol.new_nonce(),
+        nonce=wire.new_nonce(),
     ).to_dict()
-    envelope = protocol.signed_envelope(protocol.ENROLL, body, identity)
+    envelope = wire.signed_envelope(wire.ENROLL, body, identity)
     enrolled = mesh.enroll_node(envelope, observed_ip=node.observed_ip).node
     # Region is operator metadata the enrolment request does not carry (no service sets it yet).
     Node.objects.filter(pk=enrolled.pk).update(region=node.region)

@@ -5,8 +5,8 @@ pyroute2 (never by running ``ip``). Importing pyroute2 costs the process about 8
 memory for good. The kernel backend needs pyroute2 for generic netlink on every peer change
 anyway; the userspace backend (wireguard-go, configured over its UAPI socket) needs it only once
 at start-up. So the userspace backend runs these one-off calls in a child,
-``python -m clawnode.links configure IFACE ADDRESS``, which imports pyroute2, does the work,
-answers one JSON line and exits: the long-lived agent never loads pyroute2 (``in_child``).
+``python -m clawnode.backends.links configure IFACE ADDRESS``, which imports pyroute2, does the
+work, answers one JSON line and exits: the long-lived agent never loads pyroute2 (``in_child``).
 
 This module imports nothing heavy at module level (no PyNaCl, no pyroute2), so the child starts
 quickly.
@@ -24,8 +24,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .errors import WireGuardError
+
 __all__ = [
-    "WireGuardError",
     "check_address",
     "configure_link",
     "delete_link",
@@ -35,14 +36,6 @@ __all__ = [
 ]
 
 CHILD_TIMEOUT_S = 60.0
-
-
-class WireGuardError(Exception):
-    """A WireGuard operation failed. ``errno`` is the positive errno when one is known, else 0."""
-
-    def __init__(self, message: str, errno: int = 0) -> None:
-        super().__init__(message)
-        self.errno = errno
 
 
 def check_address(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -176,7 +169,7 @@ def in_child(operation: str, *args: str, timeout: float = CHILD_TIMEOUT_S) -> An
     env = dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "clawnode.links", operation, *args],
+            [sys.executable, "-m", "clawnode.backends.links", operation, *args],
             env=env,
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -214,7 +207,7 @@ def main(argv: list[str]) -> int:
     """The child: one operation, one JSON line on stdout ({"result"} or {"error", "errno"})."""
     if not argv or argv[0] not in _OPERATIONS or len(argv) - 1 != len(_OPERATIONS[argv[0]][0]):
         usage = " | ".join(" ".join((name, *args)) for name, (args, _) in _OPERATIONS.items())
-        print(f"usage: python -m clawnode.links {usage}", file=sys.stderr)
+        print(f"usage: python -m clawnode.backends.links {usage}", file=sys.stderr)
         return 2
     function = _OPERATIONS[argv[0]][1]
     try:

@@ -1,0 +1,67 @@
+"""`clawnode run` as a process: load the enrolment, choose the backend, build the Agent
+(clawnode.daemon) with the real firewall and GPU reader, and serve until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+
+from .daemon import Agent, Revoked
+from .gpu import GpuReader
+from .state import StateDir
+
+__all__ = ["run_daemon"]
+
+
+def run_daemon(
+    state_dir: str, *, backend: str | None, simulated_gpus: str, say: Callable[[str], None]
+) -> int:
+    """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
+    Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
+    from .backends.choose import choose_backend, kernel_wireguard_available_in_child
+    from .firewall import NftFirewall
+    from .gpu import NvmlGpuReader, SimulatedGpuReader
+
+    state = StateDir(state_dir)
+    enrollment = state.load_enrollment()
+    identity = state.load_identity()
+    if enrollment is None or identity is None:
+        say(f"not enrolled ({state.path}): run `clawnode join --gateway URL --token TOKEN` first")
+        return 1
+    # `auto` asks a child process whether the kernel has WireGuard: asking here would import
+    # pyroute2 (8 MB for good) into an agent that may well end up on wireguard-go.
+    backend_class, why = choose_backend(
+        backend or enrollment.backend, kernel_probe=kernel_wireguard_available_in_child
+    )
+    say(f"backend: {why}")
+    reader: GpuReader = (
+        # Seeded by the node id: the same simulated UUIDs as `join` reported.
+        SimulatedGpuReader(simulated_gpus, seed=identity.node_id)
+        if simulated_gpus
+        else NvmlGpuReader()
+    )
+    agent = Agent(
+        state=state,
+        enrollment=enrollment,
+        identity=identity,
+        backend=backend_class(),
+        firewall=NftFirewall(),
+        gpus=reader,
+        say=say,
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await agent.run(stop)
+        except Revoked as exc:
+            say(f"the gateway refused this node ({exc}): enrol again with clawnode join")
+            return 3
+        say("stopped; the interface and its peers stay as the last desired state said")
+        return 0
+
+    return asyncio.run(main())
