@@ -8,7 +8,7 @@ change costs with 1,000 peers on the interface.
 (a) Idle memory. A real gateway (uvicorn + Celery worker on PostgreSQL and Redis, bound to a
     testbed bridge) and the real daemon: `clawnode join` then `clawnode run` with the userspace
     backend in a provider namespace. The node's desired state gets `--peers` job peers through
-    meshnet.services.create_job_peer (refs "bench:i", one push per peer, as orders would);
+    meshnet.peers.create_job_peer (refs "bench:i", one push per peer, as orders would);
     once the agent has acknowledged the last revision and its wireguard-go has every peer, the
     agent idles `--idle` seconds (past a metering sample and a few heartbeats), then VmRSS (and
     VmHWM, RssAnon, RssFile) of the clawnode process and, apart, of its wireguard-go child are
@@ -171,8 +171,9 @@ def idle_memory(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[
         from django.contrib.auth import get_user_model
         from django.core.management import call_command
 
-        from meshnet import services as mesh
+        from meshnet.enrolment import create_enrollment_token
         from meshnet.models import Node
+        from meshnet.peers import create_job_peer
 
         call_command("migrate", verbosity=0)
         provider = get_user_model().objects.create_user(
@@ -183,7 +184,7 @@ def idle_memory(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[
             gpus = "RTX 4090:2"
             name, _ = join_node(
                 bed, prov, gateway_url=gateway.base_url,
-                token=mesh.create_enrollment_token(provider).token, state_dir=state_dir,
+                token=create_enrollment_token(provider).token, state_dir=state_dir,
                 iface=prov_if, endpoint=f"{prov_ip}:51820", gpus=gpus,
             )  # fmt: skip
             node = Node.objects.get(name=name)
@@ -203,7 +204,7 @@ def idle_memory(args: argparse.Namespace, database_url: str, tmp: Path) -> dict[
             started = time.perf_counter()
             for i in range(args.peers):
                 _, public = generate_wireguard_keypair()
-                mesh.create_job_peer(node, encode_key(public), ref=f"bench:{i}")
+                create_job_peer(node, encode_key(public), ref=f"bench:{i}")
             desired = Node.objects.get(pk=node.pk).desired_revision
 
             def settled() -> bool:

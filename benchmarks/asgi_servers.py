@@ -163,7 +163,7 @@ def main() -> None:
     from rest_framework.test import APIClient
 
     from marketplace.services import issue_api_token
-    from meshnet import services as mesh
+    from meshnet.enrolment import create_enrollment_token, enroll_node
     from tests.factories import enroll_request, gpu
 
     call_command("migrate", verbosity=0)
@@ -172,8 +172,8 @@ def main() -> None:
     token = issue_api_token(buyer)
     identity = Identity.generate()
     provider = get_user_model().objects.get(username="home-provider")
-    issued = mesh.create_enrollment_token(provider)
-    mesh.enroll_node(enroll_request(identity, issued.token, gpus=[gpu(0, simulated=True)]),
+    issued = create_enrollment_token(provider)
+    enroll_node(enroll_request(identity, issued.token, gpus=[gpu(0, simulated=True)]),
                      observed_ip=None)  # fmt: skip
 
     client = APIClient()

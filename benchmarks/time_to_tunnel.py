@@ -13,7 +13,7 @@ interface configured with `wg`, a fresh `wg genkey` key per order.
 Per order (sequential; one warm-up order first, reported apart):
 - t0 = the wall clock just before the POST.
 - ack: Order.running_since - t0. The gateway stamps running_since when it processes the agent's
-  signed ACK (meshnet.services.acknowledge_revision), so the figure has no polling error.
+  signed ACK (meshnet.agent_channel.acknowledge_revision), so the figure has no polling error.
   Also reported: when the buyer's side saw `running` (polling the database every 5 ms), and the
   split of the ack path: POST answered, order provisioned (the Celery task's transition row),
   acknowledged.
@@ -536,7 +536,7 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[dict[st
         from marketplace import ledger
         from marketplace.models import Order, OrderTransition
         from marketplace.services import create_listing, issue_api_token
-        from meshnet import services as mesh
+        from meshnet.enrolment import create_enrollment_token
         from meshnet.models import Node
 
         call_command("migrate", verbosity=0)
@@ -549,7 +549,7 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[dict[st
             gpus = "RTX 4090:2"
             name, mesh_ip = join_node(
                 bed, prov, gateway_url=gateway.base_url,
-                token=mesh.create_enrollment_token(provider).token, state_dir=state_dir,
+                token=create_enrollment_token(provider).token, state_dir=state_dir,
                 iface=prov_if, endpoint=f"{prov_ip}:{PROVIDER_PORT}", gpus=gpus,
             )  # fmt: skip
             node = Node.objects.get(name=name)

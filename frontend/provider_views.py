@@ -30,7 +30,7 @@ from marketplace import ledger, payments
 from marketplace import services as market
 from marketplace.errors import MarketError
 from marketplace.models import IdempotencyRecord, Listing, Order, PayoutRequest, Settlement
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token
 from meshnet.ipplan import REGIONS
 from meshnet.models import EnrollmentToken, Gpu, Node
 
@@ -114,7 +114,7 @@ def create_token(request: HttpRequest) -> HttpResponse:
     """Create an enrolment token and show its install line, once: the answer to this POST is
     the only place the token is ever shown (only its hash is stored), so it is not a redirect
     and the token never appears in a URL, a session or a log."""
-    issued = mesh.create_enrollment_token(request.user)
+    issued = create_enrollment_token(request.user)
     response = render(
         request,
         "frontend/provider/nodes.html",

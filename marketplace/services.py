@@ -32,7 +32,7 @@ from marketplace.models import (
     Settlement,
 )
 from meshnet import ipplan
-from meshnet import services as mesh
+from meshnet import peers as mesh
 from meshnet.errors import MeshError
 from meshnet.models import JobPeerKey, Node, NodeOutage
 
@@ -546,7 +546,7 @@ def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
 def rekey_order(order: Order, wireguard_public_key: str) -> Order:
     """Give a live order a new WireGuard public key: the buyer lost the private key of the old
     one. Before provisioning only the order changes; after it, the job peer keeps its address and
-    gets the new key in a new desired revision (meshnet.services.replace_peer_key), so the
+    gets the new key in a new desired revision (meshnet.peers.replace_peer_key), so the
     agent's reconcile drops the old key's peer and adds the new one. Sending the key the order
     already has is a no-op (a retried request).
 

@@ -1,5 +1,5 @@
 """The mesh in the Django admin. Rows are read-only here: nodes, peers and leases change
-through meshnet.services (an operator revokes a node with the action below), never by editing a
+through meshnet's services (an operator revokes a node with the action below), never by editing a
 row, which would skip the locks, the desired-state revision and the agent's notification.
 A node's region is the one field an operator sets by hand (operator metadata)."""
 
@@ -15,7 +15,7 @@ from django.db.models import Count, F, Q, Sum
 from django.template.response import TemplateResponse
 from django.utils import timezone
 
-from meshnet import ipplan, services
+from meshnet import ipplan
 from meshnet.models import (
     EnrollmentToken,
     Gpu,
@@ -28,6 +28,7 @@ from meshnet.models import (
     NodeOutage,
     UsedNonce,
 )
+from meshnet.nodes import revoke_node
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -179,14 +180,14 @@ class NodeAdmin(admin.ModelAdmin):
         permissions=["change"],
     )
     def revoke_nodes(self, request, queryset):
-        """Asks for a reason first (an intermediate page), then calls services.revoke_node for
+        """Asks for a reason first (an intermediate page), then calls revoke_node for
         each node: its agent is disconnected and refused from then on, and marketplace fails
         its live orders with their holds released in full."""
         if "apply" in request.POST:
             form = RevokeForm(request.POST)
             if form.is_valid():
                 reason = f"{form.cleaned_data['reason']} ({request.user.get_username()})"
-                revoked = [node.name for node in queryset if services.revoke_node(node, reason)]
+                revoked = [node.name for node in queryset if revoke_node(node, reason)]
                 skipped = queryset.count() - len(revoked)
                 if revoked:
                     self.message_user(

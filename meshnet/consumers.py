@@ -17,9 +17,10 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from clawnode import wire
 
-from meshnet import services
+from meshnet import agent_channel, nodes
+from meshnet.agent_channel import AgentRefused, node_group
+from meshnet.desired_state import signed_desired_state
 from meshnet.models import Node
-from meshnet.tasks import node_group
 
 log = logging.getLogger(__name__)
 
@@ -70,58 +71,60 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         kind = content.get("type") if isinstance(content, dict) else None
         try:
             if kind is None:
-                raise services.AgentRefused(
+                raise AgentRefused(
                     "frames must be JSON objects with a type", wire.CLOSE_BAD_MESSAGE
                 )
             if self.node is None:
                 if kind != "auth":
-                    raise services.AgentRefused("authenticate first", wire.CLOSE_AUTH_FAILED)
+                    raise AgentRefused("authenticate first", wire.CLOSE_AUTH_FAILED)
                 await self._authenticate(content.get("envelope"))
                 return
             # Re-check on every frame: a node revoked mid-connection is cut off.
             node = await database_sync_to_async(Node.objects.filter(pk=self.node.pk).first)()
             if node is None or node.revoked_at is not None:
-                raise services.AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+                raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
             self.node = node
             if kind == "heartbeat":
-                await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
+                await database_sync_to_async(nodes.record_heartbeat)(node, self._peer_ip())
             elif kind == "inventory":
-                await database_sync_to_async(services.update_inventory)(
+                await database_sync_to_async(nodes.update_inventory)(
                     node,
                     content.get("gpus") or [],
                     content.get("health") or [],
                     str(content.get("reason") or "")[:300],
                 )
             elif kind == "report":
-                await database_sync_to_async(services.record_report)(node, content.get("detail"))
+                await database_sync_to_async(agent_channel.record_report)(
+                    node, content.get("detail")
+                )
             elif kind == "metering":
-                await database_sync_to_async(services.ingest_metering)(
+                await database_sync_to_async(agent_channel.ingest_metering)(
                     node, content.get("envelope")
                 )
             elif kind in ("ack", "removed"):
                 # Heartbeat first: a silence that just ended is recorded as an outage before
                 # the message can complete and settle an order (billing leaves outages out).
-                await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
-                process = services.process_ack if kind == "ack" else services.process_removed
+                await database_sync_to_async(nodes.record_heartbeat)(node, self._peer_ip())
+                process = (
+                    agent_channel.process_ack if kind == "ack" else agent_channel.process_removed
+                )
                 await database_sync_to_async(process)(node, content.get("envelope"))
             else:
-                raise services.AgentRefused(
-                    f"unknown message type {kind!r}", wire.CLOSE_BAD_MESSAGE
-                )
-        except services.AgentRefused as exc:
+                raise AgentRefused(f"unknown message type {kind!r}", wire.CLOSE_BAD_MESSAGE)
+        except AgentRefused as exc:
             await self._refuse(str(exc), exc.close_code)
         except (wire.ProtocolError, ValueError, TypeError) as exc:
             await self._refuse(f"bad message: {exc}", wire.CLOSE_BAD_MESSAGE)
 
     async def _authenticate(self, envelope) -> None:
-        node = await database_sync_to_async(services.authenticate_agent)(
+        node = await database_sync_to_async(agent_channel.authenticate_agent)(
             envelope if isinstance(envelope, dict) else {}, challenge=self.challenge
         )
         # A challenge answers once: a second auth frame on this connection is refused above.
         self.node = node
         self.challenge = ""
         await self.channel_layer.group_add(node_group(node.node_id), self.channel_name)
-        await database_sync_to_async(services.record_heartbeat)(node, self._peer_ip())
+        await database_sync_to_async(nodes.record_heartbeat)(node, self._peer_ip())
         await self.send_json(
             {
                 "type": "welcome",
@@ -130,11 +133,11 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 "mesh_address": node.mesh_address,
             }
         )
-        envelope = await database_sync_to_async(services.signed_desired_state)(node)
+        envelope = await database_sync_to_async(signed_desired_state)(node)
         await self.send_json({"type": "desired_state", "envelope": envelope})
 
     async def node_revoked(self, event) -> None:
-        """Group message from meshnet.services.revoke_node: close now rather than at the
+        """Group message from meshnet.nodes.revoke_node: close now rather than at the
         agent's next frame (which the per-frame check would refuse anyway)."""
         if self.node is not None:
             await self._refuse("node revoked", wire.CLOSE_FORBIDDEN)

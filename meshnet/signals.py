@@ -13,5 +13,5 @@ peer_removed = Signal()
 peer_traffic = Signal()
 
 # kwargs: node (meshnet.models.Node, already revoked and committed), reason (str). Sent outside
-# any lock by meshnet.services.revoke_node; receivers end whatever ran on the node.
+# any lock by meshnet.nodes.revoke_node; receivers end whatever ran on the node.
 node_revoked = Signal()

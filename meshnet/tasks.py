@@ -1,4 +1,7 @@
-"""Thin Celery tasks of the mesh: take ids, re-read, call one service."""
+"""Thin Celery tasks of the mesh: take ids, re-read, call one service.
+
+Imports point one way: the services that enqueue a task (meshnet.peers) import this module, and
+this module imports only the services its tasks call, none of which enqueue."""
 
 from __future__ import annotations
 
@@ -11,14 +14,12 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
+from meshnet import nodes
+from meshnet.agent_channel import node_group
+from meshnet.desired_state import signed_desired_state
 from meshnet.models import MeteringSample, Node, UsedNonce
 
 log = logging.getLogger(__name__)
-
-
-def node_group(node_id: str) -> str:
-    """The Channels group an agent's websocket joins."""
-    return f"node.{node_id}"
 
 
 @shared_task(acks_late=True)
@@ -28,8 +29,6 @@ def push_desired_state(node_pk: int) -> None:
     The channel layer delivers at most once; nothing depends on this arriving, since the
     database holds desired and acknowledged revisions and the agent gets full state on connect.
     """
-    from meshnet.services import signed_desired_state
-
     node = Node.objects.filter(pk=node_pk, revoked_at__isnull=True).first()
     if node is None:
         return
@@ -94,7 +93,5 @@ def prune_metering_samples() -> int:
 @shared_task(acks_late=True)
 def close_out_silent_nodes() -> int:
     """Release the job addresses and keys of peer removals that a long-silent node will never
-    acknowledge (meshnet.services.close_out_silent_nodes)."""
-    from meshnet.services import close_out_silent_nodes as close_out
-
-    return close_out()
+    acknowledge (meshnet.nodes.close_out_silent_nodes)."""
+    return nodes.close_out_silent_nodes()

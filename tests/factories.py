@@ -8,7 +8,7 @@ import time
 from clawnode import wire
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token, enroll_node
 
 
 def enroll_request(
@@ -51,9 +51,9 @@ def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: b
 def enrolled_node(owner, gpus=None, *, region: str = "eu-west"):
     """A node of `owner` enrolled through the real signed enrolment path."""
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(owner)
+    issued = create_enrollment_token(owner)
     gpus = gpus if gpus is not None else [gpu(0), gpu(1)]
-    node = mesh.enroll_node(
+    node = enroll_node(
         enroll_request(identity, issued.token, gpus=gpus), observed_ip="203.0.113.10"
     ).node
     if region:

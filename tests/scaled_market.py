@@ -25,8 +25,10 @@ from marketplace import services as market
 from marketplace.management.commands.seed_demo import PROVIDERS, DemoNode, _simulated_gpus
 from marketplace.models import Listing, Order
 from marketplace.reliability import refresh_reliability
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision, record_report
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
+from meshnet.nodes import record_heartbeat
 from tests.factories import wg_public_key
 
 USD = 1_000_000
@@ -60,7 +62,7 @@ def _user(username: str):
 
 def _ack(node: Node, at=None) -> None:
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision, at=at)
+    acknowledge_revision(node, node.desired_revision, at=at)
 
 
 def _order(buyer, listing: Listing, *, hours: int = 2) -> Order:
@@ -78,7 +80,7 @@ def _enrol(owner, demo_node: DemoNode) -> tuple[Node, Identity]:
     """seed_demo's signed enrolment, keeping the identity (seed_demo drops it) so that the
     node's metering samples can be signed the way its agent would sign them."""
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(owner)
+    issued = create_enrollment_token(owner)
     body = wire.EnrollRequest(
         token=issued.token,
         identity_public_key=identity.public_key_b64,
@@ -91,7 +93,7 @@ def _enrol(owner, demo_node: DemoNode) -> tuple[Node, Identity]:
         nonce=wire.new_nonce(),
     ).to_dict()
     envelope = wire.signed_envelope(wire.ENROLL, body, identity)
-    node = mesh.enroll_node(envelope, observed_ip=demo_node.observed_ip).node
+    node = enroll_node(envelope, observed_ip=demo_node.observed_ip).node
     Node.objects.filter(pk=node.pk).update(region=demo_node.region)
     node.region = demo_node.region
     return node, identity
@@ -126,8 +128,8 @@ def seed_copy(index: int, *, shared_users: bool = False) -> Copy:
                     )
                 )
     for node in copy.nodes[::2]:
-        mesh.record_heartbeat(node, node.observed_ip)
-    mesh.record_report(copy.nodes[-1], "desired state refused: bad signature (scaled market)")
+        record_heartbeat(node, node.observed_ip)
+    record_report(copy.nodes[-1], "desired state refused: bad signature (scaled market)")
 
     copy.buyer = make(name("buyer"))
     ledger.grant_credits(copy.buyer, 5_000 * USD, memo=f"scaled market {index}")

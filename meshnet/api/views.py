@@ -1,10 +1,11 @@
 """Mesh API: a provider's nodes, enrolment tokens, and the agent's enrolment call.
 
-Views are thin: they check shape with serializers and call meshnet.services.
+Views are thin: they check shape with serializers and call meshnet.enrolment.
 """
 
 from __future__ import annotations
 
+from config.throttling import EnrollThrottle
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -13,7 +14,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from meshnet import ipplan, services
+from meshnet import ipplan
 from meshnet.api.serializers import (
     EnrollEnvelopeSerializer,
     EnrollmentSerializer,
@@ -21,9 +22,9 @@ from meshnet.api.serializers import (
     ErrorSerializer,
     NodeSerializer,
 )
+from meshnet.enrolment import create_enrollment_token, enroll_node, websocket_url
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import Node
-from meshnet.throttling import EnrollThrottle
 
 
 def gateway_base_url(request: Request) -> str:
@@ -39,7 +40,7 @@ class EnrollmentTokenView(APIView):
         summary="Create a one-time enrolment token and the install line for a provider machine",
     )
     def post(self, request: Request) -> Response:
-        issued = services.create_enrollment_token(request.user)
+        issued = create_enrollment_token(request.user)
         base = gateway_base_url(request)
         data = {
             "token": issued.token,
@@ -100,7 +101,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
     def enroll(self, request: Request) -> Response:
         envelope = EnrollEnvelopeSerializer(data=request.data)
         envelope.is_valid(raise_exception=True)
-        enrolment = services.enroll_node(
+        enrolment = enroll_node(
             dict(envelope.validated_data), observed_ip=request.META.get("REMOTE_ADDR")
         )
         node = enrolment.node
@@ -109,7 +110,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             "name": node.name,
             "mesh_address": node.mesh_address,
             "gateway_public_key": gateway_identity().public_key_b64,
-            "websocket_url": services.websocket_url(gateway_base_url(request)),
+            "websocket_url": websocket_url(gateway_base_url(request)),
             "wireguard_listen_port": node.listen_port,
             "hub_address": str(ipplan.GATEWAY_HUB_ADDRESS),
         }

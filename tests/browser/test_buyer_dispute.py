@@ -25,7 +25,7 @@ from django.utils import timezone
 from marketplace import ledger, payments
 from marketplace.models import Dispute, Order
 from marketplace.services import create_listing, place_order, provision_order, stop_order
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from tests.browser.test_buyer_flow import usd
 from tests.factories import enrolled_node, gpu, wg_public_key
@@ -45,7 +45,7 @@ def shot(page, name: str) -> None:
 
 
 def ack(node: Node, at=None) -> None:
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision, at=at)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision, at=at)
 
 
 def settled_order(buyer, listing) -> Order:

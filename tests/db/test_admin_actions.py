@@ -25,7 +25,8 @@ from marketplace import ledger
 from marketplace.audit import audit_ledger
 from marketplace.models import EscrowHold, LedgerTransaction, Listing, Order
 from marketplace.services import create_listing, place_order, provision_order
-from meshnet import services as mesh
+from meshnet.agent_channel import AgentRefused, acknowledge_revision, authenticate_agent
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import IpAllocation, JobPeer, Node
 from tests.factories import enroll_request, gpu, wg_public_key
 from tests.integration.conftest import running_gateway
@@ -262,8 +263,8 @@ def test_staff_without_the_ledger_permission_cannot_reverse(buyer, django_user_m
 
 def enroll(owner, identity: Identity | None = None) -> Node:
     identity = identity or Identity.generate()
-    token = mesh.create_enrollment_token(owner).token
-    return mesh.enroll_node(
+    token = create_enrollment_token(owner).token
+    return enroll_node(
         enroll_request(identity, token, gpus=[gpu(0), gpu(1), gpu(2)]), observed_ip="203.0.113.8"
     ).node
 
@@ -279,9 +280,7 @@ def live_orders(provider, buyer, node) -> tuple[Order, Order]:
     )
     provision_order(running.pk)
     node.refresh_from_db()
-    mesh.acknowledge_revision(
-        node, node.desired_revision, at=timezone.now() - timedelta(minutes=30)
-    )
+    acknowledge_revision(node, node.desired_revision, at=timezone.now() - timedelta(minutes=30))
     pending = place_order(
         buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=wg_public_key()
     )
@@ -338,8 +337,8 @@ def test_a_revoked_node_cannot_authenticate_again(ops, provider):
     body = wire.AgentAuth(
         node_id=identity.node_id, challenge="c" * 43, timestamp=int(time.time())
     ).to_dict()
-    with pytest.raises(mesh.AgentRefused) as refused:
-        mesh.authenticate_agent(
+    with pytest.raises(AgentRefused) as refused:
+        authenticate_agent(
             wire.signed_envelope(wire.AGENT_AUTH, body, identity), challenge="c" * 43
         )
     assert refused.value.close_code == wire.CLOSE_FORBIDDEN

@@ -7,8 +7,9 @@ import pytest
 from marketplace import ledger
 from marketplace.models import Order
 from marketplace.services import create_listing, place_order, provision_order, stop_order
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import JobPeer, Node
+from meshnet.nodes import update_inventory
 from tests.factories import enrolled_node, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -25,7 +26,7 @@ def running(buyer, provider):
         buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
     )
     provision_order(order.pk)
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     return node, Order.objects.get(pk=order.pk), key
 
 
@@ -33,19 +34,19 @@ def test_a_failed_removal_keeps_the_peer_and_the_revision_unacknowledged(running
     node, order, key = running
     stop_order(order)
     revision = Node.objects.get(pk=node.pk).desired_revision
-    mesh.acknowledge_revision(node, revision, failed_keys=frozenset({key}))
+    acknowledge_revision(node, revision, failed_keys=frozenset({key}))
     peer = JobPeer.objects.get(ref=f"order:{order.pk}")
     assert peer.state == "removing"  # still on the interface: not settled, address not freed
     assert Order.objects.get(pk=order.pk).state == "stopping"
     assert Node.objects.get(pk=node.pk).acked_revision < revision  # the reconciler re-pushes
-    mesh.acknowledge_revision(node, revision)
+    acknowledge_revision(node, revision)
     assert JobPeer.objects.get(pk=peer.pk).state == "removed"
     assert Order.objects.get(pk=order.pk).state == "completed"
 
 
 def test_inventory_keeps_known_gpus_when_the_driver_hiccups(running):
     node, _order, _key = running
-    mesh.update_inventory(node, [], [], reason="NVML: driver not loaded")
+    update_inventory(node, [], [], reason="NVML: driver not loaded")
     node.refresh_from_db()
     assert node.gpus.count() == 1
     assert "driver not loaded" in node.last_report
@@ -53,7 +54,7 @@ def test_inventory_keeps_known_gpus_when_the_driver_hiccups(running):
 
 def test_inventory_health_readings_are_stored(running):
     node, _order, _key = running
-    mesh.update_inventory(
+    update_inventory(
         node,
         [gpu(0).to_dict()],
         [{"index": 0, "temperature_c": 61, "utilization_pct": 87}],

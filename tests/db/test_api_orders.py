@@ -22,7 +22,7 @@ from marketplace.models import (
     Order,
     OrderTransition,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -286,14 +286,14 @@ def test_once_provisioned_the_order_shows_its_tunnel(buyer_api, placed, node):
 def test_a_completed_order_shows_what_was_charged(buyer_api, funded_buyer, placed, node):
     services.provision_order(placed["id"])
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision)  # the agent added the peer
+    acknowledge_revision(node, node.desired_revision)  # the agent added the peer
     assert buyer_api.get(f"{ORDERS}{placed['id']}/").json()["state"] == "running"
 
     stopped = buyer_api.post(f"{ORDERS}{placed['id']}/stop/")
     assert stopped.status_code == 200
     assert stopped.json()["state"] == "stopping"
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision)  # the agent removed it
+    acknowledge_revision(node, node.desired_revision)  # the agent removed it
 
     body = buyer_api.get(f"{ORDERS}{placed['id']}/").json()
     order = Order.objects.select_related("settlement").get(pk=placed["id"])

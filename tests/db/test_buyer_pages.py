@@ -28,7 +28,9 @@ from marketplace.services import (
     quote_for,
     stop_order,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision, ingest_metering
+from meshnet.desired_state import desired_state
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, Node
 from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key
 
@@ -44,8 +46,8 @@ def login(client, user) -> None:
 @pytest.fixture
 def node_identity(provider):
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(provider)
+    node = enroll_node(
         enroll_request(identity, issued.token, gpus=[gpu(0), gpu(1)]), observed_ip="203.0.113.9"
     ).node
     return identity, node
@@ -60,7 +62,7 @@ def listing(provider, node_identity):
 
 
 def ack(node: Node, at=None) -> None:
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision, at=at)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision, at=at)
 
 
 @pytest.fixture
@@ -380,7 +382,7 @@ def test_usage_is_charted_from_the_nodes_signed_metering_samples(
     key = running_order.wireguard_public_key
     start = int(time.time())
     for seq, (rx, tx) in enumerate([(0, 0), (1000, 4000), (3000, 10_000), (3500, 30_000)]):
-        mesh.ingest_metering(node, metering(identity, key, seq + 1, start + 10 * seq, rx, tx))
+        ingest_metering(node, metering(identity, key, seq + 1, start + 10 * seq, rx, tx))
     login(client, buyer)
 
     page = text(client.get(f"/orders/{running_order.pk}/"))
@@ -659,7 +661,7 @@ def test_rekeying_a_running_order_swaps_the_peer_key_in_a_new_revision(
     )
     node = Node.objects.get(pk=listing.node_id)
     assert node.desired_revision == before + 1
-    desired = {p.public_key for p in mesh.desired_state(node).peers}
+    desired = {p.public_key for p in desired_state(node).peers}
     assert new_key in desired and old_key not in desired
     ack(node)
     assert JobPeer.objects.get(pk=peer.pk).state == "active"

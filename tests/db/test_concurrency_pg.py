@@ -29,7 +29,9 @@ from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction, Order
 from meshnet import ipplan
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision, ingest_metering
+from meshnet.allocation import allocate_address
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.errors import PoolExhausted
 from meshnet.models import IpAllocation, IpPool, JobPeerKey, Node
 from tests import factories
@@ -77,7 +79,7 @@ def test_eight_threads_allocate_the_whole_molt_range_once_each_then_get_409(prov
         mine: list[str] = []
         while True:
             try:
-                lease = mesh.allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+                lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
             except PoolExhausted:
                 return mine
             mine.append(lease.address)
@@ -94,12 +96,12 @@ def test_eight_threads_allocate_the_whole_molt_range_once_each_then_get_409(prov
     assert IpPool.objects.get(name=ipplan.MOLT_POOL).next_offset == 32767
 
     with pytest.raises(PoolExhausted) as err:
-        mesh.allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+        allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
     assert err.value.status_code == 409 and err.value.pool_name == "molt"
 
     # Over HTTP, a node enrolling into the full pool gets the 409 naming the pool, and nothing
     # of the enrolment is kept (the token can still be used once space frees up).
-    issued = mesh.create_enrollment_token(provider)
+    issued = create_enrollment_token(provider)
     body = factories.enroll_request(Identity.generate(), issued.token)
     response = APIClient().post("/api/v1/nodes/enroll/", body, format="json")
     assert response.status_code == 409, response.content
@@ -337,7 +339,7 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
 ):
     node, order = one_gpu_order(buyer, provider)
     order = services.provision_order(order.pk)
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     key = JobPeerKey.objects.get(job_peer=order.job_peer_id, retired_at__isnull=True)
 
     failures = race(
@@ -362,15 +364,15 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
     # also uses up the bandwidth allowance, so its transaction stops the order (node, order).
     settings.MOLT_BANDWIDTH_ALLOWANCE_GIB = 1
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(provider)
+    node = enroll_node(
         factories.enroll_request(identity, issued.token, gpus=[factories.gpu(0)]),
         observed_ip=None,
     ).node
     key = factories.wg_public_key()
     _, order = one_gpu_order(buyer, provider, node=node, key=key)
     order = services.provision_order(order.pk)
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     over = wire.MeteringSample(
         node_id=identity.node_id,
         boot_id=wire.new_nonce(),
@@ -384,7 +386,7 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
         # acknowledge_revision's locks (and revoke_node's): the node's row, then key rows.
         hold=lambda: Node.objects.select_for_update().get(pk=node.pk),
         then=lambda: list(JobPeerKey.objects.select_for_update().filter(public_key=key)),
-        racer=lambda: mesh.ingest_metering(node, envelope),  # 1.2 GiB: past the 1 GiB allowance
+        racer=lambda: ingest_metering(node, envelope),  # 1.2 GiB: past the 1 GiB allowance
     )
 
     assert failures == []

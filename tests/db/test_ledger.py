@@ -324,17 +324,15 @@ def settle(buyer, order):
 
     from django.utils import timezone
 
-    from meshnet import services as mesh
+    from meshnet.agent_channel import acknowledge_revision
 
     services.provision_order(order.pk)
     node = order.listing.node
     node.refresh_from_db()
-    mesh.acknowledge_revision(
-        node, node.desired_revision, at=timezone.now() - timedelta(minutes=30)
-    )
+    acknowledge_revision(node, node.desired_revision, at=timezone.now() - timedelta(minutes=30))
     services.stop_order(type(order).objects.get(pk=order.pk))
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision)
+    acknowledge_revision(node, node.desired_revision)
     return type(order).objects.select_related("earnings_hold").get(pk=order.pk)
 
 

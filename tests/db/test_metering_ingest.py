@@ -14,7 +14,14 @@ import meshnet.tasks
 from marketplace import ledger
 from marketplace.models import Order
 from marketplace.services import create_listing, place_order, provision_order, stop_order
-from meshnet import services as mesh
+from meshnet.agent_channel import (
+    AgentRefused,
+    acknowledge_revision,
+    ingest_metering,
+    process_ack,
+    process_removed,
+)
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from tests.factories import enroll_request, gpu, wg_public_key
 
@@ -26,10 +33,8 @@ BOOT = wire.new_nonce()
 @pytest.fixture
 def running_job(buyer, provider):
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
-        enroll_request(identity, issued.token, gpus=[gpu(0)]), observed_ip=None
-    ).node
+    issued = create_enrollment_token(provider)
+    node = enroll_node(enroll_request(identity, issued.token, gpus=[gpu(0)]), observed_ip=None).node
     listing = create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=1_000_000, price_per_gib=0
     )
@@ -39,7 +44,7 @@ def running_job(buyer, provider):
         buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
     )
     order = provision_order(order.pk)
-    mesh.acknowledge_revision(node, node.__class__.objects.get(pk=node.pk).desired_revision)
+    acknowledge_revision(node, node.__class__.objects.get(pk=node.pk).desired_revision)
     order.refresh_from_db()
     assert order.state == "running"
     return identity, node, order, key
@@ -58,8 +63,8 @@ def sample(identity, key, seq, epoch, rx, tx, signer=None):
 
 def test_samples_add_deltas_to_the_order(running_job):
     identity, node, order, key = running_job
-    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
-    mesh.ingest_metering(node, sample(identity, key, 2, 0, 1500, 9000))
+    ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
+    ingest_metering(node, sample(identity, key, 2, 0, 1500, 9000))
     order.refresh_from_db()
     # rx is what the provider received (the buyer sent): the buyer's bytes_out.
     assert (order.bytes_out, order.bytes_in) == (1500, 9000)
@@ -68,8 +73,8 @@ def test_samples_add_deltas_to_the_order(running_job):
 def test_a_resent_sample_counts_once(running_job):
     identity, node, order, key = running_job
     envelope = sample(identity, key, 1, 0, 1000, 2000)
-    assert mesh.ingest_metering(node, envelope) == 1
-    assert mesh.ingest_metering(node, envelope) == 0
+    assert ingest_metering(node, envelope) == 1
+    assert ingest_metering(node, envelope) == 0
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (1000, 2000)
     assert MeteringSample.objects.filter(node=node).count() == 1
@@ -77,17 +82,17 @@ def test_a_resent_sample_counts_once(running_job):
 
 def test_counter_reset_with_new_epoch_loses_nothing(running_job):
     identity, node, order, key = running_job
-    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 1000))
-    mesh.ingest_metering(node, sample(identity, key, 2, 1, 300, 400))  # agent restarted the peer
-    mesh.ingest_metering(node, sample(identity, key, 3, 1, 800, 900))
+    ingest_metering(node, sample(identity, key, 1, 0, 1000, 1000))
+    ingest_metering(node, sample(identity, key, 2, 1, 300, 400))  # agent restarted the peer
+    ingest_metering(node, sample(identity, key, 3, 1, 800, 900))
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (1800, 1900)
 
 
 def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job):
     identity, node, order, key = running_job
-    with pytest.raises(mesh.AgentRefused, match="metering sample refused"):
-        mesh.ingest_metering(node, sample(identity, key, 1, 0, 10, 10, signer=Identity.generate()))
+    with pytest.raises(AgentRefused, match="metering sample refused"):
+        ingest_metering(node, sample(identity, key, 1, 0, 10, 10, signer=Identity.generate()))
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (0, 0)
     assert not MeteringSample.objects.exists()
@@ -114,10 +119,10 @@ def stop_and_ack(identity, node, order, key, removing=()) -> wire.Ack:
 
 def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_job):
     identity, node, order, key = running_job
-    mesh.ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
+    ingest_metering(node, sample(identity, key, 1, 0, 1000, 5000))
     ack = stop_and_ack(identity, node, order, key, removing=(key,))
 
-    mesh.process_ack(node, signed(identity, wire.ACK, ack))
+    process_ack(node, signed(identity, wire.ACK, ack))
 
     peer = JobPeer.objects.get(ref=f"order:{order.pk}")
     assert peer.state == "removing"
@@ -125,10 +130,10 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
     assert Node.objects.get(pk=node.pk).acked_revision == ack.revision  # applied: no re-push
     assert JobPeerKey.objects.get(public_key=key).closed_at is None
     # The final counters, read after the cut-off, are billed to the key still open.
-    mesh.ingest_metering(node, sample(identity, key, 2, 0, 1200, 5900))
+    ingest_metering(node, sample(identity, key, 2, 0, 1200, 5900))
     removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
 
-    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
+    process_removed(node, signed(identity, wire.REMOVED, removed))
 
     assert JobPeer.objects.get(pk=peer.pk).state == "removed"
     assert JobPeerKey.objects.get(public_key=key).closed_at is not None
@@ -136,8 +141,8 @@ def test_a_peer_acked_as_removing_stays_billable_until_removed_names_it(running_
     assert order.state == "completed"
     assert (order.bytes_out, order.bytes_in) == (1200, 5900)
     # A later sample of the closed key is not billed; a repeated report changes nothing.
-    mesh.ingest_metering(node, sample(identity, key, 3, 0, 9999, 9999))
-    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
+    ingest_metering(node, sample(identity, key, 3, 0, 9999, 9999))
+    process_removed(node, signed(identity, wire.REMOVED, removed))
     order.refresh_from_db()
     assert (order.state, order.bytes_out, order.bytes_in) == ("completed", 1200, 5900)
 
@@ -147,7 +152,7 @@ def test_a_removal_report_cannot_end_a_peer_the_gateway_still_wants(running_job)
     identity, node, order, key = running_job
     removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
 
-    mesh.process_removed(node, signed(identity, wire.REMOVED, removed))
+    process_removed(node, signed(identity, wire.REMOVED, removed))
 
     assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
     assert JobPeerKey.objects.get(public_key=key).closed_at is None
@@ -158,12 +163,12 @@ def test_a_removal_report_signed_by_another_key_or_for_another_node_is_refused(r
 
     identity, node, order, key = running_job
     removed = wire.Removed(node_id=identity.node_id, public_keys=(key,), timestamp=1)
-    with pytest.raises(mesh.AgentRefused, match="removal report refused"):
-        mesh.process_removed(node, signed(Identity.generate(), wire.REMOVED, removed))
+    with pytest.raises(AgentRefused, match="removal report refused"):
+        process_removed(node, signed(Identity.generate(), wire.REMOVED, removed))
     other = Identity.generate()
     elsewhere = wire.Removed(node_id=other.node_id, public_keys=(key,), timestamp=1)
-    with pytest.raises(mesh.AgentRefused, match="another node"):
-        mesh.process_removed(node, signed(identity, wire.REMOVED, elsewhere))
+    with pytest.raises(AgentRefused, match="another node"):
+        process_removed(node, signed(identity, wire.REMOVED, elsewhere))
     assert JobPeer.objects.get(ref=f"order:{order.pk}").state == "active"
 
 
@@ -175,7 +180,7 @@ def test_samples_past_the_retention_are_pruned_oldest_first_and_no_bill_changes(
 ):
     identity, node, order, key = running_job
     for seq, (rx, tx) in enumerate([(100, 200), (300, 500), (700, 900)], start=1):
-        mesh.ingest_metering(node, sample(identity, key, seq, 0, rx, tx))
+        ingest_metering(node, sample(identity, key, seq, 0, rx, tx))
     past = timezone.now() - timedelta(days=settings.MOLT_METERING_RETENTION_DAYS, minutes=1)
     MeteringSample.objects.filter(seq__in=(1, 2)).update(received_at=past)
     monkeypatch.setattr(meshnet.tasks, "PRUNE_BATCH", 1)  # two batches
@@ -186,7 +191,7 @@ def test_samples_past_the_retention_are_pruned_oldest_first_and_no_bill_changes(
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (700, 900)
     # Billing goes on from the key's own base, not from the samples.
-    mesh.ingest_metering(node, sample(identity, key, 4, 0, 1000, 1000))
+    ingest_metering(node, sample(identity, key, 4, 0, 1000, 1000))
     order.refresh_from_db()
     assert (order.bytes_out, order.bytes_in) == (1000, 1000)
     assert meshnet.tasks.prune_metering_samples() == 0
@@ -198,14 +203,14 @@ def test_an_ack_of_the_first_version_still_completes_a_removal(running_job):
     identity, node, order, key = running_job
     body = stop_and_ack(identity, node, order, key).to_dict()
     del body["removing"]
-    with pytest.raises(mesh.AgentRefused, match="a v1 ack has no removing"):
-        mesh.process_ack(
+    with pytest.raises(AgentRefused, match="a v1 ack has no removing"):
+        process_ack(
             node,
             wire.signed_envelope(wire.ACK_V1, {**body, "removing": [key]}, identity),
         )
     assert Order.objects.get(pk=order.pk).state == "stopping"
 
-    mesh.process_ack(node, wire.signed_envelope(wire.ACK_V1, body, identity))
+    process_ack(node, wire.signed_envelope(wire.ACK_V1, body, identity))
 
     assert Order.objects.get(pk=order.pk).state == "completed"
     assert JobPeerKey.objects.get(public_key=key).closed_at is not None

@@ -1,6 +1,6 @@
 """Billing around the provider's availability and the bandwidth allowance.
 
-Heartbeats (meshnet.services.record_heartbeat, the path the agent channel calls) record a
+Heartbeats (meshnet.nodes.record_heartbeat, the path the agent channel calls) record a
 NodeOutage whenever they resume after a silence longer than MOLT_NODE_OFFLINE_AFTER_SECONDS;
 settlement leaves outages out of the billed time. A node silent past
 MOLT_NODE_FAILURE_GRACE_SECONDS fails its running orders, billed up to its last heartbeat. Real
@@ -20,8 +20,10 @@ from django.utils import timezone
 from marketplace import billing, ledger, payments, services
 from marketplace.audit import audit_ledger
 from marketplace.models import EscrowHold, Order, Settlement
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision, ingest_metering
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, Node, NodeOutage
+from meshnet.nodes import close_out_silent_nodes, record_heartbeat, revoke_node
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -37,11 +39,11 @@ def identity():
 
 @pytest.fixture
 def node(provider, identity):
-    issued = mesh.create_enrollment_token(provider)
+    issued = create_enrollment_token(provider)
     envelope = factories.enroll_request(
         identity, issued.token, gpus=[factories.gpu(i) for i in range(2)]
     )
-    return mesh.enroll_node(envelope, observed_ip="203.0.113.10").node
+    return enroll_node(envelope, observed_ip="203.0.113.10").node
 
 
 @pytest.fixture
@@ -58,7 +60,7 @@ def funded_buyer(buyer):
 
 
 def heartbeat(node: Node, at) -> None:
-    mesh.record_heartbeat(Node.objects.get(pk=node.pk), at=at)
+    record_heartbeat(Node.objects.get(pk=node.pk), at=at)
 
 
 def online(node: Node, start, end, every=timedelta(seconds=15)) -> None:
@@ -72,7 +74,7 @@ def online(node: Node, start, end, every=timedelta(seconds=15)) -> None:
 
 def ack(node: Node, at=None) -> None:
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision, at=at)
+    acknowledge_revision(node, node.desired_revision, at=at)
 
 
 def running(buyer, listing, node, *, started, gpu_count=1, hours=2) -> Order:
@@ -245,10 +247,10 @@ def test_reaching_the_bandwidth_allowance_stops_the_job_with_that_reason(
     assert order.bandwidth_allowance_bytes == billing.GIB
     key = order.wireguard_public_key
 
-    mesh.ingest_metering(node, metering(identity, key, 1, 300 << 20, 600 << 20))
+    ingest_metering(node, metering(identity, key, 1, 300 << 20, 600 << 20))
     assert Order.objects.get(pk=order.pk).state == "running"  # 900 MiB of 1024
 
-    mesh.ingest_metering(node, metering(identity, key, 2, 400 << 20, 700 << 20))
+    ingest_metering(node, metering(identity, key, 2, 400 << 20, 700 << 20))
     order = Order.objects.get(pk=order.pk)
     assert order.state == "stopping"
     assert order.reason == services.BANDWIDTH_USED_UP == "bandwidth allowance used up"
@@ -282,16 +284,16 @@ def test_removals_a_node_lost_for_good_never_acknowledges_are_closed_out(
     abandoned = settings.MOLT_NODE_ABANDONED_AFTER_SECONDS
 
     # Silent, but not yet for long enough: the removal waits for the agent.
-    assert mesh.close_out_silent_nodes(now=last + timedelta(seconds=abandoned - 1)) == 0
+    assert close_out_silent_nodes(now=last + timedelta(seconds=abandoned - 1)) == 0
     assert JobPeer.objects.get(pk=peer.pk).state == JobPeer.State.REMOVING
 
-    assert mesh.close_out_silent_nodes(now=last + timedelta(seconds=abandoned + 1)) == 1
+    assert close_out_silent_nodes(now=last + timedelta(seconds=abandoned + 1)) == 1
     peer.refresh_from_db()
     assert peer.state == JobPeer.State.REMOVED
     lease = IpAllocation.objects.get(pk=peer.allocation_id)
     assert lease.released_at is not None  # into quarantine, then reusable
     assert not JobPeerKey.objects.filter(job_peer=peer, closed_at__isnull=True).exists()
-    assert mesh.close_out_silent_nodes(now=timezone.now()) == 0  # nothing left to close out
+    assert close_out_silent_nodes(now=timezone.now()) == 0  # nothing left to close out
     order.refresh_from_db()
     assert order.state == "failed"
     assert Settlement.objects.filter(order=order).count() == 1
@@ -320,7 +322,7 @@ def test_a_node_heard_from_again_keeps_its_pending_removals(funded_buyer, listin
     assert peer.state == JobPeer.State.REMOVING
     heartbeat(node, timezone.now())  # the agent is back: it will acknowledge the removal itself
 
-    assert mesh.close_out_silent_nodes() == 0
+    assert close_out_silent_nodes() == 0
     assert JobPeer.objects.get(pk=peer.pk).state == JobPeer.State.REMOVING
 
 
@@ -328,6 +330,6 @@ def test_a_revoked_node_is_left_to_revocation(funded_buyer, listing, node, setti
     start = timezone.now() - timedelta(days=10)
     heartbeat(node, start)
     running(funded_buyer, listing, node, started=start)
-    mesh.revoke_node(Node.objects.get(pk=node.pk))
+    revoke_node(Node.objects.get(pk=node.pk))
 
-    assert mesh.close_out_silent_nodes() == 0
+    assert close_out_silent_nodes() == 0

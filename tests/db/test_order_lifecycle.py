@@ -1,5 +1,5 @@
 """An order's life through the real services, with the agent's acknowledgements driven through
-meshnet.services.acknowledge_revision (the path the agent's consumer calls) at explicit times.
+meshnet.agent_channel.acknowledge_revision (the path the agent's consumer calls) at explicit times.
 
 pending -> provisioning -> running -> stopping -> completed (settled), and the side roads:
 cancel, expiry, provisioning timeout; plus the job address it gets from the MOLT pool.
@@ -32,7 +32,8 @@ from marketplace.models import (
     Settlement,
 )
 from meshnet import ipplan
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
+from meshnet.allocation import allocate_address, release_address
 from meshnet.errors import PoolExhausted
 from meshnet.models import IpAllocation, IpPool, JobPeer
 from tests import factories
@@ -76,7 +77,7 @@ def place(buyer, listing, *, gpu_count=1, hours=2, key=None) -> Order:
 def ack(node, at=None) -> None:
     """The agent applied everything up to the node's current desired revision."""
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision, at=at)
+    acknowledge_revision(node, node.desired_revision, at=at)
 
 
 def reload(order: Order) -> Order:
@@ -178,12 +179,12 @@ def test_repeated_and_stale_acks_change_nothing(funded_buyer, node, listing):
     started = timezone.now() - timedelta(minutes=5)
     ack(node, at=started)
     ack(node, at=timezone.now())  # a repeat
-    mesh.acknowledge_revision(node, 0, at=timezone.now())  # stale
+    acknowledge_revision(node, 0, at=timezone.now())  # stale
     order = reload(order)
     assert order.running_since == started
     assert len(transitions(order)) == 3
     with pytest.raises(ValueError, match="ahead of desired revision"):
-        mesh.acknowledge_revision(node, reload(order).listing.node.desired_revision + 1)
+        acknowledge_revision(node, reload(order).listing.node.desired_revision + 1)
 
 
 def test_settlement_happens_exactly_once(funded_buyer, node, listing):
@@ -446,10 +447,10 @@ def tiny_pool(db):
 
 
 def test_a_pool_hands_out_each_usable_address_once_then_is_exhausted(tiny_pool):
-    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    leases = [allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
     assert [lease.address for lease in leases] == [f"10.100.200.{i}" for i in range(1, 7)]
     with pytest.raises(PoolExhausted) as err:
-        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
     assert err.value.status_code == 409
     assert err.value.pool_name == "test-tiny"
     assert "'test-tiny' is exhausted" in str(err.value)
@@ -458,35 +459,35 @@ def test_a_pool_hands_out_each_usable_address_once_then_is_exhausted(tiny_pool):
 
 def test_a_released_address_is_not_reused_during_quarantine(tiny_pool, settings):
     settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 3600
-    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
-    mesh.release_address(leases[2])
+    leases = [allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    release_address(leases[2])
     with pytest.raises(PoolExhausted):
-        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
 
 
 def test_a_released_address_is_reused_after_quarantine_oldest_first(tiny_pool, settings):
     settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 1
-    leases = [mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
-    mesh.release_address(leases[4])
+    leases = [allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
+    release_address(leases[4])
     time.sleep(0.05)
-    mesh.release_address(leases[1])
-    mesh.release_address(leases[1])  # a second release changes nothing
+    release_address(leases[1])
+    release_address(leases[1])  # a second release changes nothing
     with pytest.raises(PoolExhausted):
-        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
     time.sleep(1.1)
-    first = mesh.allocate_address("test-tiny", IpAllocation.Purpose.NODE)
-    second = mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    first = allocate_address("test-tiny", IpAllocation.Purpose.NODE)
+    second = allocate_address("test-tiny", IpAllocation.Purpose.JOB)
     assert (first.address, second.address) == (leases[4].address, leases[1].address)
     assert first.pk == leases[4].pk  # the lease row is reused; (pool, address) stays unique
     assert first.released_at is None and first.reusable_after is None
     assert first.purpose == IpAllocation.Purpose.NODE
     with pytest.raises(PoolExhausted):
-        mesh.allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
 
 
 def test_the_molt_pool_is_created_from_the_ip_plan_on_first_use(db):
     assert not IpPool.objects.filter(name=ipplan.MOLT_POOL).exists()
-    lease = mesh.allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)
+    lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)
     pool = IpPool.objects.get(name=ipplan.MOLT_POOL)
     assert pool.cidr == "10.100.128.0/17"
     assert lease.address == "10.100.128.1"

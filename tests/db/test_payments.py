@@ -23,7 +23,7 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -52,7 +52,7 @@ def funded_buyer(buyer):
 
 def ack(node, at=None) -> None:
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision, at=at)
+    acknowledge_revision(node, node.desired_revision, at=at)
 
 
 def settled_order(buyer, listing, node, *, minutes: int = 90) -> Order:

@@ -39,8 +39,11 @@ from marketplace.services import (
     provision_order,
     stop_order,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import EnrollmentToken, Node
+from meshnet.nodes import record_heartbeat, revoke_node, update_inventory
+from meshnet.notifications import owner_group
 from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key
 from tests.integration.conftest import running_gateway
 
@@ -69,7 +72,7 @@ def node(provider):
         provider,
         gpus=[gpu(0, "NVIDIA L40S", 49152), gpu(1, "NVIDIA L40S", 49152, simulated=True)],
     )
-    mesh.record_heartbeat(node, "203.0.113.10")
+    record_heartbeat(node, "203.0.113.10")
     node.refresh_from_db()
     return node
 
@@ -167,7 +170,7 @@ def test_the_token_shown_enrols_a_node_of_the_provider(provider_client, provider
     html = provider_client.post("/provider/nodes/token/").content.decode()
     token = TOKEN_RE.search(html).group(1)
 
-    enrolled = mesh.enroll_node(
+    enrolled = enroll_node(
         enroll_request(Identity.generate(), token, gpus=[gpu(0)]), observed_ip="203.0.113.9"
     ).node
 
@@ -188,7 +191,7 @@ def test_the_cards_fragment_and_card_carry_every_node_in_few_queries(
 
 
 def test_a_revoked_node_is_shown_as_revoked_and_cannot_be_listed(provider_client, node):
-    mesh.revoke_node(node, "test")
+    revoke_node(node, "test")
 
     card = provider_client.get(f"/provider/nodes/{node.pk}/card/").content.decode()
     assert ">revoked<" in card
@@ -337,13 +340,11 @@ def run_order_to_settlement(buyer, listing, node):
     provision_order(order.pk)
     node.refresh_from_db()
     # Acknowledged ten minutes ago, so there is time to bill.
-    mesh.acknowledge_revision(
-        node, node.desired_revision, at=timezone.now() - timedelta(minutes=10)
-    )
+    acknowledge_revision(node, node.desired_revision, at=timezone.now() - timedelta(minutes=10))
     order.refresh_from_db()
     stop_order(order)
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision)
+    acknowledge_revision(node, node.desired_revision)
     order.refresh_from_db()
     assert order.state == "completed"
     return order
@@ -443,7 +444,7 @@ def owner_events(layer, user_id: int, action) -> list[dict]:
 
     async def listen() -> list[dict]:
         channel = await layer.new_channel()
-        await layer.group_add(mesh.owner_group(user_id), channel)
+        await layer.group_add(owner_group(user_id), channel)
         await sync_to_async(action)()
         events = []
         while True:
@@ -461,12 +462,12 @@ def test_a_node_joining_going_online_and_changing_gpus_is_announced_to_its_owner
     provider, own_channel_layer, django_capture_on_commit_callbacks
 ):
     identity = Identity.generate()
-    token = mesh.create_enrollment_token(provider).token
+    token = create_enrollment_token(provider).token
     holder = {}
 
     def enrol():
         with django_capture_on_commit_callbacks(execute=True):
-            holder["node"] = mesh.enroll_node(
+            holder["node"] = enroll_node(
                 enroll_request(identity, token, gpus=[gpu(0)]), observed_ip="203.0.113.5"
             ).node
 
@@ -479,7 +480,7 @@ def test_a_node_joining_going_online_and_changing_gpus_is_announced_to_its_owner
         for _ in range(3):
             fresh = Node.objects.get(pk=node.pk)
             with django_capture_on_commit_callbacks(execute=True):
-                mesh.record_heartbeat(fresh, "203.0.113.5")
+                record_heartbeat(fresh, "203.0.113.5")
 
     events = owner_events(own_channel_layer, provider.pk, heartbeats)
     assert [(e["type"], e["node"], e["change"]) for e in events] == [
@@ -489,9 +490,9 @@ def test_a_node_joining_going_online_and_changing_gpus_is_announced_to_its_owner
     def same_then_new_inventory():
         fresh = Node.objects.get(pk=node.pk)
         with django_capture_on_commit_callbacks(execute=True):
-            mesh.update_inventory(fresh, [gpu(0).to_dict()])
+            update_inventory(fresh, [gpu(0).to_dict()])
         with django_capture_on_commit_callbacks(execute=True):
-            mesh.update_inventory(fresh, [gpu(0).to_dict(), gpu(1).to_dict()])
+            update_inventory(fresh, [gpu(0).to_dict(), gpu(1).to_dict()])
 
     events = owner_events(own_channel_layer, provider.pk, same_then_new_inventory)
     assert [e["change"] for e in events] == ["inventory"]
@@ -501,7 +502,7 @@ def test_a_node_joining_going_online_and_changing_gpus_is_announced_to_its_owner
         health = [{"index": 0, "temperature_c": 61, "utilization_pct": 97}]
         for _ in range(2):
             with django_capture_on_commit_callbacks(execute=True):
-                mesh.update_inventory(fresh, [gpu(0).to_dict(), gpu(1).to_dict()], health)
+                update_inventory(fresh, [gpu(0).to_dict(), gpu(1).to_dict()], health)
 
     events = owner_events(own_channel_layer, provider.pk, readings_then_the_same_readings)
     assert [e["change"] for e in events] == ["inventory"]
@@ -516,7 +517,7 @@ def test_a_node_joining_going_online_and_changing_gpus_is_announced_to_its_owner
 def test_an_enrolment_that_rolls_back_announces_nothing(
     provider, own_channel_layer, django_capture_on_commit_callbacks
 ):
-    token = mesh.create_enrollment_token(provider).token
+    token = create_enrollment_token(provider).token
 
     def enrol_then_fail():
         from django.db import transaction
@@ -524,7 +525,7 @@ def test_an_enrolment_that_rolls_back_announces_nothing(
         with django_capture_on_commit_callbacks(execute=True):
             try:
                 with transaction.atomic():
-                    mesh.enroll_node(
+                    enroll_node(
                         enroll_request(Identity.generate(), token, gpus=[gpu(0)]),
                         observed_ip=None,
                     )

@@ -27,8 +27,10 @@ from marketplace.services import (
     rekey_order,
     stop_order,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision, ingest_metering
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
+from meshnet.nodes import revoke_node
 from tests.factories import enroll_request, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db]
@@ -65,17 +67,17 @@ class Agent:
         return wire.signed_envelope(wire.METERING, body, self.identity)
 
     def send(self, *peers: tuple[str, int, int, int]) -> int:
-        return mesh.ingest_metering(self.node, self.envelope(*peers))
+        return ingest_metering(self.node, self.envelope(*peers))
 
     def ack(self) -> None:
-        mesh.acknowledge_revision(self.node, Node.objects.get(pk=self.node.pk).desired_revision)
+        acknowledge_revision(self.node, Node.objects.get(pk=self.node.pk).desired_revision)
 
 
 @pytest.fixture
 def agent(provider):
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(provider)
+    node = enroll_node(
         enroll_request(identity, issued.token, gpus=[gpu(0), gpu(1)]), observed_ip=None
     ).node
     return Agent(identity, node)
@@ -192,8 +194,8 @@ def test_a_sample_of_an_unknown_key_is_stored_and_bills_nothing(rekeyed, agent):
 def test_a_resent_final_sample_counts_once(rekeyed, agent):
     order, old, _new = rekeyed
     final = agent.envelope((old, 1, 170 * MIB, 300 * MIB))
-    assert mesh.ingest_metering(agent.node, final) == 1
-    assert mesh.ingest_metering(agent.node, final) == 0
+    assert ingest_metering(agent.node, final) == 1
+    assert ingest_metering(agent.node, final) == 0
     assert moved(order) == (170 * MIB, 300 * MIB)
 
 
@@ -266,7 +268,7 @@ def test_a_removed_peers_final_sample_counts_and_nothing_after_the_ack(buyer, li
 def test_a_failed_removal_keeps_the_old_key_open_until_it_succeeds(rekeyed, agent):
     order, old, _new = rekeyed
     revision = Node.objects.get(pk=agent.node.pk).desired_revision
-    mesh.acknowledge_revision(agent.node, revision, failed_keys=frozenset({old}))
+    acknowledge_revision(agent.node, revision, failed_keys=frozenset({old}))
     assert JobPeerKey.objects.get(public_key=old).closed_at is None
     agent.send((old, 1, 110 * MIB, 210 * MIB))
     agent.ack()
@@ -277,7 +279,7 @@ def test_a_failed_removal_keeps_the_old_key_open_until_it_succeeds(rekeyed, agen
 @pytest.mark.django_db
 def test_revoking_the_node_closes_its_keys(rekeyed, agent):
     _order, old, new = rekeyed
-    mesh.revoke_node(agent.node)
+    revoke_node(agent.node)
     assert not JobPeerKey.objects.filter(public_key__in=[old, new], closed_at__isnull=True)
 
 

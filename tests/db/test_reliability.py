@@ -11,8 +11,9 @@ from django.utils import timezone
 from marketplace import ledger, services
 from marketplace.models import NodeReliability, Order
 from marketplace.reliability import refresh_reliability
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
+from meshnet.nodes import record_heartbeat
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -34,7 +35,7 @@ def listing(provider, node):
 
 def ack(node) -> None:
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision)
+    acknowledge_revision(node, node.desired_revision)
 
 
 def place(buyer, listing) -> Order:
@@ -52,7 +53,7 @@ def place(buyer, listing) -> Order:
 def heartbeats(node, start, end, every=timedelta(seconds=30)) -> None:
     at = start
     while at <= end:
-        mesh.record_heartbeat(Node.objects.get(pk=node.pk), at=at)
+        record_heartbeat(Node.objects.get(pk=node.pk), at=at)
         at += every
 
 

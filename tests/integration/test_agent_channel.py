@@ -15,7 +15,7 @@ from clawnode.keys import Identity
 from marketplace import ledger
 from marketplace.models import Order
 from marketplace.services import create_listing, issue_api_token
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from tests.factories import enroll_request, gpu, wg_public_key
 from tests.integration.conftest import wait_until
 from tests.integration.test_order_provisioning import call
@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 def enrol(owner) -> tuple[Identity, object]:
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(owner)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(owner)
+    node = enroll_node(
         enroll_request(identity, issued.token, gpus=[gpu(0), gpu(1)]), observed_ip="203.0.113.7"
     ).node
     return identity, node

@@ -22,10 +22,11 @@ from django.db.models import F
 from marketplace import ledger
 from marketplace.models import Order, Settlement
 from marketplace.services import create_listing, issue_api_token
-from meshnet import services as mesh
+from meshnet import peers
+from meshnet.agent_channel import node_group
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import JobPeer, Node
-from meshnet.tasks import node_group
 from tests.factories import enroll_request, gpu, wg_public_key
 from tests.integration.conftest import wait_until
 from tests.integration.test_crash_safety import send
@@ -72,8 +73,8 @@ class RunningAgent:
 @pytest.fixture
 def provider_node(gateway, provider, tmp_path):
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(provider)
+    node = enroll_node(
         enroll_request(
             identity, issued.token, gpus=[gpu(0, simulated=True), gpu(1, simulated=True)]
         ),
@@ -284,9 +285,9 @@ def test_the_beat_task_pushes_again_a_desired_state_whose_push_was_lost(
             message="the agent to connect and acknowledge its first state",
         )
         # A peer added, its push lost (here: never sent).
-        monkeypatch.setattr(mesh, "_push_on_commit", lambda node_pk: None)
+        monkeypatch.setattr(peers, "_push_on_commit", lambda node_pk: None)
         key = wg_public_key()
-        mesh.create_job_peer(node, key, "repush:1")
+        peers.create_job_peer(node, key, "repush:1")
         time.sleep(3)  # six heartbeats and metering samples: nothing else brings the change
         lagging = Node.objects.get(pk=node.pk)
         assert lagging.acked_revision < lagging.desired_revision

@@ -1,7 +1,7 @@
 """`clawnode join` (the installed console script, a real process) against the real gateway.
 
 The gateway runs in pytest-django's live server on the test's PostgreSQL database; the token
-comes from the provider through meshnet.services, as the browser page gets it.
+comes from the provider through meshnet.enrolment, as the browser page gets it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from clawnode.keys import Identity
 
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token
 from meshnet.models import Node, UsedNonce
 
 pytestmark = [
@@ -51,7 +51,7 @@ def gateway_url(live_server, settings):
 def test_join_enrols_the_machine_once_and_a_used_token_is_refused_elsewhere(
     gateway_url, provider, tmp_path
 ):
-    issued = mesh.create_enrollment_token(provider)
+    issued = create_enrollment_token(provider)
     state_dir = tmp_path / "machine-1"
     join = (
         "join",
@@ -108,7 +108,7 @@ def test_join_enrols_the_machine_once_and_a_used_token_is_refused_elsewhere(
 
 
 def test_status_after_join_shows_the_node_and_that_no_daemon_runs(gateway_url, provider, tmp_path):
-    issued = mesh.create_enrollment_token(provider)
+    issued = create_enrollment_token(provider)
     state_dir = tmp_path / "machine"
     joined = clawnode(
         "join", "--gateway", gateway_url, "--state-dir", str(state_dir),
@@ -128,7 +128,7 @@ def test_status_after_join_shows_the_node_and_that_no_daemon_runs(gateway_url, p
 
 def test_a_gateway_that_refuses_simulated_gpus_says_so(live_server, settings, provider, tmp_path):
     settings.MOLT_ALLOW_SIMULATED_GPUS = False
-    issued = mesh.create_enrollment_token(provider)
+    issued = create_enrollment_token(provider)
 
     result = clawnode(
         "join", "--gateway", live_server.url, "--state-dir", str(tmp_path / "m"),

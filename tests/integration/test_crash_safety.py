@@ -36,8 +36,9 @@ from marketplace import ledger, services
 from marketplace.audit import audit_ledger
 from marketplace.models import EscrowHold, LedgerTransaction, Order, Settlement
 from meshnet import ipplan
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import IpAllocation, IpPool, JobPeer, Node
+from meshnet.nodes import record_heartbeat
 from tests import factories
 from tests.integration.conftest import database_url, running_gateway, wait_until
 
@@ -117,7 +118,7 @@ def lock_waiters() -> int:
 def heartbeats(node, start, end) -> None:
     at = start
     while at <= end:
-        mesh.record_heartbeat(Node.objects.get(pk=node.pk), at=at)
+        record_heartbeat(Node.objects.get(pk=node.pk), at=at)
         at += timedelta(seconds=15)
 
 
@@ -137,7 +138,7 @@ def running_order_on_a_lost_node(buyer, provider, start) -> Order:
     )
     services.provision_order(order.pk)
     node.refresh_from_db()
-    mesh.acknowledge_revision(node, node.desired_revision, at=start)
+    acknowledge_revision(node, node.desired_revision, at=start)
     heartbeats(node, start, start + timedelta(minutes=20))
     order = Order.objects.get(pk=order.pk)
     assert order.state == "running"

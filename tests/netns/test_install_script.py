@@ -27,7 +27,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from frontend.install import agent_source_dir
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token
 from meshnet.models import Node
 from tests.integration.conftest import running_gateway
 from tests.netns.testbed import network_testbed
@@ -133,7 +133,7 @@ def test_the_install_line_installs_the_agent_joins_and_prints_every_step(
         ns = bed.namespace("inst")
         bed.attach(ns)
         with running_gateway(tmp_path, settings, host=bed.gateway_ip) as gateway:
-            token = mesh.create_enrollment_token(provider).token
+            token = create_enrollment_token(provider).token
             args = (f"--token {token} --skip-apt --no-systemd --prefix {prefix} "
                     f"--find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'")  # fmt: skip
 

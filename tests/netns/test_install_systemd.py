@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token
 from meshnet.models import Node
 from tests.integration.conftest import running_gateway, wait_until
 from tests.netns.test_install_script import CLEAN_ENV, STEP_LINE, build_wheelhouse
@@ -262,7 +262,7 @@ def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
             assert prepare.returncode == 0, prepare.stdout + prepare.stderr
             assert host_apt_state() == host_before
 
-            token = mesh.create_enrollment_token(provider).token
+            token = create_enrollment_token(provider).token
             result = container.sh(
                 f"curl -fsSL {gateway.base_url}/install.sh | sh -s -- --token {token} "
                 f"--find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'",

@@ -20,7 +20,7 @@ from django.contrib.auth import get_user_model
 from marketplace import ledger
 from marketplace.models import LedgerEntry, Order, Settlement
 from marketplace.services import create_listing, issue_api_token
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token
 from meshnet.models import Node
 from tests.integration.conftest import running_gateway, wait_until
 from tests.integration.test_order_provisioning import call
@@ -112,7 +112,7 @@ def test_a_rental_end_to_end_over_a_real_wireguard_tunnel(tmp_path, settings):
         with running_gateway(tmp_path, settings, host=bed.gateway_ip) as gateway:
             # -- the provider joins and runs the agent --------------------------------------
             state_dir = tmp_path / "clawnode"
-            token = mesh.create_enrollment_token(provider).token
+            token = create_enrollment_token(provider).token
             joined = bed.exec(
                 prov, str(BIN / "clawnode"), "join", "--gateway", gateway.base_url,
                 "--token", token, "--state-dir", str(state_dir), "--interface", prov_if,

@@ -50,8 +50,9 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
-from meshnet import services as mesh
+from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
+from meshnet.nodes import record_heartbeat
 from tests import factories
 
 pytestmark = [pytest.mark.property, pytest.mark.db, pytest.mark.django_db]
@@ -123,7 +124,7 @@ class MoneyMachine(RuleBasedStateMachine):
 
     def _ack_all(self, at) -> None:
         self.node.refresh_from_db()
-        mesh.acknowledge_revision(self.node, self.node.desired_revision, at=at)
+        acknowledge_revision(self.node, self.node.desired_revision, at=at)
 
     def _step(self) -> None:
         self.steps += 1
@@ -223,7 +224,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self._step()
         self.node.refresh_from_db()
         revision = max(self.node.desired_revision - back, 0)
-        mesh.acknowledge_revision(self.node, revision, at=self.now - timedelta(minutes=minutes_ago))
+        acknowledge_revision(self.node, revision, at=self.now - timedelta(minutes=minutes_ago))
 
     @precondition(lambda self: self.order_ids)
     @rule(i=pick, agent_answers=st.booleans())
@@ -254,7 +255,7 @@ class MoneyMachine(RuleBasedStateMachine):
         """The node's agent sends a heartbeat at some time; after a long silence that records
         an outage, which later settlements leave out."""
         self._step()
-        mesh.record_heartbeat(
+        record_heartbeat(
             Node.objects.get(pk=self.node.pk), at=self.now + timedelta(minutes=minutes)
         )
 
@@ -386,7 +387,7 @@ class MoneyMachine(RuleBasedStateMachine):
             self.order_ids.append(order.pk)
             services.provision_order(order.pk)
             self._ack_all(self.now - timedelta(minutes=minutes))
-        mesh.record_heartbeat(Node.objects.get(pk=self.node.pk), at=self.now)
+        record_heartbeat(Node.objects.get(pk=self.node.pk), at=self.now)
         last_seen = Node.objects.values_list("last_seen_at", flat=True).get(pk=self.node.pk)
         grace = timedelta(seconds=django_settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
         services.expire_orders(now=last_seen + grace + timedelta(seconds=1))

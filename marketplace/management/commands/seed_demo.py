@@ -29,7 +29,7 @@ from marketplace import ledger
 from marketplace.errors import MarketError
 from marketplace.models import LedgerTransaction, Listing
 from marketplace.services import create_listing
-from meshnet import services as mesh
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.errors import MeshError
 from meshnet.models import Node
 
@@ -188,7 +188,7 @@ def _enrol(owner, node: DemoNode) -> Node:
     request carrying a one-time token. The identity's private key is not kept: demo nodes are
     listings to look at, not machines an agent will ever connect from."""
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(owner)
+    issued = create_enrollment_token(owner)
     body = wire.EnrollRequest(
         token=issued.token,
         identity_public_key=identity.public_key_b64,
@@ -201,7 +201,7 @@ def _enrol(owner, node: DemoNode) -> Node:
         nonce=wire.new_nonce(),
     ).to_dict()
     envelope = wire.signed_envelope(wire.ENROLL, body, identity)
-    enrolled = mesh.enroll_node(envelope, observed_ip=node.observed_ip).node
+    enrolled = enroll_node(envelope, observed_ip=node.observed_ip).node
     # Region is operator metadata the enrolment request does not carry (no service sets it yet).
     Node.objects.filter(pk=enrolled.pk).update(region=node.region)
     enrolled.region = node.region

@@ -1,0 +1,316 @@
+"""What a node's agent says over its websocket (meshnet.consumers), checked and recorded: its
+challenge-response auth, acks of desired revisions, reports of removed peers, signed metering
+samples, complaints. Heartbeats and inventory, which describe the node itself, are in
+meshnet.nodes.
+
+Lock order: the node's row, then its JobPeerKey rows in id order, then (through the signals
+peer_acknowledged, peer_removed and peer_traffic) marketplace's orders.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from clawnode import wire
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from meshnet import metering
+from meshnet.allocation import release_address
+from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
+from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
+
+log = logging.getLogger(__name__)
+
+
+class AgentRefused(Exception):
+    """An agent's frame was refused; `close_code` tells the agent whether to retry."""
+
+    def __init__(self, message: str, close_code: int) -> None:
+        super().__init__(message)
+        self.close_code = close_code
+
+
+def node_group(node_id: str) -> str:
+    """The Channels group an agent's websocket joins."""
+    return f"node.{node_id}"
+
+
+def authenticate_agent(envelope: Mapping[str, Any], *, challenge: str) -> Node:
+    """Check an AGENT_AUTH answer to this connection's `challenge`: the node exists and is not
+    revoked, the signature is its identity's, the challenge is ours and the clock is close."""
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    try:
+        auth = wire.AgentAuth.from_dict(body if isinstance(body, Mapping) else {})
+    except wire.ProtocolError as exc:
+        raise AgentRefused(f"bad auth message: {exc}", wire.CLOSE_BAD_MESSAGE) from None
+    node = Node.objects.filter(node_id=auth.node_id).first()
+    if node is None or node.revoked_at is not None:
+        raise AgentRefused("unknown or revoked node: enrol again", wire.CLOSE_FORBIDDEN)
+    try:
+        wire.open_envelope(envelope, base64.b64decode(node.identity_public_key), wire.AGENT_AUTH)
+    except wire.BadSignature as exc:
+        raise AgentRefused(f"auth signature refused: {exc}", wire.CLOSE_AUTH_FAILED) from None
+    if not secrets.compare_digest(auth.challenge, challenge):
+        raise AgentRefused("auth answers another connection's challenge", wire.CLOSE_AUTH_FAILED)
+    try:
+        wire.check_fresh(
+            auth.timestamp,
+            int(timezone.now().timestamp()),
+            max_skew=settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS,
+        )
+    except wire.StaleMessage as exc:
+        raise AgentRefused(f"stale auth: {exc}", wire.CLOSE_AUTH_FAILED) from None
+    return node
+
+
+_NodeMessage = TypeVar("_NodeMessage", wire.Ack, wire.Removed, wire.MeteringSample)
+
+
+def _open_node_message(
+    node: Node, envelope: object, kind: str, message: type[_NodeMessage], what: str
+) -> _NodeMessage:
+    """The body of a message `node` signed, of `kind`, parsed as `message`; AgentRefused (4400)
+    when the signature is not the node's, the body is malformed or it names another node."""
+    body = envelope.get("body") if isinstance(envelope, Mapping) else None
+    try:
+        wire.open_envelope(envelope, base64.b64decode(node.identity_public_key), kind)
+        parsed = message.from_dict(body if isinstance(body, Mapping) else {})
+    except (wire.BadSignature, wire.ProtocolError) as exc:
+        raise AgentRefused(f"{what} refused: {exc}", wire.CLOSE_BAD_MESSAGE) from None
+    if parsed.node_id != node.node_id:
+        raise AgentRefused(f"{what} names another node", wire.CLOSE_BAD_MESSAGE)
+    return parsed
+
+
+def process_ack(node: Node, envelope: Mapping[str, Any]) -> wire.Ack:
+    """Verify a signed ACK from `node` and record it (see acknowledge_revision). An ack of the
+    first version (an agent not yet upgraded) has no `removing`: its removals are done."""
+    sent_as = envelope.get("kind") if isinstance(envelope, Mapping) else None
+    kind = wire.ACK_V1 if sent_as == wire.ACK_V1 else wire.ACK
+    ack = _open_node_message(node, envelope, kind, wire.Ack, "ack")
+    if kind == wire.ACK_V1 and ack.removing:
+        raise AgentRefused("ack refused: a v1 ack has no removing", wire.CLOSE_BAD_MESSAGE)
+    try:
+        acknowledge_revision(
+            node, ack.revision, ack.failed_keys, removing_keys=frozenset(ack.removing)
+        )
+    except ValueError as exc:
+        raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
+    return ack
+
+
+def acknowledge_revision(
+    node: Node,
+    revision: int,
+    failed_keys: frozenset[str] = frozenset(),
+    at: datetime | None = None,
+    removing_keys: frozenset[str] = frozenset(),
+) -> None:
+    """Record that `node`'s agent applied desired state `revision`.
+
+    Peers added at or before `revision` (and not in `failed_keys`) become active and fire
+    peer_acknowledged; peers removed at or before it are gone (see _record_gone). Keys in
+    `failed_keys` stay as they are. Keys in `removing_keys` are still on the interface, cut
+    off, their final counters not yet read: they stay open until a REMOVED message names them
+    (record_removed). A stale or repeated ack changes nothing else. Locks: node row, then the
+    keys it closes.
+    """
+    at = at or timezone.now()
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        if revision > locked.desired_revision:
+            raise ValueError(
+                f"acknowledged revision {revision} is ahead of "
+                f"desired revision {locked.desired_revision}"
+            )
+        # A revision with failed peers is not fully applied: leaving acked_revision behind makes
+        # the reconciler push it again, and the agent retries the failed peers. Peers still
+        # leaving are applied (cut off); their removal follows without another push.
+        if revision > locked.acked_revision and not failed_keys:
+            Node.objects.filter(pk=locked.pk).update(acked_revision=revision)
+        _record_gone(
+            locked,
+            Q(retired_revision__lte=revision),
+            Q(removed_revision__lte=revision),
+            at,
+            exclude=failed_keys | removing_keys,
+        )
+        added = JobPeer.objects.filter(
+            node=locked, state=JobPeer.State.DESIRED, added_revision__lte=revision
+        ).exclude(public_key__in=failed_keys)
+        for peer in added:
+            if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.DESIRED).update(
+                state=JobPeer.State.ACTIVE, acked_at=at
+            ):
+                peer.refresh_from_db()
+                peer_acknowledged.send(sender=JobPeer, job_peer=peer, at=at)
+
+
+def process_removed(node: Node, envelope: Mapping[str, Any]) -> wire.Removed:
+    """Verify a signed REMOVED message from `node` and record it (see record_removed)."""
+    removed = _open_node_message(node, envelope, wire.REMOVED, wire.Removed, "removal report")
+    record_removed(node, frozenset(removed.public_keys))
+    return removed
+
+
+def record_removed(node: Node, public_keys: frozenset[str], at: datetime | None = None) -> None:
+    """Record that `node`'s agent removed the peers with `public_keys` from its interface, their
+    final counters sent before (see wire.Removed). Only keys the gateway took off the node
+    are affected: a retired key of a re-key, or the key of a peer being removed. Idempotent.
+    Locks: node row, then the keys it closes."""
+    at = at or timezone.now()
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        _record_gone(
+            locked,
+            Q(retired_revision__isnull=False, public_key__in=public_keys),
+            Q(public_key__in=public_keys),
+            at,
+        )
+
+
+def _record_gone(
+    node: Node,
+    retired_keys: Q,
+    removed_peers: Q,
+    at: datetime,
+    exclude: frozenset[str] = frozenset(),
+) -> None:
+    """Keys and peers the node no longer has. Keys retired by a re-key (`retired_keys`) and the
+    keys of removed peers (`removed_peers`, among the node's REMOVING peers) are closed: the
+    agent sent their final counters before, so no later sample is billed to them. Those peers
+    become removed, their address goes into quarantine, and peer_removed fires. Keys in
+    `exclude` are left as they are. Call inside a transaction holding the node's row."""
+    removing = JobPeer.objects.filter(node=node, state=JobPeer.State.REMOVING).filter(removed_peers)
+    # Closed before the receivers below lock orders, so this never holds an order row while it
+    # waits for a key row that a metering sample holds.
+    gone = retired_keys | Q(job_peer__in=removing.values("pk"))
+    close_keys(
+        JobPeerKey.objects.filter(gone, job_peer__node=node).exclude(public_key__in=exclude), at
+    )
+    for peer in removing.exclude(public_key__in=exclude):
+        if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
+            state=JobPeer.State.REMOVED, removed_at=at
+        ):
+            peer.refresh_from_db()
+            if peer.allocation_id is not None:
+                release_address(peer.allocation)
+            peer_removed.send(sender=JobPeer, job_peer=peer, at=at)
+
+
+def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
+    """Store a signed metering sample from `node` once and turn its counters into deltas.
+
+    Each public key in the sample is resolved to the open JobPeerKey of `node` that has it (the
+    peer's current key, or one retired by a re-key whose final counters are still to come; see
+    JobPeerKey); keys with none are ignored. The delta against that key's own base (see
+    meshnet.metering) is added to the key's totals under a row lock, and each peer's bytes over
+    its keys are announced once with peer_traffic, all in one transaction with the stored
+    sample. A resent sample (same boot_id and seq) changes nothing. Returns the number of peers
+    billed. Locks: the node's row, then the keys in the sample in id order, then (through
+    peer_traffic) the orders."""
+    sample = _open_node_message(
+        node, envelope, wire.METERING, wire.MeteringSample, "metering sample"
+    )
+    sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
+    with transaction.atomic():
+        # The node's row first, as an ack, a revocation and a stop take it: the stored sample's
+        # foreign key is checked at commit (deferred) with a share lock on that row, which would
+        # otherwise come after the key rows below and deadlock with an ack that holds the node
+        # and waits for them. One node's samples and acks arrive on one connection, in turn,
+        # so this lock costs no waiting in the normal course.
+        Node.objects.select_for_update().filter(pk=node.pk).first()
+        try:
+            with transaction.atomic():
+                MeteringSample.objects.create(
+                    node=node,
+                    boot_id=sample.boot_id,
+                    seq=sample.seq,
+                    sampled_at=sampled_at,
+                    body=dict(envelope["body"]),  # verified above: the signed object
+                    signature=str(envelope.get("signature", "")),
+                )
+        except IntegrityError:
+            return 0  # already stored: a resend after a lost connection
+        keys = _open_keys(node, {counters.public_key for counters in sample.peers})
+        per_peer: dict[int, tuple[JobPeer, int, int]] = {}
+        for counters in sample.peers:
+            key = keys.get(counters.public_key)
+            if key is None:
+                continue
+            # A fresh key (epoch 0, zero counters) is the same base as "nothing seen yet".
+            previous = metering.Counters(key.epoch, key.rx_bytes, key.tx_bytes)
+            current = metering.Counters(counters.epoch, counters.rx_bytes, counters.tx_bytes)
+            if current.epoch < previous.epoch:
+                continue  # a late sample from an older epoch: keep the newer base
+            rx, tx = metering.delta(previous, current)
+            JobPeerKey.objects.filter(pk=key.pk).update(
+                epoch=current.epoch,
+                rx_bytes=current.rx_bytes,
+                tx_bytes=current.tx_bytes,
+                total_rx_bytes=F("total_rx_bytes") + rx,
+                total_tx_bytes=F("total_tx_bytes") + tx,
+                last_sample_at=sampled_at,
+            )
+            # A key listed twice in one sample is compared with its own first listing.
+            key.epoch = current.epoch
+            key.rx_bytes, key.tx_bytes = current.rx_bytes, current.tx_bytes
+            _, peer_rx, peer_tx = per_peer.get(key.job_peer_id, (key.job_peer, 0, 0))
+            per_peer[key.job_peer_id] = (key.job_peer, peer_rx + rx, peer_tx + tx)
+        billed = 0
+        for peer, rx, tx in per_peer.values():
+            if rx or tx:
+                peer_traffic.send(sender=JobPeer, job_peer=peer, rx_bytes=rx, tx_bytes=tx)
+                billed += 1
+    return billed
+
+
+def _open_keys(node: Node, public_keys: set[str]) -> dict[str, JobPeerKey]:
+    """The open keys of `node` among `public_keys`, locked in id order (a node has a handful of
+    open keys; the sample may list many). An open key is on one peer only (peer_key_open_once),
+    and a key closed meanwhile by an ack is not taken: the lock re-reads the row."""
+    candidates = [
+        pk
+        for pk, public_key in JobPeerKey.objects.filter(
+            job_peer__node=node, closed_at__isnull=True
+        ).values_list("pk", "public_key")
+        if public_key in public_keys
+    ]
+    if not candidates:
+        return {}
+    locked = (
+        JobPeerKey.objects.select_for_update(of=("self",))
+        .filter(pk__in=candidates, closed_at__isnull=True)
+        .select_related("job_peer")
+        .order_by("pk")
+    )
+    return {key.public_key: key for key in locked}
+
+
+def close_keys(keys: Any, at: datetime) -> int:
+    """Close the open keys among `keys` (a JobPeerKey queryset) at `at`, locking them in id order
+    as ingest_metering does, so the two never wait on each other in a circle."""
+    pks = list(
+        keys.filter(closed_at__isnull=True)
+        .select_for_update(of=("self",))
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    if not pks:
+        return 0
+    return JobPeerKey.objects.filter(pk__in=pks, closed_at__isnull=True).update(closed_at=at)
+
+
+def record_report(node: Node, detail: object) -> None:
+    """Keep the agent's last complaint on the node (shown to operators)."""
+    text = str(detail or "")[:500]
+    log.warning("node %s reports: %s", node.name, text)
+    Node.objects.filter(pk=node.pk).update(last_report=text, last_report_at=timezone.now())

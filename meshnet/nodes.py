@@ -1,0 +1,197 @@
+"""A node's life on the mesh after enrolment: heartbeats (and the outages between them), its
+GPU inventory, closing out a long-silent node's peer removals, revocation.
+
+Locks, in meshnet's order: the node's row, then the keys it closes (in id order, as
+meshnet.agent_channel takes them). revoke_node fires node_revoked outside any lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import datetime, timedelta
+from typing import Any
+
+from clawnode import wire
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from meshnet.agent_channel import AgentRefused, close_keys, node_group, record_report
+from meshnet.allocation import release_address
+from meshnet.enrolment import replace_gpus
+from meshnet.errors import EnrollmentRefused
+from meshnet.models import Gpu, JobPeer, JobPeerKey, Node, NodeOutage
+from meshnet.notifications import group_send_on_commit, notify_owner
+from meshnet.signals import node_revoked
+
+log = logging.getLogger(__name__)
+
+
+def record_heartbeat(
+    node: Node, observed_ip: str | None = None, at: datetime | None = None
+) -> None:
+    """Mark `node` seen now (or at `at`). `node` is the row as read before this heartbeat: its
+    owner's pages are told only when that changes what they show (offline to online, a new
+    source address), not on every heartbeat.
+
+    A heartbeat after a silence longer than MOLT_NODE_OFFLINE_AFTER_SECONDS records a
+    NodeOutage from the last heartbeat to this one (billing leaves it out). last_seen_at is
+    compare-and-set against the value read, so of two racing heartbeats one records the gap, and
+    it never moves back."""
+    at = at or timezone.now()
+    fields: dict[str, Any] = {"last_seen_at": at}
+    if observed_ip:
+        fields["observed_ip"] = observed_ip
+    with transaction.atomic():
+        previous = Node.objects.values_list("last_seen_at", flat=True).get(pk=node.pk)
+        if previous is not None and at <= previous:
+            del fields["last_seen_at"]  # a late heartbeat does not move the clock back
+        seen = Q(last_seen_at=previous) if previous is not None else Q(last_seen_at__isnull=True)
+        changed = bool(fields) and Node.objects.filter(seen, pk=node.pk).update(**fields) == 1
+        gap = (at - previous).total_seconds() if previous is not None else 0.0
+        if changed and "last_seen_at" in fields and gap > settings.MOLT_NODE_OFFLINE_AFTER_SECONDS:
+            NodeOutage.objects.create(node_id=node.pk, started_at=previous, ended_at=at)
+    if not node.online or (observed_ip and observed_ip != node.observed_ip):
+        notify_owner(node, "online")
+
+
+def update_inventory(
+    node: Node,
+    gpus: list[Mapping[str, Any]],
+    health: list[Mapping[str, Any]] | None = None,
+    reason: str = "",
+) -> None:
+    """Take the node's GPU inventory as its agent reports it (NVML or simulated).
+
+    An empty report with a reason (the driver failed to answer) keeps the GPUs we know and
+    records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
+    utilisation) update in place."""
+    parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
+    changed = False
+    with transaction.atomic():
+        Node.objects.select_for_update().get(pk=node.pk)
+        if parsed:
+            known = list(node.gpus.order_by("index").values_list(
+                "index", "name", "memory_mb", "uuid", "simulated"
+            ))  # fmt: skip
+            reported = [(g.index, g.name, g.memory_mb, g.uuid, g.simulated) for g in parsed]
+            if known != reported:
+                try:
+                    replace_gpus(node, parsed)
+                except EnrollmentRefused as exc:
+                    raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
+                changed = True
+        elif reason:
+            record_report(node, f"GPU inventory: {reason}")
+        for reading in health or []:
+            if not isinstance(reading, Mapping) or not isinstance(reading.get("index"), int):
+                continue
+            values = {
+                "temperature_c": _small_int(reading.get("temperature_c")),
+                "utilization_pct": _small_int(reading.get("utilization_pct")),
+            }
+            # Only a reading that differs is written (and so announced).
+            changed |= bool(
+                Gpu.objects.filter(node=node, index=reading["index"])
+                .exclude(**values)
+                .update(**values)
+            )
+        # The agent resends its inventory every minute: the owner's pages hear of a difference.
+        if changed:
+            notify_owner(node, "inventory")
+
+
+def _small_int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 1000:
+        return value
+    return None
+
+
+def close_out_silent_nodes(now: datetime | None = None) -> int:
+    """Close out the peer removals no agent will acknowledge: on a node (not revoked) silent
+    for MOLT_NODE_ABANDONED_AFTER_SECONDS, peers still `removing` become `removed`, their job
+    addresses go into quarantine and their keys are closed (so the key and the address can be
+    used again). Their orders ended long before, through the node-failure grace, so no order
+    is told. If the node comes back, its agent gets a desired state without these peers and
+    removes them; samples of their closed keys count nothing. Returns how many peers.
+
+    Locks: each node row in turn (re-checking its silence under the lock, so a heartbeat that
+    just arrived keeps its peers), then the keys it closes, as revoke_node does."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MOLT_NODE_ABANDONED_AFTER_SECONDS)
+    candidates = (
+        Node.objects.filter(
+            revoked_at__isnull=True,
+            last_seen_at__lt=cutoff,
+            job_peers__state=JobPeer.State.REMOVING,
+        )
+        .distinct()
+        .values_list("pk", flat=True)
+    )
+    closed = 0
+    for node_pk in list(candidates):
+        with transaction.atomic():
+            node = Node.objects.select_for_update().get(pk=node_pk)
+            if node.revoked_at is not None or node.last_seen_at is None:
+                continue
+            if node.last_seen_at >= cutoff:
+                continue
+            peers = list(
+                JobPeer.objects.filter(node=node, state=JobPeer.State.REMOVING).select_related(
+                    "allocation"
+                )
+            )
+            for peer in peers:
+                JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
+                    state=JobPeer.State.REMOVED, removed_at=now
+                )
+                if peer.allocation is not None:
+                    release_address(peer.allocation)
+            close_keys(JobPeerKey.objects.filter(job_peer__in=peers), now)
+            closed += len(peers)
+            log.warning(
+                "node %s silent since %s: %d peer removal(s) closed out without its ack",
+                node.name,
+                node.last_seen_at.isoformat(),
+                len(peers),
+            )
+    return closed
+
+
+def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
+    """Cut `node` off the mesh for good. Returns True when this call revoked it, False when it
+    already was (the clean-up below still runs, so calling again re-drives a clean-up that a
+    crash interrupted).
+
+    1. revoked_at is set by compare-and-set and committed on its own: from then on the agent's
+       frames and any new auth are refused, its listings are no longer available, and its agent
+       connection is told to close (after commit, through its group).
+    2. node_revoked fires outside any lock; marketplace fails the node's live orders there,
+       each in its own transaction in the market's lock order (order row, then this node row).
+    3. Job peers still live on the node are closed out (removed now, addresses quarantined):
+       no agent will acknowledge their removal any more. Locks: node row, one transaction.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        revoked = bool(
+            Node.objects.filter(pk=node.pk, revoked_at__isnull=True).update(revoked_at=now)
+        )
+        node.refresh_from_db()
+        if revoked:
+            group_send_on_commit(node_group(node.node_id), {"type": "node.revoked"})
+            notify_owner(node, "revoked")
+            log.warning("node %s revoked: %s", node.name, reason)
+    node_revoked.send(sender=Node, node=node, reason=reason)
+    with transaction.atomic():
+        Node.objects.select_for_update().get(pk=node.pk)
+        for peer in JobPeer.objects.filter(node=node).live().select_related("allocation"):
+            JobPeer.objects.filter(pk=peer.pk).update(
+                state=JobPeer.State.REMOVED, removed_at=peer.removed_at or now
+            )
+            if peer.allocation is not None:
+                release_address(peer.allocation)
+        # A revoked node's samples are refused: its keys take nothing more and may be reused.
+        close_keys(JobPeerKey.objects.filter(job_peer__node=node), now)
+    return revoked

@@ -1,0 +1,178 @@
+"""Job peers: a buyer's key on a provider node, with a job address of the MOLT pool.
+
+Every change bumps the node's desired revision and, after commit, enqueues the push of the signed
+desired state (meshnet.tasks.push_desired_state); the agent acknowledges through
+meshnet.agent_channel. Lock order, everywhere in meshnet: node row, then pool row (or the node's
+peer keys).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from clawnode.keys import InvalidKey, parse_wireguard_public_key
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from meshnet import ipplan
+from meshnet.allocation import allocate_address
+from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
+from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node
+from meshnet.tasks import push_desired_state
+
+log = logging.getLogger(__name__)
+
+
+def validate_peer_key(public_key: str) -> str:
+    try:
+        parse_wireguard_public_key(public_key)
+    except InvalidKey as exc:
+        raise InvalidPeerKey(f"wireguard_public_key {exc}") from None
+    return public_key
+
+
+def _bump_revision(node_pk: int) -> None:
+    Node.objects.filter(pk=node_pk).update(desired_revision=F("desired_revision") + 1)
+
+
+def _push_on_commit(node_pk: int) -> None:
+    transaction.on_commit(lambda: push_desired_state.delay(node_pk))
+
+
+def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
+    """Add a buyer's peer to `node` with a fresh job address from the MOLT pool.
+
+    Idempotent on `ref` (a retried task returns the same peer). Locks: node row, then pool row.
+    Bumps the node's desired revision and pushes the signed state after commit. The key becomes
+    the peer's first JobPeerKey. Raises InvalidPeerKey, PeerKeyInUse (the key is live on another
+    peer, or retired from one whose node has not yet acknowledged its removal), PoolExhausted.
+    """
+    validate_peer_key(public_key)
+    with transaction.atomic():
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        existing = JobPeer.objects.filter(ref=ref).first()
+        if existing is not None:
+            return existing
+        if _key_in_use(public_key):
+            raise PeerKeyInUse(KEY_IN_USE)
+        lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+        _bump_revision(locked.pk)
+        locked.refresh_from_db(fields=["desired_revision"])
+        try:
+            with transaction.atomic():
+                peer = JobPeer.objects.create(
+                    node=locked,
+                    public_key=public_key,
+                    address=lease.address,
+                    allocation=lease,
+                    ref=ref,
+                    added_revision=locked.desired_revision,
+                )
+                JobPeerKey.objects.create(
+                    job_peer=peer,
+                    public_key=public_key,
+                    active_from=peer.created_at,
+                    added_revision=peer.added_revision,
+                )
+        except IntegrityError:
+            raise PeerKeyInUse(KEY_IN_USE) from None
+        _push_on_commit(locked.pk)
+        return peer
+
+
+KEY_IN_USE = "this WireGuard public key is already in use on another peer"
+
+
+def _key_in_use(public_key: str, *, peer: JobPeer | None = None) -> bool:
+    """Whether `public_key` is open on a peer other than `peer`: live there, or retired from it
+    with its final counters still to come (see JobPeerKey). The unique constraints decide races;
+    this check only gives the usual case a clear error before any write."""
+    open_keys = JobPeerKey.objects.filter(public_key=public_key, closed_at__isnull=True)
+    live = JobPeer.objects.live().filter(public_key=public_key)
+    if peer is not None:
+        open_keys = open_keys.exclude(job_peer=peer)
+        live = live.exclude(pk=peer.pk)
+    return open_keys.exists() or live.exists()
+
+
+def remove_job_peer(ref: str) -> JobPeer | None:
+    """Drop the peer named `ref` from its node's desired state (removal completes when the agent
+    acknowledges). Idempotent: a peer already removing or removed is left alone."""
+    with transaction.atomic():
+        peer = JobPeer.objects.filter(ref=ref).first()
+        if peer is None:
+            return None
+        Node.objects.select_for_update().get(pk=peer.node_id)
+        peer.refresh_from_db()
+        if peer.state in (JobPeer.State.REMOVING, JobPeer.State.REMOVED):
+            return peer
+        _bump_revision(peer.node_id)
+        revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+        JobPeer.objects.filter(pk=peer.pk).update(
+            state=JobPeer.State.REMOVING, removed_revision=revision
+        )
+        _push_on_commit(peer.node_id)
+        peer.refresh_from_db()
+        return peer
+
+
+def replace_peer_key(ref: str, public_key: str) -> JobPeer:
+    """Give the live peer named `ref` a new public key (its buyer re-keyed) and keep its job
+    address. The node's desired state gets a new revision without the old key and with the new
+    one: the agent's reconcile (keyed by public key) removes the old peer and adds the new. The
+    peer is `desired` again until the agent acknowledges that revision.
+
+    The old key is retired at that revision, not forgotten: until the agent acknowledges it, the
+    node's samples that carry the old key (the periodic ones meanwhile, and the final counters the
+    agent sends just before removing it) are still billed to this peer, against the old key's
+    own base. The new key gets its own JobPeerKey with a zero base (its counters start at zero,
+    under an epoch of its own). Going back to a key of this peer that is retired but not yet
+    closed makes it current again, with the base it has.
+
+    Locks: node row, then the peer's keys. Raises InvalidPeerKey, PeerKeyInUse (the key is open
+    on another peer) and MeshError when no live peer is named `ref`."""
+    validate_peer_key(public_key)
+    with transaction.atomic():
+        peer = JobPeer.objects.filter(ref=ref).first()
+        if peer is None:
+            raise MeshError(f"no job peer {ref}")
+        Node.objects.select_for_update().get(pk=peer.node_id)
+        peer.refresh_from_db()
+        if peer.state not in (JobPeer.State.DESIRED, JobPeer.State.ACTIVE):
+            raise MeshError(f"job peer {ref} is {peer.state}: it cannot be re-keyed")
+        if peer.public_key == public_key:
+            return peer
+        if _key_in_use(public_key, peer=peer):
+            raise PeerKeyInUse(KEY_IN_USE)
+        _bump_revision(peer.node_id)
+        revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+        now = timezone.now()
+        try:
+            with transaction.atomic():
+                JobPeer.objects.filter(pk=peer.pk).update(
+                    public_key=public_key,
+                    state=JobPeer.State.DESIRED,
+                    added_revision=revision,
+                    acked_at=None,
+                )
+                # Retired first: the peer has one current key at every step.
+                JobPeerKey.objects.filter(job_peer=peer, retired_at__isnull=True).update(
+                    retired_at=now, retired_revision=revision
+                )
+                back = JobPeerKey.objects.filter(
+                    job_peer=peer, public_key=public_key, closed_at__isnull=True
+                ).update(retired_at=None, retired_revision=None, added_revision=revision)
+                if not back:
+                    JobPeerKey.objects.create(
+                        job_peer=peer,
+                        public_key=public_key,
+                        active_from=now,
+                        added_revision=revision,
+                    )
+        except IntegrityError:
+            raise PeerKeyInUse(KEY_IN_USE) from None
+        _push_on_commit(peer.node_id)
+        peer.refresh_from_db()
+        log.info("job peer %s re-keyed at revision %s", ref, revision)
+        return peer
