@@ -534,8 +534,9 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[dict[st
         from django.core.management import call_command
 
         from marketplace import ledger
+        from marketplace.listings import create_listing
         from marketplace.models import Order, OrderTransition
-        from marketplace.services import create_listing, issue_api_token
+        from marketplace.tokens import issue_api_token
         from meshnet import services as mesh
         from meshnet.models import Node
 

@@ -28,8 +28,8 @@ from frontend.account_views import buyer_login_required
 from frontend.install import gateway_url
 from frontend.security import content_security_policy
 from marketplace import ledger, payments
-from marketplace import services as market
 from marketplace.errors import MarketError
+from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import IdempotencyRecord, Listing, Order, PayoutRequest, Settlement
 from meshnet import services as mesh
 from meshnet.ipplan import REGIONS
@@ -226,7 +226,7 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
         elif form.is_valid():
             data = form.cleaned_data
             try:
-                listing = market.create_listing(
+                listing = create_listing(
                     request.user,
                     node=node,
                     gpu_model=data["gpu_model"],
@@ -291,7 +291,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            market.update_listing(
+            update_listing(
                 listing,
                 gpu_count=data["gpu_count"],
                 price_per_gpu_hour=to_micro(data["price_per_gpu_hour"]),
@@ -317,7 +317,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
 def listing_set_active(request: HttpRequest, pk: int, active: bool) -> HttpResponse:
     listing = own_listing(request.user, pk)
     try:
-        market.update_listing(listing, is_active=active)
+        update_listing(listing, is_active=active)
     except MarketError as exc:
         messages.error(request, str(exc))
     else:
@@ -330,7 +330,7 @@ def listing_set_active(request: HttpRequest, pk: int, active: bool) -> HttpRespo
 @require_POST
 def listing_delete(request: HttpRequest, pk: int) -> HttpResponse:
     listing = own_listing(request.user, pk)
-    market.delete_listing(listing)
+    delete_listing(listing)
     messages.success(
         request,
         f"Listing #{listing.pk} deleted. Orders already running on it carry on to their end.",

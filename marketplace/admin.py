@@ -1,8 +1,8 @@
 """The market in the Django admin.
 
 Money and lifecycle rows are read-only here: the ledger is append-only and every balance is a
-cache of its entries, and an order moves only through marketplace.services. Operators act
-through actions that call services: grant credits (on users), pause or resume listings, stop
+cache of its entries, and an order moves only through marketplace.lifecycle. Operators act
+through actions that call the write paths: grant credits (on users), pause or resume listings, stop
 orders. Amounts are integers of micro-USD and shown in USD.
 """
 
@@ -21,8 +21,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.template.response import TemplateResponse
 
-from marketplace import ledger, payments, services
+from marketplace import ledger, payments
 from marketplace.errors import MarketError
+from marketplace.listings import update_listing
 from marketplace.models import (
     Account,
     ApiToken,
@@ -40,6 +41,7 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
+from marketplace.orders import stop_order
 
 MICRO_PER_USD = 1_000_000
 User = get_user_model()
@@ -238,7 +240,7 @@ class ListingAdmin(ReadOnlyAdmin):
         changed = 0
         for listing in queryset.filter(deleted_at__isnull=True):
             try:
-                services.update_listing(listing, is_active=active)
+                update_listing(listing, is_active=active)
                 changed += 1
             except MarketError as exc:
                 self.message_user(request, f"#{listing.pk}: {exc}", messages.ERROR)
@@ -300,7 +302,7 @@ class OrderAdmin(ReadOnlyAdmin):
         stopped = 0
         for order in queryset:
             try:
-                services.stop_order(order, reason=f"stopped by operator {request.user}")
+                stop_order(order, reason=f"stopped by operator {request.user}")
                 stopped += 1
             except MarketError as exc:
                 self.message_user(request, f"order {order.pk}: {exc}", messages.WARNING)

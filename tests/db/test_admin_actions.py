@@ -23,8 +23,9 @@ from django.utils import timezone
 
 from marketplace import ledger
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import EscrowHold, LedgerTransaction, Listing, Order
-from marketplace.services import create_listing, place_order, provision_order
+from marketplace.orders import place_order, provision_order
 from meshnet import services as mesh
 from meshnet.models import IpAllocation, JobPeer, Node
 from tests.factories import enroll_request, gpu, wg_public_key

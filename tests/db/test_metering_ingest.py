@@ -12,8 +12,9 @@ from django.utils import timezone
 
 import meshnet.tasks
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import create_listing, place_order, provision_order, stop_order
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet import services as mesh
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from tests.factories import enroll_request, gpu, wg_public_key

@@ -32,13 +32,9 @@ from frontend.install import agent_source_dir, agent_wheel
 from frontend.templatetags.molt_format import usd
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import Listing, PayoutRequest
-from marketplace.services import (
-    create_listing,
-    place_order,
-    provision_order,
-    stop_order,
-)
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet import services as mesh
 from meshnet.models import EnrollmentToken, Node
 from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key

@@ -20,8 +20,9 @@ from clawnode.wireguard import FakeBackend
 from django.db.models import F
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order, Settlement
-from marketplace.services import create_listing, issue_api_token
+from marketplace.tokens import issue_api_token
 from meshnet import services as mesh
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import JobPeer, Node

@@ -27,8 +27,8 @@ from django.db import transaction
 
 from marketplace import ledger
 from marketplace.errors import MarketError
+from marketplace.listings import create_listing
 from marketplace.models import LedgerTransaction, Listing
-from marketplace.services import create_listing
 from meshnet import services as mesh
 from meshnet.errors import MeshError
 from meshnet.models import Node
