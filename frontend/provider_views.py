@@ -31,25 +31,15 @@ from marketplace import ledger, payments
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import IdempotencyRecord, Listing, Order, PayoutRequest, Settlement
+from marketplace.money import micro_to_usd, usd_to_micro
 from meshnet import services as mesh
 from meshnet.ipplan import REGIONS
 from meshnet.models import EnrollmentToken, Gpu, Node
-
-MICRO_PER_USD = 1_000_000
 
 
 def provider_page(view):
     """Provider pages: logged in (this site's login page), and the site's CSP."""
     return content_security_policy(buyer_login_required(view))
-
-
-def to_micro(amount: Decimal) -> int:
-    """USD from a form (at most 6 decimal places, so exact) to micro-USD."""
-    return int(amount * MICRO_PER_USD)
-
-
-def to_usd(micro: int) -> Decimal:
-    return (Decimal(micro) / MICRO_PER_USD).normalize()
 
 
 def install_command(request: HttpRequest, token: str) -> str:
@@ -231,8 +221,8 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
                     node=node,
                     gpu_model=data["gpu_model"],
                     gpu_count=data["gpu_count"],
-                    price_per_gpu_hour=to_micro(data["price_per_gpu_hour"]),
-                    price_per_gib=to_micro(data["price_per_gib"]),
+                    price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
+                    price_per_gib=usd_to_micro(data["price_per_gib"]),
                     region=data["region"] or None,
                 )
             except MarketError as exc:
@@ -284,8 +274,8 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
     listing = own_listing(request.user, pk)
     initial = {
         "gpu_count": listing.gpu_count,
-        "price_per_gpu_hour": to_usd(listing.price_per_gpu_hour),
-        "price_per_gib": to_usd(listing.price_per_gib),
+        "price_per_gpu_hour": micro_to_usd(listing.price_per_gpu_hour),
+        "price_per_gib": micro_to_usd(listing.price_per_gib),
     }
     form = ListingEditForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
@@ -294,8 +284,8 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
             update_listing(
                 listing,
                 gpu_count=data["gpu_count"],
-                price_per_gpu_hour=to_micro(data["price_per_gpu_hour"]),
-                price_per_gib=to_micro(data["price_per_gib"]),
+                price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
+                price_per_gib=usd_to_micro(data["price_per_gib"]),
             )
         except MarketError as exc:
             _add_market_error(form, exc)
@@ -395,7 +385,7 @@ def request_payout(request: HttpRequest) -> HttpResponse:
     IdempotencyRecord in the same transaction, so the same form submitted twice requests once."""
     form = PayoutForm(request.POST)
     if form.is_valid():
-        amount = to_micro(form.cleaned_data["amount"])
+        amount = usd_to_micro(form.cleaned_data["amount"])
         try:
             with transaction.atomic():
                 IdempotencyRecord.objects.create(

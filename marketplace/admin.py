@@ -41,20 +41,17 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
+from marketplace.money import MAX_PAYMENT, format_usd, micro_to_usd, usd_to_micro
 from marketplace.orders import stop_order
 
-MICRO_PER_USD = 1_000_000
 User = get_user_model()
+# Form amounts are dollars, up to the largest single payment.
+MAX_FORM_USD = micro_to_usd(MAX_PAYMENT)
 
 
 def usd(micro: int | None) -> str:
-    """`$2.49`, `$0.005`: at least cents and every further digit the amount has (the same
-    format as the site's pages; marketplace does not import frontend)."""
-    if micro is None:
-        return ""
-    sign = "-" if micro < 0 else ""
-    whole, _, frac = f"{Decimal(abs(int(micro))) / MICRO_PER_USD:,.6f}".rstrip("0").partition(".")
-    return f"{sign}${whole}.{frac.ljust(2, '0')}"
+    """`$2.49`, `$0.005`: marketplace.money's format, the site pages' too; blank for None."""
+    return "" if micro is None else format_usd(micro)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -87,7 +84,7 @@ class GrantCreditsForm(forms.Form):
     amount = forms.DecimalField(
         label="USD per user",
         min_value=Decimal("0.000001"),
-        max_value=Decimal(1_000_000),
+        max_value=MAX_FORM_USD,
         max_digits=13,
         decimal_places=6,
     )
@@ -154,7 +151,7 @@ class UserAdmin(DjangoUserAdmin):
         if "apply" in request.POST:
             form = GrantCreditsForm(request.POST)
             if form.is_valid():
-                amount = int(form.cleaned_data["amount"] * MICRO_PER_USD)
+                amount = usd_to_micro(form.cleaned_data["amount"])
                 granted = grant_once(
                     request.user,
                     users,
@@ -509,7 +506,7 @@ class ResolveDisputeForm(forms.Form):
     refund = forms.DecimalField(
         label="Refund to the buyer, USD",
         min_value=Decimal(0),
-        max_value=Decimal(1_000_000),
+        max_value=MAX_FORM_USD,
         max_digits=13,
         decimal_places=6,
         help_text="0 up to what was captured: first out of the provider's frozen share, "
@@ -550,7 +547,7 @@ class DisputeAdmin(ReadOnlyAdmin):
         if "apply" in request.POST:
             form = ResolveDisputeForm(request.POST)
             if form.is_valid():
-                refund = int(form.cleaned_data["refund"] * MICRO_PER_USD)
+                refund = usd_to_micro(form.cleaned_data["refund"])
                 try:
                     payments.resolve_dispute(
                         dispute,

@@ -35,8 +35,7 @@ from marketplace.models import (
     Order,
     PayoutRequest,
 )
-
-MAX_AMOUNT = 10**12  # one million USD in micro-USD: larger is a typo, not a payment
+from marketplace.money import MAX_PAYMENT
 
 S = Order.State
 
@@ -44,8 +43,8 @@ S = Order.State
 def _check_amount(amount: int, field: str = "amount") -> None:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise MarketError(f"{field} must be an integer of micro-USD", field=field)
-    if not 0 < amount <= MAX_AMOUNT:
-        raise MarketError(f"{field} must be between 1 and {MAX_AMOUNT} micro-USD", field=field)
+    if not 0 < amount <= MAX_PAYMENT:
+        raise MarketError(f"{field} must be between 1 and {MAX_PAYMENT} micro-USD", field=field)
 
 
 # --- top-ups ---------------------------------------------------------------------------------
