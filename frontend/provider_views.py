@@ -10,14 +10,12 @@ whether the page was loaded or updated.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from decimal import Decimal
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Prefetch, Q, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -27,10 +25,10 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from frontend.account_views import buyer_login_required
 from frontend.install import gateway_url
 from frontend.security import content_security_policy
-from marketplace import ledger, payments
+from marketplace import idempotency, ledger, payments
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing, delete_listing, update_listing
-from marketplace.models import IdempotencyRecord, Listing, Order, PayoutRequest, Settlement
+from marketplace.models import Listing, Order, PayoutRequest, Settlement
 from marketplace.money import micro_to_usd, usd_to_micro
 from meshnet import services as mesh
 from meshnet.ipplan import REGIONS
@@ -381,22 +379,19 @@ def earnings(request: HttpRequest) -> HttpResponse:
 @require_POST
 def request_payout(request: HttpRequest) -> HttpResponse:
     """Ask for a payout of available earnings (marketplace.payments.request_payout: the amount
-    is set aside at once for an operator to pay). The form's nonce is kept as an
-    IdempotencyRecord in the same transaction, so the same form submitted twice requests once."""
+    is set aside at once for an operator to pay). The form's nonce is its idempotency key
+    (marketplace.idempotency.once), so the same form submitted twice requests once."""
     form = PayoutForm(request.POST)
     if form.is_valid():
         amount = usd_to_micro(form.cleaned_data["amount"])
         try:
-            with transaction.atomic():
-                IdempotencyRecord.objects.create(
-                    user=request.user,
-                    key=f"page:payout:{form.cleaned_data['nonce']}",
-                    fingerprint=hashlib.sha256(f"payout {amount}".encode()).hexdigest(),
-                    status_code=200,
-                    response_body=f"payout of {amount} requested",
-                )
+            with idempotency.once(
+                request.user,
+                f"page:payout:{form.cleaned_data['nonce']}",
+                what=f"payout of {amount} requested",
+            ):
                 payout = payments.request_payout(request.user, amount)
-        except IntegrityError:
+        except idempotency.AlreadyDone:
             messages.warning(request, "That payout was already requested.")
             return redirect("frontend:provider_earnings")
         except MarketError as exc:

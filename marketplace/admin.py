@@ -8,7 +8,6 @@ orders. Amounts are integers of micro-USD and shown in USD.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from decimal import Decimal
 
@@ -17,11 +16,10 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.template.response import TemplateResponse
 
-from marketplace import ledger, payments
+from marketplace import idempotency, ledger, payments
 from marketplace.errors import MarketError
 from marketplace.listings import update_listing
 from marketplace.models import (
@@ -95,25 +93,21 @@ class GrantCreditsForm(forms.Form):
 
 def grant_once(operator, users, amount: int, memo: str, nonce: str) -> bool:
     """Grant `amount` micro-USD to each of `users`, in one transaction, at most once per
-    `nonce`: an IdempotencyRecord keyed by the operator and the nonce is written in the same
-    transaction, and its unique (user, key) refuses a second submission of the same form (a
-    double click, a reload, the back button). Returns False, moving nothing, for a repeat."""
+    `nonce` (marketplace.idempotency.once, keyed by the operator and the nonce): a second
+    submission of the same form (a double click, a reload, the back button) moves nothing.
+    Returns False, moving nothing, for a repeat."""
     ids = sorted(user.pk for user in users)
-    fingerprint = hashlib.sha256(f"grant {amount} {memo} {ids}".encode()).hexdigest()
     try:
-        with transaction.atomic():
-            IdempotencyRecord.objects.create(
-                user=operator,
-                key=f"admin:grant_credits:{nonce}",
-                fingerprint=fingerprint,
-                status_code=200,
-                response_body=f"granted {amount} micro-USD to users {ids}",
-            )
+        with idempotency.once(
+            operator,
+            f"admin:grant_credits:{nonce}",
+            what=f"granted {amount} micro-USD to users {ids}: {memo}",
+        ):
             for user in users:
                 ledger.grant_credits(
                     user, amount, memo=f"{memo} (by {operator.get_username()})"[:200]
                 )
-    except IntegrityError:
+    except idempotency.AlreadyDone:
         return False
     return True
 

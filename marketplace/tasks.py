@@ -9,8 +9,8 @@ from celery import shared_task
 from django.utils import timezone
 
 from marketplace import orders, payments, reliability, settlement
-from marketplace.api.idempotency import purge_expired_keys
 from marketplace.audit import record_audit_run
+from marketplace.idempotency import purge_expired_keys
 from marketplace.models import Order
 
 log = logging.getLogger(__name__)

@@ -442,7 +442,7 @@ def test_a_slow_request_whose_claim_was_taken_over_rolls_its_work_back(
 
 
 def test_keys_are_kept_at_least_a_day_then_purged(buyer_api, buyer, listing, settings):
-    from marketplace.api.idempotency import purge_expired_keys
+    from marketplace.idempotency import purge_expired_keys
 
     assert settings.MOLT_IDEMPOTENCY_KEY_TTL_SECONDS >= 24 * 3600
     body = order_body(listing)
