@@ -132,6 +132,9 @@ def mark_running(order: Order, at: datetime) -> bool:
 
 
 def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) -> bool:
+    """End the order (cancelled or failed) with its hold released in full and its peer, if any,
+    dropped from desired state. False, nothing written, when it lost the race. Locks: the
+    order row (the caller holds the node's), then the hold row and accounts."""
     if not lifecycle.transition(
         order, from_state, to_state, reason, ended_at=timezone.now(), reason=reason
     ):
