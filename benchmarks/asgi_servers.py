@@ -162,7 +162,7 @@ def main() -> None:
     from django.core.management import call_command
     from rest_framework.test import APIClient
 
-    from marketplace.services import issue_api_token
+    from marketplace.tokens import issue_api_token
     from meshnet.enrolment import create_enrollment_token, enroll_node
     from tests.factories import enroll_request, gpu
 

@@ -534,8 +534,10 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[dict[st
         from django.core.management import call_command
 
         from marketplace import ledger
+        from marketplace.listings import create_listing
         from marketplace.models import Order, OrderTransition
-        from marketplace.services import create_listing, issue_api_token
+        from marketplace.money import MICRO_PER_USD
+        from marketplace.tokens import issue_api_token
         from meshnet.enrolment import create_enrollment_token
         from meshnet.models import Node
 
@@ -559,7 +561,7 @@ def run(args: argparse.Namespace, database_url: str, tmp: Path) -> tuple[dict[st
                 timeout=30, message=f"the agent to connect\n{(tmp / 'agent.log').read_text()}",
             )  # fmt: skip
             listing = create_listing(
-                provider, node=node, gpu_count=2, price_per_gpu_hour=1_000_000,
+                provider, node=node, gpu_count=2, price_per_gpu_hour=MICRO_PER_USD,
                 price_per_gib=100_000,
             )  # fmt: skip
             ledger.grant_credits(buyer_user, 10_000_000_000)

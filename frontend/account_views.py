@@ -1,7 +1,7 @@
 """Accounts: sign up, log in and out, password change, and API tokens for the CLI and API.
 
 Django's own auth views where they fit; every write goes through Django auth or
-marketplace.services (API tokens are issued and revoked there, stored only as hashes)."""
+marketplace.tokens (API tokens are issued and revoked there, stored only as hashes)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
-from marketplace import services
+from marketplace import tokens as market_tokens
 from marketplace.models import ApiToken
 from meshnet.throttling import LoginFailures, client_address
 
@@ -139,7 +139,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
     if request.method == "POST":
         form = TokenForm(request.POST)
         if form.is_valid():
-            token = services.issue_api_token(request.user, name=form.cleaned_data["name"])
+            token = market_tokens.issue_api_token(request.user, name=form.cleaned_data["name"])
             return _tokens_page(request, TokenForm(), token)
         return _tokens_page(request, form, None)
     return _tokens_page(request, TokenForm(), None)
@@ -148,7 +148,7 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
 @buyer_login_required
 @require_POST
 def revoke_api_token(request: HttpRequest, token_id: int) -> HttpResponse:
-    if not services.revoke_api_token(request.user, token_id):
+    if not market_tokens.revoke_api_token(request.user, token_id):
         raise Http404("no such token of yours")
     messages.success(request, "Token revoked: requests that use it are refused from now on.")
     return redirect("frontend:api_tokens")

@@ -19,8 +19,9 @@ from frontend.account_views import buyer_login_required
 from frontend.charts import line_chart
 from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
-from marketplace import ledger, payments, services
+from marketplace import ledger, payments
 from marketplace.models import Account, Dispute, EarningsHold, EscrowHold, LedgerEntry, Order
+from marketplace.orders import quote_for
 
 
 class QuoteForm(forms.Form):
@@ -45,7 +46,7 @@ def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
     form = QuoteForm(data or {"hours": 1, "gpu_count": 1}, max_gpus=listing.gpus_free)
     quote = None
     if form.is_valid():
-        quote = services.quote_for(
+        quote = quote_for(
             listing, gpu_count=form.cleaned_data["gpu_count"], hours=form.cleaned_data["hours"]
         )
     gpus = [gpu for gpu in listing.node.gpus.all() if gpu.name == listing.gpu_model]

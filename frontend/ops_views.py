@@ -229,7 +229,7 @@ def money_figures(today: date) -> dict:
 def bandwidth_figures(today: date) -> dict:
     """Tunnel bytes (both directions) of orders that ended, by the day they ended, and what
     live orders have moved so far. Bytes are counted onto orders from signed metering samples
-    (marketplace.services.add_traffic); an order's bytes are dated when it ends."""
+    (marketplace.orders.add_traffic); an order's bytes are dated when it ends."""
     since = today - timedelta(days=CHART_DAYS - 1)
     moved = F("bytes_in") + F("bytes_out")
     ended_by_day = dict(

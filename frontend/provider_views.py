@@ -10,14 +10,12 @@ whether the page was loaded or updated.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from decimal import Decimal
 
 from django import forms
 from django.conf import settings
 from django.contrib import messages
-from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Prefetch, Q, QuerySet, Sum
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -26,29 +24,19 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from frontend.account_views import buyer_login_required
 from frontend.install import gateway_url
-from marketplace import ledger, payments
-from marketplace import services as market
+from marketplace import idempotency, ledger, payments
 from marketplace.errors import MarketError
-from marketplace.models import IdempotencyRecord, Listing, Order, PayoutRequest, Settlement
+from marketplace.listings import create_listing, delete_listing, update_listing
+from marketplace.models import Listing, Order, PayoutRequest, Settlement
+from marketplace.money import micro_to_usd, usd_to_micro
 from meshnet.enrolment import create_enrollment_token
 from meshnet.ipplan import REGIONS
 from meshnet.models import EnrollmentToken, Gpu, Node
-
-MICRO_PER_USD = 1_000_000
 
 
 def provider_page(view):
     """Provider pages: logged in (this site's login page)."""
     return buyer_login_required(view)
-
-
-def to_micro(amount: Decimal) -> int:
-    """USD from a form (at most 6 decimal places, so exact) to micro-USD."""
-    return int(amount * MICRO_PER_USD)
-
-
-def to_usd(micro: int) -> Decimal:
-    return (Decimal(micro) / MICRO_PER_USD).normalize()
 
 
 def install_command(request: HttpRequest, token: str) -> str:
@@ -225,13 +213,13 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
         elif form.is_valid():
             data = form.cleaned_data
             try:
-                listing = market.create_listing(
+                listing = create_listing(
                     request.user,
                     node=node,
                     gpu_model=data["gpu_model"],
                     gpu_count=data["gpu_count"],
-                    price_per_gpu_hour=to_micro(data["price_per_gpu_hour"]),
-                    price_per_gib=to_micro(data["price_per_gib"]),
+                    price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
+                    price_per_gib=usd_to_micro(data["price_per_gib"]),
                     region=data["region"] or None,
                 )
             except MarketError as exc:
@@ -283,18 +271,18 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
     listing = own_listing(request.user, pk)
     initial = {
         "gpu_count": listing.gpu_count,
-        "price_per_gpu_hour": to_usd(listing.price_per_gpu_hour),
-        "price_per_gib": to_usd(listing.price_per_gib),
+        "price_per_gpu_hour": micro_to_usd(listing.price_per_gpu_hour),
+        "price_per_gib": micro_to_usd(listing.price_per_gib),
     }
     form = ListingEditForm(request.POST or None, initial=initial)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
-            market.update_listing(
+            update_listing(
                 listing,
                 gpu_count=data["gpu_count"],
-                price_per_gpu_hour=to_micro(data["price_per_gpu_hour"]),
-                price_per_gib=to_micro(data["price_per_gib"]),
+                price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
+                price_per_gib=usd_to_micro(data["price_per_gib"]),
             )
         except MarketError as exc:
             _add_market_error(form, exc)
@@ -316,7 +304,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
 def listing_set_active(request: HttpRequest, pk: int, active: bool) -> HttpResponse:
     listing = own_listing(request.user, pk)
     try:
-        market.update_listing(listing, is_active=active)
+        update_listing(listing, is_active=active)
     except MarketError as exc:
         messages.error(request, str(exc))
     else:
@@ -329,7 +317,7 @@ def listing_set_active(request: HttpRequest, pk: int, active: bool) -> HttpRespo
 @require_POST
 def listing_delete(request: HttpRequest, pk: int) -> HttpResponse:
     listing = own_listing(request.user, pk)
-    market.delete_listing(listing)
+    delete_listing(listing)
     messages.success(
         request,
         f"Listing #{listing.pk} deleted. Orders already running on it carry on to their end.",
@@ -390,22 +378,19 @@ def earnings(request: HttpRequest) -> HttpResponse:
 @require_POST
 def request_payout(request: HttpRequest) -> HttpResponse:
     """Ask for a payout of available earnings (marketplace.payments.request_payout: the amount
-    is set aside at once for an operator to pay). The form's nonce is kept as an
-    IdempotencyRecord in the same transaction, so the same form submitted twice requests once."""
+    is set aside at once for an operator to pay). The form's nonce is its idempotency key
+    (marketplace.idempotency.once), so the same form submitted twice requests once."""
     form = PayoutForm(request.POST)
     if form.is_valid():
-        amount = to_micro(form.cleaned_data["amount"])
+        amount = usd_to_micro(form.cleaned_data["amount"])
         try:
-            with transaction.atomic():
-                IdempotencyRecord.objects.create(
-                    user=request.user,
-                    key=f"page:payout:{form.cleaned_data['nonce']}",
-                    fingerprint=hashlib.sha256(f"payout {amount}".encode()).hexdigest(),
-                    status_code=200,
-                    response_body=f"payout of {amount} requested",
-                )
+            with idempotency.once(
+                request.user,
+                f"page:payout:{form.cleaned_data['nonce']}",
+                what=f"payout of {amount} requested",
+            ):
                 payout = payments.request_payout(request.user, amount)
-        except IntegrityError:
+        except idempotency.AlreadyDone:
             messages.warning(request, "That payout was already requested.")
             return redirect("frontend:provider_earnings")
         except MarketError as exc:

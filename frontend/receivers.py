@@ -1,12 +1,12 @@
 """Order pages follow metered traffic too: their usage figures and chart refresh live.
 
-State changes are announced by marketplace.services itself (every transition); traffic is a
+State changes are announced by marketplace.lifecycle itself (every transition); traffic is a
 meshnet signal, so this app listens and uses the same announcement."""
 
 from django.dispatch import receiver
 
+from marketplace.announce import announce_order
 from marketplace.models import Order
-from marketplace.services import announce_order
 from meshnet.signals import peer_acknowledged, peer_traffic
 
 

@@ -13,9 +13,9 @@ from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
 from marketplace.models import Listing, Order
+from marketplace.money import usd_to_micro
 from meshnet.ipplan import REGIONS
 
-MICRO_PER_USD = 1_000_000
 PAGE_SIZE = 25
 
 SORTS = {
@@ -103,12 +103,12 @@ def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> Que
     max_price = None if "max_price" in form.errors else form.cleaned_data.get("max_price")
     if max_price is not None:
         # decimal_places=6 makes this exact: the form refuses anything finer than a micro-USD.
-        listings = listings.filter(price_per_gpu_hour__lte=int(max_price * MICRO_PER_USD))
+        listings = listings.filter(price_per_gpu_hour__lte=usd_to_micro(max_price))
     max_gib = (
         None if "max_price_per_gib" in form.errors else form.cleaned_data.get("max_price_per_gib")
     )
     if max_gib is not None:
-        listings = listings.filter(price_per_gib__lte=int(max_gib * MICRO_PER_USD))
+        listings = listings.filter(price_per_gib__lte=usd_to_micro(max_gib))
     if region := form.value("region"):
         listings = listings.filter(region=region)
     if (reliability := form.value("min_reliability")) is not None:

@@ -1,14 +1,13 @@
 """The market in the Django admin.
 
 Money and lifecycle rows are read-only here: the ledger is append-only and every balance is a
-cache of its entries, and an order moves only through marketplace.services. Operators act
-through actions that call services: grant credits (on users), pause or resume listings, stop
+cache of its entries, and an order moves only through marketplace.lifecycle. Operators act
+through actions that call the write paths: grant credits (on users), pause or resume listings, stop
 orders. Amounts are integers of micro-USD and shown in USD.
 """
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from decimal import Decimal
 
@@ -17,12 +16,12 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin as DjangoUserAdmin
-from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.template.response import TemplateResponse
 
-from marketplace import ledger, payments, services
+from marketplace import idempotency, ledger, payments
 from marketplace.errors import MarketError
+from marketplace.listings import update_listing
 from marketplace.models import (
     Account,
     ApiToken,
@@ -40,19 +39,17 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
+from marketplace.money import MAX_PAYMENT, format_usd, micro_to_usd, usd_to_micro
+from marketplace.orders import stop_order
 
-MICRO_PER_USD = 1_000_000
 User = get_user_model()
+# Form amounts are dollars, up to the largest single payment.
+MAX_FORM_USD = micro_to_usd(MAX_PAYMENT)
 
 
 def usd(micro: int | None) -> str:
-    """`$2.49`, `$0.005`: at least cents and every further digit the amount has (the same
-    format as the site's pages; marketplace does not import frontend)."""
-    if micro is None:
-        return ""
-    sign = "-" if micro < 0 else ""
-    whole, _, frac = f"{Decimal(abs(int(micro))) / MICRO_PER_USD:,.6f}".rstrip("0").partition(".")
-    return f"{sign}${whole}.{frac.ljust(2, '0')}"
+    """`$2.49`, `$0.005`: marketplace.money's format, the site pages' too; blank for None."""
+    return "" if micro is None else format_usd(micro)
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -85,7 +82,7 @@ class GrantCreditsForm(forms.Form):
     amount = forms.DecimalField(
         label="USD per user",
         min_value=Decimal("0.000001"),
-        max_value=Decimal(1_000_000),
+        max_value=MAX_FORM_USD,
         max_digits=13,
         decimal_places=6,
     )
@@ -96,25 +93,21 @@ class GrantCreditsForm(forms.Form):
 
 def grant_once(operator, users, amount: int, memo: str, nonce: str) -> bool:
     """Grant `amount` micro-USD to each of `users`, in one transaction, at most once per
-    `nonce`: an IdempotencyRecord keyed by the operator and the nonce is written in the same
-    transaction, and its unique (user, key) refuses a second submission of the same form (a
-    double click, a reload, the back button). Returns False, moving nothing, for a repeat."""
+    `nonce` (marketplace.idempotency.once, keyed by the operator and the nonce): a second
+    submission of the same form (a double click, a reload, the back button) moves nothing.
+    Returns False, moving nothing, for a repeat."""
     ids = sorted(user.pk for user in users)
-    fingerprint = hashlib.sha256(f"grant {amount} {memo} {ids}".encode()).hexdigest()
     try:
-        with transaction.atomic():
-            IdempotencyRecord.objects.create(
-                user=operator,
-                key=f"admin:grant_credits:{nonce}",
-                fingerprint=fingerprint,
-                status_code=200,
-                response_body=f"granted {amount} micro-USD to users {ids}",
-            )
+        with idempotency.once(
+            operator,
+            f"admin:grant_credits:{nonce}",
+            what=f"granted {amount} micro-USD to users {ids}: {memo}",
+        ):
             for user in users:
                 ledger.grant_credits(
                     user, amount, memo=f"{memo} (by {operator.get_username()})"[:200]
                 )
-    except IntegrityError:
+    except idempotency.AlreadyDone:
         return False
     return True
 
@@ -152,7 +145,7 @@ class UserAdmin(DjangoUserAdmin):
         if "apply" in request.POST:
             form = GrantCreditsForm(request.POST)
             if form.is_valid():
-                amount = int(form.cleaned_data["amount"] * MICRO_PER_USD)
+                amount = usd_to_micro(form.cleaned_data["amount"])
                 granted = grant_once(
                     request.user,
                     users,
@@ -238,7 +231,7 @@ class ListingAdmin(ReadOnlyAdmin):
         changed = 0
         for listing in queryset.filter(deleted_at__isnull=True):
             try:
-                services.update_listing(listing, is_active=active)
+                update_listing(listing, is_active=active)
                 changed += 1
             except MarketError as exc:
                 self.message_user(request, f"#{listing.pk}: {exc}", messages.ERROR)
@@ -300,7 +293,7 @@ class OrderAdmin(ReadOnlyAdmin):
         stopped = 0
         for order in queryset:
             try:
-                services.stop_order(order, reason=f"stopped by operator {request.user}")
+                stop_order(order, reason=f"stopped by operator {request.user}")
                 stopped += 1
             except MarketError as exc:
                 self.message_user(request, f"order {order.pk}: {exc}", messages.WARNING)
@@ -507,7 +500,7 @@ class ResolveDisputeForm(forms.Form):
     refund = forms.DecimalField(
         label="Refund to the buyer, USD",
         min_value=Decimal(0),
-        max_value=Decimal(1_000_000),
+        max_value=MAX_FORM_USD,
         max_digits=13,
         decimal_places=6,
         help_text="0 up to what was captured: first out of the provider's frozen share, "
@@ -548,7 +541,7 @@ class DisputeAdmin(ReadOnlyAdmin):
         if "apply" in request.POST:
             form = ResolveDisputeForm(request.POST)
             if form.is_valid():
-                refund = int(form.cleaned_data["refund"] * MICRO_PER_USD)
+                refund = usd_to_micro(form.cleaned_data["refund"])
                 try:
                     payments.resolve_dispute(
                         dispute,

@@ -10,7 +10,7 @@ from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from marketplace.models import ApiToken
-from marketplace.services import API_TOKEN_PREFIX, hash_api_token
+from marketplace.tokens import API_TOKEN_PREFIX, hash_api_token
 
 
 class ApiTokenAuthentication(authentication.BaseAuthentication):

@@ -108,6 +108,7 @@ def settlement_amounts(
 
 Interval = tuple[datetime, datetime]
 _MICROSECOND = timedelta(microseconds=1)
+_MICROSECONDS_PER_SECOND = 1_000_000  # time, not money
 
 
 def covered(start: datetime, end: datetime, intervals: Iterable[Interval]) -> timedelta:
@@ -133,8 +134,8 @@ def charged_seconds(start: datetime, end: datetime, outages: Iterable[Interval])
         return 0, 0
     span = (end - start) // _MICROSECOND
     online = span - covered(start, end, outages) // _MICROSECOND
-    gross = span // 1_000_000
-    charged = online // 1_000_000
+    gross = span // _MICROSECONDS_PER_SECOND
+    charged = online // _MICROSECONDS_PER_SECOND
     return charged, gross - charged
 
 

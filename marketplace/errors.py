@@ -1,4 +1,4 @@
-"""Errors of marketplace services; the API maps each to a status and a clear message."""
+"""Errors of marketplace's write paths; the API maps each to a status and a clear message."""
 
 
 class MarketError(Exception):

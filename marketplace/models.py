@@ -376,7 +376,7 @@ class EarningsHold(models.Model):
 
 class Dispute(models.Model):
     """A buyer's dispute of a settled order (one per order). An operator resolves it by
-    refunding part or all of what was captured; see services.resolve_dispute."""
+    refunding part or all of what was captured; see payments.resolve_dispute."""
 
     class State(models.TextChoices):
         OPEN = "open"

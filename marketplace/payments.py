@@ -25,7 +25,7 @@ from datetime import datetime
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace import ledger
+from marketplace import billing, ledger, lifecycle
 from marketplace.errors import AlreadyResolved, InvalidTransition, MarketError
 from marketplace.models import (
     Account,
@@ -33,11 +33,9 @@ from marketplace.models import (
     EarningsHold,
     LedgerTransaction,
     Order,
-    OrderTransition,
     PayoutRequest,
 )
-
-MAX_AMOUNT = 10**12  # one million USD in micro-USD: larger is a typo, not a payment
+from marketplace.money import MAX_PAYMENT
 
 S = Order.State
 
@@ -45,22 +43,8 @@ S = Order.State
 def _check_amount(amount: int, field: str = "amount") -> None:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise MarketError(f"{field} must be an integer of micro-USD", field=field)
-    if not 0 < amount <= MAX_AMOUNT:
-        raise MarketError(f"{field} must be between 1 and {MAX_AMOUNT} micro-USD", field=field)
-
-
-def _order_transition(order: Order, from_state: str, to_state: str, why: str) -> None:
-    """Compare-and-set the order's state plus its log row (like services._transition, which
-    this module does not import to keep services free of a cycle). Raises InvalidTransition
-    when the order is no longer in `from_state`."""
-    if not Order.objects.filter(pk=order.pk, state=from_state).update(state=to_state):
-        raise InvalidTransition(f"order {order.pk} is no longer {from_state}")
-    OrderTransition.objects.create(
-        order=order, from_state=from_state, to_state=to_state, reason=why[:200]
-    )
-    from marketplace.services import announce_order
-
-    announce_order(order.pk)
+    if not 0 < amount <= MAX_PAYMENT:
+        raise MarketError(f"{field} must be between 1 and {MAX_PAYMENT} micro-USD", field=field)
 
 
 # --- top-ups ---------------------------------------------------------------------------------
@@ -147,7 +131,8 @@ def open_dispute(order: Order, buyer, reason: str, *, now: datetime | None = Non
             state=EarningsHold.State.DISPUTED
         )
         dispute = Dispute.objects.create(order=order, buyer=buyer, reason=reason, opened_at=now)
-        _order_transition(order, order.state, S.DISPUTED, "disputed by the buyer")
+        if not lifecycle.transition(order, order.state, S.DISPUTED, "disputed by the buyer"):
+            raise InvalidTransition(f"order {order.pk} changed meanwhile")
         return dispute
 
 
@@ -223,7 +208,8 @@ def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") 
             resolution=txn,
         )
         why = f"dispute resolved by {operator.get_username()}: {refund} micro-USD refunded"
-        _order_transition(order, S.DISPUTED, S.RESOLVED, why)
+        if not lifecycle.transition(order, S.DISPUTED, S.RESOLVED, why):
+            raise InvalidTransition(f"order {order.pk} is no longer disputed")
         locked.refresh_from_db()
         return locked
 
@@ -298,7 +284,6 @@ def receipt_for(order: Order) -> dict:
     lines sum to `captured`; `captured + released == hold`; `platform_fee + provider_share ==
     captured`. An order that ended without a charge (cancelled, failed before it ran) has no
     lines and released its whole hold. Raises InvalidTransition for a live order."""
-    from marketplace import billing
 
     if order.state not in Order.ENDED_STATES:
         raise InvalidTransition(f"order {order.pk} is {order.state}: it is not settled yet")

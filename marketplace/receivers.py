@@ -1,31 +1,41 @@
-"""marketplace follows meshnet's peer hooks to move orders (meshnet never imports us)."""
+"""marketplace follows meshnet's peer hooks to move orders (meshnet never imports us), and its
+own order_placed to enqueue provisioning (marketplace.orders never imports the tasks)."""
 
+from django.db import transaction
 from django.dispatch import receiver
 
-from marketplace import services
+from marketplace import orders, tasks
 from marketplace.models import Order
+from marketplace.signals import order_placed
 from meshnet.signals import node_revoked, peer_acknowledged, peer_removed, peer_traffic
+
+
+@receiver(order_placed, dispatch_uid="marketplace.order_placed")
+def on_order_placed(sender, order, **kwargs) -> None:
+    # On commit: a worker must not look for an order its transaction has not committed yet.
+    order_id = order.pk
+    transaction.on_commit(lambda: tasks.provision_order.delay(order_id))
 
 
 @receiver(peer_acknowledged, dispatch_uid="marketplace.peer_acknowledged")
 def on_peer_acknowledged(sender, job_peer, at, **kwargs) -> None:
     order = Order.objects.filter(job_peer=job_peer).first()
     if order is not None:
-        services.mark_running(order, at)
+        orders.mark_running(order, at)
 
 
 @receiver(peer_removed, dispatch_uid="marketplace.peer_removed")
 def on_peer_removed(sender, job_peer, at, **kwargs) -> None:
     order = Order.objects.filter(job_peer=job_peer).first()
     if order is not None:
-        services.complete_order(order, at)
+        orders.complete_order(order, at)
 
 
 @receiver(peer_traffic, dispatch_uid="marketplace.peer_traffic")
 def on_peer_traffic(sender, job_peer, rx_bytes, tx_bytes, **kwargs) -> None:
-    services.add_traffic(job_peer, rx_bytes=rx_bytes, tx_bytes=tx_bytes)
+    orders.add_traffic(job_peer, rx_bytes=rx_bytes, tx_bytes=tx_bytes)
     # The hold covers the bandwidth allowance and no more: reaching it stops the job.
-    services.stop_if_allowance_used(job_peer)
+    orders.stop_if_allowance_used(job_peer)
 
 
 @receiver(node_revoked, dispatch_uid="marketplace.node_revoked")
@@ -33,4 +43,4 @@ def on_node_revoked(sender, node, reason, **kwargs) -> None:
     # Each order in its own transaction: one that fails to end does not keep the others live,
     # and revoke_node can be called again to retry it.
     for order in Order.objects.live().filter(listing__node=node).only("pk"):
-        services.fail_order(order, f"provider node revoked: {reason}"[:200])
+        orders.fail_order(order, f"provider node revoked: {reason}"[:200])

@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from marketplace.billing import Interval, covered
 from marketplace.models import NodeReliability, Order
+from meshnet.models import Node, NodeOutage
 
 BASIS_POINTS = 10_000
 
@@ -73,8 +74,6 @@ def _counts(node_ids: list[int], states, **extra) -> dict[int, int]:
 def refresh_reliability(now: datetime | None = None) -> int:
     """Recompute every active node's NodeReliability; returns how many were written. Each row
     is overwritten whole (update_or_create), so a re-run or two racing runs converge."""
-    from meshnet.models import Node, NodeOutage
-
     now = now or timezone.now()
     window = timedelta(seconds=settings.MOLT_RELIABILITY_WINDOW_SECONDS)
     offline_after = timedelta(seconds=settings.MOLT_NODE_OFFLINE_AFTER_SECONDS)

@@ -8,7 +8,9 @@ from datetime import timedelta
 from celery import shared_task
 from django.utils import timezone
 
-from marketplace import services
+from marketplace import orders, payments, reliability, settlement
+from marketplace.audit import record_audit_run
+from marketplace.idempotency import purge_expired_keys
 from marketplace.models import Order
 
 log = logging.getLogger(__name__)
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 @shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
 def provision_order(order_id: int) -> None:
     try:
-        services.provision_order(order_id)
+        orders.provision_order(order_id)
     except Order.DoesNotExist:
         # Enqueued by a transaction that later rolled back, or a stale message: nothing to do.
         log.warning("provision_order: order %s does not exist", order_id)
@@ -25,7 +27,7 @@ def provision_order(order_id: int) -> None:
 
 @shared_task(acks_late=True)
 def expire_orders() -> int:
-    return services.expire_orders()
+    return orders.expire_orders()
 
 
 @shared_task(acks_late=True)
@@ -37,7 +39,7 @@ def sweep_pending_orders() -> int:
         Order.objects.filter(state="pending", created_at__lte=cutoff).values_list("pk", flat=True)
     )
     for order_id in ids:
-        services.provision_order(order_id)
+        orders.provision_order(order_id)
     return len(ids)
 
 
@@ -50,37 +52,29 @@ def sweep_settlements() -> int:
         )
     )
     for order_id in ids:
-        services.settle_order(Order.objects.get(pk=order_id))
+        settlement.settle_order(Order.objects.get(pk=order_id))
     return len(ids)
 
 
 @shared_task(acks_late=True)
 def release_due_earnings() -> int:
     """Frozen provider shares whose dispute window passed go to the providers' earnings."""
-    from marketplace.payments import release_due_earnings as release
-
-    return release()
+    return payments.release_due_earnings()
 
 
 @shared_task(acks_late=True)
 def refresh_reliability() -> int:
-    from marketplace.reliability import refresh_reliability as refresh
-
-    return refresh()
+    return reliability.refresh_reliability()
 
 
 @shared_task(acks_late=True)
 def purge_idempotency_keys() -> int:
-    from marketplace.api.idempotency import purge_expired_keys
-
     return purge_expired_keys()
 
 
 @shared_task(acks_late=True)
 def audit_ledger() -> bool:
     """The hourly ledger audit; its result is kept as an AuditRun for the ops dashboard."""
-    from marketplace.audit import record_audit_run
-
     run = record_audit_run(source="beat")
     if not run.ok:
         log.error("ledger audit: %s violation(s):\n%s", run.violation_count, run.violations)

@@ -128,7 +128,7 @@ def api_client_for():
     """An APIClient authenticated with a real API token of `user`."""
     from rest_framework.test import APIClient
 
-    from marketplace.services import issue_api_token
+    from marketplace.tokens import issue_api_token
 
     def client_for(user):
         client = APIClient()

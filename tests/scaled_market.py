@@ -21,10 +21,12 @@ from django.contrib.auth.hashers import make_password
 from django.utils import timezone
 
 from marketplace import ledger, payments
-from marketplace import services as market
+from marketplace.listings import create_listing
 from marketplace.management.commands.seed_demo import PROVIDERS, DemoNode, _simulated_gpus
 from marketplace.models import Listing, Order
+from marketplace.orders import add_traffic, fail_order, place_order, provision_order, stop_order
 from marketplace.reliability import refresh_reliability
+from marketplace.tokens import issue_api_token
 from meshnet.agent_channel import acknowledge_revision, record_report
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
@@ -66,7 +68,7 @@ def _ack(node: Node, at=None) -> None:
 
 
 def _order(buyer, listing: Listing, *, hours: int = 2) -> Order:
-    return market.place_order(
+    return place_order(
         buyer, listing_id=listing.pk, gpu_count=1, hours=hours, wireguard_public_key=wg_public_key()
     )
 
@@ -118,7 +120,7 @@ def seed_copy(index: int, *, shared_users: bool = False) -> Copy:
             copy.identities[node.pk] = identity
             for demo_listing in demo_node.listings:
                 copy.listings.append(
-                    market.create_listing(
+                    create_listing(
                         provider,
                         node=node,
                         gpu_model=demo_node.gpu[0],
@@ -138,22 +140,22 @@ def seed_copy(index: int, *, shared_users: bool = False) -> Copy:
     orders: dict[str, list[Order]] = {state: [] for state in Order.State.values}
     for _ in range(2):
         order = _order(copy.buyer, biggest)
-        market.provision_order(order.pk)
+        provision_order(order.pk)
         _ack(node, at=timezone.now() - timedelta(minutes=40))
         peer = JobPeer.objects.get(ref=f"order:{order.pk}")
-        market.add_traffic(peer, rx_bytes=300 * 2**20, tx_bytes=2 * 2**30)
-        market.stop_order(Order.objects.get(pk=order.pk))
+        add_traffic(peer, rx_bytes=300 * 2**20, tx_bytes=2 * 2**30)
+        stop_order(Order.objects.get(pk=order.pk))
         _ack(node)
         orders["completed"].append(Order.objects.get(pk=order.pk))
     failed = _order(copy.buyer, biggest)
-    market.provision_order(failed.pk)
-    market.fail_order(failed, "the provider node did not acknowledge in time")
+    provision_order(failed.pk)
+    fail_order(failed, "the provider node did not acknowledge in time")
     orders["failed"].append(failed)
     cancelled = _order(copy.buyer, biggest)
-    market.stop_order(cancelled, reason="changed my mind")
+    stop_order(cancelled, reason="changed my mind")
     orders["cancelled"].append(cancelled)
     running = _order(copy.buyer, biggest)
-    market.provision_order(running.pk)
+    provision_order(running.pk)
     _ack(node)
     orders["running"].append(running)
     orders["pending"].append(_order(copy.buyer, biggest))
@@ -178,7 +180,7 @@ def _provisioned_at(order: Order, placed: datetime) -> JobPeer:
     job peer and the peer's key are backdated like the acknowledgements that follow, so that
     the metering samples of that time are the key's (the chart reads them by key lifetime)."""
     Order.objects.filter(pk=order.pk).update(created_at=placed)
-    market.provision_order(order.pk)
+    provision_order(order.pk)
     peer = JobPeer.objects.get(ref=f"order:{order.pk}")
     JobPeer.objects.filter(pk=peer.pk).update(created_at=placed)
     JobPeerKey.objects.filter(job_peer=peer).update(active_from=placed)
@@ -191,8 +193,8 @@ def _ran(buyer, listing: Listing, *, start: datetime, minutes: int, rx: int, tx:
     order = _order(buyer, listing)
     peer = _provisioned_at(order, start - timedelta(minutes=1))
     _ack(listing.node, at=start)
-    market.add_traffic(peer, rx_bytes=rx, tx_bytes=tx)
-    market.stop_order(Order.objects.get(pk=order.pk))
+    add_traffic(peer, rx_bytes=rx, tx_bytes=tx)
+    stop_order(Order.objects.get(pk=order.pk))
     end = start + timedelta(minutes=minutes)
     # Backdated like the acknowledgements, so the bill covers the run and not until now.
     Order.objects.filter(pk=order.pk).update(stop_requested_at=end)
@@ -204,7 +206,7 @@ def _running(buyer, listing: Listing, *, since: datetime, rx: int, tx: int) -> O
     order = _order(buyer, listing, hours=6)
     peer = _provisioned_at(order, since - timedelta(minutes=1))
     _ack(listing.node, at=since)
-    market.add_traffic(peer, rx_bytes=rx, tx_bytes=tx)
+    add_traffic(peer, rx_bytes=rx, tx_bytes=tx)
     return Order.objects.get(pk=order.pk)
 
 
@@ -259,17 +261,17 @@ def seed_history(copy: Copy, index: int, *, operator) -> None:
         _ran(other, listing, start=start, minutes=40, rx=50 * 2**20, tx=512 * 2**20)
 
     failed = _order(buyer, listings[3])
-    market.provision_order(failed.pk)
-    market.fail_order(failed, "provider node revoked: scaled market")
+    provision_order(failed.pk)
+    fail_order(failed, "provider node revoked: scaled market")
     history["failed"].append(failed)
     cancelled = _order(buyer, listings[2])
-    market.provision_order(cancelled.pk)
-    market.stop_order(cancelled, reason="changed my mind after provisioning")
+    provision_order(cancelled.pk)
+    stop_order(cancelled, reason="changed my mind after provisioning")
     history["cancelled"].append(cancelled)
     changed_mind = _order(other, listings[1])
-    market.provision_order(changed_mind.pk)
-    market.stop_order(changed_mind, reason="ordered the wrong GPU")
-    market.fail_order(_order(other, listings[3]), "the provider node did not acknowledge in time")
+    provision_order(changed_mind.pk)
+    stop_order(changed_mind, reason="ordered the wrong GPU")
+    fail_order(_order(other, listings[3]), "the provider node did not acknowledge in time")
 
     # Live orders last: an acknowledgement on a node after them would move them on.
     an_hour_ago = now - timedelta(hours=1)
@@ -278,14 +280,14 @@ def seed_history(copy: Copy, index: int, *, operator) -> None:
         history["running"].append(running)
     _running(other, listings[0], since=now - timedelta(minutes=30), rx=2**20, tx=2**20)
     stopping = _running(buyer, listings[2], since=now - timedelta(minutes=90), rx=2**20, tx=2**30)
-    history["stopping"].append(market.stop_order(stopping))
+    history["stopping"].append(stop_order(stopping))
     provisioning = _order(buyer, listings[3])
-    history["provisioning"].append(market.provision_order(provisioning.pk))
+    history["provisioning"].append(provision_order(provisioning.pk))
     history["pending"].append(_order(buyer, listings[1]))
     copy.history = history
 
     for n in range(3):
-        market.issue_api_token(buyer, name=f"copy {index} token {n}")
+        issue_api_token(buyer, name=f"copy {index} token {n}")
     for provider in copy.providers:
         earnings = ledger.earnings_for(provider)
         if earnings >= 2:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
-
 from django import template
 
-register = template.Library()
+from marketplace.money import format_usd
 
-MICRO_PER_USD = 1_000_000
+register = template.Library()
 
 
 @register.filter
@@ -17,11 +15,7 @@ def usd(micro: int | None) -> str:
     so a price of 5,000 micro-USD per GiB does not show as `$0.01` or `$0.00`."""
     if micro is None or micro == "":
         return ""
-    amount = int(micro)
-    sign = "-" if amount < 0 else ""
-    text = f"{Decimal(abs(amount)) / MICRO_PER_USD:,.6f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"{sign}${whole}.{frac.ljust(2, '0')}"
+    return format_usd(int(micro))
 
 
 _BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")

@@ -35,17 +35,13 @@ Use it on a view method and document the header with IDEMPOTENCY_KEY_PARAMETER:
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import re
 import secrets
 from collections.abc import Callable
-from datetime import datetime, timedelta
 
-from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import transaction
 from django.http import HttpResponse
-from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import status
@@ -54,14 +50,13 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from marketplace import idempotency
 from marketplace.models import IdempotencyRecord
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
 # Visible ASCII only: the key is echoed in error messages and must fit the unique column.
 _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
-# The record's status while the first request runs (committed, so duplicates see it).
-IN_FLIGHT = 0
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
     name=HEADER,
@@ -102,11 +97,7 @@ def request_fingerprint(request: Request) -> str:
     if hasattr(data, "lists"):  # a form-encoded QueryDict: keep repeated fields
         data = dict(data.lists())
     body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    digest = hashlib.sha256()
-    for part in (request.method or "", request.path, body):
-        digest.update(part.encode("utf-8"))
-        digest.update(b"\n")
-    return digest.hexdigest()
+    return idempotency.fingerprint(request.method or "", request.path, body)
 
 
 def _json_response(status_code: int, body: str, *, replayed: bool) -> HttpResponse:
@@ -135,55 +126,17 @@ def _in_flight(key: str) -> IdempotencyKeyInFlight:
 
 
 def _claim(user, key: str, fingerprint: str, token: str) -> tuple[IdempotencyRecord, bool]:
-    """The key's record and whether this request now holds its claim (True: run the view).
-    The claim commits at once, in its own transaction (see the module docstring). Raises 422
-    for another request's key and 409 while another request holds a live claim."""
-    for _ in range(3):
-        now = timezone.now()
-        try:
-            with transaction.atomic():
-                record = IdempotencyRecord.objects.create(
-                    user=user,
-                    key=key,
-                    fingerprint=fingerprint,
-                    status_code=IN_FLIGHT,
-                    response_body="",
-                    claim=token,
-                    claimed_at=now,
-                    created_at=now,
-                )
-            return record, True
-        except IntegrityError:
-            existing = IdempotencyRecord.objects.filter(user=user, key=key).first()
-        if existing is None:
-            continue  # the holder failed and freed the key between our insert and our read
-        if existing.fingerprint != fingerprint:
-            raise IdempotencyKeyReused(
-                f"{HEADER} {_shown(key)!r} was already used for a different request; "
-                "send a new key for a new request"
-            )
-        if existing.status_code != IN_FLIGHT:
-            return existing, False
-        if not _stale(existing.claimed_at, now):
-            raise _in_flight(key)
-        # The holder presumably crashed (its work never committed): take the claim over, by
-        # compare-and-set on its token so that of two retries only one does.
-        if IdempotencyRecord.objects.filter(
-            pk=existing.pk, status_code=IN_FLIGHT, claim=existing.claim
-        ).update(claim=token, claimed_at=now):
-            existing.claim, existing.claimed_at = token, now
-            return existing, True
-    raise _in_flight(key)
-
-
-def _stale(claimed_at: datetime | None, now: datetime) -> bool:
-    timeout = timedelta(seconds=settings.MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS)
-    return claimed_at is None or now - claimed_at > timeout
-
-
-def _free(record: IdempotencyRecord, token: str) -> None:
-    """Give the key back after a failure, unless someone else took the claim meanwhile."""
-    IdempotencyRecord.objects.filter(pk=record.pk, status_code=IN_FLIGHT, claim=token).delete()
+    """marketplace.idempotency.claim, its refusals as API errors: 422 for another request's
+    key, 409 while another request holds a live claim."""
+    try:
+        return idempotency.claim(user, key, fingerprint, token)
+    except idempotency.KeyReused:
+        raise IdempotencyKeyReused(
+            f"{HEADER} {_shown(key)!r} was already used for a different request; "
+            "send a new key for a new request"
+        ) from None
+    except idempotency.KeyInFlight:
+        raise _in_flight(key) from None
 
 
 class _ClaimLost(Exception):
@@ -217,29 +170,17 @@ def idempotent(handler: Callable[..., HttpResponse]) -> Callable[..., HttpRespon
                     transaction.set_rollback(True)
                 else:
                     body = _rendered_body(response)
-                    stored = IdempotencyRecord.objects.filter(
-                        pk=record.pk, status_code=IN_FLIGHT, claim=token
-                    ).update(status_code=response.status_code, response_body=body, claim="")
-                    if not stored:
+                    if not idempotency.store(record, token, response.status_code, body):
                         raise _ClaimLost()
         except _ClaimLost:
             raise _in_flight(key) from None
         except BaseException:
-            _free(record, token)
+            idempotency.free(record, token)
             raise
         if not 200 <= response.status_code < 300:
             # Only successes are remembered; the key stays free for a corrected retry.
-            _free(record, token)
+            idempotency.free(record, token)
             return response
         return _json_response(response.status_code, body, replayed=False)
 
     return wrapper
-
-
-def purge_expired_keys(now: datetime | None = None) -> int:
-    """Delete idempotency records older than MOLT_IDEMPOTENCY_KEY_TTL_SECONDS (at least 24 h);
-    returns how many. Run hourly by the purge-idempotency-keys beat task."""
-    now = now or timezone.now()
-    cutoff = now - timedelta(seconds=settings.MOLT_IDEMPOTENCY_KEY_TTL_SECONDS)
-    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
-    return deleted

@@ -1,5 +1,6 @@
 """Shapes of the market API. Serializers check shape and type; business rules (ownership of a
-listing, funds, free GPUs) live in marketplace.services. Amounts are integers of micro-USD."""
+listing, funds, free GPUs) live in the write paths (marketplace.orders, marketplace.listings).
+Amounts are integers of micro-USD."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Market API: API tokens, listings, orders (with their WireGuard config) and the wallet.
 
-Views are thin: serializers check shape and type, marketplace.services applies the rules and
-writes (one transaction each). Another user's orders, nodes and wallet are invisible (404);
-listings are public offers to read, but only their owner may change them (404 for others).
+Views are thin: serializers check shape and type; marketplace's write paths (orders, listings,
+tokens, payments) apply the rules and writes (one transaction each). Another user's orders,
+nodes and wallet are invisible (404); listings are public offers to read, but only their owner
+may change them (404 for others).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from marketplace import ledger, payments, services
+from marketplace import ledger, payments
 from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
 from marketplace.api.serializers import (
@@ -49,7 +50,10 @@ from marketplace.api.serializers import (
     TopUpSerializer,
     WalletSerializer,
 )
+from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import Listing, Order, PayoutRequest
+from marketplace.orders import place_order, quote_for, rekey_order, stop_order
+from marketplace.tokens import issue_api_token
 from meshnet.api.serializers import ErrorSerializer
 from meshnet.throttling import AuthTokenThrottle
 from meshnet.wgconfig import buyer_config
@@ -95,7 +99,7 @@ class ApiTokenView(APIView):
             raise serializers.ValidationError(
                 {"non_field_errors": ["unable to log in: wrong username or password"]}
             )
-        token = services.issue_api_token(user, name="api")
+        token = issue_api_token(user, name="api")
         return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
 
 
@@ -185,7 +189,7 @@ class ListingViewSet(
     def create(self, request: Request) -> Response:
         form = ListingCreateSerializer(data=request.data, context=self.get_serializer_context())
         form.is_valid(raise_exception=True)
-        listing = services.create_listing(request.user, **form.validated_data)
+        listing = create_listing(request.user, **form.validated_data)
         return Response(self.get_serializer(listing).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -206,7 +210,7 @@ class ListingViewSet(
         listing = self.get_object()
         changes = ListingUpdateSerializer(data=request.data)
         changes.is_valid(raise_exception=True)
-        listing = services.update_listing(listing, **changes.validated_data)
+        listing = update_listing(listing, **changes.validated_data)
         return Response(self.get_serializer(listing).data)
 
     @extend_schema(
@@ -217,7 +221,7 @@ class ListingViewSet(
         return super().destroy(request, *args, **kwargs)
 
     def perform_destroy(self, instance: Listing) -> None:
-        services.delete_listing(instance)
+        delete_listing(instance)
 
     @extend_schema(
         parameters=[QuoteRequestSerializer],
@@ -245,7 +249,7 @@ class ListingViewSet(
             )
         if gpu_count > listing.gpu_count:
             raise ValidationError({"gpu_count": [f"this listing has {listing.gpu_count} GPU(s)"]})
-        q = services.quote_for(listing, gpu_count=gpu_count, hours=hours)
+        q = quote_for(listing, gpu_count=gpu_count, hours=hours)
         data = {
             "listing": listing.pk,
             "hours": hours,
@@ -324,7 +328,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     def create(self, request: Request) -> Response:
         form = OrderCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        order = services.place_order(
+        order = place_order(
             request.user,
             listing_id=form.validated_data["listing"],
             gpu_count=form.validated_data["gpu_count"],
@@ -353,7 +357,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     @action(detail=True, methods=["post"])
     @idempotent
     def stop(self, request: Request, pk: str | None = None) -> Response:
-        order = services.stop_order(self.get_object())
+        order = stop_order(self.get_object())
         return Response(self.get_serializer(self._fresh(order)).data)
 
     @extend_schema(
@@ -377,7 +381,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     def rekey(self, request: Request, pk: str | None = None) -> Response:
         form = RekeySerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        order = services.rekey_order(self.get_object(), form.validated_data["wireguard_public_key"])
+        order = rekey_order(self.get_object(), form.validated_data["wireguard_public_key"])
         return Response(self.get_serializer(self._fresh(order)).data)
 
     @extend_schema(

@@ -5,7 +5,6 @@ Views are thin: they check shape with serializers and call meshnet.enrolment.
 
 from __future__ import annotations
 
-from config.throttling import EnrollThrottle
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -25,6 +24,7 @@ from meshnet.api.serializers import (
 from meshnet.enrolment import create_enrollment_token, enroll_node, websocket_url
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import Node
+from meshnet.throttling import EnrollThrottle
 
 
 def gateway_base_url(request: Request) -> str:

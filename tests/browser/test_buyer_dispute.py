@@ -23,8 +23,9 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 
 from marketplace import ledger, payments
+from marketplace.listings import create_listing
 from marketplace.models import Dispute, Order
-from marketplace.services import create_listing, place_order, provision_order, stop_order
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from tests.browser.test_buyer_flow import usd

@@ -22,8 +22,9 @@ import pytest
 from clawnode.backends.memory import FakeBackend
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import create_listing, quote_for
+from marketplace.orders import quote_for
 from meshnet.models import Node
 from tests.browser.conftest import ARTIFACTS
 from tests.factories import enrolled_node, gpu

@@ -23,8 +23,9 @@ from django.utils import timezone
 
 from marketplace import ledger
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import EscrowHold, LedgerTransaction, Listing, Order
-from marketplace.services import create_listing, place_order, provision_order
+from marketplace.orders import place_order, provision_order
 from meshnet.agent_channel import AgentRefused, acknowledge_revision, authenticate_agent
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import IpAllocation, JobPeer, Node

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import create_listing, place_order, provision_order, stop_order
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import JobPeer, Node
 from meshnet.nodes import update_inventory

@@ -16,7 +16,8 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import (
     EscrowHold,
     IdempotencyRecord,
@@ -36,7 +37,7 @@ ORDERS = "/api/v1/orders/"
 @pytest.fixture
 def listing(provider):
     node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
@@ -238,7 +239,7 @@ def wait_for(condition, what: str, timeout: float = 15.0) -> None:
 def test_a_concurrent_duplicate_gets_409_while_the_first_runs_and_the_replay_after(
     buyer, listing, eager_provisioning
 ):
-    from marketplace.services import issue_api_token
+    from marketplace.tokens import issue_api_token
 
     ledger.grant_credits(buyer, 100 * USD)
     token = issue_api_token(buyer)
@@ -300,7 +301,7 @@ def test_a_concurrent_duplicate_gets_409_while_the_first_runs_and_the_replay_aft
 def test_two_racing_duplicates_place_one_order(buyer, listing, eager_provisioning):
     """Eight copies of one request at once: one places the order, the others get 409 or the
     replay, and exactly one hold is placed."""
-    from marketplace.services import issue_api_token
+    from marketplace.tokens import issue_api_token
 
     ledger.grant_credits(buyer, 100 * USD)
     token = issue_api_token(buyer)
@@ -396,7 +397,7 @@ def test_a_slow_request_whose_claim_was_taken_over_rolls_its_work_back(
     """The first request is not dead but stuck past the in-flight timeout; a retry takes the
     claim over. Both then run: the first's final compare-and-set finds the other's token, so
     its order is rolled back and it answers 409. One order, one hold."""
-    from marketplace.services import issue_api_token
+    from marketplace.tokens import issue_api_token
 
     ledger.grant_credits(buyer, 100 * USD)
     token = issue_api_token(buyer)
@@ -441,7 +442,7 @@ def test_a_slow_request_whose_claim_was_taken_over_rolls_its_work_back(
 
 
 def test_keys_are_kept_at_least_a_day_then_purged(buyer_api, buyer, listing, settings):
-    from marketplace.api.idempotency import purge_expired_keys
+    from marketplace.idempotency import purge_expired_keys
 
     assert settings.MOLT_IDEMPOTENCY_KEY_TTL_SECONDS >= 24 * 3600
     body = order_body(listing)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import Listing
+from marketplace.orders import place_order
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -37,7 +39,7 @@ def stranger_api(api_client_for, stranger):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=2, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
@@ -51,10 +53,10 @@ def market(make_user):
     )
     l4 = factories.enrolled_node(dave, gpus=[factories.gpu(0, "L4", 23034)], region="asia")
     return {
-        "a100": services.create_listing(
+        "a100": create_listing(
             carol, node=a100, gpu_count=4, price_per_gpu_hour=3 * USD, price_per_gib=5_000
         ),
-        "l4": services.create_listing(
+        "l4": create_listing(
             dave, node=l4, gpu_count=1, price_per_gpu_hour=USD // 2, price_per_gib=20_000
         ),
     }
@@ -146,9 +148,9 @@ def test_two_listings_cannot_offer_more_gpus_than_the_node_has(provider_api, lis
 
 
 def test_every_user_sees_the_available_offers_of_everyone(buyer_api, listing, market):
-    services.update_listing(market["l4"], is_active=False)  # paused: not on the market
+    update_listing(market["l4"], is_active=False)  # paused: not on the market
     withdrawn = market["a100"]
-    services.delete_listing(withdrawn)
+    delete_listing(withdrawn)
 
     assert ids(buyer_api.get(LISTINGS)) == [listing.pk]
 
@@ -182,7 +184,7 @@ def test_a_non_integer_filter_is_a_400(buyer_api, listing):
 
 def test_gpus_available_counts_gpus_taken_by_live_orders(buyer_api, buyer, listing):
     ledger.grant_credits(buyer, 100 * USD)
-    services.place_order(
+    place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
@@ -200,14 +202,14 @@ def test_an_active_offer_is_readable_by_anyone_but_a_paused_one_only_by_its_owne
 ):
     assert buyer_api.get(f"{LISTINGS}{listing.pk}/").json()["id"] == listing.pk
 
-    services.update_listing(listing, is_active=False)
+    update_listing(listing, is_active=False)
 
     assert buyer_api.get(f"{LISTINGS}{listing.pk}/").status_code == 404
     assert provider_api.get(f"{LISTINGS}{listing.pk}/").json()["is_active"] is False
 
 
 def test_mine_lists_the_callers_own_listings_paused_ones_included(provider_api, listing, market):
-    services.update_listing(listing, is_active=False)
+    update_listing(listing, is_active=False)
 
     assert ids(provider_api.get(LISTINGS, {"mine": "true"})) == [listing.pk]
     assert listing.pk not in ids(provider_api.get(LISTINGS))
@@ -247,7 +249,7 @@ def test_the_owner_changes_gpu_count_within_the_nodes_gpus(provider_api, listing
 
 def test_gpu_count_cannot_go_below_the_gpus_live_orders_use(provider_api, buyer, listing):
     ledger.grant_credits(buyer, 100 * USD)
-    services.place_order(
+    place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=2,

@@ -12,7 +12,8 @@ import subprocess
 
 import pytest
 
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing, update_listing
 from marketplace.models import (
     Account,
     EscrowHold,
@@ -22,6 +23,7 @@ from marketplace.models import (
     Order,
     OrderTransition,
 )
+from marketplace.orders import provision_order, quote_for
 from meshnet.agent_channel import acknowledge_revision
 from tests import factories
 
@@ -38,7 +40,7 @@ def node(provider):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
@@ -106,7 +108,7 @@ def test_placing_an_order_holds_its_quote_and_enqueues_provisioning_on_commit(
 
     assert response.status_code == 201, response.content
     body = response.json()
-    quote = services.quote_for(listing, gpu_count=2, hours=3)
+    quote = quote_for(listing, gpu_count=2, hours=3)
     assert body["state"] == "pending"
     assert body["listing"] == listing.pk
     assert (body["gpu_count"], body["hours"]) == (2, 3)
@@ -211,7 +213,7 @@ def test_more_gpus_than_are_free_is_a_409_naming_gpu_count_and_writes_nothing(
 
 
 def test_a_paused_listing_cannot_be_ordered(buyer_api, funded_buyer, listing):
-    services.update_listing(listing, is_active=False)
+    update_listing(listing, is_active=False)
     before = db_state(funded_buyer)
 
     response = buyer_api.post(ORDERS, order_body(listing), format="json")
@@ -270,7 +272,7 @@ def test_a_stranger_gets_404_for_someone_elses_order(stranger_api, placed):
 
 
 def test_once_provisioned_the_order_shows_its_tunnel(buyer_api, placed, node):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
 
     body = buyer_api.get(f"{ORDERS}{placed['id']}/").json()
 
@@ -284,7 +286,7 @@ def test_once_provisioned_the_order_shows_its_tunnel(buyer_api, placed, node):
 
 
 def test_a_completed_order_shows_what_was_charged(buyer_api, funded_buyer, placed, node):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
     node.refresh_from_db()
     acknowledge_revision(node, node.desired_revision)  # the agent added the peer
     assert buyer_api.get(f"{ORDERS}{placed['id']}/").json()["state"] == "running"
@@ -356,7 +358,7 @@ def test_the_config_is_a_409_until_the_order_is_provisioned(buyer_api, placed):
 
 
 def test_the_config_is_a_409_once_the_order_has_ended(buyer_api, placed):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
     assert buyer_api.post(f"{ORDERS}{placed['id']}/stop/").json()["state"] == "cancelled"
 
     response = buyer_api.get(conf_url(placed["id"]))
@@ -373,7 +375,7 @@ def parse_wg_quick(text: str) -> dict[str, dict[str, str]]:
 
 
 def test_the_config_is_a_wg_quick_file_for_this_orders_tunnel(buyer_api, placed, node):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
     order = Order.objects.select_related("job_peer").get(pk=placed["id"])
 
     response = buyer_api.get(conf_url(order.pk))
@@ -393,7 +395,7 @@ def test_the_config_is_a_wg_quick_file_for_this_orders_tunnel(buyer_api, placed,
 
 
 def test_the_config_is_served_to_a_client_that_accepts_only_text(buyer_api, placed):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
 
     response = buyer_api.get(conf_url(placed["id"]), HTTP_ACCEPT="text/plain")
 
@@ -408,7 +410,7 @@ def test_wg_quick_accepts_the_config_once_the_private_key_is_filled_in(
         pytest.skip("needs wireguard-tools (wg, wg-quick): apt-get install wireguard-tools")
     if os.geteuid() != 0:
         pytest.skip("wg-quick strip re-executes itself through sudo unless run as root")
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
     order = Order.objects.select_related("job_peer").get(pk=placed["id"])
     text = buyer_api.get(conf_url(order.pk)).content.decode()
     private_key = subprocess.run(
@@ -436,7 +438,7 @@ def test_wg_quick_accepts_the_config_once_the_private_key_is_filled_in(
 
 
 def test_a_stranger_gets_404_for_someone_elses_config(stranger_api, placed):
-    services.provision_order(placed["id"])
+    provision_order(placed["id"])
 
     response = stranger_api.get(conf_url(placed["id"]))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing
+from marketplace.orders import place_order, stop_order
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -17,7 +19,7 @@ WALLET = "/api/v1/wallet/"
 @pytest.fixture
 def listing(provider):
     node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
@@ -39,7 +41,7 @@ def test_a_new_user_has_an_empty_wallet(api_client_for, buyer):
 
 def test_an_order_moves_its_hold_from_available_to_held(api_client_for, buyer, listing):
     ledger.grant_credits(buyer, 100 * USD)
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
@@ -53,14 +55,14 @@ def test_an_order_moves_its_hold_from_available_to_held(api_client_for, buyer, l
     assert body["available"] == 100 * USD - order.hold_amount
     assert all(isinstance(body[k], int) for k in ("available", "held"))
 
-    services.stop_order(order)
+    stop_order(order)
     assert api_client_for(buyer).get(WALLET).json()["held"] == 0
     assert api_client_for(buyer).get(WALLET).json()["available"] == 100 * USD
 
 
 def test_each_user_sees_only_their_own_money(api_client_for, buyer, stranger, listing):
     ledger.grant_credits(buyer, 100 * USD)
-    services.place_order(
+    place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,

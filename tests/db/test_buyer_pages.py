@@ -19,15 +19,10 @@ from django.utils import timezone
 
 from frontend.templatetags.molt_format import usd
 from marketplace import ledger, payments
+from marketplace.listings import create_listing
 from marketplace.models import ApiToken, Dispute, EarningsHold, Order
-from marketplace.services import (
-    create_listing,
-    issue_api_token,
-    place_order,
-    provision_order,
-    quote_for,
-    stop_order,
-)
+from marketplace.orders import place_order, provision_order, quote_for, stop_order
+from marketplace.tokens import issue_api_token
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.desired_state import desired_state
 from meshnet.enrolment import create_enrollment_token, enroll_node

@@ -24,10 +24,21 @@ from django.db import connection, transaction
 from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
-from marketplace import ledger, services
+from marketplace import ledger
 from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved
+from marketplace.listings import create_listing
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction, Order
+from marketplace.orders import (
+    BANDWIDTH_USED_UP,
+    add_traffic,
+    fail_order,
+    place_order,
+    provision_order,
+    quote_for,
+    rekey_order,
+)
+from marketplace.tokens import issue_api_token
 from meshnet import ipplan
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.allocation import allocate_address
@@ -125,17 +136,15 @@ def test_a_hundred_concurrent_orders_against_a_wallet_for_ten_place_exactly_ten(
         for _ in range(2)
     ]
     listings = [
-        services.create_listing(
-            provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
-        )
+        create_listing(provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0)
         for node in nodes
         for _ in range(50)
     ]
-    hold = services.quote_for(listings[0], gpu_count=1, hours=1).total_hold
+    hold = quote_for(listings[0], gpu_count=1, hours=1).total_hold
     assert hold == USD
     ledger.grant_credits(buyer, 10 * hold)
     wallet = ledger.wallet_account(buyer)
-    token = services.issue_api_token(buyer)
+    token = issue_api_token(buyer)
     keys = [factories.wg_public_key() for _ in range(100)]
 
     lowest_seen = [10 * hold]
@@ -201,7 +210,7 @@ def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, p
     # One hold per round, each on a GPU of its own: four nodes of 50 (an agent reports at most
     # 64 GPUs per node).
     listings = [
-        services.create_listing(
+        create_listing(
             provider,
             node=factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(50)]),
             gpu_count=50,
@@ -212,7 +221,7 @@ def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, p
     ]
     ledger.grant_credits(buyer, rounds * USD)
     holds = [
-        services.place_order(
+        place_order(
             buyer,
             listing_id=listings[r % len(listings)].pk,
             gpu_count=1,
@@ -282,11 +291,11 @@ def test_capture_and_release_racing_on_one_hold_resolve_it_exactly_once(buyer, p
 def one_gpu_order(buyer, provider, *, node=None, key: str | None = None) -> tuple[Node, Order]:
     """A placed order of one GPU for an hour, on `node` (default: a new node of `provider`)."""
     node = node or factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    listing = services.create_listing(
+    listing = create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
     )
     ledger.grant_credits(buyer, 10 * USD)
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
@@ -338,7 +347,7 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
     buyer, provider, eager_celery
 ):
     node, order = one_gpu_order(buyer, provider)
-    order = services.provision_order(order.pk)
+    order = provision_order(order.pk)
     acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     key = JobPeerKey.objects.get(job_peer=order.job_peer_id, retired_at__isnull=True)
 
@@ -346,8 +355,8 @@ def test_a_rekey_racing_a_metering_sample_of_the_same_order_does_not_deadlock(
         # A transaction that holds the peer's key rows, then takes the order's row (as metering
         # ingestion does, after the node's row), while the re-key comes in between.
         hold=lambda: list(JobPeerKey.objects.select_for_update().filter(pk=key.pk)),
-        then=lambda: services.add_traffic(order.job_peer, rx_bytes=10, tx_bytes=20),
-        racer=lambda: services.rekey_order(order, factories.wg_public_key()),
+        then=lambda: add_traffic(order.job_peer, rx_bytes=10, tx_bytes=20),
+        racer=lambda: rekey_order(order, factories.wg_public_key()),
     )
 
     assert failures == []
@@ -371,7 +380,7 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
     ).node
     key = factories.wg_public_key()
     _, order = one_gpu_order(buyer, provider, node=node, key=key)
-    order = services.provision_order(order.pk)
+    order = provision_order(order.pk)
     acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     over = wire.MeteringSample(
         node_id=identity.node_id,
@@ -391,7 +400,7 @@ def test_an_ack_racing_a_metering_sample_of_its_node_does_not_deadlock(
 
     assert failures == []
     order.refresh_from_db()
-    assert order.state == "stopping" and order.reason == services.BANDWIDTH_USED_UP
+    assert order.state == "stopping" and order.reason == BANDWIDTH_USED_UP
     assert order.bytes_in + order.bytes_out == 1200 << 20
 
 
@@ -399,7 +408,7 @@ def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlo
     buyer, provider, eager_celery
 ):
     node, order = one_gpu_order(buyer, provider)
-    order = services.provision_order(order.pk)
+    order = provision_order(order.pk)
     assert order.state == "provisioning"
 
     failures = race(
@@ -409,7 +418,7 @@ def test_a_provisioning_timeout_racing_the_late_ack_of_its_order_does_not_deadlo
         then=lambda: list(Order.objects.select_for_update().filter(pk=order.pk)),
         # What expire_orders does to an order still provisioning after the timeout (and a
         # revocation to every live order): fail it, release its hold, drop its peer.
-        racer=lambda: services.fail_order(order, "the provider node did not acknowledge in time"),
+        racer=lambda: fail_order(order, "the provider node did not acknowledge in time"),
     )
 
     assert failures == []
@@ -424,7 +433,7 @@ def test_a_cancel_racing_the_provisioning_of_its_order_does_not_deadlock(buyer, 
         # stop_order's locks: the node's row, then the order's.
         hold=lambda: Node.objects.select_for_update().get(pk=node.pk),
         then=lambda: list(Order.objects.select_for_update().filter(pk=order.pk)),
-        racer=lambda: services.provision_order(order.pk),
+        racer=lambda: provision_order(order.pk),
     )
 
     assert failures == []

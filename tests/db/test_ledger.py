@@ -7,10 +7,12 @@ import pytest
 from django.core.management import CommandError, call_command, execute_from_command_line
 from django.db import DatabaseError, connection, transaction
 
-from marketplace import ledger, services
+from marketplace import ledger
 from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
+from marketplace.listings import create_listing
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
+from marketplace.orders import place_order, provision_order, stop_order
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -21,7 +23,7 @@ USD = 1_000_000
 @pytest.fixture
 def listing(provider):
     node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
@@ -30,7 +32,7 @@ def listing(provider):
 def order(buyer, listing):
     """A placed order of one GPU for one hour: its hold is 2 USD + the bandwidth allowance."""
     ledger.grant_credits(buyer, 100 * USD)
-    return services.place_order(
+    return place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
@@ -151,7 +153,7 @@ def test_insufficient_funds_for_a_hold_writes_nothing(buyer, listing):
     ledger.grant_credits(buyer, 1 * USD)
     before = (ledger_rows(), balances())
     with pytest.raises(InsufficientFunds):
-        services.place_order(
+        place_order(
             buyer,
             listing_id=listing.pk,
             gpu_count=1,
@@ -326,11 +328,11 @@ def settle(buyer, order):
 
     from meshnet.agent_channel import acknowledge_revision
 
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     node = order.listing.node
     node.refresh_from_db()
     acknowledge_revision(node, node.desired_revision, at=timezone.now() - timedelta(minutes=30))
-    services.stop_order(type(order).objects.get(pk=order.pk))
+    stop_order(type(order).objects.get(pk=order.pk))
     node.refresh_from_db()
     acknowledge_revision(node, node.desired_revision)
     return type(order).objects.select_related("earnings_hold").get(pk=order.pk)

@@ -12,8 +12,9 @@ from django.utils import timezone
 
 import meshnet.tasks
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import create_listing, place_order, provision_order, stop_order
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import (
     AgentRefused,
     acknowledge_revision,

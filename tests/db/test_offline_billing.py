@@ -17,9 +17,17 @@ from clawnode import wire
 from clawnode.keys import Identity
 from django.utils import timezone
 
-from marketplace import billing, ledger, payments, services
+from marketplace import billing, ledger, payments
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import EscrowHold, Order, Settlement
+from marketplace.orders import (
+    BANDWIDTH_USED_UP,
+    expire_orders,
+    place_order,
+    provision_order,
+    stop_order,
+)
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, Node, NodeOutage
@@ -48,7 +56,7 @@ def node(provider, identity):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=2, price_per_gpu_hour=PRICE, price_per_gib=10_000
     )
 
@@ -78,14 +86,14 @@ def ack(node: Node, at=None) -> None:
 
 
 def running(buyer, listing, node, *, started, gpu_count=1, hours=2) -> Order:
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=gpu_count,
         hours=hours,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=started)
     order = Order.objects.get(pk=order.pk)
     assert order.state == "running"
@@ -118,7 +126,7 @@ def test_time_the_node_was_offline_is_not_billed(funded_buyer, listing, node, se
     online(node, start, start + timedelta(minutes=10))
     # Silent from minute 10 to minute 25: fifteen minutes offline.
     online(node, start + timedelta(minutes=25), start + timedelta(minutes=55))
-    services.stop_order(Order.objects.get(pk=order.pk))
+    stop_order(Order.objects.get(pk=order.pk))
     ack(node)
 
     s = Settlement.objects.get(order=order)
@@ -143,7 +151,7 @@ def test_only_the_part_of_an_outage_inside_the_billed_span_counts(funded_buyer, 
     online(node, start + timedelta(minutes=5), start + timedelta(minutes=50))
     order = running(funded_buyer, listing, node, started=start, hours=1)
     online(node, start + timedelta(minutes=90), start + timedelta(minutes=100))
-    services.expire_orders()  # booked time is up
+    expire_orders()  # booked time is up
     ack(node)
     s = Settlement.objects.get(order=order)
     assert s.offline_seconds == 15 * 60
@@ -155,7 +163,7 @@ def test_a_short_silence_is_billed(funded_buyer, listing, node, settings):
     heartbeat(node, start)
     order = running(funded_buyer, listing, node, started=start)
     heartbeat(node, start + timedelta(seconds=settings.MOLT_NODE_OFFLINE_AFTER_SECONDS - 1))
-    services.stop_order(order)
+    stop_order(order)
     ack(node)
     assert Settlement.objects.get(order=order).offline_seconds == 0
 
@@ -175,10 +183,10 @@ def test_a_running_order_on_a_node_silent_past_the_grace_fails_billed_to_its_las
     wallet = ledger.available_for(funded_buyer)
 
     # Within the grace nothing happens.
-    assert services.expire_orders(now=last + timedelta(seconds=grace - 1)) == 0
+    assert expire_orders(now=last + timedelta(seconds=grace - 1)) == 0
     assert Order.objects.get(pk=order.pk).state == "running"
 
-    assert services.expire_orders(now=last + timedelta(seconds=grace + 1)) == 1
+    assert expire_orders(now=last + timedelta(seconds=grace + 1)) == 1
     order = Order.objects.select_related("hold", "job_peer").get(pk=order.pk)
     assert order.state == "failed"
     assert "offline since" in order.reason
@@ -197,7 +205,7 @@ def test_a_running_order_on_a_node_silent_past_the_grace_fails_billed_to_its_las
     ack(node)
     assert Order.objects.get(pk=order.pk).state == "failed"
     assert Settlement.objects.filter(order=order).count() == 1
-    assert services.expire_orders(now=timezone.now() + timedelta(days=1)) == 0
+    assert expire_orders(now=timezone.now() + timedelta(days=1)) == 0
     assert audit_ledger() == []
 
 
@@ -208,9 +216,9 @@ def test_a_stopping_order_on_a_lost_node_completes_billed_to_the_earlier_end(
     heartbeat(node, start)
     order = running(funded_buyer, listing, node, started=start)
     online(node, start, start + timedelta(minutes=30))
-    services.stop_order(order)  # stop requested now, but the node is already gone
+    stop_order(order)  # stop requested now, but the node is already gone
     later = timezone.now() + timedelta(seconds=settings.MOLT_NODE_FAILURE_GRACE_SECONDS + 1)
-    assert services.expire_orders(now=later) == 1
+    assert expire_orders(now=later) == 1
     order = Order.objects.get(pk=order.pk)
     assert order.state == "completed"
     assert Settlement.objects.get(order=order).billed_seconds == 30 * 60
@@ -219,7 +227,7 @@ def test_a_stopping_order_on_a_lost_node_completes_billed_to_the_earlier_end(
 
 def test_a_node_that_was_never_heard_from_does_not_fail_orders(funded_buyer, listing, node):
     order = running(funded_buyer, listing, node, started=timezone.now() - timedelta(minutes=5))
-    assert services.expire_orders(now=timezone.now() + timedelta(minutes=30)) == 0
+    assert expire_orders(now=timezone.now() + timedelta(minutes=30)) == 0
     assert Order.objects.get(pk=order.pk).state == "running"
 
 
@@ -253,7 +261,7 @@ def test_reaching_the_bandwidth_allowance_stops_the_job_with_that_reason(
     ingest_metering(node, metering(identity, key, 2, 400 << 20, 700 << 20))
     order = Order.objects.get(pk=order.pk)
     assert order.state == "stopping"
-    assert order.reason == services.BANDWIDTH_USED_UP == "bandwidth allowance used up"
+    assert order.reason == BANDWIDTH_USED_UP == "bandwidth allowance used up"
     assert order.bytes_in + order.bytes_out == 1100 << 20
 
     ack(node)
@@ -277,7 +285,7 @@ def test_removals_a_node_lost_for_good_never_acknowledges_are_closed_out(
     order = running(funded_buyer, listing, node, started=start)
     last = start + timedelta(minutes=20)
     online(node, start, last)
-    assert services.expire_orders(now=last + timedelta(hours=1)) == 1  # the grace: failed
+    assert expire_orders(now=last + timedelta(hours=1)) == 1  # the grace: failed
     peer = JobPeer.objects.get(order=order)
     assert peer.state == JobPeer.State.REMOVING
     key = peer.public_key
@@ -299,10 +307,10 @@ def test_removals_a_node_lost_for_good_never_acknowledges_are_closed_out(
     assert Settlement.objects.filter(order=order).count() == 1
 
     # The key is free for another order now.
-    other = services.place_order(
+    other = place_order(
         funded_buyer, listing_id=listing.pk, gpu_count=1, hours=1, wireguard_public_key=key
     )
-    services.provision_order(other.pk)
+    provision_order(other.pk)
     assert Order.objects.get(pk=other.pk).state == "provisioning"
 
     # The node comes back and acknowledges the removal: nothing changes twice.
@@ -317,7 +325,7 @@ def test_a_node_heard_from_again_keeps_its_pending_removals(funded_buyer, listin
     start = timezone.now() - timedelta(days=10)
     heartbeat(node, start)
     order = running(funded_buyer, listing, node, started=start)
-    services.stop_order(order)
+    stop_order(order)
     peer = JobPeer.objects.get(order=order)
     assert peer.state == JobPeer.State.REMOVING
     heartbeat(node, timezone.now())  # the agent is back: it will acknowledge the removal itself

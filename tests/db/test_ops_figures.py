@@ -16,7 +16,7 @@ from frontend.ops_views import bar_chart, daily_points
 from frontend.templatetags.molt_format import usd
 from marketplace.audit import record_audit_run
 from marketplace.models import AuditRun, EscrowHold, Order
-from marketplace.services import fail_order
+from marketplace.orders import fail_order
 from meshnet.models import Node
 from tests.scaled_market import seed_scaled_market
 

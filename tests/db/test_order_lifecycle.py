@@ -14,7 +14,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace import billing, ledger, services
+from marketplace import billing, ledger
 from marketplace.audit import audit_ledger
 from marketplace.errors import (
     InsufficientFunds,
@@ -23,6 +23,7 @@ from marketplace.errors import (
     MarketError,
     Oversold,
 )
+from marketplace.listings import create_listing
 from marketplace.models import (
     Account,
     EscrowHold,
@@ -31,6 +32,14 @@ from marketplace.models import (
     OrderTransition,
     Settlement,
 )
+from marketplace.orders import (
+    complete_order,
+    expire_orders,
+    place_order,
+    provision_order,
+    stop_order,
+)
+from marketplace.settlement import settle_order
 from meshnet import ipplan
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.allocation import allocate_address, release_address
@@ -53,7 +62,7 @@ def node(provider):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=PRICE_GIB
     )
 
@@ -65,7 +74,7 @@ def funded_buyer(buyer):
 
 
 def place(buyer, listing, *, gpu_count=1, hours=2, key=None) -> Order:
-    return services.place_order(
+    return place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=gpu_count,
@@ -100,7 +109,7 @@ def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
     assert hold == PRICE * 2 * 3 + PRICE_GIB * settings.MOLT_BANDWIDTH_ALLOWANCE_GIB
     assert reload(order).state == "pending"
 
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     order = reload(order)
     assert order.state == "provisioning"
     assert order.job_peer.state == JobPeer.State.DESIRED
@@ -114,7 +123,7 @@ def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
     assert order.ends_at == started + timedelta(hours=3)
     assert order.job_peer.state == JobPeer.State.ACTIVE
 
-    services.stop_order(order)
+    stop_order(order)
     order = reload(order)
     assert order.state == "stopping"
     assert order.job_peer.state == JobPeer.State.REMOVING
@@ -161,10 +170,10 @@ def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
 
 def test_bandwidth_is_billed_at_the_listing_price_per_gib(funded_buyer, node, listing):
     order = place(funded_buyer, listing, hours=1)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=30))
     Order.objects.filter(pk=order.pk).update(bytes_in=3 * billing.GIB, bytes_out=billing.GIB // 2)
-    services.stop_order(reload(order))
+    stop_order(reload(order))
     ack(node)
     settlement = Settlement.objects.get(order=order)
     assert settlement.bandwidth_bytes == 3 * billing.GIB + billing.GIB // 2
@@ -175,7 +184,7 @@ def test_bandwidth_is_billed_at_the_listing_price_per_gib(funded_buyer, node, li
 
 def test_repeated_and_stale_acks_change_nothing(funded_buyer, node, listing):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     started = timezone.now() - timedelta(minutes=5)
     ack(node, at=started)
     ack(node, at=timezone.now())  # a repeat
@@ -189,16 +198,16 @@ def test_repeated_and_stale_acks_change_nothing(funded_buyer, node, listing):
 
 def test_settlement_happens_exactly_once(funded_buyer, node, listing):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=10))
-    services.stop_order(reload(order))
+    stop_order(reload(order))
     ack(node)
     first = Settlement.objects.get(order=order)
     balances = list(Account.objects.order_by("pk").values_list("balance", flat=True))
 
-    again = services.settle_order(reload(order))
+    again = settle_order(reload(order))
     assert again.pk == first.pk
-    assert services.complete_order(reload(order), timezone.now()) is False
+    assert complete_order(reload(order), timezone.now()) is False
     ack(node)
 
     assert Settlement.objects.filter(order=order).count() == 1
@@ -211,10 +220,10 @@ def test_settlement_happens_exactly_once(funded_buyer, node, listing):
 
 def test_settling_a_live_order_is_refused(funded_buyer, node, listing):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=10))
     with pytest.raises(InvalidTransition):
-        services.settle_order(reload(order))
+        settle_order(reload(order))
     assert reload(order).hold.state == EscrowHold.State.OPEN
     assert not Settlement.objects.filter(order=order).exists()
     assert audit_ledger() == []
@@ -222,16 +231,16 @@ def test_settling_a_live_order_is_refused(funded_buyer, node, listing):
 
 def test_stop_of_an_ended_order_is_refused(funded_buyer, listing):
     order = place(funded_buyer, listing)
-    services.stop_order(order)
+    stop_order(order)
     with pytest.raises(InvalidTransition, match="already cancelled"):
-        services.stop_order(reload(order))
+        stop_order(reload(order))
     assert len(transitions(order)) == 2
 
 
 def test_cancel_while_pending_releases_the_hold_in_full(funded_buyer, listing):
     order = place(funded_buyer, listing)
     assert wallet(funded_buyer) == 1000 * USD - order.hold.amount
-    services.stop_order(order)
+    stop_order(order)
     order = reload(order)
     assert order.state == "cancelled"
     assert order.ended_at is not None
@@ -240,7 +249,7 @@ def test_cancel_while_pending_releases_the_hold_in_full(funded_buyer, listing):
     assert not Settlement.objects.filter(order=order).exists()
     assert transitions(order) == [("", "pending"), ("pending", "cancelled")]
     # A task that arrives late does nothing to a cancelled order.
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     assert reload(order).job_peer is None
     assert audit_ledger() == []
 
@@ -249,8 +258,8 @@ def test_cancel_while_provisioning_releases_the_hold_and_drops_the_peer(
     funded_buyer, node, listing
 ):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
-    services.stop_order(reload(order))
+    provision_order(order.pk)
+    stop_order(reload(order))
     order = reload(order)
     assert order.state == "cancelled"
     assert order.job_peer.state == JobPeer.State.REMOVING
@@ -272,13 +281,13 @@ def test_expiry_stops_a_run_past_its_booked_time_and_bills_exactly_the_booking(
 ):
     order = place(funded_buyer, listing, gpu_count=1, hours=1)
     started = timezone.now() - timedelta(hours=1, minutes=5)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=started)
-    assert services.expire_orders() == 1
+    assert expire_orders() == 1
     order = reload(order)
     assert order.state == "stopping"
     assert order.reason == "booked time is up"
-    assert services.expire_orders() == 0  # nothing left to expire
+    assert expire_orders() == 0  # nothing left to expire
     ack(node)
     settlement = Settlement.objects.get(order=order)
     assert settlement.billed_seconds == 3600  # the booking, not the five minutes past it
@@ -289,9 +298,9 @@ def test_expiry_stops_a_run_past_its_booked_time_and_bills_exactly_the_booking(
 
 def test_expiry_leaves_a_run_within_its_booking_alone(funded_buyer, node, listing):
     order = place(funded_buyer, listing, hours=2)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(hours=1))
-    assert services.expire_orders() == 0
+    assert expire_orders() == 0
     assert reload(order).state == "running"
 
 
@@ -299,12 +308,12 @@ def test_provisioning_without_an_ack_fails_after_the_timeout_and_releases_the_ho
     funded_buyer, node, listing, settings
 ):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     timeout = timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
-    assert services.expire_orders(now=timezone.now() + timeout / 2) == 0
+    assert expire_orders(now=timezone.now() + timeout / 2) == 0
     assert reload(order).state == "provisioning"
 
-    assert services.expire_orders(now=timezone.now() + timeout + timedelta(seconds=1)) == 1
+    assert expire_orders(now=timezone.now() + timeout + timedelta(seconds=1)) == 1
     order = reload(order)
     assert order.state == "failed"
     assert order.hold.state == EscrowHold.State.RELEASED
@@ -319,8 +328,8 @@ def test_provisioning_without_an_ack_fails_after_the_timeout_and_releases_the_ho
 
 def test_each_change_writes_one_transition_row(funded_buyer, node, listing):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
-    services.provision_order(order.pk)  # a retried task
+    provision_order(order.pk)
+    provision_order(order.pk)  # a retried task
     ack(node, at=timezone.now())
     ack(node, at=timezone.now())
     rows = list(OrderTransition.objects.filter(order=order))
@@ -346,7 +355,7 @@ def test_gpus_of_an_ended_order_are_free_again(funded_buyer, listing):
     order = place(funded_buyer, listing, gpu_count=4)
     with pytest.raises(Oversold):
         place(funded_buyer, listing, gpu_count=1)
-    services.stop_order(order)
+    stop_order(order)
     place(funded_buyer, listing, gpu_count=4)
 
 
@@ -400,14 +409,14 @@ def test_a_key_on_a_live_order_cannot_be_reused(funded_buyer, listing):
     with pytest.raises(MarketError) as err:
         place(funded_buyer, listing, key=key)
     assert err.value.field == "wireguard_public_key"
-    services.stop_order(first)
+    stop_order(first)
     place(funded_buyer, listing, key=key)  # the first order ended: the key is free
 
 
 def test_job_addresses_come_from_the_molt_range_and_are_unique(funded_buyer, node, listing):
     orders = [place(funded_buyer, listing) for _ in range(4)]
     for order in orders:
-        services.provision_order(order.pk)
+        provision_order(order.pk)
     addresses = [reload(o).job_peer.address for o in orders]
     assert len(set(addresses)) == 4
     assert node.mesh_address not in addresses
@@ -421,9 +430,9 @@ def test_job_addresses_come_from_the_molt_range_and_are_unique(funded_buyer, nod
 
 def test_a_finished_jobs_address_goes_into_quarantine(funded_buyer, node, listing, settings):
     order = place(funded_buyer, listing)
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now())
-    services.stop_order(reload(order))
+    stop_order(reload(order))
     ack(node)
     lease = reload(order).job_peer.allocation
     assert lease.released_at is not None
@@ -432,7 +441,7 @@ def test_a_finished_jobs_address_goes_into_quarantine(funded_buyer, node, listin
     )
     # The next job gets another address.
     other = place(funded_buyer, listing)
-    services.provision_order(other.pk)
+    provision_order(other.pk)
     assert reload(other).job_peer.address != lease.address
 
 

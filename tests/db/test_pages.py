@@ -12,7 +12,7 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from marketplace.models import Listing
-from marketplace.services import place_order
+from marketplace.orders import place_order
 from tests.factories import wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]

@@ -9,9 +9,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace import ledger, payments, services
+from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
+from marketplace.listings import create_listing
 from marketplace.models import (
     Account,
     Dispute,
@@ -23,6 +24,8 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
+from marketplace.orders import place_order, provision_order, stop_order
+from marketplace.settlement import settle_order
 from meshnet.agent_channel import acknowledge_revision
 from tests import factories
 
@@ -39,7 +42,7 @@ def node(provider):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=10_000
     )
 
@@ -57,16 +60,16 @@ def ack(node, at=None) -> None:
 
 def settled_order(buyer, listing, node, *, minutes: int = 90) -> Order:
     """An order that ran `minutes` and was stopped, removed and settled, through real paths."""
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=3,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=minutes))
-    services.stop_order(Order.objects.get(pk=order.pk))
+    stop_order(Order.objects.get(pk=order.pk))
     ack(node)
     order = Order.objects.select_related("settlement", "earnings_hold").get(pk=order.pk)
     assert order.state == "completed"
@@ -129,14 +132,14 @@ def test_a_second_resolution_of_a_share_is_refused_by_its_once_key(
 
 
 def test_an_order_that_charged_nothing_freezes_nothing(funded_buyer, listing):
-    order = services.place_order(
+    order = place_order(
         funded_buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=1,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.stop_order(order)
+    stop_order(order)
     assert not EarningsHold.objects.exists()
     assert not Account.objects.filter(kind=Account.Kind.FROZEN).exists()
 
@@ -228,7 +231,7 @@ def test_a_dispute_that_is_not_allowed_is_a_409_and_moves_nothing(
 ):
     client = api_client_for(funded_buyer)
     if when == "live":
-        order = services.place_order(
+        order = place_order(
             funded_buyer,
             listing_id=listing.pk,
             gpu_count=1,
@@ -236,14 +239,14 @@ def test_a_dispute_that_is_not_allowed_is_a_409_and_moves_nothing(
             wireguard_public_key=factories.wg_public_key(),
         )
     elif when == "cancelled":
-        order = services.place_order(
+        order = place_order(
             funded_buyer,
             listing_id=listing.pk,
             gpu_count=1,
             hours=1,
             wireguard_public_key=factories.wg_public_key(),
         )
-        services.stop_order(order)
+        stop_order(order)
     else:
         order = settled_order(funded_buyer, listing, node)
         if when == "window_closed":
@@ -490,18 +493,18 @@ def test_the_receipt_itemises_the_capture_and_its_lines_sum_to_it(
 def test_a_receipt_of_a_bandwidth_heavy_order_shows_bytes_and_the_hold_cap(
     api_client_for, funded_buyer, listing, node
 ):
-    order = services.place_order(
+    order = place_order(
         funded_buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=1,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=59, seconds=59))
     # Far past the allowance (arrived after the stop, so the job could not be stopped in time).
     Order.objects.filter(pk=order.pk).update(bytes_in=500 << 30, bytes_out=100 << 30)
-    services.stop_order(Order.objects.get(pk=order.pk))
+    stop_order(Order.objects.get(pk=order.pk))
     ack(node)
 
     receipt = api_client_for(funded_buyer).get(f"/api/v1/orders/{order.pk}/receipt/").json()
@@ -518,7 +521,7 @@ def test_a_receipt_of_a_bandwidth_heavy_order_shows_bytes_and_the_hold_cap(
 
 
 def test_a_cancelled_orders_receipt_released_everything(api_client_for, funded_buyer, listing):
-    order = services.place_order(
+    order = place_order(
         funded_buyer,
         listing_id=listing.pk,
         gpu_count=1,
@@ -527,7 +530,7 @@ def test_a_cancelled_orders_receipt_released_everything(api_client_for, funded_b
     )
     client = api_client_for(funded_buyer)
     assert client.get(f"/api/v1/orders/{order.pk}/receipt/").status_code == 409  # still live
-    services.stop_order(order)
+    stop_order(order)
     receipt = client.get(f"/api/v1/orders/{order.pk}/receipt/").json()
     assert (receipt["captured"], receipt["lines"], receipt["released"]) == (
         0,
@@ -622,7 +625,7 @@ def test_an_operator_marks_payouts_paid_or_rejects_them_in_the_admin(
 
 def test_settlements_stay_exactly_once_with_a_frozen_share(funded_buyer, listing, node):
     order = settled_order(funded_buyer, listing, node)
-    again = services.settle_order(order)
+    again = settle_order(order)
     assert again.pk == order.settlement.pk
     assert Settlement.objects.filter(order=order).count() == 1
     assert EarningsHold.objects.filter(order=order).count() == 1

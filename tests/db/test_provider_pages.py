@@ -32,13 +32,9 @@ from frontend.install import agent_source_dir, agent_wheel
 from frontend.templatetags.molt_format import usd
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import Listing, PayoutRequest
-from marketplace.services import (
-    create_listing,
-    place_order,
-    provision_order,
-    stop_order,
-)
+from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import EnrollmentToken, Node

@@ -19,14 +19,9 @@ from django.db.migrations.executor import MigrationExecutor
 from frontend.order_state import usage_intervals
 from marketplace import ledger
 from marketplace.billing import GIB
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import (
-    create_listing,
-    place_order,
-    provision_order,
-    rekey_order,
-    stop_order,
-)
+from marketplace.orders import place_order, provision_order, rekey_order, stop_order
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node

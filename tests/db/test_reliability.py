@@ -8,8 +8,10 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import NodeReliability, Order
+from marketplace.orders import expire_orders, place_order, provision_order, stop_order
 from marketplace.reliability import refresh_reliability
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
@@ -28,9 +30,7 @@ def node(provider):
 
 @pytest.fixture
 def listing(provider, node):
-    return services.create_listing(
-        provider, node=node, gpu_count=2, price_per_gpu_hour=USD, price_per_gib=0
-    )
+    return create_listing(provider, node=node, gpu_count=2, price_per_gpu_hour=USD, price_per_gib=0)
 
 
 def ack(node) -> None:
@@ -39,14 +39,14 @@ def ack(node) -> None:
 
 
 def place(buyer, listing) -> Order:
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=1,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     return Order.objects.get(pk=order.pk)
 
 
@@ -64,21 +64,21 @@ def track_record(buyer, listing, node, settings):
     for _ in range(3):
         order = place(buyer, listing)
         ack(node)
-        services.stop_order(Order.objects.get(pk=order.pk))
+        stop_order(Order.objects.get(pk=order.pk))
         ack(node)
         assert Order.objects.get(pk=order.pk).state == "completed"
     failed = place(buyer, listing)  # the node never acknowledges it
     timeout = timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS + 1)
-    services.expire_orders(now=timezone.now() + timeout)
+    expire_orders(now=timezone.now() + timeout)
     assert Order.objects.get(pk=failed.pk).state == "failed"
-    cancelled = services.place_order(
+    cancelled = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=1,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.stop_order(cancelled)
+    stop_order(cancelled)
 
 
 def test_score_is_job_success_times_uptime(node, track_record, settings):
@@ -130,7 +130,7 @@ def test_listings_show_the_score_and_filter_on_it(
     heartbeats(node, enrolled, enrolled + timedelta(hours=1))
     refresh_reliability(now=enrolled + timedelta(hours=1))
     unscored_node = factories.enrolled_node(provider, gpus=[factories.gpu(0, name="A100")])
-    unscored = services.create_listing(
+    unscored = create_listing(
         provider, node=unscored_node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
     )
     client = api_client_for(buyer)

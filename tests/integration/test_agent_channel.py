@@ -13,8 +13,9 @@ from clawnode import wire
 from clawnode.keys import Identity
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.services import create_listing, issue_api_token
+from marketplace.tokens import issue_api_token
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from tests.factories import enroll_request, gpu, wg_public_key
 from tests.integration.conftest import wait_until

@@ -20,8 +20,9 @@ from clawnode.state import Enrollment, StateDir
 from django.db.models import F
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order, Settlement
-from marketplace.services import create_listing, issue_api_token
+from marketplace.tokens import issue_api_token
 from meshnet import peers
 from meshnet.agent_channel import node_group
 from meshnet.enrolment import create_enrollment_token, enroll_node

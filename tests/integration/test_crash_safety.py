@@ -32,9 +32,11 @@ from celery import Celery
 from django.db import connection
 from django.utils import timezone
 
-from marketplace import ledger, services
+from marketplace import ledger
 from marketplace.audit import audit_ledger
+from marketplace.listings import create_listing
 from marketplace.models import EscrowHold, LedgerTransaction, Order, Settlement
+from marketplace.orders import place_order, provision_order
 from meshnet import ipplan
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import IpAllocation, IpPool, JobPeer, Node
@@ -125,18 +127,18 @@ def heartbeats(node, start, end) -> None:
 def running_order_on_a_lost_node(buyer, provider, start) -> Order:
     """An order that ran on a node whose heartbeats stopped 40 minutes ago."""
     node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    listing = services.create_listing(
+    listing = create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=3_600_000, price_per_gib=0
     )
     ledger.grant_credits(buyer, 100 * USD)
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,
         hours=2,
         wireguard_public_key=factories.wg_public_key(),
     )
-    services.provision_order(order.pk)
+    provision_order(order.pk)
     node.refresh_from_db()
     acknowledge_revision(node, node.desired_revision, at=start)
     heartbeats(node, start, start + timedelta(minutes=20))
@@ -212,11 +214,11 @@ def pool_children(pid: int) -> list[int]:
 
 def test_a_pool_process_killed_mid_allocation_allocates_exactly_once(gateway, buyer, provider):
     node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    listing = services.create_listing(
+    listing = create_listing(
         provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0
     )
     ledger.grant_credits(buyer, 100 * USD)
-    order = services.place_order(
+    order = place_order(
         buyer,
         listing_id=listing.pk,
         gpu_count=1,

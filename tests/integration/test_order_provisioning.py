@@ -11,7 +11,8 @@ import urllib.request
 import pytest
 
 from marketplace import ledger
-from marketplace.services import create_listing, issue_api_token
+from marketplace.listings import create_listing
+from marketplace.tokens import issue_api_token
 from tests.factories import enrolled_node, gpu, wg_public_key
 from tests.integration.conftest import wait_until
 

@@ -8,8 +8,8 @@ from clawnode.backends.base import PeerStatus
 from clawnode.backends.memory import FakeBackend
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order, Settlement
-from marketplace.services import create_listing
 from meshnet.models import JobPeerKey
 from tests.factories import wg_public_key
 from tests.integration import test_agent_daemon as daemon

@@ -18,8 +18,9 @@ import pytest
 from django.contrib.auth import get_user_model
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import LedgerEntry, Order, Settlement
-from marketplace.services import create_listing, issue_api_token
+from marketplace.tokens import issue_api_token
 from meshnet.enrolment import create_enrollment_token
 from meshnet.models import Node
 from tests.integration.conftest import running_gateway, wait_until

@@ -36,9 +36,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from marketplace import ledger, payments, services
+from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
 from marketplace.errors import MarketError
+from marketplace.listings import create_listing
 from marketplace.models import (
     Account,
     Dispute,
@@ -50,6 +51,17 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
+from marketplace.orders import (
+    BANDWIDTH_USED_UP,
+    add_traffic,
+    end_orders_of_lost_nodes,
+    expire_orders,
+    place_order,
+    provision_order,
+    stop_if_allowance_used,
+    stop_order,
+)
+from marketplace.settlement import settle_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from meshnet.nodes import record_heartbeat
@@ -107,9 +119,7 @@ class MoneyMachine(RuleBasedStateMachine):
             reached[f"payout {state}"] += n
         reached["reversal"] += LedgerTransaction.objects.filter(kind="reversal").count()
         reached["lost node"] += Order.objects.filter(reason__contains="offline since").count()
-        reached["allowance used up"] += Order.objects.filter(
-            reason=services.BANDWIDTH_USED_UP
-        ).count()
+        reached["allowance used up"] += Order.objects.filter(reason=BANDWIDTH_USED_UP).count()
         reached["outage billed"] += Settlement.objects.filter(offline_seconds__gt=0).count()
         transaction.savepoint_rollback(self.savepoint)
         type(self).runs.append(self.steps)
@@ -171,7 +181,7 @@ class MoneyMachine(RuleBasedStateMachine):
         provisioned, acknowledged `minutes` ago, some traffic, stopped, removal acknowledged."""
         self._step()
         try:
-            order = services.place_order(
+            order = place_order(
                 self.buyer,
                 listing_id=self.listing.pk,
                 gpu_count=gpu_count,
@@ -181,21 +191,21 @@ class MoneyMachine(RuleBasedStateMachine):
         except MarketError:
             return
         self.order_ids.append(order.pk)
-        services.provision_order(order.pk)
+        provision_order(order.pk)
         self._ack_all(self.now - timedelta(minutes=minutes))
         order = Order.objects.get(pk=order.pk)
         if order.state == "running":
-            services.add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=0)
-            services.stop_if_allowance_used(order.job_peer)
+            add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=0)
+            stop_if_allowance_used(order.job_peer)
             with contextlib.suppress(MarketError):
-                services.stop_order(Order.objects.get(pk=order.pk))
+                stop_order(Order.objects.get(pk=order.pk))
         self._ack_all(self.now)
 
     @rule(gpu_count=st.integers(min_value=1, max_value=2), hours=st.integers(1, 6))
     def place_order(self, gpu_count: int, hours: int) -> None:
         self._step()
         try:
-            order = services.place_order(
+            order = place_order(
                 self.buyer,
                 listing_id=self.listing.pk,
                 gpu_count=gpu_count,
@@ -213,7 +223,7 @@ class MoneyMachine(RuleBasedStateMachine):
         new peer at once, as it usually does."""
         self._step()
         order = self._order(i, ("pending",)) or self._order(i)
-        services.provision_order(order.pk)
+        provision_order(order.pk)
         if agent_answers:
             self._ack_all(self.now - timedelta(minutes=minutes_ago))
 
@@ -232,7 +242,7 @@ class MoneyMachine(RuleBasedStateMachine):
         self._step()
         order = self._order(i, ("pending", "provisioning", "running")) or self._order(i)
         try:
-            services.stop_order(order)
+            stop_order(order)
         except MarketError:
             assert order.state not in ("pending", "provisioning", "running")
         else:
@@ -246,7 +256,7 @@ class MoneyMachine(RuleBasedStateMachine):
         """The beat task runs, maybe late: booked time up -> stopping, provisioning past its
         timeout -> failed, orders of a node silent past the grace -> failed or completed."""
         self._step()
-        services.expire_orders(now=self.now + timedelta(minutes=ahead_minutes))
+        expire_orders(now=self.now + timedelta(minutes=ahead_minutes))
         if agent_answers:
             self._ack_all(self.now)
 
@@ -267,8 +277,8 @@ class MoneyMachine(RuleBasedStateMachine):
         self._step()
         order = self._order(i, ("running", "stopping"))
         if order is not None:
-            services.add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=mib << 20)
-            services.stop_if_allowance_used(order.job_peer)
+            add_traffic(order.job_peer, rx_bytes=gib << 30, tx_bytes=mib << 20)
+            stop_if_allowance_used(order.job_peer)
 
     @precondition(lambda self: self.order_ids)
     @rule(i=pick)
@@ -279,7 +289,7 @@ class MoneyMachine(RuleBasedStateMachine):
         order = self._order(i, ("completed",)) or self._order(i)
         before = Settlement.objects.filter(order=order).values_list("pk", flat=True).first()
         try:
-            settlement = services.settle_order(order)
+            settlement = settle_order(order)
         except MarketError:
             assert before is None
             return
@@ -374,7 +384,7 @@ class MoneyMachine(RuleBasedStateMachine):
         node's running orders fail and stopping ones complete, billed to its last heartbeat."""
         self._step()
         try:
-            order = services.place_order(
+            order = place_order(
                 self.buyer,
                 listing_id=self.listing.pk,
                 gpu_count=1,
@@ -385,12 +395,12 @@ class MoneyMachine(RuleBasedStateMachine):
             order = None
         if order is not None:
             self.order_ids.append(order.pk)
-            services.provision_order(order.pk)
+            provision_order(order.pk)
             self._ack_all(self.now - timedelta(minutes=minutes))
         record_heartbeat(Node.objects.get(pk=self.node.pk), at=self.now)
         last_seen = Node.objects.values_list("last_seen_at", flat=True).get(pk=self.node.pk)
         grace = timedelta(seconds=django_settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
-        services.expire_orders(now=last_seen + grace + timedelta(seconds=1))
+        expire_orders(now=last_seen + grace + timedelta(seconds=1))
 
     # --- crashes -----------------------------------------------------------------------------
 
@@ -430,17 +440,17 @@ class MoneyMachine(RuleBasedStateMachine):
         if what == "ack":
             return lambda: self._ack_all(self.now)
         if what == "expire":
-            return lambda: services.expire_orders(now=self.now)
+            return lambda: expire_orders(now=self.now)
         if what == "lost_node":
-            return lambda: services.end_orders_of_lost_nodes(now=self.now + timedelta(hours=8))
+            return lambda: end_orders_of_lost_nodes(now=self.now + timedelta(hours=8))
         if what == "release":
             return lambda: payments.release_due_earnings(now=self.now + timedelta(days=30))
         if what == "provision":
             order = self._order(i, ("pending",)) or self._placed()
-            return (lambda: services.provision_order(order.pk)) if order else None
+            return (lambda: provision_order(order.pk)) if order else None
         if what == "stop":
             order = self._order(i, ("pending", "provisioning", "running")) or self._placed()
-            return (lambda: services.stop_order(order)) if order else None
+            return (lambda: stop_order(order)) if order else None
         # What the crashed operation needs is set up first when missing (and committed: only
         # the operation itself dies).
         if what == "resolve":
@@ -465,9 +475,9 @@ class MoneyMachine(RuleBasedStateMachine):
         order = self._placed()
         if order is None:
             return None
-        services.provision_order(order.pk)
+        provision_order(order.pk)
         self._ack_all(self.now - timedelta(minutes=30))
-        services.stop_order(Order.objects.get(pk=order.pk))
+        stop_order(Order.objects.get(pk=order.pk))
         self._ack_all(self.now)
         order = Order.objects.get(pk=order.pk)
         charged = Settlement.objects.filter(order=order, captured__gt=0).exists()
@@ -476,7 +486,7 @@ class MoneyMachine(RuleBasedStateMachine):
     def _placed(self) -> Order | None:
         """A fresh pending order (committed before the crash under test), if funds allow."""
         try:
-            order = services.place_order(
+            order = place_order(
                 self.buyer,
                 listing_id=self.listing.pk,
                 gpu_count=1,
@@ -586,7 +596,7 @@ def test_money_invariants_hold_under_any_sequence_of_operations(db, settings):
     provider = users.create_user(username="prop-provider", password=None)
     operator = users.create_user(username="prop-operator", password=None, is_staff=True)
     node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(8)])
-    listing = services.create_listing(
+    listing = create_listing(
         provider, node=node, gpu_count=8, price_per_gpu_hour=1_500_000, price_per_gib=20_000
     )
     MoneyMachine.fixtures = {

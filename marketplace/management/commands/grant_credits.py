@@ -7,60 +7,11 @@ refused rather than rounded, because an operator who typed it meant something el
 
 from __future__ import annotations
 
-import re
-from decimal import Decimal, InvalidOperation
-
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from marketplace import ledger
-
-MICRO_PER_USD = 1_000_000
-MAX_AMOUNT = 2**62  # ledger columns are 64-bit signed; leave room for the balance it lands in
-
-_DOLLARS = re.compile(r"^\$\s*(?P<a>[^\s$]+)$|^(?P<b>[^\s$]+)\s*usd$", re.IGNORECASE)
-_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
-
-
-def parse_amount(text: str) -> int:
-    """The amount `text` names, in micro-USD. Raises ValueError with a message for a person."""
-    # Underscores group digits as in Python; commas are refused, since "1,5" means 1.5 in
-    # half the world.
-    raw = text.strip().replace("_", "")
-    dollars = _DOLLARS.match(raw)
-    number = (dollars.group("a") or dollars.group("b")) if dollars else raw
-    if not _DECIMAL.match(number):
-        raise ValueError(
-            f"{text!r} is not an amount: write micro-USD as an integer (25000000) "
-            "or dollars as 25usd or $25.50"
-        )
-    if dollars:
-        try:
-            micro = Decimal(number) * MICRO_PER_USD
-        except InvalidOperation:  # pragma: no cover - the regex admits only plain decimals
-            raise ValueError(f"{text!r} is not an amount") from None
-        if micro != micro.to_integral_value():
-            raise ValueError(f"{text!r} is finer than one micro-USD (0.000001 USD)")
-        amount = int(micro)
-    else:
-        if "." in number:
-            raise ValueError(
-                f"{text!r}: a bare number is micro-USD and must be an integer; "
-                "for dollars write it with a usd suffix or a $ prefix"
-            )
-        amount = int(number)
-    if amount <= 0:
-        raise ValueError(f"{text!r}: the amount must be positive")
-    if amount > MAX_AMOUNT:
-        raise ValueError(f"{text!r} is more than the ledger can hold in one posting")
-    return amount
-
-
-def format_usd(micro: int) -> str:
-    """`525.50 USD`: at least cents, more decimals only where the amount has them."""
-    text = f"{Decimal(micro) / MICRO_PER_USD:,.6f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"{whole}.{frac.ljust(2, '0')} USD"
+from marketplace.money import format_usd, parse_amount
 
 
 class Command(BaseCommand):
@@ -85,7 +36,8 @@ class Command(BaseCommand):
             raise CommandError(f"no user named {user!r}") from None
         ledger.grant_credits(account_owner, micro, memo=memo[:200])
         balance = ledger.available_for(account_owner)
+        granted, available = format_usd(micro, code=True), format_usd(balance, code=True)
         self.stdout.write(
-            f"granted {format_usd(micro)} ({micro} micro-USD) to {account_owner.username}; "
-            f"available balance {format_usd(balance)} ({balance} micro-USD)"
+            f"granted {granted} ({micro} micro-USD) to {account_owner.username}; "
+            f"available balance {available} ({balance} micro-USD)"
         )

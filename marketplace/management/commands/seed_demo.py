@@ -27,14 +27,14 @@ from django.db import transaction
 
 from marketplace import ledger
 from marketplace.errors import MarketError
+from marketplace.listings import create_listing
 from marketplace.models import LedgerTransaction, Listing
-from marketplace.services import create_listing
+from marketplace.money import MICRO_PER_USD
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.errors import MeshError
 from meshnet.models import Node
 
-USD = 1_000_000  # micro-USD
-DEMO_CREDITS = 500 * USD
+DEMO_CREDITS = 500 * MICRO_PER_USD
 CREDITS_MEMO = "seed_demo: demo credits"
 
 H100 = ("NVIDIA H100 80GB HBM3", 81559)

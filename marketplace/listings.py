@@ -1,0 +1,141 @@
+"""Listings: a provider offers GPUs of one model of one node at a price. One transaction each.
+
+Locks: the listing row, then the node row (the store-wide order: node rows before anything an
+order owns; see marketplace.orders).
+"""
+
+from __future__ import annotations
+
+from django.db import transaction
+from django.utils import timezone
+
+from marketplace.errors import MarketError, Oversold
+from marketplace.models import Listing, Order
+from meshnet import ipplan
+from meshnet.models import Node
+
+
+def create_listing(
+    owner,
+    *,
+    node: Node,
+    gpu_count: int,
+    price_per_gpu_hour: int,
+    price_per_gib: int,
+    gpu_model: str | None = None,
+    region: str | None = None,
+) -> Listing:
+    """List `gpu_count` GPUs of one model of `owner`'s node. The model and VRAM come from the
+    node's reported GPUs; with several models on the node, `gpu_model` picks one. Locks: node
+    row, so two listings cannot together offer more GPUs than the node has."""
+    if node.owner_id != owner.pk or node.revoked_at is not None:
+        raise MarketError("unknown node", field="node")
+    if gpu_count < 1:
+        raise MarketError("gpu_count must be at least 1", field="gpu_count")
+    if price_per_gpu_hour < 0 or price_per_gib < 0:
+        raise MarketError("prices must not be negative", field="price_per_gpu_hour")
+    if region and region not in ipplan.REGIONS:
+        raise MarketError(
+            f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region"
+        )
+    with transaction.atomic():
+        Node.objects.select_for_update().get(pk=node.pk)
+        gpus = list(node.gpus.all())
+        models = sorted({gpu.name for gpu in gpus})
+        if not models:
+            raise MarketError(f"{node.name} reports no GPUs", field="node")
+        if gpu_model is None:
+            if len(models) > 1:
+                raise MarketError(
+                    f"{node.name} has several GPU models ({', '.join(models)}): choose gpu_model",
+                    field="gpu_model",
+                )
+            gpu_model = models[0]
+        matching = [gpu for gpu in gpus if gpu.name == gpu_model]
+        if not matching:
+            raise MarketError(f"{node.name} has no {gpu_model!r} GPU", field="gpu_model")
+        listed = sum(
+            Listing.objects.visible()
+            .filter(node=node, gpu_model=gpu_model)
+            .values_list("gpu_count", flat=True)
+        )
+        if listed + gpu_count > len(matching):
+            raise MarketError(
+                f"{node.name} has {len(matching)} {gpu_model} GPU(s), {listed} already listed",
+                field="gpu_count",
+            )
+        return Listing.objects.create(
+            owner=owner,
+            node=node,
+            gpu_model=gpu_model,
+            vram_gb=min(gpu.vram_gb for gpu in matching),
+            gpu_count=gpu_count,
+            price_per_gpu_hour=price_per_gpu_hour,
+            price_per_gib=price_per_gib,
+            region=region if region is not None else node.region,
+            simulated=any(gpu.simulated for gpu in matching),
+        )
+
+
+def update_listing(
+    listing: Listing,
+    *,
+    price_per_gpu_hour: int | None = None,
+    price_per_gib: int | None = None,
+    gpu_count: int | None = None,
+    is_active: bool | None = None,
+) -> Listing:
+    """Change a listing's prices, GPU count or active flag (False pauses it: no new orders;
+    live orders are untouched, and they keep the prices they were placed at).
+
+    A new gpu_count is checked like create_listing's: with the node's other listings of this
+    model it must fit the node's GPUs of the model, and it cannot go below the GPUs live orders
+    use (Oversold, 409). Locks: listing row, then node row (the store-wide order). A deleted
+    listing raises MarketError."""
+    if gpu_count is not None and gpu_count < 1:
+        raise MarketError("gpu_count must be at least 1", field="gpu_count")
+    for name, price in (
+        ("price_per_gpu_hour", price_per_gpu_hour),
+        ("price_per_gib", price_per_gib),
+    ):
+        if price is not None and price < 0:
+            raise MarketError(f"{name} must not be negative", field=name)
+    with transaction.atomic():
+        locked = Listing.objects.visible().select_for_update().filter(pk=listing.pk).first()
+        if locked is None:
+            raise MarketError(f"unknown listing {listing.pk}", field="listing")
+        changes: dict[str, object] = {}
+        if gpu_count is not None and gpu_count != locked.gpu_count:
+            node = Node.objects.select_for_update().get(pk=locked.node_id)
+            in_use = Order.objects.gpus_in_use(locked.pk)
+            if gpu_count < in_use:
+                raise Oversold(f"{in_use} GPUs of this listing are in use by live orders")
+            matching = node.gpus.filter(name=locked.gpu_model).count()
+            others = sum(
+                Listing.objects.visible()
+                .filter(node=node, gpu_model=locked.gpu_model)
+                .exclude(pk=locked.pk)
+                .values_list("gpu_count", flat=True)
+            )
+            if others + gpu_count > matching:
+                raise MarketError(
+                    f"{node.name} has {matching} {locked.gpu_model} GPU(s), "
+                    f"{others} listed elsewhere",
+                    field="gpu_count",
+                )
+            changes["gpu_count"] = gpu_count
+        if price_per_gpu_hour is not None:
+            changes["price_per_gpu_hour"] = price_per_gpu_hour
+        if price_per_gib is not None:
+            changes["price_per_gib"] = price_per_gib
+        if is_active is not None:
+            changes["is_active"] = is_active
+        if changes:
+            Listing.objects.filter(pk=locked.pk).update(**changes)
+        locked.refresh_from_db()
+        return locked
+
+
+def delete_listing(listing: Listing) -> None:
+    """Soft delete: orders keep pointing at the listing they bought from."""
+    Listing.objects.filter(pk=listing.pk).update(deleted_at=timezone.now(), is_active=False)

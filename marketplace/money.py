@@ -1,0 +1,80 @@
+"""Money's one unit and its one spelling for people.
+
+Every amount in the ledger, the API and the database is an integer of micro-USD
+(design/money.md: one unit everywhere, never floats). People type and read dollars: this module
+turns one into the other, exactly, with Decimal. Pure: no database, no Django.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal, InvalidOperation
+
+MICRO_PER_USD = 1_000_000
+# The largest single payment (top-up, payout, form amount): one million USD. Larger is a typo.
+MAX_PAYMENT = 1_000_000 * MICRO_PER_USD
+# Ledger columns are 64-bit signed; an operator grant leaves room for the balance it lands in.
+MAX_POSTING = 2**62
+
+_DOLLARS = re.compile(r"^\$\s*(?P<a>[^\s$]+)$|^(?P<b>[^\s$]+)\s*usd$", re.IGNORECASE)
+_DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
+
+
+def usd_to_micro(amount: Decimal) -> int:
+    """Dollars to micro-USD. Exact for the forms' amounts (at most 6 decimal places); anything
+    finer is cut off, so a form must refuse it first (DecimalField(decimal_places=6))."""
+    return int(amount * MICRO_PER_USD)
+
+
+def micro_to_usd(micro: int) -> Decimal:
+    """Micro-USD to dollars, without trailing zeros (for a form's initial value)."""
+    return (Decimal(micro) / MICRO_PER_USD).normalize()
+
+
+def format_usd(micro: int, *, code: bool = False) -> str:
+    """`$2.49`, `$0.005`, `-$12,500.00`: at least cents and every further digit the amount has,
+    so a price of 5,000 micro-USD per GiB does not show as `$0.01` or `$0.00`. With `code`,
+    `2.49 USD` (for text where a `$` reads badly, such as a command's output)."""
+    amount = int(micro)
+    sign = "-" if amount < 0 else ""
+    text = f"{Decimal(abs(amount)) / MICRO_PER_USD:,.6f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    figure = f"{whole}.{frac.ljust(2, '0')}"
+    return f"{sign}{figure} USD" if code else f"{sign}${figure}"
+
+
+def parse_amount(text: str, *, maximum: int = MAX_POSTING) -> int:
+    """The positive amount `text` names, in micro-USD: an integer of micro-USD (`25000000`), or
+    dollars written `25usd`, `25.50 USD` or `$25.50`. Dollars are converted exactly: an amount
+    finer than one micro-USD is refused rather than rounded, because whoever typed it meant
+    something else. Raises ValueError with a message for a person."""
+    # Underscores group digits as in Python; commas are refused, since "1,5" means 1.5 in
+    # half the world.
+    raw = text.strip().replace("_", "")
+    dollars = _DOLLARS.match(raw)
+    number = (dollars.group("a") or dollars.group("b")) if dollars else raw
+    if not _DECIMAL.match(number):
+        raise ValueError(
+            f"{text!r} is not an amount: write micro-USD as an integer (25000000) "
+            "or dollars as 25usd or $25.50"
+        )
+    if dollars:
+        try:
+            micro = Decimal(number) * MICRO_PER_USD
+        except InvalidOperation:  # pragma: no cover - the regex admits only plain decimals
+            raise ValueError(f"{text!r} is not an amount") from None
+        if micro != micro.to_integral_value():
+            raise ValueError(f"{text!r} is finer than one micro-USD (0.000001 USD)")
+        amount = int(micro)
+    else:
+        if "." in number:
+            raise ValueError(
+                f"{text!r}: a bare number is micro-USD and must be an integer; "
+                "for dollars write it with a usd suffix or a $ prefix"
+            )
+        amount = int(number)
+    if amount <= 0:
+        raise ValueError(f"{text!r}: the amount must be positive")
+    if amount > maximum:
+        raise ValueError(f"{text!r} is more than the ledger can hold in one posting")
+    return amount

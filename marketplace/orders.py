@@ -1,0 +1,351 @@
+"""An order's life: placing it with its escrow hold, provisioning, running, stopping, ending,
+re-keying, and the sweeps that end what timed out or lost its node. One transaction each; every
+state change goes through marketplace.lifecycle.transition.
+
+Lock order, everywhere: the provider node row, then the job peer's key rows, then the order row,
+then the hold row and accounts in primary-key order (tests/db/test_concurrency_pg.py proves
+it). place_order is the one path with no node yet: it locks the listing row, then the wallet.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from marketplace import billing, ledger, lifecycle
+from marketplace.announce import announce_order
+from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
+from marketplace.models import Listing, Order
+from marketplace.settlement import settle_order
+from marketplace.signals import order_placed
+from meshnet.errors import MeshError
+from meshnet.models import JobPeerKey, Node
+from meshnet.peers import create_job_peer, remove_job_peer, replace_peer_key, validate_peer_key
+
+S = Order.State
+
+
+def quote_for(listing: Listing, *, gpu_count: int, hours: int) -> billing.Quote:
+    return billing.quote(
+        price_per_gpu_hour=listing.price_per_gpu_hour,
+        price_per_gib=listing.price_per_gib,
+        gpu_count=gpu_count,
+        hours=hours,
+        allowance_gib=settings.MOLT_BANDWIDTH_ALLOWANCE_GIB,
+        fee_bps=settings.MOLT_PLATFORM_FEE_BPS,
+    )
+
+
+def place_order(
+    buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard_public_key: str
+) -> Order:
+    """Place an order and its escrow hold in one transaction, and send `order_placed` (its
+    receiver enqueues provisioning on commit: see marketplace.signals).
+
+    Locks: the listing row (so concurrent orders cannot oversell it), then the buyer's wallet
+    row through the ledger guard. Raises MarketError subclasses naming the bad field; on any
+    error nothing is written."""
+    if gpu_count < 1:
+        raise MarketError("gpu_count must be at least 1", field="gpu_count")
+    if not 1 <= hours <= settings.MOLT_MAX_ORDER_HOURS:
+        raise MarketError(
+            f"hours must be between 1 and {settings.MOLT_MAX_ORDER_HOURS}", field="hours"
+        )
+    try:
+        validate_peer_key(wireguard_public_key)
+    except MeshError as exc:
+        raise MarketError(str(exc), field="wireguard_public_key") from None
+    with transaction.atomic():
+        listing = Listing.objects.available().select_for_update().filter(pk=listing_id).first()
+        if listing is None:
+            raise MarketError(f"unknown listing {listing_id}", field="listing")
+        if listing.owner_id == buyer.pk:
+            raise ListingUnavailable("you cannot order your own listing")
+        in_use = Order.objects.gpus_in_use(listing.pk)
+        if in_use + gpu_count > listing.gpu_count:
+            raise Oversold(
+                f"only {listing.gpu_count - in_use} of {listing.gpu_count} GPUs "
+                "of this listing are free"
+            )
+        if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exists():
+            raise MarketError(
+                "this WireGuard public key is already used by a live order; "
+                "generate a new key pair",
+                field="wireguard_public_key",
+            )
+        q = quote_for(listing, gpu_count=gpu_count, hours=hours)
+        order = Order.objects.create(
+            buyer=buyer,
+            listing=listing,
+            gpu_count=gpu_count,
+            hours=hours,
+            wireguard_public_key=wireguard_public_key,
+            price_per_gpu_hour=listing.price_per_gpu_hour,
+            price_per_gib=listing.price_per_gib,
+            bandwidth_allowance_bytes=q.bandwidth_allowance_bytes,
+            hold_amount=q.total_hold,
+        )
+        ledger.place_hold(order, q.total_hold)
+        lifecycle.record_placed(order)
+        order_placed.send(sender=Order, order=order)
+    return order
+
+
+def provision_order(order_id: int) -> Order:
+    """Allocate the job's MOLT address and desired peer on the provider node; pending ->
+    provisioning. Idempotent: an order no longer pending is returned unchanged. If the mesh
+    refuses (pool exhausted, key live elsewhere) the order fails and its hold is released.
+    Locks: the node row, the order row (as stop_order: a buyer cancelling while the worker
+    provisions waits instead of deadlocking), then the pool row."""
+    with transaction.atomic():
+        order = _lock_node_then_order(order_id)
+        if order.state != S.PENDING:
+            return order
+        try:
+            with transaction.atomic():
+                peer = create_job_peer(
+                    order.listing.node, order.wireguard_public_key, ref=f"order:{order.pk}"
+                )
+        except MeshError as exc:
+            _release_and_end(order, S.PENDING, S.FAILED, f"provisioning failed: {exc}")
+            return order
+        lifecycle.transition(
+            order, S.PENDING, S.PROVISIONING, "job address allocated", job_peer=peer
+        )
+        return order
+
+
+def mark_running(order: Order, at: datetime) -> bool:
+    """The agent acknowledged the job's peer: billing starts now. provisioning -> running."""
+    return lifecycle.transition(
+        order,
+        S.PROVISIONING,
+        S.RUNNING,
+        "agent acknowledged the peer",
+        running_since=at,
+        ends_at=at + timedelta(hours=order.hours),
+    )
+
+
+def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) -> bool:
+    """End the order (cancelled or failed) with its hold released in full and its peer, if any,
+    dropped from desired state. False, nothing written, when it lost the race. Locks: the
+    order row (the caller holds the node's), then the hold row and accounts."""
+    if not lifecycle.transition(
+        order, from_state, to_state, reason, ended_at=timezone.now(), reason=reason
+    ):
+        return False
+    ledger.resolve_hold(order.hold, captured=0, fee=0, provider=None, memo=f"{to_state}: {reason}")
+    if order.job_peer_id:
+        remove_job_peer(f"order:{order.pk}")
+    return True
+
+
+def _lock_node_then_order(order_pk: int) -> Order:
+    """Lock the order's provider node row, then the order's, and return the order. Every path
+    that changes an order together with its peer takes them in this order, as an agent's ack
+    does (the node, then the orders of its peers), so they wait for each other instead of
+    deadlocking. Call inside a transaction."""
+    node_id = Listing.objects.filter(orders=order_pk).values_list("node_id", flat=True).get()
+    Node.objects.select_for_update().filter(pk=node_id).first()
+    return Order.objects.select_for_update().get(pk=order_pk)
+
+
+def stop_order(order: Order, reason: str = "stopped by the buyer") -> Order:
+    """Stop an order. Before it runs: cancelled, hold released in full. Running: stopping, the
+    peer is dropped from desired state, and settlement follows the agent's removal ack.
+    Raises InvalidTransition when the order already ended or is stopping.
+
+    Locks: the provider node's row, then the order's: the same order as an agent's ack (node,
+    then the orders its peers belong to), so a stop racing an ack waits instead of deadlocking.
+    """
+    with transaction.atomic():
+        order = _lock_node_then_order(order.pk)
+        now = timezone.now()
+        if order.state in (S.PENDING, S.PROVISIONING):
+            _release_and_end(order, order.state, S.CANCELLED, reason)
+        elif order.state == S.RUNNING:
+            lifecycle.transition(
+                order, S.RUNNING, S.STOPPING, reason, stop_requested_at=now, reason=reason
+            )
+            remove_job_peer(f"order:{order.pk}")
+        else:
+            raise InvalidTransition(f"order {order.pk} is already {order.state}")
+        return order
+
+
+def complete_order(order: Order, at: datetime) -> bool:
+    """The agent acknowledged the peer's removal: stopping -> completed, then settle."""
+    with transaction.atomic():
+        if not lifecycle.transition(
+            order, S.STOPPING, S.COMPLETED, "agent removed the peer", ended_at=at
+        ):
+            return False
+        settle_order(order)
+        return True
+
+
+def expire_orders(now: datetime | None = None) -> int:
+    """Stop running orders whose booked time is up, and fail orders stuck provisioning past the
+    timeout (hold released in full). Returns how many orders changed."""
+    now = now or timezone.now()
+    changed = 0
+    for order in Order.objects.filter(state=S.RUNNING, ends_at__lte=now).only("pk"):
+        try:
+            stop_order(order, reason="booked time is up")
+            changed += 1
+        except InvalidTransition:
+            pass  # stopped by someone else meanwhile
+    changed += end_orders_of_lost_nodes(now)
+    deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
+    for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
+        with transaction.atomic():
+            locked = _lock_node_then_order(order.pk)
+            if locked.state == S.PROVISIONING and _release_and_end(
+                locked, S.PROVISIONING, S.FAILED, "the provider node did not acknowledge in time"
+            ):
+                changed += 1
+    return changed
+
+
+def add_traffic(job_peer, *, rx_bytes: int, tx_bytes: int) -> None:
+    """Add metered bytes to the job's order. rx is what the provider received from the buyer
+    (the buyer's bytes_out), tx what it sent (the buyer's bytes_in). Atomic increments, so
+    concurrent samples never lose an update."""
+    Order.objects.filter(job_peer=job_peer).update(
+        bytes_in=F("bytes_in") + tx_bytes, bytes_out=F("bytes_out") + rx_bytes
+    )
+
+
+# --- the bandwidth allowance and lost provider nodes -------------------------------------------
+
+BANDWIDTH_USED_UP = "bandwidth allowance used up"
+
+
+def stop_if_allowance_used(job_peer) -> bool:
+    """Stop the job's running order once its metered bytes reach the bandwidth allowance its
+    hold covers, with the reason BANDWIDTH_USED_UP. True when this call stopped it. Runs in the
+    metering transaction, after add_traffic; locks as stop_order."""
+    order = Order.objects.filter(job_peer=job_peer, state=S.RUNNING).first()
+    if order is None or order.bytes_in + order.bytes_out < order.bandwidth_allowance_bytes:
+        return False
+    try:
+        stopped = stop_order(order, reason=BANDWIDTH_USED_UP)
+    except InvalidTransition:
+        return False  # stopped meanwhile
+    return stopped.state == S.STOPPING
+
+
+def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
+    """End the orders of provider nodes silent for MOLT_NODE_FAILURE_GRACE_SECONDS: running
+    ones fail, stopping ones complete (no agent will acknowledge the removal). Each is settled
+    at once, billed up to the node's last heartbeat (less earlier outages), the rest of the hold
+    released, and its peer dropped from desired state. Returns how many ended.
+
+    One transaction per order, in id order. Locks: the node row, the order row, then the hold
+    and accounts."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=settings.MOLT_NODE_FAILURE_GRACE_SECONDS)
+    candidates = (
+        Order.objects.filter(
+            state__in=(S.RUNNING, S.STOPPING), listing__node__last_seen_at__lt=cutoff
+        )
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    ended = 0
+    for order_id in list(candidates):
+        with transaction.atomic():
+            order = _lock_node_then_order(order_id)
+            last_seen = Node.objects.values_list("last_seen_at", flat=True).get(
+                pk=order.listing.node_id
+            )
+            if order.state not in (S.RUNNING, S.STOPPING) or not last_seen or last_seen >= cutoff:
+                continue  # it came back, or the order moved on meanwhile
+            why = f"provider node offline since {last_seen:%Y-%m-%d %H:%M:%S} UTC"
+            if order.state == S.RUNNING:
+                moved = lifecycle.transition(
+                    order, S.RUNNING, S.FAILED, why, ended_at=now, reason=why
+                )
+            else:
+                moved = lifecycle.transition(order, S.STOPPING, S.COMPLETED, why, ended_at=now)
+            if not moved:
+                continue
+            settle_order(order, cut_at=last_seen)
+            remove_job_peer(f"order:{order.pk}")
+            ended += 1
+    return ended
+
+
+def rekey_order(order: Order, wireguard_public_key: str) -> Order:
+    """Give a live order a new WireGuard public key: the buyer lost the private key of the old
+    one. Before provisioning only the order changes; after it, the job peer keeps its address and
+    gets the new key in a new desired revision (meshnet.peers.replace_peer_key), so the
+    agent's reconcile drops the old key's peer and adds the new one. Sending the key the order
+    already has is a no-op (a retried request).
+
+    Locks: the provider node's row, the job peer's key rows, then the order's: the order
+    everything else takes them in. An agent's ack locks the node, then keys, then orders; a
+    metering sample locks keys, then the order; stop_order the node, then the order. Taking
+    the order first here deadlocked with a sample of the same order arriving meanwhile.
+    Raises MarketError naming wireguard_public_key (invalid, or live on another order or peer)
+    and InvalidTransition when the order is stopping or ended."""
+    try:
+        validate_peer_key(wireguard_public_key)
+    except MeshError as exc:
+        raise MarketError(str(exc), field="wireguard_public_key") from None
+    with transaction.atomic():
+        node_id, job_peer_id = (
+            Order.objects.filter(pk=order.pk).values_list("listing__node_id", "job_peer_id").get()
+        )
+        Node.objects.select_for_update().filter(pk=node_id).first()
+        if job_peer_id is not None:
+            list(
+                JobPeerKey.objects.select_for_update()
+                .filter(job_peer_id=job_peer_id)
+                .order_by("pk")
+            )
+        order = Order.objects.select_for_update().get(pk=order.pk)
+        if order.wireguard_public_key == wireguard_public_key:
+            return order
+        if order.state not in (S.PENDING, S.PROVISIONING, S.RUNNING):
+            raise InvalidTransition(f"order {order.pk} is {order.state}: it cannot be re-keyed")
+        if (
+            Order.objects.live()
+            .filter(wireguard_public_key=wireguard_public_key)
+            .exclude(pk=order.pk)
+            .exists()
+        ):
+            raise MarketError(
+                "this WireGuard public key is already used by a live order; "
+                "generate a new key pair",
+                field="wireguard_public_key",
+            )
+        Order.objects.filter(pk=order.pk).update(wireguard_public_key=wireguard_public_key)
+        if order.job_peer_id is not None:
+            try:
+                replace_peer_key(f"order:{order.pk}", wireguard_public_key)
+            except MeshError as exc:
+                raise MarketError(str(exc), field="wireguard_public_key") from None
+        announce_order(order.pk)
+        order.refresh_from_db()
+        return order
+
+
+def fail_order(order: Order, reason: str) -> bool:
+    """End a live order as failed with its hold released in full, whatever state it reached:
+    the provider side can no longer be trusted (its node was revoked), so nothing it ran is
+    billed. The job peer, if any, is dropped from desired state. False (and nothing written)
+    when the order had already ended.
+
+    Locks: the node row, the order row, then the hold and accounts: the same order as
+    stop_order."""
+    with transaction.atomic():
+        locked = _lock_node_then_order(order.pk)
+        if locked.state not in Order.LIVE_STATES:
+            return False
+        return _release_and_end(locked, locked.state, S.FAILED, reason)

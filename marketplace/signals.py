@@ -1,0 +1,13 @@
+"""Domain events of the market, for code that must follow them without being imported by
+marketplace.orders (which would close an import circle: the Celery tasks call the orders
+module, so the orders module cannot reach for the tasks).
+
+Sent inside the writing transaction, as meshnet.signals are: a receiver's writes commit or
+roll back with it, and anything it sends elsewhere it defers with transaction.on_commit.
+"""
+
+from django.dispatch import Signal
+
+# kwargs: order (marketplace.models.Order, just created with its hold). marketplace.receivers
+# enqueues its provisioning on commit.
+order_placed = Signal()
