@@ -8,21 +8,11 @@ import pytest
 from marketplace import ledger, services
 from marketplace.models import Listing
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 LISTINGS = "/api/v1/listings/"
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def provider_api(api_client_for, provider):
-    return api_client_for(provider)
 
 
 @pytest.fixture
@@ -35,6 +25,7 @@ def stranger_api(api_client_for, stranger):
     return api_client_for(stranger)
 
 
+# Two of the node's four GPUs, not the shared all four: the tests list and order the other two.
 @pytest.fixture
 def listing(provider, node):
     return services.create_listing(

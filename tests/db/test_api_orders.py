@@ -24,25 +24,14 @@ from marketplace.models import (
 )
 from meshnet import services as mesh
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 ORDERS = "/api/v1/orders/"
 
 
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return services.create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
-
-
+# 100 USD, not the shared 1000: the balances asserted below are counted from it.
 @pytest.fixture
 def funded_buyer(buyer):
     ledger.grant_credits(buyer, 100 * USD)

@@ -12,18 +12,9 @@ from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
-
-USD = 1_000_000
-
-
-@pytest.fixture
-def listing(provider):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-    return services.create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
 
 
 @pytest.fixture

@@ -25,29 +25,11 @@ from marketplace.models import (
 )
 from meshnet import services as mesh
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 PRICE = 2 * USD
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return services.create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=10_000
-    )
-
-
-@pytest.fixture
-def funded_buyer(buyer):
-    ledger.grant_credits(buyer, 1000 * USD)
-    return buyer
 
 
 def ack(node, at=None) -> None:

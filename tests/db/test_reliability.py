@@ -14,22 +14,9 @@ from marketplace.reliability import refresh_reliability
 from meshnet import services as mesh
 from meshnet.models import Node
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
-
-USD = 1_000_000
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(2)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return services.create_listing(
-        provider, node=node, gpu_count=2, price_per_gpu_hour=USD, price_per_gib=0
-    )
 
 
 def ack(node) -> None:

@@ -39,11 +39,11 @@ from meshnet import ipplan
 from meshnet import services as mesh
 from meshnet.models import IpAllocation, IpPool, JobPeer, Node
 from tests import factories
+from tests.factories import USD
 from tests.integration.conftest import database_url, running_gateway, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
-USD = 1_000_000
 BIN = Path(sys.executable).parent
 
 

@@ -53,10 +53,10 @@ from marketplace.models import (
 from meshnet import services as mesh
 from meshnet.models import Node
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.property, pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 LIVE = {"pending", "provisioning", "running", "stopping"}
 EXAMPLES = int(os.environ.get("MOLT_PROPERTY_EXAMPLES", "200"))
 STEPS = int(os.environ.get("MOLT_PROPERTY_STEPS", "30"))
