@@ -1,14 +1,19 @@
-"""Builders for real objects through real services (no hand-written rows for money or mesh)."""
+"""Builders for real objects through real services (no hand-written rows for money or mesh).
+
+Nodes enrol through marketplace.demo_data's enrolment, the one seed_demo uses: the envelope the
+agent's own `clawnode join` builds, signed by a fresh identity."""
 
 from __future__ import annotations
 
 import socket
-import time
 
 from clawnode import wire
+from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 
-from meshnet.enrolment import create_enrollment_token, enroll_node
+from marketplace.demo_data import enrol_node
+
+USD = 1_000_000  # micro-USD: every amount in the ledger and the API is an integer of them
 
 
 def enroll_request(
@@ -17,23 +22,19 @@ def enroll_request(
     *,
     gpus=(),
     timestamp: int | None = None,
-    nonce: str | None = None,
     listen_port: int = 51820,
     endpoint: str = "",
 ) -> dict:
-    """A signed enrolment envelope, exactly as `clawnode join` sends it."""
-    body = wire.EnrollRequest(
-        token=token,
-        identity_public_key=identity.public_key_b64,
-        wireguard_public_key=identity.wireguard_public_key_b64,
+    """A signed enrolment envelope, exactly as `clawnode join` sends it from this machine."""
+    return build_enroll_envelope(
+        identity,
+        token,
         hostname=socket.gethostname(),
         listen_port=listen_port,
         endpoint=endpoint,
-        gpus=tuple(gpus),
-        timestamp=int(time.time()) if timestamp is None else timestamp,
-        nonce=nonce or wire.new_nonce(),
-    ).to_dict()
-    return wire.signed_envelope(wire.ENROLL, body, identity)
+        gpus=gpus,
+        now=timestamp,
+    )
 
 
 def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: bool = False):
@@ -50,15 +51,10 @@ def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: b
 
 def enrolled_node(owner, gpus=None, *, region: str = "eu-west"):
     """A node of `owner` enrolled through the real signed enrolment path."""
-    identity = Identity.generate()
-    issued = create_enrollment_token(owner)
     gpus = gpus if gpus is not None else [gpu(0), gpu(1)]
-    node = enroll_node(
-        enroll_request(identity, issued.token, gpus=gpus), observed_ip="203.0.113.10"
-    ).node
-    if region:
-        node.region = region
-        node.save(update_fields=["region"])
+    node, _identity = enrol_node(
+        owner, hostname=socket.gethostname(), gpus=gpus, observed_ip="203.0.113.10", region=region
+    )
     return node
 
 

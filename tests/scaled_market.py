@@ -8,7 +8,6 @@ ingesting tens of thousands one by one would make the seeding the slowest part o
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
@@ -21,19 +20,17 @@ from django.contrib.auth.hashers import make_password
 from django.utils import timezone
 
 from marketplace import ledger, payments
+from marketplace.demo_data import PROVIDERS, enrol_demo_node
 from marketplace.listings import create_listing
-from marketplace.management.commands.seed_demo import PROVIDERS, DemoNode, _simulated_gpus
 from marketplace.models import Listing, Order
 from marketplace.orders import add_traffic, fail_order, place_order, provision_order, stop_order
 from marketplace.reliability import refresh_reliability
 from marketplace.tokens import issue_api_token
 from meshnet.agent_channel import acknowledge_revision, record_report
-from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from meshnet.nodes import record_heartbeat
-from tests.factories import wg_public_key
+from tests.factories import USD, wg_public_key
 
-USD = 1_000_000
 PASSWORD = make_password("scaled-market-pass")  # hashed once: hashing per user is the slow part
 
 # The history's orders run on this many listings (on distinct nodes) of each copy, and the
@@ -78,29 +75,6 @@ def _user_once(username: str):
     return found or _user(username)
 
 
-def _enrol(owner, demo_node: DemoNode) -> tuple[Node, Identity]:
-    """seed_demo's signed enrolment, keeping the identity (seed_demo drops it) so that the
-    node's metering samples can be signed the way its agent would sign them."""
-    identity = Identity.generate()
-    issued = create_enrollment_token(owner)
-    body = wire.EnrollRequest(
-        token=issued.token,
-        identity_public_key=identity.public_key_b64,
-        wireguard_public_key=identity.wireguard_public_key_b64,
-        hostname=demo_node.hostname,
-        listen_port=51820,
-        endpoint=demo_node.endpoint,
-        gpus=_simulated_gpus(demo_node),
-        timestamp=int(time.time()),
-        nonce=wire.new_nonce(),
-    ).to_dict()
-    envelope = wire.signed_envelope(wire.ENROLL, body, identity)
-    node = enroll_node(envelope, observed_ip=demo_node.observed_ip).node
-    Node.objects.filter(pk=node.pk).update(region=demo_node.region)
-    node.region = demo_node.region
-    return node, identity
-
-
 def seed_copy(index: int, *, shared_users: bool = False) -> Copy:
     """One copy of the demo market (seed_demo's providers and nodes) and, on its biggest
     listing, orders: two completed and settled with traffic, one failed, one cancelled, one
@@ -115,20 +89,14 @@ def seed_copy(index: int, *, shared_users: bool = False) -> Copy:
         provider = make(name(demo_user.username))
         copy.providers.append(provider)
         for demo_node in demo_nodes:
-            node, identity = _enrol(provider, demo_node)
+            # The identity is kept (seed_demo drops it) so that the node's metering samples can
+            # be signed the way its agent would sign them.
+            node, identity = enrol_demo_node(provider, demo_node)
             copy.nodes.append(node)
             copy.identities[node.pk] = identity
             for demo_listing in demo_node.listings:
-                copy.listings.append(
-                    create_listing(
-                        provider,
-                        node=node,
-                        gpu_model=demo_node.gpu[0],
-                        gpu_count=demo_listing.gpu_count,
-                        price_per_gpu_hour=demo_listing.price_per_gpu_hour,
-                        price_per_gib=demo_listing.price_per_gib,
-                    )
-                )
+                terms = demo_node.listing_terms(demo_listing)
+                copy.listings.append(create_listing(provider, node=node, **terms))
     for node in copy.nodes[::2]:
         record_heartbeat(node, node.observed_ip)
     record_report(copy.nodes[-1], "desired state refused: bad signature (scaled market)")

@@ -29,12 +29,10 @@ from marketplace.orders import place_order, provision_order
 from meshnet.agent_channel import AgentRefused, acknowledge_revision, authenticate_agent
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import IpAllocation, JobPeer, Node
-from tests.factories import enroll_request, gpu, wg_public_key
-from tests.integration.conftest import running_gateway
+from tests.factories import USD, enroll_request, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 CHANGELIST = "/admin/auth/user/"
 NODES = "/admin/meshnet/node/"
 
@@ -360,12 +358,6 @@ def test_revoking_twice_says_so_and_moves_nothing_more(ops, provider, buyer):
 
 
 # --- the agent of a revoked node, over the real websocket ---------------------------------------
-
-
-@pytest.fixture
-def gateway(transactional_db, tmp_path, settings):
-    with running_gateway(tmp_path, settings) as gw:
-        yield gw
 
 
 async def agent_session(gateway, identity: Identity):

@@ -17,7 +17,6 @@ from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
 from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.models import (
     EscrowHold,
     IdempotencyRecord,
@@ -27,19 +26,11 @@ from marketplace.models import (
     OrderTransition,
 )
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 ORDERS = "/api/v1/orders/"
-
-
-@pytest.fixture
-def listing(provider):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-    return create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
 
 
 @pytest.fixture

@@ -10,21 +10,11 @@ from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import Listing
 from marketplace.orders import place_order
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 LISTINGS = "/api/v1/listings/"
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def provider_api(api_client_for, provider):
-    return api_client_for(provider)
 
 
 @pytest.fixture
@@ -37,6 +27,7 @@ def stranger_api(api_client_for, stranger):
     return api_client_for(stranger)
 
 
+# Two of the node's four GPUs, not the shared all four: the tests list and order the other two.
 @pytest.fixture
 def listing(provider, node):
     return create_listing(

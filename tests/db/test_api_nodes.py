@@ -24,11 +24,6 @@ MOLT_RANGE = ipaddress.IPv4Network("10.100.128.0/17")
 
 
 @pytest.fixture
-def provider_api(api_client_for, provider):
-    return api_client_for(provider)
-
-
-@pytest.fixture
 def agent():
     """The agent's HTTP client: no session, no API token, and CSRF enforced as for a browser."""
     return APIClient(enforce_csrf_checks=True)

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from marketplace import ledger
-from marketplace.listings import create_listing, update_listing
+from marketplace.listings import update_listing
 from marketplace.models import (
     Account,
     EscrowHold,
@@ -26,25 +26,14 @@ from marketplace.models import (
 from marketplace.orders import provision_order, quote_for
 from meshnet.agent_channel import acknowledge_revision
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 ORDERS = "/api/v1/orders/"
 
 
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
-
-
+# 100 USD, not the shared 1000: the balances asserted below are counted from it.
 @pytest.fixture
 def funded_buyer(buyer):
     ledger.grant_credits(buyer, 100 * USD)

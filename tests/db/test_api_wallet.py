@@ -6,22 +6,13 @@ from __future__ import annotations
 import pytest
 
 from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.orders import place_order, stop_order
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 WALLET = "/api/v1/wallet/"
-
-
-@pytest.fixture
-def listing(provider):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
-    return create_listing(
-        provider, node=node, gpu_count=1, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
 
 
 def test_a_new_user_has_an_empty_wallet(api_client_for, buyer):

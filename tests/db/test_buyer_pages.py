@@ -48,6 +48,7 @@ def node_identity(provider):
     return identity, node
 
 
+# Not the shared listing: on the node whose identity the tests sign as, at prices of its own.
 @pytest.fixture
 def listing(provider, node_identity):
     _identity, node = node_identity

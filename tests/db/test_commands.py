@@ -19,10 +19,10 @@ from marketplace.audit import audit_ledger
 from marketplace.ledger import available_for
 from marketplace.models import Account, LedgerEntry, LedgerTransaction, Listing
 from meshnet.models import EnrollmentToken, Gpu, IpAllocation, Node
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 MOLT_RANGE = ipaddress.IPv4Network("10.100.128.0/17")
 
 

@@ -46,10 +46,10 @@ from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.errors import PoolExhausted
 from meshnet.models import IpAllocation, IpPool, JobPeerKey, Node
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
-USD = 1_000_000
 MOLT = ipaddress.IPv4Network("10.100.128.0/17")
 
 

@@ -10,22 +10,12 @@ from django.db import DatabaseError, connection, transaction
 from marketplace import ledger
 from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
-from marketplace.listings import create_listing
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
 from marketplace.orders import place_order, provision_order, stop_order
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
-
-USD = 1_000_000
-
-
-@pytest.fixture
-def listing(provider):
-    node = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-    return create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
-    )
 
 
 @pytest.fixture

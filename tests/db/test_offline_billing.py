@@ -36,7 +36,6 @@ from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 PRICE = 3_600_000  # per GPU-hour: exactly 1000 micro-USD per GPU-second, so seconds read off
 
 
@@ -45,6 +44,7 @@ def identity():
     return Identity.generate()
 
 
+# Enrolled with the `identity` above, not the shared node: the tests sign metering as its agent.
 @pytest.fixture
 def node(provider, identity):
     issued = create_enrollment_token(provider)
@@ -54,17 +54,12 @@ def node(provider, identity):
     return enroll_node(envelope, observed_ip="203.0.113.10").node
 
 
+# At PRICE, not the shared 2 USD: billed seconds read off the charges.
 @pytest.fixture
 def listing(provider, node):
     return create_listing(
         provider, node=node, gpu_count=2, price_per_gpu_hour=PRICE, price_per_gib=10_000
     )
-
-
-@pytest.fixture
-def funded_buyer(buyer):
-    ledger.grant_credits(buyer, 1000 * USD)
-    return buyer
 
 
 def heartbeat(node: Node, at) -> None:

@@ -23,7 +23,6 @@ from marketplace.errors import (
     MarketError,
     Oversold,
 )
-from marketplace.listings import create_listing
 from marketplace.models import (
     Account,
     EscrowHold,
@@ -46,31 +45,13 @@ from meshnet.allocation import allocate_address, release_address
 from meshnet.errors import PoolExhausted
 from meshnet.models import IpAllocation, IpPool, JobPeer
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 PRICE = 2 * USD  # per GPU-hour
 PRICE_GIB = 10_000
 MOLT = ipaddress.IPv4Network("10.100.128.0/17")
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=PRICE_GIB
-    )
-
-
-@pytest.fixture
-def funded_buyer(buyer):
-    ledger.grant_credits(buyer, 1000 * USD)
-    return buyer
 
 
 def place(buyer, listing, *, gpu_count=1, hours=2, key=None) -> Order:

@@ -12,7 +12,6 @@ from django.utils import timezone
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
-from marketplace.listings import create_listing
 from marketplace.models import (
     Account,
     Dispute,
@@ -28,29 +27,11 @@ from marketplace.orders import place_order, provision_order, stop_order
 from marketplace.settlement import settle_order
 from meshnet.agent_channel import acknowledge_revision
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 PRICE = 2 * USD
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=PRICE, price_per_gib=10_000
-    )
-
-
-@pytest.fixture
-def funded_buyer(buyer):
-    ledger.grant_credits(buyer, 1000 * USD)
-    return buyer
 
 
 def ack(node, at=None) -> None:

@@ -40,12 +40,10 @@ from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import EnrollmentToken, Node
 from meshnet.nodes import record_heartbeat, revoke_node, update_inventory
 from meshnet.notifications import owner_group
-from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key
-from tests.integration.conftest import running_gateway
+from tests.factories import USD, enroll_request, enrolled_node, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 TOKEN_RE = re.compile(r"--token (molt_enr_[A-Za-z0-9_-]+)")
 
 
@@ -62,6 +60,7 @@ def stranger_client(stranger):
     return browser
 
 
+# Not the shared node: two L40S (one simulated) with a heartbeat, which the pages show.
 @pytest.fixture
 def node(provider):
     node = enrolled_node(
@@ -534,12 +533,6 @@ def test_an_enrolment_that_rolls_back_announces_nothing(
 
 
 # --- the provider websocket on the real ASGI server ---------------------------------------------
-
-
-@pytest.fixture
-def gateway(transactional_db, tmp_path, settings):
-    with running_gateway(tmp_path, settings) as gw:
-        yield gw
 
 
 def session_cookie(user) -> str:

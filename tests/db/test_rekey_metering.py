@@ -78,6 +78,7 @@ def agent(provider):
     return Agent(identity, node)
 
 
+# Not the shared listing: on the agent's node, so that its signed samples bill the order.
 @pytest.fixture
 def listing(provider, agent):
     return create_listing(

@@ -17,20 +17,9 @@ from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from meshnet.nodes import record_heartbeat
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
-
-USD = 1_000_000
-
-
-@pytest.fixture
-def node(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(2)])
-
-
-@pytest.fixture
-def listing(provider, node):
-    return create_listing(provider, node=node, gpu_count=2, price_per_gpu_hour=USD, price_per_gib=0)
 
 
 def ack(node) -> None:

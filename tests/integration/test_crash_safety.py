@@ -42,11 +42,11 @@ from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import IpAllocation, IpPool, JobPeer, Node
 from meshnet.nodes import record_heartbeat
 from tests import factories
+from tests.factories import USD
 from tests.integration.conftest import database_url, running_gateway, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
-USD = 1_000_000
 BIN = Path(sys.executable).parent
 
 

@@ -66,10 +66,10 @@ from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from meshnet.nodes import record_heartbeat
 from tests import factories
+from tests.factories import USD
 
 pytestmark = [pytest.mark.property, pytest.mark.db, pytest.mark.django_db]
 
-USD = 1_000_000
 LIVE = {"pending", "provisioning", "running", "stopping"}
 EXAMPLES = int(os.environ.get("MOLT_PROPERTY_EXAMPLES", "200"))
 STEPS = int(os.environ.get("MOLT_PROPERTY_STEPS", "30"))

@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 
 from marketplace import billing
 from marketplace.billing import GIB
+from tests.factories import USD
 
 pytestmark = [pytest.mark.unit]
-
-USD = 1_000_000
 
 
 def test_quote_adds_time_and_bandwidth_allowance_and_shows_the_fee():

@@ -1,0 +1,212 @@
+"""The demo market, and the one way demo and test data enrol a node.
+
+`manage.py seed_demo` loads the market described here; tests/scaled_market.py copies it N times
+for the page measurements; tests/factories.py enrols its nodes through `enrol_node` too. A node
+enrols through the real signed enrolment path: a fresh Ed25519 identity signs the envelope that
+the agent's own `clawnode join` builds (clawnode.gateway_http), carrying a one-time token, so
+the rows are the ones a real agent would have made.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from clawnode import wire
+from clawnode.gateway_http import build_enroll_envelope
+from clawnode.keys import Identity
+
+from meshnet.enrolment import create_enrollment_token, enroll_node
+from meshnet.models import Node
+
+H100 = ("NVIDIA H100 80GB HBM3", 81559)
+A100 = ("NVIDIA A100 80GB PCIe", 81920)
+L40S = ("NVIDIA L40S", 49152)
+RTX_4090 = ("NVIDIA GeForce RTX 4090", 24564)
+RTX_3090 = ("NVIDIA GeForce RTX 3090", 24576)
+
+
+@dataclass(frozen=True)
+class DemoListing:
+    gpu_count: int
+    price_per_gpu_hour: int  # micro-USD
+    price_per_gib: int  # micro-USD
+
+
+@dataclass(frozen=True)
+class DemoNode:
+    hostname: str
+    region: str
+    gpu: tuple[str, int]  # (NVML name, memory in MiB)
+    gpu_count: int
+    observed_ip: str  # documentation ranges only: nothing here is a real machine
+    endpoint: str
+    listings: tuple[DemoListing, ...]
+
+    def listing_terms(self, listing: DemoListing) -> dict:
+        """`listing` of this node as create_listing's keywords (and the fields to find it by)."""
+        return {
+            "gpu_model": self.gpu[0],
+            "gpu_count": listing.gpu_count,
+            "price_per_gpu_hour": listing.price_per_gpu_hour,
+            "price_per_gib": listing.price_per_gib,
+        }
+
+
+@dataclass(frozen=True)
+class DemoUser:
+    username: str
+    password: str
+    role: str
+
+
+OPERATOR = DemoUser("operator", "operator-demo-pass", "superuser: /admin/")
+BUYER = DemoUser("demo-buyer", "buyer-demo-pass", "buyer with 500 USD of credits")
+PROVIDERS: tuple[tuple[DemoUser, tuple[DemoNode, ...]], ...] = (
+    (
+        DemoUser("dc-provider", "dc-provider-demo-pass", "provider: data-centre nodes"),
+        (
+            DemoNode(
+                "dc-sjc-01",
+                "us-west",
+                H100,
+                8,
+                "198.51.100.21",
+                "198.51.100.21:51820",
+                (DemoListing(8, 2_490_000, 10_000),),
+            ),
+            DemoNode(
+                "dc-iad-01",
+                "us-east",
+                A100,
+                4,
+                "198.51.100.22",
+                "198.51.100.22:51820",
+                (DemoListing(4, 1_590_000, 8_000),),
+            ),
+            DemoNode(
+                "dc-iad-02",
+                "us-east",
+                L40S,
+                4,
+                "198.51.100.23",
+                "198.51.100.23:51820",
+                (DemoListing(2, 890_000, 8_000), DemoListing(2, 990_000, 6_000)),
+            ),
+            DemoNode(
+                "dc-ams-01",
+                "eu-west",
+                A100,
+                8,
+                "198.51.100.24",
+                "198.51.100.24:51820",
+                (DemoListing(4, 1_490_000, 9_000),),
+            ),
+            DemoNode(
+                "dc-sin-01",
+                "asia",
+                H100,
+                4,
+                "198.51.100.25",
+                "198.51.100.25:51820",
+                (DemoListing(4, 2_790_000, 12_000),),
+            ),
+        ),
+    ),
+    (
+        DemoUser("home-provider", "home-provider-demo-pass", "provider: home machines behind NAT"),
+        (
+            DemoNode(
+                "home-berlin",
+                "eu-west",
+                RTX_4090,
+                2,
+                "203.0.113.41",
+                "",
+                (DemoListing(2, 350_000, 5_000),),
+            ),
+            DemoNode(
+                "home-lyon",
+                "eu-west",
+                RTX_3090,
+                2,
+                "203.0.113.42",
+                "",
+                (DemoListing(2, 190_000, 4_000),),
+            ),
+            DemoNode(
+                "home-austin",
+                "us-west",
+                RTX_3090,
+                1,
+                "203.0.113.43",
+                "",
+                (DemoListing(1, 220_000, 4_000),),
+            ),
+            DemoNode(
+                "home-osaka",
+                "asia",
+                RTX_4090,
+                1,
+                "203.0.113.44",
+                "",
+                (DemoListing(1, 390_000, 6_000),),
+            ),
+        ),
+    ),
+)
+
+
+def simulated_gpus(node: DemoNode) -> tuple[wire.GpuInfo, ...]:
+    name, memory_mb = node.gpu
+    return tuple(
+        wire.GpuInfo(
+            index=index,
+            name=name,
+            memory_mb=memory_mb,
+            # Stable per host and slot, shaped like NVML's "GPU-<uuid>".
+            uuid=f"GPU-{uuid.uuid5(uuid.NAMESPACE_DNS, f'{node.hostname}.demo.molt/{index}')}",
+            driver_version="550.54.15",
+            cuda_version="12.4",
+            simulated=True,
+        )
+        for index in range(node.gpu_count)
+    )
+
+
+def enrol_node(
+    owner,
+    *,
+    hostname: str,
+    gpus: Sequence[wire.GpuInfo],
+    observed_ip: str | None,
+    endpoint: str = "",
+    region: str = "",
+) -> tuple[Node, Identity]:
+    """Enrol a node for `owner` the way `clawnode join` does: a new identity signs an enrolment
+    request carrying a one-time token. Returns the node and its identity (the agent's signing
+    key: metering samples and acknowledgements a test sends as the agent are signed with it)."""
+    identity = Identity.generate()
+    issued = create_enrollment_token(owner)
+    envelope = build_enroll_envelope(
+        identity, issued.token, hostname=hostname, listen_port=51820, endpoint=endpoint, gpus=gpus
+    )
+    node = enroll_node(envelope, observed_ip=observed_ip).node
+    if region:
+        # Region is operator metadata the enrolment request does not carry (no service sets it).
+        Node.objects.filter(pk=node.pk).update(region=region)
+        node.region = region
+    return node, identity
+
+
+def enrol_demo_node(owner, node: DemoNode) -> tuple[Node, Identity]:
+    """`node` of the demo market, enrolled for `owner` with its simulated GPUs."""
+    return enrol_node(
+        owner,
+        hostname=node.hostname,
+        gpus=simulated_gpus(node),
+        observed_ip=node.observed_ip,
+        endpoint=node.endpoint,
+        region=node.region,
+    )
