@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import ledger, services
+from marketplace import ledger
+from marketplace.listings import create_listing
 from tests import factories
 from tests.factories import USD
 from tests.integration.conftest import gateway  # noqa: F401  (a fixture)
@@ -24,7 +25,7 @@ def node(provider):
 @pytest.fixture
 def listing(provider, node):
     """All four of the node's GPUs at 2 USD per GPU-hour and 0.01 USD per GiB."""
-    return services.create_listing(
+    return create_listing(
         provider, node=node, gpu_count=4, price_per_gpu_hour=2 * USD, price_per_gib=10_000
     )
 
