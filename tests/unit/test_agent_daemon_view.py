@@ -640,7 +640,7 @@ def test_a_removal_the_device_refuses_is_retried_by_the_next_sample(tmp_path):
     assert (finals[-1]["rx_bytes"], finals[-1]["tx_bytes"]) == (11, 22)
 
 
-# -- what the agent refuses to apply ----------------------------------------------------------------
+# -- what the agent refuses to apply --------------------------------------------------------------
 
 
 def changes(node: Node) -> list[tuple[str, str]]:
