@@ -20,12 +20,14 @@ def enroll_request(
     nonce: str | None = None,
     listen_port: int = 51820,
     endpoint: str = "",
+    wireguard_public_key: str | None = None,
 ) -> dict:
-    """A signed enrolment envelope, exactly as `clawnode join` sends it."""
+    """A signed enrolment envelope, exactly as `clawnode join` sends it (`wireguard_public_key`
+    replaces the identity's own X25519 conversion, to test that the gateway refuses it)."""
     body = protocol.EnrollRequest(
         token=token,
         identity_public_key=identity.public_key_b64,
-        wireguard_public_key=identity.wireguard_public_key_b64,
+        wireguard_public_key=wireguard_public_key or identity.wireguard_public_key_b64,
         hostname=socket.gethostname(),
         listen_port=listen_port,
         endpoint=endpoint,
