@@ -22,11 +22,15 @@ def enroll_request(
     *,
     gpus=(),
     timestamp: int | None = None,
+    nonce: str | None = None,
     listen_port: int = 51820,
     endpoint: str = "",
+    wireguard_public_key: str | None = None,
 ) -> dict:
-    """A signed enrolment envelope, exactly as `clawnode join` sends it from this machine."""
-    return build_enroll_envelope(
+    """A signed enrolment envelope, exactly as `clawnode join` sends it from this machine
+    (`nonce` fixes the nonce, to test replays; `wireguard_public_key` replaces the identity's
+    own X25519 conversion, to test that the gateway refuses it; both re-signed by the identity)."""
+    envelope = build_enroll_envelope(
         identity,
         token,
         hostname=socket.gethostname(),
@@ -35,6 +39,14 @@ def enroll_request(
         gpus=gpus,
         now=timestamp,
     )
+    overrides = {
+        field: value
+        for field, value in (("nonce", nonce), ("wireguard_public_key", wireguard_public_key))
+        if value is not None
+    }
+    if not overrides:
+        return envelope
+    return wire.signed_envelope(wire.ENROLL, {**envelope["body"], **overrides}, identity)
 
 
 def gpu(index: int, name: str = "RTX 4090", memory_mb: int = 24564, simulated: bool = False):

@@ -12,7 +12,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from meshnet.gateway_key import gateway_identity
-from meshnet.models import EnrollmentToken, Node
+from meshnet.models import EnrollmentToken, IpAllocation, Node, UsedNonce
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -167,6 +167,70 @@ def test_an_expired_token_is_refused(provider_api, agent):
 
     assert response.status_code == 403
     assert "expired" in response.json()["detail"]
+
+
+def test_a_wireguard_key_that_is_not_the_identitys_conversion_is_refused_writing_nothing(
+    provider_api, agent
+):
+    # The node's WireGuard key is derived from its identity, so whoever holds a node's identity
+    # holds its tunnel: a request naming any other key (validly signed) would let the enrolled
+    # interface be someone else's.
+    identity = Identity.generate()
+    token = issue_token(provider_api)
+    envelope = factories.enroll_request(
+        identity, token, wireguard_public_key=factories.wg_public_key()
+    )
+
+    response = agent.post(ENROLL, envelope, format="json")
+
+    assert response.status_code == 403, response.content
+    assert response.json()["code"] == "enrollment_refused"
+    assert "not the X25519 conversion of the identity key" in response.json()["detail"]
+    # Nothing half-written: no node, the token unused, no address leased, the nonce not spent.
+    assert Node.objects.count() == 0
+    assert EnrollmentToken.objects.filter(used_at=None, node=None).count() == 1
+    assert IpAllocation.objects.count() == 0
+    assert UsedNonce.objects.count() == 0
+    # So the same token (and nonce) still enrols the machine once it sends its real key.
+    nonce = envelope["body"]["nonce"]
+    fixed = factories.enroll_request(identity, token, nonce=nonce)
+    assert agent.post(ENROLL, fixed, format="json").status_code == 201
+    assert Node.objects.get().wireguard_public_key == identity.wireguard_public_key_b64
+
+
+@pytest.mark.parametrize(
+    ("skew", "accepted"),
+    [(-301, False), (-300, True), (300, True), (301, False)],
+    ids=["past-just-outside", "past-just-inside", "future-just-inside", "future-just-outside"],
+)
+def test_an_enrolment_is_accepted_only_within_the_allowed_clock_skew(
+    provider_api, agent, settings, skew, accepted
+):
+    # The timestamp bounds how long a captured request stays replayable once its nonce is
+    # pruned (see the nonce tests below): a stale request is refused whatever its token.
+    from unittest import mock
+
+    settings.MOLT_ENROLLMENT_MAX_SKEW_SECONDS = 300
+    token = issue_token(provider_api)
+    now = timezone.now().replace(microsecond=0)
+    envelope = factories.enroll_request(
+        Identity.generate(), token, timestamp=int(now.timestamp()) + skew
+    )
+
+    with mock.patch("django.utils.timezone.now", return_value=now):
+        response = agent.post(ENROLL, envelope, format="json")
+
+    if accepted:
+        assert response.status_code == 201, response.content
+        assert Node.objects.count() == 1
+    else:
+        assert response.status_code == 403
+        direction = "in the past" if skew < 0 else "in the future"
+        assert response.json()["detail"] == (
+            f"stale request: timestamp is {abs(skew)} s {direction} (allowed skew 300 s)"
+        )
+        assert Node.objects.count() == 0
+        assert EnrollmentToken.objects.filter(used_at=None).count() == 1
 
 
 @pytest.mark.parametrize(

@@ -120,6 +120,31 @@ def test_a_second_resolution_is_refused_and_moves_nothing(provider, order, first
     assert audit_ledger() == []
 
 
+def test_a_hold_is_captured_at_most_once_and_a_second_capture_moves_no_money(
+    buyer, provider, order
+):
+    # A settlement retried (a redelivered task, the sweep) holds the hold as it read it
+    # before the first capture: open. The capture must still happen once.
+    stale = order.hold
+    ledger.resolve_hold(stale, captured=1_500_000, fee=150_000, provider=provider, memo="one")
+    hold = EscrowHold.objects.get(pk=stale.pk)
+    assert hold.state == EscrowHold.State.CAPTURED
+    assert ledger.held_for(buyer) == 0  # nothing still counted as held for the buyer
+    before = (ledger_rows(), balances())
+
+    for captured, fee in [(1_500_000, 150_000), (hold.amount, 0), (0, 0)]:
+        with pytest.raises(AlreadyResolved, match=f"order {order.pk} was already captured"):
+            ledger.resolve_hold(stale, captured=captured, fee=fee, provider=provider, memo="two")
+
+    assert (ledger_rows(), balances()) == before
+    assert LedgerTransaction.objects.filter(resolves_hold=hold).count() == 1
+    assert EscrowHold.objects.get(pk=hold.pk).state == EscrowHold.State.CAPTURED
+    assert sum(LedgerEntry.objects.values_list("amount", flat=True)) == 0
+    assert ledger.available_for(buyer) == 100 * USD - 1_500_000
+    assert ledger.earnings_account(provider).balance == 1_350_000
+    assert audit_ledger() == []
+
+
 def test_the_unique_resolution_refuses_a_second_one_even_past_the_state_check(provider, order):
     """resolve_hold checks the hold's state under a row lock; the unique resolves_hold column
     is the guarantee underneath. Posting a second resolution directly hits that constraint."""

@@ -90,6 +90,48 @@ def test_counter_reset_with_new_epoch_loses_nothing(running_job):
     assert (order.bytes_out, order.bytes_in) == (1800, 1900)
 
 
+def bytes_of(order) -> tuple[int, int]:
+    order.refresh_from_db()
+    return order.bytes_out, order.bytes_in
+
+
+def test_samples_resent_and_reordered_bill_exactly_the_counted_bytes(running_job):
+    # A resend of an earlier sample after a later one must not read as a counter reset (its
+    # counters are lower than the last ones seen): the stored (boot_id, seq) stops it first.
+    identity, node, order, key = running_job
+    first = sample(identity, key, 1, 1, 1000, 2000)
+    second = sample(identity, key, 2, 1, 3000, 4000)
+    assert ingest_metering(node, first) == 1
+    assert ingest_metering(node, second) == 1
+
+    billed = [ingest_metering(node, resent) for resent in (first, second, first, second)]
+
+    assert bytes_of(order) == (3000, 4000)
+    assert billed == [0, 0, 0, 0]
+    ingest_metering(node, sample(identity, key, 3, 1, 3500, 4100))
+    assert bytes_of(order) == (3500, 4100)
+    assert MeteringSample.objects.filter(node=node).count() == 3
+
+
+def test_a_late_sample_of_an_older_epoch_leaves_the_newer_base_alone(running_job):
+    # The agent resends a removed peer's final counters after a reconnect, under a new seq; the
+    # key may have been added again meanwhile (a new epoch, counters from zero). The late final
+    # counts nothing and must not become the base: the next sample of the current epoch would
+    # then be counted from zero again.
+    identity, node, order, key = running_job
+    ingest_metering(node, sample(identity, key, 1, 1, 1000, 1000))  # final of epoch 1
+    ingest_metering(node, sample(identity, key, 2, 2, 500, 700))  # re-added: epoch 2
+    assert bytes_of(order) == (1500, 1700)
+
+    assert ingest_metering(node, sample(identity, key, 3, 1, 1000, 1000)) == 0  # late
+
+    assert bytes_of(order) == (1500, 1700)
+    ingest_metering(node, sample(identity, key, 4, 2, 600, 900))
+    assert bytes_of(order) == (1600, 1900)
+    stored = JobPeerKey.objects.get(public_key=key)
+    assert (stored.epoch, stored.rx_bytes, stored.tx_bytes) == (2, 600, 900)
+
+
 def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job):
     identity, node, order, key = running_job
     with pytest.raises(AgentRefused, match="metering sample refused"):

@@ -482,3 +482,33 @@ def test_the_molt_pool_is_created_from_the_ip_plan_on_first_use(db):
     assert pool.cidr == "10.100.128.0/17"
     assert lease.address == "10.100.128.1"
     assert pool.next_offset == 2
+
+
+def test_the_molt_range_ends_at_its_last_host_never_at_its_broadcast_address(db):
+    allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)  # creates the pool
+    # Offset 32766 is 10.100.255.254, the last host of 10.100.128.0/17.
+    IpPool.objects.filter(name=ipplan.MOLT_POOL).update(next_offset=32765)
+
+    leases = [allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB) for _ in range(2)]
+
+    assert [lease.address for lease in leases] == ["10.100.255.253", "10.100.255.254"]
+    with pytest.raises(PoolExhausted):
+        allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+    handed_out = set(IpAllocation.objects.values_list("address", flat=True))
+    assert handed_out == {"10.100.128.1", "10.100.255.253", "10.100.255.254"}
+
+
+def test_job_addresses_are_hosts_of_the_molt_range_up_to_its_end(funded_buyer, node, listing):
+    # The node took 10.100.128.1, the first host (never the network address 10.100.128.0).
+    assert node.mesh_address == "10.100.128.1"
+    IpPool.objects.filter(name=ipplan.MOLT_POOL).update(next_offset=32766)
+    last, beyond = place(funded_buyer, listing), place(funded_buyer, listing)
+
+    provision_order(last.pk)
+    provision_order(beyond.pk)
+
+    assert reload(last).job_peer.address == "10.100.255.254"
+    beyond = reload(beyond)
+    assert beyond.state == "failed" and beyond.job_peer is None
+    assert "exhausted" in beyond.reason
+    assert list(JobPeer.objects.values_list("address", flat=True)) == ["10.100.255.254"]

@@ -641,3 +641,76 @@ def test_a_removal_the_device_refuses_is_retried_by_the_next_sample(tmp_path):
         p for body in node.ws.bodies("metering") for p in body["peers"] if p["public_key"] == a
     ]
     assert (finals[-1]["rx_bytes"], finals[-1]["tx_bytes"]) == (11, 22)
+
+
+# -- what the agent refuses to apply --------------------------------------------------------------
+
+
+def changes(node: Node) -> list[tuple[str, str]]:
+    """What the agent asked of the device: every call but reads."""
+    return [call for call in node.backend.calls if call[0] not in ("list_peers", "read_peers")]
+
+
+def test_an_older_revision_correctly_signed_is_ignored_even_after_a_restart(tmp_path):
+    # A state delayed on the bus (or replayed) must not undo a newer one: the peer it adds was
+    # taken off since, and adding it back would let a stopped buyer in again.
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    older = node.envelope({a: "10.100.128.9/32", b: "10.100.128.10/32"})  # revision 1
+    node.desire({a: "10.100.128.9/32"})  # revision 2, applied
+    before = (len(changes(node)), len(node.ws.sent))
+
+    asyncio.run(node.agent._apply_desired(node.ws, older))
+
+    assert set(node.backend.peers) == {a}
+    assert (len(changes(node)), len(node.ws.sent)) == before  # nothing applied, nothing acked
+    assert node.agent.applied_revision == 2
+    # The applied revision survives a restart (status.json): the replay is ignored there too.
+    restarted = Node(tmp_path, backend=node.backend)
+    assert restarted.agent.applied_revision == 2
+    asyncio.run(restarted.agent._apply_desired(restarted.ws, older))
+    assert set(restarted.backend.peers) == {a}
+    assert restarted.ws.sent == []
+
+
+def tampered(envelope: dict[str, Any], peer: str) -> dict[str, Any]:
+    """`envelope` with a peer added to its body after signing."""
+    body = json.loads(json.dumps(envelope["body"]))
+    body["peers"].append(
+        {"public_key": peer, "allowed_ips": ["10.100.128.66/32"], "kind": "job", "ref": "evil"}
+    )
+    return {**envelope, "body": body}
+
+
+@pytest.mark.parametrize("forgery", ["another key", "body changed after signing"])
+def test_a_desired_state_without_the_gateways_signature_is_refused_and_nothing_applied(
+    tmp_path, forgery
+):
+    # A compromised bus (or anyone who can reach the agent's websocket) must not add peers.
+    node = Node(tmp_path)
+    a, intruder = wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32"})
+    before = (len(changes(node)), len(node.ws.of("ack")))
+    if forgery == "another key":
+        node.revision += 1
+        desired = wire.DesiredState(
+            node_id=node.identity.node_id,
+            revision=node.revision,
+            peers=(
+                wire.PeerSpec(a, ("10.100.128.9/32",), "job", "order-0"),
+                wire.PeerSpec(intruder, ("10.100.128.66/32",), "job", "evil"),
+            ),
+            issued_at=int(time.time()),
+        )
+        envelope = wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), Identity.generate())
+    else:
+        envelope = tampered(node.envelope({a: "10.100.128.9/32"}), intruder)
+
+    asyncio.run(node.agent._apply_desired(node.ws, envelope))
+
+    assert set(node.backend.peers) == {a}
+    assert (len(changes(node)), len(node.ws.of("ack"))) == before
+    assert node.agent.applied_revision == 1
+    reports = [frame["detail"] for frame in node.ws.of("report")]
+    assert len(reports) == 1 and reports[0].startswith("refused desired state:"), reports
+    assert "signature" in reports[0]

@@ -84,6 +84,19 @@ def test_network_and_broadcast_addresses_are_never_handed_out(cidr):
     assert net.network_address not in every and net.broadcast_address not in every
 
 
+@pytest.mark.parametrize("block", PLAN, ids=[b.name for b in PLAN])
+def test_no_block_of_the_plan_hands_out_its_network_or_broadcast_address(block):
+    # Allocation walks offsets first_offset..last_offset (meshnet.services.allocate_address).
+    net = block.network
+    first, last = ipplan.first_offset(net), ipplan.last_offset(net)
+    assert (first, last) == (1, net.num_addresses - 2)
+    assert ipplan.address_at(net, first) == net.network_address + 1
+    assert ipplan.address_at(net, last) == net.broadcast_address - 1
+    for offset in (first - 1, last + 1):  # the network and the broadcast address
+        with pytest.raises(ValueError, match="outside the usable hosts"):
+            ipplan.address_at(net, offset)
+
+
 def test_the_molt_pool_has_32766_usable_addresses():
     molt = ipaddress.IPv4Network("10.100.128.0/17")
     assert ipplan.usable_count(molt) == 32766
