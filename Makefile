@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 
 export DJANGO_SETTINGS_MODULE := config.settings
 
-.PHONY: run test install lint format check-migrations clean
+.PHONY: run test install lint format check-migrations clean mutate
 
 $(STAMP): pyproject.toml provider_agent/pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@$(BIN)/python scripts/run_tests.py
+
+# Mutation testing of the critical modules (docs/testing.md); MODULES= picks some, e.g.
+# `make mutate MODULES="ledger billing"`. Not part of `make test`.
+mutate: $(STAMP)
+	@$(BIN)/python scripts/mutate.py $(MODULES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
