@@ -89,6 +89,7 @@ class Module:
     name: str
     targets: list[Target]
     tests: list[str]
+    deselect: list[str]
 
 
 @dataclass
@@ -115,7 +116,7 @@ def load_config() -> tuple[dict[str, Module], dict[str, str], int]:
             if not (REPO / path).is_file():
                 raise SystemExit(f"[tool.molt-mutate] {name}: no file {path} (did it move?)")
             targets.append(Target(path, function or None))
-        modules[name] = Module(name, targets, list(spec["tests"]))
+        modules[name] = Module(name, targets, list(spec["tests"]), list(data.get("deselect", [])))
     equivalent = {}
     for line in (REPO / data["equivalent"]).read_text().splitlines():
         line = line.strip()
@@ -136,6 +137,7 @@ def mutmut_section(module: Module) -> str:
 
     selection = [
         *module.tests,
+        *(f"--deselect={node}" for node in module.deselect),
         "-m",
         "(unit or db or property) and not postgres",
         "-p",
@@ -264,10 +266,12 @@ def line_of(result: Result, diff: str) -> int | None:
 def print_report(reports: list[Report], equivalent: dict[str, str]) -> None:
     print()
     header = f"{'module':<11} {'mutants':>7} {'killed':>6} {'surv.':>5} {'timeout':>7} "
-    header += f"{'no test':>7} {'equiv.':>6} {'other':>5} {'score':>6} {'time':>7}"
+    header += f"{'no test':>7} {'equiv.':>6} {'other':>5} {'not run':>7} {'score':>6} {'time':>7}"
     print(header)
     print("-" * len(header))
-    totals = dict.fromkeys(("n", "killed", "survived", "timeout", "none", "equiv", "other"), 0)
+    totals = dict.fromkeys(
+        ("n", "killed", "survived", "timeout", "none", "equiv", "other", "unrun"), 0
+    )
     for report in reports:
         counts = dict.fromkeys(totals, 0)
         for r in report.results:
@@ -278,6 +282,8 @@ def print_report(reports: list[Report], equivalent: dict[str, str]) -> None:
                 counts[r.status] += 1
             elif r.status == "no tests":
                 counts["none"] += 1
+            elif r.status == "not checked":
+                counts["unrun"] += 1
             else:
                 counts["other"] += 1
         for k, v in counts.items():
@@ -286,13 +292,14 @@ def print_report(reports: list[Report], equivalent: dict[str, str]) -> None:
     if len(reports) > 1:
         print(row("all", totals, sum(r.seconds or 0 for r in reports) or None))
     print(
-        "\nscore = (killed + timeout) / (mutants - equivalent); a timeout is a mutant the tests"
-        " caught by hanging. 'no test': no selected test calls the function."
+        "\nscore = (killed + timeout) / (mutants - equivalent - not run); a timeout is a mutant"
+        " the tests caught by hanging; 'no test': no selected test calls the function; 'not run':"
+        " the run was stopped before it got to them."
     )
 
     for report in reports:
         left = [r for r in report.results if r.status != "killed" and r.key not in equivalent]
-        left = [r for r in left if r.status != "timeout"]
+        left = [r for r in left if r.status not in ("timeout", "not checked")]
         if not left:
             continue
         print(f"\n=== {report.module.name}: {len(left)} not killed ===")
@@ -316,12 +323,12 @@ def print_report(reports: list[Report], equivalent: dict[str, str]) -> None:
 
 
 def row(name: str, c: dict[str, int], seconds: float | None) -> str:
-    scored = c["n"] - c["equiv"]
+    scored = c["n"] - c["equiv"] - c["unrun"]
     score = f"{100 * (c['killed'] + c['timeout']) / scored:5.1f}%" if scored else "    -"
     took = f"{seconds / 60:6.1f}m" if seconds else "      -"
     return (
         f"{name:<11} {c['n']:>7} {c['killed']:>6} {c['survived']:>5} {c['timeout']:>7} "
-        f"{c['none']:>7} {c['equiv']:>6} {c['other']:>5} {score:>6} {took}"
+        f"{c['none']:>7} {c['equiv']:>6} {c['other']:>5} {c['unrun']:>7} {score:>6} {took}"
     )
 
 
