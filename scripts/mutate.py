@@ -153,6 +153,13 @@ def mutmut_section(module: Module) -> str:
         'pytest_add_cli_args = ["-p", "no:warnings"]\n'
         # A change to the tests must rerun the stats of which tests call what.
         'on_dependency_change = "rerun"\n'
+        # ...but not a change to the list of equivalent mutants, which only this script reads.
+        'cache_invalidation_exclude = ["tests/mutation/*"]\n'
+        # mutmut stops a mutant's run after (tests' time + constant) * multiplier seconds of wall
+        # clock. Each run starts a pytest session and migrates a fresh SQLite database first,
+        # which the tests' time leaves out, and on a shared machine at nice 19 that takes long:
+        # with mutmut's default (1 s) every db mutant "timed out" before its first test ran.
+        "timeout_constant = 30.0\n"
     )
 
 
