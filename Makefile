@@ -10,7 +10,7 @@ LOCK := requirements.lock
 
 export DJANGO_SETTINGS_MODULE := config.settings
 
-.PHONY: run test install lock lint format check-migrations clean
+.PHONY: run test install lock lint format check-migrations clean mutate
 
 # Everything from the lock (hash-checked), then the two local packages without their
 # dependencies (the lock has them), built with the lock's setuptools; pip check proves the lock
@@ -38,6 +38,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@$(BIN)/python scripts/run_tests.py
+
+# Mutation testing of the critical modules (docs/testing.md); MODULES= picks some, e.g.
+# `make mutate MODULES="ledger billing"`. Not part of `make test`.
+mutate: $(STAMP)
+	@$(BIN)/python scripts/mutate.py $(MODULES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
