@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-from clawnode.keys import InvalidKey, parse_wireguard_public_key
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -18,6 +17,7 @@ from django.utils import timezone
 from meshnet import ipplan
 from meshnet.allocation import allocate_address
 from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
+from meshnet.keys import check_wireguard_public_key
 from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node
 from meshnet.tasks import push_desired_state
 
@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def validate_peer_key(public_key: str) -> str:
+    """meshnet.keys' check, its message naming the order's field."""
     try:
-        parse_wireguard_public_key(public_key)
-    except InvalidKey as exc:
+        return check_wireguard_public_key(public_key)
+    except InvalidPeerKey as exc:
         raise InvalidPeerKey(f"wireguard_public_key {exc}") from None
-    return public_key
 
 
 def _bump_revision(node_pk: int) -> None:
