@@ -54,7 +54,7 @@ PACKAGES = {
 
 @dataclass
 class Target:
-    repo_path: str  # e.g. marketplace/services.py
+    repo_path: str  # e.g. marketplace/settlement.py
     function: str | None  # None: the whole file; "name" or "Class.method"
 
     @property

@@ -7,7 +7,7 @@ final counters sent first), agent restarts (a new boot_id, seq from 1 again, epo
 counters kept), the final counters of a removed peer sent again under a new seq after a
 reconnect (late: the key may be in a newer epoch by then), and any earlier sample delivered
 again, at any later point (a resend after a lost connection). Every sample goes through
-meshnet.services.ingest_metering signed by the node, as the agent channel hands it over.
+meshnet.agent_channel.ingest_metering signed by the node, as the agent channel hands it over.
 
 What WireGuard counted and the samples showed is, per key, the sum over its epochs of the last
 reading of each epoch (counters only grow within an epoch): the bill must be exactly that.
@@ -30,17 +30,19 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 from clawnode.keys import Identity
 from django.contrib.auth import get_user_model
 from django.db import transaction
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from marketplace.services import create_listing, place_order, provision_order
 
 from marketplace import ledger
+from marketplace.listings import create_listing
 from marketplace.models import Order
-from meshnet import services as mesh
+from marketplace.orders import place_order, provision_order
+from meshnet.agent_channel import acknowledge_revision, ingest_metering
+from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeerKey, Node
 from tests.factories import enroll_request, gpu, wg_public_key
 
@@ -70,14 +72,14 @@ class Agent:
 
     identity: Identity
     keys: list[str]
-    boot: str = field(default_factory=protocol.new_nonce)
+    boot: str = field(default_factory=wire.new_nonce)
     seq: int = 0
     next_epoch: int = 1
     epochs: dict[str, int] = field(default_factory=dict)
     counters: dict[str, tuple[int, int]] = field(default_factory=dict)
     # The last reading sent of each (key, epoch): what the samples showed WireGuard counted.
     shown: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)
-    finals: list[protocol.PeerCounters] = field(default_factory=list)
+    finals: list[wire.PeerCounters] = field(default_factory=list)
     sent: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -89,22 +91,20 @@ class Agent:
         self.next_epoch += 1
         self.counters[key] = (0, 0)
 
-    def reading(self, key: str) -> protocol.PeerCounters:
+    def reading(self, key: str) -> wire.PeerCounters:
         rx, tx = self.counters[key]
-        return protocol.PeerCounters(
-            public_key=key, epoch=self.epochs[key], rx_bytes=rx, tx_bytes=tx
-        )
+        return wire.PeerCounters(public_key=key, epoch=self.epochs[key], rx_bytes=rx, tx_bytes=tx)
 
-    def send(self, readings: list[protocol.PeerCounters]) -> dict:
+    def send(self, readings: list[wire.PeerCounters]) -> dict:
         self.seq += 1
-        body = protocol.MeteringSample(
+        body = wire.MeteringSample(
             node_id=self.identity.node_id,
             boot_id=self.boot,
             seq=self.seq,
             sampled_at=int(time.time()),
             peers=tuple(readings),
         ).to_dict()
-        envelope = protocol.signed_envelope(protocol.METERING, body, self.identity)
+        envelope = wire.signed_envelope(wire.METERING, body, self.identity)
         self.sent.append(envelope)
         for r in readings:
             # A late final of an older epoch shows nothing new: it was shown when first sent.
@@ -137,7 +137,7 @@ def run(agent: Agent, events: list[tuple], deliver) -> Counter[str]:
                 agent.finals.append(final)
             agent.add(key)
         elif what == "restart":
-            agent.boot, agent.seq = protocol.new_nonce(), 0
+            agent.boot, agent.seq = wire.new_nonce(), 0
             seen["restart"] += 1
         elif what == "resend final" and agent.finals:
             final = agent.finals[args[0] % len(agent.finals)]
@@ -156,8 +156,8 @@ def test_ingestion_bills_exactly_the_counted_bytes_however_samples_arrive(db):
     buyer = users.create_user(username="meter-buyer", password=None)
     provider = users.create_user(username="meter-provider", password=None)
     identity = Identity.generate()
-    issued = mesh.create_enrollment_token(provider)
-    node = mesh.enroll_node(
+    issued = create_enrollment_token(provider)
+    node = enroll_node(
         enroll_request(identity, issued.token, gpus=[gpu(i) for i in range(PEERS)]),
         observed_ip=None,
     ).node
@@ -174,7 +174,7 @@ def test_ingestion_bills_exactly_the_counted_bytes_however_samples_arrive(db):
         ).pk
         for k in keys
     ]
-    mesh.acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
     assert set(Order.objects.filter(pk__in=orders).values_list("state", flat=True)) == {"running"}
     reached: Counter[str] = Counter()
 
@@ -197,7 +197,7 @@ def test_ingestion_bills_exactly_the_counted_bytes_however_samples_arrive(db):
         savepoint = transaction.savepoint()
         try:
             agent = Agent(identity, keys)
-            reached.update(run(agent, events, lambda env: mesh.ingest_metering(node, env)))
+            reached.update(run(agent, events, lambda env: ingest_metering(node, env)))
 
             billed: Counter[str] = Counter()
             for key in JobPeerKey.objects.filter(public_key__in=keys):

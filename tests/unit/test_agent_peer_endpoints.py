@@ -9,10 +9,11 @@ reported with what it was.
 from __future__ import annotations
 
 import pytest
+from clawnode.backends.base import PeerStatus
+from clawnode.backends.memory import FakeBackend
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.protocol import DesiredState, PeerSpec
 from clawnode.reconcile import Add, Update, apply, plan
-from clawnode.wireguard import FakeBackend, PeerStatus
+from clawnode.wire import DesiredState, PeerSpec
 
 pytestmark = [pytest.mark.unit]
 

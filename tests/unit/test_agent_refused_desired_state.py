@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from clawnode import protocol
+from clawnode import wire
 
 from tests.unit.test_agent_daemon_view import GATEWAY, Node, wg_key
 
@@ -27,14 +27,14 @@ def test_a_desired_state_for_another_node_is_refused_and_reported(tmp_path):
     mine, theirs = wg_key(), wg_key()
     node.desire({mine: "10.100.128.9/32"})
     acks = len(node.ws.of("ack"))
-    state = protocol.DesiredState(
+    state = wire.DesiredState(
         node_id=OTHER_NODE,
         revision=2,
-        peers=(protocol.PeerSpec(theirs, ("10.100.128.10/32",), "job", "order-9"),),
+        peers=(wire.PeerSpec(theirs, ("10.100.128.10/32",), "job", "order-9"),),
         issued_at=int(time.time()),
     )
 
-    feed(node, protocol.signed_envelope(protocol.DESIRED_STATE, state.to_dict(), GATEWAY))
+    feed(node, wire.signed_envelope(wire.DESIRED_STATE, state.to_dict(), GATEWAY))
 
     assert set(node.backend.peers) == {mine}
     assert len(node.ws.of("ack")) == acks

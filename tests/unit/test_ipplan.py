@@ -86,7 +86,7 @@ def test_network_and_broadcast_addresses_are_never_handed_out(cidr):
 
 @pytest.mark.parametrize("block", PLAN, ids=[b.name for b in PLAN])
 def test_no_block_of_the_plan_hands_out_its_network_or_broadcast_address(block):
-    # Allocation walks offsets first_offset..last_offset (meshnet.services.allocate_address).
+    # Allocation walks offsets first_offset..last_offset (meshnet.allocation.allocate_address).
     net = block.network
     first, last = ipplan.first_offset(net), ipplan.last_offset(net)
     assert (first, last) == (1, net.num_addresses - 2)
