@@ -2,7 +2,7 @@
 
 The billing arithmetic itself is pure (marketplace.billing); this module reads the order's
 span and its node's outages and moves the money. Locks: the order row, then the hold row and
-accounts (after the node row where a caller holds it: node -> keys -> order).
+accounts (after the node row where a caller holds it: the lock order of docs/architecture.md).
 """
 
 from __future__ import annotations

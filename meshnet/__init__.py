@@ -16,6 +16,6 @@ and effects):
 - notifications: after-commit messages to Channels groups (the owner's pages).
 
 Lock order, everywhere: node row, then pool row or the node's peer keys (in id order), then,
-through the signals, marketplace's orders. Imports between these modules point one way (no
-function-level imports); tests/unit/test_meshnet_imports.py checks it.
+through the signals, marketplace's orders (the whole order across both apps: docs/architecture.md).
+Imports between these modules point one way; import-linter's contracts in pyproject.toml check it.
 """
