@@ -12,8 +12,10 @@ from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 
 from marketplace.demo_data import enrol_node
+from marketplace.money import MICRO_PER_USD
 
-USD = 1_000_000  # micro-USD: every amount in the ledger and the API is an integer of them
+# micro-USD: every amount in the ledger and the API is an integer of them
+USD = MICRO_PER_USD
 
 
 def enroll_request(
