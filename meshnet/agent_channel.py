@@ -214,13 +214,17 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     JobPeerKey); keys with none are ignored. The delta against that key's own base (see
     meshnet.metering) is added to the key's totals under a row lock, and each peer's bytes over
     its keys are announced once with peer_traffic, all in one transaction with the stored
-    sample. A resent sample (same boot_id and seq) changes nothing. Returns the number of peers
-    billed. Locks: the node's row, then the keys in the sample in id order, then (through
-    peer_traffic) the orders."""
+    sample. A resent sample (same boot_id and seq) changes nothing. A sample older than the one
+    that last moved a key's base, in the same epoch (a lower seq of the same boot, or across
+    boots an earlier sampled_at, or the same second and lower counters: meshnet.metering.stale),
+    is stored but bills nothing for that key and leaves its base alone: its lower reading is no
+    restart. Returns the number of peers billed. Locks: the node's row, then the keys in the
+    sample in id order, then (through peer_traffic) the orders."""
     sample = _open_node_message(
         node, envelope, wire.METERING, wire.MeteringSample, "metering sample"
     )
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
+    origin = metering.Origin(sample.boot_id, sample.seq, sampled_at)
     with transaction.atomic():
         # The node's row first, as an ack, a revocation and a stop take it: the stored sample's
         # foreign key is checked at commit (deferred) with a share lock on that row, which would
@@ -251,6 +255,16 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
             current = metering.Counters(counters.epoch, counters.rx_bytes, counters.tx_bytes)
             if current.epoch < previous.epoch:
                 continue  # a late sample from an older epoch: keep the newer base
+            based_on = (
+                None
+                if key.last_sample_at is None
+                else metering.Origin(key.base_boot_id, key.base_seq or 0, key.last_sample_at)
+            )
+            if metering.stale(previous, based_on, current, origin):
+                # Older than the base (out of seq order, or a previous boot's backlog): its lower
+                # reading is no restart. Billing nothing for it loses no byte, as the counters
+                # are cumulative within the epoch and the base, a later reading, has them all.
+                continue
             rx, tx = metering.delta(previous, current)
             JobPeerKey.objects.filter(pk=key.pk).update(
                 epoch=current.epoch,
@@ -259,10 +273,17 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                 total_rx_bytes=F("total_rx_bytes") + rx,
                 total_tx_bytes=F("total_tx_bytes") + tx,
                 last_sample_at=sampled_at,
+                base_boot_id=sample.boot_id,
+                base_seq=sample.seq,
             )
             # A key listed twice in one sample is compared with its own first listing.
             key.epoch = current.epoch
             key.rx_bytes, key.tx_bytes = current.rx_bytes, current.tx_bytes
+            key.last_sample_at, key.base_boot_id, key.base_seq = (
+                sampled_at,
+                sample.boot_id,
+                sample.seq,
+            )
             _, peer_rx, peer_tx = per_peer.get(key.job_peer_id, (key.job_peer, 0, 0))
             per_peer[key.job_peer_id] = (key.job_peer, peer_rx + rx, peer_tx + tx)
         billed = 0

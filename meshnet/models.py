@@ -275,6 +275,11 @@ class JobPeerKey(models.Model):
     retired_revision = models.PositiveBigIntegerField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)
     last_sample_at = models.DateTimeField(null=True, blank=True)
+    # The sample that last moved the base (with last_sample_at, the agent's clock): a sample of
+    # the same epoch older than it is stale (meshnet.metering.stale). Blank before the first
+    # sample, and on keys based before these were kept (then only the clock orders them).
+    base_boot_id = models.CharField(max_length=64, blank=True, default="")
+    base_seq = models.BigIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["job_peer_id", "id"]

@@ -132,6 +132,19 @@ def test_a_late_sample_of_an_older_epoch_leaves_the_newer_base_alone(running_job
     assert (stored.epoch, stored.rx_bytes, stored.tx_bytes) == (2, 600, 900)
 
 
+def test_samples_of_one_epoch_out_of_seq_order_bill_the_counted_bytes_once(running_job):
+    # An old connection's consumer can still be working through its backlog while the agent's
+    # new connection sends: seq 2 arrives after seq 3. Its lower reading is no counter reset.
+    identity, node, order, key = running_job
+    for seq, counted in ((1, 1000), (3, 1100), (2, 1050), (4, 1200)):
+        ingest_metering(node, sample(identity, key, seq, 1, counted, counted))
+
+    assert bytes_of(order) == (1200, 1200)
+    stored = JobPeerKey.objects.get(public_key=key)
+    assert (stored.rx_bytes, stored.base_boot_id, stored.base_seq) == (1200, BOOT, 4)
+    assert MeteringSample.objects.filter(node=node).count() == 4  # stored as received
+
+
 def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job):
     identity, node, order, key = running_job
     with pytest.raises(AgentRefused, match="metering sample refused"):
