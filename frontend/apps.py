@@ -5,4 +5,4 @@ class FrontendConfig(AppConfig):
     name = "frontend"
 
     def ready(self) -> None:
-        from frontend import receivers  # noqa: F401  (connects the signal receivers)
+        from frontend import realtime  # noqa: F401  (connects the page realtime receivers)

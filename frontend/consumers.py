@@ -19,7 +19,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
 from frontend.order_state import order_for, snapshot
-from marketplace.announce import order_group
+from frontend.realtime import order_group
 
 # Application close codes (4000-4999), so the page can say why it stopped listening.
 CLOSE_NOT_LOGGED_IN = 4401
@@ -81,7 +81,7 @@ class OrderConsumer(AsyncJsonWebsocketConsumer):
         return user if user.is_authenticated else None
 
     async def order_changed(self, event) -> None:
-        """Group message from marketplace.announce.announce_order."""
+        """Group message from frontend.realtime.announce_order."""
         user = await self._current_user()
         if user is None:
             await self.close(code=CLOSE_NOT_LOGGED_IN)

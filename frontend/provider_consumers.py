@@ -2,7 +2,7 @@
 
 The session cookie authenticates (AuthMiddlewareStack and the origin check in config.routing).
 The socket joins the group of the logged-in user's nodes, `owner.<user id>`, to which
-meshnet.notifications.notify_owner sends "node N changed" after the change commits. On every event
+frontend.realtime sends "node N changed" after the change commits. On every event
 the session is read again (a logout or a password change ends the feed) and the node is checked
 to still be this user's before the page hears of it. The page is told only which node changed;
 it fetches the node's card through its own authorized view (frontend.provider_views.node_card).
@@ -17,8 +17,8 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 
+from frontend.realtime import owner_group
 from meshnet.models import Node
-from meshnet.notifications import owner_group
 
 # Application close codes (4000-4999), so the page can tell "log in again" from a network drop.
 CLOSE_NOT_LOGGED_IN = 4401
@@ -68,7 +68,7 @@ class ProviderConsumer(AsyncJsonWebsocketConsumer):
         return user.pk if user.is_authenticated and user.is_active else None
 
     async def node_changed(self, event) -> None:
-        """Group message from meshnet.notifications.notify_owner."""
+        """Group message from frontend.realtime.on_node_changed."""
         if self.user_id is None:
             return
         if await self._session_user_id() != self.user_id:

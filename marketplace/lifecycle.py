@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
-from marketplace.announce import announce_order
 from marketplace.errors import InvalidTransition
 from marketplace.models import Order, OrderTransition
+from marketplace.signals import order_changed
 
 S = Order.State
 
@@ -54,8 +54,9 @@ def record_placed(order: Order) -> None:
 
 def transition(order: Order, from_state: str, to_state: str, why: str, **fields) -> bool:
     """Compare-and-set the order's state from `from_state` to `to_state` plus a log row saying
-    `why`, then tell the order's pages on commit. `fields` are other Order columns to set in
-    the same update (`reason=` among them, so the log's reason is `why`).
+    `why`, then send order_changed (frontend.realtime tells the order's pages on commit).
+    `fields` are other Order columns to set in the same update (`reason=` among them, so the
+    log's reason is `why`).
 
     Raises InvalidTransition (nothing written) for a transition the table does not allow.
     Returns False (nothing written) when the order is no longer in `from_state`: someone else
@@ -68,6 +69,6 @@ def transition(order: Order, from_state: str, to_state: str, why: str, **fields)
     OrderTransition.objects.create(
         order=order, from_state=from_state, to_state=to_state, reason=why[:200]
     )
-    announce_order(order.pk)
+    order_changed.send(sender=Order, order_id=order.pk)
     order.refresh_from_db()
     return True

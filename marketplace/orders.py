@@ -17,11 +17,10 @@ from django.db.models import F
 from django.utils import timezone
 
 from marketplace import billing, ledger, lifecycle
-from marketplace.announce import announce_order
 from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
 from marketplace.models import Listing, Order
 from marketplace.settlement import settle_order
-from marketplace.signals import order_placed
+from marketplace.signals import order_changed, order_placed
 from meshnet.errors import MeshError
 from meshnet.models import JobPeerKey, Node
 from meshnet.peers import create_job_peer, remove_job_peer, replace_peer_key, validate_peer_key
@@ -331,7 +330,7 @@ def rekey_order(order: Order, wireguard_public_key: str) -> Order:
                 replace_peer_key(f"order:{order.pk}", wireguard_public_key)
             except MeshError as exc:
                 raise MarketError(str(exc), field="wireguard_public_key") from None
-        announce_order(order.pk)
+        order_changed.send(sender=Order, order_id=order.pk)
         order.refresh_from_db()
         return order
 

@@ -11,3 +11,8 @@ from django.dispatch import Signal
 # kwargs: order (marketplace.models.Order, just created with its hold). marketplace.receivers
 # enqueues its provisioning on commit.
 order_placed = Signal()
+
+# kwargs: order_id (int). Sent inside the writing transaction whenever what the order's buyer
+# sees of it changes (every state transition, a re-key); frontend.realtime tells the order's
+# open pages after commit.
+order_changed = Signal()

@@ -25,7 +25,7 @@ from meshnet import ipplan
 from meshnet.allocation import allocate_address
 from meshnet.errors import EnrollmentRefused
 from meshnet.models import EnrollmentToken, Gpu, IpAllocation, Node, UsedNonce
-from meshnet.notifications import notify_owner
+from meshnet.signals import node_changed
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def enroll_node(envelope: Mapping[str, Any], *, observed_ip: str | None) -> Enro
         token.used_at = timezone.now()
         token.node = node
         token.save(update_fields=["used_at", "node"])
-        notify_owner(node, "enrolled")
+        node_changed.send(sender=Node, node=node, change="enrolled")
     log.info("node %s enrolled at %s for user %s", node.name, node.mesh_address, node.owner_id)
     return Enrolment(node=node, created=True)
 

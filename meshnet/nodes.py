@@ -20,11 +20,11 @@ from django.utils import timezone
 
 from meshnet.agent_channel import AgentRefused, close_keys, node_group, record_report
 from meshnet.allocation import release_address
+from meshnet.channel_layer import group_send_on_commit
 from meshnet.enrolment import replace_gpus
 from meshnet.errors import EnrollmentRefused
 from meshnet.models import Gpu, JobPeer, JobPeerKey, Node, NodeOutage
-from meshnet.notifications import group_send_on_commit, notify_owner
-from meshnet.signals import node_revoked
+from meshnet.signals import node_changed, node_revoked
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def record_heartbeat(
         if changed and "last_seen_at" in fields and gap > settings.MOLT_NODE_OFFLINE_AFTER_SECONDS:
             NodeOutage.objects.create(node_id=node.pk, started_at=previous, ended_at=at)
     if not node.online or (observed_ip and observed_ip != node.observed_ip):
-        notify_owner(node, "online")
+        node_changed.send(sender=Node, node=node, change="online")
 
 
 def update_inventory(
@@ -100,7 +100,7 @@ def update_inventory(
             )
         # The agent resends its inventory every minute: the owner's pages hear of a difference.
         if changed:
-            notify_owner(node, "inventory")
+            node_changed.send(sender=Node, node=node, change="inventory")
 
 
 def _small_int(value: object) -> int | None:
@@ -181,7 +181,7 @@ def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
         node.refresh_from_db()
         if revoked:
             group_send_on_commit(node_group(node.node_id), {"type": "node.revoked"})
-            notify_owner(node, "revoked")
+            node_changed.send(sender=Node, node=node, change="revoked")
             log.warning("node %s revoked: %s", node.name, reason)
     node_revoked.send(sender=Node, node=node, reason=reason)
     with transaction.atomic():

@@ -15,3 +15,8 @@ peer_traffic = Signal()
 # kwargs: node (meshnet.models.Node, already revoked and committed), reason (str). Sent outside
 # any lock by meshnet.nodes.revoke_node; receivers end whatever ran on the node.
 node_revoked = Signal()
+
+# kwargs: node (meshnet.models.Node), change (str: "enrolled", "online", "inventory",
+# "revoked"). Sent inside the writing transaction whenever what a node's owner sees of it
+# changes; frontend.realtime tells the owner's open pages after commit.
+node_changed = Signal()

@@ -29,6 +29,7 @@ from django.test import Client
 from django.utils import timezone
 
 from frontend.install import agent_source_dir, agent_wheel
+from frontend.realtime import owner_group
 from frontend.templatetags.molt_format import usd
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
@@ -39,7 +40,6 @@ from meshnet.agent_channel import acknowledge_revision
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import EnrollmentToken, Node
 from meshnet.nodes import record_heartbeat, revoke_node, update_inventory
-from meshnet.notifications import owner_group
 from tests.factories import USD, enroll_request, enrolled_node, gpu, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
