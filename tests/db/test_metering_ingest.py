@@ -51,12 +51,12 @@ def running_job(buyer, provider):
     return identity, node, order, key
 
 
-def sample(identity, key, seq, epoch, rx, tx, signer=None):
+def sample(identity, key, seq, epoch, rx, tx, signer=None, *, boot_id=BOOT, sampled_at=None):
     body = wire.MeteringSample(
         node_id=identity.node_id,
-        boot_id=BOOT,
+        boot_id=boot_id,
         seq=seq,
-        sampled_at=int(time.time()),
+        sampled_at=int(time.time()) if sampled_at is None else sampled_at,
         peers=(wire.PeerCounters(public_key=key, epoch=epoch, rx_bytes=rx, tx_bytes=tx),),
     ).to_dict()
     return wire.signed_envelope(wire.METERING, body, signer or identity)
@@ -143,6 +143,44 @@ def test_samples_of_one_epoch_out_of_seq_order_bill_the_counted_bytes_once(runni
     stored = JobPeerKey.objects.get(public_key=key)
     assert (stored.rx_bytes, stored.base_boot_id, stored.base_seq) == (1200, BOOT, 4)
     assert MeteringSample.objects.filter(node=node).count() == 4  # stored as received
+
+
+def test_a_stored_sample_keeps_the_agents_signature_so_the_bill_can_be_proved(running_job):
+    identity, node, _order, key = running_job
+    envelope = sample(identity, key, 1, 0, 1000, 2000)
+    ingest_metering(node, envelope)
+
+    stored = MeteringSample.objects.get(node=node)
+    assert stored.signature == envelope["signature"]
+    # Anyone holding the node's public key can check the stored row on its own.
+    wire.verify(identity.public_key, wire.METERING, stored.body, stored.signature)
+
+
+def test_a_restarted_agents_lower_seq_and_counters_read_as_a_reset_not_a_stale_sample(
+    running_job,
+):
+    # A new boot starts its seq again. Seq orders samples only within a boot: across boots the
+    # later sample (by the agent's clock) with lower counters in the same epoch is a reset of
+    # the device, and its bytes count in full.
+    identity, node, order, key = running_job
+    now = int(time.time())
+    ingest_metering(node, sample(identity, key, 5, 1, 1000, 1000, sampled_at=now - 60))
+
+    ingest_metering(node, sample(identity, key, 1, 1, 200, 300, boot_id="b" * 32, sampled_at=now))
+
+    assert bytes_of(order) == (1200, 1300)
+
+
+def test_within_one_boot_seq_orders_samples_even_when_the_agents_clock_stepped(running_job):
+    # The late sample of this boot (lower seq) carries a later time: the clock stepped back in
+    # between. Seq, not the clock, says it is older, and it bills nothing.
+    identity, node, order, key = running_job
+    now = int(time.time())
+    ingest_metering(node, sample(identity, key, 2, 1, 1100, 1100, sampled_at=now - 60))
+
+    assert ingest_metering(node, sample(identity, key, 1, 1, 1000, 1000, sampled_at=now)) == 0
+
+    assert bytes_of(order) == (1100, 1100)
 
 
 def test_sample_signed_by_another_key_is_refused_and_stores_nothing(running_job):
