@@ -13,13 +13,14 @@ from django.db.models import OuterRef, Subquery
 from django.template.response import TemplateResponse
 
 from marketplace import idempotency, ledger
-from marketplace.admin.common import MAX_FORM_USD, ReadOnlyAdmin, User, usd
+from marketplace.admin.common import MAX_FORM_USD, User, usd
 from marketplace.models import (
     Account,
     ApiToken,
     IdempotencyRecord,
 )
 from marketplace.money import usd_to_micro
+from meshnet.admin import ReadOnlyAdmin
 
 
 class GrantCreditsForm(forms.Form):

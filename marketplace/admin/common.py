@@ -20,19 +20,6 @@ def usd(micro: int | None) -> str:
     return "" if micro is None else format_usd(micro)
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """View-only: these rows are written by services (the ledger's by its triggers' leave)."""
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
-
 def money(field: str, description: str):
     """A list_display column showing the micro-USD `field` in USD."""
 

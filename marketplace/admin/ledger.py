@@ -7,7 +7,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from marketplace import ledger
-from marketplace.admin.common import ReadOnlyAdmin, action_page, money, usd
+from marketplace.admin.common import action_page, money, usd
 from marketplace.errors import MarketError
 from marketplace.models import (
     Account,
@@ -16,6 +16,7 @@ from marketplace.models import (
     LedgerEntry,
     LedgerTransaction,
 )
+from meshnet.admin import ReadOnlyAdmin
 
 
 @admin.register(Account)

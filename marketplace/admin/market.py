@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 
-from marketplace.admin.common import ReadOnlyAdmin, money
+from marketplace.admin.common import money
 from marketplace.errors import MarketError
 from marketplace.listings import update_listing
 from marketplace.models import (
@@ -15,6 +15,7 @@ from marketplace.models import (
     Settlement,
 )
 from marketplace.orders import stop_order
+from meshnet.admin import ReadOnlyAdmin
 
 
 class DeletedFilter(admin.SimpleListFilter):

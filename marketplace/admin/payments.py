@@ -9,7 +9,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from marketplace import payments
-from marketplace.admin.common import MAX_FORM_USD, ReadOnlyAdmin, action_page, money, usd
+from marketplace.admin.common import MAX_FORM_USD, action_page, money, usd
 from marketplace.errors import MarketError
 from marketplace.models import (
     Dispute,
@@ -17,6 +17,7 @@ from marketplace.models import (
     PayoutRequest,
 )
 from marketplace.money import usd_to_micro
+from meshnet.admin import ReadOnlyAdmin
 
 
 @admin.register(EarningsHold)
