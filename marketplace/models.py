@@ -152,6 +152,14 @@ class Listing(models.Model):
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
     deleted_at = models.DateTimeField(null=True, blank=True)
+    # What a job gets (docs/provider.md): the images a buyer may pick (each one the node reports
+    # it can run; the first is the default), and per GPU ordered, CPU and memory; disk per job;
+    # whether the job's sandbox may reach the internet (through NAT behind the node).
+    images = models.JSONField(default=list, blank=True)
+    cpus_per_gpu = models.PositiveIntegerField(default=4)
+    memory_gb_per_gpu = models.PositiveIntegerField(default=16)
+    disk_gb = models.PositiveIntegerField(default=50)
+    egress = models.BooleanField(default=True)
 
     objects = ListingQuerySet.as_manager()
 
@@ -221,6 +229,10 @@ class Order(models.Model):
         "meshnet.JobPeer", null=True, blank=True, on_delete=models.PROTECT, related_name="order"
     )
     reason = models.CharField(max_length=200, blank=True)
+    # The sandbox's image (one of the listing's images) and the buyer's SSH public keys as they
+    # were when the order was placed: a key added or deleted later changes no placed order.
+    image = models.CharField(max_length=255, blank=True)
+    ssh_keys = models.JSONField(default=list, blank=True)
 
     objects = OrderQuerySet.as_manager()
 
@@ -520,3 +532,27 @@ class AuditRun(models.Model):
 
     def __str__(self) -> str:
         return f"audit {self.at:%Y-%m-%d %H:%M:%S}: {'OK' if self.ok else 'VIOLATIONS'}"
+
+
+class SshKey(models.Model):
+    """A buyer's SSH public key; every key on the account at ordering goes into the sandbox."""
+
+    MAX_PER_USER = 20
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys"
+    )
+    name = models.CharField(max_length=100)
+    # One line as authorized_keys takes it, without options: "ssh-ed25519 AAAA... comment"
+    public_key = models.TextField()
+    fingerprint = models.CharField(max_length=64)  # "SHA256:..." as ssh-keygen -l prints it
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["user", "fingerprint"], name="ssh_key_once_per_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.fingerprint})"

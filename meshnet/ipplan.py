@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 MOLT_POOL = "molt"
 WORKLOAD_POOL = "workload"
+SANDBOX_BLOCK = "sandboxes"
+# Each node's sandboxes get one /27 of SANDBOX_BLOCK, found from the node's offset in the MOLT
+# block, so every node the MOLT block can hold has one and no two nodes share one
+# (docs/ip-plan.md).
+SANDBOX_SUBNET_PREFIX = 27
 
 
 class PlanError(ValueError):
@@ -44,6 +49,7 @@ PLAN: tuple[Block, ...] = (
     Block("spare-3", "10.100.112.0/20", "spare region", "mesh"),
     Block(MOLT_POOL, "10.100.128.0/17", "marketplace: provider nodes and job tunnels", "mesh"),
     Block(WORKLOAD_POOL, "10.200.0.0/16", "workload subnets, one /24 per cluster node"),
+    Block(SANDBOX_BLOCK, "10.128.0.0/12", "job sandboxes: one /27 per MOLT node"),
 )
 
 REGIONS: tuple[str, ...] = ("us-west", "us-east", "eu-west", "asia")
@@ -127,3 +133,13 @@ def workload_subnet(node_index: int, max_nodes: int) -> ipaddress.IPv4Network:
         )
     base = block(WORKLOAD_POOL).network.network_address
     return ipaddress.IPv4Network(f"{base + node_index * 256}/24")
+
+
+def sandbox_subnet(mesh_address: str | ipaddress.IPv4Address) -> ipaddress.IPv4Network:
+    """The /27 of the sandbox block for the node whose MOLT address is `mesh_address`: the
+    node at offset k of the MOLT block gets the k-th /27 (10.128.0.0 + 32k). 2**15 offsets times
+    32 addresses fill the /12 exactly, so the plan covers every node the MOLT block holds."""
+    offset = offset_of(block(MOLT_POOL).network, mesh_address)
+    size = 2 ** (32 - SANDBOX_SUBNET_PREFIX)
+    base = block(SANDBOX_BLOCK).network.network_address + offset * size
+    return ipaddress.IPv4Network(f"{base}/{SANDBOX_SUBNET_PREFIX}")

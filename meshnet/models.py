@@ -40,6 +40,7 @@ class IpAllocation(models.Model):
     class Purpose(models.TextChoices):
         NODE = "node", "provider node"
         JOB = "job", "job tunnel"
+        SANDBOX = "sandbox", "job sandbox"
 
     pool = models.ForeignKey(IpPool, on_delete=models.PROTECT, related_name="allocations")
     address = models.GenericIPAddressField(protocol="IPv4")
@@ -94,6 +95,9 @@ class Node(models.Model):
     enrolled_at = models.DateTimeField(default=timezone.now)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    # The sandbox images the agent is configured to run (its inventory report); a listing
+    # offers some of these.
+    images = models.JSONField(default=list, blank=True)
     # Level-triggered desired state: the gateway bumps desired_revision on every change and
     # the agent acknowledges; a beat task re-pushes to any node whose ack lags.
     desired_revision = models.PositiveBigIntegerField(default=0)
@@ -372,3 +376,78 @@ class NodeOutage(models.Model):
         return (
             f"{self.node_id} offline {self.started_at:%Y-%m-%d %H:%M:%S}-{self.ended_at:%H:%M:%S}"
         )
+
+
+class Sandbox(models.Model):
+    """A job's container on a provider node: its image, GPUs, limits, address and the buyer's
+    SSH keys, sent to the agent in the signed desired state (wire.SandboxSpec), and where it
+    stands as the agent reports it (wire.SandboxReport).
+
+    Named by `ref` like the job's peer ("order:<id>"), added and removed at the same desired
+    revisions as the peer. Its GPUs are SandboxGpu rows, which a constraint gives to one live
+    sandbox at a time.
+    """
+
+    class State(models.TextChoices):
+        PENDING = "pending"  # in desired state, no report yet
+        PULLING = "pulling"
+        STARTING = "starting"
+        READY = "ready"
+        STOPPED = "stopped"
+        FAILED = "failed"
+
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="sandboxes")
+    ref = models.CharField(max_length=64, unique=True)
+    address = models.GenericIPAddressField(protocol="IPv4")
+    allocation = models.OneToOneField(
+        IpAllocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="sandbox"
+    )
+    peer_address = models.GenericIPAddressField(protocol="IPv4")
+    image = models.CharField(max_length=255)
+    cpus_milli = models.PositiveIntegerField()
+    memory_mb = models.PositiveIntegerField()
+    disk_gb = models.PositiveIntegerField()
+    pids_limit = models.PositiveIntegerField(default=4096)
+    egress = models.BooleanField(default=True)
+    ssh_keys = models.JSONField(default=list)
+    state = models.CharField(max_length=10, choices=State.choices, default=State.PENDING)
+    detail = models.CharField(max_length=500, blank=True)
+    progress = models.PositiveSmallIntegerField(default=0)
+    # As the agent reported them: [{index, name, uuid, ...}], ["ssh-ed25519 AAAA..."], [8888]
+    gpus = models.JSONField(default=list, blank=True)
+    host_keys = models.JSONField(default=list, blank=True)
+    ports = models.JSONField(default=list, blank=True)
+    added_revision = models.PositiveBigIntegerField()
+    removed_revision = models.PositiveBigIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["address"],
+                condition=Q(removed_revision__isnull=True),
+                name="sandbox_address_live_once",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"sandbox {self.ref} on {self.node.name} ({self.address}, {self.state})"
+
+
+class SandboxGpu(models.Model):
+    """One GPU of a node given to a sandbox. Deleted when the sandbox leaves desired state; the
+    unique constraint gives each GPU of a node to one sandbox at a time."""
+
+    sandbox = models.ForeignKey(Sandbox, on_delete=models.CASCADE, related_name="assigned_gpus")
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="+")
+    index = models.PositiveSmallIntegerField()
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["node", "index"], name="gpu_one_sandbox_at_a_time")
+        ]
+
+    def __str__(self) -> str:
+        return f"GPU {self.index} of node {self.node_id}"

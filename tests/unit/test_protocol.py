@@ -65,8 +65,19 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/metering/v1",
         "molt/removed/v1",
         "molt/key-cert/v1",
+        "molt/sandbox-status/v1",
     } == KINDS
-    assert {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT} == KINDS
+    assert {
+        ENROLL,
+        AGENT_AUTH,
+        DESIRED_STATE,
+        ACK,
+        ACK_V1,
+        METERING,
+        REMOVED,
+        KEY_CERT,
+        wire.SANDBOX_STATUS,
+    } == KINDS
 
 
 def test_canonical_bytes_exact_format() -> None:
@@ -500,6 +511,7 @@ def test_peer_and_desired_state_round_trip() -> None:
             {"endpoint": "", "persistent_keepalive": 0, **data["peers"][0]},
             data["peers"][1],
         ],
+        "sandboxes": [],
     }
     assert DesiredState.from_dict(json.loads(json.dumps(state.to_dict()))) == state
     hash(state)  # frozen and tuple-valued: usable in sets and as dict keys

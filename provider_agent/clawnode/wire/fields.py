@@ -224,6 +224,33 @@ def networks(max_len: int) -> Check:
     return check
 
 
+def integers(lo: int, hi: int, max_len: int) -> Check:
+    """A list of at most ``max_len`` distinct integers, each from ``lo`` to ``hi``."""
+
+    def check(value: object, name: str) -> tuple[int, ...]:
+        values = sequence(value, name, max_len)
+        for i, item in enumerate(values):
+            check_int(item, f"{name}[{i}]", lo, hi)
+        if len(set(values)) != len(values):
+            raise ProtocolError(f"{name} has duplicates", name)
+        return values
+
+    return check
+
+
+def texts(regex: re.Pattern[str], max_len: int, max_items: int, what: str) -> Check:
+    """A list of at most ``max_items`` strings, each one ``regex`` matches whole."""
+    one = pattern(regex, max_len, what)
+
+    def check(value: object, name: str) -> tuple[str, ...]:
+        values = sequence(value, name, max_items)
+        for i, item in enumerate(values):
+            one(item, f"{name}[{i}]")
+        return values
+
+    return check
+
+
 def parse_endpoint(value: str) -> tuple[str, int]:
     """Split a WireGuard endpoint ``host:port`` (IPv6 as ``[addr]:port``) into host and port.
 

@@ -20,6 +20,7 @@ from .schema import Message, items
 
 __all__ = [
     "PEER_KINDS",
+    "SANDBOX_STATES",
     "Ack",
     "AgentAuth",
     "DesiredState",
@@ -30,6 +31,9 @@ __all__ = [
     "PeerResult",
     "PeerSpec",
     "Removed",
+    "SandboxReport",
+    "SandboxSpec",
+    "SandboxStatus",
 ]
 
 PEER_KINDS = ("job", "mesh")
@@ -146,6 +150,52 @@ def _one_owner(peers: tuple[PeerSpec, ...], name: str) -> tuple[PeerSpec, ...]:
     return peers
 
 
+SANDBOX_STATES = ("pulling", "starting", "ready", "stopped", "failed")
+MAX_SANDBOXES = 256
+_IMAGE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # a registry image reference
+# One authorized_keys line: a key type, base64, an optional comment; never options
+# (command=, from=...): the gateway checks keys the way ssh-keygen -l would before they get here.
+_SSH_KEY_RE = re.compile(
+    r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)"
+    r"|sk-ssh-ed25519@openssh\.com|sk-ecdsa-sha2-nistp256@openssh\.com)"
+    r" [A-Za-z0-9+/]+={0,3}( [\x20-\x7e]{0,200})?"
+)
+_ADDRESS = fields.networks(1)
+
+
+def _one_address(value: object, name: str) -> str:
+    """A single IPv4 host as a /32 CIDR string, e.g. "10.128.0.33/32"."""
+    if isinstance(value, (list, tuple)):
+        raise ProtocolError(f"{name} must be one IPv4 address as a /32", name)
+    (net,) = _ADDRESS([value], name)
+    if not (isinstance(net, str) and net.endswith("/32")) or ":" in net:
+        raise ProtocolError(f"{name} must be one IPv4 address as a /32", name)
+    return net
+
+
+@dataclass(frozen=True)
+class SandboxSpec(Message):
+    """One job's sandbox a node should run: a container with exactly these GPUs, these limits,
+    its own network namespace on `address`, reachable from the job peer `peer_address` only,
+    with sshd taking the buyer's `ssh_keys`. Named by `ref`, the same ref as the job's peer
+    ("order:N"). Signed with the rest of the desired state, so nothing unsigned picks an image,
+    a GPU or a key."""
+
+    ref: Annotated[str, fields.text(128)]
+    image: Annotated[str, fields.pattern(_IMAGE_RE, 255, "an image reference")]
+    address: Annotated[str, _one_address]  # the sandbox's own address, "10.128.0.33/32"
+    peer_address: Annotated[str, _one_address]  # the buyer's tunnel address, the only source
+    gpus: Annotated[tuple[int, ...], fields.integers(0, 1023, 64)]  # GPU indexes on the node
+    cpus: Annotated[int, fields.integer(1, 1024 * 1000)]  # millicores
+    memory_mb: Annotated[int, fields.integer(16, 2**31 - 1)]
+    disk_gb: Annotated[int, fields.integer(1, 2**20)]
+    pids_limit: Annotated[int, fields.integer(16, 2**22)]
+    egress: Annotated[bool, fields.boolean]  # may reach the internet through NAT
+    ssh_keys: Annotated[
+        tuple[str, ...], fields.texts(_SSH_KEY_RE, 16384, 20, "an OpenSSH public key line")
+    ]
+
+
 @dataclass(frozen=True)
 class DesiredState(Message):
     """Body of a DESIRED_STATE message: the full peer set of one node, signed by the gateway.
@@ -157,6 +207,11 @@ class DesiredState(Message):
     revision: Integer
     peers: Annotated[tuple[PeerSpec, ...], items(PeerSpec, MAX_PEERS), _one_owner]
     issued_at: Integer  # Unix seconds
+    # The job sandboxes the node should run; each one's ref is also a job peer's ref. Default
+    # empty, so a state from a gateway that predates sandboxes still parses the same.
+    sandboxes: Annotated[
+        tuple[SandboxSpec, ...], items(SandboxSpec, MAX_SANDBOXES), _one_sandbox_each
+    ] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, known: DesiredState | None = None) -> Self:
@@ -169,6 +224,31 @@ class DesiredState(Message):
                 previous = {peer.public_key: peer for peer in known.peers}
                 data = {**data, "peers": [_known_peer(item, previous) for item in given]}
         return super().from_dict(data)
+
+
+def _one_sandbox_each(sandboxes: tuple[SandboxSpec, ...], name: str) -> tuple[SandboxSpec, ...]:
+    """A ref, an address and a GPU belong to one sandbox only."""
+    refs: set[str] = set()
+    addresses: set[str] = set()
+    gpus: set[int] = set()
+    for i, box in enumerate(sandboxes):
+        if box.ref in refs:
+            raise ProtocolError(
+                f"{name}[{i}].ref {box.ref} names two sandboxes", f"{name}[{i}].ref"
+            )
+        if box.address in addresses:
+            raise ProtocolError(
+                f"{name}[{i}].address {box.address} is another sandbox's", f"{name}[{i}].address"
+            )
+        taken = gpus.intersection(box.gpus)
+        if taken or len(set(box.gpus)) != len(box.gpus):
+            raise ProtocolError(
+                f"{name}[{i}].gpus gives a GPU to two sandboxes", f"{name}[{i}].gpus"
+            )
+        refs.add(box.ref)
+        addresses.add(box.address)
+        gpus.update(box.gpus)
+    return sandboxes
 
 
 def _known_peer(item: object, previous: Mapping[str, PeerSpec]) -> object:
@@ -260,3 +340,35 @@ class MeteringSample(Message):
     seq: Integer
     sampled_at: Integer
     peers: Annotated[tuple[PeerCounters, ...], items(PeerCounters, MAX_PEERS)]
+
+
+@dataclass(frozen=True)
+class SandboxReport(Message):
+    """Where one sandbox stands, as the agent sees it. `gpus`: what the container really got
+    (index, model, UUID each); `host_keys`: the sshd host public keys made fresh for this job
+    ("ssh-ed25519 AAAA..."), so the buyer's first connect is verified; `ports`: TCP ports the
+    image exposes besides ssh (e.g. 8888 for Jupyter); `progress`: 0-100 while pulling."""
+
+    ref: Annotated[str, fields.text(128)]
+    state: Annotated[
+        Literal["pulling", "starting", "ready", "stopped", "failed"], fields.choice(*SANDBOX_STATES)
+    ]
+    detail: Annotated[str, fields.text(500, empty=True)] = ""
+    progress: Annotated[int, fields.integer(0, 100)] = 0
+    gpus: Annotated[tuple[GpuInfo, ...], items(GpuInfo, 64)] = ()
+    host_keys: Annotated[
+        tuple[str, ...], fields.texts(_SSH_KEY_RE, 16384, 8, "an OpenSSH public key line")
+    ] = ()
+    ports: Annotated[tuple[int, ...], fields.integers(1, 65535, 32)] = ()
+
+
+@dataclass(frozen=True)
+class SandboxStatus(Message):
+    """Body of a SANDBOX_STATUS message, signed by the node: the sandboxes that changed since the
+    last one (`full` false) or every sandbox the node has (`full` true: sent after each
+    (re)connect and after applying a desired state, so a lost message is repaired by the next)."""
+
+    node_id: NodeId
+    sandboxes: Annotated[tuple[SandboxReport, ...], items(SandboxReport, MAX_SANDBOXES)]
+    timestamp: Integer
+    full: Annotated[bool, fields.boolean] = False

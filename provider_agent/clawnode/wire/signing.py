@@ -38,6 +38,7 @@ __all__ = [
     "KINDS",
     "METERING",
     "REMOVED",
+    "SANDBOX_STATUS",
     "SIGNATURE_LEN",
     "BadSignature",
     "StaleMessage",
@@ -62,7 +63,10 @@ ACK_V1 = "molt/ack/v1"
 METERING = "molt/metering/v1"
 REMOVED = "molt/removed/v1"
 KEY_CERT = "molt/key-cert/v1"
-KINDS = frozenset({ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT})
+SANDBOX_STATUS = "molt/sandbox-status/v1"
+KINDS = frozenset(
+    {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT, SANDBOX_STATUS}
+)
 
 _MAX_DEPTH = 32  # bodies are shallow; the cap keeps hostile input from exhausting the stack
 

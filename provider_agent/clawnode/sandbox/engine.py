@@ -1,0 +1,76 @@
+"""The container engine behind a job's sandbox, as the agent sees it: one interface, Podman by
+default (clawnode.sandbox.podman), Docker as the alternative, an in-memory double for unit
+tests. The agent never keeps a container as its child: engines start them detached (conmon or
+containerd parents them), so an agent restart leaves running sandboxes and SSH sessions alone;
+what runs is found again by the labels every MOLT container carries.
+
+The network is not the engine's: the agent makes the sandbox's network namespace (veth,
+address, routes, nftables) first and hands its path over; the engine joins the container to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# Every container the agent starts carries these labels; nothing without them is touched.
+LABEL_MANAGED = "molt.managed"
+LABEL_REF = "molt.ref"
+
+
+class EngineError(RuntimeError):
+    """The engine refused or failed; the message is fit to show the buyer (no secrets)."""
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the engine needs to start one sandbox."""
+
+    name: str  # the container's name, unique on the node: "molt-" + the ref, sanitised
+    ref: str  # the job's ref ("order:42"), also LABEL_REF
+    image: str
+    netns: str  # path of the network namespace to join, e.g. /var/run/netns/molt-order-42
+    cdi_devices: tuple[str, ...]  # e.g. ("nvidia.com/gpu=0", "nvidia.com/gpu=3")
+    cpus_milli: int
+    memory_mb: int
+    pids_limit: int
+    disk_gb: int
+    # Read-only bind mounts host path -> container path (the job's sshd config, host key and
+    # authorized_keys, written fresh by the agent for this job)
+    mounts: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict)
+    command: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Container:
+    """A MOLT container as the engine reports it."""
+
+    name: str
+    ref: str
+    image: str
+    running: bool
+    status: str  # the engine's own word: "running", "exited", "created", ...
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    def has_image(self, image: str) -> bool: ...
+
+    def pull(self, image: str, progress: Callable[[int], None]) -> None:
+        """Fetch ``image``; ``progress`` gets 0-100 as it goes. Raises EngineError."""
+        ...
+
+    def start(self, spec: ContainerSpec) -> Container:
+        """Create and start the container, detached. Raises EngineError (nothing left behind)."""
+        ...
+
+    def containers(self) -> list[Container]:
+        """Every container carrying LABEL_MANAGED, running or not."""
+        ...
+
+    def remove(self, name: str) -> None:
+        """Stop and remove the container with its writable layer; one already gone is fine."""
+        ...
