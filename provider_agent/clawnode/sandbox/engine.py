@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .. import wire
+
 # Every container the agent starts carries these labels; nothing without them is touched.
 LABEL_MANAGED = "molt.managed"
 LABEL_REF = "molt.ref"
@@ -73,4 +75,38 @@ class Engine(Protocol):
 
     def remove(self, name: str) -> None:
         """Stop and remove the container with its writable layer; one already gone is fine."""
+        ...
+
+
+class SandboxNetwork(Protocol):
+    """The sandbox's network on the node (clawnode.sandbox.network): a network namespace per
+    sandbox, a veth to the host carrying the sandbox's address, routes, and the nftables rules
+    that let the job's peer reach this sandbox only (clawnode.firewall)."""
+
+    def setup(self, ref: str, address: str, peer_address: str, egress: bool) -> str:
+        """Make (or find, unchanged) the namespace and veth of ``ref``; returns the namespace's
+        path for ContainerSpec.netns. ``address`` and ``peer_address`` as "a.b.c.d/32"."""
+        ...
+
+    def teardown(self, ref: str) -> None:
+        """Remove the namespace and veth of ``ref``; one already gone is fine."""
+        ...
+
+    def present(self) -> set[str]:
+        """The refs whose namespaces exist (after an agent restart: what to reconcile)."""
+        ...
+
+
+class Sandboxes(Protocol):
+    """What the daemon drives (clawnode.sandbox.manager.SandboxManager): it hands over each
+    applied desired state's sandboxes and sends what changed as SANDBOX_STATUS.
+
+    ``apply`` returns promptly: it removes the sandboxes no longer desired before returning
+    (container first, then its network), so the daemon removes their peers after; starting new
+    ones (pull, start, wait for sshd) goes on in the background and shows in ``reports``."""
+
+    def apply(self, desired: tuple[wire.SandboxSpec, ...]) -> None: ...
+
+    def reports(self, *, changed_only: bool) -> list[wire.SandboxReport]:
+        """Every sandbox's report, or (changed_only) those changed since the last call."""
         ...
