@@ -11,8 +11,22 @@ from django.utils import timezone
 
 from marketplace.errors import MarketError, Oversold
 from marketplace.models import Listing, Order
+from marketplace.money import MAX_PRICE, format_usd
 from meshnet import ipplan
 from meshnet.models import Node
+
+
+def _check_price(name: str, price: int) -> None:
+    """Prices are whole micro-USD from 0 to money.MAX_PRICE, checked where they enter, so no
+    hold or settlement computed from them can overflow."""
+    if type(price) is not int:
+        raise MarketError(f"{name} must be a whole number of micro-USD", field=name)
+    if price < 0:
+        raise MarketError(f"{name} must not be negative", field=name)
+    if price > MAX_PRICE:
+        raise MarketError(
+            f"{name} must be at most {MAX_PRICE} micro-USD ({format_usd(MAX_PRICE)})", field=name
+        )
 
 
 def create_listing(
@@ -32,8 +46,8 @@ def create_listing(
         raise MarketError("unknown node", field="node")
     if gpu_count < 1:
         raise MarketError("gpu_count must be at least 1", field="gpu_count")
-    if price_per_gpu_hour < 0 or price_per_gib < 0:
-        raise MarketError("prices must not be negative", field="price_per_gpu_hour")
+    _check_price("price_per_gpu_hour", price_per_gpu_hour)
+    _check_price("price_per_gib", price_per_gib)
     if region and region not in ipplan.REGIONS:
         raise MarketError(
             f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region"
@@ -98,8 +112,8 @@ def update_listing(
         ("price_per_gpu_hour", price_per_gpu_hour),
         ("price_per_gib", price_per_gib),
     ):
-        if price is not None and price < 0:
-            raise MarketError(f"{name} must not be negative", field=name)
+        if price is not None:
+            _check_price(name, price)
     with transaction.atomic():
         locked = Listing.objects.visible().select_for_update().filter(pk=listing.pk).first()
         if locked is None:

@@ -64,7 +64,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     async def decode_json(cls, text_data):
         try:
             return json.loads(text_data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested thousands deep
             return None  # receive_json refuses it with a close code, not a crash
 
     async def receive_json(self, content, **kwargs) -> None:

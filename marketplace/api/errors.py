@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 
+from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 from rest_framework.views import set_rollback
 
+from marketplace.api.parsing import max_body_bytes
 from marketplace.errors import MarketError
 from meshnet.errors import MeshError
 
@@ -36,6 +38,21 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, MarketError | MeshError):
         set_rollback()
         return Response(service_error_body(exc), status=exc.status_code)
+    if isinstance(exc, RequestDataTooBig):
+        # Django refuses to read a body over DATA_UPLOAD_MAX_MEMORY_SIZE: the client sent too
+        # much, which is a 413, not a server fault.
+        return Response(
+            {
+                "detail": f"request body is larger than {max_body_bytes()} bytes",
+                "code": "too_large",
+            },
+            status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        )
+    if isinstance(exc, SuspiciousOperation):
+        return Response(
+            {"detail": "the request is malformed", "code": "bad_request"},
+            status=status.HTTP_400_BAD_REQUEST,
+        )
     response = drf_exception_handler(exc, context)
     if response is not None:
         if (

@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.models import Listing, Order
+from marketplace.money import MAX_PRICE
 from meshnet.errors import InvalidPeerKey
 from meshnet.keys import check_wireguard_public_key
 from meshnet.models import Node
@@ -89,8 +90,12 @@ class OwnNodeField(serializers.PrimaryKeyRelatedField):
 class ListingCreateSerializer(serializers.Serializer):
     node = OwnNodeField(help_text="id of one of your nodes")
     gpu_count = serializers.IntegerField(min_value=1)
-    price_per_gpu_hour = serializers.IntegerField(min_value=0, help_text="micro-USD per GPU-hour")
-    price_per_gib = serializers.IntegerField(min_value=0, help_text="micro-USD per GiB")
+    price_per_gpu_hour = serializers.IntegerField(
+        min_value=0, max_value=MAX_PRICE, help_text="micro-USD per GPU-hour"
+    )
+    price_per_gib = serializers.IntegerField(
+        min_value=0, max_value=MAX_PRICE, help_text="micro-USD per GiB"
+    )
     gpu_model = serializers.CharField(
         required=False, help_text="which model, when the node has several"
     )
@@ -98,8 +103,8 @@ class ListingCreateSerializer(serializers.Serializer):
 
 
 class ListingUpdateSerializer(serializers.Serializer):
-    price_per_gpu_hour = serializers.IntegerField(min_value=0, required=False)
-    price_per_gib = serializers.IntegerField(min_value=0, required=False)
+    price_per_gpu_hour = serializers.IntegerField(min_value=0, max_value=MAX_PRICE, required=False)
+    price_per_gib = serializers.IntegerField(min_value=0, max_value=MAX_PRICE, required=False)
     gpu_count = serializers.IntegerField(min_value=1, required=False)
     is_active = serializers.BooleanField(required=False, help_text="false pauses the listing")
 

@@ -1,0 +1,101 @@
+"""What the API accepts from a client before any view runs: JSON bodies of bounded depth, and
+pages of bounded size and offset. Hostile input gets a 400 or 413 that names what is wrong,
+never a 500 (a RecursionError from a body nested 10,000 deep, or "bigint out of range" from
+``?limit=10000000000000000000`` reaching SQL)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+from rest_framework import exceptions, pagination, parsers
+
+# No MOLT request body is more than a few levels deep (an order, a listing, an enrolment with
+# its GPUs); the wire protocol's own bodies stop at 32 (clawnode.wire.signing).
+MAX_JSON_DEPTH = 32
+# SQL's OFFSET is a bigint; a page past a billion rows is never a real request.
+MAX_OFFSET = 10**9
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) nests deeper than ``limit``. Iterative, so it cannot
+    itself run out of stack."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+class BoundedJSONParser(parsers.JSONParser):
+    """DRF's JSON parser, refusing bodies nested deeper than MAX_JSON_DEPTH with a 400."""
+
+    def parse(self, stream, media_type=None, parser_context=None):  # type: ignore[no-untyped-def]
+        try:
+            data = super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            # CPython's decoder gives up on deep nesting with RecursionError before returning.
+            raise exceptions.ParseError(_too_deep()) from None
+        if json_depth_exceeds(data, MAX_JSON_DEPTH):
+            raise exceptions.ParseError(_too_deep())
+        return data
+
+
+def _too_deep() -> str:
+    return f"JSON body is nested deeper than {MAX_JSON_DEPTH} levels"
+
+
+def loads_bounded(text: str | bytes) -> Any:
+    """json.loads with the same depth rule, for the places that parse JSON themselves.
+    Raises ValueError naming the problem."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
+    if json_depth_exceeds(data, MAX_JSON_DEPTH):
+        raise ValueError(_too_deep())
+    return data
+
+
+class BoundedLimitOffsetPagination(pagination.LimitOffsetPagination):
+    """limit/offset paging with a ceiling on both: ``limit`` is capped at max_limit (as DRF
+    does), and an ``offset`` that is not a number from 0 to MAX_OFFSET is a 400 naming it,
+    instead of an SQL error."""
+
+    max_limit = 200
+
+    def get_offset(self, request):  # type: ignore[no-untyped-def]
+        raw = request.query_params.get(self.offset_query_param)
+        if raw is None:
+            return 0
+        # Length first: int() of a string of thousands of digits is itself an error.
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > MAX_OFFSET:
+            raise exceptions.ValidationError(
+                {self.offset_query_param: [f"must be a whole number from 0 to {MAX_OFFSET}"]}
+            )
+        return int(raw)
+
+    def get_limit(self, request):  # type: ignore[no-untyped-def]
+        raw = request.query_params.get(self.limit_query_param)
+        if raw is None:
+            return self.default_limit
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+            raise exceptions.ValidationError(
+                {self.limit_query_param: [f"must be a whole number from 1 to {self.max_limit}"]}
+            )
+        # Huge values are capped, not refused (DRF's documented behaviour for max_limit); a
+        # string of thousands of digits is not even turned into a number.
+        return self.max_limit if len(raw) > 6 else min(int(raw), self.max_limit)
+
+
+def max_body_bytes() -> int:
+    return int(settings.DATA_UPLOAD_MAX_MEMORY_SIZE or 0)
