@@ -25,11 +25,18 @@ log = logging.getLogger(__name__)
 
 
 def validate_peer_key(public_key: str) -> str:
-    """meshnet.keys' check, its message naming the order's field."""
+    """meshnet.keys' check, its message naming the order's field; and the key must not be a
+    node's own WireGuard key: WireGuard ignores a peer with the device's own key, so the buyer
+    would pay for a tunnel that never comes up (and a node's key is never a buyer's)."""
     try:
-        return check_wireguard_public_key(public_key)
+        check_wireguard_public_key(public_key)
     except InvalidPeerKey as exc:
         raise InvalidPeerKey(f"wireguard_public_key {exc}") from None
+    if Node.objects.filter(wireguard_public_key=public_key).exists():
+        raise InvalidPeerKey(
+            "wireguard_public_key is a provider node's own key; generate a new key pair"
+        )
+    return public_key
 
 
 def _bump_revision(node_pk: int) -> None:

@@ -223,6 +223,22 @@ def test_a_provider_cannot_order_their_own_listing(api_client_for, provider, lis
     assert db_state(provider) == before
 
 
+def test_a_nodes_own_wireguard_key_is_refused_as_a_buyer_key(
+    buyer_api, funded_buyer, listing, node
+):
+    """WireGuard ignores a peer carrying the device's own key: the buyer would pay for a tunnel
+    that never comes up."""
+    before = db_state(funded_buyer)
+
+    response = buyer_api.post(
+        ORDERS, order_body(listing, wireguard_public_key=node.wireguard_public_key), format="json"
+    )
+
+    assert response.status_code == 400, response.content
+    assert "provider node's own key" in response.json()["wireguard_public_key"][0]
+    assert db_state(funded_buyer) == before
+
+
 def test_a_key_already_used_by_a_live_order_is_refused(buyer_api, funded_buyer, listing):
     key = factories.wg_public_key()
     assert (
