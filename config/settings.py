@@ -48,6 +48,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Every HTML page (ours, and error pages) gets the site's CSP: frontend/security.py.
     "frontend.security.ContentSecurityPolicyMiddleware",
+    # One person's pages and API answers are never cached: frontend/security.py.
+    "frontend.security.PrivateNoStoreMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
+from django.utils.cache import patch_cache_control
 from rest_framework.response import Response
 
 POLICY = "; ".join(
@@ -55,4 +56,25 @@ class ContentSecurityPolicyMiddleware:
         content_type = response.get("Content-Type", "")
         if content_type.startswith("text/html") and not exempt(request, response):
             response.setdefault("Content-Security-Policy", POLICY)
+        return response
+
+
+class PrivateNoStoreMiddleware:
+    """Responses to a signed-in browser or an API client with a credential say
+    ``Cache-Control: no-store, private``: an order page, a wallet or an API answer is one
+    person's, and neither a shared proxy nor the browser's back/forward cache on a shared
+    computer should keep it. Anonymous pages (the marketplace, sign-in) stay cacheable. A view
+    that set its own Cache-Control keeps it."""
+
+    def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: HttpRequest) -> HttpResponse:
+        response = self.get_response(request)
+        user = getattr(request, "user", None)
+        signed_in = bool(user is not None and user.is_authenticated)
+        if (signed_in or "HTTP_AUTHORIZATION" in request.META) and not response.has_header(
+            "Cache-Control"
+        ):
+            patch_cache_control(response, no_store=True, private=True)
         return response
