@@ -5,6 +5,7 @@ never a 500 (a RecursionError from a body nested 10,000 deep, or "bigint out of 
 
 from __future__ import annotations
 
+import codecs
 import json
 from typing import Any
 
@@ -36,15 +37,33 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
+def _no_fractions(text: str) -> Any:
+    raise ValueError(f"numbers must be whole: amounts are integers of micro-USD, got {text[:32]}")
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 class BoundedJSONParser(parsers.JSONParser):
-    """DRF's JSON parser, refusing bodies nested deeper than MAX_JSON_DEPTH with a 400."""
+    """DRF's JSON parser with MOLT's rules: no body nested deeper than MAX_JSON_DEPTH, and no
+    fractional numbers at all (``5.0``, ``1e3``): every number the API takes is a whole count
+    (micro-USD, hours, GPUs, ids), and a float that DRF's IntegerField would quietly truncate
+    must be refused where it enters. Each is a 400 that says which rule."""
 
     def parse(self, stream, media_type=None, parser_context=None):  # type: ignore[no-untyped-def]
+        encoding = (parser_context or {}).get("encoding") or settings.DEFAULT_CHARSET
         try:
-            data = super().parse(stream, media_type, parser_context)
+            data = json.load(
+                codecs.getreader(encoding)(stream),
+                parse_float=_no_fractions,
+                parse_constant=_no_constants,
+            )
         except RecursionError:
             # CPython's decoder gives up on deep nesting with RecursionError before returning.
             raise exceptions.ParseError(_too_deep()) from None
+        except ValueError as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
         if json_depth_exceeds(data, MAX_JSON_DEPTH):
             raise exceptions.ParseError(_too_deep())
         return data

@@ -13,9 +13,10 @@ from rest_framework.test import APIClient
 from marketplace.api.parsing import MAX_JSON_DEPTH, json_depth_exceeds, loads_bounded
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing
+from marketplace.models import Order
 from marketplace.money import MAX_PRICE
 from marketplace.orders import quote_for
-from tests.factories import USD
+from tests.factories import USD, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
@@ -135,3 +136,29 @@ def test_the_largest_order_at_the_ceiling_price_holds_without_overflow(
     q = quote_for(listing, gpu_count=4, hours=settings.MOLT_MAX_ORDER_HOURS)
 
     assert 0 < q.total_hold < 2**53  # exact in JSON numbers too, far from a bigint
+
+
+@pytest.mark.parametrize("number", ["5.0", "1e3", "2.5", "NaN", "Infinity"])
+def test_a_fractional_or_special_number_is_refused_not_truncated(buyer_client, listing, number):
+    body = (
+        f'{{"listing": {listing.pk}, "gpu_count": 1, "hours": {number},'
+        f' "wireguard_public_key": "{wg_public_key()}"}}'
+    )
+    before = Order.objects.count()
+
+    response = buyer_client.post("/api/v1/orders/", body, content_type="application/json")
+
+    assert response.status_code == 400
+    assert "JSON parse error" in response.json()["detail"]
+    assert Order.objects.count() == before
+
+
+def test_whole_numbers_still_parse(buyer_client, listing, funded_buyer):
+    body = (
+        f'{{"listing": {listing.pk}, "gpu_count": 1, "hours": 1,'
+        f' "wireguard_public_key": "{wg_public_key()}"}}'
+    )
+
+    response = buyer_client.post("/api/v1/orders/", body, content_type="application/json")
+
+    assert response.status_code == 201, response.content
