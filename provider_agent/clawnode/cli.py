@@ -42,6 +42,7 @@ from .state import (
     Enrollment,
     StateDir,
     StateError,
+    check_transport,
     normalize_gateway_url,
     validate_interface_name,
 )
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--backend", choices=BACKENDS, default="auto")
     join.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain http:// to a gateway off this machine (a lab network you trust)",
+    )
+    join.add_argument(
         "--endpoint",
         default="",
         help="HOST:PORT buyers should send WireGuard packets to (default: what the gateway sees)",
@@ -187,6 +193,7 @@ def _age(seconds: int) -> str:
 def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     try:
         gateway = normalize_gateway_url(args.gateway)
+        check_transport(gateway, insecure=args.insecure)
         interface = validate_interface_name(args.interface)
     except StateError as exc:
         raise CliError(str(exc)) from None
@@ -244,6 +251,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
             mesh_network=response.mesh_network or DEFAULT_MESH_NETWORK,
             endpoint=endpoint,
             enrolled_at=int(time.time()),
+            insecure=args.insecure,
         )
     except StateError as exc:
         raise CliError(f"the gateway's enrolment answer is not usable: {exc}") from None

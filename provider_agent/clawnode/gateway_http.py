@@ -204,6 +204,11 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
         parts = urlsplit(gateway)
         scheme = "wss" if parts.scheme == "https" else "ws"
         websocket_url = f"{scheme}://{parts.netloc}/ws/agent/"
+    elif gateway.startswith("https://") and not websocket_url.startswith("wss://"):
+        raise GatewayError(
+            f"the gateway's answer downgrades the agent channel to {websocket_url.split(':')[0]}"
+            ":// after an https:// join; refusing (a proxy rewriting it, or not the gateway?)"
+        )
     mesh_network = data.get("mesh_network")
     return EnrollResponse(
         node_id=node_id,

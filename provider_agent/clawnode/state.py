@@ -40,6 +40,7 @@ __all__ = [
     "Enrollment",
     "StateDir",
     "StateError",
+    "check_transport",
     "normalize_gateway_url",
     "validate_interface_name",
 ]
@@ -76,6 +77,33 @@ def normalize_gateway_url(url: str) -> str:
     if parts.username or parts.password:
         raise StateError("gateway URL must not contain credentials")
     return text.rstrip("/")
+
+
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(url: str, *, insecure: bool, what: str = "gateway URL") -> None:
+    """Refuse plain http:// or ws:// to anything but this machine unless ``insecure``.
+
+    Whoever answers the first plain-text join gets their key pinned as the gateway's, and from
+    then on signs this node's peers: a man in the middle at join would own the node. Loopback
+    never leaves the machine, so a local gateway (development, `make run`) needs no flag."""
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "ws") and not insecure and not _loopback(parts.hostname):
+        secure = "https" if parts.scheme == "http" else "wss"
+        raise StateError(
+            f"{what} {url} is plain {parts.scheme}: anyone on the path could answer the join, "
+            f"have their key pinned as the gateway's and control this node's peers; use "
+            f"{secure}://, or pass --insecure on a network you trust"
+        )
 
 
 def validate_interface_name(name: str) -> str:
@@ -131,6 +159,8 @@ class Enrollment:
     mesh_network: str = DEFAULT_MESH_NETWORK
     endpoint: str = ""  # as declared with --endpoint, "" when the gateway observes it
     enrolled_at: int = 0  # Unix seconds
+    # Joined with --insecure: plain http/ws to a gateway off this machine was accepted.
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -162,6 +192,17 @@ class Enrollment:
         parts = urlsplit(self.websocket_url)
         if parts.scheme not in ("ws", "wss") or not parts.netloc:
             raise _field_error(cls, "websocket_url", "must be a ws:// or wss:// URL")
+        if not isinstance(self.insecure, bool):
+            raise _field_error(cls, "insecure", "must be true or false")
+        if self.gateway.startswith("https://") and parts.scheme != "wss":
+            # The agent channel carries the signed desired state and the node's answers: a
+            # gateway reached over TLS never hands it over to plain text.
+            raise _field_error(cls, "websocket_url", "must be wss:// for an https:// gateway")
+        try:
+            check_transport(self.gateway, insecure=self.insecure)
+            check_transport(self.websocket_url, insecure=self.insecure, what="agent channel")
+        except StateError as exc:
+            raise _field_error(cls, "gateway", str(exc)) from None
         try:
             validate_interface_name(self.interface)
         except StateError as exc:

@@ -111,7 +111,8 @@ def wheelhouse(tmp_path_factory) -> Path:
 
 def install_line(bed, ns: str, base_url: str, args: str, timeout: float = 300):
     """`curl -fsSL BASE/install.sh | sh -s -- ARGS` in `ns`, as root, with a clean environment."""
-    pipeline = f"curl -fsSL {base_url}/install.sh | sh -s -- {args}"
+    # The gateway is at a veth address of the test bed, plain http: --insecure says that is meant.
+    pipeline = f"curl -fsSL {base_url}/install.sh | sh -s -- --insecure {args}"
     return subprocess.run(
         ["ip", "netns", "exec", ns, *CLEAN_ENV, "sh", "-c", pipeline],
         capture_output=True,

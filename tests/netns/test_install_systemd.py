@@ -264,7 +264,7 @@ def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
 
             token = create_enrollment_token(provider).token
             result = container.sh(
-                f"curl -fsSL {gateway.base_url}/install.sh | sh -s -- --token {token} "
+                f"curl -fsSL {gateway.base_url}/install.sh | sh -s -- --insecure --token {token} "
                 f"--find-links {wheelhouse} -- --simulated-gpus 'RTX 4090:2'",
                 timeout=300,
             )

@@ -115,7 +115,7 @@ def test_a_rental_end_to_end_over_a_real_wireguard_tunnel(tmp_path, settings):
             state_dir = tmp_path / "clawnode"
             token = create_enrollment_token(provider).token
             joined = bed.exec(
-                prov, str(BIN / "clawnode"), "join", "--gateway", gateway.base_url,
+                prov, str(BIN / "clawnode"), "join", "--gateway", gateway.base_url, "--insecure",
                 "--token", token, "--state-dir", str(state_dir), "--interface", prov_if,
                 "--endpoint", f"{prov_ip}:51820", "--backend", "userspace",
                 "--simulated-gpus", "RTX 4090:2", timeout=60,

@@ -32,6 +32,7 @@ main() {
     SKIP_APT=0
     SYSTEMD=1
     FIND_LINKS=""
+    INSECURE=0
     while [ $# -gt 0 ]; do
         case $1 in
             --token) need_value "$@"; TOKEN=$2; shift 2 ;;
@@ -46,6 +47,7 @@ main() {
             --gateway=*) GATEWAY=${1#*=}; shift ;;
             --skip-apt) SKIP_APT=1; shift ;;
             --no-systemd) SYSTEMD=0; shift ;;
+            --insecure) INSECURE=1; shift ;;
             -h|--help) usage; exit 0 ;;
             --) shift; break ;;
             *) die "unknown option $1 (flags for clawnode join go after --; see --help)" ;;
@@ -60,7 +62,14 @@ main() {
     check_path --prefix "$PREFIX"
     check_path --state-dir "$STATE_DIR"
     case $GATEWAY in
-        http://*|https://*) ;;
+        https://*) ;;
+        # Loopback never leaves this machine (a gateway run locally).
+        http://127.*|http://localhost|http://localhost:*|http://\[::1\]*) ;;
+        http://*)
+            # Whoever answers a plain-text join has their key pinned as the gateway's and then
+            # controls this node's peers; the agent refuses it too without --insecure.
+            [ "$INSECURE" = 1 ] || die "$GATEWAY is plain http: anyone on the path could pose as the gateway; use https://, or pass --insecure on a network you trust"
+            set -- --insecure "$@" ;;
         *) die "--gateway must be an http:// or https:// URL, not $GATEWAY" ;;
     esac
     # The agent must report the same simulated GPUs when it runs as when it joined.
@@ -232,6 +241,8 @@ Options:
   --find-links DIR   install clawnode's Python dependencies from DIR instead of PyPI
   --no-systemd       install no systemd unit; print how to start the agent instead
   --gateway URL      the gateway to join (default: the one this script came from)
+  --insecure         allow a plain http:// gateway off this machine (a lab network you
+                     trust); without it only https:// or this machine's own address
   -h, --help         this text
   --                 everything after it goes to `clawnode join`, e.g.
                      -- --endpoint 203.0.113.7:51820 --interface molt0
