@@ -158,11 +158,17 @@ REST_FRAMEWORK = {
     # and the server does not (never trust a header the client can write).
     "NUM_PROXIES": env_int("MOLT_TRUSTED_PROXIES", 0, minimum=0),
 }
-# Failed log-ins on the browser's form per client address: (failures, window in seconds).
+# Failed log-ins on every password form (site, admin, API token): per account from one address
+# (failures, window in seconds), per account from anywhere, per address for any account
+# (meshnet/throttling.py LoginGuard).
 MOLT_LOGIN_FAILURES = (
     env_int("MOLT_LOGIN_FAILURES", 10, minimum=1),
     env_int("MOLT_LOGIN_FAILURE_WINDOW_SECONDS", 900, minimum=1),
 )
+MOLT_LOGIN_FAILURES_PER_ACCOUNT = env_int("MOLT_LOGIN_FAILURES_PER_ACCOUNT", 50, minimum=1)
+MOLT_LOGIN_FAILURES_PER_ADDRESS = env_int("MOLT_LOGIN_FAILURES_PER_ADDRESS", 100, minimum=1)
+# New accounts per client address per hour.
+MOLT_SIGNUPS_PER_ADDRESS = env_int("MOLT_SIGNUPS_PER_ADDRESS", 10, minimum=1)
 SPECTACULAR_SETTINGS = {
     "TITLE": "MOLT gateway API",
     "DESCRIPTION": "GPU marketplace on a WireGuard mesh. Amounts are integers in micro-USD.",

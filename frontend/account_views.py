@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib import messages
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -22,7 +23,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from marketplace import tokens as market_tokens
 from marketplace.models import ApiToken
-from meshnet.throttling import LoginFailures, client_address
+from meshnet.throttling import LoginGuard, SignUps, client_address, wait_message
 
 LOGIN_URL = reverse_lazy("frontend:login")
 
@@ -57,6 +58,15 @@ def signup(request: HttpRequest) -> HttpResponse:
     if request.user.is_authenticated:
         return redirect(_safe_next(request) or "frontend:marketplace")
     form = SignUpForm(request.POST or None)
+    if request.method == "POST":
+        # Counted per address before the form is checked: minting accounts by the hundred is
+        # refused whether or not each attempt is valid.
+        signups = SignUps(client_address(request))
+        wait = signups.retry_after()
+        if wait:
+            form.add_error(None, wait_message(wait, "new accounts from your address"))
+        else:
+            signups.record()
     if request.method == "POST" and form.is_valid():
         user = form.save()
         # Log the new user in straight away (one backend: ModelBackend checked the password).
@@ -68,26 +78,32 @@ def signup(request: HttpRequest) -> HttpResponse:
     )
 
 
-class ThrottledAuthenticationForm(AuthenticationForm):
-    """Django's log-in form, refusing to check any password from an address that failed too
-    often lately (meshnet/throttling.py): a password is guessed by repetition."""
+class GuardedLogin:
+    """For a Django authentication form: refuse to check any password once the log-in guard
+    (meshnet/throttling.py LoginGuard: this account from this address, this account from
+    anywhere, this address for any account) is full, and count each wrong password. Used by
+    the site's form and the admin's, so both surfaces share one count."""
 
     def clean(self):
-        limiter = LoginFailures(client_address(self.request))
-        wait = limiter.retry_after()
+        username = self.data.get("username", "") if hasattr(self, "data") else ""
+        guard = LoginGuard(client_address(self.request), str(username))
+        wait = guard.retry_after()
         if wait:
-            minutes = (wait + 59) // 60
-            raise ValidationError(
-                f"Too many failed log-ins from your address. Try again in "
-                f"{minutes} minute{'s' if minutes != 1 else ''}.",
-                code="throttled",
-            )
+            raise ValidationError(wait_message(wait, "failed log-ins"), code="throttled")
         try:
             return super().clean()
         except ValidationError as exc:
             if exc.code == "invalid_login":
-                limiter.record()
+                guard.record()
             raise
+
+
+class ThrottledAuthenticationForm(GuardedLogin, AuthenticationForm):
+    """Django's log-in form behind the log-in guard."""
+
+
+class ThrottledAdminAuthenticationForm(GuardedLogin, AdminAuthenticationForm):
+    """The admin's log-in form behind the same guard (config/urls.py sets it on the site)."""
 
 
 login_view = auth_views.LoginView.as_view(

@@ -17,7 +17,7 @@ from django.http import HttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import mixins, serializers, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
 from rest_framework.generics import get_object_or_404
@@ -55,7 +55,7 @@ from marketplace.models import Listing, Order, PayoutRequest
 from marketplace.orders import place_order, quote_for, rekey_order, stop_order
 from marketplace.tokens import issue_api_token
 from meshnet.api.serializers import ErrorSerializer
-from meshnet.throttling import AuthTokenThrottle
+from meshnet.throttling import AuthTokenThrottle, LoginGuard, client_address, wait_message
 from meshnet.wgconfig import buyer_config
 
 
@@ -90,12 +90,17 @@ class ApiTokenView(APIView):
     def post(self, request: Request) -> Response:
         credentials = ApiTokenRequestSerializer(data=request.data)
         credentials.is_valid(raise_exception=True)
+        username = credentials.validated_data["username"]
+        # The same log-in guard as the site's and the admin's forms (per account, per address).
+        guard = LoginGuard(client_address(request), username)
+        wait = guard.retry_after()
+        if wait:
+            raise exceptions.Throttled(wait, detail=wait_message(wait, "failed log-ins"))
         user = authenticate(
-            request,
-            username=credentials.validated_data["username"],
-            password=credentials.validated_data["password"],
+            request, username=username, password=credentials.validated_data["password"]
         )
         if user is None:
+            guard.record()
             raise serializers.ValidationError(
                 {"non_field_errors": ["unable to log in: wrong username or password"]}
             )

@@ -92,7 +92,7 @@ def test_login_form_stops_checking_passwords_after_ten_failures(buyer):
     refused = log_in(client, "alice-pass-123", "203.0.113.30")
 
     assert refused.status_code == 200
-    assert b"Too many failed log-ins from your address" in refused.content
+    assert b"Too many failed log-ins" in refused.content
     assert "_auth_user_id" not in client.session
     # The same person from another address logs in.
     elsewhere = log_in(Client(), "alice-pass-123", "203.0.113.31")
@@ -103,3 +103,90 @@ def test_successful_log_ins_are_never_counted(buyer):
     for _ in range(15):
         response = log_in(Client(), "alice-pass-123", "203.0.113.40")
         assert response.status_code == 302
+
+
+# -- one guard for every password form: per account, per address, both ------------------------
+
+
+def test_the_admin_log_in_is_behind_the_same_guard(make_user):
+    make_user("operator", is_staff=True, is_superuser=True)
+    for _ in range(10):
+        response = Client().post(
+            "/admin/login/",
+            {"username": "operator", "password": "guess"},
+            REMOTE_ADDR="203.0.113.50",
+        )
+        assert response.status_code == 200
+
+    client = Client()
+    refused = client.post(
+        "/admin/login/",
+        {"username": "operator", "password": "operator-pass-123"},
+        REMOTE_ADDR="203.0.113.50",
+    )
+
+    assert refused.status_code == 200
+    assert b"Too many failed log-ins" in refused.content
+    assert "_auth_user_id" not in client.session
+
+
+def test_one_guesser_behind_a_nat_does_not_lock_out_the_others(buyer, provider):
+    for _ in range(10):
+        log_in(Client(), "not-it", "203.0.113.60")
+    # alice is held up from that address; bob, behind the same NAT, logs in.
+    assert b"Too many failed log-ins" in log_in(Client(), "alice-pass-123", "203.0.113.60").content
+    bob = Client().post(
+        LOGIN_URL, {"username": "bob", "password": "bob-pass-123"}, REMOTE_ADDR="203.0.113.60"
+    )
+    assert bob.status_code == 302
+
+
+def test_guessing_one_account_from_many_addresses_is_stopped(buyer, settings):
+    settings.MOLT_LOGIN_FAILURES_PER_ACCOUNT = 3
+    for n in range(3):
+        wrong_password(APIClient(), f"198.51.100.{n}")
+
+    refused = APIClient().post(
+        TOKEN_URL,
+        {"username": "alice", "password": "alice-pass-123"},
+        format="json",
+        REMOTE_ADDR="198.51.100.99",
+    )
+
+    assert refused.status_code == 429
+    assert refused.json()["code"] == "throttled"
+    assert "Too many failed log-ins" in refused.json()["detail"]
+
+
+def test_one_address_trying_many_accounts_is_stopped(buyer, provider, settings):
+    settings.MOLT_LOGIN_FAILURES_PER_ADDRESS = 3
+    for name in ("carol", "dave", "erin"):
+        Client().post(LOGIN_URL, {"username": name, "password": "x"}, REMOTE_ADDR="203.0.113.70")
+
+    refused = Client().post(
+        LOGIN_URL, {"username": "bob", "password": "bob-pass-123"}, REMOTE_ADDR="203.0.113.70"
+    )
+
+    assert b"Too many failed log-ins" in refused.content
+    assert log_in(Client(), "alice-pass-123", "203.0.113.71").status_code == 302
+
+
+def test_sign_up_is_limited_per_address(settings, django_user_model):
+    settings.MOLT_SIGNUPS_PER_ADDRESS = 2
+
+    def sign_up(name: str, address: str):
+        password = "a-long-enough-password-9"
+        return Client().post(
+            "/accounts/signup/",
+            {"username": name, "password1": password, "password2": password},
+            REMOTE_ADDR=address,
+        )
+
+    assert sign_up("new1", "203.0.113.80").status_code == 302
+    assert sign_up("new2", "203.0.113.80").status_code == 302
+    refused = sign_up("new3", "203.0.113.80")
+
+    assert refused.status_code == 200
+    assert b"Too many new accounts from your address" in refused.content
+    assert not django_user_model.objects.filter(username="new3").exists()
+    assert sign_up("new4", "203.0.113.81").status_code == 302
