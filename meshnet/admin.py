@@ -26,6 +26,8 @@ from meshnet.models import (
     MeteringSample,
     Node,
     NodeOutage,
+    Sandbox,
+    SandboxGpu,
     UsedNonce,
 )
 from meshnet.nodes import revoke_node
@@ -343,6 +345,24 @@ class JobPeerKeyAdmin(ReadOnlyAdmin):
     list_select_related = ("job_peer__node",)
     search_fields = ("public_key", "job_peer__ref", "job_peer__node__name")
     date_hierarchy = "active_from"
+
+
+@admin.register(Sandbox)
+class SandboxAdmin(ReadOnlyAdmin):
+    """Each job's container as the gateway asked for it and as the agent last reported it."""
+
+    list_display = ("ref", "node", "state", "address", "image", "created_at", "ready_at")
+    list_filter = ("state",)
+    list_select_related = ("node",)
+    search_fields = ("ref", "node__name", "address", "image")
+    date_hierarchy = "created_at"
+
+
+@admin.register(SandboxGpu)
+class SandboxGpuAdmin(ReadOnlyAdmin):
+    list_display = ("node", "index", "sandbox")
+    list_select_related = ("node", "sandbox")
+    search_fields = ("node__name", "sandbox__ref")
 
 
 @admin.register(MeteringSample)

@@ -18,6 +18,7 @@ from marketplace.models import (
     Account,
     ApiToken,
     IdempotencyRecord,
+    SshKey,
 )
 from marketplace.money import usd_to_micro
 from meshnet.admin import ReadOnlyAdmin
@@ -140,6 +141,13 @@ class ApiTokenAdmin(ReadOnlyAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return request.user.has_perm("marketplace.delete_apitoken")  # deleting revokes
+
+
+@admin.register(SshKey)
+class SshKeyAdmin(ReadOnlyAdmin):
+    list_display = ("user", "name", "fingerprint", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("fingerprint", "name", "user__username")
 
 
 @admin.register(IdempotencyRecord)
