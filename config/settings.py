@@ -167,6 +167,8 @@ MOLT_LOGIN_FAILURES = (
 )
 MOLT_LOGIN_FAILURES_PER_ACCOUNT = env_int("MOLT_LOGIN_FAILURES_PER_ACCOUNT", 50, minimum=1)
 MOLT_LOGIN_FAILURES_PER_ADDRESS = env_int("MOLT_LOGIN_FAILURES_PER_ADDRESS", 100, minimum=1)
+# How long an API token lasts from issue (marketplace.tokens); then it is refused.
+MOLT_API_TOKEN_TTL_DAYS = env_int("MOLT_API_TOKEN_TTL_DAYS", 90, minimum=1)
 # New accounts per client address per hour.
 MOLT_SIGNUPS_PER_ADDRESS = env_int("MOLT_SIGNUPS_PER_ADDRESS", 10, minimum=1)
 SPECTACULAR_SETTINGS = {

@@ -6,11 +6,15 @@ database and a timing difference reveals nothing about a stored token.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
 from marketplace.models import ApiToken
 from marketplace.tokens import API_TOKEN_PREFIX, hash_api_token
+
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class ApiTokenAuthentication(authentication.BaseAuthentication):
@@ -30,7 +34,14 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
         )
         if record is None or not record.user.is_active:
             raise exceptions.AuthenticationFailed("invalid or revoked API token")
-        ApiToken.objects.filter(pk=record.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if record.expires_at is not None and record.expires_at <= now:
+            raise exceptions.AuthenticationFailed(
+                "this API token has expired; issue a new one (POST /api/v1/auth/token/)"
+            )
+        # last_used_at to the minute: a write on every request would make every GET a write.
+        if record.last_used_at is None or now - record.last_used_at >= LAST_USED_RESOLUTION:
+            ApiToken.objects.filter(pk=record.pk).update(last_used_at=now)
         return record.user, record
 
     def authenticate_header(self, request) -> str:

@@ -23,6 +23,9 @@ class ApiToken(models.Model):
     hint = models.CharField(max_length=16)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
+    # Refused from then on (marketplace.auth). Null only on tokens issued before expiry
+    # existed; every new token gets MOLT_API_TOKEN_TTL_DAYS.
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     def __str__(self) -> str:
         return f"{self.hint}… ({self.user})"

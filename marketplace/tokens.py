@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
 
 from marketplace.models import ApiToken
 
@@ -15,9 +19,16 @@ def hash_api_token(token: str) -> str:
 
 
 def issue_api_token(user, name: str = "") -> str:
-    """A new API token for `user`; the plaintext is returned once and only its hash is kept."""
+    """A new API token for `user`, valid for MOLT_API_TOKEN_TTL_DAYS; the plaintext is returned
+    once and only its hash is kept."""
     token = API_TOKEN_PREFIX + secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, name=name, token_hash=hash_api_token(token), hint=token[:9])
+    ApiToken.objects.create(
+        user=user,
+        name=name,
+        token_hash=hash_api_token(token),
+        hint=token[:9],
+        expires_at=timezone.now() + timedelta(days=settings.MOLT_API_TOKEN_TTL_DAYS),
+    )
     return token
 
 

@@ -1,12 +1,13 @@
 from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from marketplace.api import views
+from marketplace.api import token_views, views
 
 router = SimpleRouter()
 router.register("listings", views.ListingViewSet, basename="listing")
 router.register("orders", views.OrderViewSet, basename="order")
 router.register("payouts", views.PayoutViewSet, basename="payout")
+router.register("auth/tokens", token_views.ApiTokenViewSet, basename="api-token")
 
 urlpatterns = [
     path("auth/token/", views.ApiTokenView.as_view(), name="auth-token"),

@@ -15,6 +15,8 @@ pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 PATHS = {
     "/api/v1/auth/token/": {"post"},
+    "/api/v1/auth/tokens/": {"get"},
+    "/api/v1/auth/tokens/{id}/": {"delete"},
     "/api/v1/enrollment-tokens/": {"post"},
     "/api/v1/nodes/": {"get"},
     "/api/v1/nodes/{id}/": {"get"},
