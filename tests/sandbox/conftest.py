@@ -15,9 +15,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from clawnode.sandbox.cdi import CdiGpus
 from clawnode.sandbox.podman import PodmanEngine
+
 from tests.sandbox import image
 
 

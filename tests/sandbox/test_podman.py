@@ -13,10 +13,10 @@ import textwrap
 import time
 
 import pytest
-
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.sandbox.engine import LABEL_MANAGED, LABEL_REF, ContainerSpec, EngineError
 from clawnode.sandbox.podman import PodmanEngine
+
 from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args
 
 pytestmark = [pytest.mark.sandbox]
