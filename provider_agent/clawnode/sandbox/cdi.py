@@ -20,6 +20,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -49,17 +50,21 @@ class CdiGpus:
         self.sim_dir = Path(sim_dir)
         self._nvidia_ctk = nvidia_ctk
         self._prepared: tuple[GpuInfo, ...] | None = None
+        # Sandboxes start in parallel threads; the first to come writes the spec, and two
+        # writers would race on the stand-in device nodes.
+        self._lock = threading.Lock()
 
     def prepare(self, gpus: Sequence[GpuInfo]) -> None:
         """Write (or refresh) the spec for ``gpus``; a no-op when already done for the same."""
         inventory = tuple(gpus)
-        if inventory == self._prepared:
-            return
-        if inventory and all(gpu.simulated for gpu in inventory):
-            self._write_simulated(inventory)
-        elif inventory:
-            self._generate_real()
-        self._prepared = inventory
+        with self._lock:
+            if inventory == self._prepared:
+                return
+            if inventory and all(gpu.simulated for gpu in inventory):
+                self._write_simulated(inventory)
+            elif inventory:
+                self._generate_real()
+            self._prepared = inventory
 
     @staticmethod
     def devices(indexes: Iterable[int]) -> tuple[str, ...]:

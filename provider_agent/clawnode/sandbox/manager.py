@@ -130,6 +130,7 @@ class SandboxManager:
         self._lock = threading.Lock()
         self._sandboxes: dict[str, _Sandbox] = {}
         self._stopped: list[_Sandbox] = []
+        self._workers: list[threading.Thread] = []
         self._applied = False
         self._last_check = 0.0
         # What an earlier agent process left running; adopted or removed by the first apply.
@@ -170,6 +171,7 @@ class SandboxManager:
                     target=self._start, args=(sb,), name=f"sandbox {ref}", daemon=True
                 )
                 sb.thread.start()
+                self._workers.append(sb.thread)
         self._changed()
 
     def reports(self, *, changed_only: bool) -> list[wire.SandboxReport]:
@@ -188,10 +190,11 @@ class SandboxManager:
     # -- for tests and shutdown ---------------------------------------------------------------
 
     def wait_idle(self, timeout: float = 120.0) -> None:
-        """Wait for every start in progress to end (ready or failed)."""
+        """Wait for every start in progress to end (ready, failed, or abandoned by a removal)."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            threads = [sb.thread for sb in self._sandboxes.values() if sb.thread is not None]
+            self._workers = [thread for thread in self._workers if thread.is_alive()]
+            threads = list(self._workers)
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
@@ -203,6 +206,8 @@ class SandboxManager:
 
     def _set(self, sb: _Sandbox, state: str, detail: str = "", progress: int | None = None) -> None:
         with self._lock:
+            if sb.cancelled.is_set():
+                return  # removed meanwhile: "stopped" is its last word
             sb.state = state
             sb.detail = detail
             if progress is not None:
@@ -213,7 +218,7 @@ class SandboxManager:
     def _progress(self, sb: _Sandbox, value: int) -> None:
         value = max(0, min(100, int(value)))
         with self._lock:
-            if value == sb.progress:
+            if value == sb.progress or sb.cancelled.is_set():
                 return
             sb.progress = value
             sb.changed = True
