@@ -46,6 +46,13 @@ def podman_global_args() -> tuple[str, ...]:
     return tuple(args)
 
 
+def podman_ulimit_args() -> tuple[str, ...]:
+    args: list[str] = []
+    for name, value in _ulimits().items():
+        args += ["--ulimit", f"{name}={value}:{value}"]
+    return tuple(args)
+
+
 @pytest.fixture(scope="session")
 def test_image() -> str:
     return image.ensure_image(podman_global_args())

@@ -17,7 +17,7 @@ from clawnode.gpu import SimulatedGpuReader
 from clawnode.sandbox.engine import LABEL_MANAGED, LABEL_REF, ContainerSpec, EngineError
 from clawnode.sandbox.podman import PodmanEngine
 
-from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args
+from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args, podman_ulimit_args
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -198,3 +198,40 @@ def test_an_engine_with_a_wrong_binary_says_so():
     engine = PodmanEngine(podman="/nonexistent/podman")
     with pytest.raises(EngineError, match="podman is not installed"):
         engine.containers()
+
+
+def test_the_jobs_sshd_config_passes_the_images_own_sshd(engine, test_image, tmp_path):
+    from clawnode.sandbox import sshd
+
+    material = sshd.write_material(
+        tmp_path / "job", "molt-test-config", ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA x",), {}
+    )
+    [(host_dir, inside)] = material.mounts.items()
+    checked = subprocess.run(
+        [
+            "podman",
+            *podman_global_args(),
+            "run",
+            "--rm",
+            *podman_ulimit_args(),
+            "--network",
+            "none",
+            "--mount",
+            f"type=bind,source={host_dir},destination={inside},ro=true",
+            test_image,
+            "sh",
+            "-c",
+            material.command[-1].replace("exec /usr/sbin/sshd -D -e", "exec /usr/sbin/sshd -T")
+            + " | grep -E '^(permitrootlogin|passwordauthentication|usepam|authorizedkeysfile) '",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert sorted(checked.stdout.splitlines()) == [
+        "authorizedkeysfile /etc/molt/authorized_keys",
+        "passwordauthentication no",
+        "permitrootlogin without-password",
+        "usepam no",
+    ]
