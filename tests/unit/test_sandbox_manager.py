@@ -28,6 +28,18 @@ class Inventory:
         return GPUS
 
 
+class UnprivilegedCdi(CdiGpus):
+    """The real device naming and environment; the spec writing (mknod, root only) is recorded
+    instead (test_sandbox_material.py and the sandbox tier prove it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: list[tuple[wire.GpuInfo, ...]] = []
+
+    def prepare(self, gpus):
+        self.prepared.append(tuple(gpus))
+
+
 class MemoryNetwork:
     """Records what the manager asked of the network, and what containers existed then."""
 
@@ -84,7 +96,7 @@ def parts(tmp_path: Path):
     engine.ports[IMAGE] = (8888,)
     network = MemoryNetwork(engine)
     probe = Probe()
-    cdi = CdiGpus(spec_dir=tmp_path / "cdi", sim_dir=tmp_path / "sim")
+    cdi = UnprivilegedCdi()
     return engine, network, probe, cdi, tmp_path / "state"
 
 
@@ -100,7 +112,7 @@ def states(reports) -> dict[str, str]:
 
 
 def test_a_new_sandbox_starts_with_its_gpus_limits_keys_and_network(parts):
-    engine, network, probe, _cdi, state = parts
+    engine, network, probe, cdi, state = parts
     mgr = manager(parts)
 
     mgr.apply((sandbox(5),))
@@ -122,6 +134,7 @@ def test_a_new_sandbox_starts_with_its_gpus_limits_keys_and_network(parts):
     assert (state / "molt-order-5" / "ssh" / "authorized_keys").read_text() == KEY + "\n"
     assert probe.hosts == ["10.128.0.6"]
     assert network.calls == [("setup", "order:5")]
+    assert cdi.prepared == [GPUS.gpus]  # the spec covers the node's GPUs, not only the job's
     # Nothing changed since: the changed-only report is empty, the full one is not.
     assert mgr.reports(changed_only=True) == []
     assert states(mgr.reports(changed_only=False)) == {"order:5": "ready"}
