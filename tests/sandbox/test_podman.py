@@ -235,3 +235,23 @@ def test_the_jobs_sshd_config_passes_the_images_own_sshd(engine, test_image, tmp
         "permitrootlogin without-password",
         "usepam no",
     ]
+
+
+def test_pull_reports_progress_from_podmans_own_lines(engine, test_image, tmp_path):
+    # No registry here: an OCI archive is pulled through the same `podman pull` and prints the
+    # same lines a registry pull does without a terminal.
+    archive = tmp_path / "image.tar"
+    subprocess.run(
+        ["podman", "save", "--format", "oci-archive", "-o", str(archive), test_image],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    seen: list[int] = []
+
+    engine.pull(f"oci-archive:{archive}", seen.append)
+
+    assert seen[0] == 0 and seen[-1] == 100
+    assert seen == sorted(seen) and len(set(seen)) == len(seen)
+    assert 90 in seen and 95 in seen  # the config and the manifest
+    assert any(0 < value < 80 for value in seen)  # at least one layer

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,9 +24,8 @@ from .engine import LABEL_MANAGED, LABEL_REF, Container, ContainerSpec, EngineEr
 __all__ = ["PodmanEngine"]
 
 _MAX_DETAIL = 300
-# A blob line of `podman pull`: "Copying blob 4f4fb700ef54 done" (or "skipped: already exists")
-_BLOB_DONE = re.compile(r"Copying blob \S+ (done|skipped)")
-_BLOB_ANY = re.compile(r"Copying blob (\S+)")
+# A layer line of `podman pull`: "Copying blob sha256:4f4f..." (a terminal adds "done" etc.)
+_BLOB = re.compile(r"Copying blob (\S+)")
 
 
 def _detail(stderr: str) -> str:
@@ -102,9 +102,11 @@ class PodmanEngine:
         return done.returncode == 0
 
     def pull(self, image: str, progress: Callable[[int], None]) -> None:
-        """``podman pull``, its progress read from the blob lines it prints (best effort: the
-        number of layers is only known as they appear, so the figure climbs to 90 and jumps to
-        100 when the image is stored)."""
+        """``podman pull``, its progress read from the lines it prints (best effort). Without a
+        terminal podman prints one line per layer as it starts ("Copying blob sha256:..."), then
+        "Copying config", "Writing manifest": no byte counts and no layer total. So each layer
+        seen moves the figure towards 80 (80 * n / (n + 1)), the config to 90, the manifest to
+        95, and the stored image to 100."""
         progress(0)
         try:
             proc = subprocess.Popen(
@@ -115,25 +117,41 @@ class PodmanEngine:
             )
         except FileNotFoundError as exc:
             raise EngineError(f"podman is not installed ({self._podman} not found)") from exc
-        seen: set[str] = set()
-        done = 0
+        # The lines come as podman goes; the deadline is a timer that kills it.
+        expired = threading.Event()
+
+        def stop() -> None:
+            expired.set()
+            proc.kill()
+
+        timer = threading.Timer(self._pull_timeout, stop)
+        timer.start()
+        blobs: set[str] = set()
+        shown = 0
         tail: list[str] = []
         assert proc.stderr is not None
         try:
             for line in proc.stderr:
                 tail = [*tail[-20:], line]
-                blob = _BLOB_ANY.search(line)
+                blob = _BLOB.search(line)
                 if blob:
-                    seen.add(blob.group(1))
-                if _BLOB_DONE.search(line):
-                    done += 1
-                    progress(min(90, 90 * done // max(len(seen), done + 1)))
-            code = proc.wait(timeout=self._pull_timeout)
-        except subprocess.TimeoutExpired as exc:
-            proc.kill()
-            proc.wait()
-            raise EngineError(f"pulling {image} timed out") from exc
+                    blobs.add(blob.group(1))
+                    value = 80 * len(blobs) // (len(blobs) + 1)
+                elif line.startswith("Copying config"):
+                    value = 90
+                elif line.startswith("Writing manifest"):
+                    value = 95
+                else:
+                    continue
+                if value > shown:
+                    shown = value
+                    progress(value)
+            code = proc.wait()
+        finally:
+            timer.cancel()
         if code != 0:
+            if expired.is_set():
+                raise EngineError(f"pulling {image} timed out")
             raise EngineError(f"pulling {image} failed: {_detail(''.join(tail))}")
         progress(100)
 
