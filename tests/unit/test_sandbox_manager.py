@@ -304,3 +304,25 @@ def test_every_change_is_signalled(parts):
     mgr.apply((sandbox(1),))
     mgr.wait_idle()
     assert len(signals) >= 3  # applied, starting, ready
+
+
+def test_a_sandbox_begun_by_an_earlier_agent_whose_container_is_gone_is_failed_not_restarted(
+    parts,
+):
+    engine, *_ = parts
+    first = manager(parts)
+    first.apply((sandbox(1), sandbox(2, gpus=())))
+    first.wait_idle()
+    engine.remove("molt-order-1")  # e.g. `podman rm -f` by hand while the agent was down
+
+    second = manager(parts)
+    second.apply((sandbox(1), sandbox(2, gpus=()), sandbox(3, gpus=())))
+    second.wait_idle()
+
+    got = {r.ref: (r.state, r.detail) for r in second.reports(changed_only=False)}
+    assert got["order:1"][0] == "failed"
+    assert got["order:1"][1].startswith("the sandbox's container is gone")
+    assert got["order:2"] == ("ready", "")  # adopted
+    assert got["order:3"] == ("ready", "")  # new: started
+    # Started once each: order:1 by the first agent only, order:3 by the second.
+    assert sorted(engine.started) == ["molt-order-1", "molt-order-2", "molt-order-3"]

@@ -254,6 +254,8 @@ class SandboxManager:
     def _start(self, sb: _Sandbox) -> None:
         spec = sb.spec
         try:
+            # First of all: its existence tells a restarted agent that this start began.
+            self._job_dir(sb).mkdir(parents=True, exist_ok=True, mode=0o700)
             if not self._engine.has_image(spec.image):
                 self._set(sb, "pulling", progress=0)
                 self._engine.pull(spec.image, lambda value: self._progress(sb, value))
@@ -367,6 +369,27 @@ class SandboxManager:
             log.info("sandbox %s found after restart: %s", spec.ref, sb.state)
             with self._lock:
                 self._sandboxes[spec.ref] = sb
+        # A job directory is made when a start begins and removed with the sandbox: one without
+        # a container means an earlier agent began (or finished, or failed) this sandbox and its
+        # container is gone. Starting it again would hand the buyer a fresh machine under the
+        # same order without telling them; the gateway fails the order instead.
+        for ref, spec in want.items():
+            name = container_name(ref)
+            with self._lock:
+                if ref in self._sandboxes:
+                    continue
+            if not (self._dir / name).is_dir():
+                continue
+            sb = _Sandbox(
+                spec,
+                name,
+                state="failed",
+                detail="the sandbox's container is gone (removed while the agent was down, "
+                "or the agent stopped while starting it)",
+            )
+            log.info("sandbox %s: job directory without a container, reported failed", ref)
+            with self._lock:
+                self._sandboxes[ref] = sb
 
     def _remove_orphans(
         self, want: dict[str, wire.SandboxSpec], present: list[Container] | None
