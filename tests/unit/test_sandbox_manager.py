@@ -326,3 +326,22 @@ def test_a_sandbox_begun_by_an_earlier_agent_whose_container_is_gone_is_failed_n
     assert got["order:3"] == ("ready", "")  # new: started
     # Started once each: order:1 by the first agent only, order:3 by the second.
     assert sorted(engine.started) == ["molt-order-1", "molt-order-2", "molt-order-3"]
+
+
+def test_an_agent_that_cannot_list_containers_starts_nothing_until_it_can(parts):
+    engine, *_ = parts
+    first = manager(parts)
+    first.apply((sandbox(1),))
+    first.wait_idle()
+    engine.listing_fails = "podman ps failed: database is locked"
+
+    second = manager(parts)
+    second.apply((sandbox(1), sandbox(2, gpus=())))
+    assert second.reports(changed_only=False) == []  # nothing known, nothing touched
+
+    engine.listing_fails = ""
+    second.reports(changed_only=False)  # retries the deferred state
+    second.wait_idle()
+
+    assert states(second.reports(changed_only=False)) == {"order:1": "ready", "order:2": "ready"}
+    assert engine.started == ["molt-order-1", "molt-order-2"]  # order:1 adopted, not restarted

@@ -132,6 +132,7 @@ class SandboxManager:
         self._stopped: list[_Sandbox] = []
         self._workers: list[threading.Thread] = []
         self._applied = False
+        self._deferred: tuple[wire.SandboxSpec, ...] | None = None
         self._last_check = 0.0
         # What an earlier agent process left running; adopted or removed by the first apply.
         try:
@@ -158,8 +159,16 @@ class SandboxManager:
             log.warning("cannot list sandbox containers: %s", exc)
             present = None
         if first:
-            found = self._found if self._found is not None else present
-            self._adopt(want, found or [])
+            found = present if present is not None else self._found
+            if found is None:
+                # Nothing known of what an earlier agent left running: starting now would
+                # replace a buyer's running sandbox. Try again from reports().
+                with self._lock:
+                    self._applied = False
+                    self._deferred = desired
+                return
+            self._adopt(want, found)
+        self._deferred = None
         self._remove_orphans(want, present)
         with self._lock:
             for ref, spec in want.items():
@@ -175,6 +184,8 @@ class SandboxManager:
         self._changed()
 
     def reports(self, *, changed_only: bool) -> list[wire.SandboxReport]:
+        if self._deferred is not None:
+            self.apply(self._deferred)
         self._check_alive()
         with self._lock:
             chosen = [

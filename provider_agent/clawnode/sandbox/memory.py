@@ -25,6 +25,7 @@ class MemoryEngine:
         self.specs: dict[str, ContainerSpec] = {}
         self.started: list[str] = []  # every start, in order (a restart shows twice)
         self.removed: list[str] = []
+        self.listing_fails = ""  # set: containers() raises EngineError with it
         # Set by a test to hold pulls until it lets them go (the manager's "pulling" state).
         self.pull_gate = threading.Event()
         self.pull_gate.set()
@@ -61,6 +62,8 @@ class MemoryEngine:
             return container
 
     def containers(self) -> list[Container]:
+        if self.listing_fails:
+            raise EngineError(self.listing_fails)
         with self._lock:
             return list(self._containers.values())
 
