@@ -89,6 +89,9 @@ def test_container_gets_exactly_its_two_of_four_gpus(
         "/dev/nvidia1 character special file c3:1",
         "/dev/nvidia3 character special file c3:3",
     ]
+    # Nor can the job make itself a node of another GPU (no CAP_MKNOD in the container).
+    made = exec_in(name, "sh", "-c", "mknod /tmp/nvidia0 c 195 0 2>/dev/null; echo rc=$?")
+    assert made.strip() != "rc=0"
     visible = exec_in(name, "sh", "-c", 'echo "$NVIDIA_VISIBLE_DEVICES"').strip()
     assert visible == f"{GPUS[1].uuid},{GPUS[3].uuid}"
     # The container sees the namespace the test made, with the sandbox's address.
