@@ -66,6 +66,10 @@ def _missing_for(tier: str) -> str | None:
         from tests.vm.harness import missing_tools
 
         return missing_tools()
+    if tier == "sandbox":
+        from tests.sandbox.image import missing_tools as missing_sandbox_tools
+
+        return missing_sandbox_tools()
     if tier == "browser":
         if not os.path.exists("/usr/bin/chromium"):
             return "needs Debian's chromium at /usr/bin/chromium"
@@ -76,7 +80,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser", "vm")
+TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,4 +2,8 @@
 network namespace and address, and sshd with the buyer's keys (docs/provider.md).
 
 - ``engine``: the container engine interface (Podman by default, Docker behind the same one).
+- ``podman``: the Podman engine (its CLI); ``memory``: the in-memory engine for unit tests.
+- ``cdi``: the CDI spec and device names that hand a job exactly its GPUs.
+- ``sshd``: the per-job sshd configuration, host key and authorized_keys.
+- ``manager``: SandboxManager, what the daemon drives (engine.Sandboxes).
 """
