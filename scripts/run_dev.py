@@ -18,7 +18,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,6 +38,8 @@ DEFAULTS = {
     "PORT": "8000",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "PYTHONUNBUFFERED": "1",
+    # Worker and beat print warnings and errors only; `CELERY_LOG_LEVEL=info make run` for all.
+    "CELERY_LOG_LEVEL": "warning",
 }
 
 
@@ -224,7 +228,26 @@ def banner(seeded: str) -> str:
     return "\n".join(lines)
 
 
-def run_processes() -> int:
+def _banner_once_up(text: str) -> None:
+    """Print the banner again once the web server answers: the processes' start-up lines have
+    pushed the first one off the screen by then."""
+    host, port = os.environ["HOST"], os.environ["PORT"]
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    url = f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/healthz/"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        return
+    time.sleep(1.0)  # let the worker's and beat's last start-up lines go first
+    print(text.replace("web, worker and beat start now", "web, worker and beat are up"), flush=True)
+
+
+def run_processes(banner_text: str = "") -> int:
     """honcho runs Procfile.dev. It gets its own session, so a terminal's Ctrl-C reaches it once,
     through us; SIGINT and SIGTERM sent to this script (or to `make`) are forwarded."""
     stop_signals: list[int] = []
@@ -247,6 +270,7 @@ def run_processes() -> int:
     children.append(honcho)
     if stop_signals:
         honcho.send_signal(stop_signals[0])
+    threading.Thread(target=_banner_once_up, args=(banner_text,), daemon=True).start()
     code = honcho.wait()
     stopping = bool(stop_signals)
     # A stop someone asked for is a clean exit; a process that died on its own is not.
@@ -261,8 +285,9 @@ def main() -> int:
         VAR.mkdir(exist_ok=True)
         redis_pid = ensure_redis(os.environ["REDIS_URL"])
         seeded = prepare_database()
-        print(banner(seeded), flush=True)
-        return run_processes()
+        text = banner(seeded)
+        print(text, flush=True)
+        return run_processes(text)
     except Abort as exc:
         print(f"\n[make run] cannot start: {exc}\n", file=sys.stderr, flush=True)
         return 1

@@ -75,6 +75,8 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "MOLT_STATE_DIR": str(tmp_path / "state"),
         "MOLT_CHANNEL_PREFIX": f"makerun{port}",
+        # Beat's "Sending due task" lines (info) are the proof below that it runs.
+        "CELERY_LOG_LEVEL": "info",
     }
     log_path = tmp_path / "make-run.log"
     base = f"http://127.0.0.1:{port}"
