@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -43,14 +44,14 @@ import websockets
 from . import frames, reconcile, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .backends.errors import WireGuardError
-from .firewall import Firewall, FirewallError, SandboxRule
+from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset
 from .gpu import GpuReader
 from .journal import EpochJournal
 from .keys import Identity
 from .metering import Meter
 from .sandbox.engine import Sandboxes
 from .sandbox.network import host_veth
-from .state import AgentStatus, Enrollment, StateDir
+from .state import AgentStatus, Enrollment, StateDir, StateError
 
 
 class Revoked(Exception):
@@ -91,10 +92,11 @@ class Agent:
         # Without a sandbox engine the node runs no sandboxes and says so for each one asked.
         self.sandboxes: Sandboxes = sandboxes if sandboxes is not None else NoSandboxes()
         self.images = images
-        # The sandbox rules the firewall holds now (None: only the bare table of bring_up).
-        self._sandbox_rules: tuple[SandboxRule, ...] | None = None
         self.timing = timing
         self.say = say
+        # The sandbox rules the firewall holds now; at start, those it held when the last
+        # agent stopped (the job peers on the interface are still there).
+        self._sandbox_rules: tuple[SandboxRule, ...] | None = self._saved_sandbox_rules()
         # The last applied revision survives a restart (status.json), so a replayed older
         # state is refused after a restart too.
         previous = state.read_status() if state.status_path.exists() else None
@@ -134,9 +136,8 @@ class Agent:
         self.backend.ensure_interface(
             e.interface, self.identity.wireguard_private_key, e.listen_port, e.interface_address
         )
-        # The sandbox pairs of the last state this agent applied, if it is the same process
-        # (a WireGuard error brings the interface up again mid-run); a new process starts
-        # without them and its first desired state puts them back before touching a peer.
+        # The sandbox pairs of the last state applied (by this process or, saved, the last):
+        # a job peer left on the interface stays confined to its sandbox across a restart.
         rules = self._sandbox_rules or ()
         self.firewall.apply(e.interface, e.mesh_address, rules)
         self._sandbox_rules = rules
@@ -324,6 +325,22 @@ class Agent:
             self.say(f"updating the firewall failed: {exc}")
             return
         self._sandbox_rules = rules
+        try:
+            await asyncio.to_thread(
+                self.state.write_sandbox_rules, [dataclasses.asdict(rule) for rule in rules]
+            )
+        except OSError as exc:
+            self.say(f"could not save the sandbox rules ({exc}); a restart starts without them")
+
+    def _saved_sandbox_rules(self) -> tuple[SandboxRule, ...] | None:
+        try:
+            rules = tuple(sorted(SandboxRule(**rule) for rule in self.state.read_sandbox_rules()))
+            # What the table would refuse is not taken (nor is it what the last agent applied).
+            render_ruleset(self.enrollment.interface, self.enrollment.mesh_address, rules)
+            return rules or None
+        except (StateError, TypeError, ValueError, OSError) as exc:
+            self.say(f"ignoring the saved sandbox rules: {exc}")
+            return None
 
     async def _apply(
         self, desired: wire.DesiredState, actions: list[reconcile.Action]

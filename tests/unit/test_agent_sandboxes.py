@@ -80,8 +80,10 @@ def spec(ref: str, address: str, peer: str, egress: bool = True) -> wire.Sandbox
 
 
 class Node:
-    def __init__(self, state_dir: Path, sandboxes: bool = True) -> None:
-        self.backend = FakeBackend()
+    def __init__(
+        self, state_dir: Path, sandboxes: bool = True, backend: FakeBackend | None = None
+    ) -> None:
+        self.backend = backend or FakeBackend()
         self.firewall = LoggingFirewall(self.backend.calls)
         self.sandboxes = FakeSandboxes(self.backend.calls) if sandboxes else None
         self.ws = Frames()
@@ -107,6 +109,10 @@ class Node:
             say=lambda line: None,
         )
         self.agent.bring_up()
+
+    def restart(self) -> Node:
+        """A new agent process on the same state directory and the same interface."""
+        return Node(self.agent.state.path, self.sandboxes is not None, self.backend)
 
     def envelope(
         self, jobs: dict[str, tuple[str, wire.SandboxSpec | None]], revision: int | None = None
@@ -325,3 +331,31 @@ def test_one_job_replacing_another_holds_both_pairs_while_the_peers_change(tmp_p
     assert log.index(("remove_sandbox", "order:0")) < both
     assert both < log.index(("set_peer", new)) < only_new
     assert both < log.index(("set_peer", old)) < only_new  # the old one cut off in between
+
+
+def test_a_restarted_agent_confines_job_peers_from_its_first_table(tmp_path):
+    node = Node(tmp_path)
+    node.desire(
+        {wg_key(): ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
+    )
+    held = node.firewall.sandboxes[-1]
+
+    again = node.restart()
+
+    # The peer is still on the interface: before any desired state arrives, the table that
+    # bring_up puts back keeps it in its sandbox (not the transitional mesh-address rule).
+    assert again.firewall.sandboxes == [held]
+
+
+def test_saved_sandbox_rules_the_table_would_refuse_are_ignored(tmp_path):
+    node = Node(tmp_path)
+    node.agent.state.write_sandbox_rules(
+        [{"veth": "eth0", "address": "10.128.0.33/32", "peer_address": "10.100.200.7/32",
+          "egress": True}]
+    )  # fmt: skip
+    said: list[str] = []
+    node.agent.say = said.append
+    assert node.agent._saved_sandbox_rules() is None
+    assert "sandboxes[0].veth" in said[-1]
+    node.agent.state.sandbox_rules_path.write_text("[1, 2]")
+    assert node.agent._saved_sandbox_rules() is None
