@@ -238,7 +238,10 @@ class Agent:
                     self._status("connected")
                     await self._resend_finals(ws)
                     await self._send_inventory(ws)
-                    await self._send_sandbox_status(ws, full=True)
+                    # Every sandbox this agent has, if it has any: a gateway that predates
+                    # sandboxes refuses the frame, and a node with none has nothing to say
+                    # until a desired state asks for one.
+                    await self._send_sandbox_status(ws, full=True, if_any=True)
                 elif kind == "desired_state":
                     await self._apply_desired(ws, frame.get("envelope"))
                 elif kind == "error":
@@ -386,11 +389,11 @@ class Agent:
         report = await asyncio.to_thread(self.gpus.read)
         await self._send(ws, frames.inventory(report, self.images))
 
-    async def _send_sandbox_status(self, ws: Any, *, full: bool) -> None:
+    async def _send_sandbox_status(self, ws: Any, *, full: bool, if_any: bool = False) -> None:
         """A signed SANDBOX_STATUS: every sandbox (full), or those changed since the last
-        call; nothing when nothing changed."""
+        call; nothing when nothing changed, nor (if_any) when there is no sandbox at all."""
         reports = await asyncio.to_thread(self.sandboxes.reports, changed_only=not full)
-        if reports or full:
+        if reports or (full and not if_any):
             await self._send(ws, frames.sandbox_status(self.identity, reports, full=full))
 
     async def _sandbox_reports(self, ws: Any) -> None:

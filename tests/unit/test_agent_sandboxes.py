@@ -359,3 +359,16 @@ def test_saved_sandbox_rules_the_table_would_refuse_are_ignored(tmp_path):
     assert "sandboxes[0].veth" in said[-1]
     node.agent.state.sandbox_rules_path.write_text("[1, 2]")
     assert node.agent._saved_sandbox_rules() is None
+
+
+def test_a_node_with_no_sandboxes_says_nothing_of_them_to_a_gateway_that_may_not_know_them(
+    tmp_path,
+):
+    node = Node(tmp_path, sandboxes=False)
+    ws = Connection([{"type": "welcome", "name": "node-1"}])
+    asyncio.run(node.agent._session(ws, asyncio.Event()))
+    node.ws = ws
+    node.desire({wg_key(): ("10.100.200.7/32", None)})  # a tunnel-only job, as before sandboxes
+
+    assert ws.of("sandbox_status") == []
+    assert [frame["type"] for frame in ws.sent if frame["type"] == "ack"] == ["ack"]
