@@ -20,6 +20,7 @@ long-lived agent never imports pyroute2. This module imports nothing heavy at mo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -151,8 +152,10 @@ def setup_network(ref: str, address: str) -> str:
                 index = _index(ipr, host)
                 if index is None:
                     raise SandboxNetworkError(f"veth {host} vanished right after it was made")
-            # No IPv6 on the host side: nothing of the host answers the sandbox on fe80::.
-            _sysctl(f"net/ipv6/conf/{host}/disable_ipv6", "1")
+            # No IPv6 on the host side: nothing of the host answers the sandbox on fe80::
+            # (a kernel without IPv6 has no such setting, and nothing to answer with).
+            with contextlib.suppress(FileNotFoundError):
+                _sysctl(f"net/ipv6/conf/{host}/disable_ipv6", "1")
             _only_address(ipr, index, GATEWAY)
             ipr.link("set", index=index, state="up")
             ipr.route("replace", dst=f"{ip}/32", oif=index, scope=253)  # scope link
