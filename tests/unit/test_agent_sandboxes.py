@@ -372,3 +372,21 @@ def test_a_node_with_no_sandboxes_says_nothing_of_them_to_a_gateway_that_may_not
 
     assert ws.of("sandbox_status") == []
     assert [frame["type"] for frame in ws.sent if frame["type"] == "ack"] == ["ack"]
+
+
+def test_a_sandbox_manager_that_fails_does_not_keep_peers_from_their_state(tmp_path):
+    node = Node(tmp_path)
+
+    def broken(desired):
+        raise RuntimeError("podman is not installed")
+
+    node.sandboxes.apply = broken
+    said: list[str] = []
+    node.agent.say = said.append
+    key = wg_key()
+    node.desire({key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
+
+    assert key in node.backend.peers
+    assert any("podman is not installed" in line for line in said)
+    # The peer is confined all the same.
+    assert [rule.peer_address for rule in node.firewall.sandboxes[-1]] == ["10.100.200.7/32"]
