@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import socket
 import stat
 import sys
@@ -84,6 +85,16 @@ def _port(text: str) -> int:
     return value
 
 
+SANDBOX_ENGINES = ("none", "podman")
+_IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # as wire.SandboxSpec.image
+
+
+def _image(text: str) -> str:
+    if not _IMAGE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"--image {text!r} is not an image reference")
+    return text
+
+
 def _add_state_dir(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state-dir",
@@ -151,6 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_state_dir(run)
     run.add_argument("--simulated-gpus", metavar="SPEC", default="")
     run.add_argument("--backend", choices=BACKENDS, default=None)
+    run.add_argument(
+        "--sandbox-engine",
+        choices=SANDBOX_ENGINES,
+        default="none",
+        help="run each job in its own container (podman); none: this node runs no sandboxes "
+        "and reports every one asked for as failed (default none)",
+    )
+    run.add_argument(
+        "--image",
+        dest="images",
+        action="append",
+        type=_image,
+        default=[],
+        metavar="IMAGE",
+        help="an image this node's sandboxes may run, offered to listings (repeat for more)",
+    )
     run.set_defaults(func=cmd_run)
     return parser
 
@@ -414,6 +441,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         str(args.state_dir),
         backend=args.backend,
         simulated_gpus=args.simulated_gpus,
+        sandbox_engine=args.sandbox_engine,
+        images=tuple(dict.fromkeys(args.images)),
         say=lambda line: _say(out, line),
     )
 

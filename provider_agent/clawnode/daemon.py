@@ -6,7 +6,11 @@ One loop per gateway connection: challenge-response auth, then four things at on
   a peer no longer desired is cut off there and named "removing" in the ack;
 - removals: the final counters of the peers cut off, read without holding up other changes,
   sent in a signed sample, then the peers removed and reported "removed" (_finish_removals);
-- heartbeats (and the GPU inventory now and then);
+- job sandboxes (clawnode.sandbox): each applied desired state's sandboxes go to the sandbox
+  manager first, so a container leaves before its peer; the firewall takes the (peer,
+  sandbox) pairs before a peer is added and keeps them until it is cut off; signed
+  SANDBOX_STATUS reports, in full after each (re)connect and each apply, else what changed;
+- heartbeats (and the GPU inventory, with the images this node offers, now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
 What it sends is built in clawnode.frames and clawnode.metering; the epochs are kept by
 clawnode.journal; `clawnode run` as a process (backend, signals, exit status) is
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -39,12 +44,14 @@ import websockets
 from . import frames, reconcile, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .backends.errors import WireGuardError
-from .firewall import Firewall
+from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset
 from .gpu import GpuReader
 from .journal import EpochJournal
 from .keys import Identity
 from .metering import Meter
-from .state import AgentStatus, Enrollment, StateDir
+from .sandbox.engine import Sandboxes
+from .sandbox.network import host_veth
+from .state import AgentStatus, Enrollment, StateDir, StateError
 
 
 class Revoked(Exception):
@@ -56,6 +63,7 @@ class Timing:
     heartbeat: float = 5.0
     metering: float = 10.0
     inventory: float = 60.0
+    sandbox_status: float = 1.0  # how often sandboxes that changed are reported
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
 
@@ -70,6 +78,8 @@ class Agent:
         backend: WireGuardBackend,
         firewall: Firewall,
         gpus: GpuReader,
+        sandboxes: Sandboxes | None = None,
+        images: tuple[str, ...] = (),
         timing: Timing = Timing(),
         say: Callable[[str], None] = print,
     ) -> None:
@@ -79,8 +89,14 @@ class Agent:
         self.backend = backend
         self.firewall = firewall
         self.gpus = gpus
+        # Without a sandbox engine the node runs no sandboxes and says so for each one asked.
+        self.sandboxes: Sandboxes = sandboxes if sandboxes is not None else NoSandboxes()
+        self.images = images
         self.timing = timing
         self.say = say
+        # The sandbox rules the firewall holds now; at start, those it held when the last
+        # agent stopped (the job peers on the interface are still there).
+        self._sandbox_rules: tuple[SandboxRule, ...] | None = self._saved_sandbox_rules()
         # The last applied revision survives a restart (status.json), so a replayed older
         # state is refused after a restart too.
         previous = state.read_status() if state.status_path.exists() else None
@@ -120,7 +136,11 @@ class Agent:
         self.backend.ensure_interface(
             e.interface, self.identity.wireguard_private_key, e.listen_port, e.interface_address
         )
-        self.firewall.apply(e.interface, e.mesh_address)
+        # The sandbox pairs of the last state applied (by this process or, saved, the last):
+        # a job peer left on the interface stays confined to its sandbox across a restart.
+        rules = self._sandbox_rules or ()
+        self.firewall.apply(e.interface, e.mesh_address, rules)
+        self._sandbox_rules = rules
         self.say(f"interface {e.interface} up at {e.interface_address} ({self.backend.kind})")
 
     # -- the connection loop -----------------------------------------------------------------
@@ -185,6 +205,7 @@ class Agent:
             asyncio.ensure_future(self._heartbeats(ws)),
             asyncio.ensure_future(self._metering(ws)),
             asyncio.ensure_future(self._removals(ws)),
+            asyncio.ensure_future(self._sandbox_reports(ws)),
             asyncio.ensure_future(stop.wait()),
         ]
         try:
@@ -217,6 +238,10 @@ class Agent:
                     self._status("connected")
                     await self._resend_finals(ws)
                     await self._send_inventory(ws)
+                    # Every sandbox this agent has, if it has any: a gateway that predates
+                    # sandboxes refuses the frame, and a node with none has nothing to say
+                    # until a desired state asks for one.
+                    await self._send_sandbox_status(ws, full=True, if_any=True)
                 elif kind == "desired_state":
                     await self._apply_desired(ws, frame.get("envelope"))
                 elif kind == "error":
@@ -246,10 +271,21 @@ class Agent:
         if desired.revision < self.applied_revision:
             return  # an older state that arrived late; the newer one is already applied
         async with self._lock:
+            # Sandboxes first: those no longer desired are removed (container, then network)
+            # before their peers are touched; new ones start in the background.
+            await self._apply_sandboxes(desired)
+            new_rules = sandbox_rules(desired)
+            # Until the peers are reconciled the firewall holds the old pairs and the new: a
+            # peer about to be added is already confined to its sandbox, and one about to be
+            # cut off is still confined to its own.
+            old_rules = self._sandbox_rules or ()
+            await self._set_firewall(tuple(sorted(set(old_rules) | set(new_rules))))
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
             actions = reconcile.plan(desired, self._view)
             results = await self._apply(desired, actions)
+            # A peer cut off carries no allowed IPs: its pair can go now.
+            await self._set_firewall(new_rules)
             if self._view is None:  # a change was refused: where the device is now is unknown
                 self._view = await asyncio.to_thread(self.backend.list_peers)
             self.applied_revision = desired.revision
@@ -264,9 +300,50 @@ class Agent:
         if removing:
             self._removals_due.set()
         await self._send(ws, frames.ack(self.identity, desired.revision, results, removing))
+        if desired.sandboxes or old_rules:
+            # Where every sandbox stands now (those just removed gone from it); a node with
+            # no sandboxes before or after says nothing new.
+            await self._send_sandbox_status(ws, full=True)
         changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
         self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
         self._status("connected")
+
+    async def _apply_sandboxes(self, desired: wire.DesiredState) -> None:
+        """Hand the state's sandboxes to the manager. Its failures for one sandbox show in that
+        sandbox's report; one that escapes must not keep the peers from being reconciled."""
+        try:
+            await asyncio.to_thread(self.sandboxes.apply, desired.sandboxes)
+        except Exception as exc:  # reported; the peers are still reconciled
+            self.say(f"applying the sandboxes of revision {desired.revision} failed: {exc}")
+
+    async def _set_firewall(self, rules: tuple[SandboxRule, ...]) -> None:
+        """Replace the table with these sandbox rules, if they are not what it holds."""
+        if rules == self._sandbox_rules:
+            return
+        e = self.enrollment
+        try:
+            await asyncio.to_thread(self.firewall.apply, e.interface, e.mesh_address, rules)
+        except FirewallError as exc:
+            # The table nft refused to replace is still the last one: what is known stays.
+            self.say(f"updating the firewall failed: {exc}")
+            return
+        self._sandbox_rules = rules
+        try:
+            await asyncio.to_thread(
+                self.state.write_sandbox_rules, [dataclasses.asdict(rule) for rule in rules]
+            )
+        except OSError as exc:
+            self.say(f"could not save the sandbox rules ({exc}); a restart starts without them")
+
+    def _saved_sandbox_rules(self) -> tuple[SandboxRule, ...] | None:
+        try:
+            rules = tuple(sorted(SandboxRule(**rule) for rule in self.state.read_sandbox_rules()))
+            # What the table would refuse is not taken (nor is it what the last agent applied).
+            render_ruleset(self.enrollment.interface, self.enrollment.mesh_address, rules)
+            return rules or None
+        except (StateError, TypeError, ValueError, OSError) as exc:
+            self.say(f"ignoring the saved sandbox rules: {exc}")
+            return None
 
     async def _apply(
         self, desired: wire.DesiredState, actions: list[reconcile.Action]
@@ -309,7 +386,20 @@ class Agent:
     # -- heartbeats, inventory, metering ---------------------------------------------------------
 
     async def _send_inventory(self, ws: Any) -> None:
-        await self._send(ws, frames.inventory(await asyncio.to_thread(self.gpus.read)))
+        report = await asyncio.to_thread(self.gpus.read)
+        await self._send(ws, frames.inventory(report, self.images))
+
+    async def _send_sandbox_status(self, ws: Any, *, full: bool, if_any: bool = False) -> None:
+        """A signed SANDBOX_STATUS: every sandbox (full), or those changed since the last
+        call; nothing when nothing changed, nor (if_any) when there is no sandbox at all."""
+        reports = await asyncio.to_thread(self.sandboxes.reports, changed_only=not full)
+        if reports or (full and not if_any):
+            await self._send(ws, frames.sandbox_status(self.identity, reports, full=full))
+
+    async def _sandbox_reports(self, ws: Any) -> None:
+        while True:
+            await asyncio.sleep(self.timing.sandbox_status)
+            await self._send_sandbox_status(ws, full=False)
 
     async def _heartbeats(self, ws: Any) -> None:
         last_inventory = time.monotonic()
@@ -456,3 +546,43 @@ class Agent:
         if note != self._drift_reported:  # once, not every sample while a peer stays refused
             self._drift_reported = note
             await self._send(ws, {"type": "report", "detail": note[:500]})
+
+
+def sandbox_rules(desired: wire.DesiredState) -> tuple[SandboxRule, ...]:
+    """The firewall's view of a desired state's sandboxes, in a stable order."""
+    return tuple(
+        sorted(
+            SandboxRule(
+                veth=host_veth(box.ref),
+                address=box.address,
+                peer_address=box.peer_address,
+                egress=box.egress,
+            )
+            for box in desired.sandboxes
+        )
+    )
+
+
+class NoSandboxes:
+    """The sandboxes of an agent started without a sandbox engine: none run, and each one a
+    desired state asks for is reported failed, so its order fails instead of waiting."""
+
+    DETAIL = "this node runs no sandboxes"
+
+    def __init__(self) -> None:
+        self._failed: dict[str, wire.SandboxReport] = {}
+        self._unreported: set[str] = set()
+
+    def apply(self, desired: tuple[wire.SandboxSpec, ...]) -> None:
+        wanted = {box.ref for box in desired}
+        for ref in wanted - set(self._failed):
+            self._failed[ref] = wire.SandboxReport(ref=ref, state="failed", detail=self.DETAIL)
+            self._unreported.add(ref)
+        for ref in set(self._failed) - wanted:
+            del self._failed[ref]
+            self._unreported.discard(ref)
+
+    def reports(self, *, changed_only: bool) -> list[wire.SandboxReport]:
+        refs = sorted(self._unreported if changed_only else self._failed)
+        self._unreported.clear()
+        return [self._failed[ref] for ref in refs]

@@ -1,15 +1,26 @@
-"""Isolation of job peers with nftables: one table the agent owns.
+"""Isolation of job peers and job sandboxes with nftables: one table the agent owns.
 
-A buyer's peer may reach only the provider node's mesh address: never another job's address,
-never the provider's LAN, never the internet through the provider. The rules hold for the whole
-WireGuard interface, so they need no change when peers come and go (no window in which a new
-peer is unfiltered, and no nft call on the per-peer hot path):
-- input: a packet arriving on the WireGuard interface is accepted only when it is addressed to
-  the node's mesh address (the provider's LAN address is local too, and refused);
-- forward: nothing arriving on the WireGuard interface is routed anywhere (another job's peer
-  sits on the same interface; the LAN and the internet are beyond it), and nothing is routed
-  onto it from elsewhere.
-The table is replaced in one `nft -f` transaction, so there is never a moment without rules.
+A buyer's peer reaches its own job's sandbox only (clawnode.sandbox.network): never the host
+(its mesh address, its LAN address, any of its services), another job's address or sandbox, the
+provider's LAN, or the internet through the provider. A sandbox reaches neither the host, nor
+the LAN and private ranges, nor another sandbox; it reaches the internet, through masquerade
+behind the node's address, only when its spec allows egress. Replies (conntrack established)
+pass back the way their connection was allowed.
+
+- input: from the WireGuard interface, a peer that owns a sandbox reaches nothing of the host;
+  any other peer (the gateway hub, a mesh peer, a job listed before sandboxes: transitional)
+  only the node's mesh address. From a sandbox's veth, only replies to the host's own
+  connections (its readiness probe of sshd) are taken.
+- forward: from the WireGuard interface only (peer address, sandbox address) pairs of the
+  desired state, onto that sandbox's veth; back only their replies. Nothing else is routed from
+  or onto the tunnel or a sandbox, except a sandbox with egress out to non-private addresses
+  and the replies to it.
+- postrouting: a sandbox with egress is masqueraded behind the node's address.
+The rules match the WireGuard interface and every sandbox veth by name (the ``msbx`` prefix),
+so a peer or a sandbox that comes up is covered before its first packet; only the pair and
+egress sets follow the desired state, and the daemon renders them before a peer is added and
+keeps them until it is removed. The table is replaced in one `nft -f` transaction, so there is
+never a moment without rules.
 """
 
 from __future__ import annotations
@@ -17,44 +28,130 @@ from __future__ import annotations
 import ipaddress
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 TABLE = "clawnode"
 _IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+SANDBOX_VETH_PREFIX = "msbx"  # clawnode.sandbox.network.HOST_VETH_PREFIX
+# Where a sandbox never goes, egress or not: private, shared, link-local, loopback, multicast
+# and reserved ranges (RFC 6890), which hold the provider's LAN and the mesh. The host's own
+# addresses are covered by the input chain whatever their range.
+PRIVATE_NETWORKS = (
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+)
 
 
 class FirewallError(RuntimeError):
     pass
 
 
-def render_ruleset(interface: str, mesh_address: str) -> str:
+@dataclass(frozen=True, order=True)
+class SandboxRule:
+    """One sandbox as the firewall sees it: its host veth, its address, the job peer's address
+    (the only source that reaches it) and whether it may reach the internet."""
+
+    veth: str
+    address: str
+    peer_address: str
+    egress: bool
+
+
+def _host(address: str, what: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Interface(address).ip
+    except ValueError:
+        raise ValueError(f"{what} {address!r} is not an IPv4 address") from None
+
+
+def _elements(items: Sequence[str]) -> str:
+    return f" elements = {{ {', '.join(items)} }};" if items else ""
+
+
+def render_ruleset(
+    interface: str,
+    mesh_address: str,
+    sandboxes: Sequence[SandboxRule] = (),
+    blocked: Sequence[str] = PRIVATE_NETWORKS,
+) -> str:
     """The whole `inet clawnode` table as an nft script (pure)."""
     if not _IFNAME.fullmatch(interface):
         raise ValueError(f"bad interface name {interface!r}")
+    if interface.startswith(SANDBOX_VETH_PREFIX):
+        raise ValueError(f"interface name {interface!r} takes the sandbox veths' prefix")
     mesh = ipaddress.IPv4Address(mesh_address)
+    pairs, peers, owned, egress = [], [], [], []
+    for i, box in enumerate(sandboxes):
+        if not (_IFNAME.fullmatch(box.veth) and box.veth.startswith(SANDBOX_VETH_PREFIX)):
+            raise ValueError(f"sandboxes[{i}].veth {box.veth!r} is not a sandbox veth name")
+        address = _host(box.address, f"sandboxes[{i}].address")
+        peer = _host(box.peer_address, f"sandboxes[{i}].peer_address")
+        pairs.append(f"{peer} . {address}")
+        peers.append(str(peer))
+        owned.append(f'"{box.veth}" . {address}')
+        if box.egress:
+            egress.append(str(address))
+    ranges = [str(ipaddress.IPv4Network(net)) for net in blocked]
+    wg, sbx = f'"{interface}"', f'"{SANDBOX_VETH_PREFIX}*"'
     return (
         # Declaring then deleting makes the script work whether or not the table exists, and
         # nft applies the whole file as one transaction.
         f"table inet {TABLE}\n"
         f"delete table inet {TABLE}\n"
         f"table inet {TABLE} {{\n"
+        # (job peer address . its sandbox address): the only way into a sandbox
+        f"\tset pairs {{ type ipv4_addr . ipv4_addr;{_elements(sorted(set(pairs)))} }}\n"
+        # job peers that own a sandbox: they reach nothing of the host
+        f"\tset sandboxed {{ type ipv4_addr;{_elements(sorted(set(peers)))} }}\n"
+        # (host veth . sandbox address): a sandbox speaks from its own address only
+        f"\tset owned {{ type ifname . ipv4_addr;{_elements(sorted(owned))} }}\n"
+        f"\tset egress {{ type ipv4_addr;{_elements(sorted(egress))} }}\n"
+        f"\tset private {{ type ipv4_addr; flags interval;{_elements(ranges)} }}\n"
         f"\tchain input {{\n"
         f"\t\ttype filter hook input priority filter; policy accept;\n"
-        f'\t\tiifname "{interface}" meta nfproto ipv6 counter drop\n'
-        f'\t\tiifname "{interface}" ip daddr != {mesh} counter drop\n'
+        f"\t\tiifname {sbx} ct state established,related accept\n"
+        f"\t\tiifname {sbx} counter drop\n"
+        f"\t\tiifname {wg} meta nfproto ipv6 counter drop\n"
+        f"\t\tiifname {wg} ip saddr @sandboxed counter drop\n"
+        f"\t\tiifname {wg} ip daddr != {mesh} counter drop\n"
         f"\t}}\n"
         f"\tchain forward {{\n"
         f"\t\ttype filter hook forward priority filter; policy accept;\n"
-        f'\t\tiifname "{interface}" counter drop\n'
-        f'\t\toifname "{interface}" counter drop\n'
+        f"\t\tiifname {sbx} meta nfproto ipv6 counter drop\n"
+        f"\t\toifname {sbx} meta nfproto ipv6 counter drop\n"
+        f"\t\tiifname {sbx} iifname . ip saddr != @owned counter drop\n"
+        f"\t\tiifname {wg} oifname {sbx} ip saddr . ip daddr @pairs accept\n"
+        f"\t\tiifname {sbx} oifname {wg} ct state established ip daddr . ip saddr @pairs accept\n"
+        f"\t\tiifname {wg} counter drop\n"
+        f"\t\toifname {wg} counter drop\n"
+        f"\t\toifname {sbx} ip daddr @egress ct state established,related accept\n"
+        f"\t\toifname {sbx} counter drop\n"
+        f"\t\tiifname {sbx} ip daddr @private counter drop\n"
+        f"\t\tiifname {sbx} ip saddr != @egress counter drop\n"
+        f"\t}}\n"
+        f"\tchain postrouting {{\n"
+        f"\t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+        f"\t\toifname != {sbx} oifname != {wg} ip saddr @egress masquerade\n"
         f"\t}}\n"
         f"}}\n"
     )
 
 
 class Firewall(Protocol):
-    def apply(self, interface: str, mesh_address: str) -> None: ...
+    def apply(
+        self, interface: str, mesh_address: str, sandboxes: Sequence[SandboxRule] = ()
+    ) -> None: ...
 
     def remove(self) -> None: ...
 
@@ -72,8 +169,10 @@ class NftFirewall:
         if result.returncode != 0:
             raise FirewallError(f"nft refused the ruleset: {result.stderr.strip()}")
 
-    def apply(self, interface: str, mesh_address: str) -> None:
-        self._run(render_ruleset(interface, mesh_address))
+    def apply(
+        self, interface: str, mesh_address: str, sandboxes: Sequence[SandboxRule] = ()
+    ) -> None:
+        self._run(render_ruleset(interface, mesh_address, sandboxes))
 
     def remove(self) -> None:
         self._run(f"table inet {TABLE}\ndelete table inet {TABLE}\n")
@@ -84,10 +183,15 @@ class FakeFirewall:
     """Test double with the same interface: remembers what it was asked to enforce."""
 
     applied: list[tuple[str, str]] = field(default_factory=list)
+    # The sandbox rules of each apply, in step with `applied`
+    sandboxes: list[tuple[SandboxRule, ...]] = field(default_factory=list)
     removed: bool = False
 
-    def apply(self, interface: str, mesh_address: str) -> None:
+    def apply(
+        self, interface: str, mesh_address: str, sandboxes: Sequence[SandboxRule] = ()
+    ) -> None:
         self.applied.append((interface, mesh_address))
+        self.sandboxes.append(tuple(sandboxes))
 
     def remove(self) -> None:
         self.removed = True

@@ -1,5 +1,6 @@
 """The frames the agent sends on the channel (clawnode.wire.channel), built and, where the
-gateway must be able to prove who said it, signed by the node: auth, ack, removed, inventory.
+gateway must be able to prove who said it, signed by the node: auth, ack, removed, inventory,
+sandbox status.
 Metering samples are made by clawnode.metering."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from . import reconcile, wire
 from .gpu import GpuReport
 from .keys import Identity
 
-__all__ = ["ack", "auth", "inventory", "metering", "removed"]
+__all__ = ["ack", "auth", "inventory", "metering", "removed", "sandbox_status"]
 
 
 def auth(identity: Identity, challenge: str) -> dict[str, Any]:
@@ -59,10 +60,28 @@ def metering(envelope: dict[str, Any]) -> dict[str, Any]:
     return {"type": "metering", "envelope": envelope}
 
 
-def inventory(report: GpuReport) -> dict[str, Any]:
-    """The GPUs and their health, as read now."""
+def sandbox_status(
+    identity: Identity, reports: Iterable[wire.SandboxReport], *, full: bool
+) -> dict[str, Any]:
+    """Where the node's sandboxes stand: all of them (``full``) or those that changed."""
+    body = wire.SandboxStatus(
+        node_id=identity.node_id,
+        sandboxes=tuple(reports),
+        timestamp=int(time.time()),
+        full=full,
+    ).to_dict()
+    return {
+        "type": "sandbox_status",
+        "envelope": wire.signed_envelope(wire.SANDBOX_STATUS, body, identity),
+    }
+
+
+def inventory(report: GpuReport, images: Iterable[str] = ()) -> dict[str, Any]:
+    """The GPUs and their health, as read now, and the images this node's sandboxes can run
+    (the agent's configured list: a listing offers some of them)."""
     return {
         "type": "inventory",
+        "images": list(images),
         "gpus": [gpu.to_dict() for gpu in report.gpus],
         "health": [
             {

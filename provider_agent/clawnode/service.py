@@ -1,21 +1,53 @@
 """`clawnode run` as a process: load the enrolment, choose the backend, build the Agent
-(clawnode.daemon) with the real firewall and GPU reader, and serve until SIGTERM."""
+(clawnode.daemon) with the real firewall, GPU reader and (with --sandbox-engine) sandbox
+manager, and serve until SIGTERM."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import signal
 from collections.abc import Callable
+from typing import Any
 
 from .daemon import Agent, Revoked
 from .gpu import GpuReader
+from .sandbox.engine import Sandboxes
 from .state import StateDir
 
 __all__ = ["run_daemon"]
 
 
+def sandbox_manager(engine: str, state: StateDir, gpus: GpuReader) -> Sandboxes | None:
+    """The sandbox manager for ``--sandbox-engine`` (None for "none": no sandboxes here).
+
+    Imported by name: the manager (clawnode.sandbox.manager) and its engine are loaded only by
+    an agent that runs sandboxes."""
+    if engine == "none":
+        return None
+    if engine != "podman":
+        raise ValueError(f"--sandbox-engine {engine!r} is not one of none, podman")
+    from .sandbox.network import NetnsSandboxNetwork
+
+    manager: Any = importlib.import_module("clawnode.sandbox.manager")
+    podman: Any = importlib.import_module("clawnode.sandbox.podman")
+    built: Sandboxes = manager.SandboxManager(
+        engine=podman.PodmanEngine(),
+        network=NetnsSandboxNetwork(),
+        gpus=gpus,
+        state_dir=state.path,
+    )
+    return built
+
+
 def run_daemon(
-    state_dir: str, *, backend: str | None, simulated_gpus: str, say: Callable[[str], None]
+    state_dir: str,
+    *,
+    backend: str | None,
+    simulated_gpus: str,
+    sandbox_engine: str = "none",
+    images: tuple[str, ...] = (),
+    say: Callable[[str], None],
 ) -> int:
     """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
     Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
@@ -48,8 +80,14 @@ def run_daemon(
         backend=backend_class(),
         firewall=NftFirewall(),
         gpus=reader,
+        sandboxes=sandbox_manager(sandbox_engine, state, reader),
+        images=images,
         say=say,
     )
+    if sandbox_engine == "none":
+        say("sandboxes: none (no --sandbox-engine): jobs asking for one are reported failed")
+    else:
+        say(f"sandboxes: {sandbox_engine}; images offered: {', '.join(images) or 'none'}")
 
     async def main() -> int:
         stop = asyncio.Event()

@@ -49,6 +49,7 @@ DEFAULT_STATE_DIR = Path("/var/lib/clawnode")
 IDENTITY_FILE = "identity.key"
 ENROLLMENT_FILE = "enrollment.json"
 STATUS_FILE = "status.json"
+SANDBOX_RULES_FILE = "sandbox-rules.json"
 
 BACKENDS = ("auto", "kernel", "userspace")
 # The MOLT marketplace block of the IP plan (design/network.md): node and job addresses. The
@@ -320,6 +321,27 @@ class StateDir:
 
     def write_status(self, status: AgentStatus) -> None:
         self._write_json(self.status_path, status.to_dict())
+
+    # -- the firewall's sandbox rules -----------------------------------------------------------
+
+    @property
+    def sandbox_rules_path(self) -> Path:
+        return self.path / SANDBOX_RULES_FILE
+
+    def read_sandbox_rules(self) -> list[dict[str, Any]]:
+        """The sandbox rules the firewall last held (clawnode.daemon), so a restarted agent
+        confines each job peer to its sandbox from its first table, before any desired state
+        arrives. Missing: none."""
+        data = self._read_json(self.sandbox_rules_path)
+        rules = data.get("rules") if isinstance(data, dict) else None
+        if data is None:
+            return []
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise StateError(f"{self.sandbox_rules_path} is not a list of sandbox rules")
+        return rules
+
+    def write_sandbox_rules(self, rules: list[dict[str, Any]]) -> None:
+        self._write_json(self.sandbox_rules_path, {"rules": rules})
 
     # -- files ---------------------------------------------------------------------------------
 

@@ -61,6 +61,9 @@ def test_join_arguments_and_their_defaults():
         ["join", "--gateway", "https://g", "--listen-port", "0"],
         ["join", "--gateway", "https://g", "--listen-port", "http"],
         ["join", "--gateway", "https://g", "--backend", "magic"],
+        ["run", "--sandbox-engine", "docker-compose"],
+        ["run", "--image", "-rm -rf"],
+        ["run", "--image", "a b"],
         ["fly"],
         [],
     ],
@@ -80,6 +83,28 @@ def test_run_before_join_says_to_join_first_and_creates_nothing(tmp_path, capsys
     assert main([*argv, "--backend", "userspace"]) == 1
     assert "clawnode join" in capsys.readouterr().out
     assert not state.exists()
+
+
+def test_run_offers_no_sandboxes_unless_an_engine_is_named():
+    args = build_parser().parse_args(["run"])
+    assert (args.sandbox_engine, args.images) == ("none", [])
+
+    args = build_parser().parse_args(
+        ["run", "--sandbox-engine", "podman", "--image", "docker.io/library/debian:12",
+         "--image", "molt/jupyter:2"]
+    )  # fmt: skip
+    assert args.sandbox_engine == "podman"
+    assert args.images == ["docker.io/library/debian:12", "molt/jupyter:2"]
+
+
+def test_an_agent_without_a_sandbox_engine_has_no_manager(tmp_path):
+    from clawnode.gpu import SimulatedGpuReader
+    from clawnode.service import sandbox_manager
+    from clawnode.state import StateDir
+
+    assert sandbox_manager("none", StateDir(tmp_path), SimulatedGpuReader("RTX 4090:1")) is None
+    with pytest.raises(ValueError, match="--sandbox-engine"):
+        sandbox_manager("lxc", StateDir(tmp_path), SimulatedGpuReader("RTX 4090:1"))
 
 
 # -- join: errors before anything is created ----------------------------------------------------
