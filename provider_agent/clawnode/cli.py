@@ -89,6 +89,13 @@ SANDBOX_ENGINES = ("none", "podman")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # as wire.SandboxSpec.image
 
 
+def _ulimit(text: str) -> tuple[str, int]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.isalpha() or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"--container-ulimit {text!r} must be NAME=N")
+    return name, int(value)
+
+
 def _image(text: str) -> str:
     if not _IMAGE.fullmatch(text):
         raise argparse.ArgumentTypeError(f"--image {text!r} is not an image reference")
@@ -177,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="IMAGE",
         help="an image this node's sandboxes may run, offered to listings (repeat for more)",
+    )
+    # Podman's defaults suit a normal cgroup-v2 host (crun, systemd); older or unusual hosts
+    # need these (design/network.md: runc, cgroupfs and lowered ulimits on cgroup v1).
+    run.add_argument("--container-runtime", default="", metavar="NAME", help="e.g. runc")
+    run.add_argument("--cgroup-manager", default="", metavar="NAME", help="e.g. cgroupfs")
+    run.add_argument(
+        "--container-ulimit",
+        dest="container_ulimits",
+        action="append",
+        type=_ulimit,
+        default=[],
+        metavar="NAME=N",
+        help="a ulimit for every sandbox, e.g. nofile=20000 (repeat for more)",
     )
     run.set_defaults(func=cmd_run)
     return parser
@@ -443,6 +463,9 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         simulated_gpus=args.simulated_gpus,
         sandbox_engine=args.sandbox_engine,
         images=tuple(dict.fromkeys(args.images)),
+        container_runtime=args.container_runtime,
+        cgroup_manager=args.cgroup_manager,
+        container_ulimits=dict(args.container_ulimits),
         say=lambda line: _say(out, line),
     )
 

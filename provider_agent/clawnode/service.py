@@ -5,10 +5,8 @@ manager, and serve until SIGTERM."""
 from __future__ import annotations
 
 import asyncio
-import importlib
 import signal
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
 
 from .daemon import Agent, Revoked
 from .gpu import GpuReader
@@ -18,26 +16,31 @@ from .state import StateDir
 __all__ = ["run_daemon"]
 
 
-def sandbox_manager(engine: str, state: StateDir, gpus: GpuReader) -> Sandboxes | None:
+def sandbox_manager(
+    engine: str,
+    state: StateDir,
+    gpus: GpuReader,
+    *,
+    runtime: str = "",
+    cgroup_manager: str = "",
+    ulimits: Mapping[str, int] | None = None,
+) -> Sandboxes | None:
     """The sandbox manager for ``--sandbox-engine`` (None for "none": no sandboxes here).
-
-    Imported by name: the manager (clawnode.sandbox.manager) and its engine are loaded only by
-    an agent that runs sandboxes."""
+    Imported here, not at the top: only an agent that runs sandboxes loads them."""
     if engine == "none":
         return None
     if engine != "podman":
         raise ValueError(f"--sandbox-engine {engine!r} is not one of none, podman")
+    from .sandbox.manager import SandboxManager
     from .sandbox.network import NetnsSandboxNetwork
+    from .sandbox.podman import PodmanEngine
 
-    manager: Any = importlib.import_module("clawnode.sandbox.manager")
-    podman: Any = importlib.import_module("clawnode.sandbox.podman")
-    built: Sandboxes = manager.SandboxManager(
-        engine=podman.PodmanEngine(),
+    return SandboxManager(
+        engine=PodmanEngine(runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits),
         network=NetnsSandboxNetwork(),
         gpus=gpus,
         state_dir=state.path,
     )
-    return built
 
 
 def run_daemon(
@@ -47,6 +50,9 @@ def run_daemon(
     simulated_gpus: str,
     sandbox_engine: str = "none",
     images: tuple[str, ...] = (),
+    container_runtime: str = "",
+    cgroup_manager: str = "",
+    container_ulimits: Mapping[str, int] | None = None,
     say: Callable[[str], None],
 ) -> int:
     """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
@@ -80,7 +86,14 @@ def run_daemon(
         backend=backend_class(),
         firewall=NftFirewall(),
         gpus=reader,
-        sandboxes=sandbox_manager(sandbox_engine, state, reader),
+        sandboxes=sandbox_manager(
+            sandbox_engine,
+            state,
+            reader,
+            runtime=container_runtime,
+            cgroup_manager=cgroup_manager,
+            ulimits=container_ulimits,
+        ),
         images=images,
         say=say,
     )
