@@ -22,12 +22,13 @@ from marketplace import ledger, payments
 from marketplace.listings import create_listing
 from marketplace.models import ApiToken, Dispute, EarningsHold, Order
 from marketplace.orders import place_order, provision_order, quote_for, stop_order
+from marketplace.ssh_keys import add_ssh_key
 from marketplace.tokens import issue_api_token
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.desired_state import desired_state
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, Node
-from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key
+from tests.factories import enroll_request, enrolled_node, gpu, ssh_public_key, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
@@ -256,6 +257,7 @@ def test_the_listing_page_shows_the_all_in_quote_for_the_chosen_hours_and_gpus(c
 
 def test_the_listing_page_offers_ordering_to_a_logged_in_buyer(client, buyer, listing):
     ledger.grant_credits(buyer, 25_000_000)
+    add_ssh_key(buyer, public_key=ssh_public_key("alice@laptop"))  # a sandbox needs a key
     login(client, buyer)
 
     page = text(client.get(f"/listings/{listing.pk}/"))
