@@ -118,3 +118,35 @@ def sandbox_for(order, *, state: str = "ready", host_keys=(), ports=(8888,), pro
         ports=list(ports),
         added_revision=node.desired_revision or 1,
     )
+
+
+def report_sandbox(order_id: int, **fields):
+    """The order's sandbox as if its node had just reported `fields` (state, progress,
+    host_keys, ...): the row provisioning made is updated, or one is made where provisioning
+    made none, and sandbox_changed is sent in the same transaction, as status ingestion does."""
+    from django.db import transaction
+
+    from marketplace.models import Order
+    from meshnet.models import Sandbox
+    from meshnet.signals import sandbox_changed
+
+    with transaction.atomic():
+        sandbox = Sandbox.objects.select_for_update().filter(ref=f"order:{order_id}").first()
+        if sandbox is None:
+            sandbox = sandbox_for(Order.objects.get(pk=order_id), state="pending")
+        if "gpus" not in fields and fields.get("state") in ("starting", "ready"):
+            fields["gpus"] = [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "uuid": f"GPU-{sandbox.node_id:04d}-{g.index:04d}",
+                }
+                for g in sandbox.node.gpus.order_by("index")[
+                    : Order.objects.get(pk=order_id).gpu_count
+                ]
+            ]
+        for name, value in fields.items():
+            setattr(sandbox, name, value)
+        sandbox.save()
+        sandbox_changed.send(sender=Sandbox, sandbox=sandbox)
+    return sandbox
