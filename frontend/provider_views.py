@@ -184,8 +184,8 @@ def add_job_fields(form: forms.Form, node: Node) -> None:
         choices=[(image, image) for image in node.images or []],
         widget=forms.CheckboxSelectMultiple,
         initial=list(node.images or []),
-        help_text="what buyers may run; the first ticked is the default. The node's agent "
-        "reports the images it is configured to run.",
+        help_text="what buyers may run; the first ticked is the default (none ticked: all of "
+        "them). The node's agent reports the images it is configured to run.",
     )
     limits = (
         ("cpus_per_gpu", "CPU cores per GPU", 256, 4),
@@ -193,8 +193,9 @@ def add_job_fields(form: forms.Form, node: Node) -> None:
         ("disk_gb", "GB of disk per job", 100_000, 50),
     )
     for name, label, high, default in limits:
+        # Left empty: the default on a new listing, unchanged on an edit.
         form.fields[name] = forms.IntegerField(
-            label=label, min_value=1, max_value=high, initial=default
+            label=label, min_value=1, max_value=high, initial=default, required=False
         )
     form.fields["egress"] = forms.BooleanField(
         label="jobs may reach the internet",
@@ -205,6 +206,14 @@ def add_job_fields(form: forms.Form, node: Node) -> None:
 
 
 JOB_FIELDS = ("images", "cpus_per_gpu", "memory_gb_per_gpu", "disk_gb", "egress")
+
+
+def job_changes(data: dict, node: Node) -> dict:
+    """The job fields of a cleaned form as the listing services take them: None keeps the
+    default (or the current value); no image ticked offers all the node runs."""
+    changes = {name: data[name] for name in JOB_FIELDS}
+    changes["images"] = changes["images"] or list(node.images or [])
+    return changes
 
 
 class ListingEditForm(forms.Form):
@@ -268,7 +277,7 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
                     price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
                     price_per_gib=usd_to_micro(data["price_per_gib"]),
                     region=data["region"] or None,
-                    **{name: data[name] for name in JOB_FIELDS},
+                    **job_changes(data, node),
                 )
             except MarketError as exc:
                 _add_market_error(form, exc)
@@ -332,7 +341,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
                 gpu_count=data["gpu_count"],
                 price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
                 price_per_gib=usd_to_micro(data["price_per_gib"]),
-                **{name: data[name] for name in JOB_FIELDS},
+                **job_changes(data, listing.node),
             )
         except MarketError as exc:
             _add_market_error(form, exc)
