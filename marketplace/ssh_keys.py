@@ -45,6 +45,27 @@ MAX_LENGTH = 8192
 NAME_MAX_LENGTH = SshKey._meta.get_field("name").max_length
 
 PRIVATE_KEY = "this is a private key: paste the .pub file (e.g. ~/.ssh/id_ed25519.pub)"
+OPTIONS = (
+    'options such as command="..." or from="..." are not accepted: paste the key alone '
+    "(type, base64 key, optional comment)"
+)
+# authorized_keys options that take no value (sshd(8), AUTHORIZED_KEYS FILE FORMAT).
+OPTION_WORDS = {
+    "agent-forwarding",
+    "cert-authority",
+    "no-agent-forwarding",
+    "no-port-forwarding",
+    "no-pty",
+    "no-user-rc",
+    "no-X11-forwarding",
+    "no-touch-required",
+    "port-forwarding",
+    "pty",
+    "restrict",
+    "user-rc",
+    "verify-required",
+    "X11-forwarding",
+}
 
 
 @dataclass(frozen=True)
@@ -97,12 +118,20 @@ def parse_public_key(text: str) -> PublicKey:
         raise _bad(f"a public key is at most {MAX_LENGTH} characters")
     lines = [line for line in text.strip().splitlines() if line.strip()]
     tokens = text.split()
-    typed = [i for i, token in enumerate(tokens) if token in KEY_TYPES]
-    if len(typed) > 1 or len(lines) > 1:
-        if len(typed) > 1:
-            raise _bad("one key per field: add each key separately")
+    # A key is a known type followed by its base64 blob (which always starts "AAAA": the
+    # blob's first field is the type name's length); a type named in a comment is not a key.
+    typed = [
+        i
+        for i, token in enumerate(tokens)
+        if token in KEY_TYPES and i + 1 < len(tokens) and tokens[i + 1].startswith("AAAA")
+    ] or [i for i, token in enumerate(tokens) if token in KEY_TYPES][:1]
+    if len(typed) > 1:
+        raise _bad("one key per field: add each key separately")
+    if len(lines) > 1:
         raise _bad("a public key is one line: paste the whole .pub file, unwrapped")
     if not typed:
+        if "=" in tokens[0] or tokens[0].split(",")[0] in OPTION_WORDS:
+            raise _bad(OPTIONS)
         if tokens[0] == "ssh-dss":
             raise _bad("DSA keys are not accepted by OpenSSH any more: use an ed25519 key")
         if "-cert-" in tokens[0]:
@@ -110,10 +139,7 @@ def parse_public_key(text: str) -> PublicKey:
         raise _bad(f"unknown key type {tokens[0][:40]!r}; one of {', '.join(KEY_TYPES)}")
     if typed[0] != 0:
         # authorized_keys options before the key: a forced command, from=, no-pty...
-        raise _bad(
-            'options such as command="..." or from="..." are not accepted: paste the key '
-            "alone (type, base64 key, optional comment)"
-        )
+        raise _bad(OPTIONS)
     if len(tokens) < 2:
         raise _bad("the key's base64 part is missing")
     key_type, encoded = tokens[0], tokens[1]

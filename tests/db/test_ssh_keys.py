@@ -187,6 +187,16 @@ def test_several_keys_in_one_field_are_refused(keygen, tmp_path):
         assert refused.value.field == "public_key"
 
 
+def test_options_alone_or_a_key_type_in_a_comment_are_told_apart():
+    with pytest.raises(MarketError, match="options such as command="):
+        parse_public_key('command="/bin/sh" AAAAC3NzaC1lZDI1NTE5')
+    with pytest.raises(MarketError, match="options such as command="):
+        parse_public_key("restrict,pty")
+
+    line = ssh_public_key("replaces my old ssh-rsa key")
+    assert parse_public_key(line).comment == "replaces my old ssh-rsa key"
+
+
 def test_a_key_wrapped_over_lines_is_refused():
     line = ssh_public_key()
     kind, encoded = line.split()
