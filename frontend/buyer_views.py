@@ -142,6 +142,13 @@ def _order_context(order: Order) -> dict:
         ),
         "dispute_max_length": DISPUTE_REASON_MAX_LENGTH,
         "sandbox": connect_info(sandbox),
+        # Once the order stops, the node removes the container first: no login to offer.
+        "sandbox_gone": sandbox is not None
+        and (
+            sandbox.removed_revision is not None
+            or order.state in Order.ENDED_STATES
+            or order.state == Order.State.STOPPING
+        ),
         **_dispute_context(order, settlement),
     }
 

@@ -16,7 +16,7 @@ from django.test import Client
 
 from frontend.realtime import order_group, owner_group
 from marketplace.listings import create_listing
-from marketplace.orders import place_order
+from marketplace.orders import place_order, stop_order
 from marketplace.ssh_keys import add_ssh_key
 from meshnet.models import Node, Sandbox
 from meshnet.signals import sandbox_changed
@@ -186,6 +186,15 @@ def test_the_connect_panel_shows_pull_progress_and_failure(funded_buyer, order):
     failed = browser.get(f"/orders/{order.pk}/panels/").content.decode()
     assert "The sandbox failed: image not found" in failed
     assert 'id="ssh-command"' not in failed
+
+
+def test_a_stopping_order_offers_no_login(funded_buyer, order):
+    sandbox_for(order)
+    stop_order(order)
+
+    panels = browser_for(funded_buyer).get(f"/orders/{order.pk}/panels/").content.decode()
+
+    assert 'id="sandbox-removed"' in panels and 'id="ssh-command"' not in panels
 
 
 def test_the_order_page_snapshot_carries_the_sandbox_state(funded_buyer, order):
