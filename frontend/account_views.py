@@ -1,4 +1,5 @@
-"""Accounts: sign up, log in and out, password change, and API tokens for the CLI and API.
+"""Accounts: sign up, log in and out, password change, API tokens for the CLI and API, and the
+SSH public keys that go into every order's sandbox.
 
 Django's own auth views where they fit; every write goes through Django auth or
 marketplace.tokens (API tokens are issued and revoked there, stored only as hashes)."""
@@ -21,8 +22,10 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
+from marketplace import ssh_keys as market_ssh_keys
 from marketplace import tokens as market_tokens
-from marketplace.models import ApiToken
+from marketplace.errors import MarketError
+from marketplace.models import ApiToken, SshKey
 from meshnet.throttling import LoginGuard, SignUps, client_address, wait_message
 
 LOGIN_URL = reverse_lazy("frontend:login")
@@ -168,3 +171,59 @@ def revoke_api_token(request: HttpRequest, token_id: int) -> HttpResponse:
         raise Http404("no such token of yours")
     messages.success(request, "Token revoked: requests that use it are refused from now on.")
     return redirect("frontend:api_tokens")
+
+
+class SshKeyForm(forms.Form):
+    name = forms.CharField(
+        max_length=market_ssh_keys.NAME_MAX_LENGTH,
+        required=False,
+        label="Name",
+        help_text="What the key is for, e.g. “laptop”. Defaults to the key's comment.",
+    )
+    public_key = forms.CharField(
+        label="Public key",
+        strip=False,
+        widget=forms.Textarea(attrs={"rows": 3, "spellcheck": "false", "autocomplete": "off"}),
+        help_text="The one line of your <code>.pub</code> file, e.g. the output of "
+        "<code>cat ~/.ssh/id_ed25519.pub</code>. "
+        "Make a key with <code>ssh-keygen -t ed25519</code>.",
+    )
+
+
+@buyer_login_required
+@require_http_methods(["GET", "POST"])
+def ssh_keys(request: HttpRequest) -> HttpResponse:
+    """GET lists the user's SSH keys; POST adds one (marketplace.ssh_keys checks it and names
+    the field at fault) and redirects back."""
+    form = SshKeyForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            key = market_ssh_keys.add_ssh_key(
+                request.user,
+                public_key=form.cleaned_data["public_key"],
+                name=form.cleaned_data["name"],
+            )
+        except MarketError as exc:
+            form.add_error(exc.field if exc.field in form.fields else None, str(exc))
+        else:
+            messages.success(
+                request, f"Key “{key.name}” added ({key.fingerprint}): your next orders use it."
+            )
+            return redirect("frontend:ssh_keys")
+    keys = list(SshKey.objects.filter(user=request.user))
+    for key in keys:
+        key.key_type = key.public_key.split(" ", 1)[0]
+    return render(
+        request,
+        "frontend/accounts/ssh_keys.html",
+        {"form": form, "keys": keys, "max_keys": SshKey.MAX_PER_USER},
+    )
+
+
+@buyer_login_required
+@require_POST
+def delete_ssh_key(request: HttpRequest, key_id: int) -> HttpResponse:
+    if not market_ssh_keys.delete_ssh_key(request.user, key_id):
+        raise Http404("no such key of yours")
+    messages.success(request, "Key deleted. Orders already placed keep the keys they started with.")
+    return redirect("frontend:ssh_keys")

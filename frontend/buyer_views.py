@@ -20,7 +20,16 @@ from frontend.charts import line_chart
 from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
 from marketplace import ledger, payments
-from marketplace.models import Account, Dispute, EarningsHold, EscrowHold, LedgerEntry, Order
+from marketplace.connect import connect_info, sandbox_of
+from marketplace.models import (
+    Account,
+    Dispute,
+    EarningsHold,
+    EscrowHold,
+    LedgerEntry,
+    Order,
+    SshKey,
+)
 from marketplace.orders import quote_for
 
 
@@ -63,6 +72,9 @@ def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
             "allowance_gib": settings.MOLT_BANDWIDTH_ALLOWANCE_GIB,
             "fee_percent": settings.MOLT_PLATFORM_FEE_BPS / 100,
             "own": request.user.is_authenticated and listing.owner_id == request.user.pk,
+            # Every order's sandbox takes the buyer's SSH keys: without one, nobody could log in.
+            "has_ssh_keys": request.user.is_authenticated
+            and SshKey.objects.filter(user=request.user).exists(),
         },
     )
 
@@ -111,7 +123,8 @@ def _dispute_context(order: Order, settlement) -> dict:
 
 def _order_context(order: Order) -> dict:
     points = usage_intervals(order)
-    state = snapshot(order)
+    sandbox = sandbox_of(order.pk)
+    state = snapshot(order, sandbox)
     current = STEPS[-1] if order.state in _AFTER_COMPLETION else order.state
     reached = STEPS.index(current) if current in STEPS else -1
     settlement = getattr(order, "settlement", None)
@@ -128,6 +141,14 @@ def _order_context(order: Order) -> dict:
             (order.bytes_in + order.bytes_out) * 100 // max(order.bandwidth_allowance_bytes, 1),
         ),
         "dispute_max_length": DISPUTE_REASON_MAX_LENGTH,
+        "sandbox": connect_info(sandbox),
+        # Once the order stops, the node removes the container first: no login to offer.
+        "sandbox_gone": sandbox is not None
+        and (
+            sandbox.removed_revision is not None
+            or order.state in Order.ENDED_STATES
+            or order.state == Order.State.STOPPING
+        ),
         **_dispute_context(order, settlement),
     }
 

@@ -11,9 +11,10 @@ from django.db.models import F, Window
 from django.db.models.functions import Mod, RowNumber
 
 from frontend.charts import Interval, key_intervals
+from marketplace.connect import sandbox_of
 from marketplace.models import Order
 from meshnet.metering import Counters
-from meshnet.models import JobPeer, JobPeerKey, MeteringSample
+from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Sandbox
 
 # Enough points for a 640-pixel-wide chart; a month-long order at one sample every ten seconds
 # has a quarter of a million samples, and only every n-th is read (see usage_intervals).
@@ -42,9 +43,13 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def snapshot(order: Order) -> dict[str, Any]:
+_READ = object()
+
+
+def snapshot(order: Order, sandbox: Sandbox | object | None = _READ) -> dict[str, Any]:
     """What the order page needs to redraw its live parts. Never holds a private key: the
-    server never had one."""
+    server never had one. `sandbox`: the order's Sandbox row (or None) when the caller has
+    read it already; read here otherwise."""
     peer = order.job_peer if order.job_peer_id else None
     node = order.listing.node
     settled = getattr(order, "settlement", None) is not None
@@ -67,7 +72,15 @@ def snapshot(order: Order) -> dict[str, Any]:
         "can_download": peer is not None and order.state in (S.PROVISIONING, S.RUNNING),
         "can_stop": order.state in (S.PENDING, S.PROVISIONING, S.RUNNING),
         "can_rekey": order.state in (S.PENDING, S.PROVISIONING, S.RUNNING),
+        # Enough for the page to know its server-rendered Connect panel is stale.
+        "sandbox": _sandbox_summary(sandbox_of(order.pk) if sandbox is _READ else sandbox),
     }
+
+
+def _sandbox_summary(sandbox) -> dict[str, Any] | None:
+    if sandbox is None:
+        return None
+    return {"state": sandbox.state, "progress": sandbox.progress, "at": _iso(sandbox.reported_at)}
 
 
 def usage_intervals(order: Order) -> list[Interval]:

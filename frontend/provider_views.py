@@ -31,7 +31,7 @@ from marketplace.models import Listing, Order, PayoutRequest, Settlement
 from marketplace.money import micro_to_usd, usd_to_micro
 from meshnet.enrolment import create_enrollment_token
 from meshnet.ipplan import REGIONS
-from meshnet.models import EnrollmentToken, Gpu, Node
+from meshnet.models import EnrollmentToken, Gpu, Node, Sandbox
 
 
 def provider_page(view):
@@ -48,13 +48,23 @@ def install_command(request: HttpRequest, token: str) -> str:
 
 def nodes_of(user) -> QuerySet[Node]:
     """The user's nodes with what a card shows, in three queries whatever their number: the
-    nodes (with their listing count), their GPUs, and nothing per node."""
+    nodes (with their listing count), their GPUs, their live sandboxes, and nothing per node."""
     return (
         Node.objects.owned_by(user)
         .annotate(
             listing_count=Count("listings", filter=Q(listings__deleted_at__isnull=True)),
         )
-        .prefetch_related(Prefetch("gpus", queryset=Gpu.objects.order_by("index")))
+        .prefetch_related(
+            Prefetch("gpus", queryset=Gpu.objects.order_by("index")),
+            # The jobs running on each node now: sandboxes still in its desired state.
+            Prefetch(
+                "sandboxes",
+                queryset=Sandbox.objects.filter(removed_revision__isnull=True).order_by(
+                    "created_at", "id"
+                ),
+                to_attr="live_sandboxes",
+            ),
+        )
         # Revoked nodes last; newest enrolment first among the others.
         .order_by(F("revoked_at").asc(nulls_first=True), "-enrolled_at", "-id")
     )
@@ -162,12 +172,58 @@ class ListingForm(forms.Form):
         self.fields["gpu_model"].choices = models
         node_region = f"the node's ({node.region})" if node.region else "none"
         self.fields["region"].choices = [("", node_region), *((r, r) for r in REGIONS)]
+        add_job_fields(self, node)
+
+
+def add_job_fields(form: forms.Form, node: Node) -> None:
+    """What a job gets: the images (of those the node's agent runs), per-GPU CPU and memory,
+    disk, and internet access. marketplace.listings checks them again and names the field."""
+    form.fields["images"] = forms.MultipleChoiceField(
+        label="images",
+        required=False,
+        choices=[(image, image) for image in node.images or []],
+        widget=forms.CheckboxSelectMultiple,
+        initial=list(node.images or []),
+        help_text="what buyers may run; the first ticked is the default (none ticked: all of "
+        "them). The node's agent reports the images it is configured to run.",
+    )
+    limits = (
+        ("cpus_per_gpu", "CPU cores per GPU", 256, 4),
+        ("memory_gb_per_gpu", "GB of memory per GPU", 4096, 16),
+        ("disk_gb", "GB of disk per job", 100_000, 50),
+    )
+    for name, label, high, default in limits:
+        # Left empty: the default on a new listing, unchanged on an edit.
+        form.fields[name] = forms.IntegerField(
+            label=label, min_value=1, max_value=high, initial=default, required=False
+        )
+    form.fields["egress"] = forms.BooleanField(
+        label="jobs may reach the internet",
+        required=False,
+        initial=True,
+        help_text="through NAT behind the node; untick to let a job reach only its buyer",
+    )
+
+
+JOB_FIELDS = ("images", "cpus_per_gpu", "memory_gb_per_gpu", "disk_gb", "egress")
+
+
+def job_changes(data: dict, node: Node) -> dict:
+    """The job fields of a cleaned form as the listing services take them: None keeps the
+    default (or the current value); no image ticked offers all the node runs."""
+    changes = {name: data[name] for name in JOB_FIELDS}
+    changes["images"] = changes["images"] or list(node.images or [])
+    return changes
 
 
 class ListingEditForm(forms.Form):
     gpu_count = forms.IntegerField(label="GPUs", min_value=1, max_value=1024)
     price_per_gpu_hour = ListingForm.base_fields["price_per_gpu_hour"]
     price_per_gib = ListingForm.base_fields["price_per_gib"]
+
+    def __init__(self, data=None, *, node: Node, initial=None) -> None:
+        super().__init__(data, initial=initial)
+        add_job_fields(self, node)
 
 
 def gpu_models(node: Node) -> list[dict]:
@@ -221,6 +277,7 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
                     price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
                     price_per_gib=usd_to_micro(data["price_per_gib"]),
                     region=data["region"] or None,
+                    **job_changes(data, node),
                 )
             except MarketError as exc:
                 _add_market_error(form, exc)
@@ -273,8 +330,9 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
         "gpu_count": listing.gpu_count,
         "price_per_gpu_hour": micro_to_usd(listing.price_per_gpu_hour),
         "price_per_gib": micro_to_usd(listing.price_per_gib),
+        **{name: getattr(listing, name) for name in JOB_FIELDS},
     }
-    form = ListingEditForm(request.POST or None, initial=initial)
+    form = ListingEditForm(request.POST or None, initial=initial, node=listing.node)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -283,6 +341,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
                 gpu_count=data["gpu_count"],
                 price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
                 price_per_gib=usd_to_micro(data["price_per_gib"]),
+                **job_changes(data, listing.node),
             )
         except MarketError as exc:
             _add_market_error(form, exc)
@@ -290,7 +349,7 @@ def listing_edit(request: HttpRequest, pk: int) -> HttpResponse:
             messages.success(request, f"Listing #{listing.pk} saved.")
             return redirect("frontend:provider_listings")
     if request.method == "GET":
-        form = ListingEditForm(initial=initial)
+        form = ListingEditForm(initial=initial, node=listing.node)
     in_use = Order.objects.gpus_in_use(listing.pk)
     return render(
         request,

@@ -3,6 +3,7 @@ sent to them.
 
 The apps below emit domain signals inside their writing transactions and know nothing of pages:
 meshnet.signals.node_changed (a node enrolled, online, with new inventory, revoked),
+meshnet.signals.sandbox_changed (a job's sandbox pulling, ready, failed, removed),
 marketplace.signals.order_changed (an order's state or key), and meshnet's peer_traffic and
 peer_acknowledged (an order's usage, a re-key acknowledged while it stays running). The
 receivers here turn them into group sends after the transaction commits
@@ -20,8 +21,8 @@ from django.dispatch import receiver
 from marketplace.models import Order
 from marketplace.signals import order_changed
 from meshnet.channel_layer import group_send_on_commit
-from meshnet.models import JobPeer, Node
-from meshnet.signals import node_changed, peer_acknowledged, peer_traffic
+from meshnet.models import JobPeer, Node, Sandbox
+from meshnet.signals import node_changed, peer_acknowledged, peer_traffic, sandbox_changed
 
 
 def order_group(order_id: int) -> str:
@@ -71,3 +72,18 @@ def on_node_changed(sender, node: Node, change: str, **kwargs) -> None:
     group_send_on_commit(
         owner_group(node.owner_id), {"type": "node.changed", "node": node.pk, "change": change}
     )
+
+
+@receiver(sandbox_changed, dispatch_uid="frontend.realtime.sandbox_changed")
+def on_sandbox_changed(sender, sandbox: Sandbox, **kwargs) -> None:
+    """A sandbox is named by its order ("order:<id>"): that order's page redraws its Connect
+    panel; the node's owner's nodes page redraws the node's card (its running sandboxes)."""
+    kind, _, order_id = sandbox.ref.partition(":")
+    if kind == "order" and order_id.isdigit():
+        announce_order(int(order_id))
+    owner_id = Node.objects.filter(pk=sandbox.node_id).values_list("owner_id", flat=True).first()
+    if owner_id is not None:
+        group_send_on_commit(
+            owner_group(owner_id),
+            {"type": "node.changed", "node": sandbox.node_id, "change": "sandboxes"},
+        )

@@ -29,6 +29,12 @@ urlpatterns = [
         account_views.revoke_api_token,
         name="revoke_api_token",
     ),
+    path("accounts/ssh-keys/", account_views.ssh_keys, name="ssh_keys"),
+    path(
+        "accounts/ssh-keys/<int:key_id>/delete/",
+        account_views.delete_ssh_key,
+        name="delete_ssh_key",
+    ),
     # Providers (frontend.provider_views)
     path(
         "provider/", RedirectView.as_view(pattern_name="frontend:provider_nodes"), name="provider"

@@ -15,6 +15,35 @@ from marketplace.money import MAX_PRICE, format_usd
 from meshnet import ipplan
 from meshnet.models import Node
 
+# What a job gets per GPU ordered and per job, as a listing may set it (docs/provider.md).
+LIMITS = {
+    "cpus_per_gpu": (1, 256),
+    "memory_gb_per_gpu": (1, 4096),
+    "disk_gb": (1, 100_000),
+}
+
+
+def _check_limits(values: dict[str, int | None]) -> None:
+    for name, value in values.items():
+        low, high = LIMITS[name]
+        if value is not None and not low <= value <= high:
+            raise MarketError(f"{name} must be between {low} and {high}", field=name)
+
+
+def _check_images(node: Node, images: list[str]) -> list[str]:
+    """`images` as a listing keeps them: each one the node reports it can run, no repeats, in
+    the provider's order (the first is what an order gets by default)."""
+    if not isinstance(images, list | tuple) or not all(isinstance(i, str) for i in images):
+        raise MarketError("images must be a list of image names", field="images")
+    offered = list(node.images or [])
+    unknown = [image for image in images if image not in offered]
+    if unknown:
+        runs = ", ".join(offered) if offered else "none reported yet"
+        raise MarketError(
+            f"{node.name} does not run {', '.join(unknown)} (it runs: {runs})", field="images"
+        )
+    return list(dict.fromkeys(images))
+
 
 def _check_price(name: str, price: int) -> None:
     """Prices are whole micro-USD from 0 to money.MAX_PRICE, checked where they enter, so no
@@ -38,10 +67,17 @@ def create_listing(
     price_per_gib: int,
     gpu_model: str | None = None,
     region: str | None = None,
+    images: list[str] | None = None,
+    cpus_per_gpu: int | None = None,
+    memory_gb_per_gpu: int | None = None,
+    disk_gb: int | None = None,
+    egress: bool | None = None,
 ) -> Listing:
     """List `gpu_count` GPUs of one model of `owner`'s node. The model and VRAM come from the
-    node's reported GPUs; with several models on the node, `gpu_model` picks one. Locks: node
-    row, so two listings cannot together offer more GPUs than the node has."""
+    node's reported GPUs; with several models on the node, `gpu_model` picks one. `images`
+    must each be one the node reports (Node.images); None offers all of them. Limits left None
+    take the model's defaults. Locks: node row, so two listings cannot together offer more GPUs
+    than the node has."""
     if node.owner_id != owner.pk or node.revoked_at is not None:
         raise MarketError("unknown node", field="node")
     if gpu_count < 1:
@@ -52,8 +88,12 @@ def create_listing(
         raise MarketError(
             f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region"
         )
+    _check_limits(
+        {"cpus_per_gpu": cpus_per_gpu, "memory_gb_per_gpu": memory_gb_per_gpu, "disk_gb": disk_gb}
+    )
     with transaction.atomic():
-        Node.objects.select_for_update().get(pk=node.pk)
+        node = Node.objects.select_for_update().get(pk=node.pk)
+        images = _check_images(node, list(node.images or []) if images is None else images)
         gpus = list(node.gpus.all())
         models = sorted({gpu.name for gpu in gpus})
         if not models:
@@ -88,6 +128,17 @@ def create_listing(
             price_per_gib=price_per_gib,
             region=region if region is not None else node.region,
             simulated=any(gpu.simulated for gpu in matching),
+            images=images,
+            **{
+                name: value
+                for name, value in (
+                    ("cpus_per_gpu", cpus_per_gpu),
+                    ("memory_gb_per_gpu", memory_gb_per_gpu),
+                    ("disk_gb", disk_gb),
+                    ("egress", egress),
+                )
+                if value is not None
+            },
         )
 
 
@@ -98,9 +149,15 @@ def update_listing(
     price_per_gib: int | None = None,
     gpu_count: int | None = None,
     is_active: bool | None = None,
+    images: list[str] | None = None,
+    cpus_per_gpu: int | None = None,
+    memory_gb_per_gpu: int | None = None,
+    disk_gb: int | None = None,
+    egress: bool | None = None,
 ) -> Listing:
-    """Change a listing's prices, GPU count or active flag (False pauses it: no new orders;
-    live orders are untouched, and they keep the prices they were placed at).
+    """Change a listing's prices, GPU count, active flag (False pauses it: no new orders;
+    live orders are untouched, and they keep the prices they were placed at), images (each one
+    the node reports), per-GPU CPU and memory, disk per job, or egress (new orders only).
 
     A new gpu_count is checked like create_listing's: with the node's other listings of this
     model it must fit the node's GPUs of the model, and it cannot go below the GPUs live orders
@@ -114,6 +171,9 @@ def update_listing(
     ):
         if price is not None:
             _check_price(name, price)
+    _check_limits(
+        {"cpus_per_gpu": cpus_per_gpu, "memory_gb_per_gpu": memory_gb_per_gpu, "disk_gb": disk_gb}
+    )
     with transaction.atomic():
         locked = Listing.objects.visible().select_for_update().filter(pk=listing.pk).first()
         if locked is None:
@@ -144,6 +204,17 @@ def update_listing(
             changes["price_per_gib"] = price_per_gib
         if is_active is not None:
             changes["is_active"] = is_active
+        if images is not None:
+            node = Node.objects.select_for_update().get(pk=locked.node_id)
+            changes["images"] = _check_images(node, images)
+        for name, value in (
+            ("cpus_per_gpu", cpus_per_gpu),
+            ("memory_gb_per_gpu", memory_gb_per_gpu),
+            ("disk_gb", disk_gb),
+            ("egress", egress),
+        ):
+            if value is not None:
+                changes[name] = value
         if changes:
             Listing.objects.filter(pk=locked.pk).update(**changes)
         locked.refresh_from_db()

@@ -20,3 +20,8 @@ node_revoked = Signal()
 # "revoked"). Sent inside the writing transaction whenever what a node's owner sees of it
 # changes; frontend.realtime tells the owner's open pages after commit.
 node_changed = Signal()
+
+# kwargs: sandbox (meshnet.models.Sandbox). Sent inside the writing transaction whenever what a
+# buyer or the node's owner sees of a job's sandbox changes (added, a status report, removed);
+# frontend.realtime tells the order's and the owner's open pages after commit.
+sandbox_changed = Signal()

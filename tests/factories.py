@@ -74,3 +74,79 @@ def enrolled_node(owner, gpus=None, *, region: str = "eu-west"):
 
 def wg_public_key() -> str:
     return encode_key(generate_wireguard_keypair()[1])
+
+
+def ssh_public_key(comment: str = "") -> str:
+    """A fresh ed25519 public key line as a .pub file holds it (without calling ssh-keygen)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    line = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        .decode()
+    )
+    return f"{line} {comment}".rstrip()
+
+
+def sandbox_for(order, *, state: str = "ready", host_keys=(), ports=(8888,), progress: int = 0):
+    """The Sandbox row provisioning would make for `order`, as its node last reported it (the
+    pages and the API only read it). Its GPUs are the order's first GPUs of the node."""
+    from meshnet.ipplan import sandbox_subnet
+    from meshnet.models import Node, Sandbox
+
+    node = Node.objects.get(pk=order.listing.node_id)
+    subnet = sandbox_subnet(node.mesh_address)
+    gpus = [
+        {"index": g.index, "name": g.name, "uuid": f"GPU-{node.pk:04d}-{g.index:04d}"}
+        for g in node.gpus.order_by("index")[: order.gpu_count]
+    ]
+    return Sandbox.objects.create(
+        node=node,
+        ref=f"order:{order.pk}",
+        address=str(subnet.network_address + 2 + order.pk % 29),
+        peer_address=order.job_peer.address if order.job_peer_id else "10.100.200.9",
+        image=order.image or "molt/pytorch:2.4",
+        cpus_milli=4000 * order.gpu_count,
+        memory_mb=16384 * order.gpu_count,
+        disk_gb=50,
+        state=state,
+        progress=progress,
+        gpus=gpus if state in ("starting", "ready") else [],
+        host_keys=list(host_keys),
+        ports=list(ports),
+        added_revision=node.desired_revision or 1,
+    )
+
+
+def report_sandbox(order_id: int, **fields):
+    """The order's sandbox as if its node had just reported `fields` (state, progress,
+    host_keys, ...): the row provisioning made is updated, or one is made where provisioning
+    made none, and sandbox_changed is sent in the same transaction, as status ingestion does."""
+    from django.db import transaction
+
+    from marketplace.models import Order
+    from meshnet.models import Sandbox
+    from meshnet.signals import sandbox_changed
+
+    with transaction.atomic():
+        sandbox = Sandbox.objects.select_for_update().filter(ref=f"order:{order_id}").first()
+        if sandbox is None:
+            sandbox = sandbox_for(Order.objects.get(pk=order_id), state="pending")
+        if "gpus" not in fields and fields.get("state") in ("starting", "ready"):
+            fields["gpus"] = [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "uuid": f"GPU-{sandbox.node_id:04d}-{g.index:04d}",
+                }
+                for g in sandbox.node.gpus.order_by("index")[
+                    : Order.objects.get(pk=order_id).gpu_count
+                ]
+            ]
+        for name, value in fields.items():
+            setattr(sandbox, name, value)
+        sandbox.save()
+        sandbox_changed.send(sender=Sandbox, sandbox=sandbox)
+    return sandbox

@@ -435,6 +435,7 @@ def page_paths(copy: Copy) -> dict[str, tuple[str, str]]:
             "/wallet/": ("buyer", "/wallet/"),
             "/wallet/?page=2": ("buyer", "/wallet/?page=2"),
             "/accounts/tokens/": ("buyer", "/accounts/tokens/"),
+            "/accounts/ssh-keys/": ("buyer", "/accounts/ssh-keys/"),
             "/accounts/password/": ("buyer", "/accounts/password/"),
             "/provider/nodes/": ("provider", "/provider/nodes/"),
             "/provider/nodes/cards/": ("provider", "/provider/nodes/cards/"),

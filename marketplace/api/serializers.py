@@ -8,7 +8,8 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from marketplace.models import Listing, Order
+from marketplace.connect import connect_info, sandbox_of
+from marketplace.models import Listing, Order, SshKey
 from marketplace.money import MAX_PRICE
 from meshnet.errors import InvalidPeerKey
 from meshnet.keys import check_wireguard_public_key
@@ -41,6 +42,11 @@ class ListingSerializer(serializers.ModelSerializer):
         help_text="the node's reliability, 0 to 100: round(100 x jobs completed / finished x "
         "heartbeat uptime over 30 days); null until first computed (within a minute)"
     )
+    images = serializers.ListField(
+        child=serializers.CharField(),
+        read_only=True,
+        help_text="sandbox images a buyer may pick; the first is the default",
+    )
 
     class Meta:
         model = Listing
@@ -59,8 +65,19 @@ class ListingSerializer(serializers.ModelSerializer):
             "is_active",
             "created_at",
             "reliability",
+            "images",
+            "cpus_per_gpu",
+            "memory_gb_per_gpu",
+            "disk_gb",
+            "egress",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "cpus_per_gpu": {"help_text": "CPU cores a job gets per GPU ordered"},
+            "memory_gb_per_gpu": {"help_text": "GB of memory a job gets per GPU ordered"},
+            "disk_gb": {"help_text": "GB of disk per job (the container's writable layer)"},
+            "egress": {"help_text": "whether jobs may reach the internet (NAT behind the node)"},
+        }
 
     def get_reliability(self, listing: Listing) -> int | None:
         record = getattr(listing.node, "reliability", None)  # None: no NodeReliability row yet
@@ -100,6 +117,18 @@ class ListingCreateSerializer(serializers.Serializer):
         required=False, help_text="which model, when the node has several"
     )
     region = serializers.CharField(required=False, help_text="defaults to the node's region")
+    images = serializers.ListField(
+        child=serializers.CharField(max_length=255),
+        required=False,
+        max_length=32,
+        help_text="each one the node reports it runs (its `images`); default all of them",
+    )
+    cpus_per_gpu = serializers.IntegerField(required=False, min_value=1, max_value=256)
+    memory_gb_per_gpu = serializers.IntegerField(required=False, min_value=1, max_value=4096)
+    disk_gb = serializers.IntegerField(required=False, min_value=1, max_value=100_000)
+    egress = serializers.BooleanField(
+        required=False, help_text="jobs may reach the internet (default true)"
+    )
 
 
 class ListingUpdateSerializer(serializers.Serializer):
@@ -107,6 +136,16 @@ class ListingUpdateSerializer(serializers.Serializer):
     price_per_gib = serializers.IntegerField(min_value=0, max_value=MAX_PRICE, required=False)
     gpu_count = serializers.IntegerField(min_value=1, required=False)
     is_active = serializers.BooleanField(required=False, help_text="false pauses the listing")
+    images = serializers.ListField(
+        child=serializers.CharField(max_length=255),
+        required=False,
+        max_length=32,
+        help_text="each one the node reports it runs; the first is the default",
+    )
+    cpus_per_gpu = serializers.IntegerField(required=False, min_value=1, max_value=256)
+    memory_gb_per_gpu = serializers.IntegerField(required=False, min_value=1, max_value=4096)
+    disk_gb = serializers.IntegerField(required=False, min_value=1, max_value=100_000)
+    egress = serializers.BooleanField(required=False)
 
 
 def validate_wireguard_public_key(value: str) -> str:
@@ -118,6 +157,11 @@ def validate_wireguard_public_key(value: str) -> str:
 
 class OrderCreateSerializer(serializers.Serializer):
     listing = serializers.IntegerField(min_value=1, help_text="listing id")
+    image = serializers.CharField(
+        required=False,
+        max_length=255,
+        help_text="one of the listing's `images` for the sandbox; default its first",
+    )
     gpu_count = serializers.IntegerField(min_value=1)
     hours = serializers.IntegerField(min_value=1)
     wireguard_public_key = serializers.CharField(
@@ -138,6 +182,37 @@ class DisputeSerializer(serializers.Serializer):
     resolution_note = serializers.CharField()
 
 
+class SandboxGpuSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    model = serializers.CharField()
+    uuid = serializers.CharField()
+
+
+class SandboxSerializer(serializers.Serializer):
+    """How to reach the order's sandbox, as its node last reported it."""
+
+    state = serializers.ChoiceField(
+        choices=["pending", "pulling", "starting", "ready", "stopped", "failed"],
+        help_text="ready: sshd accepts; the order runs (and is billed) from then",
+    )
+    detail = serializers.CharField(help_text="why it failed, or what it is doing")
+    progress = serializers.IntegerField(help_text="0 to 100 while pulling the image")
+    address = serializers.IPAddressField(help_text="the sandbox's address, through your tunnel")
+    image = serializers.CharField()
+    gpus = SandboxGpuSerializer(many=True, help_text="the GPUs the container really got")
+    ssh_command = serializers.CharField(help_text="e.g. `ssh root@10.128.0.2`")
+    host_key_fingerprints = serializers.ListField(
+        child=serializers.CharField(), help_text="`SHA256:...` of each sshd host key"
+    )
+    known_hosts = serializers.CharField(
+        help_text="lines for ~/.ssh/known_hosts, one per host key: `<address> <type> <base64>`"
+        " (host keys are made fresh for each job)"
+    )
+    ports = serializers.ListField(
+        child=serializers.IntegerField(), help_text="TCP ports the image exposes besides ssh"
+    )
+
+
 class OrderSerializer(serializers.ModelSerializer):
     hold = serializers.IntegerField(source="hold_amount", read_only=True, help_text="micro-USD")
     charges = serializers.SerializerMethodField(
@@ -153,12 +228,16 @@ class OrderSerializer(serializers.ModelSerializer):
     provider_address = serializers.SerializerMethodField(help_text="the node's mesh address")
     provider_public_key = serializers.SerializerMethodField(help_text="the node's WireGuard key")
     endpoint = serializers.SerializerMethodField(help_text="host:port of the provider node")
+    sandbox = serializers.SerializerMethodField(
+        help_text="the job's container: null until provisioning made it"
+    )
 
     class Meta:
         model = Order
         fields = [
             "id",
             "listing",
+            "image",
             "gpu_count",
             "hours",
             "state",
@@ -181,8 +260,16 @@ class OrderSerializer(serializers.ModelSerializer):
             "endpoint",
             "dispute",
             "dispute_window_ends_at",
+            "sandbox",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(SandboxSerializer(allow_null=True))
+    def get_sandbox(self, order: Order) -> dict | None:
+        # A list passes its page's sandboxes in the context (one query for the page).
+        known = self.context.get("sandboxes")
+        sandbox = known.get(order.pk) if known is not None else sandbox_of(order.pk)
+        return connect_info(sandbox)
 
     def get_charges(self, order: Order) -> int | None:
         settlement = getattr(order, "settlement", None)
@@ -261,6 +348,38 @@ class RekeySerializer(serializers.Serializer):
         trim_whitespace=False,
         validators=[validate_wireguard_public_key],
         help_text="base64 X25519 public key of a new key pair for this order",
+    )
+
+
+# --- SSH keys --------------------------------------------------------------------------------
+
+
+class SshKeySerializer(serializers.ModelSerializer):
+    public_key = serializers.CharField(
+        read_only=True, help_text="as authorized_keys takes it: type, base64 key, comment"
+    )
+    fingerprint = serializers.CharField(
+        read_only=True, help_text="`SHA256:...`, as `ssh-keygen -l` prints it"
+    )
+
+    class Meta:
+        model = SshKey
+        fields = ["id", "name", "public_key", "fingerprint", "created_at"]
+        read_only_fields = fields
+
+
+class SshKeyCreateSerializer(serializers.Serializer):
+    # Lengths and content are checked by marketplace.ssh_keys, which names the field.
+    name = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        trim_whitespace=False,
+        help_text="what the key is for; defaults to the key's comment",
+    )
+    public_key = serializers.CharField(
+        trim_whitespace=False,
+        help_text="the one line of your .pub file, e.g. `ssh-ed25519 AAAA... you@laptop`; "
+        "no options, no private key, one key",
     )
 
 

@@ -8,6 +8,7 @@ router.register("listings", views.ListingViewSet, basename="listing")
 router.register("orders", views.OrderViewSet, basename="order")
 router.register("payouts", views.PayoutViewSet, basename="payout")
 router.register("auth/tokens", token_views.ApiTokenViewSet, basename="api-token")
+router.register("ssh-keys", views.SshKeyViewSet, basename="ssh-key")
 
 urlpatterns = [
     path("auth/token/", views.ApiTokenView.as_view(), name="auth-token"),

@@ -46,13 +46,17 @@ from marketplace.api.serializers import (
     QuoteSerializer,
     ReceiptSerializer,
     RekeySerializer,
+    SshKeyCreateSerializer,
+    SshKeySerializer,
     TopUpRequestSerializer,
     TopUpSerializer,
     WalletSerializer,
 )
+from marketplace.connect import sandboxes_of
 from marketplace.listings import create_listing, delete_listing, update_listing
-from marketplace.models import Listing, Order, PayoutRequest
+from marketplace.models import Listing, Order, PayoutRequest, SshKey
 from marketplace.orders import place_order, quote_for, rekey_order, stop_order
+from marketplace.ssh_keys import add_ssh_key, delete_ssh_key
 from marketplace.tokens import issue_api_token
 from meshnet.api.serializers import ErrorSerializer
 from meshnet.throttling import AuthTokenThrottle, LoginGuard, client_address, wait_message
@@ -313,6 +317,13 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     def _fresh(self, order: Order) -> Order:
         return self.get_queryset().get(pk=order.pk)
 
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        page = self.paginate_queryset(self.filter_queryset(self.get_queryset()))
+        orders = page if page is not None else list(self.filter_queryset(self.get_queryset()))
+        context = {**self.get_serializer_context(), "sandboxes": sandboxes_of(o.pk for o in orders)}
+        data = OrderSerializer(orders, many=True, context=context).data
+        return self.get_paginated_response(data) if page is not None else Response(data)
+
     @extend_schema(
         request=OrderCreateSerializer,
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
@@ -333,12 +344,16 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     def create(self, request: Request) -> Response:
         form = OrderCreateSerializer(data=request.data)
         form.is_valid(raise_exception=True)
+        # `image` goes to place_order only when the buyer chose one: place_order defaults to
+        # the listing's first image.
+        chosen = {"image": form.validated_data["image"]} if "image" in form.validated_data else {}
         order = place_order(
             request.user,
             listing_id=form.validated_data["listing"],
             gpu_count=form.validated_data["gpu_count"],
             hours=form.validated_data["hours"],
             wireguard_public_key=form.validated_data["wireguard_public_key"],
+            **chosen,
         )
         return Response(
             self.get_serializer(self._fresh(order)).data, status=status.HTTP_201_CREATED
@@ -567,3 +582,55 @@ class PayoutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         form.is_valid(raise_exception=True)
         payout = payments.request_payout(request.user, form.validated_data["amount"])
         return Response(PayoutSerializer(payout).data, status=status.HTTP_201_CREATED)
+
+
+# --- SSH keys --------------------------------------------------------------------------------
+
+
+class SshKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """The caller's SSH public keys, which go into the sandbox of every order they place.
+    Another user's key is a 404."""
+
+    queryset = SshKey.objects.none()  # for the schema generator; see get_queryset
+    serializer_class = SshKeySerializer
+    http_method_names = ["get", "post", "delete", "head", "options"]
+
+    def get_queryset(self):
+        return SshKey.objects.filter(user=self.request.user)
+
+    @extend_schema(summary="Your SSH public keys")
+    def list(self, request: Request, *args, **kwargs) -> Response:
+        return super().list(request, *args, **kwargs)
+
+    @extend_schema(
+        request=SshKeyCreateSerializer,
+        responses={
+            201: SshKeySerializer,
+            **_errors(
+                {
+                    400: "naming the field: not a public key ssh-keygen accepts, a private key, "
+                    "options or a forced command, several keys, a duplicate, more than "
+                    f"{SshKey.MAX_PER_USER} keys, or a name too long",
+                }
+            ),
+        },
+        summary="Add an SSH public key to your account (used by the orders you place next)",
+    )
+    def create(self, request: Request) -> Response:
+        form = SshKeyCreateSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        key = add_ssh_key(
+            request.user,
+            public_key=form.validated_data["public_key"],
+            name=form.validated_data.get("name", ""),
+        )
+        return Response(SshKeySerializer(key).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(
+        responses={204: None, **_errors({404: "no such key of yours"})},
+        summary="Delete one of your SSH keys (placed orders keep the keys they were placed with)",
+    )
+    def destroy(self, request: Request, pk: str | None = None) -> Response:
+        key = self.get_object()
+        delete_ssh_key(request.user, key.pk)
+        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -27,7 +27,7 @@ from marketplace.models import Order
 from marketplace.orders import quote_for
 from meshnet.models import Node
 from tests.browser.conftest import ARTIFACTS
-from tests.factories import enrolled_node, gpu
+from tests.factories import enrolled_node, gpu, ssh_public_key
 from tests.integration.conftest import gateway, wait_until  # noqa: F401  (the gateway fixture)
 from tests.integration.test_agent_daemon import (  # noqa: F401  (provider_node is a fixture)
     RunningAgent,
@@ -163,6 +163,14 @@ def test_a_buyer_rents_a_gpu_in_the_browser_and_the_private_key_never_leaves_it(
     expect(admin.locator(".messagelist")).to_contain_text("Granted $100.00 to each of: carol")
     operator.close()
     assert ledger.available_for(carol) == 100_000_000
+
+    # 2b. An SSH key on the account: an order's sandbox lets in the buyer's keys, so the
+    # listing page asks for one before it offers to order.
+    page.goto(f"{base}/accounts/ssh-keys/")
+    page.fill("#id_public_key", ssh_public_key("carol@laptop"))
+    with page.expect_navigation():
+        page.click("#add-ssh-key")
+    expect(page.locator("#ssh-keys tbody tr")).to_have_count(1)
 
     # 3. Filter the marketplace to eu-west and open the listing.
     page.goto(f"{base}/")

@@ -35,6 +35,8 @@ PATHS = {
     "/api/v1/orders/{id}/receipt/": {"get"},
     "/api/v1/payouts/": {"get", "post"},
     "/api/v1/payouts/{id}/": {"get"},
+    "/api/v1/ssh-keys/": {"get", "post"},
+    "/api/v1/ssh-keys/{id}/": {"delete"},
 }
 
 
@@ -113,3 +115,18 @@ def test_spectacular_validates_the_schema_without_warnings(tmp_path):
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "schema.yaml").read_text().startswith("openapi: 3")
+
+
+def test_the_ssh_key_errors_and_the_order_sandbox_are_documented(schema):
+    create = schema["paths"]["/api/v1/ssh-keys/"]["post"]["responses"]
+    assert create["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    delete = schema["paths"]["/api/v1/ssh-keys/{id}/"]["delete"]["responses"]
+    assert delete["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/Error")
+    key = schema["components"]["schemas"]["SshKey"]["properties"]
+    assert set(key) == {"id", "name", "public_key", "fingerprint", "created_at"}
+    sandbox = schema["components"]["schemas"]["Sandbox"]["properties"]
+    assert {"state", "address", "image", "gpus", "ssh_command", "known_hosts"} <= set(sandbox)
+    assert {"host_key_fingerprints", "ports"} <= set(sandbox)
+    order = schema["components"]["schemas"]["Order"]["properties"]
+    assert "sandbox" in order
+    assert "image" in schema["components"]["schemas"]["OrderCreate"]["properties"]

@@ -22,12 +22,13 @@ from marketplace import ledger, payments
 from marketplace.listings import create_listing
 from marketplace.models import ApiToken, Dispute, EarningsHold, Order
 from marketplace.orders import place_order, provision_order, quote_for, stop_order
+from marketplace.ssh_keys import add_ssh_key
 from marketplace.tokens import issue_api_token
 from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.desired_state import desired_state
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, Node
-from tests.factories import enroll_request, enrolled_node, gpu, wg_public_key
+from tests.factories import enroll_request, enrolled_node, gpu, ssh_public_key, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
@@ -256,6 +257,7 @@ def test_the_listing_page_shows_the_all_in_quote_for_the_chosen_hours_and_gpus(c
 
 def test_the_listing_page_offers_ordering_to_a_logged_in_buyer(client, buyer, listing):
     ledger.grant_credits(buyer, 25_000_000)
+    add_ssh_key(buyer, public_key=ssh_public_key("alice@laptop"))  # a sandbox needs a key
     login(client, buyer)
 
     page = text(client.get(f"/listings/{listing.pk}/"))
@@ -619,7 +621,8 @@ def test_the_order_page_of_a_settled_disputed_and_resolved_order_costs_a_bounded
         elif step == "resolved":
             payments.resolve_dispute(dispute, refund=1, operator=make_user("olga"))
         # One query more than a live order's page: the dispute, or the frozen share's window.
-        with django_assert_max_num_queries(7):
+        # (A live order's page has one for its sandbox: the Connect panel.)
+        with django_assert_max_num_queries(8):
             response = client.get(url)
         assert f'data-state="{step if step != "settled" else "completed"}"' in text(response)
 
@@ -807,7 +810,16 @@ def test_pages_carry_a_content_security_policy(client, buyer, listing, running_o
 
 @pytest.mark.parametrize(
     ("page", "limit"),
-    [("listing", 5), ("orders", 4), ("order", 6), ("wallet", 7), ("tokens", 3)],
+    # The listing page asks whether the buyer has an SSH key, and the order page reads the
+    # order's sandbox: one query each.
+    [
+        ("listing", 6),
+        ("orders", 4),
+        ("order", 7),
+        ("wallet", 7),
+        ("tokens", 3),
+        ("ssh_keys", 3),
+    ],
 )
 def test_pages_cost_a_bounded_number_of_queries(
     client, buyer, provider, listing, page, limit, django_assert_max_num_queries
@@ -837,7 +849,10 @@ def test_pages_cost_a_bounded_number_of_queries(
         "order": f"/orders/{order.pk}/",
         "wallet": "/wallet/",
         "tokens": "/accounts/tokens/",
+        "ssh_keys": "/accounts/ssh-keys/",
     }
+    for i in range(5):
+        add_ssh_key(buyer, public_key=ssh_public_key(f"k{i}"))
     login(client, buyer)
     client.get(paths[page])  # warm the session and content-type caches
     with django_assert_max_num_queries(limit):

@@ -179,8 +179,9 @@ def test_the_cards_fragment_and_card_carry_every_node_in_few_queries(
     for _ in range(6):
         enrolled_node(provider)
 
-    # Session and user, the nodes with their listing counts, their GPUs, pending tokens.
-    with django_assert_max_num_queries(5):
+    # Session and user, the nodes with their listing counts, their GPUs, their live sandboxes,
+    # pending tokens.
+    with django_assert_max_num_queries(6):
         html = provider_client.get("/provider/nodes/cards/").content.decode()
     assert html.count('class="node-card') == 6
 

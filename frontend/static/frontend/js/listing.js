@@ -119,6 +119,8 @@
             wireguard_public_key: pair.publicKey, // the public key only
           },
         };
+        const image = document.getElementById("order-image");
+        if (image && image.value) attempt.body.image = image.value;
       }
       Molt.setStatus(orderStatus, "Placing the order and holding the price on your wallet…", "busy");
       const created = await Molt.api("POST", button.dataset.ordersUrl, {

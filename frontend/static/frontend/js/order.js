@@ -83,13 +83,23 @@
   // Usage, receipt, dispute and history are rendered by the server: fetched when something
   // they show changed, at once for a new state, else at most every few seconds while traffic
   // is flowing. Resolves once a fetch started now is in.
+  // The Connect panel (the sandbox) redraws at once on a new sandbox state, like the order's.
+  function sandboxSignature(s) {
+    const box = s.sandbox;
+    return box ? [box.state, box.progress, box.at].join("/") : "none";
+  }
+
+  function sandboxState(s) {
+    return s.sandbox ? s.sandbox.state : "none";
+  }
+
   function maybeRefreshPanels(previous) {
-    const signature = [state.state, state.settled, state.bytes_in, state.bytes_out, state.wireguard_public_key].join("|");
-    if (lastPanels === null) lastPanels = [previous.state, previous.settled, previous.bytes_in, previous.bytes_out, previous.wireguard_public_key].join("|");
+    const signature = [state.state, state.settled, state.bytes_in, state.bytes_out, state.wireguard_public_key, sandboxSignature(state)].join("|");
+    if (lastPanels === null) lastPanels = [previous.state, previous.settled, previous.bytes_in, previous.bytes_out, previous.wireguard_public_key, sandboxSignature(previous)].join("|");
     if (signature === lastPanels) return Promise.resolve();
     lastPanels = signature;
     clearTimeout(panelTimer);
-    if (previous.state !== state.state) return refreshPanels();
+    if (previous.state !== state.state || sandboxState(previous) !== sandboxState(state)) return refreshPanels();
     panelTimer = setTimeout(refreshPanels, Math.max(0, 5000 - (Date.now() - panelsLoaded)));
     return Promise.resolve();
   }
@@ -350,6 +360,30 @@
       Molt.setStatus(status, disputeNote.message, disputeNote.kind);
     }
   }
+
+  // Copy buttons of the Connect panel (redrawn live, so found through the panels).
+  ui.panels.addEventListener("click", (event) => {
+    const button = event.target.closest("button[data-copy]");
+    if (!button) return;
+    const field = $(button.dataset.copy);
+    if (!field) return;
+    field.focus();
+    field.select();
+    const done = () => {
+      button.textContent = "Copied";
+      setTimeout(() => { button.textContent = "Copy"; }, 2000);
+    };
+    // The Clipboard API needs a secure context; elsewhere the selection stays for Ctrl+C.
+    if (navigator.clipboard && window.isSecureContext) {
+      navigator.clipboard.writeText(field.value).then(done, () => {});
+    } else {
+      try {
+        if (document.execCommand("copy")) done();
+      } catch (err) {
+        /* selected: copied by hand */
+      }
+    }
+  });
 
   ui.panels.addEventListener("submit", (event) => {
     if (event.target.id !== "dispute-form") return;
