@@ -15,10 +15,10 @@ MICRO_PER_USD = 1_000_000
 MAX_PAYMENT = 1_000_000 * MICRO_PER_USD
 # Ledger columns are 64-bit signed; an operator grant leaves room for the balance it lands in.
 MAX_POSTING = 2**62
-# The most a listing may ask, per GPU-hour and per GiB: 1,000 USD each. With at most 1,024 GPUs
-# and MOLT_MAX_ORDER_HOURS (720 by default) hours, the largest hold is under 10**15 micro-USD,
+# The most a listing may ask, per GPU-hour and per GiB: 10,000 USD each. With at most 1,024 GPUs
+# and MOLT_MAX_ORDER_HOURS (720 by default) hours, the largest hold is under 2**53 micro-USD,
 # so no sum downstream (hold, fee, settlement) comes near a bigint. Bounded where prices enter.
-MAX_PRICE = 1_000 * MICRO_PER_USD
+MAX_PRICE = 10_000 * MICRO_PER_USD
 
 _DOLLARS = re.compile(r"^\$\s*(?P<a>[^\s$]+)$|^(?P<b>[^\s$]+)\s*usd$", re.IGNORECASE)
 _DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
