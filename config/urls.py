@@ -6,6 +6,10 @@ from frontend.account_views import ThrottledAdminAuthenticationForm
 
 # The admin's log-in checks passwords too: behind the same guard as the site's form.
 admin.site.login_form = ThrottledAdminAuthenticationForm
+# The operators' console, named as such rather than "Django administration".
+admin.site.site_header = "MOLT operations"
+admin.site.site_title = "MOLT operations"
+admin.site.index_title = "Users, nodes, orders and money"
 
 urlpatterns = [
     path("admin/", admin.site.urls),

@@ -132,6 +132,7 @@ class LedgerEntry(models.Model):
     amount = models.BigIntegerField()
 
     class Meta:
+        verbose_name_plural = "ledger entries"
         constraints = [models.CheckConstraint(condition=~Q(amount=0), name="entry_non_zero")]
 
     def __str__(self) -> str:
@@ -506,6 +507,7 @@ class NodeReliability(models.Model):
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        verbose_name_plural = "node reliabilities"
         constraints = [
             models.CheckConstraint(condition=Q(score__lte=100), name="reliability_at_most_100"),
             models.CheckConstraint(condition=Q(uptime_bp__lte=10_000), name="uptime_at_most_1"),
