@@ -208,3 +208,13 @@ def test_the_health_check_still_answers(client, db):
 
     assert response.status_code == 200
     assert response.content == b"ok"
+
+
+def test_an_invalid_filter_is_marked_and_the_count_does_not_claim_it_applied(client, market):
+    response = client.get("/", {"max_price": "cheap", "min_vram_gb": "24"})
+    html = response.content.decode()
+
+    summary = re.search(r'<p class="summary" id="summary">\s*(.*?)\s*</p>', html, re.S).group(1)
+    assert "match your filters" not in summary
+    assert "fix the ones marked" in summary
+    assert "Enter a number" in html  # the error beside the field
