@@ -17,9 +17,10 @@
     fee: document.getElementById("quote-fee"),
     total: document.getElementById("quote-total"),
   };
-  let quote = null; // the last valid quote, for the inputs as they are now
+  let quote = null; // the last valid quote (while `refreshing`, for the inputs before the edit)
   let sequence = 0; // answers to older requests are ignored
-  let timer = null;
+  let timer = null; // a re-price waiting for the typing to pause
+  let refreshing = null; // the re-price in flight, awaited by an order placed meanwhile
   let attempt = null; // an order request whose answer never came: retried as is
   let busy = false;
 
@@ -51,11 +52,21 @@
     fundsShown = short || taken;
   }
 
-  async function requote() {
+  function requote() {
+    clearTimeout(timer);
+    timer = null;
+    refreshing = fetchQuote();
+    return refreshing;
+  }
+
+  // The old quote stays while a new one is fetched: clearing it would disable the Order button
+  // under a keyboard user who has just tabbed onto it (focus falls to <body> and Enter does
+  // nothing). An order placed meanwhile waits for the new price (order() awaits `refreshing`).
+  async function fetchQuote() {
     const inputs = parsedInputs();
-    quote = null;
     attempt = null;
     if (!inputs) {
+      quote = null;
       Molt.setStatus(quoteStatus, "Enter whole numbers of hours and GPUs.", "error");
       updateButton();
       return;
@@ -77,6 +88,7 @@
       Molt.setStatus(quoteStatus, "");
     } catch (err) {
       if (mine !== sequence) return;
+      quote = null;
       cells.total.textContent = "—";
       Molt.setStatus(quoteStatus, err.message, "error");
     } finally {
@@ -100,9 +112,18 @@
   });
 
   async function order() {
-    if (!quote) return;
+    if (busy) return;
     busy = true;
     updateButton();
+    // The price shown may be for inputs just edited: order at the price of what is typed now.
+    if (timer) requote();
+    if (refreshing) await refreshing;
+    const available = wallet ? Number(wallet.dataset.micro) : 0;
+    if (!quote || quote.total_hold > available || quote.gpu_count > quote.gpus_available) {
+      busy = false;
+      updateButton();
+      return;
+    }
     try {
       if (!attempt) {
         Molt.setStatus(orderStatus, "Making your WireGuard key pair in this browser…", "busy");
