@@ -92,6 +92,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     content.get("gpus") or [],
                     content.get("health") or [],
                     str(content.get("reason") or "")[:300],
+                    images=content.get("images"),
                 )
             elif kind == "report":
                 await database_sync_to_async(agent_channel.record_report)(
@@ -99,6 +100,10 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 )
             elif kind == "metering":
                 await database_sync_to_async(agent_channel.ingest_metering)(
+                    node, content.get("envelope")
+                )
+            elif kind == "sandbox_status":
+                await database_sync_to_async(agent_channel.process_sandbox_status)(
                     node, content.get("envelope")
                 )
             elif kind in ("ack", "removed"):

@@ -20,3 +20,8 @@ node_revoked = Signal()
 # "revoked"). Sent inside the writing transaction whenever what a node's owner sees of it
 # changes; frontend.realtime tells the owner's open pages after commit.
 node_changed = Signal()
+
+# kwargs: sandbox (meshnet.models.Sandbox, as committed). Sent after the transaction that changed
+# the sandbox's state or report commits (meshnet.sandboxes): the agent's SANDBOX_STATUS, or the
+# sandbox stopped because its peer is gone. marketplace moves the job's order; pages follow it.
+sandbox_changed = Signal()
