@@ -161,7 +161,7 @@ def release_sandboxes(node: Node, refs: Iterable[str], at: datetime | None = Non
     row."""
     at = at or timezone.now()
     boxes = list(
-        Sandbox.objects.select_for_update()
+        Sandbox.objects.select_for_update(of=("self",))
         .filter(node=node, ref__in=list(refs))
         .select_related("allocation")
         .order_by("id")
