@@ -5,6 +5,9 @@ gives the GPU to one sandbox."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from marketplace import ledger
@@ -96,3 +99,82 @@ def test_eight_threads_for_one_gpu_one_sandbox_gets_it(provider, monkeypatch, ch
     # A refused sandbox took its peer with it: nothing of the losers was written.
     assert JobPeer.objects.filter(node=node).count() == 1
     assert Node.objects.get(pk=node.pk).desired_revision == 1
+
+
+def test_the_agents_socket_takes_images_and_a_signed_sandbox_status(provider, buyer, settings):
+    """Through the agents' websocket consumer: the inventory's images are stored, a signed
+    sandbox_status frame makes the sandbox ready and (its peer acknowledged) the order running,
+    and a status naming another node closes the socket with 4400."""
+    from asgiref.sync import async_to_sync
+    from channels.db import database_sync_to_async
+    from channels.testing import WebsocketCommunicator
+    from clawnode import wire
+
+    from config.asgi import application
+    from marketplace.demo_data import enrol_node
+    from meshnet.agent_channel import acknowledge_revision
+
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    node, identity = enrol_node(
+        provider, hostname="sbx", gpus=[factories.gpu(0)], observed_ip="203.0.113.12"
+    )
+    listing = factories.sandbox_listing(provider, node, gpu_count=1)
+    ledger.grant_credits(buyer, 100 * USD)
+    factories.ssh_key(buyer)
+    order = place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    provision_order(order.pk)
+    acknowledge_revision(node, Node.objects.get(pk=node.pk).desired_revision)
+    assert Order.objects.get(pk=order.pk).state == "provisioning"
+    ref = f"order:{order.pk}"
+
+    async def connect() -> WebsocketCommunicator:
+        socket = WebsocketCommunicator(application, "/ws/agent/")
+        connected, _ = await socket.connect()
+        assert connected
+        challenge = await socket.receive_json_from(timeout=5)
+        body = wire.AgentAuth(
+            node_id=node.node_id, challenge=challenge["challenge"], timestamp=int(time.time())
+        ).to_dict()
+        envelope = wire.signed_envelope(wire.AGENT_AUTH, body, identity)
+        await socket.send_json_to({"type": "auth", "envelope": envelope})
+        assert (await socket.receive_json_from(timeout=5))["type"] == "welcome"
+        assert (await socket.receive_json_from(timeout=5))["type"] == "desired_state"
+        return socket
+
+    async def scenario():
+        socket = await connect()
+        await socket.send_json_to(
+            {"type": "inventory", "gpus": [factories.gpu(0).to_dict()], "images": ["a/b:1"]}
+        )
+        status = factories.sandbox_status_envelope(
+            identity, node.node_id, {"ref": ref, "state": "ready", "ports": [8888]}
+        )
+        await socket.send_json_to({"type": "sandbox_status", "envelope": status})
+        # Frames of one connection are handled in turn; wait (bounded) for the last one.
+        state = database_sync_to_async(lambda: Order.objects.get(pk=order.pk).state)
+        for _ in range(200):
+            if await state() == "running":
+                break
+            await asyncio.sleep(0.05)
+        assert await state() == "running"
+        forged = factories.sandbox_status_envelope(
+            identity, "nd_" + "0" * 32, {"ref": ref, "state": "failed"}
+        )
+        await socket.send_json_to({"type": "sandbox_status", "envelope": forged})
+        error = await socket.receive_json_from(timeout=5)
+        assert "another node" in error["detail"]
+        closed = await socket.receive_output(timeout=5)
+        assert closed == {"type": "websocket.close", "code": wire.CLOSE_BAD_MESSAGE}
+        await socket.disconnect()
+
+    async_to_sync(scenario)()
+    node.refresh_from_db()
+    assert node.images == ["a/b:1"]
+    sandbox = Sandbox.objects.get(ref=ref)
+    assert (sandbox.state, sandbox.ports) == ("ready", [8888])
