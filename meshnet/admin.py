@@ -26,6 +26,8 @@ from meshnet.models import (
     MeteringSample,
     Node,
     NodeOutage,
+    Sandbox,
+    SandboxGpu,
     UsedNonce,
 )
 from meshnet.nodes import revoke_node
@@ -450,3 +452,33 @@ class NodeOutageAdmin(ReadOnlyAdmin):
     @admin.display(description="duration")
     def duration(self, outage: NodeOutage) -> str:
         return str(outage.ended_at - outage.started_at).split(".")[0]
+
+
+@admin.register(Sandbox)
+class SandboxAdmin(ReadOnlyAdmin):
+    """Each job's container as the gateway asked for it and the agent last reported it."""
+
+    list_display = (
+        "ref",
+        "node",
+        "state",
+        "address",
+        "image",
+        "added_revision",
+        "removed_revision",
+        "ready_at",
+        "reported_at",
+    )
+    list_filter = ("state",)
+    list_select_related = ("node",)
+    search_fields = ("ref", "address", "image", "node__name")
+    date_hierarchy = "created_at"
+
+
+@admin.register(SandboxGpu)
+class SandboxGpuAdmin(ReadOnlyAdmin):
+    """Which sandbox holds which GPU of a node now (a row is deleted when its GPU is freed)."""
+
+    list_display = ("node", "index", "sandbox")
+    list_select_related = ("node", "sandbox")
+    search_fields = ("node__name", "sandbox__ref")

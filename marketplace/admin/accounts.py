@@ -18,6 +18,7 @@ from marketplace.models import (
     Account,
     ApiToken,
     IdempotencyRecord,
+    SshKey,
 )
 from marketplace.money import usd_to_micro
 from meshnet.admin import ReadOnlyAdmin
@@ -153,3 +154,10 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
 # --- escrowed earnings, disputes, payouts, reliability, audits -----------------------------------
 # Read-only lists. The operator actions on disputes (resolve, with the refund asked on an
 # intermediate page) and payout requests (mark paid, reject) call marketplace.payments.
+
+
+@admin.register(SshKey)
+class SshKeyAdmin(ReadOnlyAdmin):
+    list_display = ("user", "name", "fingerprint", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("user__username", "name", "fingerprint")
