@@ -296,7 +296,8 @@ def complete_order(order: Order, at: datetime) -> bool:
 
 def expire_orders(now: datetime | None = None) -> int:
     """Stop running orders whose booked time is up, and fail orders stuck provisioning past the
-    timeout (hold released in full). Returns how many orders changed."""
+    timeout (hold released in full), unless their sandbox reported progress within it. Returns
+    how many orders changed."""
     now = now or timezone.now()
     changed = 0
     for order in Order.objects.filter(state=S.RUNNING, ends_at__lte=now).only("pk"):
@@ -310,9 +311,20 @@ def expire_orders(now: datetime | None = None) -> int:
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():
             locked = _lock_node_then_order(order.pk)
-            if locked.state == S.PROVISIONING and _release_and_end(
-                locked, S.PROVISIONING, S.FAILED, "the provider node did not acknowledge in time"
-            ):
+            if locked.state != S.PROVISIONING:
+                continue
+            sandbox = Sandbox.objects.filter(ref=f"order:{locked.pk}").first()
+            if sandbox is not None and sandbox.reported_at and sandbox.reported_at > deadline:
+                # A cold pull of a large image takes minutes: a sandbox whose agent reported
+                # progress within the timeout is still coming (an unchanged report does not
+                # count: meshnet.sandboxes stores it once, so a stuck pull still times out).
+                continue
+            why = (
+                "the provider node did not acknowledge in time"
+                if sandbox is None or sandbox.reported_at is None
+                else f"the sandbox was not ready in time (last: {sandbox.state})"
+            )
+            if _release_and_end(locked, S.PROVISIONING, S.FAILED, why):
                 changed += 1
     return changed
 

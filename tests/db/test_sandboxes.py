@@ -526,3 +526,37 @@ def test_a_malformed_image_list_is_refused_and_nothing_stored(node, images):
         update_inventory(node, [], images=images)
     assert "images" in str(err.value)
     assert Node.objects.get(pk=node.pk).images == []
+
+
+def test_a_pulling_sandbox_outlives_the_provisioning_timeout_while_it_reports_progress(
+    agent, keyed_buyer, listing, settings
+):
+    from marketplace.orders import expire_orders
+    from meshnet.sandboxes import record_sandbox_status
+
+    node, _ = agent
+    settings.MOLT_PROVISIONING_TIMEOUT_SECONDS = 120
+    before = ledger.available_for(keyed_buyer)
+    order = provisioned(keyed_buyer, listing)
+    ack(node)
+    created = order.created_at
+
+    def pulling(progress: int, at_seconds: int) -> None:
+        status = wire.SandboxStatus(
+            node_id=node.node_id,
+            sandboxes=(
+                wire.SandboxReport(ref=f"order:{order.pk}", state="pulling", progress=progress),
+            ),
+            timestamp=0,
+        )
+        record_sandbox_status(node, status, at=created + timedelta(seconds=at_seconds))
+
+    pulling(10, 100)
+    assert expire_orders(created + timedelta(seconds=130)) == 0
+    assert reload(order).state == "provisioning"
+    pulling(10, 150)  # the same report again is no progress: it does not keep the order
+    assert expire_orders(created + timedelta(seconds=230)) == 1
+    order = reload(order)
+    assert order.state == "failed"
+    assert order.reason == "the sandbox was not ready in time (last: pulling)"
+    assert ledger.available_for(keyed_buyer) == before
