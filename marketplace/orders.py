@@ -295,9 +295,10 @@ def complete_order(order: Order, at: datetime) -> bool:
 
 
 def expire_orders(now: datetime | None = None) -> int:
-    """Stop running orders whose booked time is up, and fail orders stuck provisioning past the
-    timeout (hold released in full), unless their sandbox reported progress within it. Returns
-    how many orders changed."""
+    """Stop running orders whose booked time is up; move provisioning orders whose sandbox is
+    ready or failed (start_when_ready, in case its signal was lost); fail orders stuck
+    provisioning past the timeout (hold released in full), unless their sandbox reported
+    progress within it. Returns how many orders changed."""
     now = now or timezone.now()
     changed = 0
     for order in Order.objects.filter(state=S.RUNNING, ends_at__lte=now).only("pk"):
@@ -307,6 +308,15 @@ def expire_orders(now: datetime | None = None) -> int:
         except InvalidTransition:
             pass  # stopped by someone else meanwhile
     changed += end_orders_of_lost_nodes(now)
+    # Level-triggered repair: a provisioning order whose sandbox is already ready or failed
+    # (its sandbox_changed lost to a crash after the report committed) moves now.
+    settled_sandboxes = Sandbox.objects.filter(
+        state__in=(Sandbox.State.READY, Sandbox.State.FAILED, Sandbox.State.STOPPED)
+    ).values("ref")
+    for order in Order.objects.filter(
+        state=S.PROVISIONING, job_peer__ref__in=settled_sandboxes
+    ).only("pk"):
+        changed += start_when_ready(order)
     deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():

@@ -254,11 +254,13 @@ def _may_move(current: str, reported: str) -> bool:
 
 def _announce_on_commit(sandbox_pk: int) -> None:
     """sandbox_changed after commit, with the row as committed: a rolled-back report moves no
-    order and tells no page."""
+    order and tells no page. Robust: a receiver that fails is logged and does not cut the
+    agent's connection over a report already recorded (marketplace's sweep re-drives an order
+    whose sandbox is ready or failed: orders.expire_orders)."""
 
     def send() -> None:
         sandbox = Sandbox.objects.filter(pk=sandbox_pk).first()
         if sandbox is not None:
             sandbox_changed.send(sender=Sandbox, sandbox=sandbox)
 
-    transaction.on_commit(send)
+    transaction.on_commit(send, robust=True)

@@ -560,3 +560,20 @@ def test_a_pulling_sandbox_outlives_the_provisioning_timeout_while_it_reports_pr
     assert order.state == "failed"
     assert order.reason == "the sandbox was not ready in time (last: pulling)"
     assert ledger.available_for(keyed_buyer) == before
+
+
+def test_the_sweep_moves_an_order_whose_sandbox_signal_was_lost(agent, keyed_buyer, listing):
+    """A ready report recorded without its after-commit signal running (no callbacks captured
+    here): expire_orders' sweep starts the order anyway."""
+    from marketplace.orders import expire_orders
+
+    node, _ = agent
+    order = provisioned(keyed_buyer, listing)
+    ack(node)
+    report_only = factories.sandbox_status_envelope(
+        agent[1], node.node_id, {"ref": f"order:{order.pk}", "state": "ready"}
+    )
+    process_sandbox_status(node, report_only)
+    assert reload(order).state == "provisioning"
+    assert expire_orders() == 1
+    assert reload(order).state == "running"
