@@ -236,6 +236,27 @@ def start_when_ready(order: Order) -> bool:
         )
 
 
+def end_if_sandbox_died(order: Order) -> bool:
+    """A running order whose sandbox failed or stopped (the container died, the agent could not
+    recreate it) fails: billed up to the agent's report (settled now, the rest of the hold
+    released), its peer and sandbox dropped from desired state, as a lost node's orders are.
+    True when this call ended it. Locks: as start_when_ready."""
+    with transaction.atomic():
+        order = _lock_node_then_order(order.pk)
+        if order.state != S.RUNNING or order.job_peer_id is None:
+            return False
+        sandbox = Sandbox.objects.filter(ref=f"order:{order.pk}").first()
+        if sandbox is None or sandbox.state not in (Sandbox.State.FAILED, Sandbox.State.STOPPED):
+            return False
+        at = sandbox.reported_at or timezone.now()
+        why = f"sandbox {sandbox.state}: {sandbox.detail or 'no detail from the node'}"[:200]
+        if not lifecycle.transition(order, S.RUNNING, S.FAILED, why, ended_at=at, reason=why):
+            return False
+        settle_order(order, cut_at=at)
+        remove_job_peer(f"order:{order.pk}")
+        return True
+
+
 def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) -> bool:
     """End the order (cancelled or failed) with its hold released in full and its peer, if any,
     dropped from desired state. False, nothing written, when it lost the race. Locks: the
@@ -295,8 +316,8 @@ def complete_order(order: Order, at: datetime) -> bool:
 
 
 def expire_orders(now: datetime | None = None) -> int:
-    """Stop running orders whose booked time is up; move provisioning orders whose sandbox is
-    ready or failed (start_when_ready, in case its signal was lost); fail orders stuck
+    """Stop running orders whose booked time is up; move orders whose sandbox is ready or
+    failed (start_when_ready, end_if_sandbox_died, in case its signal was lost); fail orders stuck
     provisioning past the timeout (hold released in full), unless their sandbox reported
     progress within it. Returns how many orders changed."""
     now = now or timezone.now()
@@ -308,15 +329,15 @@ def expire_orders(now: datetime | None = None) -> int:
         except InvalidTransition:
             pass  # stopped by someone else meanwhile
     changed += end_orders_of_lost_nodes(now)
-    # Level-triggered repair: a provisioning order whose sandbox is already ready or failed
-    # (its sandbox_changed lost to a crash after the report committed) moves now.
+    # Level-triggered repair: an order whose sandbox is already ready or failed (its
+    # sandbox_changed lost to a crash after the report committed) moves now.
     settled_sandboxes = Sandbox.objects.filter(
         state__in=(Sandbox.State.READY, Sandbox.State.FAILED, Sandbox.State.STOPPED)
     ).values("ref")
     for order in Order.objects.filter(
-        state=S.PROVISIONING, job_peer__ref__in=settled_sandboxes
+        state__in=(S.PROVISIONING, S.RUNNING), job_peer__ref__in=settled_sandboxes
     ).only("pk"):
-        changed += start_when_ready(order)
+        changed += start_when_ready(order) or end_if_sandbox_died(order)
     deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():

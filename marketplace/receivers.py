@@ -35,10 +35,11 @@ def on_peer_acknowledged(sender, job_peer, at, **kwargs) -> None:
 @receiver(sandbox_changed, dispatch_uid="marketplace.sandbox_changed")
 def on_sandbox_changed(sender, sandbox, **kwargs) -> None:
     # After the report committed, in a transaction of its own: ready may start the order (if
-    # its peer is acknowledged), failed before running fails it.
+    # its peer is acknowledged), failed before running fails it with the hold released, and
+    # failed while running ends it billed up to the report.
     order = Order.objects.filter(job_peer__ref=sandbox.ref).first()
-    if order is not None:
-        orders.start_when_ready(order)
+    if order is not None and not orders.start_when_ready(order):
+        orders.end_if_sandbox_died(order)
 
 
 @receiver(peer_removed, dispatch_uid="marketplace.peer_removed")

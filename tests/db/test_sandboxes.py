@@ -577,3 +577,31 @@ def test_the_sweep_moves_an_order_whose_sandbox_signal_was_lost(agent, keyed_buy
     assert reload(order).state == "provisioning"
     assert expire_orders() == 1
     assert reload(order).state == "running"
+
+
+def test_a_sandbox_dying_while_running_ends_the_order_billed_up_to_the_report(
+    agent, keyed_buyer, listing, django_capture_on_commit_callbacks
+):
+    from marketplace.audit import audit_ledger
+    from marketplace.models import Settlement
+
+    node, _ = agent
+    order = provisioned(keyed_buyer, listing)
+    ack(node, at=timezone.now() - timedelta(hours=1))
+    ref = f"order:{order.pk}"
+    report(agent, django_capture_on_commit_callbacks, {"ref": ref, "state": "ready"})
+    Order.objects.filter(pk=order.pk).update(running_since=timezone.now() - timedelta(hours=1))
+    report(
+        agent,
+        django_capture_on_commit_callbacks,
+        {"ref": ref, "state": "failed", "detail": "container exited: OOM killed"},
+    )
+    order = reload(order)
+    assert order.state == "failed"
+    assert order.reason == "sandbox failed: container exited: OOM killed"
+    assert order.ended_at == sandbox_of(order).reported_at
+    settlement = Settlement.objects.get(order=order)
+    assert 3600 <= settlement.billed_seconds + settlement.offline_seconds < 3600 + 60
+    assert order.job_peer.state == JobPeer.State.REMOVING
+    assert sandbox_of(order).removed_revision == order.job_peer.removed_revision
+    assert audit_ledger() == []
