@@ -158,9 +158,9 @@ def provision_order(order_id: int) -> Order:
     refuses (pool exhausted, key live elsewhere, too few GPUs) the order fails and its hold is
     released; but when the GPUs it needs are only still held by jobs that ended (freed once the
     agent removed their containers) it stays pending, nothing written, and
-    tasks.sweep_pending_orders tries again. Locks: the node row, the order row (as stop_order:
-    a buyer cancelling while the worker provisions waits instead of deadlocking), then the
-    pool rows."""
+    tasks.sweep_pending_orders tries again, for up to MOLT_PROVISIONING_TIMEOUT_SECONDS.
+    Locks: the node row, the order row (as stop_order: a buyer cancelling while the worker
+    provisions waits instead of deadlocking), then the pool rows."""
     with transaction.atomic():
         order = _lock_node_then_order(order_id)
         if order.state != S.PENDING:
@@ -174,7 +174,11 @@ def provision_order(order_id: int) -> Order:
                     sandbox=sandbox_request(order),
                 )
         except NotEnoughGpus as exc:
-            if exc.transient:
+            waited = timezone.now() - order.created_at
+            if (
+                exc.transient
+                and waited.total_seconds() < settings.MOLT_PROVISIONING_TIMEOUT_SECONDS
+            ):
                 return order
             _release_and_end(order, S.PENDING, S.FAILED, f"provisioning failed: {exc}")
             return order

@@ -605,3 +605,25 @@ def test_a_sandbox_dying_while_running_ends_the_order_billed_up_to_the_report(
     assert order.job_peer.state == JobPeer.State.REMOVING
     assert sandbox_of(order).removed_revision == order.job_peer.removed_revision
     assert audit_ledger() == []
+
+
+def test_an_order_waiting_for_gpus_of_an_ended_job_fails_after_the_timeout(
+    agent, keyed_buyer, listing, settings, django_capture_on_commit_callbacks
+):
+    ended = provisioned(keyed_buyer, listing, gpu_count=4)
+    report(
+        agent, django_capture_on_commit_callbacks, {"ref": f"order:{ended.pk}", "state": "failed"}
+    )
+    assert reload(ended).state == "failed"  # its GPUs stay taken: the agent has not acked
+    before = ledger.available_for(keyed_buyer)
+    waiting = place(keyed_buyer, listing, gpu_count=1)
+    provision_order(waiting.pk)
+    assert reload(waiting).state == "pending"
+    Order.objects.filter(pk=waiting.pk).update(
+        created_at=timezone.now() - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
+    )
+    provision_order(waiting.pk)
+    waiting = reload(waiting)
+    assert waiting.state == "failed"
+    assert "being freed by jobs that ended" in waiting.reason
+    assert ledger.available_for(keyed_buyer) == before
