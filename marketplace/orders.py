@@ -148,6 +148,7 @@ def sandbox_request(order: Order) -> SandboxRequest | None:
         disk_gb=listing.disk_gb,
         egress=listing.egress,
         ssh_keys=tuple(order.ssh_keys),
+        gpu_model=listing.gpu_model,
     )
 
 

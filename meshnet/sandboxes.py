@@ -47,6 +47,9 @@ class SandboxRequest:
     egress: bool = True
     ssh_keys: tuple[str, ...] = ()
     pids_limit: int = DEFAULT_PIDS_LIMIT
+    # Only GPUs of this model (as the node reports it: Gpu.name); None: any. A node with two
+    # models lists each separately, and a job gets the model its listing offers.
+    gpu_model: str | None = None
 
 
 def sandbox_spec(sandbox: Sandbox, gpus: Iterable[int]) -> wire.SandboxSpec:
@@ -77,14 +80,16 @@ def live_specs(node: Node) -> tuple[wire.SandboxSpec, ...]:
     return tuple(sandbox_spec(box, gpus[box.pk]) for box in boxes)
 
 
-def _free_gpu_indexes(node: Node) -> tuple[list[int], int]:
-    """(free GPU indexes of `node` in order, how many more are held by sandboxes leaving)."""
+def _free_gpu_indexes(node: Node, model: str | None = None) -> tuple[list[int], int]:
+    """(free GPU indexes of `node` (of `model` if given) in order, how many more are held by
+    sandboxes leaving)."""
     held = dict(
         SandboxGpu.objects.filter(node=node).values_list("index", "sandbox__removed_revision")
     )
-    inventory = list(
-        Gpu.objects.filter(node=node).order_by("index").values_list("index", flat=True)
-    )
+    gpus = Gpu.objects.filter(node=node)
+    if model is not None:
+        gpus = gpus.filter(name=model)
+    inventory = list(gpus.order_by("index").values_list("index", flat=True))
     free = [index for index in inventory if index not in held]
     leaving = sum(1 for index in inventory if index in held and held[index] is not None)
     return free, leaving
@@ -102,10 +107,11 @@ def add_sandbox(node: Node, peer: JobPeer, request: SandboxRequest) -> Sandbox:
     field when the request would not make a valid SandboxSpec; PoolExhausted."""
     if request.gpu_count < 1:
         raise MeshError("gpu_count must be at least 1")
-    free, leaving = _free_gpu_indexes(node)
+    free, leaving = _free_gpu_indexes(node, request.gpu_model)
     if len(free) < request.gpu_count:
+        what = f"{request.gpu_model} GPU(s)" if request.gpu_model else "GPU(s)"
         raise NotEnoughGpus(
-            f"{node.name} has {len(free)} free GPU(s), {request.gpu_count} asked"
+            f"{node.name} has {len(free)} free {what}, {request.gpu_count} asked"
             + (f"; {leaving} more are being freed by jobs that ended" if leaving else ""),
             transient=len(free) + leaving >= request.gpu_count,
         )

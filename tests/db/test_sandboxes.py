@@ -202,7 +202,7 @@ def test_the_constraint_decides_when_the_free_gpu_check_is_wrong(
 ):
     """A race the node lock should prevent: the constraint still gives a GPU to one sandbox."""
     provisioned(keyed_buyer, listing, gpu_count=1)  # holds GPU 0
-    monkeypatch.setattr("meshnet.sandboxes._free_gpu_indexes", lambda node: ([0, 1], 0))
+    monkeypatch.setattr("meshnet.sandboxes._free_gpu_indexes", lambda node, model=None: ([0, 1], 0))
     with pytest.raises(NotEnoughGpus):
         create_job_peer(
             node,
@@ -627,3 +627,25 @@ def test_an_order_waiting_for_gpus_of_an_ended_job_fails_after_the_timeout(
     assert waiting.state == "failed"
     assert "being freed by jobs that ended" in waiting.reason
     assert ledger.available_for(keyed_buyer) == before
+
+
+def test_a_job_gets_gpus_of_its_listings_model_only(keyed_buyer, provider):
+    from marketplace.demo_data import enrol_node
+
+    mixed, _ = enrol_node(
+        provider,
+        hostname="mixed",
+        gpus=[factories.gpu(0, "RTX 4090"), factories.gpu(1, "A100 80GB", 81920)],
+        observed_ip="203.0.113.13",
+    )
+    from marketplace.listings import create_listing
+    from marketplace.models import Listing
+
+    a100 = create_listing(
+        provider, node=mixed, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0,
+        gpu_model="A100 80GB",
+    )  # fmt: skip
+    Listing.objects.filter(pk=a100.pk).update(images=[SANDBOX_IMAGE])
+    a100.refresh_from_db()
+    order = provisioned(keyed_buyer, a100)
+    assert gpus_of(order) == [1]

@@ -75,7 +75,9 @@ def test_eight_threads_for_one_gpu_one_sandbox_gets_it(provider, monkeypatch, ch
     node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
     if check == "bypassed":
         # Every thread believes GPU 0 is free: only gpu_one_sandbox_at_a_time stops the rest.
-        monkeypatch.setattr("meshnet.sandboxes._free_gpu_indexes", lambda node: ([0], 0))
+        monkeypatch.setattr(
+            "meshnet.sandboxes._free_gpu_indexes", lambda node, model=None: ([0], 0)
+        )
     request = SandboxRequest(
         image=factories.SANDBOX_IMAGE, gpu_count=1, cpus_milli=1000, memory_mb=1024, disk_gb=1
     )
