@@ -62,6 +62,14 @@ def _missing_for(tier: str) -> str | None:
                 )
         if shutil.which("systemd-nspawn") is None:
             return "needs systemd-nspawn (apt-get install systemd-container)"
+    if tier == "nat":
+        if os.geteuid() != 0:
+            return "needs root (network namespaces, nftables)"
+        if not os.path.exists("/dev/net/tun"):
+            return "needs /dev/net/tun"
+        for tool in ("wireguard-go", "wg", "nft", "ip"):
+            if shutil.which(tool) is None:
+                return f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
     if tier == "vm":
         from tests.vm.harness import missing_tools
 
@@ -80,7 +88,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox")
+TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat")
 
 
 def pytest_collection_modifyitems(config, items):
