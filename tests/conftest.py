@@ -37,6 +37,9 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+WIREGUARD_PACKAGES = "apt-get install wireguard-go wireguard-tools nftables iproute2"
+
+
 @functools.cache
 def _missing_for(tier: str) -> str | None:
     """Why `tier` cannot run here, or None when it can."""
@@ -57,9 +60,7 @@ def _missing_for(tier: str) -> str | None:
             return "needs /dev/net/tun"
         for tool in ("wireguard-go", "wg", "nft", "ip"):
             if shutil.which(tool) is None:
-                return (
-                    f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
-                )
+                return f"needs {tool} ({WIREGUARD_PACKAGES})"
         if shutil.which("systemd-nspawn") is None:
             return "needs systemd-nspawn (apt-get install systemd-container)"
     if tier == "nat":
@@ -69,7 +70,7 @@ def _missing_for(tier: str) -> str | None:
             return "needs /dev/net/tun"
         for tool in ("wireguard-go", "wg", "nft", "ip"):
             if shutil.which(tool) is None:
-                return f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
+                return f"needs {tool} ({WIREGUARD_PACKAGES})"
     if tier == "vm":
         from tests.vm.harness import missing_tools
 
