@@ -134,9 +134,19 @@ def _wait(predicate, seconds: float) -> float | None:
 
 
 def run_cell(
-    lab: nat_lab.Lab, the_hub: WireGuard, provider_kind: nat_lab.Kind, buyer_kind: nat_lab.Kind
+    lab: nat_lab.Lab,
+    the_hub: WireGuard,
+    provider_kind: nat_lab.Kind,
+    buyer_kind: nat_lab.Kind,
+    *,
+    stagger_s: float = 0.0,
+    first: str = "provider",
 ) -> Cell:
-    """One cell: sites, tunnels, discovery through the hub, simultaneous sends, the outcome."""
+    """One cell: sites, tunnels, discovery through the hub, simultaneous sends, the outcome.
+
+    `stagger_s` delays the second side's send (`first` names which side goes first), to
+    measure what staggering saves against sending at the same time.
+    """
     if provider_kind.name == "hairpin":
         provider_host, buyer_host = lab.site(provider_kind, nat_lab.PROVIDER_NET, ["p", "b"])
         expected = True  # the NAT hairpins: each side reaches the other at its mapping
@@ -166,34 +176,28 @@ def run_cell(
             raise RuntimeError(f"hub never saw {provider_kind.name} and {buyer_kind.name}")
         mappings = the_hub.endpoints(lab)
         provider_mapping, buyer_mapping = mappings[provider.public], mappings[buyer.public]
-        # Simultaneous sends: both `wg set`s start together; each gives its side the other's
-        # mapping with keepalive, so each side sends a handshake initiation at once.
-        start = time.monotonic()
-        setters = [
-            subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    side.ns,
-                    "wg",
-                    "set",
-                    side.name,
-                    "peer",
-                    other.public,
-                    "endpoint",
-                    mapping,
-                    "persistent-keepalive",
-                    "1",
-                    "allowed-ips",
-                    f"{tunnel}/32",
-                ],
-            )
-            for side, other, mapping, tunnel in (
-                (provider, buyer, buyer_mapping, BUYER_TUNNEL),
-                (buyer, provider, provider_mapping, PROVIDER_TUNNEL),
-            )
+        # Simultaneous sends: both `wg set`s start together (or the second `stagger_s` after
+        # the first); each gives its side the other's mapping with keepalive, so each side
+        # sends a handshake initiation at once.
+        orders = [
+            (provider, buyer, buyer_mapping, BUYER_TUNNEL),
+            (buyer, provider, provider_mapping, PROVIDER_TUNNEL),
         ]
+        if first == "buyer":
+            orders.reverse()
+        start = time.monotonic()
+        setters = []
+        for side, other, mapping, tunnel_address in orders:
+            setters.append(
+                subprocess.Popen(
+                    ["ip", "netns", "exec", side.ns, "wg", "set", side.name, "peer",
+                     other.public, "endpoint", mapping, "persistent-keepalive", "1",
+                     "allowed-ips", f"{tunnel_address}/32"]
+                )
+            )  # fmt: skip
+            if stagger_s:
+                setters[-1].wait(timeout=30)
+                time.sleep(stagger_s)
         for setter in setters:
             if setter.wait(timeout=30) != 0:
                 raise RuntimeError("wg set of the peer failed")
