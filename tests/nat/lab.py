@@ -249,11 +249,15 @@ class Host:
     public_ip: str  # the address the internet sees
 
 
+_LABS = itertools.count(1)
+
+
 @dataclass
 class Lab:
     """The internet and the services network; sites are added and removed per test."""
 
-    suffix: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    # Unique per lab, so two labs of one run (a module's and a test's own) never share a name.
+    suffix: str = field(default_factory=lambda: f"{os.getpid() % 100000}{next(_LABS)}")
     namespaces: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen] = field(default_factory=list)
     wireguard_interfaces: list[str] = field(default_factory=list)

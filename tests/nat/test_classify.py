@@ -11,11 +11,13 @@ name says. Hairpinning: two hosts behind one NAT reach each other at their publi
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
 
 from tests.nat import lab as nat_lab
+from tests.nat import tunnel
 from tests.nat.conftest import PROBE
 
 pytestmark = [pytest.mark.nat]
@@ -90,3 +92,21 @@ def test_punch_without_hairpin_fails(lab):
     finally:
         lab.release_sites()
     assert heard == [None, None]
+
+
+def test_lab_leaves_nothing_behind_even_when_a_test_fails():
+    """Namespaces, processes and wireguard-go's UAPI sockets go when the lab exits by an error."""
+    made: list[str] = []
+    sockets: list[str] = []
+    with pytest.raises(RuntimeError, match="a failing test"), nat_lab.nat_lab() as own_lab:
+        kind = nat_lab.KINDS_BY_NAME["double"]
+        (host,) = own_lab.site(kind, nat_lab.PROVIDER_NET, ["h"])
+        tunnel.start_wireguard(own_lab, host.ns, "h", 51820, None)
+        made = list(own_lab.namespaces)
+        sockets = [f"/var/run/wireguard/{name}.sock" for name in own_lab.wireguard_interfaces]
+        assert all(os.path.exists(path) for path in sockets)
+        raise RuntimeError("a failing test")
+    assert len(made) == 5  # internet, services, two routers, the host
+    left = nat_lab.run("ip", "netns", "list").stdout
+    assert not [ns for ns in made if ns in left.split()], left
+    assert not [path for path in sockets if os.path.exists(path)]

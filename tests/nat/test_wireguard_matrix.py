@@ -60,3 +60,19 @@ def test_matrix(lab):
         assert cell.provider_mapping.startswith(nat_lab.PROVIDER_NET + "."), cell
         if cell.provider != "hairpin":
             assert cell.buyer_mapping.startswith(nat_lab.BUYER_NET + "."), cell
+    # The tunnel runs between the two mappings: towards an endpoint-independent side, exactly
+    # the one the hub saw (what MOLT's discovery relies on); towards an endpoint-dependent one,
+    # the same address from another port (why the hub's view alone cannot reach it).
+    for cell in cells:
+        if not cell.direct:
+            continue
+        for seen, mapping, kind_name in (
+            (cell.provider_sees, cell.buyer_mapping, cell.buyer),
+            (cell.buyer_sees, cell.provider_mapping, cell.provider),
+        ):
+            kind = nat_lab.KINDS_BY_NAME.get(kind_name)
+            if kind is None or kind.mapping is nat_lab.EIM:
+                assert seen == mapping, cell
+            else:
+                assert seen != mapping, cell
+                assert seen.rpartition(":")[0] == mapping.rpartition(":")[0], cell
