@@ -220,6 +220,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("double", (CARRIER_GRADE, PORT_RESTRICTED)),
 )
 KINDS_BY_NAME = {kind.name: kind for kind in KINDS}
+# Not a kind of the matrix's rows and columns: the provider and the buyer share this one site.
+HAIRPIN_SITE = Kind("hairpin", (HAIRPIN,))
 
 
 def direct_possible(a: Kind, b: Kind) -> bool:

@@ -60,8 +60,7 @@ def test_kind_behaves_as_named(lab, kind):
 def test_hairpin(lab):
     """Two hosts behind one hairpinning NAT reach each other at their public mappings, and each
     sees the other's public mapping as the source (RFC 4787 REQ-9), as an outside peer would."""
-    kind = nat_lab.Kind("hairpin", (nat_lab.HAIRPIN,))
-    one, two = lab.site(kind, nat_lab.PROVIDER_NET, ["a", "b"])
+    one, two = lab.site(nat_lab.HAIRPIN_SITE, nat_lab.PROVIDER_NET, ["a", "b"])
     try:
         first = _probe(lab, one, "stun", "40001", nat_lab.OBSERVER_A)["mapping"]
         second = _probe(lab, two, "stun", "40002", nat_lab.OBSERVER_A)["mapping"]

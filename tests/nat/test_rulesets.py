@@ -56,9 +56,8 @@ def test_hairpin_sends_inside_packets_to_a_mapping_back_in_from_the_public_addre
     rules = render(nat_lab.HAIRPIN)
     assert 'iifname "lan" ip daddr 203.0.113.7 udp dport @mapped_1 dnat to 192.168.1.3' in rules
     assert 'oifname "lan" ip saddr 192.168.1.0/24 ct status dnat snat to 203.0.113.7' in rules
-    assert "hairpin" not in render(nat_lab.PORT_RESTRICTED) and "snat" not in render(
-        nat_lab.PORT_RESTRICTED
-    )
+    plain = render(nat_lab.PORT_RESTRICTED)
+    assert 'iifname "lan" ip daddr' not in plain and "snat to" not in plain
 
 
 def test_nats_in_a_row_behave_as_their_strictest():

@@ -151,7 +151,7 @@ def run_cell(
     `stagger_s` delays the second side's send (`first` names which side goes first), to
     measure what staggering saves against sending at the same time.
     """
-    if provider_kind.name == "hairpin":
+    if provider_kind is nat_lab.HAIRPIN_SITE:
         provider_host, buyer_host = lab.site(provider_kind, nat_lab.PROVIDER_NET, ["p", "b"])
         expected = True  # the NAT hairpins: each side reaches the other at its mapping
     else:
