@@ -37,6 +37,9 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+WIREGUARD_PACKAGES = "apt-get install wireguard-go wireguard-tools nftables iproute2"
+
+
 @functools.cache
 def _missing_for(tier: str) -> str | None:
     """Why `tier` cannot run here, or None when it can."""
@@ -57,11 +60,17 @@ def _missing_for(tier: str) -> str | None:
             return "needs /dev/net/tun"
         for tool in ("wireguard-go", "wg", "nft", "ip"):
             if shutil.which(tool) is None:
-                return (
-                    f"needs {tool} (apt-get install wireguard-go wireguard-tools nftables iproute2)"
-                )
+                return f"needs {tool} ({WIREGUARD_PACKAGES})"
         if shutil.which("systemd-nspawn") is None:
             return "needs systemd-nspawn (apt-get install systemd-container)"
+    if tier == "nat":
+        if os.geteuid() != 0:
+            return "needs root (network namespaces, nftables)"
+        if not os.path.exists("/dev/net/tun"):
+            return "needs /dev/net/tun"
+        for tool in ("wireguard-go", "wg", "nft", "ip"):
+            if shutil.which(tool) is None:
+                return f"needs {tool} ({WIREGUARD_PACKAGES})"
     if tier == "vm":
         from tests.vm.harness import missing_tools
 
@@ -80,7 +89,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox")
+TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,78 @@
+"""Every provider NAT kind against every buyer NAT kind, with plain wireguard-go and `wg`.
+
+No MOLT code and no relay yet: the hub learns both mappings, both sides are given each other's
+and send at the same time, and the cell records whether a handshake happened and how long it
+took. The cells RFC 4787 lets through must connect directly, and pass a ping; the others must
+not (they are what the relay will close): a cell that connects where RFC 4787 says it cannot
+would mean a NAT of the lab is not what its name says. The table is printed (run with -s) and
+written to test-artifacts/nat/matrix.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.nat import lab as nat_lab
+from tests.nat import tunnel
+
+pytestmark = [pytest.mark.nat]
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "nat"
+
+
+def test_matrix(lab):
+    started = time.monotonic()
+    cells = []
+    with tunnel.hub(lab) as the_hub:
+        for provider_kind in nat_lab.KINDS:
+            for buyer_kind in nat_lab.KINDS:
+                cells.append(tunnel.run_cell(lab, the_hub, provider_kind, buyer_kind))
+        site = nat_lab.HAIRPIN_SITE
+        cells.append(tunnel.run_cell(lab, the_hub, site, site))
+    elapsed = time.monotonic() - started
+    names = [kind.name for kind in nat_lab.KINDS]
+    printed = tunnel.table(cells, names)
+    print(f"\n{printed}\n({len(cells)} cells in {elapsed:.0f} s)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "matrix.json").write_text(
+        json.dumps(
+            {"seconds": elapsed, "cells": [dataclasses.asdict(cell) for cell in cells]}, indent=2
+        )
+    )
+    wrong = [
+        f"{cell.provider} x {cell.buyer}: expected "
+        f"{'direct' if cell.expected_direct else 'needs relay'}, got {cell.label}"
+        for cell in cells
+        if cell.direct != cell.expected_direct
+    ]
+    assert not wrong, "\n".join(wrong) + "\n" + printed
+    no_ping = [
+        f"{cell.provider} x {cell.buyer}" for cell in cells if cell.direct and not cell.pinged
+    ]
+    assert not no_ping, f"handshake but no ping across: {no_ping}"
+    # Each side's mapping as the hub saw it is a public address of its own site's network.
+    for cell in cells:
+        assert cell.provider_mapping.startswith(nat_lab.PROVIDER_NET + "."), cell
+        if cell.provider != "hairpin":
+            assert cell.buyer_mapping.startswith(nat_lab.BUYER_NET + "."), cell
+    # The tunnel runs between the two mappings: towards an endpoint-independent side, exactly
+    # the one the hub saw (what MOLT's discovery relies on); towards an endpoint-dependent one,
+    # the same address from another port (why the hub's view alone cannot reach it).
+    for cell in cells:
+        if not cell.direct:
+            continue
+        for seen, mapping, kind_name in (
+            (cell.provider_sees, cell.buyer_mapping, cell.buyer),
+            (cell.buyer_sees, cell.provider_mapping, cell.provider),
+        ):
+            kind = nat_lab.KINDS_BY_NAME.get(kind_name)
+            if kind is None or kind.mapping is nat_lab.EIM:
+                assert seen == mapping, cell
+            else:
+                assert seen != mapping, cell
+                assert seen.rpartition(":")[0] == mapping.rpartition(":")[0], cell
