@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import logging
 import secrets
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from django.utils import timezone
 
 from meshnet import metering
 from meshnet.allocation import release_address
+from meshnet.gateway_key import gateway_identity
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from meshnet.sandboxes import record_sandbox_status, release_sandboxes
 from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
@@ -353,3 +355,19 @@ def record_report(node: Node, detail: object) -> None:
     text = str(detail or "")[:500]
     log.warning("node %s reports: %s", node.name, text)
     Node.objects.filter(pk=node.pk).update(last_report=text, last_report_at=timezone.now())
+
+
+def signed_refusal(node_id: str, challenge: str, reason: str) -> dict[str, Any] | None:
+    """The gateway's signed refusal of `node_id` on the connection that sent `challenge`
+    (wire.Refusal): what lets the agent stop for good. None when `node_id` is not even a node
+    id (an agent that claimed garbage gets the bare close code)."""
+    try:
+        body = wire.Refusal(
+            node_id=node_id,
+            challenge=challenge,
+            reason=reason[:200],
+            timestamp=int(time.time()),
+        ).to_dict()
+    except wire.ProtocolError:
+        return None
+    return wire.signed_envelope(wire.REFUSAL, body, gateway_identity())

@@ -18,7 +18,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from clawnode import wire
 
 from meshnet import agent_channel, nodes
-from meshnet.agent_channel import AgentRefused, node_group
+from meshnet.agent_channel import AgentRefused, node_group, signed_refusal
 from meshnet.desired_state import signed_desired_state
 from meshnet.models import Node
 
@@ -35,6 +35,8 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         await self.accept()
         self.challenge = secrets.token_urlsafe(32)
+        # Kept after auth (self.challenge is cleared): a signed refusal names it.
+        self.session_challenge = self.challenge
         await self.send_json(
             {"type": "challenge", "challenge": self.challenge, "server_time": int(time.time())}
         )
@@ -51,8 +53,15 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
         if self.node is not None:
             await self.channel_layer.group_discard(node_group(self.node.node_id), self.channel_name)
 
-    async def _refuse(self, detail: str, code: int) -> None:
+    async def _refuse(self, detail: str, code: int, node_id: str = "") -> None:
         log.info("agent connection refused (%s): %s", code, detail)
+        node_id = node_id or (self.node.node_id if self.node is not None else "")
+        if code == wire.CLOSE_FORBIDDEN and node_id and self.session_challenge:
+            # The agent stops for good only on this signed word, bound to this connection's
+            # challenge; a bare 4403 (which anyone on the path can send) only delays it.
+            envelope = signed_refusal(node_id, self.session_challenge, detail)
+            if envelope is not None:
+                await self.send_json({"type": "refused", "envelope": envelope})
         await self.send_json({"type": "error", "detail": detail})
         await self.close(code=code)
 
@@ -121,9 +130,20 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
             await self._refuse(f"bad message: {exc}", wire.CLOSE_BAD_MESSAGE)
 
     async def _authenticate(self, envelope) -> None:
-        node = await database_sync_to_async(agent_channel.authenticate_agent)(
-            envelope if isinstance(envelope, dict) else {}, challenge=self.challenge
-        )
+        try:
+            node = await database_sync_to_async(agent_channel.authenticate_agent)(
+                envelope if isinstance(envelope, dict) else {}, challenge=self.challenge
+            )
+        except AgentRefused as exc:
+            if exc.close_code != wire.CLOSE_FORBIDDEN:
+                raise
+            # Unknown or revoked: the refusal is signed for the node id the agent claimed (it
+            # checks the id is its own and the challenge this connection's).
+            body = envelope.get("body") if isinstance(envelope, dict) else None
+            claimed = body.get("node_id") if isinstance(body, dict) else None
+            claimed = claimed if isinstance(claimed, str) and len(claimed) <= 64 else ""
+            await self._refuse(str(exc), exc.close_code, node_id=claimed)
+            return
         # A challenge answers once: a second auth frame on this connection is refused above.
         self.node = node
         self.challenge = ""

@@ -105,6 +105,8 @@ class Agent:
         self.meter = Meter(identity, self.journal)
         self.since = int(time.time())
         self._welcomed = False
+        self._challenge = ""
+        self._refused = ""
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
         # The interface's peers as the agent believes them to be; None: read the device first.
         self._view: dict[str, PeerStatus] | None = None
@@ -199,7 +201,9 @@ class Agent:
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
-        await self._send(ws, frames.auth(self.identity, challenge["challenge"]))
+        self._challenge = str(challenge["challenge"])
+        self._refused = ""  # the reason of a verified, signed refusal on this connection
+        await self._send(ws, frames.auth(self.identity, self._challenge))
         tasks = [
             asyncio.ensure_future(self._receive(ws)),
             asyncio.ensure_future(self._heartbeats(ws)),
@@ -244,13 +248,39 @@ class Agent:
                     await self._send_sandbox_status(ws, full=True, if_any=True)
                 elif kind == "desired_state":
                     await self._apply_desired(ws, frame.get("envelope"))
+                elif kind == "refused":
+                    self._check_refusal(frame.get("envelope"))
                 elif kind == "error":
                     self.say(f"gateway says: {frame.get('detail')}")
         except websockets.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
             if code == wire.CLOSE_FORBIDDEN:
-                raise Revoked(exc.rcvd.reason if exc.rcvd else "") from None
+                if self._refused:
+                    raise Revoked(self._refused) from None
+                # Anyone on the path can close a websocket with 4403: without the gateway's
+                # signed refusal it is a disconnection like any other, retried with backoff.
+                self.say(
+                    "the connection was closed as 'refused' without the gateway's signed "
+                    "refusal; not trusted, retrying"
+                )
             raise
+
+    def _check_refusal(self, envelope: Any) -> None:
+        """Keep the reason of a refusal signed by the pinned gateway key, for this node and this
+        connection's challenge; anything else is ignored (and said)."""
+        try:
+            if not isinstance(envelope, dict):
+                raise wire.BadSignature("refusal is not a signed envelope")
+            body = wire.open_envelope(envelope, self.enrollment.gateway_key, wire.REFUSAL)
+            refusal = wire.Refusal.from_dict(body)
+            if refusal.node_id != self.identity.node_id:
+                raise wire.ProtocolError("refusal is for another node")
+            if refusal.challenge != self._challenge:
+                raise wire.ProtocolError("refusal names another connection's challenge")
+        except (wire.BadSignature, wire.ProtocolError) as exc:
+            self.say(f"ignored a refusal that does not hold: {exc}")
+            return
+        self._refused = refusal.reason or "refused"
 
     # -- desired state -----------------------------------------------------------------------
 

@@ -374,12 +374,16 @@ async def agent_session(gateway, identity: Identity):
     return ws
 
 
-async def refusal(ws) -> tuple[dict, int]:
-    """The error frame the gateway sends before it closes, and the close code."""
+async def refusal(ws, node_id: str) -> tuple[dict, int]:
+    """The error frame the gateway sends before it closes, and the close code; and before them
+    the gateway's signed refusal of `node_id`, the only thing that stops an agent for good."""
     frames = []
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
             frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    (refused,) = [frame for frame in frames if frame.get("type") == "refused"]
+    assert refused["envelope"]["kind"] == wire.REFUSAL
+    assert wire.Refusal.from_dict(refused["envelope"]["body"]).node_id == node_id
     errors = [frame for frame in frames if frame.get("type") == "error"]
     return errors[-1], closed.value.rcvd.code
 
@@ -412,7 +416,7 @@ def test_the_agent_of_a_revoked_node_is_cut_off_and_its_next_frame_refused(
             }
         }
         await database_sync_to_async(revoke)(ops, [told_node])
-        error, code = await refusal(told_ws)
+        error, code = await refusal(told_ws, told.node_id)
         assert (error["detail"], code) == ("node revoked", wire.CLOSE_FORBIDDEN)
 
         # Revoked where no push can reach it (another channel prefix): the agent's next frame
@@ -425,7 +429,7 @@ def test_the_agent_of_a_revoked_node_is_cut_off_and_its_next_frame_refused(
         }
         await database_sync_to_async(revoke)(ops, [silent_node])
         await silent_ws.send(json.dumps({"type": "heartbeat"}))
-        error, code = await refusal(silent_ws)
+        error, code = await refusal(silent_ws, silent.node_id)
         assert (error["detail"], code) == ("node revoked", wire.CLOSE_FORBIDDEN)
 
     asyncio.run(scenario())

@@ -66,6 +66,7 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/removed/v1",
         "molt/key-cert/v1",
         "molt/sandbox-status/v1",
+        "molt/refusal/v1",
     } == KINDS
     assert {
         ENROLL,
@@ -77,6 +78,7 @@ def test_kinds_are_the_documented_strings() -> None:
         REMOVED,
         KEY_CERT,
         wire.SANDBOX_STATUS,
+        wire.REFUSAL,
     } == KINDS
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "PeerCounters",
     "PeerResult",
     "PeerSpec",
+    "Refusal",
     "Removed",
     "SandboxReport",
     "SandboxSpec",
@@ -269,6 +270,19 @@ class AgentAuth(Message):
 
     node_id: NodeId
     challenge: Annotated[str, fields.pattern(_CHALLENGE_RE, 43, "43 URL-safe base64 characters")]
+    timestamp: Integer
+
+
+@dataclass(frozen=True)
+class Refusal(Message):
+    """Body of a REFUSAL message, signed by the gateway: it refuses this node (revoked, or not
+    known), said on the connection whose `challenge` it names, so a recorded one is worthless on
+    any other. An agent stops for good only on this: a bare close code 4403, which anyone on the
+    path can send, only makes it reconnect later."""
+
+    node_id: NodeId
+    challenge: Annotated[str, fields.pattern(_CHALLENGE_RE, 43, "43 URL-safe base64 characters")]
+    reason: Annotated[str, fields.text(200, empty=True)]
     timestamp: Integer
 
 

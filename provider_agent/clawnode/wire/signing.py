@@ -37,6 +37,7 @@ __all__ = [
     "KEY_CERT",
     "KINDS",
     "METERING",
+    "REFUSAL",
     "REMOVED",
     "SANDBOX_STATUS",
     "SIGNATURE_LEN",
@@ -64,8 +65,22 @@ METERING = "molt/metering/v1"
 REMOVED = "molt/removed/v1"
 KEY_CERT = "molt/key-cert/v1"
 SANDBOX_STATUS = "molt/sandbox-status/v1"
+# The gateway's signed word that it refuses this node (revoked or unknown), bound to one
+# connection's challenge: the only thing that makes an agent stop for good.
+REFUSAL = "molt/refusal/v1"
 KINDS = frozenset(
-    {ENROLL, AGENT_AUTH, DESIRED_STATE, ACK, ACK_V1, METERING, REMOVED, KEY_CERT, SANDBOX_STATUS}
+    {
+        ENROLL,
+        AGENT_AUTH,
+        DESIRED_STATE,
+        ACK,
+        ACK_V1,
+        METERING,
+        REMOVED,
+        KEY_CERT,
+        SANDBOX_STATUS,
+        REFUSAL,
+    }
 )
 
 _MAX_DEPTH = 32  # bodies are shallow; the cap keeps hostile input from exhausting the stack
