@@ -7,6 +7,7 @@ app_name = "frontend"
 urlpatterns = [
     path("", views.marketplace, name="marketplace"),
     path("healthz/", views.healthz, name="healthz"),
+    path("readyz/", views.readyz, name="readyz"),
     # Buyers
     path("listings/<int:pk>/", buyer_views.listing_detail, name="listing"),
     path("orders/", buyer_views.order_list, name="orders"),

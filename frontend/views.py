@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import redis
 from django import forms
+from django.conf import settings
 from django.core.paginator import Paginator
+from django.db import DatabaseError, connection
 from django.db.models import F, OuterRef, QuerySet, Subquery, Sum
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
@@ -141,3 +144,41 @@ def marketplace(request: HttpRequest) -> HttpResponse:
 
 def healthz(request):
     return HttpResponse("ok", content_type="text/plain")
+
+
+def _database_ready() -> str:
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+        return "ok"
+    except DatabaseError as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+def _redis_ready(url: str) -> str:
+    """PING the Redis at `url` with a short timeout (the broker and the channel layer)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return "ok (not Redis)"  # memory:// in tests, another broker elsewhere
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+        finally:
+            client.close()
+        return "ok"
+    except redis.RedisError as exc:
+        return f"unreachable: {type(exc).__name__}"
+
+
+@require_GET
+def readyz(request):
+    """Whether this gateway can do its work now, not only serve pages: its database and its
+    broker (Redis: Celery's queue and the agents' channel layer). 503 naming what is down, so a
+    load balancer stops sending writes that would commit and then find no broker (healthz only
+    says the process is up)."""
+    checks = {
+        "database": _database_ready(),
+        "broker": _redis_ready(settings.CELERY_BROKER_URL),
+    }
+    ready = all(value.startswith("ok") for value in checks.values())
+    return JsonResponse({"ready": ready, **checks}, status=200 if ready else 503)
