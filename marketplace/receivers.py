@@ -2,12 +2,12 @@
 us), and its own order_placed to enqueue provisioning (marketplace.orders never imports the
 tasks)."""
 
-from django.db import transaction
 from django.dispatch import receiver
 
 from marketplace import orders, tasks
 from marketplace.models import Order
 from marketplace.signals import order_placed
+from meshnet.enqueue import enqueue_on_commit
 from meshnet.signals import (
     node_revoked,
     peer_acknowledged,
@@ -20,8 +20,7 @@ from meshnet.signals import (
 @receiver(order_placed, dispatch_uid="marketplace.order_placed")
 def on_order_placed(sender, order, **kwargs) -> None:
     # On commit: a worker must not look for an order its transaction has not committed yet.
-    order_id = order.pk
-    transaction.on_commit(lambda: tasks.provision_order.delay(order_id))
+    enqueue_on_commit(tasks.provision_order, order.pk, swept_by="the reprovision-pending beat task")
 
 
 @receiver(peer_acknowledged, dispatch_uid="marketplace.peer_acknowledged")

@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from meshnet import ipplan
 from meshnet.allocation import allocate_address
+from meshnet.enqueue import enqueue_on_commit
 from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
 from meshnet.keys import check_wireguard_public_key
 from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node
@@ -45,7 +46,7 @@ def _bump_revision(node_pk: int) -> None:
 
 
 def _push_on_commit(node_pk: int) -> None:
-    transaction.on_commit(lambda: push_desired_state.delay(node_pk))
+    enqueue_on_commit(push_desired_state, node_pk, swept_by="the repush-lagging-nodes beat task")
 
 
 def create_job_peer(
