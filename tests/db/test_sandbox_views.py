@@ -37,7 +37,16 @@ def node(node):
 
 
 @pytest.fixture
-def order(funded_buyer, listing):
+def keyed_buyer(funded_buyer):
+    """The funded buyer with an SSH key: the node runs images, so its listing's orders run in
+    sandboxes, which let in only the buyer's keys (an order without one is refused)."""
+    add_ssh_key(funded_buyer, public_key=ssh_public_key(), name="laptop")
+    return funded_buyer
+
+
+@pytest.fixture
+def order(keyed_buyer, listing):
+    funded_buyer = keyed_buyer
     return place_order(
         funded_buyer,
         listing_id=listing.pk,
@@ -113,7 +122,8 @@ def test_the_order_shows_how_to_reach_its_ready_sandbox(
     assert found.returncode == 0 and host_keys[0].split()[1] in found.stdout
 
 
-def test_the_order_list_shows_each_orders_own_sandbox(api_client_for, funded_buyer, listing):
+def test_the_order_list_shows_each_orders_own_sandbox(api_client_for, keyed_buyer, listing):
+    funded_buyer = keyed_buyer
     first, second = (
         place_order(
             funded_buyer,
@@ -138,7 +148,8 @@ def test_another_buyers_order_and_its_sandbox_stay_hidden(api_client_for, strang
     assert api_client_for(stranger).get(f"/api/v1/orders/{order.pk}/").status_code == 404
 
 
-def test_ordering_takes_an_image_field(api_client_for, funded_buyer, listing):
+def test_ordering_takes_an_image_field(api_client_for, keyed_buyer, listing):
+    funded_buyer = keyed_buyer
     # Too long for any image name: the serializer names the field before any order is placed.
     response = api_client_for(funded_buyer).post(
         "/api/v1/orders/",
@@ -380,7 +391,8 @@ def test_the_listing_edit_page_changes_images_and_limits(provider, listing, node
     assert listing.images == ["molt/pytorch:2.4"] and listing.disk_gb == 20 and listing.egress
 
 
-def test_the_nodes_page_shows_each_nodes_running_sandboxes(provider, funded_buyer, listing):
+def test_the_nodes_page_shows_each_nodes_running_sandboxes(provider, keyed_buyer, listing):
+    funded_buyer = keyed_buyer
     orders = [
         place_order(
             funded_buyer,
