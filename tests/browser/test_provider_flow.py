@@ -83,8 +83,10 @@ def test_a_provider_installs_a_machine_and_watches_it_join_and_come_online(
             page.evaluate("window.__sameDocument = true")
 
             # -- the command runs on the machine (root already, so without sudo) -------------
+            # The live server is plain http at a veth address: --insecure says that is meant.
             flags = (
-                f"--skip-apt --no-systemd --prefix {prefix} --find-links {wheelhouse} -- "
+                f"--insecure --skip-apt --no-systemd --prefix {prefix} "
+                f"--find-links {wheelhouse} -- "
                 f"--simulated-gpus 'RTX 4090:2' --interface {interface} --backend userspace "
                 f"--endpoint {provider_ip}:51820"
             )
