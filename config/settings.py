@@ -249,9 +249,17 @@ MOLT_BANDWIDTH_ALLOWANCE_GIB = env_int("MOLT_BANDWIDTH_ALLOWANCE_GIB", 50, minim
 MOLT_MAX_ORDER_HOURS = env_int("MOLT_MAX_ORDER_HOURS", 720, minimum=1)
 MOLT_ENROLLMENT_TOKEN_TTL_SECONDS = env_int("MOLT_ENROLLMENT_TOKEN_TTL_SECONDS", 3600, minimum=60)
 MOLT_ENROLLMENT_MAX_SKEW_SECONDS = env_int("MOLT_ENROLLMENT_MAX_SKEW_SECONDS", 300, minimum=5)
-# A released job address is not handed out again for this long: a stale buyer config must
-# never reach the next tenant.
-MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 86400, minimum=0)
+# A released job address is not handed out again for this long. The removed peer's key can no
+# longer complete a handshake on the node, so a stale buyer config reaches nobody whatever the
+# address; the quarantine only covers packets in flight and the node's own removal catching up.
+# A long one buys nothing and starves the pool (design/network.md): at a day, the MOLT /17
+# capped the market at 0.38 job starts per second.
+MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 120, minimum=0)
+# A released sandbox address (per node /27, 30 addresses) waits this long: it is freed only
+# once the agent removed the container and the job's peer, so only stray packets are left.
+MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS = env_int(
+    "MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS", 60, minimum=0
+)
 MOLT_WORKLOAD_POOL_MAX_NODES = env_int("MOLT_WORKLOAD_POOL_MAX_NODES", 256, minimum=1)
 MOLT_PROVISIONING_TIMEOUT_SECONDS = env_int("MOLT_PROVISIONING_TIMEOUT_SECONDS", 120, minimum=5)
 MOLT_NODE_OFFLINE_AFTER_SECONDS = env_int("MOLT_NODE_OFFLINE_AFTER_SECONDS", 45, minimum=5)

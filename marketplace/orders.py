@@ -18,12 +18,13 @@ from django.utils import timezone
 
 from marketplace import billing, ledger, lifecycle
 from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
-from marketplace.models import Listing, Order
+from marketplace.models import Listing, Order, SshKey
 from marketplace.settlement import settle_order
 from marketplace.signals import order_changed, order_placed
-from meshnet.errors import MeshError
-from meshnet.models import JobPeerKey, Node
+from meshnet.errors import MeshError, NotEnoughGpus
+from meshnet.models import JobPeer, JobPeerKey, Node, Sandbox
 from meshnet.peers import create_job_peer, remove_job_peer, replace_peer_key, validate_peer_key
+from meshnet.sandboxes import SandboxRequest
 
 S = Order.State
 
@@ -40,10 +41,21 @@ def quote_for(listing: Listing, *, gpu_count: int, hours: int) -> billing.Quote:
 
 
 def place_order(
-    buyer, *, listing_id: int, gpu_count: int, hours: int, wireguard_public_key: str
+    buyer,
+    *,
+    listing_id: int,
+    gpu_count: int,
+    hours: int,
+    wireguard_public_key: str,
+    image: str | None = None,
 ) -> Order:
     """Place an order and its escrow hold in one transaction, and send `order_placed` (its
     receiver enqueues provisioning on commit: see marketplace.signals).
+
+    A listing with images is a sandbox listing: the order runs `image` (one of them; default
+    the first) in a sandbox that takes the buyer's SSH keys, both snapshotted on the order now
+    (a key added or deleted later changes no placed order); a buyer with no key is refused. A
+    listing without images gives a tunnel to the node only (the way before sandboxes; to go).
 
     Locks: the listing row (so concurrent orders cannot oversell it), then the buyer's wallet
     row through the ledger guard. Raises MarketError subclasses naming the bad field; on any
@@ -76,6 +88,7 @@ def place_order(
                 "generate a new key pair",
                 field="wireguard_public_key",
             )
+        chosen_image, ssh_keys = _sandbox_terms(buyer, listing, image)
         q = quote_for(listing, gpu_count=gpu_count, hours=hours)
         order = Order.objects.create(
             buyer=buyer,
@@ -87,6 +100,8 @@ def place_order(
             price_per_gib=listing.price_per_gib,
             bandwidth_allowance_bytes=q.bandwidth_allowance_bytes,
             hold_amount=q.total_hold,
+            image=chosen_image,
+            ssh_keys=ssh_keys,
         )
         ledger.place_hold(order, q.total_hold)
         lifecycle.record_placed(order)
@@ -94,12 +109,59 @@ def place_order(
     return order
 
 
+NO_SSH_KEY = (
+    "add an SSH public key to your account before ordering (the SSH keys page under your "
+    "account menu, or POST /api/v1/ssh-keys/): the sandbox lets in only your keys"
+)
+
+
+def _sandbox_terms(buyer, listing: Listing, image: str | None) -> tuple[str, list[str]]:
+    """The image and SSH key lines an order on `listing` snapshots: ("", []) on a listing
+    without images. MarketError naming `image` (not one the listing offers) or `ssh_keys` (the
+    buyer has none)."""
+    offered = list(listing.images or [])
+    if not offered:
+        if image:
+            raise MarketError("this listing runs no images: leave image out", field="image")
+        return "", []
+    if image and image not in offered:
+        raise MarketError(
+            f"image must be one of this listing's images: {', '.join(offered)}", field="image"
+        )
+    keys = list(SshKey.objects.filter(user=buyer).values_list("public_key", flat=True))
+    if not keys:
+        raise MarketError(NO_SSH_KEY, field="ssh_keys")
+    return image or offered[0], keys
+
+
+def sandbox_request(order: Order) -> SandboxRequest | None:
+    """What the order's sandbox gets, from the listing's per-GPU terms and the order's
+    snapshot; None for an order without an image (a tunnel-only listing's)."""
+    if not order.image:
+        return None
+    listing = order.listing
+    return SandboxRequest(
+        image=order.image,
+        gpu_count=order.gpu_count,
+        cpus_milli=listing.cpus_per_gpu * 1000 * order.gpu_count,
+        memory_mb=listing.memory_gb_per_gpu * 1024 * order.gpu_count,
+        disk_gb=listing.disk_gb,
+        egress=listing.egress,
+        ssh_keys=tuple(order.ssh_keys),
+        gpu_model=listing.gpu_model,
+    )
+
+
 def provision_order(order_id: int) -> Order:
-    """Allocate the job's MOLT address and desired peer on the provider node; pending ->
+    """Allocate the job's MOLT address and desired peer on the provider node, and its sandbox
+    (GPUs, address) in the same desired revision when the order has an image; pending ->
     provisioning. Idempotent: an order no longer pending is returned unchanged. If the mesh
-    refuses (pool exhausted, key live elsewhere) the order fails and its hold is released.
+    refuses (pool exhausted, key live elsewhere, too few GPUs) the order fails and its hold is
+    released; but when the GPUs it needs are only still held by jobs that ended (freed once the
+    agent removed their containers) it stays pending, nothing written, and
+    tasks.sweep_pending_orders tries again, for up to MOLT_PROVISIONING_TIMEOUT_SECONDS.
     Locks: the node row, the order row (as stop_order: a buyer cancelling while the worker
-    provisions waits instead of deadlocking), then the pool row."""
+    provisions waits instead of deadlocking), then the pool rows."""
     with transaction.atomic():
         order = _lock_node_then_order(order_id)
         if order.state != S.PENDING:
@@ -107,8 +169,20 @@ def provision_order(order_id: int) -> Order:
         try:
             with transaction.atomic():
                 peer = create_job_peer(
-                    order.listing.node, order.wireguard_public_key, ref=f"order:{order.pk}"
+                    order.listing.node,
+                    order.wireguard_public_key,
+                    ref=f"order:{order.pk}",
+                    sandbox=sandbox_request(order),
                 )
+        except NotEnoughGpus as exc:
+            waited = timezone.now() - order.created_at
+            if (
+                exc.transient
+                and waited.total_seconds() < settings.MOLT_PROVISIONING_TIMEOUT_SECONDS
+            ):
+                return order
+            _release_and_end(order, S.PENDING, S.FAILED, f"provisioning failed: {exc}")
+            return order
         except MeshError as exc:
             _release_and_end(order, S.PENDING, S.FAILED, f"provisioning failed: {exc}")
             return order
@@ -128,6 +202,64 @@ def mark_running(order: Order, at: datetime) -> bool:
         running_since=at,
         ends_at=at + timedelta(hours=order.hours),
     )
+
+
+def start_when_ready(order: Order) -> bool:
+    """provisioning -> running once the job's peer is acknowledged and its sandbox, if it has
+    one, is ready (sshd accepts): billing starts at the later of the two. A sandbox that failed
+    (or stopped) first fails the order with the agent's detail as its reason, the hold released
+    in full and peer and sandbox dropped from desired state. True when this call moved it.
+
+    The one place both events land: the agent's ack (receivers.on_peer_acknowledged, in the ack's
+    transaction) and the sandbox's report (receivers.on_sandbox_changed, after it commits).
+    Locks: the node row, then the order row (already held by an ack: taking them again waits
+    for nothing)."""
+    with transaction.atomic():
+        order = _lock_node_then_order(order.pk)
+        if order.state != S.PROVISIONING or order.job_peer_id is None:
+            return False
+        peer = JobPeer.objects.get(pk=order.job_peer_id)
+        sandbox = Sandbox.objects.filter(ref=peer.ref).first()
+        if sandbox is not None and sandbox.state in (Sandbox.State.FAILED, Sandbox.State.STOPPED):
+            why = f"sandbox {sandbox.state}: {sandbox.detail or 'no detail from the node'}"
+            return _release_and_end(order, S.PROVISIONING, S.FAILED, why[:200])
+        if peer.state != JobPeer.State.ACTIVE or peer.acked_at is None:
+            return False
+        if sandbox is None:
+            at, why = peer.acked_at, "agent acknowledged the peer"
+        elif sandbox.state == Sandbox.State.READY and sandbox.ready_at is not None:
+            at, why = max(peer.acked_at, sandbox.ready_at), "peer acknowledged, sandbox ready"
+        else:
+            return False
+        return lifecycle.transition(
+            order,
+            S.PROVISIONING,
+            S.RUNNING,
+            why,
+            running_since=at,
+            ends_at=at + timedelta(hours=order.hours),
+        )
+
+
+def end_if_sandbox_died(order: Order) -> bool:
+    """A running order whose sandbox failed or stopped (the container died, the agent could not
+    recreate it) fails: billed up to the agent's report (settled now, the rest of the hold
+    released), its peer and sandbox dropped from desired state, as a lost node's orders are.
+    True when this call ended it. Locks: as start_when_ready."""
+    with transaction.atomic():
+        order = _lock_node_then_order(order.pk)
+        if order.state != S.RUNNING or order.job_peer_id is None:
+            return False
+        sandbox = Sandbox.objects.filter(ref=f"order:{order.pk}").first()
+        if sandbox is None or sandbox.state not in (Sandbox.State.FAILED, Sandbox.State.STOPPED):
+            return False
+        at = sandbox.reported_at or timezone.now()
+        why = f"sandbox {sandbox.state}: {sandbox.detail or 'no detail from the node'}"[:200]
+        if not lifecycle.transition(order, S.RUNNING, S.FAILED, why, ended_at=at, reason=why):
+            return False
+        settle_order(order, cut_at=at)
+        remove_job_peer(f"order:{order.pk}")
+        return True
 
 
 def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) -> bool:
@@ -189,8 +321,10 @@ def complete_order(order: Order, at: datetime) -> bool:
 
 
 def expire_orders(now: datetime | None = None) -> int:
-    """Stop running orders whose booked time is up, and fail orders stuck provisioning past the
-    timeout (hold released in full). Returns how many orders changed."""
+    """Stop running orders whose booked time is up; move orders whose sandbox is ready or
+    failed (start_when_ready, end_if_sandbox_died, in case its signal was lost); fail orders stuck
+    provisioning past the timeout (hold released in full), unless their sandbox reported
+    progress within it. Returns how many orders changed."""
     now = now or timezone.now()
     changed = 0
     for order in Order.objects.filter(state=S.RUNNING, ends_at__lte=now).only("pk"):
@@ -200,13 +334,33 @@ def expire_orders(now: datetime | None = None) -> int:
         except InvalidTransition:
             pass  # stopped by someone else meanwhile
     changed += end_orders_of_lost_nodes(now)
+    # Level-triggered repair: an order whose sandbox is already ready or failed (its
+    # sandbox_changed lost to a crash after the report committed) moves now.
+    settled_sandboxes = Sandbox.objects.filter(
+        state__in=(Sandbox.State.READY, Sandbox.State.FAILED, Sandbox.State.STOPPED)
+    ).values("ref")
+    for order in Order.objects.filter(
+        state__in=(S.PROVISIONING, S.RUNNING), job_peer__ref__in=settled_sandboxes
+    ).only("pk"):
+        changed += start_when_ready(order) or end_if_sandbox_died(order)
     deadline = now - timedelta(seconds=settings.MOLT_PROVISIONING_TIMEOUT_SECONDS)
     for order in Order.objects.filter(state=S.PROVISIONING, created_at__lte=deadline).only("pk"):
         with transaction.atomic():
             locked = _lock_node_then_order(order.pk)
-            if locked.state == S.PROVISIONING and _release_and_end(
-                locked, S.PROVISIONING, S.FAILED, "the provider node did not acknowledge in time"
-            ):
+            if locked.state != S.PROVISIONING:
+                continue
+            sandbox = Sandbox.objects.filter(ref=f"order:{locked.pk}").first()
+            if sandbox is not None and sandbox.reported_at and sandbox.reported_at > deadline:
+                # A cold pull of a large image takes minutes: a sandbox whose agent reported
+                # progress within the timeout is still coming (an unchanged report does not
+                # count: meshnet.sandboxes stores it once, so a stuck pull still times out).
+                continue
+            why = (
+                "the provider node did not acknowledge in time"
+                if sandbox is None or sandbox.reported_at is None
+                else f"the sandbox was not ready in time (last: {sandbox.state})"
+            )
+            if _release_and_end(locked, S.PROVISIONING, S.FAILED, why):
                 changed += 1
     return changed
 

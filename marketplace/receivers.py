@@ -1,5 +1,6 @@
-"""marketplace follows meshnet's peer hooks to move orders (meshnet never imports us), and its
-own order_placed to enqueue provisioning (marketplace.orders never imports the tasks)."""
+"""marketplace follows meshnet's peer and sandbox hooks to move orders (meshnet never imports
+us), and its own order_placed to enqueue provisioning (marketplace.orders never imports the
+tasks)."""
 
 from django.db import transaction
 from django.dispatch import receiver
@@ -7,7 +8,13 @@ from django.dispatch import receiver
 from marketplace import orders, tasks
 from marketplace.models import Order
 from marketplace.signals import order_placed
-from meshnet.signals import node_revoked, peer_acknowledged, peer_removed, peer_traffic
+from meshnet.signals import (
+    node_revoked,
+    peer_acknowledged,
+    peer_removed,
+    peer_traffic,
+    sandbox_changed,
+)
 
 
 @receiver(order_placed, dispatch_uid="marketplace.order_placed")
@@ -19,9 +26,20 @@ def on_order_placed(sender, order, **kwargs) -> None:
 
 @receiver(peer_acknowledged, dispatch_uid="marketplace.peer_acknowledged")
 def on_peer_acknowledged(sender, job_peer, at, **kwargs) -> None:
+    # Running only once the sandbox, if any, is ready too: start_when_ready decides.
     order = Order.objects.filter(job_peer=job_peer).first()
     if order is not None:
-        orders.mark_running(order, at)
+        orders.start_when_ready(order)
+
+
+@receiver(sandbox_changed, dispatch_uid="marketplace.sandbox_changed")
+def on_sandbox_changed(sender, sandbox, **kwargs) -> None:
+    # After the report committed, in a transaction of its own: ready may start the order (if
+    # its peer is acknowledged), failed before running fails it with the hold released, and
+    # failed while running ends it billed up to the report.
+    order = Order.objects.filter(job_peer__ref=sandbox.ref).first()
+    if order is not None and not orders.start_when_ready(order):
+        orders.end_if_sandbox_died(order)
 
 
 @receiver(peer_removed, dispatch_uid="marketplace.peer_removed")

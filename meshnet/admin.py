@@ -347,24 +347,6 @@ class JobPeerKeyAdmin(ReadOnlyAdmin):
     date_hierarchy = "active_from"
 
 
-@admin.register(Sandbox)
-class SandboxAdmin(ReadOnlyAdmin):
-    """Each job's container as the gateway asked for it and as the agent last reported it."""
-
-    list_display = ("ref", "node", "state", "address", "image", "created_at", "ready_at")
-    list_filter = ("state",)
-    list_select_related = ("node",)
-    search_fields = ("ref", "node__name", "address", "image")
-    date_hierarchy = "created_at"
-
-
-@admin.register(SandboxGpu)
-class SandboxGpuAdmin(ReadOnlyAdmin):
-    list_display = ("node", "index", "sandbox")
-    list_select_related = ("node", "sandbox")
-    search_fields = ("node__name", "sandbox__ref")
-
-
 @admin.register(MeteringSample)
 class MeteringSampleAdmin(ReadOnlyAdmin):
     list_display = ("node", "boot_id", "seq", "sampled_at", "received_at")
@@ -470,3 +452,33 @@ class NodeOutageAdmin(ReadOnlyAdmin):
     @admin.display(description="duration")
     def duration(self, outage: NodeOutage) -> str:
         return str(outage.ended_at - outage.started_at).split(".")[0]
+
+
+@admin.register(Sandbox)
+class SandboxAdmin(ReadOnlyAdmin):
+    """Each job's container as the gateway asked for it and the agent last reported it."""
+
+    list_display = (
+        "ref",
+        "node",
+        "state",
+        "address",
+        "image",
+        "added_revision",
+        "removed_revision",
+        "ready_at",
+        "reported_at",
+    )
+    list_filter = ("state",)
+    list_select_related = ("node",)
+    search_fields = ("ref", "address", "image", "node__name")
+    date_hierarchy = "created_at"
+
+
+@admin.register(SandboxGpu)
+class SandboxGpuAdmin(ReadOnlyAdmin):
+    """Which sandbox holds which GPU of a node now (a row is deleted when its GPU is freed)."""
+
+    list_display = ("node", "index", "sandbox")
+    list_select_related = ("node", "sandbox")
+    search_fields = ("node__name", "sandbox__ref")

@@ -1,7 +1,7 @@
 """What a node's agent says over its websocket (meshnet.consumers), checked and recorded: its
 challenge-response auth, acks of desired revisions, reports of removed peers, signed metering
-samples, complaints. Heartbeats and inventory, which describe the node itself, are in
-meshnet.nodes.
+samples, sandbox status reports (recorded by meshnet.sandboxes), complaints. Heartbeats and
+inventory, which describe the node itself, are in meshnet.nodes.
 
 Lock order: the node's row, then its JobPeerKey rows in id order, then (through the signals
 peer_acknowledged, peer_removed and peer_traffic) marketplace's orders.
@@ -25,6 +25,7 @@ from django.utils import timezone
 from meshnet import metering
 from meshnet.allocation import release_address
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
+from meshnet.sandboxes import record_sandbox_status, release_sandboxes
 from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ def authenticate_agent(envelope: Mapping[str, Any], *, challenge: str) -> Node:
     return node
 
 
-_NodeMessage = TypeVar("_NodeMessage", wire.Ack, wire.Removed, wire.MeteringSample)
+_NodeMessage = TypeVar(
+    "_NodeMessage", wire.Ack, wire.Removed, wire.MeteringSample, wire.SandboxStatus
+)
 
 
 def _open_node_message(
@@ -203,7 +206,22 @@ def _record_gone(
             peer.refresh_from_db()
             if peer.allocation_id is not None:
                 release_address(peer.allocation)
+            # The agent removes a job's container before its peer: the peer gone, its GPUs and
+            # sandbox address are free (meshnet.sandboxes).
+            release_sandboxes(node, [peer.ref], at)
             peer_removed.send(sender=JobPeer, job_peer=peer, at=at)
+
+
+def process_sandbox_status(node: Node, envelope: Mapping[str, Any]) -> wire.SandboxStatus:
+    """Verify a SANDBOX_STATUS message `node` signed and record it (meshnet.sandboxes.
+    record_sandbox_status: only `node`'s sandboxes, states forward only; sandbox_changed after
+    commit). AgentRefused (4400), nothing written, when the signature is not the node's, the
+    body is malformed or it names another node."""
+    status = _open_node_message(
+        node, envelope, wire.SANDBOX_STATUS, wire.SandboxStatus, "sandbox status"
+    )
+    record_sandbox_status(node, status)
+    return status
 
 
 def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:

@@ -15,22 +15,38 @@ from django.utils import timezone
 
 from meshnet import ipplan
 from meshnet.errors import PoolExhausted
-from meshnet.models import IpAllocation, IpPool
+from meshnet.models import IpAllocation, IpPool, Node
 
 
-def _locked_pool(pool_name: str) -> IpPool:
+def _locked_pool(pool_name: str, cidr: str | None = None) -> IpPool:
     """The pool row, locked for this transaction (PostgreSQL; SQLite's IMMEDIATE transactions
-    already serialize writers). Pools are created on first use from the IP plan."""
+    already serialize writers). Pools are created on first use from the IP plan, or from `cidr`
+    for pools the plan derives (a node's sandbox /27)."""
     try:
         return IpPool.objects.select_for_update().get(name=pool_name)
     except IpPool.DoesNotExist:
-        cidr = ipplan.block(pool_name).cidr
+        if cidr is None:
+            cidr = ipplan.block(pool_name).cidr
         IpPool.objects.get_or_create(name=pool_name, defaults={"cidr": cidr})
         return IpPool.objects.select_for_update().get(name=pool_name)
 
 
-def allocate_address(pool_name: str, purpose: str) -> IpAllocation:
-    """Lease one address of `pool_name`.
+def sandbox_pool_name(node_pk: int) -> str:
+    """The pool of one node's sandbox addresses (its /27 of the sandbox block)."""
+    return f"{ipplan.SANDBOX_BLOCK}:{node_pk}"
+
+
+def allocate_sandbox_address(node: Node) -> IpAllocation:
+    """Lease one address of `node`'s sandbox /27 (ipplan.sandbox_subnet of its mesh address):
+    the same O(1) allocation, lock and unique (pool, address) constraint as allocate_address,
+    on a pool row of the node's own ("sandboxes:<node pk>"). Raises PoolExhausted (409) when
+    all 30 addresses are leased or quarantined."""
+    cidr = str(ipplan.sandbox_subnet(node.mesh_address))
+    return allocate_address(sandbox_pool_name(node.pk), IpAllocation.Purpose.SANDBOX, cidr=cidr)
+
+
+def allocate_address(pool_name: str, purpose: str, *, cidr: str | None = None) -> IpAllocation:
+    """Lease one address of `pool_name` (created with `cidr` if the IP plan does not name it).
 
     Locks: the pool row. Fresh offsets are taken in order (O(1)); once the pool's end is
     reached, the released lease with the oldest expired quarantine is reused (one index range
@@ -38,7 +54,7 @@ def allocate_address(pool_name: str, purpose: str) -> IpAllocation:
     constraint backs the lock: a bug here fails loudly instead of handing out an address twice.
     """
     with transaction.atomic():
-        pool = _locked_pool(pool_name)
+        pool = _locked_pool(pool_name, cidr)
         network = pool.network
         if pool.next_offset <= ipplan.last_offset(network):
             address = ipplan.address_at(network, pool.next_offset)
@@ -63,9 +79,15 @@ def allocate_address(pool_name: str, purpose: str) -> IpAllocation:
 
 
 def release_address(lease: IpAllocation) -> None:
-    """Return a lease to its pool after the quarantine period. Releasing twice is a no-op."""
+    """Return a lease to its pool after the quarantine period: MOLT_ADDRESS_QUARANTINE_SECONDS,
+    or MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS for a sandbox's. Releasing twice is a no-op."""
     now = timezone.now()
-    quarantine = timedelta(seconds=settings.MOLT_ADDRESS_QUARANTINE_SECONDS)
+    seconds = (
+        settings.MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS
+        if lease.purpose == IpAllocation.Purpose.SANDBOX
+        else settings.MOLT_ADDRESS_QUARANTINE_SECONDS
+    )
+    quarantine = timedelta(seconds=seconds)
     IpAllocation.objects.filter(pk=lease.pk, released_at__isnull=True).update(
         released_at=now, reusable_after=now + quarantine
     )

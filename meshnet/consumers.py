@@ -92,6 +92,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                     content.get("gpus") or [],
                     content.get("health") or [],
                     str(content.get("reason") or "")[:300],
+                    images=content.get("images"),
                 )
             elif kind == "report":
                 await database_sync_to_async(agent_channel.record_report)(
@@ -101,13 +102,16 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 await database_sync_to_async(agent_channel.ingest_metering)(
                     node, content.get("envelope")
                 )
-            elif kind in ("ack", "removed"):
+            elif kind in ("ack", "removed", "sandbox_status"):
                 # Heartbeat first: a silence that just ended is recorded as an outage before
-                # the message can complete and settle an order (billing leaves outages out).
+                # the message can complete and settle an order (billing leaves outages out; a
+                # sandbox that died ends its order, settled up to the report).
                 await database_sync_to_async(nodes.record_heartbeat)(node, self._peer_ip())
-                process = (
-                    agent_channel.process_ack if kind == "ack" else agent_channel.process_removed
-                )
+                process = {
+                    "ack": agent_channel.process_ack,
+                    "removed": agent_channel.process_removed,
+                    "sandbox_status": agent_channel.process_sandbox_status,
+                }[kind]
                 await database_sync_to_async(process)(node, content.get("envelope"))
             else:
                 raise AgentRefused(f"unknown message type {kind!r}", wire.CLOSE_BAD_MESSAGE)

@@ -1,5 +1,6 @@
-"""What a node's agent should have: its job peers at the node's desired revision, signed with
-the gateway key. Reads only; the writes that change it are in meshnet.peers."""
+"""What a node's agent should have: its job peers and their sandboxes at the node's desired
+revision, signed with the gateway key. Reads only; the writes that change it are in
+meshnet.peers (and meshnet.sandboxes, which it calls)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from django.utils import timezone
 
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import JobPeer, Node
+from meshnet.sandboxes import live_specs
 
 
 def desired_state(node: Node) -> wire.DesiredState:
-    """The full set of peers `node` should have at its current desired revision."""
+    """The full set of peers and sandboxes `node` should have at its current desired revision
+    (a sandbox until the revision that removes it, as its peer)."""
     peers = tuple(
         wire.PeerSpec(
             public_key=peer.public_key,
@@ -28,6 +31,7 @@ def desired_state(node: Node) -> wire.DesiredState:
         revision=node.desired_revision,
         peers=peers,
         issued_at=int(timezone.now().timestamp()),
+        sandboxes=live_specs(node),
     )
 
 

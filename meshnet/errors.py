@@ -28,3 +28,16 @@ class InvalidPeerKey(MeshError):
 class PeerKeyInUse(MeshError):
     status_code = 409
     code = "key_in_use"
+
+
+class NotEnoughGpus(MeshError):
+    """A sandbox asked for more GPUs of a node than are free. `transient`: enough would be free
+    once sandboxes already leaving the node are gone (their GPUs are freed when the agent has
+    removed them), so asking again shortly may succeed."""
+
+    status_code = 409
+    code = "not_enough_gpus"
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from clawnode import wire
+from clawnode.wire.messages import _IMAGE_RE
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Q
@@ -24,6 +25,7 @@ from meshnet.channel_layer import group_send_on_commit
 from meshnet.enrolment import replace_gpus
 from meshnet.errors import EnrollmentRefused
 from meshnet.models import Gpu, JobPeer, JobPeerKey, Node, NodeOutage
+from meshnet.sandboxes import release_sandboxes
 from meshnet.signals import node_changed, node_revoked
 
 log = logging.getLogger(__name__)
@@ -62,16 +64,25 @@ def update_inventory(
     gpus: list[Mapping[str, Any]],
     health: list[Mapping[str, Any]] | None = None,
     reason: str = "",
+    images: object = None,
 ) -> None:
-    """Take the node's GPU inventory as its agent reports it (NVML or simulated).
+    """Take the node's GPU inventory as its agent reports it (NVML or simulated), and `images`,
+    the sandbox images its agent is configured to run (None: an agent that does not say, so
+    the node keeps what it had).
 
     An empty report with a reason (the driver failed to answer) keeps the GPUs we know and
     records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
-    utilisation) update in place."""
+    utilisation) update in place. A malformed `images` is refused (AgentRefused naming it)
+    before anything is written."""
     parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
+    image_list = None if images is None else check_images(images)
     changed = False
     with transaction.atomic():
-        Node.objects.select_for_update().get(pk=node.pk)
+        locked = Node.objects.select_for_update().get(pk=node.pk)
+        if image_list is not None and image_list != locked.images:
+            Node.objects.filter(pk=node.pk).update(images=image_list)
+            node.images = image_list
+            changed = True
         if parsed:
             known = list(node.gpus.order_by("index").values_list(
                 "index", "name", "memory_mb", "uuid", "simulated"
@@ -101,6 +112,25 @@ def update_inventory(
         # The agent resends its inventory every minute: the owner's pages hear of a difference.
         if changed:
             node_changed.send(sender=Node, node=node, change="inventory")
+
+
+MAX_IMAGES = 64
+
+
+def check_images(images: object) -> list[str]:
+    """The inventory's `images`: a list of at most MAX_IMAGES distinct image references, each
+    as a SandboxSpec takes it; AgentRefused (4400) naming the field otherwise."""
+    if not isinstance(images, list) or len(images) > MAX_IMAGES:
+        raise AgentRefused(
+            f"images must be a list of at most {MAX_IMAGES} image references",
+            wire.CLOSE_BAD_MESSAGE,
+        )
+    for i, image in enumerate(images):
+        if not isinstance(image, str) or not _IMAGE_RE.fullmatch(image):
+            raise AgentRefused(f"images[{i}] is not an image reference", wire.CLOSE_BAD_MESSAGE)
+    if len(set(images)) != len(images):
+        raise AgentRefused("images has duplicates", wire.CLOSE_BAD_MESSAGE)
+    return list(images)
 
 
 def _small_int(value: object) -> int | None:
@@ -149,6 +179,8 @@ def close_out_silent_nodes(now: datetime | None = None) -> int:
                 )
                 if peer.allocation is not None:
                     release_address(peer.allocation)
+            # Their sandboxes, dropped from desired state with them, go too (GPUs, addresses).
+            release_sandboxes(node, [peer.ref for peer in peers], now)
             close_keys(JobPeerKey.objects.filter(job_peer__in=peers), now)
             closed += len(peers)
             log.warning(
@@ -186,12 +218,15 @@ def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
     node_revoked.send(sender=Node, node=node, reason=reason)
     with transaction.atomic():
         Node.objects.select_for_update().get(pk=node.pk)
-        for peer in JobPeer.objects.filter(node=node).live().select_related("allocation"):
+        live = list(JobPeer.objects.filter(node=node).live().select_related("allocation"))
+        for peer in live:
             JobPeer.objects.filter(pk=peer.pk).update(
                 state=JobPeer.State.REMOVED, removed_at=peer.removed_at or now
             )
             if peer.allocation is not None:
                 release_address(peer.allocation)
+        # Their sandboxes too: no agent will report them gone.
+        release_sandboxes(node, [peer.ref for peer in live], now)
         # A revoked node's samples are refused: its keys take nothing more and may be reused.
         close_keys(JobPeerKey.objects.filter(job_peer__node=node), now)
     return revoked

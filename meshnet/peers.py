@@ -19,6 +19,7 @@ from meshnet.allocation import allocate_address
 from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
 from meshnet.keys import check_wireguard_public_key
 from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node
+from meshnet.sandboxes import SandboxRequest, add_sandbox, mark_removed
 from meshnet.tasks import push_desired_state
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,18 @@ def _push_on_commit(node_pk: int) -> None:
     transaction.on_commit(lambda: push_desired_state.delay(node_pk))
 
 
-def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
-    """Add a buyer's peer to `node` with a fresh job address from the MOLT pool.
+def create_job_peer(
+    node: Node, public_key: str, ref: str, *, sandbox: SandboxRequest | None = None
+) -> JobPeer:
+    """Add a buyer's peer to `node` with a fresh job address from the MOLT pool, and with
+    `sandbox`, the job's sandbox (meshnet.sandboxes.add_sandbox: its GPUs and address) in the
+    same desired revision, so the agent never sees one without the other.
 
-    Idempotent on `ref` (a retried task returns the same peer). Locks: node row, then pool row.
-    Bumps the node's desired revision and pushes the signed state after commit. The key becomes
-    the peer's first JobPeerKey. Raises InvalidPeerKey, PeerKeyInUse (the key is live on another
-    peer, or retired from one whose node has not yet acknowledged its removal), PoolExhausted.
+    Idempotent on `ref` (a retried task returns the same peer and sandbox). Locks: node row,
+    then pool rows. Bumps the node's desired revision and pushes the signed state after commit.
+    The key becomes the peer's first JobPeerKey. Raises InvalidPeerKey, PeerKeyInUse (the key is
+    live on another peer, or retired from one whose node has not yet acknowledged its removal),
+    PoolExhausted, NotEnoughGpus; on any error nothing is written.
     """
     validate_peer_key(public_key)
     with transaction.atomic():
@@ -84,6 +90,8 @@ def create_job_peer(node: Node, public_key: str, ref: str) -> JobPeer:
                 )
         except IntegrityError:
             raise PeerKeyInUse(KEY_IN_USE) from None
+        if sandbox is not None:
+            add_sandbox(locked, peer, sandbox)
         _push_on_commit(locked.pk)
         return peer
 
@@ -104,8 +112,10 @@ def _key_in_use(public_key: str, *, peer: JobPeer | None = None) -> bool:
 
 
 def remove_job_peer(ref: str) -> JobPeer | None:
-    """Drop the peer named `ref` from its node's desired state (removal completes when the agent
-    acknowledges). Idempotent: a peer already removing or removed is left alone."""
+    """Drop the peer named `ref`, and its sandbox if it has one, from its node's desired state
+    in one revision (removal completes when the agent acknowledges; the sandbox's GPUs and
+    address are freed then: see meshnet.sandboxes). Idempotent: a peer already removing or
+    removed is left alone."""
     with transaction.atomic():
         peer = JobPeer.objects.filter(ref=ref).first()
         if peer is None:
@@ -119,6 +129,7 @@ def remove_job_peer(ref: str) -> JobPeer | None:
         JobPeer.objects.filter(pk=peer.pk).update(
             state=JobPeer.State.REMOVING, removed_revision=revision
         )
+        mark_removed(ref, revision)
         _push_on_commit(peer.node_id)
         peer.refresh_from_db()
         return peer

@@ -21,7 +21,8 @@ node_revoked = Signal()
 # changes; frontend.realtime tells the owner's open pages after commit.
 node_changed = Signal()
 
-# kwargs: sandbox (meshnet.models.Sandbox). Sent inside the writing transaction whenever what a
-# buyer or the node's owner sees of a job's sandbox changes (added, a status report, removed);
-# frontend.realtime tells the order's and the owner's open pages after commit.
+# kwargs: sandbox (meshnet.models.Sandbox, as committed). Sent after the transaction that changed
+# the sandbox's state or report commits (meshnet.sandboxes): the agent's SANDBOX_STATUS, or the
+# sandbox stopped because its peer is gone. marketplace moves the job's order; frontend.realtime
+# tells the order's and the owner's open pages.
 sandbox_changed = Signal()

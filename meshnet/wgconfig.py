@@ -82,9 +82,16 @@ def buyer_config(
     endpoint: str,
     order_label: str,
     private_key: str | None = None,
+    sandbox_address: str | None = None,
 ) -> str:
     """The buyer's side of one job: its /32 job address, one peer (the provider node) whose only
-    allowed IP is the node's mesh address, keepalive so NAT mappings stay open."""
+    allowed IP is the job's sandbox address when the job has a sandbox (the node lets the
+    buyer reach nothing else), else the node's mesh address; keepalive so NAT mappings stay
+    open."""
+    allowed = sandbox_address or provider_address
+    comment = f"MOLT {order_label}\nProvider node {provider_address}"
+    if sandbox_address:
+        comment += f"\nSandbox {sandbox_address}"
     return render(
         WgInterface(
             addresses=(f"{job_address}/32",),
@@ -92,11 +99,11 @@ def buyer_config(
             peers=(
                 WgPeer(
                     public_key=provider_public_key,
-                    allowed_ips=(f"{provider_address}/32",),
+                    allowed_ips=(f"{allowed}/32",),
                     endpoint=endpoint,
                     persistent_keepalive=25,
                 ),
             ),
         ),
-        comment=f"MOLT {order_label}\nProvider node {provider_address}",
+        comment=comment,
     )

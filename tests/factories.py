@@ -5,14 +5,21 @@ agent's own `clawnode join` builds, signed by a fresh identity."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import os
 import socket
+import time
 
 from clawnode import wire
 from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 
 from marketplace.demo_data import enrol_node
+from marketplace.listings import create_listing
+from marketplace.models import Listing, SshKey
 from marketplace.money import MICRO_PER_USD
+from meshnet.models import Node
 
 # micro-USD: every amount in the ledger and the API is an integer of them
 USD = MICRO_PER_USD
@@ -150,3 +157,73 @@ def report_sandbox(order_id: int, **fields):
         sandbox.save()
         sandbox_changed.send(sender=Sandbox, sandbox=sandbox)
     return sandbox
+
+
+# --- sandboxes --------------------------------------------------------------------------------
+
+SANDBOX_IMAGE = "docker.io/molt/sandbox-base:1"
+
+
+def ssh_public_key_line(comment: str = "buyer@laptop") -> str:
+    """A well-formed OpenSSH ed25519 public key line for a fresh random key (the wire format:
+    length-prefixed "ssh-ed25519" then 32 key bytes, base64)."""
+    blob = b"".join(
+        len(part).to_bytes(4, "big") + part for part in (b"ssh-ed25519", os.urandom(32))
+    )
+    return f"ssh-ed25519 {base64.b64encode(blob).decode()} {comment}"
+
+
+def ssh_key(user, *, name: str = "laptop", public_key: str | None = None):
+    """An SSH key on `user`'s account, its fingerprint as `ssh-keygen -l` prints it."""
+    line = public_key or ssh_public_key_line()
+    blob = base64.b64decode(line.split()[1])
+    fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return SshKey.objects.create(user=user, name=name, public_key=line, fingerprint=fingerprint)
+
+
+def sandbox_listing(
+    owner,
+    node,
+    *,
+    gpu_count: int,
+    images=(SANDBOX_IMAGE,),
+    price_per_gpu_hour: int = 2 * USD,
+    price_per_gib: int = 10_000,
+    cpus_per_gpu: int = 4,
+    memory_gb_per_gpu: int = 16,
+    disk_gb: int = 50,
+    egress: bool = True,
+):
+    """A listing of `node` whose orders run in sandboxes: `images` reported by the node (as its
+    inventory would) and offered by the listing, with its per-GPU limits."""
+    Node.objects.filter(pk=node.pk).update(images=list(images))
+    listing = create_listing(
+        owner,
+        node=node,
+        gpu_count=gpu_count,
+        price_per_gpu_hour=price_per_gpu_hour,
+        price_per_gib=price_per_gib,
+    )
+    terms = {
+        "images": list(images),
+        "cpus_per_gpu": cpus_per_gpu,
+        "memory_gb_per_gpu": memory_gb_per_gpu,
+        "disk_gb": disk_gb,
+        "egress": egress,
+    }
+    Listing.objects.filter(pk=listing.pk).update(**terms)
+    listing.refresh_from_db()
+    return listing
+
+
+def sandbox_status_envelope(identity: Identity, node_id: str, *reports, full: bool = False):
+    """A SANDBOX_STATUS envelope as the agent sends it, signed by `identity`; each report a
+    wire.SandboxReport or a dict of its fields."""
+    parsed = tuple(
+        report if isinstance(report, wire.SandboxReport) else wire.SandboxReport.from_dict(report)
+        for report in reports
+    )
+    body = wire.SandboxStatus(
+        node_id=node_id, sandboxes=parsed, timestamp=int(time.time()), full=full
+    )
+    return wire.signed_envelope(wire.SANDBOX_STATUS, body.to_dict(), identity)

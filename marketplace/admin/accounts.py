@@ -143,13 +143,6 @@ class ApiTokenAdmin(ReadOnlyAdmin):
         return request.user.has_perm("marketplace.delete_apitoken")  # deleting revokes
 
 
-@admin.register(SshKey)
-class SshKeyAdmin(ReadOnlyAdmin):
-    list_display = ("user", "name", "fingerprint", "created_at")
-    list_select_related = ("user",)
-    search_fields = ("fingerprint", "name", "user__username")
-
-
 @admin.register(IdempotencyRecord)
 class IdempotencyRecordAdmin(ReadOnlyAdmin):
     list_display = ("user", "key", "status_code", "created_at")
@@ -161,3 +154,10 @@ class IdempotencyRecordAdmin(ReadOnlyAdmin):
 # --- escrowed earnings, disputes, payouts, reliability, audits -----------------------------------
 # Read-only lists. The operator actions on disputes (resolve, with the refund asked on an
 # intermediate page) and payout requests (mark paid, reject) call marketplace.payments.
+
+
+@admin.register(SshKey)
+class SshKeyAdmin(ReadOnlyAdmin):
+    list_display = ("user", "name", "fingerprint", "created_at")
+    list_select_related = ("user",)
+    search_fields = ("user__username", "name", "fingerprint")

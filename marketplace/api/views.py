@@ -59,6 +59,7 @@ from marketplace.orders import place_order, quote_for, rekey_order, stop_order
 from marketplace.ssh_keys import add_ssh_key, delete_ssh_key
 from marketplace.tokens import issue_api_token
 from meshnet.api.serializers import ErrorSerializer
+from meshnet.models import Sandbox
 from meshnet.throttling import AuthTokenThrottle, LoginGuard, client_address, wait_message
 from meshnet.wgconfig import buyer_config
 
@@ -470,12 +471,14 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
                 "allocated; retry in a few seconds"
             )
         node = order.listing.node
+        sandbox = Sandbox.objects.filter(ref=order.job_peer.ref).only("address").first()
         text = buyer_config(
             job_address=order.job_peer.address,
             provider_public_key=node.wireguard_public_key,
             provider_address=node.mesh_address,
             endpoint=node.endpoint,
             order_label=f"order {order.pk} ({order.gpu_count}x {order.listing.gpu_model})",
+            sandbox_address=sandbox.address if sandbox is not None else None,
         )
         response = HttpResponse(text, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="molt-order-{order.pk}.conf"'
