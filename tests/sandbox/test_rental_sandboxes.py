@@ -47,6 +47,7 @@ pytestmark = [
 
 BIN = Path(sys.executable).parent
 LAN_HOST = "192.168.77.2"
+MISSING_IMAGE = "localhost/molt-missing:1"  # offered by the node, in no store, no registry
 PROBE_PORT = 2222  # a service on the provider host and on its LAN: no buyer may reach either
 
 
@@ -117,11 +118,11 @@ class Buyer:
         )
         assert status == 201, body
 
-    def order(self, listing) -> None:
+    def order(self, listing, **extra) -> None:
         status, body = self.api(
             "POST", "/api/v1/orders/",
             {"listing": listing.pk, "gpu_count": 1, "hours": 1,
-             "wireguard_public_key": self.wg_public},
+             "wireguard_public_key": self.wg_public, **extra},
         )  # fmt: skip
         assert status == 201, body
         self.order_id = body["id"]
@@ -219,6 +220,7 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
     provider = User.objects.create_user("bob", password="bob-pass-123")
     alice_user = User.objects.create_user("alice", password="alice-pass-123")
     carol_user = User.objects.create_user("carol", password="carol-pass-123")
+    dave_user = User.objects.create_user("dave", password="dave-pass-123")
     from tests.sandbox.image import ensure_image
 
     image = ensure_image(podman_global_args())
@@ -245,7 +247,7 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     prov, str(BIN / "clawnode"), "join", "--gateway", gateway.base_url,
                     "--insecure", "--token", token, "--state-dir", str(state_dir),
                     "--interface", prov_if, "--endpoint", f"{prov_ip}:51820",
-                    "--backend", "userspace", "--simulated-gpus", "RTX 4090:2", timeout=60,
+                    "--backend", "userspace", "--simulated-gpus", "RTX 4090:3", timeout=60,
                 )  # fmt: skip
                 match = re.search(r"(node-\d+) joined the mesh at (10\.100\.\d+\.\d+)",
                                   joined.stdout)  # fmt: skip
@@ -266,8 +268,8 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     proc = subprocess.Popen(
                         ["nsenter", f"--net=/var/run/netns/{prov}",
                          str(BIN / "clawnode"), "run", "--state-dir", str(state_dir),
-                         "--simulated-gpus", "RTX 4090:2", "--sandbox-engine", "podman",
-                         "--image", image, *engine_args],
+                         "--simulated-gpus", "RTX 4090:3", "--sandbox-engine", "podman",
+                         "--image", image, "--image", MISSING_IMAGE, *engine_args],
                         stdout=agent_log, stderr=subprocess.STDOUT, start_new_session=True,
                     )  # fmt: skip
                     bed.processes.append(proc)
@@ -292,21 +294,24 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 wait_until(lambda: connects(bed, prov, mesh_ip, PROBE_PORT), timeout=20,
                            message="the provider's own service")  # fmt: skip
 
-                # -- a sandbox listing of the image the node reports ----------------------------
-                listing = create_listing(
-                    provider, node=node, gpu_count=2, price_per_gpu_hour=3_600_000,
-                    price_per_gib=2_000_000, cpus_per_gpu=1, memory_gb_per_gpu=1, disk_gb=5,
-                )  # fmt: skip
-                assert listing.images == [image]
-                ledger.grant_credits(alice_user, 500_000_000)
-                ledger.grant_credits(carol_user, 500_000_000)
+                # -- sandbox listings of the images the node reports: with egress, without -----
+                terms = {"price_per_gpu_hour": 3_600_000, "price_per_gib": 2_000_000,
+                         "cpus_per_gpu": 1, "memory_gb_per_gpu": 1, "disk_gb": 5}  # fmt: skip
+                listing = create_listing(provider, node=node, gpu_count=2, **terms)
+                assert listing.images == [image, MISSING_IMAGE] and listing.egress
+                closed = create_listing(
+                    provider, node=node, gpu_count=1, images=[image], egress=False, **terms
+                )
+                for user in (alice_user, carol_user, dave_user):
+                    ledger.grant_credits(user, 500_000_000)
                 alice = Buyer(bed, gateway, alice_user, buy_a, bed.wireguard_name("a"), tmp_path)
                 carol = Buyer(bed, gateway, carol_user, buy_c, bed.wireguard_name("c"), tmp_path)
+                dave = Buyer(bed, gateway, dave_user, buy_c, bed.wireguard_name("d"), tmp_path)
 
                 # -- each buyer adds a key, orders a GPU, brings the tunnel up ------------------
-                for buyer in (alice, carol):
+                for buyer, offer in ((alice, listing), (carol, closed)):
                     buyer.add_ssh_key()
-                    buyer.order(listing)
+                    buyer.order(offer)
                     refs.append(buyer.ref)
                 for buyer in (alice, carol):
                     buyer.wait_running(agent_log_path)
@@ -322,7 +327,27 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     nodes, visible = gpus_seen(buyer)
                     assert nodes == {f"/dev/nvidia{gpu['index']}"}, (buyer.ref, nodes)
                     assert visible == gpu["uuid"], (buyer.ref, visible)
-                assert indexes == {0, 1}, "two orders on one node got the same GPU"
+                assert len(indexes) == 2, "two orders on one node got the same GPU"
+
+                # -- an image that cannot be pulled fails the order and releases the hold -------
+                dave.add_ssh_key()
+                before = ledger.available_for(dave_user)
+                dave.order(listing, image=MISSING_IMAGE)
+                refs.append(dave.ref)
+                failed = wait_until(
+                    lambda: Order.objects.filter(pk=dave.order_id, state="failed").first(),
+                    timeout=120, interval=0.5,
+                    message=f"the unpullable order to fail\n{agent_log_path.read_text()[-3000:]}",
+                )  # fmt: skip
+                assert "pull" in failed.reason, failed.reason
+                assert ledger.available_for(dave_user) == before
+                assert ledger.held_for(dave_user) == 0
+                assert containers_of(dave.ref) == []
+                wait_until(
+                    lambda: dave.wg_public
+                    not in bed.exec(prov, "wg", "show", prov_if, "peers").stdout,
+                    timeout=30, message="the failed order's peer to go",
+                )  # fmt: skip
 
                 # -- isolation: each widens its AllowedIPs and routes; the provider drops -------
                 for buyer, other in ((alice, carol), (carol, alice)):
@@ -346,6 +371,9 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
 
                 # -- from inside: the internet through NAT, nothing of the provider's --------
                 assert connects_from_sandbox(alice, inet_ip, PROBE_PORT), "no egress through NAT"
+                assert not connects_from_sandbox(carol, inet_ip, PROBE_PORT), (
+                    "a sandbox of a listing without egress reached the internet"
+                )
                 assert not connects_from_sandbox(alice, carol.sandbox["address"], 22)
                 assert not connects_from_sandbox(alice, mesh_ip, PROBE_PORT), "reached the host"
                 assert not connects_from_sandbox(alice, prov_ip, PROBE_PORT), "reached the host"
@@ -437,11 +465,34 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 assert sum(amount for _, amount in legs) == 0
                 assert ("escrow", -done.hold_amount) in legs
 
-                # A clean agent stop leaves the running sandbox alone too.
+                # -- a clean agent stop leaves the running sandbox alone too -------------------
                 agent.send_signal(signal.SIGTERM)
                 assert agent.wait(timeout=30) == 0
                 assert containers_of(carol.ref) == [container_name(carol.ref)]
                 assert carol.ssh("echo", "hi").stdout.strip() == "hi"
+                agent = start_agent()
+
+                # -- a container that dies mid-job fails its order, billed up to the report ----
+                podman("kill", container_name(carol.ref))
+                ended = wait_until(
+                    lambda: Order.objects.filter(pk=carol.order_id, state="failed").first(),
+                    timeout=60, interval=0.5,
+                    message=f"the dead sandbox's order to fail\n{agent_log_path.read_text()}",
+                )  # fmt: skip
+                assert "sandbox failed" in ended.reason, ended.reason
+                settled = Settlement.objects.get(order_id=carol.order_id)
+                assert settled.captured + settled.released == ended.hold_amount
+                assert settled.fee + settled.provider_amount == settled.captured
+                wait_until(
+                    lambda: carol.wg_public
+                    not in bed.exec(prov, "wg", "show", prov_if, "peers").stdout
+                    and netns_name(carol.ref) not in subprocess.run(
+                        ["ip", "netns", "list"], capture_output=True, text=True).stdout
+                    and not containers_of(carol.ref),
+                    timeout=30, message="the dead sandbox's peer, namespace and container to go",
+                )  # fmt: skip
+                agent.send_signal(signal.SIGTERM)
+                assert agent.wait(timeout=30) == 0
                 for buyer in (alice, carol):
                     buyer.tunnel_down()
         finally:
