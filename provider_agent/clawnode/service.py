@@ -36,7 +36,9 @@ def sandbox_manager(
     from .sandbox.podman import PodmanEngine
 
     return SandboxManager(
-        engine=PodmanEngine(runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits),
+        engine=PodmanEngine(
+            runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits, workdir=state.path
+        ),
         network=NetnsSandboxNetwork(),
         gpus=gpus,
         state_dir=state.path,
