@@ -418,6 +418,9 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     lambda: Node.objects.get(pk=node.pk).last_seen_at != seen_before,
                     timeout=30, message="the restarted agent to connect",
                 )  # fmt: skip
+                log = agent_log_path.read_text()
+                assert f"removing orphan sandbox container {orphan}" in log
+                assert f"sandbox {alice.ref} found after restart: ready" in log
                 session.stdin.write("after the restart\n")
                 session.stdin.flush()
                 assert session.stdout.readline().strip() == "after the restart"
@@ -471,6 +474,14 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 assert containers_of(carol.ref) == [container_name(carol.ref)]
                 assert carol.ssh("echo", "hi").stdout.strip() == "hi"
                 agent = start_agent()
+                # Killed once the agent has adopted it: the running agent's own check finds it.
+                wait_until(
+                    lambda: agent_log_path.read_text().count(
+                        f"sandbox {carol.ref} found after restart: ready"
+                    )
+                    == 2,
+                    timeout=30, message="the agent to adopt the sandbox again",
+                )  # fmt: skip
 
                 # -- a container that dies mid-job fails its order, billed up to the report ----
                 podman("kill", container_name(carol.ref))
