@@ -37,6 +37,7 @@ from tests.integration.conftest import running_gateway, wait_until
 from tests.integration.test_order_provisioning import call
 from tests.netns.testbed import network_testbed
 from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args
+from tests.sandbox.image import EXPOSED_PORT
 
 pytestmark = [
     pytest.mark.sandbox,
@@ -62,6 +63,11 @@ def containers_of(ref: str) -> list[str]:
     """Names of every container, running or not, that carries `ref`'s label."""
     out = podman("ps", "-a", "--filter", f"label={LABEL_REF}={ref}", "--format", "{{.Names}}")
     return out.stdout.split()
+
+
+def namespaces() -> str:
+    """`ip netns list` of the machine (where the agent mounts its sandboxes' namespaces)."""
+    return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
 def connects(bed, ns: str, address: str, port: int) -> bool:
@@ -144,6 +150,7 @@ class Buyer:
         assert status == 200, body
         self.sandbox = body["sandbox"]
         assert self.sandbox["state"] == "ready", self.sandbox
+        assert self.sandbox["ports"] == [EXPOSED_PORT], self.sandbox  # the image's EXPOSE
         known_hosts = self.dir / "known_hosts"
         known_hosts.write_text(self.sandbox["known_hosts"] + "\n")
 
@@ -444,12 +451,9 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 )
                 session.wait(timeout=30)  # the session ends with the container
                 assert containers_of(alice.ref) == []
-                wait_until(
-                    lambda: netns_name(alice.ref)
-                    not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                          text=True).stdout,
-                    timeout=30, message="the sandbox's namespace to go",
-                )  # fmt: skip
+                # The agent removes container and network before the peer, whose removal ack
+                # completes the order: both are gone by now.
+                assert netns_name(alice.ref) not in namespaces()
                 assert host_veth(alice.ref) not in bed.exec(prov, "ip", "link").stdout
                 peers = bed.exec(prov, "wg", "show", prov_if, "peers").stdout.split()
                 assert alice.wg_public not in peers
@@ -467,6 +471,29 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 )
                 assert sum(amount for _, amount in legs) == 0
                 assert ("escrow", -done.hold_amount) in legs
+
+                # -- a stop while the agent is down: the agent tears it down when it is back ----
+                dave.wg_private, dave.wg_public = wg_keypair(bed, buy_c)
+                dave.order(listing)
+                refs.append(dave.ref)
+                dave.wait_running(agent_log_path)
+                agent.send_signal(signal.SIGKILL)
+                agent.wait(timeout=20)
+                status, body = dave.api("POST", f"/api/v1/orders/{dave.order_id}/stop/", {})
+                assert status == 200, body
+                assert containers_of(dave.ref) == [container_name(dave.ref)]  # nobody to stop it
+                agent = start_agent()
+                stopped = wait_until(
+                    lambda: Order.objects.filter(pk=dave.order_id, state="completed").first(),
+                    timeout=60, interval=0.5,
+                    message=f"the stop to complete once the agent is back\n{gateway.logs()}",
+                )  # fmt: skip
+                assert containers_of(dave.ref) == []
+                assert netns_name(dave.ref) not in namespaces()
+                assert dave.wg_public not in bed.exec(prov, "wg", "show", prov_if, "peers").stdout
+                paid = Settlement.objects.get(order_id=dave.order_id)
+                assert paid.captured + paid.released == stopped.hold_amount
+                assert carol.ssh("echo", "hi").stdout.strip() == "hi", "carol's job is untouched"
 
                 # -- a clean agent stop leaves the running sandbox alone too -------------------
                 agent.send_signal(signal.SIGTERM)
@@ -497,8 +524,7 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 wait_until(
                     lambda: carol.wg_public
                     not in bed.exec(prov, "wg", "show", prov_if, "peers").stdout
-                    and netns_name(carol.ref) not in subprocess.run(
-                        ["ip", "netns", "list"], capture_output=True, text=True).stdout
+                    and netns_name(carol.ref) not in namespaces()
                     and not containers_of(carol.ref),
                     timeout=30, message="the dead sandbox's peer, namespace and container to go",
                 )  # fmt: skip
