@@ -70,6 +70,16 @@ def namespaces() -> str:
     return subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
 
 
+def fingerprints(path: Path) -> str:
+    """The SHA256 fingerprint `ssh-keygen -l` gives the one key in `path`."""
+    done = subprocess.run(
+        ["ssh-keygen", "-l", "-f", str(path)], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    return line.split()[1]
+
+
 def connects(bed, ns: str, address: str, port: int) -> bool:
     """Does a TCP connection from `ns` to address:port complete and get an answer?"""
     probe = (
@@ -123,6 +133,7 @@ class Buyer:
             "POST", "/api/v1/ssh-keys/", {"name": "laptop", "public_key": public}
         )
         assert status == 201, body
+        assert body["fingerprint"] == fingerprints(self.ssh_key.parent / "id_ed25519.pub")
 
     def order(self, listing, **extra) -> None:
         status, body = self.api(
@@ -153,6 +164,8 @@ class Buyer:
         assert self.sandbox["ports"] == [EXPOSED_PORT], self.sandbox  # the image's EXPOSE
         known_hosts = self.dir / "known_hosts"
         known_hosts.write_text(self.sandbox["known_hosts"] + "\n")
+        # What the Connect panel shows to check by eye is what ssh-keygen makes of the line.
+        assert self.sandbox["host_key_fingerprints"] == [fingerprints(known_hosts)]
 
     def tunnel_up(self) -> None:
         """Download wireguard.conf, fill in the private key only the buyer holds, wg-quick up."""
