@@ -3,7 +3,11 @@ PostgreSQL in the root namespace; `clawnode join` and `clawnode run --sandbox-en
 wireguard-go in a provider namespace, running the tier's test image under real rootful podman
 with simulated GPUs behind a real CDI spec; two buyers in their own namespaces who add an SSH
 key through the API, order a GPU each, apply the downloaded wg-quick config and log in with the
-stock OpenSSH client, verifying the host key from the order's known_hosts line.
+stock OpenSSH client, verifying the host key from the order's known_hosts line. Then: each sees
+only its GPU; isolation from the buyers' side and from inside the sandboxes; NAT egress only
+where the listing allows it; an OOM kill that stays inside; an SSH session through agent
+restarts; an orphan container removed; stop (with the agent up, and down) tearing everything
+down and settling; an unpullable image and a container dying mid-job failing their orders.
 
 The agent runs in the provider's network namespace only (nsenter --net), not under `ip netns
 exec`: that one gives it a private mount namespace, so the sandbox namespaces it mounts under
