@@ -476,6 +476,10 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 assert alice.wg_public not in peers
                 assert carol.wg_public in peers
                 assert alice.ssh("true", check=False).returncode != 0
+                status, body = alice.api("GET", f"/api/v1/orders/{alice.order_id}/")
+                assert (status, body["state"], body["sandbox"]["state"]) == (
+                    200, "completed", "stopped"
+                ), body  # fmt: skip
                 assert carol.ssh("echo", "hi").stdout.strip() == "hi", "carol's job is untouched"
 
                 settlement = Settlement.objects.get(order_id=alice.order_id)
@@ -535,6 +539,9 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     message=f"the dead sandbox's order to fail\n{agent_log_path.read_text()}",
                 )  # fmt: skip
                 assert "sandbox failed" in ended.reason, ended.reason
+                status, body = carol.api("GET", f"/api/v1/orders/{carol.order_id}/")
+                assert body["sandbox"]["state"] == "failed", body
+                assert "exit code" in body["sandbox"]["detail"], body  # why, for the buyer
                 settled = Settlement.objects.get(order_id=carol.order_id)
                 assert settled.captured + settled.released == ended.hold_amount
                 assert settled.fee + settled.provider_amount == settled.captured
