@@ -5,6 +5,7 @@ manager, and serve until SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import Callable, Mapping
 
@@ -36,11 +37,37 @@ def sandbox_manager(
     from .sandbox.podman import PodmanEngine
 
     return SandboxManager(
-        engine=PodmanEngine(runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits),
+        engine=PodmanEngine(
+            runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits, workdir=state.path
+        ),
         network=NetnsSandboxNetwork(),
         gpus=gpus,
         state_dir=state.path,
     )
+
+
+class _SayHandler(logging.Handler):
+    """Log records as the agent's own lines: the sandbox modules log (adoption after a restart,
+    orphans removed, a sandbox failing) and, unconfigured, Python drops their INFO lines and
+    prints their warnings bare on stderr."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self._say = say
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._say(record.getMessage())
+        except Exception:  # a log line must never take the agent down
+            self.handleError(record)
+
+
+def _log_sandboxes_to(say: Callable[[str], None]) -> None:
+    logger = logging.getLogger("clawnode.sandbox")
+    if not any(isinstance(h, _SayHandler) for h in logger.handlers):
+        logger.addHandler(_SayHandler(say))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def run_daemon(
@@ -61,6 +88,8 @@ def run_daemon(
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, SimulatedGpuReader
 
+    if sandbox_engine != "none":
+        _log_sandboxes_to(say)
     state = StateDir(state_dir)
     enrollment = state.load_enrollment()
     identity = state.load_identity()

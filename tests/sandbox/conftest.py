@@ -59,8 +59,9 @@ def test_image() -> str:
 
 
 @pytest.fixture
-def engine() -> PodmanEngine:
-    return PodmanEngine(**ENGINE_OPTIONS)  # type: ignore[arg-type]
+def engine(tmp_path: Path) -> PodmanEngine:
+    # conmon leaves an "oom" file in podman's working directory: the test's, not the checkout.
+    return PodmanEngine(**ENGINE_OPTIONS, workdir=tmp_path)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -99,8 +99,13 @@ def test_container_gets_exactly_its_two_of_four_gpus(
 
 
 def test_allocation_past_the_memory_limit_is_killed_inside_and_the_host_is_unharmed(
-    engine, test_image, network, cleanup_containers
+    engine, test_image, network, cleanup_containers, tmp_path, monkeypatch
 ):
+    # conmon marks an OOM kill with an empty "oom" file in podman's working directory: it
+    # must land in the engine's workdir, not wherever the agent was started from.
+    elsewhere = tmp_path / "started-from"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     netns = network.setup("order:oom", "10.254.12.2/32", "10.255.0.9/32", False)
     name = "molt-test-oom"
     cleanup_containers.append(name)
@@ -119,6 +124,7 @@ def test_allocation_past_the_memory_limit_is_killed_inside_and_the_host_is_unhar
     # inside the container's cgroup.
     assert "hog-exit=137" in logs
     assert [c.running for c in engine.containers() if c.name == name] == [True]
+    assert (tmp_path / "oom").exists() and not (elsewhere / "oom").exists()
     limit = json.loads(
         subprocess.run(
             ["podman", "inspect", "--format", "{{json .HostConfig.Memory}}", name],

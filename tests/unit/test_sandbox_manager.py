@@ -160,6 +160,28 @@ def test_a_missing_image_is_pulled_first_with_progress(parts):
     assert IMAGE in engine.images
 
 
+def test_a_sandbox_that_pulls_is_first_reported_pulling_never_starting_before_it(parts):
+    # The gateway takes states forward only (pending, pulling, starting, ready): a "starting"
+    # reported before the pull would have it ignore every "pulling" after it.
+    engine, *_ = parts
+    engine.images.clear()
+    engine.pull_gate.clear()
+    mgr = manager(parts)
+
+    mgr.apply((sandbox(1),))
+    seen: list[str] = []
+    for _ in range(200):
+        seen += [r.state for r in mgr.reports(changed_only=True)]
+        if "pulling" in seen:
+            break
+        threading.Event().wait(0.01)
+    assert seen and seen[0] == "pulling", seen
+    engine.pull_gate.set()
+    mgr.wait_idle()
+    seen += [r.state for r in mgr.reports(changed_only=True)]
+    assert seen[-1] == "ready" and "starting" not in seen[: seen.index("pulling")]
+
+
 def test_a_failed_pull_fails_the_sandbox_with_the_reason_and_starts_nothing(parts):
     engine, network, *_ = parts
     other = "registry.example/none:1"

@@ -38,6 +38,9 @@ __all__ = ["Probe", "SandboxManager", "container_name", "ssh_banner_probe"]
 
 log = logging.getLogger(__name__)
 
+# A sandbox whose worker has not yet said whether it pulls: internal, never reported.
+PENDING = "pending"
+
 # host, timeout in seconds; returns when sshd answered, raises EngineError when it did not
 Probe = Callable[[str, float], None]
 
@@ -174,7 +177,10 @@ class SandboxManager:
             for ref, spec in want.items():
                 if ref in self._sandboxes:
                     continue
-                sb = _Sandbox(spec, container_name(ref), state="starting")
+                # Unreported until its worker knows whether it pulls: a "starting" sent now and a
+                # "pulling" after it would go backwards, and the gateway ignores a state that
+                # goes back (meshnet.sandboxes), so the buyer would never see the pull.
+                sb = _Sandbox(spec, container_name(ref), state=PENDING)
                 self._sandboxes[ref] = sb
                 sb.thread = threading.Thread(
                     target=self._start, args=(sb,), name=f"sandbox {ref}", daemon=True
@@ -191,7 +197,7 @@ class SandboxManager:
             chosen = [
                 sb
                 for sb in [*self._sandboxes.values(), *self._stopped]
-                if sb.changed or not changed_only
+                if (sb.changed or not changed_only) and sb.state != PENDING
             ]
             for sb in chosen:
                 sb.changed = False

@@ -13,6 +13,7 @@ CAP_SYS_RESOURCE) pass ``runtime="runc"``, ``cgroup_manager="cgroupfs"`` and low
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import threading
@@ -49,8 +50,13 @@ class PodmanEngine:
         extra_args: Sequence[str] = (),
         timeout: float = 120.0,
         pull_timeout: float = 3600.0,
+        workdir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._podman = podman
+        # podman's working directory, inherited by each container's conmon, which writes an
+        # empty "oom" file there when the container is OOM-killed: the agent's own directory,
+        # not wherever the agent was started from.
+        self._cwd = os.fspath(workdir) if workdir is not None else None
         self._global: list[str] = []
         if runtime:
             self._global += ["--runtime", runtime]
@@ -75,6 +81,7 @@ class PodmanEngine:
                 text=True,
                 timeout=timeout or self._timeout,
                 check=False,
+                cwd=self._cwd,
             )
         except FileNotFoundError as exc:
             raise EngineError(f"podman is not installed ({self._podman} not found)") from exc
@@ -94,6 +101,7 @@ class PodmanEngine:
                 text=True,
                 timeout=self._timeout,
                 check=False,
+                cwd=self._cwd,
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise EngineError(f"podman image exists failed: {exc}") from exc
@@ -114,6 +122,7 @@ class PodmanEngine:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 text=True,
+                cwd=self._cwd,
             )
         except FileNotFoundError as exc:
             raise EngineError(f"podman is not installed ({self._podman} not found)") from exc
@@ -258,6 +267,7 @@ class PodmanEngine:
                 text=True,
                 timeout=self._timeout,
                 check=False,
+                cwd=self._cwd,
             )
         except (OSError, subprocess.TimeoutExpired):
             return text
