@@ -108,3 +108,9 @@ def test_a_resolution_keeps_the_memo_it_was_given(buyer, provider, listing):
     )
     txn = ledger.resolve_hold(order.hold, captured=USD, fee=0, provider=provider, memo="why")
     assert LedgerTransaction.objects.get(pk=txn.pk).memo == "why"
+
+
+def test_a_long_memo_is_kept_to_its_first_200_characters(buyer):
+    # The column holds 200; SQLite would store more, so the cut is the code's, and checked here.
+    txn = ledger.grant_credits(buyer, 1, memo="x" * 199 + "yz")
+    assert LedgerTransaction.objects.get(pk=txn.pk).memo == "x" * 199 + "y"
