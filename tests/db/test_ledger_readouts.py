@@ -114,3 +114,27 @@ def test_a_long_memo_is_kept_to_its_first_200_characters(buyer):
     # The column holds 200; SQLite would store more, so the cut is the code's, and checked here.
     txn = ledger.grant_credits(buyer, 1, memo="x" * 199 + "yz")
     assert LedgerTransaction.objects.get(pk=txn.pk).memo == "x" * 199 + "y"
+
+
+@pytest.mark.parametrize("amount", [0, -1])
+def test_a_grant_of_nothing_is_refused_saying_it_must_be_positive(buyer, amount):
+    with pytest.raises(ValueError) as refused:
+        ledger.grant_credits(buyer, amount)
+    assert str(refused.value) == "amount must be a positive number of micro-USD"
+
+
+def test_the_smallest_grant_is_one_micro_usd(buyer):
+    ledger.grant_credits(buyer, 1)
+    assert ledger.available_for(buyer) == 1
+
+
+def test_a_holds_posting_names_its_order(buyer, listing):
+    ledger.grant_credits(buyer, 100 * USD)
+    order = place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    assert LedgerTransaction.objects.get(kind="hold").memo == f"hold for order {order.pk}"
