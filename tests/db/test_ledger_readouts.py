@@ -138,3 +138,17 @@ def test_a_holds_posting_names_its_order(buyer, listing):
         wireguard_public_key=factories.wg_public_key(),
     )
     assert LedgerTransaction.objects.get(kind="hold").memo == f"hold for order {order.pk}"
+
+
+def test_legs_on_one_account_are_merged_into_one_entry(buyer):
+    wallet = ledger.wallet_account(buyer)
+    txn = ledger.post("grant", [(ledger.world_account(), -10), (wallet, 4), (wallet, 6)])
+    assert [(e.account_id, e.amount) for e in txn.entries.filter(account=wallet)] == [
+        (wallet.pk, 10)
+    ]
+    assert ledger.available_for(buyer) == 10
+
+
+def test_a_posting_without_a_memo_has_an_empty_one(buyer):
+    txn = ledger.post("grant", [(ledger.world_account(), -1), (ledger.wallet_account(buyer), 1)])
+    assert LedgerTransaction.objects.get(pk=txn.pk).memo == ""
