@@ -302,3 +302,42 @@ def test_receipt_lines_of_a_simple_order():
         ("offline_credit", -1_200_000),
         ("bandwidth", 20_000),
     ]
+
+
+def test_receipt_lines_carry_their_description_and_quantities_field_by_field():
+    # The receipt page and the API show these fields as they are: each is pinned, not only the
+    # amounts. Captured below time + bandwidth, so the hold-cap line is there too.
+    lines = billing.receipt_lines(
+        gpu_count=2,
+        price_per_gpu_hour=3_600_000,
+        price_per_gib=10_000,
+        billed_seconds=3000,
+        offline_seconds=600,
+        bandwidth_bytes=2 * GIB,
+        captured=6_000_000,
+    )
+    assert lines == (
+        billing.ReceiptLine(
+            kind="time",
+            description="2 GPU x 3600 s at 3600000 micro-USD per GPU-hour",
+            amount=7_200_000,
+            seconds=3600,
+            gpu_count=2,
+        ),
+        billing.ReceiptLine(
+            kind="offline_credit",
+            description="provider node offline for 600 s: not billed",
+            amount=-1_200_000,
+            seconds=600,
+            gpu_count=2,
+        ),
+        billing.ReceiptLine(
+            kind="bandwidth",
+            description=f"{2 * GIB} bytes at 10000 micro-USD per GiB",
+            amount=20_000,
+            bytes=2 * GIB,
+        ),
+        billing.ReceiptLine(
+            kind="hold_cap", description="beyond the hold: never captured", amount=-20_000
+        ),
+    )
