@@ -341,3 +341,11 @@ def test_receipt_lines_carry_their_description_and_quantities_field_by_field():
             kind="hold_cap", description="beyond the hold: never captured", amount=-20_000
         ),
     )
+
+
+@pytest.mark.parametrize("total_bytes", [0, -1])
+def test_no_bytes_cost_nothing_even_at_a_micro_usd_per_byte(total_bytes):
+    # At GIB micro-USD per GiB a single byte costs one micro-USD: a floor of one byte instead
+    # of zero would show here and nowhere at a realistic price.
+    assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=total_bytes) == 0
+    assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=1) == 1
