@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from marketplace import ledger
-from marketplace.errors import MarketError
+from marketplace.errors import AlreadyResolved, MarketError
 from marketplace.models import Account, LedgerTransaction
 from marketplace.orders import place_order
 from tests import factories
@@ -152,3 +152,19 @@ def test_legs_on_one_account_are_merged_into_one_entry(buyer):
 def test_a_posting_without_a_memo_has_an_empty_one(buyer):
     txn = ledger.post("grant", [(ledger.world_account(), -1), (ledger.wallet_account(buyer), 1)])
     assert LedgerTransaction.objects.get(pk=txn.pk).memo == ""
+
+
+def test_a_second_posting_resolving_one_hold_is_refused_saying_so(buyer, provider, listing):
+    ledger.grant_credits(buyer, 100 * USD)
+    order = place_order(
+        buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=factories.wg_public_key(),
+    )
+    ledger.resolve_hold(order.hold, captured=0, fee=0, provider=provider, memo="released")
+    # Past resolve_hold's state check, straight at the unique column: the refusal names the hold.
+    with pytest.raises(AlreadyResolved) as refused:
+        ledger.post("release", [], resolves_hold=order.hold)
+    assert str(refused.value) == "this hold was already resolved"

@@ -349,3 +349,16 @@ def test_no_bytes_cost_nothing_even_at_a_micro_usd_per_byte(total_bytes):
     # of zero would show here and nowhere at a realistic price.
     assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=total_bytes) == 0
     assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=1) == 1
+
+
+def test_quote_refusal_says_what_must_be_at_least_one():
+    with pytest.raises(ValueError) as refused:
+        billing.quote(
+            price_per_gpu_hour=1,
+            price_per_gib=1,
+            gpu_count=0,
+            hours=1,
+            allowance_gib=1,
+            fee_bps=0,
+        )
+    assert str(refused.value) == "gpu_count and hours must be at least 1"
