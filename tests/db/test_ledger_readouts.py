@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from marketplace import ledger
-from marketplace.errors import AlreadyResolved, MarketError
+from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
 from marketplace.models import Account, LedgerTransaction
 from marketplace.orders import place_order
 from tests import factories
@@ -168,3 +168,12 @@ def test_a_second_posting_resolving_one_hold_is_refused_saying_so(buyer, provide
     with pytest.raises(AlreadyResolved) as refused:
         ledger.post("release", [], resolves_hold=order.hold)
     assert str(refused.value) == "this hold was already resolved"
+
+
+def test_a_debit_past_zero_is_refused_naming_the_account_and_the_amount(buyer, stranger):
+    ledger.grant_credits(buyer, 3)
+    with pytest.raises(InsufficientFunds) as refused:
+        ledger.post(
+            "hold", [(ledger.wallet_account(buyer), -5), (ledger.wallet_account(stranger), 5)]
+        )
+    assert str(refused.value) == "insufficient funds: wallet account cannot cover 5 micro-USD"
