@@ -362,3 +362,12 @@ def test_quote_refusal_says_what_must_be_at_least_one():
             fee_bps=0,
         )
     assert str(refused.value) == "gpu_count and hours must be at least 1"
+
+
+def test_charged_seconds_are_whole_ints_not_floats():
+    # They are stored, priced and printed on receipts ("3600 s"): a float would read "3600.0 s".
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    outage = (start + timedelta(seconds=10), start + timedelta(seconds=20))
+    charged, offline = billing.charged_seconds(start, start + timedelta(seconds=61), [outage])
+    assert (charged, offline) == (51, 10)
+    assert type(charged) is int and type(offline) is int
