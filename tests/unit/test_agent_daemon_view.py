@@ -261,6 +261,22 @@ def test_a_retired_peer_desired_again_before_its_removal_is_kept(tmp_path):
     assert node.ws.of("removed") == []
 
 
+def test_a_peer_still_leaving_is_named_removing_in_the_next_revisions_ack_too(tmp_path):
+    # Retired by one revision, not yet removed when the next arrives: that revision has no
+    # action (and so no result) for it, and its ack must still say it is leaving.
+    node = Node(tmp_path)
+    a, b, c = wg_key(), wg_key(), wg_key()
+    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({a: "10.100.128.9/32"})))
+    assert node.ws.bodies("ack")[-1]["removing"] == [b]
+
+    peers = {a: "10.100.128.9/32", c: "10.100.128.11/32"}
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope(peers)))
+
+    ack = node.ws.bodies("ack")[-1]
+    assert results(ack) == {c: True} and ack["removing"] == [b]
+
+
 def test_a_retired_peer_found_after_a_restart_is_named_removing_and_removed(tmp_path):
     # The agent stopped between cutting a peer off and removing it: the interface keeps the
     # retired peer; the next session's ack names it, then it is read and removed.

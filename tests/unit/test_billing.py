@@ -302,3 +302,72 @@ def test_receipt_lines_of_a_simple_order():
         ("offline_credit", -1_200_000),
         ("bandwidth", 20_000),
     ]
+
+
+def test_receipt_lines_carry_their_description_and_quantities_field_by_field():
+    # The receipt page and the API show these fields as they are: each is pinned, not only the
+    # amounts. Captured below time + bandwidth, so the hold-cap line is there too.
+    lines = billing.receipt_lines(
+        gpu_count=2,
+        price_per_gpu_hour=3_600_000,
+        price_per_gib=10_000,
+        billed_seconds=3000,
+        offline_seconds=600,
+        bandwidth_bytes=2 * GIB,
+        captured=6_000_000,
+    )
+    assert lines == (
+        billing.ReceiptLine(
+            kind="time",
+            description="2 GPU x 3600 s at 3600000 micro-USD per GPU-hour",
+            amount=7_200_000,
+            seconds=3600,
+            gpu_count=2,
+        ),
+        billing.ReceiptLine(
+            kind="offline_credit",
+            description="provider node offline for 600 s: not billed",
+            amount=-1_200_000,
+            seconds=600,
+            gpu_count=2,
+        ),
+        billing.ReceiptLine(
+            kind="bandwidth",
+            description=f"{2 * GIB} bytes at 10000 micro-USD per GiB",
+            amount=20_000,
+            bytes=2 * GIB,
+        ),
+        billing.ReceiptLine(
+            kind="hold_cap", description="beyond the hold: never captured", amount=-20_000
+        ),
+    )
+
+
+@pytest.mark.parametrize("total_bytes", [0, -1])
+def test_no_bytes_cost_nothing_even_at_a_micro_usd_per_byte(total_bytes):
+    # At GIB micro-USD per GiB a single byte costs one micro-USD: a floor of one byte instead
+    # of zero would show here and nowhere at a realistic price.
+    assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=total_bytes) == 0
+    assert billing.bandwidth_charge(price_per_gib=GIB, total_bytes=1) == 1
+
+
+def test_quote_refusal_says_what_must_be_at_least_one():
+    with pytest.raises(ValueError) as refused:
+        billing.quote(
+            price_per_gpu_hour=1,
+            price_per_gib=1,
+            gpu_count=0,
+            hours=1,
+            allowance_gib=1,
+            fee_bps=0,
+        )
+    assert str(refused.value) == "gpu_count and hours must be at least 1"
+
+
+def test_charged_seconds_are_whole_ints_not_floats():
+    # They are stored, priced and printed on receipts ("3600 s"): a float would read "3600.0 s".
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    outage = (start + timedelta(seconds=10), start + timedelta(seconds=20))
+    charged, offline = billing.charged_seconds(start, start + timedelta(seconds=61), [outage])
+    assert (charged, offline) == (51, 10)
+    assert type(charged) is int and type(offline) is int

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshnet.metering import Counters, delta
+from meshnet.metering import Counters, Origin, delta, stale
 
 pytestmark = [pytest.mark.unit, pytest.mark.property]
 
@@ -29,6 +31,31 @@ def test_decrease_within_an_epoch_is_a_reset_not_negative_traffic():
 
 def test_sample_from_an_older_epoch_counts_nothing():
     assert delta(Counters(4, 10, 10), Counters(3, 999, 999)) == (0, 0)
+
+
+SECOND = datetime(2026, 12, 6, 12, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("rx", "tx", "is_stale"),
+    [
+        (90, 90, True),
+        # One counter lower is enough: within an epoch neither ever goes down, so the reading
+        # cannot be the later one.
+        (90, 100, True),
+        (100, 90, True),
+        # Equal, or one higher and none lower: it may be the later one, so it goes to delta.
+        (100, 100, False),
+        (100, 150, False),
+        (150, 100, False),
+    ],
+)
+def test_of_two_boots_readings_in_the_same_second_a_lower_one_is_stale(rx, tx, is_stale):
+    # The agent's clock has whole seconds: two boots' samples can share one, and seq (which each
+    # boot counts from 1) says nothing across boots, so the counters decide.
+    base, base_from = Counters(5, 100, 100), Origin("boot-a", 900, SECOND)
+    current_from = Origin("boot-b", 1, SECOND)
+    assert stale(base, base_from, Counters(5, rx, tx), current_from) is is_stale
 
 
 # One step: some traffic arrives, then possibly the peer is re-added (counters restart, epoch+1).
