@@ -1,15 +1,60 @@
-"""The caller's API tokens: list them (never their secret: a hint, a name and when they were
-made, last used and expire) and revoke one. Issuing is `POST /api/v1/auth/token/`."""
+"""API tokens: issue one for a username and password (`POST /api/v1/auth/token/`, behind the
+log-in guard), list the caller's (never their secret: a hint, a name and when they were made,
+last used and expire) and revoke one."""
 
 from __future__ import annotations
 
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, serializers, viewsets
+from django.contrib.auth import authenticate
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions, mixins, serializers, status, viewsets
+from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from marketplace import tokens
+from marketplace.api.serializers import ApiTokenRequestSerializer, ApiTokenSerializer
 from marketplace.models import ApiToken
+from meshnet.throttling import AuthTokenThrottle, LoginGuard, client_address, wait_message
+
+
+class ApiTokenView(APIView):
+    # Credentials are in the body: no session (and so no CSRF) and no token needed to get one.
+    permission_classes = [AllowAny]
+    authentication_classes: list = []
+    # A password is guessed by repetition: limited per client address.
+    throttle_classes = [AuthTokenThrottle]
+
+    @extend_schema(
+        operation_id="auth_token_create",
+        request=ApiTokenRequestSerializer,
+        responses={
+            201: ApiTokenSerializer,
+            400: OpenApiResponse(description="wrong credentials"),
+            429: OpenApiResponse(description="too many attempts from this address"),
+        },
+        summary="Exchange a username and password for an API token",
+        auth=[],
+    )
+    def post(self, request: Request) -> Response:
+        credentials = ApiTokenRequestSerializer(data=request.data)
+        credentials.is_valid(raise_exception=True)
+        username = credentials.validated_data["username"]
+        # The same log-in guard as the site's and the admin's forms (per account, per address).
+        guard = LoginGuard(client_address(request), username)
+        wait = guard.retry_after()
+        if wait:
+            raise exceptions.Throttled(wait, detail=wait_message(wait, "failed log-ins"))
+        user = authenticate(
+            request, username=username, password=credentials.validated_data["password"]
+        )
+        if user is None:
+            guard.record()
+            raise serializers.ValidationError(
+                {"non_field_errors": ["unable to log in: wrong username or password"]}
+            )
+        token = tokens.issue_api_token(user, name="api")
+        return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
 
 
 class ApiTokenInfoSerializer(serializers.ModelSerializer):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from django import forms
 from django.conf import settings
-from django.contrib.auth import authenticate, get_user_model
+from django.contrib.auth import get_user_model
 from django.db.models import OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.http import HttpResponse
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, mixins, serializers, status, viewsets
+from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import APIException, PermissionDenied, ValidationError
 from rest_framework.generics import get_object_or_404
@@ -28,11 +28,9 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from marketplace import ledger, payments
-from marketplace.api import schema  # noqa: F401  (registers the API token scheme for OpenAPI)
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
+from marketplace.api.schema import error_responses  # also registers the token scheme
 from marketplace.api.serializers import (
-    ApiTokenRequestSerializer,
-    ApiTokenSerializer,
     DisputeRequestSerializer,
     DisputeSerializer,
     ListingCreateSerializer,
@@ -46,72 +44,17 @@ from marketplace.api.serializers import (
     QuoteSerializer,
     ReceiptSerializer,
     RekeySerializer,
-    SshKeyCreateSerializer,
-    SshKeySerializer,
     TopUpRequestSerializer,
     TopUpSerializer,
     WalletSerializer,
 )
 from marketplace.connect import sandboxes_of
 from marketplace.listings import create_listing, delete_listing, update_listing
-from marketplace.models import Listing, Order, PayoutRequest, SshKey
+from marketplace.models import Listing, Order, PayoutRequest
 from marketplace.orders import place_order, quote_for, rekey_order, stop_order
-from marketplace.ssh_keys import add_ssh_key, delete_ssh_key
-from marketplace.tokens import issue_api_token
 from meshnet.api.serializers import ErrorSerializer
 from meshnet.models import Sandbox
-from meshnet.throttling import AuthTokenThrottle, LoginGuard, client_address, wait_message
 from meshnet.wgconfig import buyer_config
-
-
-def _errors(described: dict[int, str]) -> dict[int, OpenApiResponse]:
-    """OpenAPI responses for service errors: status -> when it happens."""
-    return {
-        code: OpenApiResponse(ErrorSerializer, description=text) for code, text in described.items()
-    }
-
-
-# --- API tokens ------------------------------------------------------------------------------
-
-
-class ApiTokenView(APIView):
-    # Credentials are in the body: no session (and so no CSRF) and no token needed to get one.
-    permission_classes = [AllowAny]
-    authentication_classes: list = []
-    # A password is guessed by repetition: limited per client address.
-    throttle_classes = [AuthTokenThrottle]
-
-    @extend_schema(
-        operation_id="auth_token_create",
-        request=ApiTokenRequestSerializer,
-        responses={
-            201: ApiTokenSerializer,
-            400: OpenApiResponse(description="wrong credentials"),
-            429: OpenApiResponse(description="too many attempts from this address"),
-        },
-        summary="Exchange a username and password for an API token",
-        auth=[],
-    )
-    def post(self, request: Request) -> Response:
-        credentials = ApiTokenRequestSerializer(data=request.data)
-        credentials.is_valid(raise_exception=True)
-        username = credentials.validated_data["username"]
-        # The same log-in guard as the site's and the admin's forms (per account, per address).
-        guard = LoginGuard(client_address(request), username)
-        wait = guard.retry_after()
-        if wait:
-            raise exceptions.Throttled(wait, detail=wait_message(wait, "failed log-ins"))
-        user = authenticate(
-            request, username=username, password=credentials.validated_data["password"]
-        )
-        if user is None:
-            guard.record()
-            raise serializers.ValidationError(
-                {"non_field_errors": ["unable to log in: wrong username or password"]}
-            )
-        token = issue_api_token(user, name="api")
-        return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
-
 
 # --- listings --------------------------------------------------------------------------------
 
@@ -193,7 +136,10 @@ class ListingViewSet(
 
     @extend_schema(
         request=ListingCreateSerializer,
-        responses={201: ListingSerializer, **_errors({400: "invalid input, naming the field"})},
+        responses={
+            201: ListingSerializer,
+            **error_responses({400: "invalid input, naming the field"}),
+        },
         summary="List GPUs of one of your nodes for rent",
     )
     def create(self, request: Request) -> Response:
@@ -206,7 +152,7 @@ class ListingViewSet(
         request=ListingUpdateSerializer,
         responses={
             200: ListingSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "invalid input, naming the field",
                     404: "no such listing of yours",
@@ -224,7 +170,7 @@ class ListingViewSet(
         return Response(self.get_serializer(listing).data)
 
     @extend_schema(
-        responses={204: None, **_errors({404: "no such listing of yours"})},
+        responses={204: None, **error_responses({404: "no such listing of yours"})},
         summary="Withdraw your listing (placed orders keep running)",
     )
     def destroy(self, request: Request, *args, **kwargs) -> Response:
@@ -237,7 +183,7 @@ class ListingViewSet(
         parameters=[QuoteRequestSerializer],
         responses={
             200: QuoteSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "hours or gpu_count missing or out of range, naming the field",
                     404: "no such listing on offer",
@@ -330,7 +276,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             201: OrderSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "invalid input, naming the field (key, hours, gpu_count, unknown listing)",
                     402: "insufficient funds for the hold",
@@ -365,7 +311,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             200: OrderSerializer,
-            **_errors(
+            **error_responses(
                 {
                     404: "no such order of yours",
                     409: "the order already ended or is stopping",
@@ -386,7 +332,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             200: OrderSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "invalid key, or a key live on another order",
                     404: "no such order of yours",
@@ -410,7 +356,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             201: DisputeSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "no reason given",
                     404: "no such order of yours",
@@ -435,7 +381,7 @@ class OrderViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Ge
     @extend_schema(
         responses={
             200: ReceiptSerializer,
-            **_errors({404: "no such order of yours", 409: "the order has not ended yet"}),
+            **error_responses({404: "no such order of yours", 409: "the order has not ended yet"}),
         },
         summary="The itemised receipt of an ended order; its lines sum to what was captured",
     )
@@ -514,7 +460,7 @@ class TopUpView(APIView):
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             201: TopUpSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "bad amount, or unknown user",
                     403: "not an operator (and self top-ups are off, or another user's wallet)",
@@ -568,7 +514,7 @@ class PayoutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         parameters=[IDEMPOTENCY_KEY_PARAMETER],
         responses={
             201: PayoutSerializer,
-            **_errors(
+            **error_responses(
                 {
                     400: "bad amount",
                     402: "more than your earnings (shares in their dispute window are not "
@@ -585,55 +531,3 @@ class PayoutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         form.is_valid(raise_exception=True)
         payout = payments.request_payout(request.user, form.validated_data["amount"])
         return Response(PayoutSerializer(payout).data, status=status.HTTP_201_CREATED)
-
-
-# --- SSH keys --------------------------------------------------------------------------------
-
-
-class SshKeyViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
-    """The caller's SSH public keys, which go into the sandbox of every order they place.
-    Another user's key is a 404."""
-
-    queryset = SshKey.objects.none()  # for the schema generator; see get_queryset
-    serializer_class = SshKeySerializer
-    http_method_names = ["get", "post", "delete", "head", "options"]
-
-    def get_queryset(self):
-        return SshKey.objects.filter(user=self.request.user)
-
-    @extend_schema(summary="Your SSH public keys")
-    def list(self, request: Request, *args, **kwargs) -> Response:
-        return super().list(request, *args, **kwargs)
-
-    @extend_schema(
-        request=SshKeyCreateSerializer,
-        responses={
-            201: SshKeySerializer,
-            **_errors(
-                {
-                    400: "naming the field: not a public key ssh-keygen accepts, a private key, "
-                    "options or a forced command, several keys, a duplicate, more than "
-                    f"{SshKey.MAX_PER_USER} keys, or a name too long",
-                }
-            ),
-        },
-        summary="Add an SSH public key to your account (used by the orders you place next)",
-    )
-    def create(self, request: Request) -> Response:
-        form = SshKeyCreateSerializer(data=request.data)
-        form.is_valid(raise_exception=True)
-        key = add_ssh_key(
-            request.user,
-            public_key=form.validated_data["public_key"],
-            name=form.validated_data.get("name", ""),
-        )
-        return Response(SshKeySerializer(key).data, status=status.HTTP_201_CREATED)
-
-    @extend_schema(
-        responses={204: None, **_errors({404: "no such key of yours"})},
-        summary="Delete one of your SSH keys (placed orders keep the keys they were placed with)",
-    )
-    def destroy(self, request: Request, pk: str | None = None) -> Response:
-        key = self.get_object()
-        delete_ssh_key(request.user, key.pk)
-        return Response(status=status.HTTP_204_NO_CONTENT)

@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 from clawnode import frames, wire
 from clawnode.backends.memory import FakeBackend
-from clawnode.daemon import Agent, NoSandboxes, Timing, sandbox_rules
+from clawnode.daemon import Agent, Timing, sandbox_rules
 from clawnode.firewall import FakeFirewall, SandboxRule
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
+from clawnode.sandbox.disabled import NoSandboxes
 from clawnode.sandbox.network import host_veth
 from clawnode.state import Enrollment, StateDir
 

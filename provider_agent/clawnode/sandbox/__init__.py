@@ -6,4 +6,5 @@ network namespace and address, and sshd with the buyer's keys (docs/provider.md)
 - ``cdi``: the CDI spec and device names that hand a job exactly its GPUs.
 - ``sshd``: the per-job sshd configuration, host key and authorized_keys.
 - ``manager``: SandboxManager, what the daemon drives (engine.Sandboxes).
+- ``disabled``: NoSandboxes, for an agent without an engine (each sandbox asked for fails).
 """
