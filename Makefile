@@ -10,7 +10,7 @@ LOCK := requirements.lock
 
 export DJANGO_SETTINGS_MODULE := config.settings
 
-.PHONY: run test install lock lint format check-migrations clean mutate
+.PHONY: run test install lock lint format check-migrations clean mutate fuzz-api
 
 # Everything from the lock (hash-checked), then the two local packages without their
 # dependencies (the lock has them), built with the lock's setuptools; pip check proves the lock
@@ -43,6 +43,15 @@ test: $(STAMP)
 # `make mutate MODULES="ledger billing"`. Not part of `make test`.
 mutate: $(STAMP)
 	@$(BIN)/python scripts/mutate.py $(MODULES)
+
+# The long Schemathesis run (docs/testing.md): the db tier's tests/db/test_api_fuzz.py with
+# FUZZ_EXAMPLES examples per operation, mode and role (CI: 8) and fresh randomness each run.
+# Not part of `make test`. PostgreSQL as `make test` uses it (TEST_DATABASE_URL).
+FUZZ_EXAMPLES ?= 200
+fuzz-api: $(STAMP)
+	DJANGO_DEBUG=true MOLT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) MOLT_FUZZ_RANDOM=1 \
+	    DATABASE_URL=$${TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/molt} \
+	    $(BIN)/python -m pytest tests/db/test_api_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -299,7 +299,7 @@ def apply_cost(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         return encode_key(generate_wireguard_keypair()[1])
 
     def address(i: int) -> str:
-        return f"10.101.{i // 250}.{i % 250 + 1}/32"
+        return f"10.64.{i // 250}.{i % 250 + 1}/32"  # the job pool: the agent refuses others
 
     with bench_testbed(BRIDGE_NET, "a") as bed:
         ns = bed.namespace("fa")

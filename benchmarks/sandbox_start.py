@@ -9,12 +9,17 @@ Root (rootful podman, a network namespace). Builds or reuses the sandbox tier's 
 - ``managed``: what the agent does after the pull: ``PodmanEngine.start`` with labels, two
   simulated GPUs through CDI, CPU/memory/pids limits, the job's sshd material mounted, then the
   container listing that confirms it; then ``ssh_banner_probe`` until sshd answers;
+- ``managed_host_userns``: the same start with ``userns=""`` and Podman's default capabilities
+  (the engine before sandboxes got user namespaces: the named namespace joined directly), so
+  the user namespace's cost (Podman's ``U`` chown, the veth moved in after the start) is the
+  difference between the two;
 - ``floor``: ``podman run -d`` of the same image and the same sshd command and mount, joined to
   the same namespace, with nothing else; then the same probe.
 
-Prints JSON: p50/p95 (seconds) of each and managed/floor per percentile. The engine's settings
-come from MOLT_PODMAN_RUNTIME, MOLT_PODMAN_CGROUP_MANAGER and MOLT_PODMAN_ULIMITS, as in the
-sandbox tier (defaults: this development machine's runc, cgroupfs, lowered ulimits).
+Prints JSON: p50/p95 (seconds) of each, managed/managed_host_userns and managed/floor per
+percentile. The engine's settings come from MOLT_PODMAN_RUNTIME, MOLT_PODMAN_CGROUP_MANAGER
+and MOLT_PODMAN_ULIMITS, as in the sandbox tier (defaults: this development machine's runc,
+cgroupfs, lowered ulimits).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from clawnode.sandbox import sshd  # noqa: E402
 from clawnode.sandbox.cdi import CdiGpus  # noqa: E402
 from clawnode.sandbox.engine import ContainerSpec  # noqa: E402
 from clawnode.sandbox.manager import ssh_banner_probe  # noqa: E402
-from clawnode.sandbox.podman import PodmanEngine  # noqa: E402
+from clawnode.sandbox.podman import DEFAULT_USERNS, PodmanEngine  # noqa: E402
 
 from tests.sandbox import image  # noqa: E402
 from tests.sandbox.conftest import (  # noqa: E402
@@ -63,14 +68,17 @@ def main() -> int:
 
     tag = image.ensure_image(podman_global_args())
     engine = PodmanEngine(**ENGINE_OPTIONS)  # type: ignore[arg-type]
+    host_userns = PodmanEngine(**ENGINE_OPTIONS, userns="", capabilities=None)  # type: ignore[arg-type]
     network = VethNetwork()
     work = Path(tempfile.mkdtemp(prefix="molt-bench-sandbox-"))
     gpus = SimulatedGpuReader("RTX 4090:4", seed="bench").read().gpus
-    cdi = CdiGpus(sim_dir=work / "sim")
+    # Stand-in GPU nodes in /dev, as the agent makes them (runc binds them into a user namespace)
+    cdi = CdiGpus()
     cdi.prepare(gpus)
     key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGJ1eWVyLWtleS1mb3ItdGVzdHMtb25seS0wMDAwMDA b"
     netns = network.setup("order:bench", f"{ADDRESS}/32", "10.255.0.9/32", False)
     managed: list[float] = []
+    managed_host: list[float] = []
     floor: list[float] = []
     try:
         for run in range(args.runs):
@@ -89,11 +97,12 @@ def main() -> int:
                 env=cdi.env((gpus[1], gpus[3])),
                 command=material.command,
             )
-            began = time.perf_counter()
-            engine.start(spec)
-            ssh_banner_probe(ADDRESS, 60)
-            managed.append(time.perf_counter() - began)
-            engine.remove(spec.name)
+            for variant, samples in ((engine, managed), (host_userns, managed_host)):
+                began = time.perf_counter()
+                variant.start(spec)
+                ssh_banner_probe(ADDRESS, 60)
+                samples.append(time.perf_counter() - began)
+                variant.remove(spec.name)
 
             [(host_dir, inside)] = material.mounts.items()
             began = time.perf_counter()
@@ -124,15 +133,21 @@ def main() -> int:
         engine.remove("molt-bench-managed")
         engine.remove("molt-bench-floor")
         network.teardown("order:bench")
-    m, f = percentiles(managed), percentiles(floor)
+    m, h, f = percentiles(managed), percentiles(managed_host), percentiles(floor)
     print(
         json.dumps(
             {
                 "machine": f"{platform.machine()} {platform.node()}",
                 "engine": ENGINE_OPTIONS,
                 "image": tag,
+                "userns": DEFAULT_USERNS,
                 "managed_start_to_banner_s": m,
+                "managed_host_userns_start_to_banner_s": h,
                 "floor_bare_run_to_banner_s": f,
+                "managed_over_managed_host_userns": {
+                    "p50": round(m["p50"] / h["p50"], 3),
+                    "p95": round(m["p95"] / h["p95"], 3),
+                },
                 "managed_over_floor": {
                     "p50": round(m["p50"] / f["p50"], 3),
                     "p95": round(m["p95"] / f["p95"], 3),

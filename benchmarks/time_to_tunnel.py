@@ -341,9 +341,10 @@ def call(base_url: str, method: str, path: str, token: str, body: dict | None = 
 
 def join_node(bed: Testbed, ns: str, *, gateway_url: str, token: str, state_dir: Path,
               iface: str, endpoint: str, gpus: str) -> tuple[str, str]:  # fmt: skip
-    """`clawnode join` in `ns`; returns (node name, mesh address)."""
+    """`clawnode join` in `ns`; returns (node name, mesh address). --insecure: plain http to a
+    gateway on the testbed's own bridge (state.check_transport refuses it otherwise)."""
     joined = bed.exec(
-        ns, str(BIN / "clawnode"), "join", "--gateway", gateway_url, "--token", token,
+        ns, str(BIN / "clawnode"), "join", "--gateway", gateway_url, "--insecure", "--token", token,
         "--state-dir", str(state_dir), "--interface", iface, "--endpoint", endpoint,
         "--backend", "userspace", "--simulated-gpus", gpus, timeout=60,
     )  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dj_database_url
 
-from config.env import env_bool, env_int, env_list, env_str
+from config.env import ImproperlyConfiguredEnv, env_bool, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -32,6 +32,9 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "channels",
+    # Staff accounts' second factor (frontend/staff_otp.py): TOTP devices only.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "meshnet",
     "marketplace",
     "frontend",
@@ -44,6 +47,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): whether this session gave a TOTP code (django_otp).
+    "django_otp.middleware.OTPMiddleware",
+    # Staff pages (admin, ops dashboard) need that code: frontend/staff_otp.py.
+    "frontend.staff_otp.StaffOtpMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # Every HTML page (ours, and error pages) gets the site's CSP: frontend/security.py.
@@ -87,6 +94,16 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": 20,
         "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
     }
+# Persistent connections (issue 14): without them every database_sync_to_async call and every
+# Celery task opened a new PostgreSQL session (a third of the web process's time at 500 agents).
+# Channels' database_sync_to_async and Celery's Django fixup call close_old_connections around
+# each unit of work, which keeps a connection younger than CONN_MAX_AGE and drops one that is
+# older or broken; the health check pings a reused connection once per unit of work, so one
+# that PostgreSQL dropped (restart, idle timeout) is replaced rather than failing a request.
+# Connections are per thread: a web process holds one per database thread (the single
+# thread-sensitive one plus the few of the default executor), a worker one per process.
+DATABASES["default"]["CONN_MAX_AGE"] = env_int("MOLT_DB_CONN_MAX_AGE", 300, minimum=0)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -167,10 +184,30 @@ MOLT_LOGIN_FAILURES = (
 )
 MOLT_LOGIN_FAILURES_PER_ACCOUNT = env_int("MOLT_LOGIN_FAILURES_PER_ACCOUNT", 50, minimum=1)
 MOLT_LOGIN_FAILURES_PER_ADDRESS = env_int("MOLT_LOGIN_FAILURES_PER_ADDRESS", 100, minimum=1)
+# Staff accounts need a TOTP code for the admin and the ops dashboard (frontend/staff_otp.py).
+# Off only for development: `make run` leaves it on and prints the demo operator's key.
+MOLT_STAFF_OTP_REQUIRED = env_bool("MOLT_STAFF_OTP_REQUIRED", True)
+# The name authenticator apps show beside the account.
+OTP_TOTP_ISSUER = "MOLT"
 # How long an API token lasts from issue (marketplace.tokens); then it is refused.
 MOLT_API_TOKEN_TTL_DAYS = env_int("MOLT_API_TOKEN_TTL_DAYS", 90, minimum=1)
 # New accounts per client address per hour.
 MOLT_SIGNUPS_PER_ADDRESS = env_int("MOLT_SIGNUPS_PER_ADDRESS", 10, minimum=1)
+# The agents' websocket before and after authentication (meshnet/agent_guard.py). Frame limits
+# in bytes: the auth frame is about 310 bytes; the largest frame an agent sends is a metering
+# sample, about 130 bytes a peer. The web process's own --ws-max-size is the post-auth limit.
+MOLT_AGENT_PREAUTH_MAX_BYTES = env_int("MOLT_AGENT_PREAUTH_MAX_BYTES", 4096, minimum=512)
+MOLT_AGENT_MAX_FRAME_BYTES = env_int("MOLT_AGENT_MAX_FRAME_BYTES", 1024 * 1024, minimum=4096)
+# Agent sockets per client address, per web process (in-process counters): not yet
+# authenticated, and in all. 0: no limit. Many nodes behind one NAT share an address.
+MOLT_AGENT_UNAUTHENTICATED_PER_ADDRESS = env_int(
+    "MOLT_AGENT_UNAUTHENTICATED_PER_ADDRESS", 64, minimum=0
+)
+MOLT_AGENT_CONNECTIONS_PER_ADDRESS = env_int("MOLT_AGENT_CONNECTIONS_PER_ADDRESS", 1024, minimum=0)
+# Every per-node frame rate and burst (agent_guard.RATES) multiplied by this: for agents run
+# with periods shorter than clawnode's defaults (the integration tier's), or a gateway that
+# wants more room.
+MOLT_AGENT_RATE_FACTOR = env_int("MOLT_AGENT_RATE_FACTOR", 1, minimum=1)
 SPECTACULAR_SETTINGS = {
     "TITLE": "MOLT gateway API",
     "DESCRIPTION": "GPU marketplace on a WireGuard mesh. Amounts are integers in micro-USD.",
@@ -180,6 +217,16 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # A multi-node order's derived state has its own enum beside the order's `state`.
+    "ENUM_NAME_OVERRIDES": {
+        "ClusterStateEnum": "marketplace.cluster_state.CHOICES",
+        "OrderStateEnum": "marketplace.models.Order.State",
+    },
+    # Every operation's common error answers (400/401/403/404), in the one error shape.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "marketplace.api.schema.document_common_errors",
+    ],
 }
 
 # --- Redis: Celery broker and Channels layer --------------------------------------------------
@@ -187,7 +234,15 @@ REDIS_URL = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": env_str("MOLT_CHANNEL_PREFIX", "molt")},
+        "CONFIG": {
+            "hosts": [REDIS_URL],
+            "prefix": env_str("MOLT_CHANNEL_PREFIX", "molt"),
+            # All of a web process's connections receive through one Redis list, and a
+            # message to a full one is dropped (logged at INFO by the sender only): at the
+            # default of 100, a change pushed to 300 agents of one process reached 138 of
+            # them (issue 14). Room for every agent of a process, several times over.
+            "capacity": env_int("MOLT_CHANNEL_CAPACITY", 10_000, minimum=100),
+        },
     }
 }
 # Rate-limit counters (meshnet/throttling.py) must be shared by every gateway process.
@@ -249,12 +304,15 @@ MOLT_BANDWIDTH_ALLOWANCE_GIB = env_int("MOLT_BANDWIDTH_ALLOWANCE_GIB", 50, minim
 MOLT_MAX_ORDER_HOURS = env_int("MOLT_MAX_ORDER_HOURS", 720, minimum=1)
 MOLT_ENROLLMENT_TOKEN_TTL_SECONDS = env_int("MOLT_ENROLLMENT_TOKEN_TTL_SECONDS", 3600, minimum=60)
 MOLT_ENROLLMENT_MAX_SKEW_SECONDS = env_int("MOLT_ENROLLMENT_MAX_SKEW_SECONDS", 300, minimum=5)
-# A released job address is not handed out again for this long. The removed peer's key can no
+# A released node mesh address (the MOLT /17) is not handed out again for this long: only stray
+# packets to a node that left are left to drain.
+MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 120, minimum=0)
+# A released job tunnel address (the "jobs" /11) waits this long. The removed peer's key can no
 # longer complete a handshake on the node, so a stale buyer config reaches nobody whatever the
 # address; the quarantine only covers packets in flight and the node's own removal catching up.
-# A long one buys nothing and starves the pool (design/network.md): at a day, the MOLT /17
+# A long one buys nothing and starves the pool (docs/ip-plan.md): at a day, the old MOLT /17
 # capped the market at 0.38 job starts per second.
-MOLT_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_ADDRESS_QUARANTINE_SECONDS", 120, minimum=0)
+MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = env_int("MOLT_JOB_ADDRESS_QUARANTINE_SECONDS", 120, minimum=0)
 # A released sandbox address (per node /27, 30 addresses) waits this long: it is freed only
 # once the agent removed the container and the job's peer, so only stray packets are left.
 MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS = env_int(
@@ -262,7 +320,15 @@ MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS = env_int(
 )
 MOLT_WORKLOAD_POOL_MAX_NODES = env_int("MOLT_WORKLOAD_POOL_MAX_NODES", 256, minimum=1)
 MOLT_PROVISIONING_TIMEOUT_SECONDS = env_int("MOLT_PROVISIONING_TIMEOUT_SECONDS", 120, minimum=5)
+# The reprovision-pending sweep takes orders still pending this long after placement: long
+# enough that the task enqueued on commit normally got there first. The faults tier shortens it.
+MOLT_PENDING_SWEEP_AFTER_SECONDS = env_int("MOLT_PENDING_SWEEP_AFTER_SECONDS", 20, minimum=1)
 MOLT_NODE_OFFLINE_AFTER_SECONDS = env_int("MOLT_NODE_OFFLINE_AFTER_SECONDS", 45, minimum=5)
+# Heartbeats are written in batches this often (meshnet.liveness); a third of the offline
+# limit at most, so a batch never hides a silence that the limit would call an outage.
+MOLT_HEARTBEAT_FLUSH_SECONDS = min(
+    env_int("MOLT_HEARTBEAT_FLUSH_SECONDS", 5, minimum=1), MOLT_NODE_OFFLINE_AFTER_SECONDS // 3
+)
 # Running orders of a node silent this long fail (time up to its last heartbeat is billed).
 MOLT_NODE_FAILURE_GRACE_SECONDS = env_int("MOLT_NODE_FAILURE_GRACE_SECONDS", 300, minimum=5)
 # Peer removals on a node silent this long are closed out without its acknowledgement (job
@@ -296,6 +362,43 @@ MOLT_RELIABILITY_WINDOW_SECONDS = env_int(
 MOLT_ALLOW_SELF_TOP_UP = env_bool("MOLT_ALLOW_SELF_TOP_UP", DEBUG)
 MOLT_ALLOW_SIMULATED_GPUS = env_bool("MOLT_ALLOW_SIMULATED_GPUS", DEBUG)
 MOLT_WIREGUARD_LISTEN_PORT = env_int("MOLT_WIREGUARD_LISTEN_PORT", 51820, minimum=1)
+# The gateway's WireGuard hub (`manage.py run_hub`, docs/nat.md): a peer of every node, so its
+# view of each peer's endpoint is that node's public mapping (endpoint discovery). Off while
+# MOLT_HUB_ENDPOINT is empty: desired states then carry no hub peer. MOLT_HUB_ENDPOINT is the
+# host:port nodes send to (the hub's public address and MOLT_HUB_PORT, or a forward to it).
+MOLT_HUB_ENDPOINT = env_str("MOLT_HUB_ENDPOINT", "")
+MOLT_HUB_PORT = env_int("MOLT_HUB_PORT", 51800, minimum=1)
+MOLT_HUB_INTERFACE = env_str("MOLT_HUB_INTERFACE", "molthub")
+# The node's keepalive toward the hub: what keeps its NAT mapping open and the hub's view of
+# it current. 25 s is below every common NAT's UDP timeout (RFC 4787 REQ-5: at least 120 s).
+MOLT_HUB_KEEPALIVE_SECONDS = env_int("MOLT_HUB_KEEPALIVE_SECONDS", 25, minimum=1)
+# How often the hub reads its peers' endpoints, and re-reads its peer set from the database.
+MOLT_HUB_POLL_SECONDS = env_int("MOLT_HUB_POLL_SECONDS", 1, minimum=1)
+MOLT_HUB_RECONCILE_SECONDS = env_int("MOLT_HUB_RECONCILE_SECONDS", 5, minimum=1)
+# Relays (meshnet.relay, docs/nat.md step 3; listed in the admin). "nat": a job peer on a node
+# with no declared endpoint (behind a NAT) goes through a live relay of the node's region (else
+# of any region) when one is listed; "always": every job peer, where a relay is live; "off":
+# none. A relay is live while it asked for its pairs in the last MOLT_RELAY_LIVE_SECONDS.
+MOLT_RELAY_MODE = env_str("MOLT_RELAY_MODE", "nat")
+if MOLT_RELAY_MODE not in ("off", "nat", "always"):
+    raise ImproperlyConfiguredEnv("MOLT_RELAY_MODE must be off, nat or always")
+MOLT_RELAY_LIVE_SECONDS = env_int("MOLT_RELAY_LIVE_SECONDS", 30, minimum=2)
+
+# --- Card top-ups through Stripe Checkout (marketplace/stripe_checkout.py) ----------------------
+# Both keys set: the wallet page offers "Pay with card"; either missing: card top-ups are off and
+# the wallet page says so (the operator's grant still works).
+STRIPE_SECRET_KEY = env_str("STRIPE_SECRET_KEY", "")
+STRIPE_WEBHOOK_SECRET = env_str("STRIPE_WEBHOOK_SECRET", "")
+# Where the Stripe API is: Stripe's own by default; tests point it at a local stand-in.
+STRIPE_API_BASE = env_str("STRIPE_API_BASE", "https://api.stripe.com")
+# The origin of Stripe's hosted checkout page: the wallet page's Content-Security-Policy lets its
+# "Pay with card" form (redirected there) go to it and nowhere else.
+STRIPE_CHECKOUT_ORIGIN = env_str("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com")
+# Bounds of one card top-up, in whole USD.
+MOLT_CARD_TOP_UP_MIN_USD = env_int("MOLT_CARD_TOP_UP_MIN_USD", 5, minimum=1)
+MOLT_CARD_TOP_UP_MAX_USD = env_int(
+    "MOLT_CARD_TOP_UP_MAX_USD", 1000, minimum=MOLT_CARD_TOP_UP_MIN_USD
+)
 
 LOGGING = {
     "version": 1,

@@ -22,10 +22,12 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
+from frontend.staff_otp import TOKEN_FIELD, StaffOtpLoginMixin, otp_satisfied
 from marketplace import ssh_keys as market_ssh_keys
 from marketplace import tokens as market_tokens
 from marketplace.errors import MarketError
 from marketplace.models import ApiToken, SshKey
+from marketplace.text import validate_visible_text
 from meshnet.throttling import LoginGuard, SignUps, client_address, wait_message
 
 LOGIN_URL = reverse_lazy("frontend:login")
@@ -96,7 +98,8 @@ class GuardedLogin:
         try:
             return super().clean()
         except ValidationError as exc:
-            if exc.code == "invalid_login":
+            # A wrong authenticator code (staff, the admin's form) counts like a wrong password.
+            if exc.code in {"invalid_login", "invalid_token"}:
                 guard.record()
             raise
 
@@ -105,8 +108,11 @@ class ThrottledAuthenticationForm(GuardedLogin, AuthenticationForm):
     """Django's log-in form behind the log-in guard."""
 
 
-class ThrottledAdminAuthenticationForm(GuardedLogin, AdminAuthenticationForm):
-    """The admin's log-in form behind the same guard (config/urls.py sets it on the site)."""
+class ThrottledAdminAuthenticationForm(GuardedLogin, StaffOtpLoginMixin, AdminAuthenticationForm):
+    """The admin's log-in form behind the same guard (config/urls.py sets it on the site), with
+    the staff's authenticator code (frontend/staff_otp.py)."""
+
+    otp_token = TOKEN_FIELD
 
 
 login_view = auth_views.LoginView.as_view(
@@ -135,6 +141,7 @@ class TokenForm(forms.Form):
         max_length=100,
         required=False,
         label="Token name",
+        validators=[validate_visible_text],
         help_text="What the token is for, e.g. “laptop CLI”.",
     )
 
@@ -157,6 +164,13 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
     (a session, a message cookie) to survive it, and only its hash may be kept."""
     if request.method == "POST":
         form = TokenForm(request.POST)
+        # A staff token acts with staff powers: only from a session that gave its TOTP code.
+        if not otp_satisfied(request.user):
+            form.add_error(
+                None,
+                "Staff accounts create tokens after giving their authenticator code: log in "
+                "to the admin first.",
+            )
         if form.is_valid():
             token = market_tokens.issue_api_token(request.user, name=form.cleaned_data["name"])
             return _tokens_page(request, TokenForm(), token)

@@ -1,26 +1,31 @@
 """Buyer pages: a listing with its quote, the buyer's orders, one order live, and the wallet.
 
-Read-only: orders are placed, stopped and re-keyed by the page's script through the REST API
+Orders are placed, stopped and re-keyed by the page's script through the REST API
 (session auth + CSRF), because the WireGuard key pair is made in the browser and only its
-public key may reach the server. Another buyer's order is a 404, like a missing one."""
+public key may reach the server. Another buyer's order is a 404, like a missing one. The one
+form posted here is the wallet's "Pay with card", which only starts a Stripe Checkout session
+(marketplace/stripe_checkout.py; the wallet is credited by Stripe's webhook, never here)."""
 
 from __future__ import annotations
 
 from django import forms
 from django.conf import settings
 from django.core.paginator import Paginator
-from django.db.models import F, Sum, Window
-from django.http import Http404, HttpRequest, HttpResponse
+from django.db.models import F, Q, Sum, Window
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render
+from django.urls import reverse
 from django.utils import timezone
-from django.views.decorators.http import require_GET
+from django.views.decorators.http import require_GET, require_POST
 
+from frontend import card_views
 from frontend.account_views import buyer_login_required
 from frontend.charts import line_chart
 from frontend.order_state import STEPS, order_for, snapshot, usage_intervals
 from frontend.views import PAGE_SIZE, listings_with_free_gpus
-from marketplace import ledger, payments
+from marketplace import ledger, payments, stripe_checkout
 from marketplace.connect import connect_info, sandbox_of
+from marketplace.errors import MarketError
 from marketplace.models import (
     Account,
     Dispute,
@@ -30,7 +35,9 @@ from marketplace.models import (
     Order,
     SshKey,
 )
+from marketplace.money import usd_to_micro
 from marketplace.orders import quote_for
+from marketplace.settlement import cost_rate_per_hour, cost_so_far
 
 
 class QuoteForm(forms.Form):
@@ -72,7 +79,8 @@ def listing_detail(request: HttpRequest, pk: int) -> HttpResponse:
             "allowance_gib": settings.MOLT_BANDWIDTH_ALLOWANCE_GIB,
             "fee_percent": settings.MOLT_PLATFORM_FEE_BPS / 100,
             "own": request.user.is_authenticated and listing.owner_id == request.user.pk,
-            # Every order's sandbox takes the buyer's SSH keys: without one, nobody could log in.
+            # An order's sandbox takes the buyer's SSH keys: without one, nobody could log in.
+            # A listing without images runs no sandbox, and orders need no key (as the API).
             "has_ssh_keys": request.user.is_authenticated
             and SshKey.objects.filter(user=request.user).exists(),
         },
@@ -121,8 +129,22 @@ def _dispute_context(order: Order, settlement) -> dict:
     }
 
 
+def allowance_percent(used: int, allowance: int) -> str:
+    """How much of the bandwidth allowance is used, with the precision that shows small use:
+    103 MiB of 50 GiB is `0.20`, not `0`; 0 only when nothing moved. At most `100`."""
+    if used <= 0 or allowance <= 0:
+        return "100" if used > 0 else "0"
+    share = min(used / allowance * 100, 100.0)
+    if share >= 10:
+        return f"{share:.0f}"
+    if share >= 1:
+        return f"{share:.1f}"
+    return f"{max(share, 0.01):.2f}"
+
+
 def _order_context(order: Order) -> dict:
     points = usage_intervals(order)
+    used = order.bytes_in + order.bytes_out
     sandbox = sandbox_of(order.pk)
     state = snapshot(order, sandbox)
     current = STEPS[-1] if order.state in _AFTER_COMPLETION else order.state
@@ -136,10 +158,11 @@ def _order_context(order: Order) -> dict:
         "chart": line_chart(points, width=640, height=160),
         "intervals": len(points),
         "settlement": settlement,
-        "allowance_used_percent": min(
-            100,
-            (order.bytes_in + order.bytes_out) * 100 // max(order.bandwidth_allowance_bytes, 1),
-        ),
+        "allowance_used": used,
+        "allowance_used_percent": allowance_percent(used, order.bandwidth_allowance_bytes),
+        "allowance_high": order.bandwidth_allowance_bytes * 8 // 10,
+        "cost_so_far": cost_so_far(order),
+        "cost_rate_per_hour": cost_rate_per_hour(order),
         "dispute_max_length": DISPUTE_REASON_MAX_LENGTH,
         "sandbox": connect_info(sandbox),
         # Once the order stops, the node removes the container first: no login to offer.
@@ -177,6 +200,12 @@ def order_panels(request: HttpRequest, pk: int) -> HttpResponse:
 @buyer_login_required
 @require_GET
 def wallet(request: HttpRequest) -> HttpResponse:
+    return render_wallet(request)
+
+
+def render_wallet(request: HttpRequest, *, card_form=None, status: int = 200) -> HttpResponse:
+    """The wallet page; `card_form` is a refused card top-up form to show with its errors
+    (frontend.card_views)."""
     account = Account.objects.filter(kind=Account.Kind.WALLET, user=request.user).first()
     entries = LedgerEntry.objects.none()
     if account is not None:
@@ -191,20 +220,54 @@ def wallet(request: HttpRequest) -> HttpResponse:
     page = Paginator(entries, PAGE_SIZE).get_page(request.GET.get("page"))
     # Only what the list shows: a buyer with many live orders has a hold each. The total held
     # is summed from the same rows, so it always matches the list (and costs no query).
+    # A multi-node order's one hold (cluster) counts what its escrow still holds: its amount
+    # less what its ended parts captured already.
     holds = list(
-        EscrowHold.objects.filter(order__buyer=request.user, state=EscrowHold.State.OPEN)
-        .select_related("order__listing")
-        .only("amount", "order__listing__gpu_model")
+        EscrowHold.objects.filter(
+            Q(order__buyer=request.user) | Q(cluster__buyer=request.user),
+            state=EscrowHold.State.OPEN,
+        )
+        .select_related("order__listing", "account")
+        .only("amount", "cluster_id", "order__listing__gpu_model", "account__balance")
         .order_by("-id")
     )
-    return render(
+    response = render(
         request,
         "frontend/wallet.html",
         {
             "available": account.balance if account is not None else 0,
-            "held": sum(hold.amount for hold in holds),
+            "held": sum(hold.account.balance for hold in holds),
             "currency": settings.MOLT_CURRENCY,
             "page": page,
             "holds": holds,
+            **card_views.wallet_card_context(request, card_form),
         },
+        status=status,
     )
+    card_views.allow_checkout_form(response)
+    return response
+
+
+@buyer_login_required
+@require_POST
+def card_top_up(request: HttpRequest) -> HttpResponse:
+    """Start a Stripe Checkout session for the amount and send the browser to Stripe's page;
+    a refused amount (or card payments off, or Stripe unreachable) re-renders the wallet."""
+    form = card_views.CardTopUpForm(request.POST)
+    if not stripe_checkout.enabled():
+        form.add_error(None, "Card payments are not configured on this marketplace.")
+        return render_wallet(request, card_form=form, status=404)
+    if not form.is_valid():
+        return render_wallet(request, card_form=form, status=400)
+    amount = usd_to_micro(form.cleaned_data["amount"])
+
+    def return_urls(pk: int) -> tuple[str, str]:
+        page = request.build_absolute_uri(reverse("frontend:card_top_up_status", args=[pk]))
+        return page, f"{page}?cancelled=1"
+
+    try:
+        url = stripe_checkout.start_checkout(request.user, amount, return_urls=return_urls)
+    except MarketError as refused:
+        form.add_error(None, str(refused))
+        return render_wallet(request, card_form=form, status=refused.status_code)
+    return HttpResponseRedirect(url)

@@ -88,6 +88,16 @@ class LineChart:
         """Where the half-of-peak grid line goes."""
         return self.bottom / 2
 
+    @property
+    def half(self) -> float:
+        """The rate (bytes/s) of the middle grid line: the y axis's middle label."""
+        return self.peak / 2
+
+    @property
+    def mid_time(self) -> datetime:
+        """The time under the middle of the x axis: its middle label."""
+        return self.start + (self.end - self.start) / 2
+
 
 def _nice_ceiling(value: float) -> float:
     """The next 1, 2 or 5 x 10^n at or above `value`, so the top grid line reads well."""

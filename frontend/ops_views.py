@@ -27,9 +27,17 @@ from django.views.decorators.http import require_GET
 
 from frontend.templatetags.molt_format import iec_bytes, usd
 from marketplace.audit import audit_ledger, ledger_counts
-from marketplace.models import Account, AuditRun, EscrowHold, LedgerEntry, Order
+from marketplace.models import (
+    Account,
+    AuditRun,
+    Dispute,
+    EscrowHold,
+    LedgerEntry,
+    Order,
+    PayoutRequest,
+)
 from meshnet import ipplan
-from meshnet.models import Gpu, IpAllocation, IpPool, Node
+from meshnet.models import Gpu, IpAllocation, IpPool, Node, Relay
 
 CHART_DAYS = 14
 RECENT = 10
@@ -172,7 +180,8 @@ class PoolUse:
 
 
 def pool_figures(now) -> list[PoolUse]:
-    """The MOLT and workload pools of the IP plan: a pool's row exists from its first lease."""
+    """The MOLT (nodes), jobs and workload pools of the IP plan: a pool's row exists from its
+    first lease."""
     rows = {pool.name: pool for pool in IpPool.objects.all()}
     leases = {
         row["pool__name"]: row
@@ -184,7 +193,8 @@ def pool_figures(now) -> list[PoolUse]:
         .order_by()
     }
     result = []
-    for name in (ipplan.MOLT_POOL, ipplan.WORKLOAD_POOL):
+    # The node blocks (MOLT and each region's: one running out leaves the others), then jobs.
+    for name in (ipplan.MOLT_POOL, *ipplan.REGIONS, ipplan.JOB_BLOCK, ipplan.WORKLOAD_POOL):
         block = ipplan.block(name)
         pool = rows.get(name)
         counted = leases.get(name, {})
@@ -202,9 +212,92 @@ def pool_figures(now) -> list[PoolUse]:
     return result
 
 
+def path_figures() -> dict:
+    """How running orders' tunnels run (docs/nat.md): direct, or through a relay (a job peer
+    with a RelayAllocation). One aggregate; an order without a job peer yet has no path."""
+    running = Order.objects.filter(state=Order.State.RUNNING, job_peer__isnull=False)
+    counts = running.aggregate(
+        total=Count("id"), relayed=Count("id", filter=Q(job_peer__relay_allocation__isnull=False))
+    )
+    total, relayed = counts["total"], counts["relayed"]
+    return {
+        "total": total,
+        "relayed": relayed,
+        "direct": total - relayed,
+        "direct_pct": round(100 * (total - relayed) / total) if total else None,
+    }
+
+
+@dataclass(frozen=True)
+class RelayLoad:
+    name: str
+    region: str
+    address: str
+    enabled: bool
+    pairs: int  # port pairs allocated now (the gateway's count)
+    ports: int  # pairs its port range holds
+    last_seen_at: object  # its last poll, None if it never polled
+    live: bool  # enabled and polled within MOLT_RELAY_LIVE_SECONDS: new orders may use it
+    reported_pairs: int | None  # what its last poll reported (None: nothing reported)
+    handshaken: int | None
+    # Forwarded as its last poll reported: Python's count since each pair opened plus the
+    # kernel's for the pair's current fast path (it restarts when a side moves).
+    bytes: int | None
+    fast_path: bool | None
+
+    @property
+    def health(self) -> str:
+        if not self.enabled:
+            return "disabled"
+        if self.last_seen_at is None:
+            return "never polled"
+        return "live" if self.live else "silent"
+
+
+def relay_loads(now) -> list[RelayLoad]:
+    """Each listed relay with its allocated pairs (one query with a count) and what its last
+    poll reported (Relay.last_status, meshnet.relays._trim_status: per pair, handshaken and
+    bytes; no query per relay)."""
+    since = now - timedelta(seconds=settings.MOLT_RELAY_LIVE_SECONDS)
+    rows = Relay.objects.annotate(pairs=Count("allocations")).order_by("region", "name")
+    result = []
+    for relay in rows:
+        status = relay.last_status if isinstance(relay.last_status, dict) else {}
+        reported = status.get("pairs")
+        reported = reported if isinstance(reported, list) else None
+        result.append(
+            RelayLoad(
+                name=relay.name,
+                region=relay.region,
+                address=relay.address,
+                enabled=relay.enabled,
+                pairs=relay.pairs,
+                ports=(relay.port_high - relay.port_low + 1) // 2,
+                last_seen_at=relay.last_seen_at,
+                live=bool(
+                    relay.enabled
+                    and relay.token_hash
+                    and relay.last_seen_at is not None
+                    and relay.last_seen_at >= since
+                ),
+                reported_pairs=len(reported) if reported is not None else None,
+                handshaken=sum(1 for p in reported if p.get("handshaken"))
+                if reported is not None
+                else None,
+                bytes=sum(int(p.get("bytes") or 0) for p in reported)
+                if reported is not None
+                else None,
+                fast_path=status.get("fast_path") if "fast_path" in status else None,
+            )
+        )
+    return result
+
+
 def money_figures(today: date) -> dict:
+    # What the open holds' escrow accounts hold: a multi-node order's hold less its parts'
+    # captures so far (for a single order's open hold, its amount).
     escrow = EscrowHold.objects.filter(state=EscrowHold.State.OPEN).aggregate(
-        amount=Coalesce(Sum("amount"), 0), holds=Count("id")
+        amount=Coalesce(Sum("account__balance"), 0), holds=Count("id")
     )
     fees_balance = (
         Account.objects.filter(kind=Account.Kind.FEES).values_list("balance", flat=True).first()
@@ -246,9 +339,30 @@ def bandwidth_figures(today: date) -> dict:
     }
 
 
+def queues() -> dict:
+    """What waits for an operator, oldest first: open disputes (the provider's share of each is
+    frozen until one is resolved) and requested payouts (the earnings are set aside). The first
+    RECENT of each and how many in all (one aggregate each)."""
+    disputes = Dispute.objects.filter(state=Dispute.State.OPEN)
+    payouts = PayoutRequest.objects.filter(state=PayoutRequest.State.REQUESTED)
+    payout_totals = payouts.aggregate(n=Count("id"), amount=Coalesce(Sum("amount"), 0))
+    return {
+        "disputes": list(
+            disputes.select_related("buyer", "order__settlement").order_by("opened_at", "id")[
+                :RECENT
+            ]
+        ),
+        "disputes_count": disputes.count(),
+        "payouts": list(payouts.select_related("provider").order_by("requested_at", "id")[:RECENT]),
+        "payouts_count": payout_totals["n"],
+        "payouts_amount": payout_totals["amount"],
+    }
+
+
 def recent_failures() -> dict:
+    # Failures only: an order its buyer (or an operator) cancelled did not fail.
     orders = (
-        Order.objects.filter(state__in=(Order.State.FAILED, Order.State.CANCELLED))
+        Order.objects.filter(state=Order.State.FAILED)
         .select_related("buyer", "listing__node")
         .order_by(F("ended_at").desc(nulls_last=True), "-id")[:RECENT]
     )
@@ -305,9 +419,12 @@ def dashboard(request: HttpRequest) -> HttpResponse:
             "nodes": node_figures(now),
             "jobs": job_figures(),
             "pools": pool_figures(now),
+            "paths": path_figures(),
+            "relays": relay_loads(now),
             "money": money_figures(today),
             "bandwidth": bandwidth_figures(today),
             "failures": recent_failures(),
+            "queues": queues(),
             "audit": ledger_audit(),
             "now": now,
             "chart_days": CHART_DAYS,

@@ -15,6 +15,7 @@ from marketplace.connect import sandbox_of
 from marketplace.models import Order
 from meshnet.metering import Counters
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Sandbox
+from meshnet.relays import path_of
 
 # Enough points for a 640-pixel-wide chart; a month-long order at one sample every ten seconds
 # has a quarter of a million samples, and only every n-th is read (see usage_intervals).
@@ -33,7 +34,7 @@ def order_for(user, order_id: int) -> Order | None:
         return None
     return (
         Order.objects.for_buyer(user)
-        .select_related("listing__node", "job_peer", "settlement")
+        .select_related("listing__node", "job_peer__relay_allocation__relay", "settlement")
         .filter(pk=order_id)
         .first()
     )
@@ -61,6 +62,8 @@ def snapshot(order: Order, sandbox: Sandbox | object | None = _READ) -> dict[str
         "wireguard_public_key": order.wireguard_public_key,
         "job_address": peer.address if peer else None,
         "provider_address": node.mesh_address if peer else None,
+        # Direct, or through which relay (meshnet.relays, docs/nat.md).
+        "path": path_label(path_of(peer)),
         # The node has the current key once its agent acknowledged the revision that added it.
         "peer_applied": bool(peer and peer.state == JobPeer.State.ACTIVE),
         "bytes_in": order.bytes_in,
@@ -75,6 +78,16 @@ def snapshot(order: Order, sandbox: Sandbox | object | None = _READ) -> dict[str
         # Enough for the page to know its server-rendered Connect panel is stale.
         "sandbox": _sandbox_summary(sandbox_of(order.pk) if sandbox is _READ else sandbox),
     }
+
+
+def path_label(path: dict | None) -> str | None:
+    """The path as words: direct, or relayed via eu-1 (eu-west); None before provisioning."""
+    if path is None:
+        return None
+    if path["kind"] != "relayed":
+        return path["kind"]
+    where = f" ({path['region']})" if path["region"] else ""
+    return f"relayed via {path['relay']}{where}"
 
 
 def _sandbox_summary(sandbox) -> dict[str, Any] | None:

@@ -28,9 +28,8 @@ from marketplace import idempotency, ledger, payments
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing, delete_listing, update_listing
 from marketplace.models import Listing, Order, PayoutRequest, Settlement
-from marketplace.money import micro_to_usd, usd_to_micro
+from marketplace.money import format_usd, micro_to_usd, usd_to_micro
 from meshnet.enrolment import create_enrollment_token
-from meshnet.ipplan import REGIONS
 from meshnet.models import EnrollmentToken, Gpu, Node, Sandbox
 
 
@@ -165,13 +164,10 @@ class ListingForm(forms.Form):
         initial=Decimal("0.005"),
         help_text="both directions through the job's tunnel",
     )
-    region = forms.ChoiceField(label="region", required=False)
 
     def __init__(self, data=None, *, models: list[tuple[str, str]], node: Node) -> None:
         super().__init__(data)
         self.fields["gpu_model"].choices = models
-        node_region = f"the node's ({node.region})" if node.region else "none"
-        self.fields["region"].choices = [("", node_region), *((r, r) for r in REGIONS)]
         add_job_fields(self, node)
 
 
@@ -276,7 +272,6 @@ def node_detail(request: HttpRequest, pk: int) -> HttpResponse:
                     gpu_count=data["gpu_count"],
                     price_per_gpu_hour=usd_to_micro(data["price_per_gpu_hour"]),
                     price_per_gib=usd_to_micro(data["price_per_gib"]),
-                    region=data["region"] or None,
                     **job_changes(data, node),
                 )
             except MarketError as exc:
@@ -446,7 +441,7 @@ def request_payout(request: HttpRequest) -> HttpResponse:
             with idempotency.once(
                 request.user,
                 f"page:payout:{form.cleaned_data['nonce']}",
-                what=f"payout of {amount} requested",
+                what=f"payout of {format_usd(amount, exact=True)} requested",
             ):
                 payout = payments.request_payout(request.user, amount)
         except idempotency.AlreadyDone:

@@ -1,22 +1,51 @@
+from django.templatetags.static import static
 from django.urls import path
 from django.views.generic import RedirectView
 
-from frontend import account_views, buyer_views, install, ops_views, provider_views, views
+from frontend import (
+    account_views,
+    buyer_views,
+    card_views,
+    cluster_views,
+    install,
+    ops_views,
+    provider_views,
+    staff_otp,
+    views,
+)
+
+
+class FaviconRedirect(RedirectView):
+    """Pages without a <link rel="icon"> (the admin's) make browsers guess /favicon.ico. The
+    icon's address is looked up per request: with the manifest storage it exists only after
+    collectstatic, which an import-time lookup would require of every `manage.py` command."""
+
+    permanent = True
+
+    def get_redirect_url(self, *args, **kwargs) -> str:
+        return static("frontend/favicon.svg")
+
 
 app_name = "frontend"
 urlpatterns = [
     path("", views.marketplace, name="marketplace"),
     path("healthz/", views.healthz, name="healthz"),
     path("readyz/", views.readyz, name="readyz"),
+    # Pages without a <link rel="icon"> (the admin's) make browsers guess /favicon.ico.
+    path("favicon.ico", FaviconRedirect.as_view(), name="favicon"),
     # Buyers
     path("listings/<int:pk>/", buyer_views.listing_detail, name="listing"),
     path("orders/", buyer_views.order_list, name="orders"),
     path("orders/<int:pk>/", buyer_views.order_detail, name="order"),
     path("orders/<int:pk>/panels/", buyer_views.order_panels, name="order_panels"),
+    path("clusters/<int:pk>/", cluster_views.cluster_detail, name="cluster"),
     path("wallet/", buyer_views.wallet, name="wallet"),
+    path("wallet/card/", buyer_views.card_top_up, name="card_top_up"),
+    path("wallet/card/<int:pk>/", card_views.card_top_up_status, name="card_top_up_status"),
     # Accounts
     path("accounts/signup/", account_views.signup, name="signup"),
     path("accounts/login/", account_views.login_view, name="login"),
+    path("accounts/staff-otp/", staff_otp.enrol, name="staff_otp"),
     path("accounts/logout/", account_views.logout_view, name="logout"),
     path("accounts/password/", account_views.password_change, name="password_change"),
     path(

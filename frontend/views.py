@@ -7,32 +7,50 @@ from decimal import Decimal
 import redis
 from django import forms
 from django.conf import settings
-from django.core.paginator import Paginator
 from django.db import DatabaseError, connection
-from django.db.models import F, OuterRef, QuerySet, Subquery, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_GET
 
-from marketplace.models import Listing, Order
+from marketplace import market
+from marketplace.models import Listing
 from marketplace.money import usd_to_micro
 from meshnet.ipplan import REGIONS
+from meshnet.versions import version_key
 
 PAGE_SIZE = 25
 
+# The page's sorts, as marketplace.market.SORTS names them.
 SORTS = {
-    "price": ("price_per_gpu_hour", "id"),
-    "-price": ("-price_per_gpu_hour", "id"),
-    "-vram": ("-vram_gb", "price_per_gpu_hour", "id"),
-    "-free": ("-gpus_free", "price_per_gpu_hour", "id"),
+    "price": "price_per_gpu_hour",
+    "-price": "-price_per_gpu_hour",
+    "-vram": "-vram_gb",
+    "-free": "-gpus_free",
+    "-reliability": "-reliability",
 }
 SORT_CHOICES = [
     ("price", "cheapest first"),
     ("-price", "priciest first"),
     ("-vram", "most VRAM first"),
     ("-free", "most free GPUs first"),
+    ("-reliability", "most reliable first"),
 ]
+
+
+def _version_field(label: str, example: str) -> forms.CharField:
+    return forms.CharField(
+        required=False,
+        max_length=20,
+        label=label,
+        validators=[_check_version],
+        widget=forms.TextInput(attrs={"placeholder": example, "inputmode": "decimal"}),
+    )
+
+
+def _check_version(value: str) -> None:
+    if value and version_key(value) is None:
+        raise forms.ValidationError("a version such as 535.104 or 12.2")
 
 
 class ListingFilterForm(forms.Form):
@@ -66,6 +84,9 @@ class ListingFilterForm(forms.Form):
     min_gpus = forms.IntegerField(
         required=False, min_value=1, max_value=1024, label="min free GPUs"
     )
+    min_driver_version = _version_field("min driver version", "535.104")
+    min_cuda_version = _version_field("min CUDA version", "12.2")
+    show_offline = forms.BooleanField(required=False, label="show offline nodes")
     sort = forms.ChoiceField(required=False, choices=SORT_CHOICES, label="sort by")
 
     def __init__(self, data, *, gpu_models: list[str]) -> None:
@@ -80,25 +101,14 @@ class ListingFilterForm(forms.Form):
 
 
 def listings_with_free_gpus() -> QuerySet[Listing]:
-    """Available listings with `gpus_free`: the listing's GPUs less those held by live orders,
-    computed in the same query (a correlated subquery), with node and owner joined in, so the
-    page costs one query however many rows it shows."""
-    in_use = (
-        Order.objects.live()
-        .filter(listing=OuterRef("pk"))
-        .order_by()
-        .values("listing")
-        .annotate(n=Sum("gpu_count"))
-        .values("n")
-    )
-    return (
-        Listing.objects.available()
-        .select_related("node", "node__reliability", "owner")
-        .annotate(gpus_free=F("gpu_count") - Coalesce(Subquery(in_use), 0))
-    )
+    """Available listings, offline nodes' included, with `gpus_free` (the listing's GPUs less
+    those held by live orders) and node, owner and reliability joined: one query per listing
+    page (frontend.buyer_views.listing_detail)."""
+    return market.offers(include_offline=True).select_related("node", "node__reliability", "owner")
 
 
 def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> QuerySet[Listing]:
+    """`listings` (from marketplace.market.offers) narrowed by the form's valid filters."""
     if model := form.value("gpu_model"):
         listings = listings.filter(gpu_model=model)
     if (vram := form.value("min_vram_gb")) is not None:
@@ -119,7 +129,11 @@ def filter_listings(listings: QuerySet[Listing], form: ListingFilterForm) -> Que
         listings = listings.filter(node__reliability__score__gte=reliability)
     if (gpus := form.value("min_gpus")) is not None:
         listings = listings.filter(gpus_free__gte=gpus)
-    return listings.order_by(*SORTS[form.value("sort") or "price"])
+    return market.with_min_versions(
+        listings,
+        driver=version_key(form.value("min_driver_version")),
+        cuda=version_key(form.value("min_cuda_version")),
+    )
 
 
 @require_GET
@@ -132,13 +146,32 @@ def marketplace(request: HttpRequest) -> HttpResponse:
     )
     form = ListingFilterForm(request.GET, gpu_models=gpu_models)
     form.is_valid()  # errors are shown beside their fields; valid filters still apply
-    listings = filter_listings(listings_with_free_gpus(), form)
-    page = Paginator(listings, PAGE_SIZE).get_page(request.GET.get("page"))
-    filtered = any(request.GET.get(name) for name in form.fields if name != "sort")
+    listings = filter_listings(
+        market.offers(include_offline=bool(form.value("show_offline"))), form
+    )
+    sort = SORTS[form.value("sort") or "price"]
+    try:
+        token = request.GET.get("cursor")
+        cursor = market.Cursor.decode(token, sort) if token else None
+    except market.BadQuery:
+        cursor = None  # a stale or edited link: the first page
+    page = market.page(listings, sort, cursor, PAGE_SIZE)
+    count, capped = market.bounded_count(listings)
+    filtered = any(request.GET.get(name) for name in form.fields if name not in ("sort",))
     return render(
         request,
         "frontend/marketplace.html",
-        {"form": form, "page": page, "filtered": filtered, "regions": REGIONS},
+        {
+            "form": form,
+            "listings": page.rows,
+            "next_cursor": page.next.encode() if page.next else None,
+            "previous_cursor": page.previous.encode() if page.previous else None,
+            "count": count,
+            "count_capped": capped,
+            "filtered": filtered,
+            "regions": REGIONS,
+            "offline_cutoff": market.offline_cutoff(),
+        },
     )
 
 

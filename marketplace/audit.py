@@ -13,6 +13,9 @@ What it checks:
 - an open hold's escrow account holds exactly the hold's amount (so the open holds sum to the
   escrow balance), a resolved hold's escrow account is at zero, and no escrow account lacks a
   hold;
+- a multi-node order's one hold (marketplace.cluster_ledger) holds its amount less its parts'
+  captures while open, and was resolved by a release once every part ended; a part has no hold
+  of its own and settles by its own part capture, within its share;
 - every order has a hold; every ended order's hold is resolved; a completed (or disputed, or
   resolved) order has a settlement, and a settlement belongs to an ended order, is its hold's
   resolution and splits the hold exactly (captured + released == hold, fee + provider ==
@@ -22,7 +25,9 @@ What it checks:
   holds nothing and was resolved by the matching transaction; no frozen account lacks a share;
 - disputes agree with their orders and shares, and a refund never exceeds what was captured;
 - a payout request's account holds its amount until it is paid or rejected, then nothing;
-- every reversal names the transaction it reverses and is its exact negation.
+- every reversal names the transaction it reverses and is its exact negation;
+- a paid card top-up (CheckoutSession) was credited by one CARD transaction keyed to it that put
+  exactly its amount into its buyer's wallet, and every CARD transaction is such a credit.
 
 `record_audit_run()` runs the audit and stores the result as an AuditRun (the ops dashboard
 shows the latest); `manage.py audit_ledger` and the hourly beat task call it.
@@ -33,12 +38,14 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from django.db.models import Count, F, Q, Sum, Value
+from django.db.models import Count, Exists, F, OuterRef, Q, Sum, Value
 from django.db.models.functions import Coalesce
 
 from marketplace.models import (
     Account,
     AuditRun,
+    CheckoutSession,
+    Cluster,
     Dispute,
     EarningsHold,
     EscrowHold,
@@ -64,10 +71,12 @@ def audit_ledger() -> list[str]:
     violations += _orphan_accounts()
     violations += _holds()
     violations += _orders()
+    violations += _clusters()
     violations += _earnings_holds()
     violations += _disputes()
     violations += _payouts()
     violations += _reversals()
+    violations += _card_top_ups()
     return violations
 
 
@@ -186,21 +195,45 @@ def _holds() -> list[str]:
 
     open_amounts = 0
     open_escrow = 0
+    # What each multi-node order's parts captured from its one hold (one grouped query).
+    part_captures = dict(
+        Settlement.objects.filter(order__cluster__isnull=False)
+        .values("order__cluster_id")
+        .annotate(total=Sum("captured"))
+        .values_list("order__cluster_id", "total")
+    )
     rows = EscrowHold.objects.values(
-        "pk", "order_id", "state", "amount", "account__balance", "resolution__kind"
+        "pk", "order_id", "cluster_id", "state", "amount", "account__balance", "resolution__kind"
     ).order_by("pk")
     for hold in _batched(rows):
-        label = f"hold #{hold['pk']} of order {hold['order_id']}"
+        cluster_id = hold["cluster_id"]
+        whose = f"order {hold['order_id']}" if cluster_id is None else f"cluster {cluster_id}"
+        label = f"hold #{hold['pk']} of {whose}"
         kind = hold["resolution__kind"]
         state = hold["state"]
         escrow = hold["account__balance"]
+        # A cluster's hold is drawn on by its parts' captures before it is resolved
+        # (marketplace.cluster_ledger): open, it holds its amount less those.
+        captured = part_captures.get(cluster_id, 0) if cluster_id is not None else 0
         if state == EscrowHold.State.OPEN:
-            open_amounts += hold["amount"]
+            open_amounts += hold["amount"] - captured
             open_escrow += escrow
             if kind is not None:
                 found.append(f"{label} is open but has a {kind} resolution")
-            if escrow != hold["amount"]:
-                found.append(f"{label} is open for {hold['amount']} but its escrow holds {escrow}")
+            if escrow != hold["amount"] - captured:
+                found.append(
+                    f"{label} is open for {hold['amount']} less {captured} its parts captured "
+                    f"but its escrow holds {escrow}"
+                )
+        elif cluster_id is not None:
+            # Resolved by releasing what its parts left: captured if any part captured.
+            want = EscrowHold.State.CAPTURED if captured else EscrowHold.State.RELEASED
+            if kind != LedgerTransaction.Kind.RELEASE:
+                found.append(f"{label} is {state} but its resolution is {kind}, not a release")
+            if state != want:
+                found.append(f"{label} is {state} but its parts captured {captured}")
+            if escrow != 0:
+                found.append(f"{label} is {state} but its escrow account still holds {escrow}")
         else:
             if kind is None:
                 found.append(f"{label} is {state} but has no resolving transaction")
@@ -221,18 +254,23 @@ def _orders() -> list[str]:
     # One query for every order-level rule; each row is classified below.
     suspicious = (
         Order.objects.filter(
-            Q(hold__isnull=True)
+            Q(hold__isnull=True, cluster__isnull=True)
+            | Q(hold__isnull=False, cluster__isnull=False)
             | Q(state__in=Order.ENDED_STATES, hold__state=EscrowHold.State.OPEN)
             | Q(state__in=Order.COMPLETED_STATES, settlement__isnull=True)
             | Q(state__in=(Order.State.DISPUTED, Order.State.RESOLVED), dispute__isnull=True)
         )
         .order_by("pk")
-        .values_list("pk", "state", "hold__id", "hold__state", "settlement__id", "dispute__id")
+        .values_list(
+            "pk", "state", "hold__id", "hold__state", "settlement__id", "dispute__id", "cluster_id"
+        )
     )
     no_hold, unresolved, unsettled, undisputed = [], [], [], []
-    for pk, state, hold_id, hold_state, settlement_id, dispute_id in suspicious:
-        if hold_id is None:
+    for pk, state, hold_id, hold_state, settlement_id, dispute_id, cluster_id in suspicious:
+        if hold_id is None and cluster_id is None:
             no_hold.append(f"order {pk} has no escrow hold")
+        if hold_id is not None and cluster_id is not None:
+            no_hold.append(f"order {pk} is a part of cluster {cluster_id} but has a hold")
         if state in Order.ENDED_STATES and hold_state == EscrowHold.State.OPEN:
             unresolved.append(f"order {pk} is {state} but its hold is still open")
         if state in Order.COMPLETED_STATES and settlement_id is None:
@@ -253,6 +291,10 @@ def _orders() -> list[str]:
         "fee",
         "provider_amount",
         "order__earnings_hold__id",
+        "order__cluster_id",
+        "order__hold_amount",
+        "transaction__kind",
+        "transaction__once_key",
     ).order_by("pk")
     for (
         pk,
@@ -266,11 +308,20 @@ def _orders() -> list[str]:
         fee,
         provider_amount,
         share_id,
+        cluster_id,
+        share,
+        txn_kind,
+        once_key,
     ) in _batched(settlements):
         label = f"settlement #{pk} of order {order_id}"
         if order_state not in Order.ENDED_STATES:
             found.append(f"{label}: the order is still {order_state}")
-        if transaction_id != resolution_id:
+        if cluster_id is not None:
+            # A part settles by its own capture from the cluster's hold, within its share.
+            hold_amount = share
+            if txn_kind != LedgerTransaction.Kind.PART_CAPTURE or once_key != f"part:{order_id}":
+                found.append(f"{label}: its transaction is not the part's capture")
+        elif transaction_id != resolution_id:
             found.append(f"{label}: its transaction is not the resolution of the order's hold")
         if captured + released != hold_amount:
             found.append(
@@ -280,6 +331,40 @@ def _orders() -> list[str]:
             found.append(f"{label}: fee {fee} + provider {provider_amount} != captured {captured}")
         if captured > 0 and share_id is None:
             found.append(f"{label} captured money but froze no share")
+    return found
+
+
+def _clusters() -> list[str]:
+    """Every multi-node order has one hold, resolved once all its parts ended (and open while
+    one lives); every part capture is the transaction of one part's settlement."""
+    found: list[str] = []
+    live = Order.objects.filter(cluster=OuterRef("pk"), state__in=Order.LIVE_STATES)
+    rows = (
+        Cluster.objects.annotate(has_live=Exists(live))
+        .filter(
+            Q(hold__isnull=True)
+            | Q(has_live=False, hold__state=EscrowHold.State.OPEN)
+            | (Q(has_live=True) & ~Q(hold__state=EscrowHold.State.OPEN))
+        )
+        .order_by("pk")
+        .values_list("pk", "hold__id", "hold__state", "has_live")
+    )
+    for pk, hold_id, hold_state, has_live in rows:
+        if hold_id is None:
+            found.append(f"cluster {pk} has no escrow hold")
+        elif has_live:
+            found.append(f"cluster {pk} has live parts but its hold is {hold_state}")
+        else:
+            found.append(f"cluster {pk} ended but its hold is still open")
+    stray = (
+        LedgerTransaction.objects.filter(
+            kind=LedgerTransaction.Kind.PART_CAPTURE, settlement__isnull=True
+        )
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    for pk in stray:
+        found.append(f"part capture #{pk} is no part's settlement")
     return found
 
 
@@ -401,6 +486,34 @@ def _payouts() -> list[str]:
                 found.append(f"{label} is {p['state']} but was resolved by {p['resolution__kind']}")
             elif p["resolution__once_key"] != f"payout:{p['pk']}":
                 found.append(f"{label} was resolved by a transaction not keyed to it")
+    return found
+
+
+def _card_top_ups() -> list[str]:
+    found: list[str] = []
+    into_wallets: dict[int, tuple[int | None, int]] = {
+        row["transaction_id"]: (row["account__user_id"], row["total"])
+        for row in LedgerEntry.objects.filter(
+            transaction__kind=LedgerTransaction.Kind.CARD, account__kind=Account.Kind.WALLET
+        )
+        .values("transaction_id", "account__user_id")
+        .annotate(total=Sum("amount"))
+    }
+    rows = (
+        CheckoutSession.objects.filter(credit__isnull=False)
+        .values("pk", "amount", "user_id", "credit_id", "credit__kind", "credit__once_key")
+        .order_by("pk")
+    )
+    for c in _batched(rows):
+        label = f"card top-up #{c['pk']}"
+        if c["credit__kind"] != LedgerTransaction.Kind.CARD:
+            found.append(f"{label} was credited by a {c['credit__kind']} transaction")
+        elif c["credit__once_key"] != f"checkout:{c['pk']}":
+            found.append(f"{label} was credited by a transaction not keyed to it")
+        if into_wallets.pop(c["credit_id"], None) != (c["user_id"], c["amount"]):
+            found.append(f"{label} did not put exactly its amount into its buyer's wallet")
+    for txn_id in sorted(into_wallets):
+        found.append(f"card transaction #{txn_id} belongs to no paid card top-up")
     return found
 
 

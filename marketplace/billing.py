@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from marketplace.money import format_price
+
 GIB = 1 << 30
 SECONDS_PER_HOUR = 3600
 BASIS_POINTS = 10_000
@@ -179,7 +181,7 @@ def receipt_lines(
         ReceiptLine(
             kind="time",
             description=(
-                f"{gpu_count} GPU x {gross} s at {price_per_gpu_hour} micro-USD per GPU-hour"
+                f"{gpu_count} GPU x {gross} s at {format_price(price_per_gpu_hour)} per GPU-hour"
             ),
             amount=time_gross,
             seconds=gross,
@@ -199,7 +201,7 @@ def receipt_lines(
     lines.append(
         ReceiptLine(
             kind="bandwidth",
-            description=f"{bandwidth_bytes} bytes at {price_per_gib} micro-USD per GiB",
+            description=f"{bandwidth_bytes} bytes at {format_price(price_per_gib, 'gib')} per GiB",
             amount=bandwidth,
             bytes=bandwidth_bytes,
         )

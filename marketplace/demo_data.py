@@ -9,6 +9,9 @@ the rows are the ones a real agent would have made.
 
 from __future__ import annotations
 
+import json
+import os
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,8 +19,11 @@ from dataclasses import dataclass
 from clawnode import wire
 from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity
+from clawnode.state import Enrollment, StateDir, normalize_gateway_url
 
-from meshnet.enrolment import create_enrollment_token, enroll_node
+from meshnet import ipplan
+from meshnet.enrolment import create_enrollment_token, enroll_node, websocket_url
+from meshnet.gateway_key import gateway_identity
 from meshnet.models import Node
 
 H100 = ("NVIDIA H100 80GB HBM3", 81559)
@@ -62,6 +68,10 @@ class DemoUser:
 
 
 OPERATOR = DemoUser("operator", "operator-demo-pass", "superuser: /admin/")
+# The operator's TOTP key (hex, as django-otp stores it): published like the passwords, so the
+# demo admin can be used with any authenticator app. RFC 4226's test key, base32
+# GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ.
+OPERATOR_TOTP_KEY = "3132333435363738393031323334353637383930"
 BUYER = DemoUser("demo-buyer", "buyer-demo-pass", "buyer with 500 USD of credits")
 PROVIDERS: tuple[tuple[DemoUser, tuple[DemoNode, ...]], ...] = (
     (
@@ -190,13 +200,15 @@ def enrol_node(
     identity = Identity.generate()
     issued = create_enrollment_token(owner)
     envelope = build_enroll_envelope(
-        identity, issued.token, hostname=hostname, listen_port=51820, endpoint=endpoint, gpus=gpus
+        identity,
+        issued.token,
+        hostname=hostname,
+        listen_port=51820,
+        endpoint=endpoint,
+        gpus=gpus,
+        region=region,
     )
     node = enroll_node(envelope, observed_ip=observed_ip).node
-    if region:
-        # Region is operator metadata the enrolment request does not carry (no service sets it).
-        Node.objects.filter(pk=node.pk).update(region=region)
-        node.region = region
     return node, identity
 
 
@@ -210,3 +222,47 @@ def enrol_demo_node(owner, node: DemoNode) -> tuple[Node, Identity]:
         endpoint=node.endpoint,
         region=node.region,
     )
+
+
+# Next to enrollment.json in a demo agent's state dir: the GPUs it enrolled with, which
+# scripts/demo_agents.py reports back unchanged (the same UUIDs, so the inventory stays put).
+DEMO_GPUS_FILE = "demo-gpus.json"
+
+
+def save_demo_agent(state: StateDir, node: Node, identity: Identity, gateway: str) -> None:
+    """Write what `clawnode join` would have left in `state` for `node`: its identity (0600)
+    and an enrolment for the gateway at `gateway`, plus its simulated GPUs. The enrolment is
+    rewritten each time (the port may differ between runs); the identity only when it changed."""
+    gateway = normalize_gateway_url(gateway)
+    kept = state.load_identity() if state.identity_path.exists() else None
+    if kept is None or kept.node_id != identity.node_id:
+        identity.save(state.identity_path)
+    state.save_enrollment(
+        Enrollment(
+            gateway=gateway,
+            node_id=node.node_id,
+            name=node.name,
+            mesh_address=node.mesh_address,
+            gateway_public_key=gateway_identity().public_key_b64,
+            websocket_url=websocket_url(gateway),
+            interface="molt0",
+            backend="userspace",  # recorded only: demo_agents.py runs the in-memory backend
+            mesh_network=str(ipplan.mesh_network()),
+            job_network=ipplan.block(ipplan.JOB_BLOCK).cidr,
+            enrolled_at=int(time.time()),
+        )
+    )
+    gpus = [
+        {
+            "index": gpu.index,
+            "name": gpu.name,
+            "memory_mb": gpu.memory_mb,
+            "uuid": gpu.uuid,
+            "simulated": gpu.simulated,
+        }
+        for gpu in node.gpus.order_by("index")
+    ]
+    path = state.path / DEMO_GPUS_FILE
+    partial = path.with_suffix(".tmp")
+    partial.write_text(json.dumps(gpus))
+    os.replace(partial, path)

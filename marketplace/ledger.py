@@ -18,11 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 
 from marketplace.errors import AlreadyResolved, InsufficientFunds, MarketError
 from marketplace.models import Account, EscrowHold, LedgerEntry, LedgerTransaction
+from marketplace.money import format_usd
 
 Leg = tuple[Account, int]
 
@@ -101,7 +102,8 @@ def post(
                 guarded = guarded.filter(balance__gte=-amount)
             if guarded.update(balance=F("balance") + amount) != 1:
                 raise InsufficientFunds(
-                    f"insufficient funds: {account.kind} account cannot cover {-amount} micro-USD"
+                    f"insufficient funds: {account.kind} account cannot cover "
+                    f"{format_usd(-amount, exact=True)}"
                 )
             entries.append(LedgerEntry(transaction=txn, account_id=pk, amount=amount))
         LedgerEntry.objects.bulk_create(entries)
@@ -111,7 +113,7 @@ def post(
 def grant_credits(user, amount: int, memo: str = "operator grant") -> LedgerTransaction:
     """Credits enter from the outside world into `user`'s wallet."""
     if amount <= 0:
-        raise ValueError("amount must be a positive number of micro-USD")
+        raise ValueError("amount must be positive")
     return post(
         LedgerTransaction.Kind.GRANT,
         [(world_account(), -amount), (wallet_account(user), amount)],
@@ -150,8 +152,12 @@ def resolve_hold(
     if not 0 <= captured <= hold.amount or not 0 <= fee <= captured:
         raise ValueError(f"cannot capture {captured} (fee {fee}) of a {hold.amount} hold")
     with transaction.atomic():
+        # of=self: the order is a nullable (outer) join since a hold may be a multi-node
+        # order's instead, and PostgreSQL cannot lock the nullable side of an outer join.
         locked = (
-            EscrowHold.objects.select_for_update().select_related("order__buyer").get(pk=hold.pk)
+            EscrowHold.objects.select_for_update(of=("self",))
+            .select_related("order__buyer")
+            .get(pk=hold.pk)
         )
         if locked.state != EscrowHold.State.OPEN:
             raise AlreadyResolved(f"hold of order {locked.order_id} was already {locked.state}")
@@ -172,10 +178,12 @@ def resolve_hold(
 
 
 def held_for(user) -> int:
+    """What `user`'s open holds still hold: their escrow accounts' balances, which for a
+    multi-node order's hold is its amount less what its ended parts captured already."""
     return (
-        EscrowHold.objects.filter(order__buyer=user, state=EscrowHold.State.OPEN).aggregate(
-            total=Sum("amount")
-        )["total"]
+        EscrowHold.objects.filter(
+            Q(order__buyer=user) | Q(cluster__buyer=user), state=EscrowHold.State.OPEN
+        ).aggregate(total=Sum("account__balance"))["total"]
         or 0
     )
 

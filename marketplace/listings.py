@@ -49,13 +49,11 @@ def _check_price(name: str, price: int) -> None:
     """Prices are whole micro-USD from 0 to money.MAX_PRICE, checked where they enter, so no
     hold or settlement computed from them can overflow."""
     if type(price) is not int:
-        raise MarketError(f"{name} must be a whole number of micro-USD", field=name)
+        raise MarketError(f"{name} must be a whole number of millionths of a dollar", field=name)
     if price < 0:
         raise MarketError(f"{name} must not be negative", field=name)
     if price > MAX_PRICE:
-        raise MarketError(
-            f"{name} must be at most {MAX_PRICE} micro-USD ({format_usd(MAX_PRICE)})", field=name
-        )
+        raise MarketError(f"{name} must be at most {format_usd(MAX_PRICE)}", field=name)
 
 
 def create_listing(
@@ -87,6 +85,14 @@ def create_listing(
     if region and region not in ipplan.REGIONS:
         raise MarketError(
             f"unknown region {region!r}; one of {', '.join(ipplan.REGIONS)}", field="region"
+        )
+    if region and region != node.region:
+        # A listing's region is its node's, declared at `clawnode join --region` and where the
+        # node's mesh address is: a listing cannot claim another one.
+        raise MarketError(
+            f"a listing's region is its node's ({node.region or 'none'}); "
+            "the node's region is set when it joins (clawnode join --region)",
+            field="region",
         )
     _check_limits(
         {"cpus_per_gpu": cpus_per_gpu, "memory_gb_per_gpu": memory_gb_per_gpu, "disk_gb": disk_gb}
@@ -126,7 +132,7 @@ def create_listing(
             gpu_count=gpu_count,
             price_per_gpu_hour=price_per_gpu_hour,
             price_per_gib=price_per_gib,
-            region=region if region is not None else node.region,
+            region=node.region,
             simulated=any(gpu.simulated for gpu in matching),
             images=images,
             **{

@@ -9,26 +9,20 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+# Re-exported, as the Stripe tables below: what a user's account holds besides money (API
+# tokens, SSH keys), moved out to keep this module under 600 lines.
+from marketplace.account_models import ApiToken, SshKey  # noqa: F401
+
+# Multi-node orders (a Cluster of part orders) live in a module of their own, imported here
+# so Django registers the model under this app (cluster_models imports nothing of this one).
+from marketplace.cluster_models import Cluster  # noqa: F401
+from marketplace.money import format_usd
 from marketplace.querysets import ListingQuerySet, OrderQuerySet
 
-
-class ApiToken(models.Model):
-    """An API token: `molt_` + secret; only its SHA-256 is stored."""
-
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
-    )
-    name = models.CharField(max_length=100, blank=True)
-    token_hash = models.CharField(max_length=64, unique=True)
-    hint = models.CharField(max_length=16)
-    created_at = models.DateTimeField(default=timezone.now)
-    last_used_at = models.DateTimeField(null=True, blank=True)
-    # Refused from then on (marketplace.auth). Null only on tokens issued before expiry
-    # existed; every new token gets MOLT_API_TOKEN_TTL_DAYS.
-    expires_at = models.DateTimeField(null=True, blank=True)
-
-    def __str__(self) -> str:
-        return f"{self.hint}… ({self.user})"
+# Re-exported: Django registers models from the app's models module, and callers import
+# marketplace.models.CheckoutSession. stripe_models refers to LedgerTransaction by name,
+# so importing it here, before that class exists, is safe.
+from marketplace.stripe_models import CheckoutSession, StripeEvent  # noqa: F401
 
 
 class Account(models.Model):
@@ -84,6 +78,8 @@ class LedgerTransaction(models.Model):
         DISPUTE = "dispute", "dispute resolved: refund to the buyer, rest to the provider"
         PAYOUT_REQUEST = "payout_req", "payout requested: earnings set aside"
         PAYOUT_REJECTED = "payout_rej", "payout request rejected: back to earnings"
+        CARD = "card", "card top-up (Stripe Checkout)"
+        PART_CAPTURE = "part_cap", "one part of a multi-node order captured from its hold"
 
     kind = models.CharField(max_length=10, choices=Kind.choices)
     memo = models.CharField(max_length=200, blank=True)
@@ -136,7 +132,13 @@ class LedgerEntry(models.Model):
         constraints = [models.CheckConstraint(condition=~Q(amount=0), name="entry_non_zero")]
 
     def __str__(self) -> str:
-        return f"{self.amount:+d} {self.account}"
+        # Admin titles, breadcrumbs and inlines show this: dollars, never the stored integer.
+        sign = "+" if self.amount > 0 else ""
+        return f"{sign}{format_usd(self.amount)} {self.account}"
+
+
+# Listings a buyer may see, as the partial indexes below cover them.
+ON_OFFER = Q(deleted_at__isnull=True, is_active=True)
 
 
 class Listing(models.Model):
@@ -178,8 +180,25 @@ class Listing(models.Model):
                 condition=Q(price_per_gib__gte=0), name="listing_gib_price_non_negative"
             ),
         ]
+        # The market's orders (marketplace.market.SORTS), each with its id tie-break, over
+        # the rows on offer only (ON_OFFER): a keyset page walks one of these from its cursor.
         indexes = [
-            models.Index(fields=["gpu_model", "price_per_gpu_hour"], name="listing_model_price_idx")
+            models.Index(
+                fields=["gpu_model", "price_per_gpu_hour"], name="listing_model_price_idx"
+            ),
+            models.Index(
+                fields=["price_per_gpu_hour", "id"], condition=ON_OFFER, name="offer_price_idx"
+            ),
+            models.Index(
+                fields=["price_per_gib", "id"], condition=ON_OFFER, name="offer_gib_price_idx"
+            ),
+            models.Index(fields=["vram_gb", "id"], condition=ON_OFFER, name="offer_vram_idx"),
+            models.Index(fields=["gpu_count", "id"], condition=ON_OFFER, name="offer_gpus_idx"),
+            models.Index(
+                fields=["region", "price_per_gpu_hour", "id"],
+                condition=ON_OFFER,
+                name="offer_region_price_idx",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -237,6 +256,16 @@ class Order(models.Model):
     # were when the order was placed: a key added or deleted later changes no placed order.
     image = models.CharField(max_length=255, blank=True)
     ssh_keys = models.JSONField(default=list, blank=True)
+    # A part of a multi-node order (marketplace.clusters): its cluster holds the one escrow
+    # hold, and this order's hold_amount is its share of it. NULL for a single-node order.
+    cluster = models.ForeignKey(
+        "marketplace.Cluster",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="parts",
+    )
+    part_index = models.PositiveSmallIntegerField(null=True, blank=True)
 
     objects = OrderQuerySet.as_manager()
 
@@ -246,6 +275,23 @@ class Order(models.Model):
             models.CheckConstraint(condition=Q(gpu_count__gte=1), name="order_gpus_positive"),
             models.CheckConstraint(condition=Q(hours__gte=1), name="order_hours_positive"),
             models.CheckConstraint(condition=Q(hold_amount__gte=0), name="order_hold_non_negative"),
+            models.CheckConstraint(
+                condition=Q(cluster__isnull=True, part_index__isnull=True)
+                | Q(cluster__isnull=False, part_index__isnull=False),
+                name="order_part_has_index",
+            ),
+            # One listing at most once per cluster (take more GPUs of it instead), and each
+            # part's index once.
+            models.UniqueConstraint(
+                fields=["cluster", "listing"],
+                condition=Q(cluster__isnull=False),
+                name="cluster_listing_once",
+            ),
+            models.UniqueConstraint(
+                fields=["cluster", "part_index"],
+                condition=Q(cluster__isnull=False),
+                name="cluster_part_index_once",
+            ),
         ]
         indexes = [models.Index(fields=["state", "ends_at"], name="order_state_ends_idx")]
 
@@ -279,7 +325,14 @@ class EscrowHold(models.Model):
         CAPTURED = "captured"
         RELEASED = "released"
 
-    order = models.OneToOneField(Order, on_delete=models.PROTECT, related_name="hold")
+    # Whose hold: one single-node order's, or one multi-node order's (a Cluster: its parts'
+    # settlements capture from it one by one, and the last part's end releases the rest).
+    order = models.OneToOneField(
+        Order, null=True, blank=True, on_delete=models.PROTECT, related_name="hold"
+    )
+    cluster = models.OneToOneField(
+        "marketplace.Cluster", null=True, blank=True, on_delete=models.PROTECT, related_name="hold"
+    )
     account = models.OneToOneField(Account, on_delete=models.PROTECT, related_name="hold")
     amount = models.BigIntegerField()
     state = models.CharField(max_length=10, choices=State.choices, default=State.OPEN)
@@ -294,10 +347,16 @@ class EscrowHold(models.Model):
                 | (~Q(state="open") & Q(resolved_at__isnull=False)),
                 name="hold_resolved_time",
             ),
+            models.CheckConstraint(
+                condition=Q(order__isnull=False, cluster__isnull=True)
+                | Q(order__isnull=True, cluster__isnull=False),
+                name="hold_of_order_or_cluster",
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"hold of order {self.order_id}: {self.amount} ({self.state})"
+        whose = f"order {self.order_id}" if self.order_id else f"cluster {self.cluster_id}"
+        return f"hold of {whose}: {format_usd(self.amount)} ({self.state})"
 
 
 class Settlement(models.Model):
@@ -321,7 +380,7 @@ class Settlement(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
-        return f"settlement of order {self.order_id}: captured {self.captured}"
+        return f"settlement of order {self.order_id}: captured {format_usd(self.captured)}"
 
 
 class IdempotencyRecord(models.Model):
@@ -387,7 +446,7 @@ class EarningsHold(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"frozen share of order {self.order_id}: {self.amount} ({self.state})"
+        return f"frozen share of order {self.order_id}: {format_usd(self.amount)} ({self.state})"
 
 
 class Dispute(models.Model):
@@ -489,7 +548,7 @@ class PayoutRequest(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"payout {self.pk} of {self.provider}: {self.amount} ({self.state})"
+        return f"payout {self.pk} of {self.provider}: {format_usd(self.amount)} ({self.state})"
 
 
 class NodeReliability(models.Model):
@@ -537,27 +596,3 @@ class AuditRun(models.Model):
 
     def __str__(self) -> str:
         return f"audit {self.at:%Y-%m-%d %H:%M:%S}: {'OK' if self.ok else 'VIOLATIONS'}"
-
-
-class SshKey(models.Model):
-    """A buyer's SSH public key; every key on the account at ordering goes into the sandbox."""
-
-    MAX_PER_USER = 20
-
-    user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="ssh_keys"
-    )
-    name = models.CharField(max_length=100)
-    # One line as authorized_keys takes it, without options: "ssh-ed25519 AAAA... comment"
-    public_key = models.TextField()
-    fingerprint = models.CharField(max_length=64)  # "SHA256:..." as ssh-keygen -l prints it
-    created_at = models.DateTimeField(default=timezone.now)
-
-    class Meta:
-        ordering = ["created_at", "id"]
-        constraints = [
-            models.UniqueConstraint(fields=["user", "fingerprint"], name="ssh_key_once_per_user")
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.fingerprint})"

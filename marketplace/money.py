@@ -8,7 +8,7 @@ turns one into the other, exactly, with Decimal. Pure: no database, no Django.
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICRO_PER_USD = 1_000_000
 # The largest single payment (top-up, payout, form amount): one million USD. Larger is a typo.
@@ -19,6 +19,7 @@ MAX_POSTING = 2**62
 # and MOLT_MAX_ORDER_HOURS (720 by default) hours, the largest hold is under 2**53 micro-USD,
 # so no sum downstream (hold, fee, settlement) comes near a bigint. Bounded where prices enter.
 MAX_PRICE = 10_000 * MICRO_PER_USD
+CENT = Decimal("0.01")
 
 _DOLLARS = re.compile(r"^\$\s*(?P<a>[^\s$]+)$|^(?P<b>[^\s$]+)\s*usd$", re.IGNORECASE)
 _DECIMAL = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)$")
@@ -35,16 +36,50 @@ def micro_to_usd(micro: int) -> Decimal:
     return (Decimal(micro) / MICRO_PER_USD).normalize()
 
 
-def format_usd(micro: int, *, code: bool = False) -> str:
-    """`$2.49`, `$0.005`, `-$12,500.00`: at least cents and every further digit the amount has,
-    so a price of 5,000 micro-USD per GiB does not show as `$0.01` or `$0.00`. With `code`,
-    `2.49 USD` (for text where a `$` reads badly, such as a command's output)."""
+def _figure(amount: Decimal, places: int) -> str:
+    """`1,234.5600` style: thousands grouped, exactly `places` decimals (already rounded)."""
+    return f"{amount:,.{places}f}"
+
+
+def _exact(micro: int, min_places: int) -> str:
+    """Every digit the amount has (at most 6 decimals), at least `min_places` of them."""
+    text = f"{Decimal(abs(micro)) / MICRO_PER_USD:,.6f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(min_places, '0')}"
+
+
+def format_usd(micro: int, *, exact: bool = False, code: bool = False) -> str:
+    """An amount (a balance, a hold, a charge, a fee, a refund, a total) for people.
+
+    Dollars and cents, rounded half up: `$2.49`, `-$12,500.00`, `$1.33` for 1,331,644. An
+    amount that is not zero but less than one cent keeps its own figure (`$0.008356`), so a
+    small charge never reads as `$0.00`. With `exact`, every digit the amount has, at least
+    cents (`$499.996644`): for messages that compare two amounts, where rounding could make
+    them look equal. With `code`, `2.49 USD` (for text where a `$` reads badly, such as a
+    command's output). docs/money.md states the rule."""
     amount = int(micro)
     sign = "-" if amount < 0 else ""
-    text = f"{Decimal(abs(amount)) / MICRO_PER_USD:,.6f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    figure = f"{whole}.{frac.ljust(2, '0')}"
+    if exact or 0 < abs(amount) < MICRO_PER_USD // 100:
+        figure = _exact(amount, 2)
+    else:
+        cents = (Decimal(abs(amount)) / MICRO_PER_USD).quantize(CENT, rounding=ROUND_HALF_UP)
+        figure = _figure(cents, 2)
     return f"{sign}{figure} USD" if code else f"{sign}${figure}"
+
+
+# Unit prices are never rounded (two different prices must never read the same), and are
+# shown with a fixed least number of decimals per unit, so a column of them lines up: per
+# GPU-hour in cents (`$2.49`), per GiB to the tenth of a cent (`$0.010`, `$0.012`), which is
+# where per-GiB prices live. Finer prices show their further digits (`$0.0125`).
+PRICE_PLACES = {"hour": 2, "gib": 3}
+
+
+def format_price(micro: int, unit: str = "hour") -> str:
+    """A unit price (`unit` "hour": per GPU-hour; "gib": per GiB of traffic), exact, with at
+    least PRICE_PLACES[unit] decimals: `$2.49`, `$0.010`, `$0.0125`."""
+    amount = int(micro)
+    sign = "-" if amount < 0 else ""
+    return f"{sign}${_exact(amount, PRICE_PLACES[unit])}"
 
 
 def parse_amount(text: str, *, maximum: int = MAX_POSTING) -> int:

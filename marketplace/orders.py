@@ -3,8 +3,9 @@ re-keying, and the sweeps that end what timed out or lost its node. One transact
 state change goes through marketplace.lifecycle.transition.
 
 Lock order, everywhere: the provider node row, then the job peer's key rows, then the order row,
-then the hold row and accounts in primary-key order (tests/db/test_concurrency_pg.py proves
-it). place_order is the one path with no node yet: it locks the listing row, then the wallet.
+then (for a part of a multi-node order) its Cluster row, then the hold row and accounts in
+primary-key order (tests/db/test_concurrency_pg.py and test_clusters_pg.py prove it).
+place_order is the one path with no node yet: it locks the listing row, then the wallet.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from marketplace import billing, ledger, lifecycle
+from marketplace import billing, cluster_ledger, ledger, lifecycle
 from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
 from marketplace.models import Listing, Order, SshKey
 from marketplace.settlement import settle_order
 from marketplace.signals import order_changed, order_placed
 from meshnet.errors import MeshError, NotEnoughGpus
+from meshnet.mesh import cluster_group
 from meshnet.models import JobPeer, JobPeerKey, Node, Sandbox
 from meshnet.peers import create_job_peer, remove_job_peer, replace_peer_key, validate_peer_key
 from meshnet.sandboxes import SandboxRequest
@@ -149,12 +151,20 @@ def sandbox_request(order: Order) -> SandboxRequest | None:
         egress=listing.egress,
         ssh_keys=tuple(order.ssh_keys),
         gpu_model=listing.gpu_model,
+        # A multi-node order's parts form one private network across their nodes
+        mesh_group=cluster_group(order.cluster_id) if order.cluster_id else "",
     )
 
 
+def key_group(order: Order) -> str | None:
+    """The job group whose peers share the order's key and tunnel address (meshnet.key_claims):
+    every part of a multi-node order is one, so the buyer's one tunnel reaches all its nodes."""
+    return f"cluster:{order.cluster_id}" if order.cluster_id is not None else None
+
+
 def provision_order(order_id: int) -> Order:
-    """Allocate the job's MOLT address and desired peer on the provider node, and its sandbox
-    (GPUs, address) in the same desired revision when the order has an image; pending ->
+    """Allocate the job's address (of the jobs block) and desired peer on the provider node, and
+    its sandbox (GPUs, address) in the same desired revision when the order has an image; pending ->
     provisioning. Idempotent: an order no longer pending is returned unchanged. If the mesh
     refuses (pool exhausted, key live elsewhere, too few GPUs) the order fails and its hold is
     released; but when the GPUs it needs are only still held by jobs that ended (freed once the
@@ -173,6 +183,7 @@ def provision_order(order_id: int) -> Order:
                     order.wireguard_public_key,
                     ref=f"order:{order.pk}",
                     sandbox=sandbox_request(order),
+                    key_group=key_group(order),
                 )
         except NotEnoughGpus as exc:
             waited = timezone.now() - order.created_at
@@ -270,7 +281,14 @@ def _release_and_end(order: Order, from_state: str, to_state: str, reason: str) 
         order, from_state, to_state, reason, ended_at=timezone.now(), reason=reason
     ):
         return False
-    ledger.resolve_hold(order.hold, captured=0, fee=0, provider=None, memo=f"{to_state}: {reason}")
+    if order.cluster_id is not None:
+        # A part of a multi-node order has no hold of its own: nothing of its share was
+        # captured, and the cluster's hold releases the rest once every part has ended.
+        cluster_ledger.part_ended(order)
+    else:
+        ledger.resolve_hold(
+            order.hold, captured=0, fee=0, provider=None, memo=f"{to_state}: {reason}"
+        )
     if order.job_peer_id:
         remove_job_peer(f"order:{order.pk}")
     return True
@@ -280,9 +298,20 @@ def _lock_node_then_order(order_pk: int) -> Order:
     """Lock the order's provider node row, then the order's, and return the order. Every path
     that changes an order together with its peer takes them in this order, as an agent's ack
     does (the node, then the orders of its peers), so they wait for each other instead of
-    deadlocking. Call inside a transaction."""
-    node_id = Listing.objects.filter(orders=order_pk).values_list("node_id", flat=True).get()
-    Node.objects.select_for_update().filter(pk=node_id).first()
+    deadlocking. Call inside a transaction.
+
+    A part of a multi-node order locks the nodes of every part, in primary-key order (as
+    clusters.stop_cluster does): a change to one part's sandbox changes the node-to-node peers
+    of the others' nodes (meshnet.mesh.bump_members), and two parts provisioned at once must
+    wait for each other, so that the second sees the first."""
+    node_id, cluster_id = (
+        Order.objects.filter(pk=order_pk).values_list("listing__node_id", "cluster_id").get()
+    )
+    if cluster_id is None:
+        Node.objects.select_for_update().filter(pk=node_id).first()
+    else:
+        nodes = Order.objects.filter(cluster_id=cluster_id).values_list("listing__node_id")
+        list(Node.objects.select_for_update().filter(pk__in=nodes).order_by("pk"))
     return Order.objects.select_for_update().get(pk=order_pk)
 
 
@@ -296,17 +325,24 @@ def stop_order(order: Order, reason: str = "stopped by the buyer") -> Order:
     """
     with transaction.atomic():
         order = _lock_node_then_order(order.pk)
-        now = timezone.now()
-        if order.state in (S.PENDING, S.PROVISIONING):
-            _release_and_end(order, order.state, S.CANCELLED, reason)
-        elif order.state == S.RUNNING:
-            lifecycle.transition(
-                order, S.RUNNING, S.STOPPING, reason, stop_requested_at=now, reason=reason
-            )
-            remove_job_peer(f"order:{order.pk}")
-        else:
+        if not stop_locked(order, reason):
             raise InvalidTransition(f"order {order.pk} is already {order.state}")
         return order
+
+
+def stop_locked(order: Order, reason: str) -> bool:
+    """stop_order's work on an order whose node and order rows the caller already locked
+    (stop_order; marketplace.clusters stops every part of a multi-node order in one transaction
+    this way). False, nothing written, when the order is stopping or ended."""
+    if order.state in (S.PENDING, S.PROVISIONING):
+        return _release_and_end(order, order.state, S.CANCELLED, reason)
+    if order.state == S.RUNNING:
+        lifecycle.transition(
+            order, S.RUNNING, S.STOPPING, reason, stop_requested_at=timezone.now(), reason=reason
+        )
+        remove_job_peer(f"order:{order.pk}")
+        return True
+    return False
 
 
 def complete_order(order: Order, at: datetime) -> bool:
@@ -467,6 +503,12 @@ def rekey_order(order: Order, wireguard_public_key: str) -> Order:
             return order
         if order.state not in (S.PENDING, S.PROVISIONING, S.RUNNING):
             raise InvalidTransition(f"order {order.pk} is {order.state}: it cannot be re-keyed")
+        if order.cluster_id is not None:
+            raise MarketError(
+                f"order {order.pk} is a part of multi-node order {order.cluster_id}, whose "
+                "parts share one key: a part cannot be re-keyed alone",
+                field="wireguard_public_key",
+            )
         if (
             Order.objects.live()
             .filter(wireguard_public_key=wireguard_public_key)

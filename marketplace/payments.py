@@ -35,16 +35,19 @@ from marketplace.models import (
     Order,
     PayoutRequest,
 )
-from marketplace.money import MAX_PAYMENT
+from marketplace.money import MAX_PAYMENT, format_usd
+from marketplace.text import check_visible_text
 
 S = Order.State
 
 
 def _check_amount(amount: int, field: str = "amount") -> None:
     if isinstance(amount, bool) or not isinstance(amount, int):
-        raise MarketError(f"{field} must be an integer of micro-USD", field=field)
+        raise MarketError(f"{field} must be a whole number of millionths of a dollar", field=field)
     if not 0 < amount <= MAX_PAYMENT:
-        raise MarketError(f"{field} must be between 1 and {MAX_PAYMENT} micro-USD", field=field)
+        raise MarketError(
+            f"{field} must be between $0.000001 and {format_usd(MAX_PAYMENT)}", field=field
+        )
 
 
 # --- top-ups ---------------------------------------------------------------------------------
@@ -52,8 +55,8 @@ def _check_amount(amount: int, field: str = "amount") -> None:
 
 def top_up(user, amount: int, *, by) -> LedgerTransaction:
     """Credit `user`'s wallet with `amount` from the outside world, as operator `by` (or `user`
-    themselves where self top-ups are allowed: see api.views.TopUpView). One GRANT transaction
-    saying who did it; locks the wallet and world account rows."""
+    themselves where self top-ups are allowed: see api.wallet_views.TopUpView). One GRANT
+    transaction saying who did it; locks the wallet and world account rows."""
     _check_amount(amount)
     who = "self" if by.pk == user.pk else f"operator {by.get_username()}"
     return ledger.grant_credits(user, amount, memo=f"top-up by {who}")
@@ -119,6 +122,7 @@ def open_dispute(order: Order, buyer, reason: str, *, now: datetime | None = Non
         raise MarketError("say what went wrong", field="reason")
     if len(reason) > 2000:
         raise MarketError("reason is at most 2000 characters", field="reason")
+    check_visible_text(reason, "reason")
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order.pk)
         if order.buyer_id != buyer.pk:
@@ -162,7 +166,9 @@ def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") 
 
     Locks: the order row, the Dispute row, the EarningsHold row, then accounts."""
     if isinstance(refund, bool) or not isinstance(refund, int) or refund < 0:
-        raise MarketError("refund must be an integer of micro-USD, 0 or more", field="refund")
+        raise MarketError(
+            "refund must be a whole number of millionths of a dollar, 0 or more", field="refund"
+        )
     now = timezone.now()
     with transaction.atomic():
         order = (
@@ -181,7 +187,9 @@ def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") 
         captured = order.settlement.captured
         if refund > captured:
             raise MarketError(
-                f"refund {refund} is more than the {captured} micro-USD captured", field="refund"
+                f"refund {format_usd(refund, exact=True)} is more than the "
+                f"{format_usd(captured, exact=True)} captured",
+                field="refund",
             )
         from_share = min(refund, hold.amount)
         from_fees = refund - from_share
@@ -193,7 +201,7 @@ def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") 
                 (ledger.earnings_account(hold.provider), hold.amount - from_share),
                 (ledger.fees_account(), -from_fees),
             ],
-            memo=f"dispute of order {order.pk}: {refund} refunded",
+            memo=f"dispute of order {order.pk}: {format_usd(refund)} refunded",
             once_key=f"earnings:{hold.pk}",
         )
         EarningsHold.objects.filter(pk=hold.pk, state=EarningsHold.State.DISPUTED).update(
@@ -207,7 +215,7 @@ def resolve_dispute(dispute: Dispute, *, refund: int, operator, note: str = "") 
             resolution_note=note[:500],
             resolution=txn,
         )
-        why = f"dispute resolved by {operator.get_username()}: {refund} micro-USD refunded"
+        why = f"dispute resolved by {operator.get_username()}: {format_usd(refund)} refunded"
         if not lifecycle.transition(order, S.DISPUTED, S.RESOLVED, why):
             raise InvalidTransition(f"order {order.pk} is no longer disputed")
         locked.refresh_from_db()

@@ -6,7 +6,7 @@ from django.dispatch import receiver
 
 from marketplace import orders, tasks
 from marketplace.models import Order
-from marketplace.signals import order_placed
+from marketplace.signals import cluster_part_lost, order_placed
 from meshnet.enqueue import enqueue_on_commit
 from meshnet.signals import (
     node_revoked,
@@ -61,3 +61,12 @@ def on_node_revoked(sender, node, reason, **kwargs) -> None:
     # and revoke_node can be called again to retry it.
     for order in Order.objects.live().filter(listing__node=node).only("pk"):
         orders.fail_order(order, f"provider node revoked: {reason}"[:200])
+
+
+@receiver(cluster_part_lost, dispatch_uid="marketplace.cluster_part_lost")
+def on_cluster_part_lost(sender, cluster_id, **kwargs) -> None:
+    # After commit, in transactions of their own: the failed part's transaction holds its
+    # node's row, and stopping the others takes theirs (node rows in key order, never nested).
+    enqueue_on_commit(
+        tasks.end_cluster_after_loss, cluster_id, swept_by="the expire-orders beat task"
+    )

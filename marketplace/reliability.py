@@ -29,6 +29,8 @@ from marketplace.models import NodeReliability, Order
 from meshnet.models import Node, NodeOutage
 
 BASIS_POINTS = 10_000
+# Rows per upsert statement (PostgreSQL takes 65,535 parameters a statement, SQLite 32,766).
+UPSERT_BATCH = 1000
 
 
 def uptime_bp(
@@ -73,7 +75,8 @@ def _counts(node_ids: list[int], states, **extra) -> dict[int, int]:
 
 def refresh_reliability(now: datetime | None = None) -> int:
     """Recompute every active node's NodeReliability; returns how many were written. Each row
-    is overwritten whole (update_or_create), so a re-run or two racing runs converge."""
+    is overwritten whole (a bulk upsert on the node), so a re-run or two racing runs
+    converge."""
     now = now or timezone.now()
     window = timedelta(seconds=settings.MOLT_RELIABILITY_WINDOW_SECONDS)
     offline_after = timedelta(seconds=settings.MOLT_NODE_OFFLINE_AFTER_SECONDS)
@@ -87,6 +90,7 @@ def refresh_reliability(now: datetime | None = None) -> int:
         node_id__in=ids, ended_at__gt=earliest
     ).values_list("node_id", "started_at", "ended_at"):
         outages.setdefault(node_id, []).append((started, ended))
+    rows = []
     for node in nodes:
         up = uptime_bp(
             window_start=max(node.enrolled_at, earliest),
@@ -96,14 +100,23 @@ def refresh_reliability(now: datetime | None = None) -> int:
             offline_after=offline_after,
         )
         done, lost = completed.get(node.pk, 0), failed.get(node.pk, 0)
-        NodeReliability.objects.update_or_create(
-            node=node,
-            defaults={
-                "score": score(completed=done, failed=lost, uptime=up),
-                "jobs_completed": done,
-                "jobs_failed": lost,
-                "uptime_bp": up,
-                "updated_at": now,
-            },
+        rows.append(
+            NodeReliability(
+                node_id=node.pk,
+                score=score(completed=done, failed=lost, uptime=up),
+                jobs_completed=done,
+                jobs_failed=lost,
+                uptime_bp=up,
+                updated_at=now,
+            )
         )
+    # One upsert per batch (INSERT ... ON CONFLICT (node_id) DO UPDATE), not a read and a write
+    # per node: 9 s every minute at 5,450 nodes before (issue 14).
+    NodeReliability.objects.bulk_create(
+        rows,
+        batch_size=UPSERT_BATCH,
+        update_conflicts=True,
+        unique_fields=["node"],
+        update_fields=["score", "jobs_completed", "jobs_failed", "uptime_bp", "updated_at"],
+    )
     return len(nodes)

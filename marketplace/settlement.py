@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from marketplace import billing, ledger
+from marketplace import billing, cluster_ledger, ledger
 from marketplace.errors import InvalidTransition
 from marketplace.models import Account, EarningsHold, Order, Settlement
 from meshnet.models import NodeOutage
@@ -48,6 +48,36 @@ def billed_seconds(order: Order) -> int:
     return charged_seconds(order)[0]
 
 
+def cost_so_far(order: Order, now: datetime | None = None) -> int:
+    """What `order` has cost up to `now`, in micro-USD: its capture once settled; before that,
+    what settling it now would capture (time charged without the node's outages, plus traffic
+    at the per-GiB price, at most the hold). 0 for an order that never ran. Reads only: one
+    query for the outages of a live order, none for a settled one."""
+    settlement = getattr(order, "settlement", None)
+    if settlement is not None:
+        return settlement.captured
+    if order.running_since is None:
+        return 0
+    seconds, _ = charged_seconds(order, cut_at=now or timezone.now())
+    return billing.settlement_amounts(
+        hold=order.hold_amount,
+        price_per_gpu_hour=order.price_per_gpu_hour,
+        price_per_gib=order.price_per_gib,
+        gpu_count=order.gpu_count,
+        billed_seconds=seconds,
+        total_bytes=order.bytes_in + order.bytes_out,
+        fee_bps=0,
+    ).captured
+
+
+def cost_rate_per_hour(order: Order) -> int:
+    """What another hour of `order` costs in GPU time, in micro-USD (traffic comes on top, at
+    the per-GiB price): its GPUs at their price while it runs, else 0."""
+    if order.state != Order.State.RUNNING:
+        return 0
+    return order.price_per_gpu_hour * order.gpu_count
+
+
 def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
     """Capture time + bandwidth (up to the hold), take the fee, release the rest; exactly once
     (unique Settlement.order and hold resolution back this). The provider's share goes into a
@@ -67,9 +97,17 @@ def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
         if order.state not in Order.ENDED_STATES:
             # Settling a live order would bill it so far and release the rest while it runs.
             raise InvalidTransition(f"order {order.pk} is {order.state}: only ended orders settle")
+        if order.state == Order.State.CANCELLED:
+            # Cancelled before it ran: its hold (a part: its share of the cluster's, which stays
+            # open while other parts live) went back whole. A part capture of 0 would still write
+            # a transaction and a Settlement for an order that never ran.
+            raise InvalidTransition(f"order {order.pk} was cancelled before it ran: no settlement")
         seconds, offline = charged_seconds(order, cut_at)
+        part = order.cluster_id is not None
         amounts = billing.settlement_amounts(
-            hold=order.hold.amount,
+            # A part of a multi-node order is billed against its share of the cluster's one
+            # hold (marketplace.cluster_ledger); a single-node order against its own hold.
+            hold=order.hold_amount if part else order.hold.amount,
             price_per_gpu_hour=order.price_per_gpu_hour,
             price_per_gib=order.price_per_gib,
             gpu_count=order.gpu_count,
@@ -80,14 +118,19 @@ def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
         frozen = None
         if amounts.captured:
             frozen = Account.objects.create(kind=Account.Kind.FROZEN, user=order.listing.owner)
-        txn = ledger.resolve_hold(
-            order.hold,
-            captured=amounts.captured,
-            fee=amounts.fee,
-            provider=order.listing.owner,
-            memo=f"settlement of order {order.pk}",
-            earnings=frozen,
-        )
+        if part:
+            txn = cluster_ledger.capture_part(
+                order, captured=amounts.captured, fee=amounts.fee, earnings=frozen
+            )
+        else:
+            txn = ledger.resolve_hold(
+                order.hold,
+                captured=amounts.captured,
+                fee=amounts.fee,
+                provider=order.listing.owner,
+                memo=f"settlement of order {order.pk}",
+                earnings=frozen,
+            )
         if frozen is not None:
             window = timedelta(seconds=settings.MOLT_DISPUTE_WINDOW_SECONDS)
             EarningsHold.objects.create(
@@ -97,7 +140,7 @@ def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
                 amount=amounts.provider_amount,
                 release_after=timezone.now() + window,
             )
-        return Settlement.objects.create(
+        settlement = Settlement.objects.create(
             order=order,
             transaction=txn,
             billed_seconds=seconds,
@@ -110,3 +153,7 @@ def settle_order(order: Order, *, cut_at: datetime | None = None) -> Settlement:
             provider_amount=amounts.provider_amount,
             released=amounts.released,
         )
+        if part:
+            # After the capture: the last part's end releases what is left of the hold.
+            cluster_ledger.part_ended(order)
+        return settlement

@@ -16,3 +16,7 @@ order_placed = Signal()
 # sees of it changes (every state transition, a re-key); frontend.realtime tells the order's
 # open pages after commit.
 order_changed = Signal()
+
+# kwargs: cluster_id (int). A part of a multi-node order whose buyer chose on_part_loss="end"
+# failed while other parts live: marketplace.receivers stops the others after commit.
+cluster_part_lost = Signal()

@@ -26,6 +26,7 @@ from django.db import IntegrityError, transaction
 
 from marketplace.errors import MarketError
 from marketplace.models import SshKey
+from marketplace.text import check_visible_text
 
 # What OpenSSH's ssh-keygen -l takes as a plain public key. DSA is left out on purpose: OpenSSH
 # no longer accepts it for login (disabled since 7.0, removed in 9.8), so it could never be used.
@@ -167,6 +168,7 @@ def add_ssh_key(user, *, public_key: str, name: str = "") -> SshKey:
     name = (name or "").strip()
     if len(name) > NAME_MAX_LENGTH:
         raise MarketError(f"a name is at most {NAME_MAX_LENGTH} characters", field="name")
+    check_visible_text(name, "name")
     # A comment can be long (user@host plus notes): as a default name it is cut, not refused.
     name = name or (key.comment or key.key_type)[:NAME_MAX_LENGTH]
     with transaction.atomic():

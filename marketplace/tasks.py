@@ -6,9 +6,10 @@ import logging
 from datetime import timedelta
 
 from celery import shared_task
+from django.conf import settings
 from django.utils import timezone
 
-from marketplace import orders, payments, reliability, settlement
+from marketplace import clusters, orders, payments, reliability, settlement
 from marketplace.audit import record_audit_run
 from marketplace.idempotency import purge_expired_keys
 from marketplace.models import Order
@@ -27,14 +28,21 @@ def provision_order(order_id: int) -> None:
 
 @shared_task(acks_late=True)
 def expire_orders() -> int:
-    return orders.expire_orders()
+    # Multi-node orders ended by a lost part whose other parts still live: the after-commit
+    # end_cluster_after_loss was lost (broker down, worker crash).
+    return orders.expire_orders() + clusters.sweep_lost_clusters()
+
+
+@shared_task(acks_late=True, autoretry_for=(ConnectionError,), retry_backoff=True, max_retries=5)
+def end_cluster_after_loss(cluster_id: int) -> int:
+    return clusters.end_after_loss(cluster_id)
 
 
 @shared_task(acks_late=True)
 def sweep_pending_orders() -> int:
     """Re-drive orders still pending a while after placement (a lost broker message must delay
     provisioning, never lose it)."""
-    cutoff = timezone.now() - timedelta(seconds=20)
+    cutoff = timezone.now() - timedelta(seconds=settings.MOLT_PENDING_SWEEP_AFTER_SECONDS)
     ids = list(
         Order.objects.filter(state="pending", created_at__lte=cutoff).values_list("pk", flat=True)
     )

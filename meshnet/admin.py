@@ -1,7 +1,8 @@
 """The mesh in the Django admin. Rows are read-only here: nodes, peers and leases change
 through meshnet's services (an operator revokes a node with the action below), never by editing a
 row, which would skip the locks, the desired-state revision and the agent's notification.
-A node's region is the one field an operator sets by hand (operator metadata)."""
+A node's region too: the provider declares it at `clawnode join --region`, its mesh address is in
+that region's block and its listings carry it, so it is not edited here."""
 
 from __future__ import annotations
 
@@ -26,11 +27,13 @@ from meshnet.models import (
     MeteringSample,
     Node,
     NodeOutage,
+    PeerKeyClaim,
     Sandbox,
     SandboxGpu,
     UsedNonce,
 )
 from meshnet.nodes import revoke_node
+from meshnet.units import format_bytes
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -138,16 +141,14 @@ class NodeAdmin(admin.ModelAdmin):
         "region",
         ("mesh_address", "allocation"),
         ("hostname", "observed_ip", "listen_port", "declared_endpoint"),
+        ("observed_endpoint", "observed_endpoint_at"),
         ("identity_public_key", "wireguard_public_key"),
         ("enrolled_at", "last_seen_at", "revoked_at"),
         ("desired_revision", "acked_revision"),
         ("last_report", "last_report_at"),
     )
     readonly_fields = tuple(
-        name
-        for row in fields
-        for name in (row if isinstance(row, tuple) else (row,))
-        if name != "region"
+        name for row in fields for name in (row if isinstance(row, tuple) else (row,))
     )
     inlines = [GpuInline]
     actions = ["revoke_nodes"]
@@ -242,8 +243,8 @@ class GpuAdmin(ReadOnlyAdmin):
 KEY_COLUMNS = (
     "public_key",
     "epoch",
-    "total_rx_bytes",
-    "total_tx_bytes",
+    "received",
+    "sent",
     "active_from",
     "added_revision",
     "retired_at",
@@ -253,7 +254,19 @@ KEY_COLUMNS = (
 )
 
 
-class JobPeerKeyInline(admin.TabularInline):
+class KeyTraffic:
+    """A key's byte totals as `103.1 MiB`, for the key columns."""
+
+    @admin.display(description="received", ordering="total_rx_bytes")
+    def received(self, key: JobPeerKey) -> str:
+        return format_bytes(key.total_rx_bytes)
+
+    @admin.display(description="sent", ordering="total_tx_bytes")
+    def sent(self, key: JobPeerKey) -> str:
+        return format_bytes(key.total_tx_bytes)
+
+
+class JobPeerKeyInline(KeyTraffic, admin.TabularInline):
     """Every key the peer has had (a re-key retires one and adds the next), with its bytes."""
 
     model = JobPeerKey
@@ -306,13 +319,13 @@ class JobPeerAdmin(ReadOnlyAdmin):
     def key_count(self, peer: JobPeer) -> int:
         return peer.n_keys
 
-    @admin.display(description="rx bytes (all keys)", ordering="rx_total")
-    def rx_bytes(self, peer: JobPeer) -> int:
-        return peer.rx_total or 0
+    @admin.display(description="received (all keys)", ordering="rx_total")
+    def rx_bytes(self, peer: JobPeer) -> str:
+        return format_bytes(peer.rx_total or 0)
 
-    @admin.display(description="tx bytes (all keys)", ordering="tx_total")
-    def tx_bytes(self, peer: JobPeer) -> int:
-        return peer.tx_total or 0
+    @admin.display(description="sent (all keys)", ordering="tx_total")
+    def tx_bytes(self, peer: JobPeer) -> str:
+        return format_bytes(peer.tx_total or 0)
 
 
 class KeyStateFilter(admin.SimpleListFilter):
@@ -337,7 +350,7 @@ class KeyStateFilter(admin.SimpleListFilter):
 
 
 @admin.register(JobPeerKey)
-class JobPeerKeyAdmin(ReadOnlyAdmin):
+class JobPeerKeyAdmin(KeyTraffic, ReadOnlyAdmin):
     """The metering base and totals of each key of each peer: a re-keyed peer has several."""
 
     list_display = ("job_peer", *KEY_COLUMNS)
@@ -345,6 +358,16 @@ class JobPeerKeyAdmin(ReadOnlyAdmin):
     list_select_related = ("job_peer__node",)
     search_fields = ("public_key", "job_peer__ref", "job_peer__node__name")
     date_hierarchy = "active_from"
+
+
+@admin.register(PeerKeyClaim)
+class PeerKeyClaimAdmin(ReadOnlyAdmin):
+    """Which job each buyer key is live in (a multi-node order's parts share one), with that
+    group's one tunnel address; a claim no live peer holds is free for the next job."""
+
+    list_display = ("public_key", "group", "allocation")
+    list_select_related = ("allocation",)
+    search_fields = ("=public_key", "group")
 
 
 @admin.register(MeteringSample)
@@ -482,3 +505,7 @@ class SandboxGpuAdmin(ReadOnlyAdmin):
     list_display = ("node", "index", "sandbox")
     list_select_related = ("node", "sandbox")
     search_fields = ("node__name", "sandbox__ref")
+
+
+# The relays' pages live in their own module (registered on import).
+from meshnet import relay_admin  # noqa: E402, F401

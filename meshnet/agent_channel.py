@@ -14,18 +14,21 @@ import logging
 import secrets
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from clawnode import wire
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from meshnet import metering
 from meshnet.allocation import release_address
 from meshnet.gateway_key import gateway_identity
+from meshnet.hub import hub_public_key
+from meshnet.key_claims import release_unclaimed
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from meshnet.sandboxes import record_sandbox_status, release_sandboxes
 from meshnet.signals import peer_acknowledged, peer_removed, peer_traffic
@@ -98,18 +101,55 @@ def _open_node_message(
 def process_ack(node: Node, envelope: Mapping[str, Any]) -> wire.Ack:
     """Verify a signed ACK from `node` and record it (see acknowledge_revision). An ack of the
     first version (an agent not yet upgraded) has no `removing`: its removals are done."""
+    checked = check_ack(node, envelope)
+    record_checked_ack(node, checked)
+    return checked.ack
+
+
+@dataclass(frozen=True)
+class CheckedAck:
+    """An ack verified as `node`'s: its revision, the keys it failed to apply (the hub's left
+    out, see check_ack) and the keys still leaving the interface."""
+
+    ack: wire.Ack
+    failed: frozenset[str]
+
+    @property
+    def revision(self) -> int:
+        return self.ack.revision
+
+    @property
+    def removing(self) -> frozenset[str]:
+        return frozenset(self.ack.removing)
+
+
+def check_ack(node: Node, envelope: Mapping[str, Any]) -> CheckedAck:
+    """The verification half of process_ack (AgentRefused 4400 when refused); records only the
+    report of a hub peer the node could not add."""
     sent_as = envelope.get("kind") if isinstance(envelope, Mapping) else None
     kind = wire.ACK_V1 if sent_as == wire.ACK_V1 else wire.ACK
     ack = _open_node_message(node, envelope, kind, wire.Ack, "ack")
     if kind == wire.ACK_V1 and ack.removing:
         raise AgentRefused("ack refused: a v1 ack has no removing", wire.CLOSE_BAD_MESSAGE)
+    failed = ack.failed_keys
+    hub_key = hub_public_key()
+    if hub_key in failed:
+        # Discovery is best effort: a node that cannot add the hub (its endpoint's name does
+        # not resolve there) must not hold its job peers' revision back, which would re-push
+        # it forever. The operator sees why; the next state the node gets retries the hub.
+        detail = next((r.detail for r in ack.results if r.public_key == hub_key), "")
+        record_report(node, f"could not add the gateway hub peer: {detail}")
+        failed = failed - {hub_key}
+    return CheckedAck(ack, frozenset(failed))
+
+
+def record_checked_ack(node: Node, checked: CheckedAck) -> None:
+    """The recording half of process_ack: acknowledge_revision, AgentRefused 4400 for a
+    revision ahead of the desired one."""
     try:
-        acknowledge_revision(
-            node, ack.revision, ack.failed_keys, removing_keys=frozenset(ack.removing)
-        )
+        acknowledge_revision(node, checked.revision, checked.failed, removing_keys=checked.removing)
     except ValueError as exc:
         raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
-    return ack
 
 
 def acknowledge_revision(
@@ -202,12 +242,14 @@ def _record_gone(
         JobPeerKey.objects.filter(gone, job_peer__node=node).exclude(public_key__in=exclude), at
     )
     for peer in removing.exclude(public_key__in=exclude):
+        token = peer.key_claim_id
         if JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
-            state=JobPeer.State.REMOVED, removed_at=at
+            state=JobPeer.State.REMOVED, removed_at=at, key_claim=None
         ):
             peer.refresh_from_db()
             if peer.allocation_id is not None:
                 release_address(peer.allocation)
+            release_unclaimed([token])
             # The agent removes a job's container before its peer: the peer gone, its GPUs and
             # sandbox address are free (meshnet.sandboxes).
             release_sandboxes(node, [peer.ref], at)
@@ -231,18 +273,26 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
 
     Each public key in the sample is resolved to the open JobPeerKey of `node` that has it (the
     peer's current key, or one retired by a re-key whose final counters are still to come; see
-    JobPeerKey); keys with none are ignored. The delta against that key's own base (see
-    meshnet.metering) is added to the key's totals under a row lock, and each peer's bytes over
-    its keys are announced once with peer_traffic, all in one transaction with the stored
-    sample. A resent sample (same boot_id and seq) changes nothing. A sample older than the one
-    that last moved a key's base, in the same epoch (a lower seq of the same boot, or across
-    boots an earlier sampled_at, or the same second and lower counters: meshnet.metering.stale),
-    is stored but bills nothing for that key and leaves its base alone: its lower reading is no
-    restart. Returns the number of peers billed. Locks: the node's row, then the keys in the
-    sample in id order, then (through peer_traffic) the orders."""
+    JobPeerKey); keys with none are ignored: not stored (a node cannot fill the table with keys
+    it has no peer for, issue 14), counted in the stored body's "ignored_keys" and logged. The
+    sample is stored as signed when it names only open keys (an honest agent's case: the bill
+    can be proved from the row alone); with keys left out, its body no longer matches the
+    signature, which is then not kept. A sample naming no open key is not stored at all: it
+    bills nothing and proves nothing. The delta against each key's own base (see
+    meshnet.metering) is added to the key's totals under a row lock, all keys in one UPDATE,
+    and each peer's bytes over its keys are announced once with peer_traffic, all in one
+    transaction with the stored sample. A resent sample (same boot_id and seq) changes nothing.
+    A sample older than the one that last moved a key's base, in the same epoch (a lower seq of
+    the same boot, or across boots an earlier sampled_at, or the same second and lower
+    counters: meshnet.metering.stale), is stored but bills nothing for that key and leaves its
+    base alone: its lower reading is no restart. Returns the number of peers billed. Refused
+    (4403) for a node revoked meanwhile. Locks: the node's row, then its open keys in id order,
+    then (through peer_traffic) the orders."""
     sample = _open_node_message(
         node, envelope, wire.METERING, wire.MeteringSample, "metering sample"
     )
+    if not sample.peers:
+        return 0  # an idle node's sample (every 10 s): nothing to store or bill, no query
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)
     origin = metering.Origin(sample.boot_id, sample.seq, sampled_at)
     with transaction.atomic():
@@ -250,8 +300,26 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
         # foreign key is checked at commit (deferred) with a share lock on that row, which would
         # otherwise come after the key rows below and deadlock with an ack that holds the node
         # and waits for them. One node's samples and acks arrive on one connection, in turn,
-        # so this lock costs no waiting in the normal course.
-        Node.objects.select_for_update().filter(pk=node.pk).first()
+        # so this lock costs no waiting in the normal course. Read under it, revoked_at is the
+        # check the agent connection no longer makes on every frame.
+        revoked_at = list(
+            Node.objects.select_for_update().filter(pk=node.pk).values_list("revoked_at", flat=True)
+        )
+        if revoked_at != [None]:
+            raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+        keys = _open_keys(node)
+        live = [counters for counters in sample.peers if counters.public_key in keys]
+        ignored = len(sample.peers) - len(live)
+        if ignored:
+            log.info("node %s: metering sample names %d key(s) it has no peer for", node, ignored)
+        if not live:
+            return 0
+        body = dict(envelope["body"])  # verified above: the signed object
+        signature = str(envelope.get("signature", ""))
+        if ignored:
+            body["peers"] = [counters.to_dict() for counters in live]
+            body["ignored_keys"] = ignored
+            signature = ""  # it signed the body with the ignored keys, not this one
         try:
             with transaction.atomic():
                 MeteringSample.objects.create(
@@ -259,17 +327,15 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                     boot_id=sample.boot_id,
                     seq=sample.seq,
                     sampled_at=sampled_at,
-                    body=dict(envelope["body"]),  # verified above: the signed object
-                    signature=str(envelope.get("signature", "")),
+                    body=body,
+                    signature=signature,
                 )
         except IntegrityError:
             return 0  # already stored: a resend after a lost connection
-        keys = _open_keys(node, {counters.public_key for counters in sample.peers})
         per_peer: dict[int, tuple[JobPeer, int, int]] = {}
-        for counters in sample.peers:
-            key = keys.get(counters.public_key)
-            if key is None:
-                continue
+        moved: dict[int, JobPeerKey] = {}
+        for counters in live:
+            key = keys[counters.public_key]
             # A fresh key (epoch 0, zero counters) is the same base as "nothing seen yet".
             previous = metering.Counters(key.epoch, key.rx_bytes, key.tx_bytes)
             current = metering.Counters(counters.epoch, counters.rx_bytes, counters.tx_bytes)
@@ -286,26 +352,34 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
                 # are cumulative within the epoch and the base, a later reading, has them all.
                 continue
             rx, tx = metering.delta(previous, current)
-            JobPeerKey.objects.filter(pk=key.pk).update(
-                epoch=current.epoch,
-                rx_bytes=current.rx_bytes,
-                tx_bytes=current.tx_bytes,
-                total_rx_bytes=F("total_rx_bytes") + rx,
-                total_tx_bytes=F("total_tx_bytes") + tx,
-                last_sample_at=sampled_at,
-                base_boot_id=sample.boot_id,
-                base_seq=sample.seq,
-            )
-            # A key listed twice in one sample is compared with its own first listing.
+            # The row is locked (_open_keys): its totals as read are current. A key listed
+            # twice in one sample is compared with its own first listing.
             key.epoch = current.epoch
             key.rx_bytes, key.tx_bytes = current.rx_bytes, current.tx_bytes
+            key.total_rx_bytes += rx
+            key.total_tx_bytes += tx
             key.last_sample_at, key.base_boot_id, key.base_seq = (
                 sampled_at,
                 sample.boot_id,
                 sample.seq,
             )
+            moved[key.pk] = key
             _, peer_rx, peer_tx = per_peer.get(key.job_peer_id, (key.job_peer, 0, 0))
             per_peer[key.job_peer_id] = (key.job_peer, peer_rx + rx, peer_tx + tx)
+        if moved:
+            JobPeerKey.objects.bulk_update(
+                list(moved.values()),
+                [
+                    "epoch",
+                    "rx_bytes",
+                    "tx_bytes",
+                    "total_rx_bytes",
+                    "total_tx_bytes",
+                    "last_sample_at",
+                    "base_boot_id",
+                    "base_seq",
+                ],
+            )
         billed = 0
         for peer, rx, tx in per_peer.values():
             if rx or tx:
@@ -314,22 +388,13 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     return billed
 
 
-def _open_keys(node: Node, public_keys: set[str]) -> dict[str, JobPeerKey]:
-    """The open keys of `node` among `public_keys`, locked in id order (a node has a handful of
-    open keys; the sample may list many). An open key is on one peer only (peer_key_open_once),
-    and a key closed meanwhile by an ack is not taken: the lock re-reads the row."""
-    candidates = [
-        pk
-        for pk, public_key in JobPeerKey.objects.filter(
-            job_peer__node=node, closed_at__isnull=True
-        ).values_list("pk", "public_key")
-        if public_key in public_keys
-    ]
-    if not candidates:
-        return {}
+def _open_keys(node: Node) -> dict[str, JobPeerKey]:
+    """The open keys of `node` by public key, locked in id order (a node has a handful). An
+    open key is on one peer of a node only (peer_key_open_once_per_node), and a key closed
+    meanwhile by an ack is not taken: the lock re-reads the row."""
     locked = (
         JobPeerKey.objects.select_for_update(of=("self",))
-        .filter(pk__in=candidates, closed_at__isnull=True)
+        .filter(job_peer__node=node, closed_at__isnull=True)
         .select_related("job_peer")
         .order_by("pk")
     )

@@ -14,8 +14,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from meshnet import ipplan
-from meshnet.errors import PoolExhausted
-from meshnet.models import IpAllocation, IpPool, Node
+from meshnet.errors import PoolExhausted, UnknownRegion
+from meshnet.models import IpAllocation, IpPool, JobPeer, Node, Sandbox
 
 
 def _locked_pool(pool_name: str, cidr: str | None = None) -> IpPool:
@@ -70,6 +70,14 @@ def allocate_address(pool_name: str, purpose: str, *, cidr: str | None = None) -
         )
         if lease is None:
             raise PoolExhausted(pool.name)
+        # The lease row is reused, and a job peer or sandbox holds its lease one-to-one: the
+        # ended one that held it before (its peer removed, its sandbox stopped) keeps its
+        # address as history but lets go of the row. Without this the next holder's insert
+        # broke the one-to-one constraint once a pool wrapped (a node's 31st sandbox stayed
+        # pending for good). Only ended holders are here: a lease is reusable once released.
+        # (Node addresses are never released, so no node row is touched under the pool lock.)
+        JobPeer.objects.filter(allocation=lease).update(allocation=None)
+        Sandbox.objects.filter(allocation=lease).update(allocation=None)
         lease.released_at = None
         lease.reusable_after = None
         lease.allocated_at = now
@@ -78,16 +86,40 @@ def allocate_address(pool_name: str, purpose: str, *, cidr: str | None = None) -
         return lease
 
 
+def _quarantine_seconds(purpose: str) -> int:
+    if purpose == IpAllocation.Purpose.SANDBOX:
+        return settings.MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS
+    if purpose == IpAllocation.Purpose.JOB:
+        return settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS
+    return settings.MOLT_ADDRESS_QUARANTINE_SECONDS
+
+
+def allocate_node_address(region: str) -> IpAllocation:
+    """Lease a node's mesh address: from its region's block of the IP plan when it declares a
+    region, from the MOLT block otherwise. Each block is a pool of its own (same lock, O(1)
+    allocation and (pool, address) constraint as allocate_address), so one region running out
+    (PoolExhausted naming it, 409) leaves the others and the MOLT block untouched. Raises
+    UnknownRegion (400, field "region") for a region the plan does not have."""
+    try:
+        pool = ipplan.node_pool(region)
+    except ipplan.UnknownRegion as exc:
+        raise UnknownRegion(str(exc)) from None
+    return allocate_address(pool, IpAllocation.Purpose.NODE)
+
+
+def allocate_job_address() -> IpAllocation:
+    """Lease one job tunnel address of the IP plan's "jobs" block (never of the MOLT block the
+    nodes enrol from): a full pool raises PoolExhausted("jobs"), which cannot be mistaken for
+    the nodes' pool running out."""
+    return allocate_address(ipplan.JOB_BLOCK, IpAllocation.Purpose.JOB)
+
+
 def release_address(lease: IpAllocation) -> None:
-    """Return a lease to its pool after the quarantine period: MOLT_ADDRESS_QUARANTINE_SECONDS,
-    or MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS for a sandbox's. Releasing twice is a no-op."""
+    """Return a lease to its pool after the quarantine period of its purpose:
+    MOLT_JOB_ADDRESS_QUARANTINE_SECONDS for a job tunnel's, MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS
+    for a sandbox's, MOLT_ADDRESS_QUARANTINE_SECONDS for a node's. Releasing twice is a no-op."""
     now = timezone.now()
-    seconds = (
-        settings.MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS
-        if lease.purpose == IpAllocation.Purpose.SANDBOX
-        else settings.MOLT_ADDRESS_QUARANTINE_SECONDS
-    )
-    quarantine = timedelta(seconds=seconds)
+    quarantine = timedelta(seconds=_quarantine_seconds(lease.purpose))
     IpAllocation.objects.filter(pk=lease.pk, released_at__isnull=True).update(
         released_at=now, reusable_after=now + quarantine
     )

@@ -20,6 +20,14 @@ class EnrollmentRefused(MeshError):
     code = "enrollment_refused"
 
 
+class UnknownRegion(MeshError):
+    """A node declared a region that is not one of the IP plan's (ipplan.REGIONS)."""
+
+    status_code = 400
+    code = "unknown_region"
+    field = "region"
+
+
 class InvalidPeerKey(MeshError):
     status_code = 400
     code = "invalid_key"

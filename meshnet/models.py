@@ -1,5 +1,6 @@
 """Tables of the mesh: address pools and leases, nodes and their GPUs, enrolment tokens,
-replay nonces, job peers and their keys, metering samples and node outages."""
+replay nonces, job peers and their keys, metering samples and node outages, relays and their
+port pairs."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q, Sum
+from django.db.models import F, Q, Sum, Value
+from django.db.models.functions import Concat
 from django.utils import timezone
 
 from meshnet.querysets import JobPeerQuerySet, NodeQuerySet
@@ -92,12 +94,20 @@ class Node(models.Model):
     listen_port = models.PositiveIntegerField(default=51820)
     declared_endpoint = models.CharField(max_length=300, blank=True)
     observed_ip = models.GenericIPAddressField(null=True, blank=True)
+    # The public mapping of the node's WireGuard socket as the gateway's hub sees it (meshnet.hub:
+    # the endpoint of the node's latest authenticated packet to the hub), and since when the hub
+    # has seen this one. Empty while no hub runs or the node never reached it.
+    observed_endpoint = models.CharField(max_length=300, blank=True)
+    observed_endpoint_at = models.DateTimeField(null=True, blank=True)
     enrolled_at = models.DateTimeField(default=timezone.now)
     last_seen_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
     # The sandbox images the agent is configured to run (its inventory report); a listing
     # offers some of these.
     images = models.JSONField(default=list, blank=True)
+    # The agent runs the names responder (clawnode.names; its inventory says so): buyers'
+    # configs then name it as their DNS for the order's names (meshnet.names.buyer_dns).
+    names_responder = models.BooleanField(default=False)
     # Level-triggered desired state: the gateway bumps desired_revision on every change and
     # the agent acknowledges; a beat task re-pushes to any node whose ack lags.
     desired_revision = models.PositiveBigIntegerField(default=0)
@@ -105,11 +115,23 @@ class Node(models.Model):
     # The agent's last complaint (e.g. a desired state whose signature it refused).
     last_report = models.CharField(max_length=500, blank=True)
     last_report_at = models.DateTimeField(null=True, blank=True)
+    # The agent's latest connectivity check (a signed CONNECTIVITY report, meshnet.connectivity):
+    # a WireGuard handshake with the gateway's hub and how long it took, and the same for a peer
+    # node ("untested" until node-to-node peers exist). Empty states: never reported.
+    connectivity_checked_at = models.DateTimeField(null=True, blank=True)
+    hub_path = models.CharField(max_length=12, blank=True)
+    hub_rtt_ms = models.PositiveIntegerField(null=True, blank=True)
+    peer_path = models.CharField(max_length=12, blank=True)
+    peer_path_node = models.CharField(max_length=64, blank=True)
+    peer_rtt_ms = models.PositiveIntegerField(null=True, blank=True)
+    connectivity_detail = models.CharField(max_length=300, blank=True)
 
     objects = NodeQuerySet.as_manager()
 
     class Meta:
         ordering = ["id"]
+        # The market hides listings of nodes not seen lately (marketplace.market.offers).
+        indexes = [models.Index(fields=["last_seen_at"], name="node_last_seen_idx")]
 
     def __str__(self) -> str:
         return self.name
@@ -123,10 +145,17 @@ class Node(models.Model):
 
     @property
     def endpoint(self) -> str:
-        """Where buyers send WireGuard packets: declared on join, else the address the gateway
-        saw the node connect from plus its listen port."""
+        """Where buyers send WireGuard packets: declared on join, else the mapping of its
+        WireGuard socket the hub observed (behind a NAT the only one that reaches it), else the
+        address the gateway saw the node connect from plus its listen port.
+
+        A declared endpoint wins over the observed mapping: the provider said where to send
+        (a forwarded port, a name that outlives an address change), and a node that declared
+        one is reachable there by its own word (docs/nat.md)."""
         if self.declared_endpoint:
             return self.declared_endpoint
+        if self.observed_endpoint:
+            return self.observed_endpoint
         if self.observed_ip:
             host = self.observed_ip
             if ":" in host:
@@ -146,6 +175,10 @@ class Gpu(models.Model):
     uuid = models.CharField(max_length=128, blank=True)
     driver_version = models.CharField(max_length=64, blank=True)
     cuda_version = models.CharField(max_length=64, blank=True)
+    # meshnet.versions.version_key of the two above, written with them: what the market's
+    # minimum-version filters compare (None: the report was not a version).
+    driver_version_key = models.BigIntegerField(null=True, blank=True)
+    cuda_version_key = models.BigIntegerField(null=True, blank=True)
     simulated = models.BooleanField(default=False)
     temperature_c = models.PositiveSmallIntegerField(null=True, blank=True)
     utilization_pct = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -199,6 +232,45 @@ class UsedNonce(models.Model):
         return f"{self.kind} {self.nonce}"
 
 
+class PeerKeyClaim(models.Model):
+    """Which job a buyer's WireGuard public key belongs to while any peer has it live.
+
+    A key is live on one peer, or on several peers of one job group: the parts of a multi-node
+    order share the buyer's one key (one tunnel reaching every node of the order). `group` is
+    the group's name outside meshnet ("cluster:<id>"; a single job's group is its peer's ref).
+    Every live JobPeer references its key's claim by `token` (its key and its group), and each
+    row checks the token against its own columns, so the database holds the rule: one key, one
+    group at a time (public_key is unique here). A claim no live peer references is taken over
+    by the next group that asks for the key (meshnet.peers._claim_key, under the claim's row
+    lock); rows are never deleted.
+
+    A shared group's one tunnel address is the claim's `allocation`: its parts' peers take
+    their address from it (they hold no lease of their own), and it is released when the last
+    of them is removed (meshnet.peers.release_unclaimed)."""
+
+    public_key = models.CharField(max_length=44, unique=True)
+    group = models.CharField(max_length=64)
+    token = models.CharField(max_length=109, unique=True)
+    allocation = models.OneToOneField(
+        IpAllocation, null=True, blank=True, on_delete=models.SET_NULL, related_name="key_claim"
+    )
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(token=Concat(F("public_key"), Value(" "), F("group"))),
+                name="key_claim_token_is_key_and_group",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.public_key[:8]}… of {self.group}"
+
+    @staticmethod
+    def token_for(public_key: str, group: str) -> str:
+        return f"{public_key} {group}"
+
+
 class JobPeer(models.Model):
     """A buyer's WireGuard peer on a provider node, scoped to one job.
 
@@ -227,17 +299,58 @@ class JobPeer(models.Model):
     acked_at = models.DateTimeField(null=True, blank=True)
     removed_revision = models.PositiveBigIntegerField(null=True, blank=True)
     removed_at = models.DateTimeField(null=True, blank=True)
+    # The public mapping of the buyer's WireGuard socket as the gateway's hub sees it (the
+    # buyer's wg-quick file carries the hub as a second peer: meshnet.wgconfig, meshnet.hub),
+    # and since when. The node's desired state sends toward it (coordinated punching,
+    # docs/nat.md). Empty while no hub runs or the buyer's client never reached it.
+    observed_endpoint = models.CharField(max_length=300, blank=True)
+    observed_endpoint_at = models.DateTimeField(null=True, blank=True)
+    # The job group the key belongs to (PeerKeyClaim): the peer's own ref for a single job,
+    # "cluster:<id>" for a part of a multi-node order, whose parts share the buyer's key and
+    # tunnel address.
+    key_group = models.CharField(max_length=64)
+    key_claim = models.ForeignKey(
+        PeerKeyClaim,
+        to_field="token",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="peers",
+    )
 
     objects = JobPeerQuerySet.as_manager()
 
     class Meta:
         constraints = [
-            # A public key is active on at most one peer in the whole mesh.
+            # A live peer holds its key's claim, and the claim is its key's and its group's:
+            # so a key is live in one group at a time (PeerKeyClaim.public_key is unique).
+            models.CheckConstraint(
+                condition=(
+                    Q(state="removed", key_claim__isnull=True)
+                    | (
+                        ~Q(state="removed")
+                        & Q(key_claim_id=Concat(F("public_key"), Value(" "), F("key_group")))
+                    )
+                ),
+                name="peer_live_holds_key_claim",
+            ),
+            # A node has a key as one peer (WireGuard knows a peer by its key).
             models.UniqueConstraint(
-                fields=["public_key"], condition=~Q(state="removed"), name="peer_key_live_once"
+                fields=["public_key", "node"],
+                condition=~Q(state="removed"),
+                name="peer_key_live_once_per_node",
+            ),
+            # A single job's tunnel address is its own; a shared group's is the claim's lease
+            # (one per claim), on each of its nodes once.
+            models.UniqueConstraint(
+                fields=["address"],
+                condition=~Q(state="removed") & Q(key_group=F("ref")),
+                name="peer_address_live_once",
             ),
             models.UniqueConstraint(
-                fields=["address"], condition=~Q(state="removed"), name="peer_address_live_once"
+                fields=["address", "node"],
+                condition=~Q(state="removed"),
+                name="peer_address_live_once_per_node",
             ),
         ]
 
@@ -261,11 +374,14 @@ class JobPeerKey(models.Model):
     peer's node that carry an open key are billed to that key's peer, retired or not; a closed
     key counts nothing more. The peer's traffic is the sum over its keys.
 
-    An open key belongs to one peer in the whole mesh, so a key reused later (another order, or
-    the same key back) gets a new row only once the old one is closed: a sample is never
-    ambiguous."""
+    An open key belongs to one peer per node (a multi-node order's one key is open on each of
+    its nodes), so a key reused later on the same node (another order, or the same key back)
+    gets a new row only once the old one is closed: a node's sample is never ambiguous."""
 
     job_peer = models.ForeignKey(JobPeer, on_delete=models.CASCADE, related_name="keys")
+    # The peer's node, kept here so the database can hold metering's rule per node: samples
+    # are a node's, and a multi-node order's one key is open on each of its nodes.
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="peer_keys")
     public_key = models.CharField(max_length=44)
     # The last cumulative counters seen for this key: the base of its next delta.
     epoch = models.BigIntegerField(default=0)
@@ -293,11 +409,12 @@ class JobPeerKey(models.Model):
                 condition=Q(retired_at__isnull=True),
                 name="peer_one_current_key",
             ),
-            # Metering resolves a key to the one open row that has it: never two.
+            # Metering resolves a node's sample of a key to the one open row that has it on
+            # that node: never two.
             models.UniqueConstraint(
-                fields=["public_key"],
+                fields=["public_key", "node"],
                 condition=Q(closed_at__isnull=True),
-                name="peer_key_open_once",
+                name="peer_key_open_once_per_node",
             ),
             models.CheckConstraint(
                 condition=Q(retired_at__isnull=True, retired_revision__isnull=True)
@@ -422,6 +539,11 @@ class Sandbox(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     ready_at = models.DateTimeField(null=True, blank=True)
     reported_at = models.DateTimeField(null=True, blank=True)
+    # The job's private network this sandbox belongs to ("cluster:<id>" for a part of a
+    # multi-node order; blank: none): the live sandboxes of one group reach each other, across
+    # nodes through job-scoped node-to-node peers (meshnet.mesh). Indexed: a node's desired
+    # state looks up the other members of its sandboxes' groups.
+    mesh_group = models.CharField(max_length=64, blank=True, db_index=True)
 
     class Meta:
         constraints = [
@@ -451,3 +573,7 @@ class SandboxGpu(models.Model):
 
     def __str__(self) -> str:
         return f"GPU {self.index} of node {self.node_id}"
+
+
+# Registered with the app from their own module (the relay's concern).
+from meshnet.relay_models import Relay, RelayAllocation  # noqa: E402, F401

@@ -24,6 +24,7 @@ from meshnet.allocation import release_address
 from meshnet.channel_layer import group_send_on_commit
 from meshnet.enrolment import replace_gpus
 from meshnet.errors import EnrollmentRefused
+from meshnet.key_claims import release_unclaimed
 from meshnet.models import Gpu, JobPeer, JobPeerKey, Node, NodeOutage
 from meshnet.sandboxes import release_sandboxes
 from meshnet.signals import node_changed, node_revoked
@@ -65,6 +66,7 @@ def update_inventory(
     health: list[Mapping[str, Any]] | None = None,
     reason: str = "",
     images: object = None,
+    names: object = None,
 ) -> None:
     """Take the node's GPU inventory as its agent reports it (NVML or simulated), and `images`,
     the sandbox images its agent is configured to run (None: an agent that does not say, so
@@ -73,9 +75,22 @@ def update_inventory(
     An empty report with a reason (the driver failed to answer) keeps the GPUs we know and
     records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
     utilisation) update in place. A malformed `images` is refused (AgentRefused naming it)
-    before anything is written."""
+    before anything is written. `names`: whether the agent runs its names responder (None:
+    an agent that predates it, so no); anything but a boolean is refused likewise."""
     parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
+    if names is not None and not isinstance(names, bool):
+        raise AgentRefused("inventory.names must be true or false", wire.CLOSE_BAD_MESSAGE)
     image_list = None if images is None else check_images(images)
+    readings = _health_readings(health)
+    differing = _readings_only(node, parsed, readings, reason, image_list, bool(names))
+    if differing is not None:
+        # Nothing but live readings differ (if anything): GPU rows updated in place need no
+        # lock of the node's row, which every batch of acks and heartbeats takes.
+        if differing:
+            with transaction.atomic():
+                if _write_readings(node, differing):
+                    node_changed.send(sender=Node, node=node, change="inventory")
+        return
     changed = False
     with transaction.atomic():
         locked = Node.objects.select_for_update().get(pk=node.pk)
@@ -83,6 +98,10 @@ def update_inventory(
             Node.objects.filter(pk=node.pk).update(images=image_list)
             node.images = image_list
             changed = True
+        responder = bool(names)
+        if responder != locked.names_responder:
+            Node.objects.filter(pk=node.pk).update(names_responder=responder)
+            node.names_responder = responder
         if parsed:
             known = list(node.gpus.order_by("index").values_list(
                 "index", "name", "memory_mb", "uuid", "simulated"
@@ -96,22 +115,78 @@ def update_inventory(
                 changed = True
         elif reason:
             record_report(node, f"GPU inventory: {reason}")
-        for reading in health or []:
-            if not isinstance(reading, Mapping) or not isinstance(reading.get("index"), int):
-                continue
-            values = {
-                "temperature_c": _small_int(reading.get("temperature_c")),
-                "utilization_pct": _small_int(reading.get("utilization_pct")),
-            }
-            # Only a reading that differs is written (and so announced).
-            changed |= bool(
-                Gpu.objects.filter(node=node, index=reading["index"])
-                .exclude(**values)
-                .update(**values)
-            )
+        changed |= _write_readings(node, readings)
         # The agent resends its inventory every minute: the owner's pages hear of a difference.
         if changed:
             node_changed.send(sender=Node, node=node, change="inventory")
+
+
+def _health_readings(health: Any) -> list[tuple[int, dict[str, int | None]]]:
+    """The well-formed readings of `health`, in order: (GPU index, the values to store)."""
+    out = []
+    for reading in health or []:
+        if not isinstance(reading, Mapping) or not isinstance(reading.get("index"), int):
+            continue
+        values = {
+            "temperature_c": _small_int(reading.get("temperature_c")),
+            "utilization_pct": _small_int(reading.get("utilization_pct")),
+        }
+        out.append((reading["index"], values))
+    return out
+
+
+def _write_readings(node: Node, readings: list[tuple[int, dict[str, int | None]]]) -> bool:
+    """Store the GPU readings; whether any differed (only one that differs is written, and so
+    announced)."""
+    changed = False
+    for index, values in readings:
+        changed |= bool(
+            Gpu.objects.filter(node=node, index=index).exclude(**values).update(**values)
+        )
+    return changed
+
+
+def _readings_only(
+    node: Node,
+    parsed: tuple[wire.GpuInfo, ...],
+    readings: list[tuple[int, dict[str, int | None]]],
+    reason: str,
+    image_list: list[str] | None,
+    responder: bool,
+) -> list[tuple[int, dict[str, int | None]]] | None:
+    """The readings that differ from the stored ones when nothing else of the inventory does
+    (an empty list: nothing to write), read without locks or a transaction (two queries);
+    None when the GPUs, images or names responder differ or a reason is to be recorded.
+
+    Every agent sends its inventory on connect and every minute, its GPUs nearly always the
+    same; the locked path (a transaction holding the node's row lock) was most of a gateway
+    restart's connect wave, queued behind the batches of acks that lock every node's row.
+    What differs beyond readings goes through the locked path, which compares again under
+    the lock."""
+    if not parsed and reason:
+        return None  # the reason is recorded
+    row = Node.objects.filter(pk=node.pk).values_list("images", "names_responder").first()
+    if row is None:
+        return None  # the locked path says what is wrong
+    if (image_list is not None and image_list != row[0]) or responder != row[1]:
+        return None
+    known = list(
+        node.gpus.order_by("index").values_list(
+            "index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct"
+        )
+    )
+    if parsed and [k[:5] for k in known] != [
+        (g.index, g.name, g.memory_mb, g.uuid, g.simulated) for g in parsed
+    ]:
+        return None
+    stored = {k[0]: (k[5], k[6]) for k in known}
+    differing = []
+    for index, values in readings:  # in order: a later reading of a GPU compares with an earlier
+        reading = (values["temperature_c"], values["utilization_pct"])
+        if index in stored and stored[index] != reading:
+            differing.append((index, values))
+            stored[index] = reading
+    return differing
 
 
 MAX_IMAGES = 64
@@ -175,10 +250,11 @@ def close_out_silent_nodes(now: datetime | None = None) -> int:
             )
             for peer in peers:
                 JobPeer.objects.filter(pk=peer.pk, state=JobPeer.State.REMOVING).update(
-                    state=JobPeer.State.REMOVED, removed_at=now
+                    state=JobPeer.State.REMOVED, removed_at=now, key_claim=None
                 )
                 if peer.allocation is not None:
                     release_address(peer.allocation)
+            release_unclaimed(peer.key_claim_id for peer in peers)
             # Their sandboxes, dropped from desired state with them, go too (GPUs, addresses).
             release_sandboxes(node, [peer.ref for peer in peers], now)
             close_keys(JobPeerKey.objects.filter(job_peer__in=peers), now)
@@ -221,10 +297,11 @@ def revoke_node(node: Node, reason: str = "revoked by an operator") -> bool:
         live = list(JobPeer.objects.filter(node=node).live().select_related("allocation"))
         for peer in live:
             JobPeer.objects.filter(pk=peer.pk).update(
-                state=JobPeer.State.REMOVED, removed_at=peer.removed_at or now
+                state=JobPeer.State.REMOVED, removed_at=peer.removed_at or now, key_claim=None
             )
             if peer.allocation is not None:
                 release_address(peer.allocation)
+        release_unclaimed(peer.key_claim_id for peer in live)
         # Their sandboxes too: no agent will report them gone.
         release_sandboxes(node, [peer.ref for peer in live], now)
         # A revoked node's samples are refused: its keys take nothing more and may be reused.

@@ -1,4 +1,4 @@
-"""Job peers: a buyer's key on a provider node, with a job address of the MOLT pool.
+"""Job peers: a buyer's key on a provider node, with a job address of the IP plan's "jobs" block.
 
 Every change bumps the node's desired revision and, after commit, enqueues the push of the signed
 desired state (meshnet.tasks.push_desired_state); the agent acknowledges through
@@ -11,15 +11,19 @@ from __future__ import annotations
 import logging
 
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
+from django.dispatch import receiver
 from django.utils import timezone
 
-from meshnet import ipplan
-from meshnet.allocation import allocate_address
+from meshnet import signals
+from meshnet.allocation import allocate_job_address
 from meshnet.enqueue import enqueue_on_commit
 from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
+from meshnet.hub import hub_public_key
+from meshnet.key_claims import KEY_IN_USE, claim_key
 from meshnet.keys import check_wireguard_public_key
-from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node
+from meshnet.models import JobPeer, JobPeerKey, Node
+from meshnet.relays import maybe_relay, release_relay
 from meshnet.sandboxes import SandboxRequest, add_sandbox, mark_removed
 from meshnet.tasks import push_desired_state
 
@@ -38,6 +42,12 @@ def validate_peer_key(public_key: str) -> str:
         raise InvalidPeerKey(
             "wireguard_public_key is a provider node's own key; generate a new key pair"
         )
+    # The hub's key is every node's peer already (meshnet.hub): a job peer with it would make
+    # the node's desired state name one key twice, which the agent refuses whole.
+    if public_key == hub_public_key():
+        raise InvalidPeerKey(
+            "wireguard_public_key is the gateway's own key; generate a new key pair"
+        )
     return public_key
 
 
@@ -49,28 +59,58 @@ def _push_on_commit(node_pk: int) -> None:
     enqueue_on_commit(push_desired_state, node_pk, swept_by="the repush-lagging-nodes beat task")
 
 
+def bump_and_push(node_pk: int) -> None:
+    """A new desired revision for the node (its state changed outside this module: a buyer's
+    mapping the hub observed, meshnet.hub) and its push after commit. Call inside the
+    transaction that made the change, with the node's row locked."""
+    _bump_revision(node_pk)
+    _push_on_commit(node_pk)
+
+
+@receiver(signals.desired_state_changed)
+def _desired_state_changed(sender, node_pk: int, **kwargs) -> None:
+    bump_and_push(node_pk)
+
+
 def create_job_peer(
-    node: Node, public_key: str, ref: str, *, sandbox: SandboxRequest | None = None
+    node: Node,
+    public_key: str,
+    ref: str,
+    *,
+    sandbox: SandboxRequest | None = None,
+    key_group: str | None = None,
 ) -> JobPeer:
-    """Add a buyer's peer to `node` with a fresh job address from the MOLT pool, and with
+    """Add a buyer's peer to `node` with a fresh job address from the "jobs" block, and with
     `sandbox`, the job's sandbox (meshnet.sandboxes.add_sandbox: its GPUs and address) in the
     same desired revision, so the agent never sees one without the other.
 
     Idempotent on `ref` (a retried task returns the same peer and sandbox). Locks: node row,
     then pool rows. Bumps the node's desired revision and pushes the signed state after commit.
-    The key becomes the peer's first JobPeerKey. Raises InvalidPeerKey, PeerKeyInUse (the key is
-    live on another peer, or retired from one whose node has not yet acknowledged its removal),
-    PoolExhausted, NotEnoughGpus; on any error nothing is written.
+    The key becomes the peer's first JobPeerKey. With `key_group` (a multi-node order's
+    "cluster:<id>"), the peer shares its key and its tunnel address with the group's other
+    peers, one per node: the buyer's one tunnel reaches every node of the group
+    (PeerKeyClaim). Raises InvalidPeerKey, PeerKeyInUse (the key is live on a peer of another
+    group or on this node already, or retired from one whose node has not yet acknowledged its
+    removal), PoolExhausted, NotEnoughGpus; on any error nothing is written. Locks: node row,
+    then the key's claim row, then pool rows.
     """
     validate_peer_key(public_key)
+    group = key_group or ref
     with transaction.atomic():
         locked = Node.objects.select_for_update().get(pk=node.pk)
         existing = JobPeer.objects.filter(ref=ref).first()
         if existing is not None:
             return existing
-        if _key_in_use(public_key):
+        if _key_in_use(public_key, group=group, node_pk=locked.pk):
             raise PeerKeyInUse(KEY_IN_USE)
-        lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.JOB)
+        claim = claim_key(public_key, group)
+        if group == ref:
+            lease = allocate_job_address()
+        else:
+            if claim.allocation_id is None:
+                claim.allocation = allocate_job_address()
+                claim.save(update_fields=["allocation"])
+            lease = claim.allocation
         _bump_revision(locked.pk)
         locked.refresh_from_db(fields=["desired_revision"])
         try:
@@ -79,12 +119,16 @@ def create_job_peer(
                     node=locked,
                     public_key=public_key,
                     address=lease.address,
-                    allocation=lease,
+                    # A shared group's lease is the claim's, released with its last peer.
+                    allocation=lease if group == ref else None,
                     ref=ref,
+                    key_group=group,
+                    key_claim=claim,
                     added_revision=locked.desired_revision,
                 )
                 JobPeerKey.objects.create(
                     job_peer=peer,
+                    node=locked,
                     public_key=public_key,
                     active_from=peer.created_at,
                     added_revision=peer.added_revision,
@@ -93,23 +137,27 @@ def create_job_peer(
             raise PeerKeyInUse(KEY_IN_USE) from None
         if sandbox is not None:
             add_sandbox(locked, peer, sandbox)
+        maybe_relay(peer, locked)
         _push_on_commit(locked.pk)
         return peer
 
 
-KEY_IN_USE = "this WireGuard public key is already in use on another peer"
-
-
-def _key_in_use(public_key: str, *, peer: JobPeer | None = None) -> bool:
-    """Whether `public_key` is open on a peer other than `peer`: live there, or retired from it
-    with its final counters still to come (see JobPeerKey). The unique constraints decide races;
-    this check only gives the usual case a clear error before any write."""
+def _key_in_use(public_key: str, *, group: str, node_pk: int, peer: JobPeer | None = None) -> bool:
+    """Whether `public_key` is open on a peer other than `peer` that `group` may not share it
+    with: live or open (retired with its final counters still to come, see JobPeerKey) on a
+    peer of another group, or on this node at all. The constraints decide races (the claim's
+    token, the per-node unique ones); this check only gives the usual case a clear error
+    before any write."""
     open_keys = JobPeerKey.objects.filter(public_key=public_key, closed_at__isnull=True)
     live = JobPeer.objects.live().filter(public_key=public_key)
     if peer is not None:
         open_keys = open_keys.exclude(job_peer=peer)
         live = live.exclude(pk=peer.pk)
-    return open_keys.exists() or live.exists()
+    elsewhere = Q(node_id=node_pk) | ~Q(key_group=group)
+    return (
+        open_keys.filter(Q(node_id=node_pk) | ~Q(job_peer__key_group=group)).exists()
+        or live.filter(elsewhere).exists()
+    )
 
 
 def remove_job_peer(ref: str) -> JobPeer | None:
@@ -131,6 +179,7 @@ def remove_job_peer(ref: str) -> JobPeer | None:
             state=JobPeer.State.REMOVING, removed_revision=revision
         )
         mark_removed(ref, revision)
+        release_relay(peer)
         _push_on_commit(peer.node_id)
         peer.refresh_from_db()
         return peer
@@ -162,8 +211,13 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
             raise MeshError(f"job peer {ref} is {peer.state}: it cannot be re-keyed")
         if peer.public_key == public_key:
             return peer
-        if _key_in_use(public_key, peer=peer):
+        if peer.key_group != peer.ref:
+            # Its key is its group's (every node of a multi-node order has it): one part
+            # re-keyed alone would split the buyer's one tunnel.
+            raise MeshError(f"job peer {ref} shares its key with its group {peer.key_group}")
+        if _key_in_use(public_key, group=peer.key_group, node_pk=peer.node_id, peer=peer):
             raise PeerKeyInUse(KEY_IN_USE)
+        claim = claim_key(public_key, peer.key_group)
         _bump_revision(peer.node_id)
         revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
         now = timezone.now()
@@ -171,9 +225,13 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
             with transaction.atomic():
                 JobPeer.objects.filter(pk=peer.pk).update(
                     public_key=public_key,
+                    key_claim=claim,
                     state=JobPeer.State.DESIRED,
                     added_revision=revision,
                     acked_at=None,
+                    # The old key's mapping is not the new key's: the hub observes it afresh.
+                    observed_endpoint="",
+                    observed_endpoint_at=None,
                 )
                 # Retired first: the peer has one current key at every step.
                 JobPeerKey.objects.filter(job_peer=peer, retired_at__isnull=True).update(
@@ -185,6 +243,7 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
                 if not back:
                     JobPeerKey.objects.create(
                         job_peer=peer,
+                        node_id=peer.node_id,
                         public_key=public_key,
                         active_from=now,
                         added_revision=revision,

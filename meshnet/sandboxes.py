@@ -15,6 +15,7 @@ Lock order, everywhere in meshnet: node row, then pool row, then sandbox rows.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from django.utils import timezone
 
 from meshnet.allocation import allocate_sandbox_address, release_address
 from meshnet.errors import MeshError, NotEnoughGpus
+from meshnet.mesh import bump_members, members_of_groups
 from meshnet.models import Gpu, JobPeer, Node, Sandbox, SandboxGpu
 from meshnet.signals import sandbox_changed
 
@@ -50,10 +52,16 @@ class SandboxRequest:
     # Only GPUs of this model (as the node reports it: Gpu.name); None: any. A node with two
     # models lists each separately, and a job gets the model its listing offers.
     gpu_model: str | None = None
+    # The job's private network (meshnet.mesh): "cluster:<id>" for a part of a multi-node order,
+    # whose sandboxes reach each other across their nodes; "" for none.
+    mesh_group: str = ""
 
 
-def sandbox_spec(sandbox: Sandbox, gpus: Iterable[int]) -> wire.SandboxSpec:
-    """The signed desired state's view of `sandbox` (its GPU indexes given, sorted)."""
+def sandbox_spec(
+    sandbox: Sandbox, gpus: Iterable[int], mesh: Iterable[str] = ()
+) -> wire.SandboxSpec:
+    """The signed desired state's view of `sandbox` (its GPU indexes given, sorted; `mesh`, the
+    addresses of the other members of its group, meshnet.mesh)."""
     return wire.SandboxSpec(
         ref=sandbox.ref,
         image=sandbox.image,
@@ -66,18 +74,34 @@ def sandbox_spec(sandbox: Sandbox, gpus: Iterable[int]) -> wire.SandboxSpec:
         pids_limit=sandbox.pids_limit,
         egress=sandbox.egress,
         ssh_keys=tuple(sandbox.ssh_keys),
+        mesh=tuple(f"{a}/32" for a in sorted(set(mesh), key=ipaddress.IPv4Address)),
     )
 
 
 def live_specs(node: Node) -> tuple[wire.SandboxSpec, ...]:
     """Every sandbox `node` should run at its desired revision (removed_revision unset)."""
-    boxes = list(Sandbox.objects.filter(node=node, removed_revision__isnull=True).order_by("id"))
+    return live_specs_of([node.pk])[node.pk]
+
+
+def live_specs_of(node_pks: Iterable[int]) -> dict[int, tuple[wire.SandboxSpec, ...]]:
+    """live_specs of many nodes in three queries, whatever their number (a change pushed to
+    every node computes them all: meshnet.desired_state.signed_desired_states). A sandbox of a
+    group lists the group's other live members, on any node (meshnet.mesh)."""
+    pks = list(node_pks)
+    boxes = list(
+        Sandbox.objects.filter(node_id__in=pks, removed_revision__isnull=True).order_by("id")
+    )
     gpus: dict[int, list[int]] = {box.pk: [] for box in boxes}
     for sandbox_id, index in SandboxGpu.objects.filter(sandbox__in=boxes).values_list(
         "sandbox_id", "index"
     ):
         gpus[sandbox_id].append(index)
-    return tuple(sandbox_spec(box, gpus[box.pk]) for box in boxes)
+    members = members_of_groups(box.mesh_group for box in boxes)
+    specs: dict[int, list[wire.SandboxSpec]] = {pk: [] for pk in pks}
+    for box in boxes:
+        mates = [a for _, a in members.get(box.mesh_group, ()) if a != str(box.address)]
+        specs[box.node_id].append(sandbox_spec(box, gpus[box.pk], mates))
+    return {pk: tuple(found) for pk, found in specs.items()}
 
 
 def _free_gpu_indexes(node: Node, model: str | None = None) -> tuple[list[int], int]:
@@ -131,6 +155,7 @@ def add_sandbox(node: Node, peer: JobPeer, request: SandboxRequest) -> Sandbox:
         egress=request.egress,
         ssh_keys=list(request.ssh_keys),
         added_revision=peer.added_revision,
+        mesh_group=request.mesh_group,
     )
     try:
         # Checked as the agent will check it: a request the wire refuses would make the node's
@@ -149,14 +174,21 @@ def add_sandbox(node: Node, peer: JobPeer, request: SandboxRequest) -> Sandbox:
             f"GPU(s) {chosen} of {node.name} were just given to another job", transient=True
         ) from None
     log.info("sandbox %s on %s: GPUs %s, %s", peer.ref, node.name, chosen, sandbox.address)
+    # The group's other nodes get a peer to this one (or its address in the peer they have)
+    bump_members(sandbox.mesh_group, besides=node.pk)
     return sandbox
 
 
 def mark_removed(ref: str, revision: int) -> None:
     """Drop the sandbox named `ref` from desired state at `revision` (the revision that drops
-    its peer). Its GPUs and address stay taken until the peer is gone (release_sandboxes).
-    Call inside the transaction that holds its node's row."""
-    Sandbox.objects.filter(ref=ref, removed_revision__isnull=True).update(removed_revision=revision)
+    its peer), and bump the other nodes of its group (their peer to this node loses its
+    address, or goes). Its GPUs and address stay taken until the peer is gone
+    (release_sandboxes). Call inside the transaction that holds its node's row."""
+    box = Sandbox.objects.filter(ref=ref, removed_revision__isnull=True).first()
+    if box is None:
+        return
+    Sandbox.objects.filter(pk=box.pk).update(removed_revision=revision)
+    bump_members(box.mesh_group, besides=box.node_id)
 
 
 def release_sandboxes(node: Node, refs: Iterable[str], at: datetime | None = None) -> int:
@@ -179,9 +211,12 @@ def release_sandboxes(node: Node, refs: Iterable[str], at: datetime | None = Non
     for box in boxes:
         if box.allocation is not None:
             release_address(box.allocation)
-        Sandbox.objects.filter(pk=box.pk, removed_revision__isnull=True).update(
+        if Sandbox.objects.filter(pk=box.pk, removed_revision__isnull=True).update(
             removed_revision=revision
-        )
+        ):
+            # Still desired until now (a revoked or closed-out node's): its group's other
+            # nodes drop it from their peer to this node.
+            bump_members(box.mesh_group, besides=node.pk)
         if (
             Sandbox.objects.filter(pk=box.pk)
             .exclude(state__in=TERMINAL)

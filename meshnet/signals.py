@@ -26,3 +26,8 @@ node_changed = Signal()
 # sandbox stopped because its peer is gone. marketplace moves the job's order; frontend.realtime
 # tells the order's and the owner's open pages.
 sandbox_changed = Signal()
+
+# kwargs: node_pk (int). Sent inside the transaction that changed what a node's desired state
+# says without going through meshnet.peers (the hub storing a buyer's new mapping, which the
+# job peer's endpoint follows): meshnet.peers bumps the node's revision and pushes after commit.
+desired_state_changed = Signal()

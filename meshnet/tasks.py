@@ -8,46 +8,77 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from asgiref.sync import async_to_sync
 from celery import shared_task
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.utils import timezone
 
 from meshnet import nodes
-from meshnet.agent_channel import node_group
-from meshnet.desired_state import signed_desired_state
+from meshnet.channel_layer import send_many
+from meshnet.desired_state import signed_desired_states
+from meshnet.fanout import AGENTS_GROUP, states_message
 from meshnet.models import MeteringSample, Node, UsedNonce
+from meshnet.names import signed_names_of
 
 log = logging.getLogger(__name__)
 
 
 @shared_task(acks_late=True)
 def push_desired_state(node_pk: int) -> None:
-    """Send the node's signed desired state to its agent's websocket group.
+    """Send the node's signed desired state to its agent's websocket group (push_desired_states
+    for one node: what a write path enqueues after its commit)."""
+    push_desired_states([node_pk])
+
+
+@shared_task(acks_late=True)
+def push_desired_states(node_pks: list[int]) -> int:
+    """Send each node's signed desired state to its agent: PUSH_CHUNK nodes' states at a time,
+    read in three queries (meshnet.desired_state.desired_states), as one message to the web
+    processes that hold agents (meshnet.fanout), each chunk on its way over the channel layer's
+    persistent connections (meshnet.channel_layer.send_many) while the next is read and signed.
+    Revoked nodes are left out. Returns how many states were sent.
 
     The channel layer delivers at most once; nothing depends on this arriving, since the
     database holds desired and acknowledged revisions and the agent gets full state on connect.
     """
-    node = Node.objects.filter(pk=node_pk, revoked_at__isnull=True).first()
-    if node is None:
-        return
-    envelope = signed_desired_state(node)
-    layer = get_channel_layer()
-    if layer is None:
-        return
-    async_to_sync(layer.group_send)(
-        node_group(node.node_id), {"type": "desired.state", "envelope": envelope}
+    live = Node.objects.filter(pk__in=list(node_pks), revoked_at__isnull=True).order_by("pk")
+    sizes: list[int] = []
+
+    def messages():
+        chunk: list[Node] = []
+        for node in live.iterator(chunk_size=PUSH_CHUNK):
+            chunk.append(node)
+            if len(chunk) >= PUSH_CHUNK:
+                sizes.append(len(chunk))
+                yield _signed(chunk)
+                chunk = []
+        if chunk:
+            sizes.append(len(chunk))
+            yield _signed(chunk)
+
+    sent = send_many(messages())
+    return sum(size for size, ok in zip(sizes, sent, strict=False) if ok)
+
+
+# Nodes whose states go in one message: a first chunk small enough to leave at once (a state
+# with no peers is about 1 KiB signed).
+PUSH_CHUNK = 100
+
+
+def _signed(nodes_: list[Node]) -> tuple[str, dict]:
+    envelopes, names = signed_desired_states(nodes_), signed_names_of(nodes_)
+    return AGENTS_GROUP, states_message(
+        {node.node_id: envelopes[node.pk] for node in nodes_},
+        names={node.node_id: names[node.pk] for node in nodes_},
     )
 
 
 @shared_task(acks_late=True)
 def repush_lagging_nodes() -> int:
     """Re-drive desired state to every node whose agent has not acknowledged the latest
-    revision: the channel layer may have dropped the push, or the agent failed a peer."""
+    revision: the channel layer may have dropped the push, or the agent failed a peer. One
+    batch, sent in one async run."""
     ids = list(Node.objects.lagging().values_list("pk", flat=True))
-    for node_pk in ids:
-        push_desired_state(node_pk)
+    push_desired_states(ids)
     return len(ids)
 
 

@@ -2,6 +2,8 @@
 
     scripts/mutate.py [MODULE ...]      run the named modules (default: all), then report
     scripts/mutate.py --report [MODULE ...]   report the last run again, without running
+    scripts/mutate.py MODULE --only NAME [--only NAME]   run only these functions' mutants
+        (a function's name or Class.method; the rest of the module keeps its last verdicts)
 
 The modules, what each mutates and which tests run against it are the one list in pyproject.toml,
 [tool.molt-mutate]. For each module mutmut mutates the named files or functions and runs the tests
@@ -90,6 +92,11 @@ class Module:
     targets: list[Target]
     tests: list[str]
     deselect: list[str]
+    # mutmut's process_isolation: "fork" (default) forks each mutant's worker from the process
+    # that ran the tests once; "forkserver" forks them from a clean server, for tests that leave
+    # threads behind (a worker forked while another thread holds a lock waits forever, and
+    # mutmut's CPU-time limit never fires on a process that sleeps).
+    isolation: str = "fork"
 
 
 @dataclass
@@ -116,7 +123,13 @@ def load_config() -> tuple[dict[str, Module], dict[str, str], int]:
             if not (REPO / path).is_file():
                 raise SystemExit(f"[tool.molt-mutate] {name}: no file {path} (did it move?)")
             targets.append(Target(path, function or None))
-        modules[name] = Module(name, targets, list(spec["tests"]), list(data.get("deselect", [])))
+        modules[name] = Module(
+            name,
+            targets,
+            list(spec["tests"]),
+            list(data.get("deselect", [])),
+            spec.get("isolation", "fork"),
+        )
     equivalent = {}
     for line in (REPO / data["equivalent"]).read_text().splitlines():
         line = line.strip()
@@ -160,6 +173,7 @@ def mutmut_section(module: Module) -> str:
         # which the tests' time leaves out, and on a shared machine at nice 19 that takes long:
         # with mutmut's default (1 s) every db mutant "timed out" before its first test ran.
         "timeout_constant = 30.0\n"
+        f'process_isolation = "{module.isolation}"\n'
     )
 
 
@@ -176,7 +190,22 @@ def prepare_workspace(module: Module) -> Path:
     return ws
 
 
-def run_module(module: Module, jobs: int, examples: int) -> float:
+def patterns_of(module: Module, only: list[str] | None) -> list[str]:
+    """mutmut's name patterns for the module, or for the functions of it named in `only`."""
+    if not only:
+        return [t.pattern for t in module.targets]
+    patterns = [
+        Target(t.repo_path, name).pattern
+        for t in module.targets
+        for name in only
+        if t.function in (None, name)
+    ]
+    if not patterns:
+        raise SystemExit(f"{module.name}: --only {', '.join(only)} names none of its functions")
+    return patterns
+
+
+def run_module(module: Module, jobs: int, examples: int, only: list[str] | None = None) -> float:
     ws = prepare_workspace(module)
     env = {
         **os.environ,
@@ -188,7 +217,7 @@ def run_module(module: Module, jobs: int, examples: int) -> float:
         "PYTHONUNBUFFERED": "1",
     }
     log = ws / "mutmut.log"
-    patterns = [t.pattern for t in module.targets]
+    patterns = patterns_of(module, only)
     started = time.monotonic()
     print(f"--- {module.name}: mutmut run ({log.relative_to(REPO)})", flush=True)
     with log.open("w") as out:
@@ -351,6 +380,13 @@ def main() -> int:
         help="mutants tested at once (default: MUTATE_JOBS or 2)",
     )
     parser.add_argument("--clean", action="store_true", help="start the workspaces over")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="FUNCTION",
+        help="run only this function's mutants (name or Class.method; repeatable); the report"
+        " still covers the whole module, with the last verdicts of the rest",
+    )
     args = parser.parse_args()
     unknown = [m for m in args.modules if m not in modules]
     if unknown:
@@ -363,7 +399,7 @@ def main() -> int:
             shutil.rmtree(WORK / module.name, ignore_errors=True)
         report = Report(module)
         if not args.report:
-            report.seconds = run_module(module, args.jobs, examples)
+            report.seconds = run_module(module, args.jobs, examples, args.only)
             print(f"    {module.name}: {report.seconds / 60:.1f} min", flush=True)
         elif not (WORK / module.name / "mutants").is_dir():
             print(f"--- {module.name}: no run yet")

@@ -4,10 +4,14 @@
    (DJANGO_DEBUG=true, MOLT_ALLOW_SIMULATED_GPUS=true, HOST 127.0.0.1, PORT 8000).
 2. Redis must answer at REDIS_URL. If nothing listens there and it is this machine, a private
    redis-server is started (no persistence, files in var/) and stopped again on exit.
-3. migrate (SQLite at var/molt.sqlite3 unless DATABASE_URL says otherwise), then seed_demo.
+3. migrate (SQLite at var/molt.sqlite3 unless DATABASE_URL says otherwise), then seed_demo,
+   which keeps each demo node's agent identity and enrolment in var/demo-agents/<hostname>/
+   (MOLT_DEMO_AGENTS_DIR).
 4. The URL and the demo credentials are printed, and honcho runs web (uvicorn), the Celery
-   worker and Celery beat from Procfile.dev with their logs interleaved and prefixed.
-   Ctrl-C (SIGINT) or SIGTERM stops all three; honcho SIGKILLs what is still up after 5 s.
+   worker, Celery beat and the demo agents (scripts/demo_agents.py: the nine demo nodes'
+   SIMULATED clawnode agents, in-memory WireGuard, so the market has online nodes that take
+   orders; MOLT_DEMO_AGENTS=0 leaves them out) from Procfile.dev, logs interleaved and prefixed.
+   Ctrl-C (SIGINT) or SIGTERM stops them all; honcho SIGKILLs what is still up after 5 s.
 """
 
 from __future__ import annotations
@@ -40,7 +44,10 @@ DEFAULTS = {
     "PYTHONUNBUFFERED": "1",
     # Worker and beat print warnings and errors only; `CELERY_LOG_LEVEL=info make run` for all.
     "CELERY_LOG_LEVEL": "warning",
+    "MOLT_DEMO_AGENTS": "1",
+    "MOLT_DEMO_AGENTS_DIR": str(VAR / "demo-agents"),
 }
+FALSE_WORDS = {"0", "false", "no", "off"}
 
 
 class Abort(Exception):
@@ -83,6 +90,8 @@ def load_environment() -> None:
         os.environ["ALLOWED_HOSTS"] = f"127.0.0.1,localhost,[::1],{bracketed}"
     # Tools are found in the virtualenv first, whatever PATH the shell had.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    if os.environ["MOLT_DEMO_AGENTS"].strip().lower() in FALSE_WORDS:
+        os.environ["MOLT_DEMO_AGENTS"] = "0"
     for tool in ("uvicorn", "celery", "honcho"):
         if shutil.which(tool) is None:
             raise Abort(f"{tool} is not installed in {BIN}; run `make run` (it installs first)")
@@ -193,7 +202,16 @@ def prepare_database() -> str:
     try:
         call_command("migrate", interactive=False, verbosity=1)
         seeded = io.StringIO()
-        call_command("seed_demo", stdout=seeded)
+        if demo_agents():
+            # The demo agents' identities and enrolments, kept where demo_agents.py reads them.
+            call_command(
+                "seed_demo",
+                stdout=seeded,
+                agents_dir=Path(os.environ["MOLT_DEMO_AGENTS_DIR"]),
+                gateway=local_base_url(),
+            )
+        else:
+            call_command("seed_demo", stdout=seeded)
     except DatabaseError as exc:
         raise Abort(f"the database at {where} refused: {exc}\n  (check DATABASE_URL)") from None
     finally:
@@ -202,6 +220,17 @@ def prepare_database() -> str:
 
 
 # --- processes -----------------------------------------------------------------------------------
+
+
+def demo_agents() -> bool:
+    return os.environ.get("MOLT_DEMO_AGENTS", "1") != "0"
+
+
+def local_base_url() -> str:
+    """The gateway's URL as seen from this machine (a wildcard bind is reached on loopback)."""
+    host, port = os.environ["HOST"], os.environ["PORT"]
+    shown = "127.0.0.1" if host in WILDCARD_HOSTS else host
+    return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
 
 
 def banner(seeded: str) -> str:
@@ -224,7 +253,15 @@ def banner(seeded: str) -> str:
             "names you will use"
         )
     lines += ["", *("  " + line for line in seeded.strip().splitlines())]
-    lines += ["", "  web, worker and beat start now; Ctrl-C stops them all.", "=" * 72, ""]
+    if demo_agents():
+        lines += [
+            "",
+            "  demo nodes: SIMULATED agents (scripts/demo_agents.py) speak the real signed agent",
+            "  protocol, so orders reach running; their WireGuard is in memory and moves no",
+            "  packets, and their GPUs are simulated. MOLT_DEMO_AGENTS=0 leaves them offline.",
+        ]
+    started = "web, worker, beat and the demo agents" if demo_agents() else "web, worker and beat"
+    lines += ["", f"  {started} start now; Ctrl-C stops them all.", "=" * 72, ""]
     return "\n".join(lines)
 
 
@@ -243,8 +280,30 @@ def _banner_once_up(text: str) -> None:
             time.sleep(0.5)
     else:
         return
-    time.sleep(1.0)  # let the worker's and beat's last start-up lines go first
-    print(text.replace("web, worker and beat start now", "web, worker and beat are up"), flush=True)
+    if demo_agents():
+        _wait_for_demo_nodes(deadline)
+    time.sleep(2.0)  # let the last start-up lines (an agent's first state applied) go first
+    print(text.replace(" start now; Ctrl-C", " are up; Ctrl-C", 1), flush=True)
+
+
+def _wait_for_demo_nodes(deadline: float) -> None:
+    """Until every demo node's agent has connected (its node online), or `deadline`: each agent
+    prints its start-up lines as it connects, which would push the banner away again."""
+    from django.db import DatabaseError, connection
+
+    from meshnet.models import Node
+
+    kept = len(list(Path(os.environ["MOLT_DEMO_AGENTS_DIR"]).glob("*/identity.key")))
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if Node.objects.online().count() >= kept:
+                    return
+            except DatabaseError:
+                pass  # a locked SQLite file while the web process writes: ask again
+            time.sleep(0.5)
+    finally:
+        connection.close()
 
 
 def run_processes(banner_text: str = "") -> int:
@@ -262,8 +321,10 @@ def run_processes(banner_text: str = "") -> int:
     # Handlers first: a Ctrl-C between starting honcho and handling it would orphan honcho.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
+    processes = ["web", "worker", "beat", *(["agents"] if demo_agents() else [])]
+    port = os.environ["PORT"]
     honcho = subprocess.Popen(
-        ["honcho", "start", "-f", "Procfile.dev", "-e", os.devnull, "-p", os.environ["PORT"]],
+        ["honcho", "start", "-f", "Procfile.dev", "-e", os.devnull, "-p", port, *processes],
         cwd=REPO,
         start_new_session=True,
     )

@@ -32,7 +32,13 @@ def main() -> int:
     extra = sys.argv[1:]
     with tempfile.TemporaryDirectory(prefix="molt-sqlite-") as tmp:
         codes = [
-            pytest("all tiers on PostgreSQL", {"DATABASE_URL": POSTGRES_URL}, extra),
+            # The slowest tests are printed with the result, so a CI log shows where the
+            # suite's time goes (the suite is held to 45 minutes on a 2-core machine).
+            pytest(
+                "all tiers on PostgreSQL",
+                {"DATABASE_URL": POSTGRES_URL},
+                ["--durations=30", "--durations-min=15", *extra],
+            ),
             pytest(
                 "db tier on SQLite",
                 {
@@ -42,7 +48,7 @@ def main() -> int:
                     # fewer (it was a third of this pass).
                     "MOLT_PROPERTY_EXAMPLES": os.environ.get("MOLT_PROPERTY_EXAMPLES", "50"),
                 },
-                ["-m", "db and not postgres", *extra],
+                ["-m", "db and not postgres", "--durations=10", "--durations-min=15", *extra],
             ),
         ]
     failed = [c for c in codes if c != 0]

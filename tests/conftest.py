@@ -71,6 +71,12 @@ def _missing_for(tier: str) -> str | None:
         for tool in ("wireguard-go", "wg", "nft", "ip"):
             if shutil.which(tool) is None:
                 return f"needs {tool} ({WIREGUARD_PACKAGES})"
+    if tier == "faults":
+        # Its own redis-server (stopped and restarted by the tests), never the shared one.
+        if vendor != "postgresql":
+            return f"needs PostgreSQL, the database is {vendor}"
+        if shutil.which("redis-server") is None:
+            return "needs redis-server (apt-get install redis-server)"
     if tier == "vm":
         from tests.vm.harness import missing_tools
 
@@ -89,7 +95,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat")
+TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat", "faults")
 
 
 def pytest_collection_modifyitems(config, items):

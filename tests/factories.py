@@ -227,3 +227,29 @@ def sandbox_status_envelope(identity: Identity, node_id: str, *reports, full: bo
         node_id=node_id, sandboxes=parsed, timestamp=int(time.time()), full=full
     )
     return wire.signed_envelope(wire.SANDBOX_STATUS, body.to_dict(), identity)
+
+
+def staff_login(client, user):
+    """Log `client` in as staff `user` the way the admin's form does: password and TOTP code
+    (frontend/staff_otp.py). The session is marked verified with a confirmed device of the user
+    (one is created if they have none), as django_otp.login does after a correct code."""
+    from django_otp import DEVICE_ID_SESSION_KEY
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    device = TOTPDevice.objects.filter(user=user, confirmed=True).first()
+    if device is None:
+        device = TOTPDevice.objects.create(user=user, name="test", confirmed=True)
+    client.force_login(user)
+    session = client.session
+    session[DEVICE_ID_SESSION_KEY] = device.persistent_id
+    session.save()
+    return client
+
+
+def totp_code(device, *, step_offset: int = 0) -> str:
+    """The code `device` accepts now (django_otp's own TOTP), optionally a step later."""
+    from django_otp.oath import TOTP
+
+    totp = TOTP(device.bin_key, device.step, device.t0, device.digits, device.drift)
+    totp.time = time.time() + step_offset * device.step
+    return f"{totp.token():0{device.digits}d}"

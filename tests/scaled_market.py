@@ -382,7 +382,7 @@ MARKETPLACE_FILTERS = {
     "min_reliability": "50",
     "min_gpus": "2",
 }
-MARKETPLACE_SORTS = ("price", "-price", "-vram", "-free")
+MARKETPLACE_SORTS = ("price", "-price", "-vram", "-free", "-reliability")
 
 
 def page_paths(copy: Copy) -> dict[str, tuple[str, str]]:

@@ -1,45 +1,71 @@
-"""Template filters for money: amounts are integers of micro-USD everywhere; people read USD."""
+"""Template filters for money, traffic and when a node was seen. Thin: marketplace.money formats;
+these only let a template say which rule applies (an amount, a price per GPU-hour, a price per
+GiB)."""
 
 from __future__ import annotations
 
-from django import template
+from datetime import datetime, timedelta
 
-from marketplace.money import format_usd
+from django import template
+from django.utils import timezone
+from django.utils.timesince import timesince
+
+from marketplace.money import format_price, format_usd
+from meshnet.units import format_bytes
 
 register = template.Library()
 
 
+def _blank(value) -> bool:
+    return value is None or value == ""
+
+
 @register.filter
 def usd(micro: int | None) -> str:
-    """`$2.49`, `$0.005`, `$12,500.00`: at least cents, and every further digit the amount has,
-    so a price of 5,000 micro-USD per GiB does not show as `$0.01` or `$0.00`."""
-    if micro is None or micro == "":
-        return ""
-    return format_usd(int(micro))
+    """An amount (balance, hold, charge, fee, total): `$2.49`, `$1.33`, `$0.008356`."""
+    return "" if _blank(micro) else format_usd(int(micro))
 
 
-_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+@register.filter
+def usd_exact(micro: int | None) -> str:
+    """An amount with every digit it has (`$499.996644`), for a tooltip beside `usd`."""
+    return "" if _blank(micro) else format_usd(int(micro), exact=True)
+
+
+@register.filter
+def hour_price(micro: int | None) -> str:
+    """A price per GPU-hour: `$2.49`, exact."""
+    return "" if _blank(micro) else format_price(int(micro), "hour")
+
+
+@register.filter
+def gib_price(micro: int | None) -> str:
+    """A price per GiB: `$0.010`, `$0.012`, exact."""
+    return "" if _blank(micro) else format_price(int(micro), "gib")
 
 
 @register.filter
 def iec_bytes(count: int | None) -> str:
     """`0 B`, `512 B`, `1.5 MiB`, `50 GiB`: binary units, as bandwidth is priced per GiB."""
-    if count is None or count == "":
-        return ""
-    value = float(int(count))
-    for unit in _BYTE_UNITS:
-        if abs(value) < 1024 or unit == _BYTE_UNITS[-1]:
-            if unit == "B":
-                return f"{int(value)} B"
-            text = f"{value:.1f}".removesuffix(".0")
-            return f"{text} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
+    return "" if _blank(count) else format_bytes(int(count))
 
 
 @register.filter
 def iec_rate(bytes_per_second: float | None) -> str:
     """A bandwidth as `1.2 MiB/s`."""
-    if bytes_per_second is None or bytes_per_second == "":
+    if _blank(bytes_per_second):
         return ""
-    return f"{iec_bytes(round(float(bytes_per_second)))}/s"
+    return f"{format_bytes(round(float(bytes_per_second)))}/s"
+
+
+@register.filter
+def seen_ago(moment: datetime | None) -> str:
+    """How long ago a node was last heard from: `just now` under a minute (Django's timesince
+    says `0 minutes` there, and a node a few seconds behind our clock too), else `5 minutes
+    ago`."""
+    if _blank(moment):
+        return ""
+    now = timezone.now()
+    if now - moment < timedelta(minutes=1):
+        return "just now"
+    return f"{timesince(moment, now)} ago"

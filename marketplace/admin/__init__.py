@@ -7,8 +7,16 @@ orders, reverse a transaction, resolve disputes, decide payouts. Amounts are int
 and shown in USD.
 
 Split by what an operator looks at: accounts (users, tokens), market (listings, orders), ledger,
-payments (earnings, disputes, payouts); common holds what they share. Django's admin autodiscovery
-imports this package, and each module registers its pages.
+payments (earnings, disputes, payouts), clusters (multi-node orders), card_payments (Stripe
+Checkout top-ups); common holds what they share. Django's admin autodiscovery imports this
+package, and each module registers its pages.
 """
 
-from marketplace.admin import accounts, ledger, market, payments  # noqa: F401  (registrations)
+from marketplace.admin import (  # noqa: F401  (registrations)
+    accounts,
+    card_payments,
+    clusters,
+    ledger,
+    market,
+    payments,
+)

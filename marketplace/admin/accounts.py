@@ -20,7 +20,7 @@ from marketplace.models import (
     IdempotencyRecord,
     SshKey,
 )
-from marketplace.money import usd_to_micro
+from marketplace.money import format_usd, usd_to_micro
 from meshnet.admin import ReadOnlyAdmin
 
 
@@ -47,7 +47,7 @@ def grant_once(operator, users, amount: int, memo: str, nonce: str) -> bool:
         with idempotency.once(
             operator,
             f"admin:grant_credits:{nonce}",
-            what=f"granted {amount} micro-USD to users {ids}: {memo}",
+            what=f"granted {format_usd(amount, exact=True)} to users {ids}: {memo}",
         ):
             for user in users:
                 ledger.grant_credits(

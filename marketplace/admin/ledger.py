@@ -7,7 +7,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from marketplace import ledger
-from marketplace.admin.common import action_page, money, usd
+from marketplace.admin.common import ReadableFields, action_page, money, usd
 from marketplace.errors import MarketError
 from marketplace.models import (
     Account,
@@ -20,19 +20,21 @@ from meshnet.admin import ReadOnlyAdmin
 
 
 @admin.register(Account)
-class AccountAdmin(ReadOnlyAdmin):
+class AccountAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = ("id", "kind", "user", "shown_balance", "created_at")
     list_filter = ("kind",)
     list_select_related = ("user",)
     search_fields = ("=id", "user__username")
     shown_balance = money("balance", "balance")
+    readable = {"balance": "shown_balance"}
 
 
 class EntryInline(admin.TabularInline):
     model = LedgerEntry
     extra = 0
     can_delete = False
-    readonly_fields = ("account", "amount")
+    fields = readonly_fields = ("account", "shown_amount")
+    shown_amount = money("amount", "amount")
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -97,20 +99,27 @@ class LedgerTransactionAdmin(ReadOnlyAdmin):
 
 
 @admin.register(LedgerEntry)
-class LedgerEntryAdmin(ReadOnlyAdmin):
+class LedgerEntryAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = ("id", "transaction", "account", "shown_amount")
     list_filter = ("account__kind", "transaction__kind")
     list_select_related = ("transaction", "account__user")
     search_fields = ("=transaction__id", "account__user__username")
     shown_amount = money("amount", "amount")
+    readable = {"amount": "shown_amount"}
 
 
 @admin.register(EscrowHold)
-class EscrowHoldAdmin(ReadOnlyAdmin):
-    list_display = ("id", "order", "shown_amount", "state", "created_at", "resolved_at")
+class EscrowHoldAdmin(ReadableFields, ReadOnlyAdmin):
+    list_display = ("id", "order", "cluster", "shown_amount", "state", "created_at", "resolved_at")
     list_filter = ("state",)
-    search_fields = ("=order__id", "order__buyer__username")
+    search_fields = (
+        "=order__id",
+        "=cluster__id",
+        "order__buyer__username",
+        "cluster__buyer__username",
+    )
     shown_amount = money("amount", "amount")
+    readable = {"amount": "shown_amount"}
 
 
 @admin.register(AuditRun)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin, messages
 
-from marketplace.admin.common import money
+from marketplace.admin.common import ReadableFields, byte_count, money, price
 from marketplace.errors import MarketError
 from marketplace.listings import update_listing
 from marketplace.models import (
@@ -34,12 +34,12 @@ class DeletedFilter(admin.SimpleListFilter):
 
 
 @admin.register(Listing)
-class ListingAdmin(ReadOnlyAdmin):
+class ListingAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = (
         "id",
         "gpu_model",
         "gpu_count",
-        "price",
+        "hour_price",
         "gib_price",
         "region",
         "node",
@@ -52,8 +52,9 @@ class ListingAdmin(ReadOnlyAdmin):
     list_select_related = ("node", "owner")
     search_fields = ("=id", "gpu_model", "node__name", "owner__username")
     actions = ["pause", "resume"]
-    price = money("price_per_gpu_hour", "per GPU-hour")
-    gib_price = money("price_per_gib", "per GiB")
+    hour_price = price("price_per_gpu_hour", "per GPU-hour", "hour")
+    gib_price = price("price_per_gib", "per GiB", "gib")
+    readable = {"price_per_gpu_hour": "hour_price", "price_per_gib": "gib_price"}
 
     def has_pause_permission(self, request) -> bool:
         return request.user.has_perm("marketplace.change_listing")
@@ -88,7 +89,7 @@ class TransitionInline(admin.TabularInline):
 
 
 @admin.register(Order)
-class OrderAdmin(ReadOnlyAdmin):
+class OrderAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = (
         "id",
         "buyer",
@@ -98,8 +99,8 @@ class OrderAdmin(ReadOnlyAdmin):
         "hours",
         "state",
         "hold",
-        "bytes_in",
-        "bytes_out",
+        "received",
+        "sent",
         "created_at",
         "ended_at",
         "reason",
@@ -111,6 +112,19 @@ class OrderAdmin(ReadOnlyAdmin):
     inlines = [TransitionInline]
     actions = ["stop"]
     hold = money("hold_amount", "hold")
+    received = byte_count("bytes_in", "received")
+    sent = byte_count("bytes_out", "sent")
+    order_price = price("price_per_gpu_hour", "per GPU-hour", "hour")
+    order_gib_price = price("price_per_gib", "per GiB", "gib")
+    allowance = byte_count("bandwidth_allowance_bytes", "bandwidth allowance")
+    readable = {
+        "price_per_gpu_hour": "order_price",
+        "price_per_gib": "order_gib_price",
+        "bandwidth_allowance_bytes": "allowance",
+        "hold_amount": "hold",
+        "bytes_in": "received",
+        "bytes_out": "sent",
+    }
 
     @admin.display(description="node", ordering="listing__node__name")
     def node(self, order: Order) -> str:
@@ -143,13 +157,13 @@ class OrderTransitionAdmin(ReadOnlyAdmin):
 
 
 @admin.register(Settlement)
-class SettlementAdmin(ReadOnlyAdmin):
+class SettlementAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = (
         "id",
         "order",
         "billed_seconds",
         "time",
-        "bandwidth_bytes",
+        "traffic",
         "bandwidth",
         "captured_usd",
         "fee_usd",
@@ -165,6 +179,16 @@ class SettlementAdmin(ReadOnlyAdmin):
     fee_usd = money("fee", "fee")
     provider_usd = money("provider_amount", "provider")
     released_usd = money("released", "released")
+    traffic = byte_count("bandwidth_bytes", "traffic")
+    readable = {
+        "time_charge": "time",
+        "bandwidth_bytes": "traffic",
+        "bandwidth_charge": "bandwidth",
+        "captured": "captured_usd",
+        "fee": "fee_usd",
+        "provider_amount": "provider_usd",
+        "released": "released_usd",
+    }
 
 
 # --- API access -----------------------------------------------------------------------------------

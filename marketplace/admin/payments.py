@@ -9,7 +9,7 @@ from django import forms
 from django.contrib import admin, messages
 
 from marketplace import payments
-from marketplace.admin.common import MAX_FORM_USD, action_page, money, usd
+from marketplace.admin.common import MAX_FORM_USD, ReadableFields, action_page, money, usd
 from marketplace.errors import MarketError
 from marketplace.models import (
     Dispute,
@@ -18,10 +18,11 @@ from marketplace.models import (
 )
 from marketplace.money import usd_to_micro
 from meshnet.admin import ReadOnlyAdmin
+from meshnet.units import format_bytes
 
 
 @admin.register(EarningsHold)
-class EarningsHoldAdmin(ReadOnlyAdmin):
+class EarningsHoldAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = (
         "id",
         "order",
@@ -36,6 +37,7 @@ class EarningsHoldAdmin(ReadOnlyAdmin):
     list_select_related = ("provider",)
     search_fields = ("=order__id", "provider__username")
     shown_amount = money("amount", "amount")
+    readable = {"amount": "shown_amount"}
 
 
 class ResolveDisputeForm(forms.Form):
@@ -45,20 +47,22 @@ class ResolveDisputeForm(forms.Form):
         max_value=MAX_FORM_USD,
         max_digits=13,
         decimal_places=6,
-        help_text="0 up to what was captured: first out of the provider's frozen share, "
-        "beyond it out of the platform fee; the rest of the share goes to the provider.",
+        help_text="from 0 (the dispute is rejected) up to what was captured, above: first out of "
+        "the provider's frozen share, beyond it out of the platform fee; the rest of the share "
+        "goes to the provider.",
     )
     note = forms.CharField(max_length=500, required=False, label="Note (shown to the buyer)")
 
 
 @admin.register(Dispute)
-class DisputeAdmin(ReadOnlyAdmin):
+class DisputeAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = ("id", "order", "buyer", "state", "opened_at", "resolved_at", "refund_usd")
     list_filter = ("state",)
     list_select_related = ("buyer",)
     search_fields = ("=order__id", "buyer__username", "reason")
     date_hierarchy = "opened_at"
     refund_usd = money("refund", "refund")
+    readable = {"refund": "refund_usd"}
     readonly_fields = ("reason",)
     actions = ["resolve"]
 
@@ -99,7 +103,9 @@ class DisputeAdmin(ReadOnlyAdmin):
                     )
                     return None
         else:
-            form = ResolveDisputeForm(initial={"refund": 0})
+            # No pre-filled 0 (it read as a stray figure beside the field): the operator types
+            # the refund, 0 to reject the dispute.
+            form = ResolveDisputeForm()
         settlement = dispute.order.settlement
         return action_page(
             self,
@@ -110,7 +116,7 @@ class DisputeAdmin(ReadOnlyAdmin):
                 f"captured {usd(settlement.captured)}: provider share "
                 f"{usd(settlement.provider_amount)} (frozen), platform fee {usd(settlement.fee)}",
                 f"billed {settlement.billed_seconds} s, offline {settlement.offline_seconds} s, "
-                f"{settlement.bandwidth_bytes} bytes",
+                f"{format_bytes(settlement.bandwidth_bytes)} of traffic",
             ],
             form=form,
             action="resolve",
@@ -128,7 +134,7 @@ class RejectPayoutForm(forms.Form):
 
 
 @admin.register(PayoutRequest)
-class PayoutRequestAdmin(ReadOnlyAdmin):
+class PayoutRequestAdmin(ReadableFields, ReadOnlyAdmin):
     list_display = (
         "id",
         "provider",
@@ -144,6 +150,7 @@ class PayoutRequestAdmin(ReadOnlyAdmin):
     search_fields = ("=id", "provider__username", "note")
     date_hierarchy = "requested_at"
     shown_amount = money("amount", "amount")
+    readable = {"amount": "shown_amount"}
     actions = ["mark_paid", "reject"]
 
     def has_decide_permission(self, request) -> bool:

@@ -4,8 +4,11 @@ Service errors (meshnet.errors.MeshError, marketplace.errors.MarketError) become
 `status_code` with `{"detail": message, "code": code}`, plus `{field: [message]}` when the error
 names a field, so a form can show the message beside the input. DRF's own errors keep DRF's
 shape (validation errors are `{field: [messages]}`; the others get a `code` beside `detail`).
-Anything else is a bug: it is logged with its traceback and the client gets a generic 500, never
-the traceback or a setting.
+A database that dropped the connection or could not finish the transaction (a backend
+terminated, a failover, a deadlock or lock timeout) is a fault of the moment, not a bug: 503
+`unavailable` with Retry-After, so a client retries (the transaction rolled back; an order's
+Idempotency-Key makes even a retry after a lost COMMIT answer safe). Anything else is a bug: it
+is logged with its traceback and the client gets a generic 500, never the traceback or a setting.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
+from django.db import InterfaceError, OperationalError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -53,6 +57,27 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
             {"detail": "the request is malformed", "code": "bad_request"},
             status=status.HTTP_400_BAD_REQUEST,
         )
+    if isinstance(exc, OperationalError | InterfaceError):
+        # The faults tier terminates PostgreSQL backends mid-request: these answered 500
+        # "internal error" before, which no client retries.
+        set_rollback()
+        request = context.get("request")
+        log.warning(
+            "database unavailable in %s %s: %s: %s",
+            getattr(request, "method", "?"),
+            getattr(request, "path", "?"),
+            type(exc).__name__,
+            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+        )
+        return Response(
+            {
+                "detail": "the database is unavailable; retry shortly, with the same "
+                "Idempotency-Key",
+                "code": "unavailable",
+            },
+            status=status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "1"},
+        )
     response = drf_exception_handler(exc, context)
     if response is not None:
         if (
@@ -80,3 +105,15 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         {"detail": "internal error; it has been logged", "code": "server_error"},
         status=status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
+
+
+def not_found(request, exception=None):
+    """handler404 (config/urls.py): a path under /api/ that no route matches (an id that is not
+    a number, `/api/v1/orders/x/stop/`) answers in the API's error shape, as JSON, like every
+    other API error; elsewhere Django's page. Schemathesis found the API's HTML 404 there."""
+    from django.http import JsonResponse
+    from django.views.defaults import page_not_found
+
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "not found", "code": "not_found"}, status=404)
+    return page_not_found(request, exception)

@@ -24,6 +24,12 @@ How it stays exactly-once:
    by compare-and-set) and runs. Should the first request not be dead after all but merely
    slow, its final compare-and-set finds another token, its work rolls back and it answers
    409: the work lands once either way.
+5. Lost connection. A claim or work whose connection dies (a backend terminated) is resolved
+   on a new connection before answering: a claim carrying our token is ours; work whose record
+   is completed committed (its response is the answer, 2xx, even when the COMMIT's own answer
+   was lost); otherwise the claim is freed and the answer is 503 `unavailable`, so the retry it
+   asks for runs at once instead of meeting 409 until the claim goes stale. Without a key the
+   work runs in one transaction whose id decides the same question (marketplace.lost_commits).
 
 Use it on a view method and document the header with IDEMPOTENCY_KEY_PARAMETER:
 
@@ -36,13 +42,13 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 import secrets
 from collections.abc import Callable
 
 from django.db import transaction
 from django.http import HttpResponse
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework import status
 from rest_framework.exceptions import APIException
@@ -50,8 +56,10 @@ from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from marketplace import idempotency
+from marketplace import idempotency, lost_commits
 from marketplace.models import IdempotencyRecord
+
+log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -60,7 +68,9 @@ _KEY_RE = re.compile(r"[\x21-\x7e]{1,255}")
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
     name=HEADER,
-    type=OpenApiTypes.STR,
+    # The schema states _KEY_RE, so a schema-valid key is one the view takes (Schemathesis sent
+    # a schema-valid key with a control character and got a 400).
+    type={"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[!-~]+$"},
     location=OpenApiParameter.HEADER,
     required=False,
     description=(
@@ -146,41 +156,131 @@ class _ClaimLost(Exception):
 def idempotent(handler: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
     """Make a DRF view method honour the Idempotency-Key header (see the module docstring).
 
-    Without the header the method runs as usual. With it, the key is claimed in a committed
-    transaction of its own, then the method runs in one transaction that also stores its
-    response; a non-2xx response rolls that transaction back and frees the key.
+    Without the header the method runs in one transaction whose id is read first, so that a
+    COMMIT whose answer is lost is resolved on a new connection (its 2xx when it committed).
+    With it, the key is claimed in a committed transaction of its own, then the method runs in
+    one transaction that also stores its response; a non-2xx response rolls that transaction
+    back and frees the key.
     """
 
     @functools.wraps(handler)
     def wrapper(view, request: Request, *args, **kwargs) -> HttpResponse:
-        key = request.headers.get(HEADER)
-        if key is None:
-            return handler(view, request, *args, **kwargs)
-        if not _KEY_RE.fullmatch(key):
-            raise InvalidIdempotencyKey()
-        fingerprint = request_fingerprint(request)
-        token = secrets.token_hex(16)
-        record, claimed = _claim(request.user, key, fingerprint, token)
-        if not claimed:
-            return _json_response(record.status_code, record.response_body, replayed=True)
-        try:
-            with transaction.atomic():
-                response = handler(view, request, *args, **kwargs)
-                if not 200 <= response.status_code < 300:
-                    transaction.set_rollback(True)
-                else:
-                    body = _rendered_body(response)
-                    if not idempotency.store(record, token, response.status_code, body):
-                        raise _ClaimLost()
-        except _ClaimLost:
-            raise _in_flight(key) from None
-        except BaseException:
-            idempotency.free(record, token)
-            raise
-        if not 200 <= response.status_code < 300:
-            # Only successes are remembered; the key stays free for a corrected retry.
-            idempotency.free(record, token)
-            return response
-        return _json_response(response.status_code, body, replayed=False)
+        if transaction.get_connection().in_atomic_block:
+            # Inside someone's transaction (a test's, ATOMIC_REQUESTS): nothing commits here.
+            return _keyed(handler, view, request, *args, **kwargs)
+        if request.headers.get(HEADER) is None:
+            return _unkeyed(handler, view, request, *args, **kwargs)
+        return _keyed(handler, view, request, *args, **kwargs)
 
     return wrapper
+
+
+def _unkeyed(handler, view, request: Request, *args, **kwargs) -> HttpResponse:
+    """The method in one transaction; a lost COMMIT resolved by its transaction id."""
+    xid = response = None
+    hooks: list = []
+    try:
+        with transaction.atomic():
+            xid = lost_commits.transaction_id()
+            response = handler(view, request, *args, **kwargs)
+            hooks = lost_commits.commit_hooks()
+    except lost_commits.CONNECTION_LOST:
+        # Only the COMMIT of a finished method is ambiguous; an error before it rolled back.
+        if response is None or xid is None or not lost_commits.committed(xid):
+            raise
+        log.warning("COMMIT of %s %s landed, its answer was lost", request.method, request.path)
+        lost_commits.run_commit_hooks(hooks)
+    return response
+
+
+def _keyed(handler, view, request: Request, *args, **kwargs) -> HttpResponse:
+    key = request.headers.get(HEADER)
+    if key is None:
+        return handler(view, request, *args, **kwargs)
+    if not _KEY_RE.fullmatch(key):
+        raise InvalidIdempotencyKey()
+    fingerprint = request_fingerprint(request)
+    token = secrets.token_hex(16)
+    record, claimed = _claim_resolving(request.user, key, fingerprint, token)
+    if not claimed:
+        return _json_response(record.status_code, record.response_body, replayed=True)
+    hooks: list = []
+    try:
+        with transaction.atomic():
+            response = handler(view, request, *args, **kwargs)
+            if not 200 <= response.status_code < 300:
+                transaction.set_rollback(True)
+            else:
+                body = _rendered_body(response)
+                if not idempotency.store(record, token, response.status_code, body):
+                    raise _ClaimLost()
+                hooks = lost_commits.commit_hooks()
+    except _ClaimLost:
+        raise _in_flight(key) from None
+    except lost_commits.CONNECTION_LOST:
+        if transaction.get_connection().in_atomic_block:
+            raise
+        # The connection died: before the COMMIT (nothing stays) or in it (it may have landed).
+        # The record says which, read on a new connection: completed means our work committed.
+        stored = _free_resolving(record, token)
+        if stored is None:
+            raise
+        log.warning("COMMIT of %s %s landed, its answer was lost", request.method, request.path)
+        lost_commits.run_commit_hooks(hooks)
+        return _json_response(stored.status_code, stored.response_body, replayed=False)
+    except BaseException:
+        _free(record, token)
+        raise
+    if not 200 <= response.status_code < 300:
+        # Only successes are remembered; the key stays free for a corrected retry.
+        _free(record, token)
+        return response
+    return _json_response(response.status_code, body, replayed=False)
+
+
+def _claim_resolving(user, key: str, fingerprint: str, token: str):
+    """_claim, with a COMMIT of the claim whose answer was lost resolved on a new connection:
+    if the claim landed it is ours (it carries our token), else claim again. Without this the
+    key stayed in flight for MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS and every retry got 409."""
+    try:
+        return _claim(user, key, fingerprint, token)
+    except lost_commits.CONNECTION_LOST:
+        if transaction.get_connection().in_atomic_block:
+            raise
+        mine = lost_commits.on_new_connection(
+            lambda: IdempotencyRecord.objects.filter(user=user, key=key, claim=token).first()
+        )
+        if mine is not None:
+            return mine, True
+        return _claim(user, key, fingerprint, token)
+
+
+def _free(record: IdempotencyRecord, token: str) -> None:
+    """idempotency.free, again on a new connection if the first one died meanwhile (a key
+    left in flight holds every retry off with 409 for MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS)."""
+    try:
+        idempotency.free(record, token)
+    except lost_commits.CONNECTION_LOST:
+        if transaction.get_connection().in_atomic_block:
+            raise
+        lost_commits.on_new_connection(lambda: idempotency.free(record, token))
+
+
+def _free_resolving(record: IdempotencyRecord, token: str) -> IdempotencyRecord | None:
+    """After the work's connection died: give the key back if our work did not commit (None),
+    or return the record completed by our work if it did. On a new connection; the DELETE waits
+    for a dying backend's row lock, so it sees the work's final outcome, never its middle."""
+
+    def free_then_read() -> IdempotencyRecord | None:
+        idempotency.free(record, token)
+        return IdempotencyRecord.objects.filter(pk=record.pk).first()
+
+    try:
+        stored = lost_commits.on_new_connection(free_then_read)
+    except lost_commits.CONNECTION_LOST:
+        # The database is still out of reach: the claim stays in flight until it goes stale
+        # (MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS), when a retry takes it over.
+        return None
+    if stored is None or stored.status_code == idempotency.IN_FLIGHT:
+        return None
+    return stored

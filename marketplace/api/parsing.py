@@ -38,7 +38,10 @@ def json_depth_exceeds(value: Any, limit: int) -> bool:
 
 
 def _no_fractions(text: str) -> Any:
-    raise ValueError(f"numbers must be whole: amounts are integers of micro-USD, got {text[:32]}")
+    raise ValueError(
+        "numbers must be whole: amounts are integers of millionths of a dollar "
+        f"(1000000 is $1.00), got {text[:32]}"
+    )
 
 
 def _no_constants(name: str) -> Any:
@@ -114,6 +117,17 @@ class BoundedLimitOffsetPagination(pagination.LimitOffsetPagination):
         # Huge values are capped, not refused (DRF's documented behaviour for max_limit); a
         # string of thousands of digits is not even turned into a number.
         return self.max_limit if len(raw) > 6 else min(int(raw), self.max_limit)
+
+    def get_schema_operation_parameters(self, view):  # type: ignore[no-untyped-def]
+        # The bounds the methods above enforce, stated in the schema (Schemathesis checks both
+        # ways). `limit` has no maximum: a larger one is capped, not refused.
+        parameters = super().get_schema_operation_parameters(view)
+        for parameter in parameters:
+            if parameter["name"] == self.limit_query_param:
+                parameter["schema"]["minimum"] = 1
+            elif parameter["name"] == self.offset_query_param:
+                parameter["schema"].update(minimum=0, maximum=MAX_OFFSET)
+        return parameters
 
 
 def max_body_bytes() -> int:

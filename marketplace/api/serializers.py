@@ -4,13 +4,16 @@ Amounts are integers of micro-USD."""
 
 from __future__ import annotations
 
+from django.db.models import F
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from marketplace.connect import connect_info, sandbox_of
 from marketplace.models import Listing, Order, SshKey
-from marketplace.money import MAX_PRICE
+from marketplace.money import MAX_PRICE, format_usd
+from marketplace.settlement import cost_rate_per_hour, cost_so_far
+from meshnet import relays
 from meshnet.errors import InvalidPeerKey
 from meshnet.keys import check_wireguard_public_key
 from meshnet.models import Node
@@ -19,6 +22,12 @@ from meshnet.models import Node
 class ApiTokenRequestSerializer(serializers.Serializer):
     username = serializers.CharField()
     password = serializers.CharField(trim_whitespace=False, style={"input_type": "password"})
+    otp_token = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        max_length=8,
+        help_text="Staff accounts only: the code their authenticator app shows now.",
+    )
 
 
 class ApiTokenSerializer(serializers.Serializer):
@@ -47,6 +56,22 @@ class ListingSerializer(serializers.ModelSerializer):
         read_only=True,
         help_text="sandbox images a buyer may pick; the first is the default",
     )
+    online = serializers.SerializerMethodField(
+        help_text="the node sent a heartbeat within MOLT_NODE_OFFLINE_AFTER_SECONDS (45 s)"
+    )
+    last_seen_at = serializers.DateTimeField(
+        source="node.last_seen_at",
+        read_only=True,
+        allow_null=True,
+        help_text="the node's last heartbeat; null: never seen",
+    )
+    driver_version = serializers.SerializerMethodField(
+        help_text="NVIDIA driver of the listing's GPUs as the agent reports it (the lowest, "
+        "if they differ); empty when unreported"
+    )
+    cuda_version = serializers.SerializerMethodField(
+        help_text="CUDA version of the listing's GPUs (the lowest, if they differ)"
+    )
 
     class Meta:
         model = Listing
@@ -70,6 +95,10 @@ class ListingSerializer(serializers.ModelSerializer):
             "memory_gb_per_gpu",
             "disk_gb",
             "egress",
+            "online",
+            "last_seen_at",
+            "driver_version",
+            "cuda_version",
         ]
         read_only_fields = fields
         extra_kwargs = {
@@ -82,6 +111,24 @@ class ListingSerializer(serializers.ModelSerializer):
     def get_reliability(self, listing: Listing) -> int | None:
         record = getattr(listing.node, "reliability", None)  # None: no NodeReliability row yet
         return record.score if record is not None else None
+
+    def get_online(self, listing: Listing) -> bool:
+        return listing.node.online
+
+    def _lowest(self, listing: Listing, field: str) -> str:
+        annotated = getattr(listing, field, None)  # marketplace.market.offers annotates it
+        if annotated is not None:
+            return annotated
+        gpus = listing.node.gpus.filter(name=listing.gpu_model).order_by(
+            F(f"{field}_key").asc(nulls_first=True)
+        )
+        return gpus.values_list(field, flat=True).first() or ""
+
+    def get_driver_version(self, listing: Listing) -> str:
+        return self._lowest(listing, "driver_version")
+
+    def get_cuda_version(self, listing: Listing) -> str:
+        return self._lowest(listing, "cuda_version")
 
     def get_gpus_available(self, listing: Listing) -> int:
         in_use = getattr(listing, "gpus_in_use", None)
@@ -104,19 +151,30 @@ class OwnNodeField(serializers.PrimaryKeyRelatedField):
         return Node.objects.owned_by(request.user).active()
 
 
+# A refusal says dollars, as every text a person reads does (the field itself stays an integer).
+PRICE_ERRORS = {"max_value": f"a price is at most {format_usd(MAX_PRICE)} ({MAX_PRICE})"}
+
+
 class ListingCreateSerializer(serializers.Serializer):
     node = OwnNodeField(help_text="id of one of your nodes")
     gpu_count = serializers.IntegerField(min_value=1)
     price_per_gpu_hour = serializers.IntegerField(
-        min_value=0, max_value=MAX_PRICE, help_text="micro-USD per GPU-hour"
+        min_value=0,
+        max_value=MAX_PRICE,
+        help_text="micro-USD per GPU-hour",
+        error_messages=PRICE_ERRORS,
     )
     price_per_gib = serializers.IntegerField(
-        min_value=0, max_value=MAX_PRICE, help_text="micro-USD per GiB"
+        min_value=0, max_value=MAX_PRICE, help_text="micro-USD per GiB", error_messages=PRICE_ERRORS
     )
     gpu_model = serializers.CharField(
         required=False, help_text="which model, when the node has several"
     )
-    region = serializers.CharField(required=False, help_text="defaults to the node's region")
+    region = serializers.CharField(
+        required=False,
+        help_text="always the node's region (declared at `clawnode join --region`); if given, "
+        "it must be that one (400 otherwise)",
+    )
     images = serializers.ListField(
         child=serializers.CharField(max_length=255),
         required=False,
@@ -213,10 +271,24 @@ class SandboxSerializer(serializers.Serializer):
     )
 
 
+class PathSerializer(serializers.Serializer):
+    kind = serializers.ChoiceField(choices=["direct", "relayed"])
+    relay = serializers.CharField(allow_null=True, help_text="the relay's name when relayed")
+    region = serializers.CharField(allow_null=True, help_text="the relay's region, if it has one")
+
+
 class OrderSerializer(serializers.ModelSerializer):
     hold = serializers.IntegerField(source="hold_amount", read_only=True, help_text="micro-USD")
     charges = serializers.SerializerMethodField(
         help_text="micro-USD captured at settlement; null until the order is settled"
+    )
+    cost_so_far = serializers.SerializerMethodField(
+        help_text="micro-USD the order has cost up to now (time without the node's outages, "
+        "plus traffic, at most the hold); once settled, what was captured"
+    )
+    cost_rate_per_hour = serializers.SerializerMethodField(
+        help_text="micro-USD another hour of GPU time costs while the order runs (traffic on "
+        "top, at price_per_gib); 0 when it is not running"
     )
     dispute = serializers.SerializerMethodField(
         help_text="the buyer's dispute of this order, null if none"
@@ -227,7 +299,13 @@ class OrderSerializer(serializers.ModelSerializer):
     job_address = serializers.SerializerMethodField(help_text="the buyer's tunnel address")
     provider_address = serializers.SerializerMethodField(help_text="the node's mesh address")
     provider_public_key = serializers.SerializerMethodField(help_text="the node's WireGuard key")
-    endpoint = serializers.SerializerMethodField(help_text="host:port of the provider node")
+    endpoint = serializers.SerializerMethodField(
+        help_text="host:port the buyer's client sends to: the provider node, or its relay port"
+    )
+    path = serializers.SerializerMethodField(
+        help_text="how the tunnel runs: kind `direct` or `relayed` (via `relay`, in `region`); "
+        "null until provisioned"
+    )
     sandbox = serializers.SerializerMethodField(
         help_text="the job's container: null until provisioning made it"
     )
@@ -247,6 +325,8 @@ class OrderSerializer(serializers.ModelSerializer):
             "bandwidth_allowance_bytes",
             "hold",
             "charges",
+            "cost_so_far",
+            "cost_rate_per_hour",
             "bytes_in",
             "bytes_out",
             "created_at",
@@ -258,9 +338,14 @@ class OrderSerializer(serializers.ModelSerializer):
             "provider_address",
             "provider_public_key",
             "endpoint",
+            "path",
             "dispute",
             "dispute_window_ends_at",
             "sandbox",
+            # A part of a multi-node order (/api/v1/clusters/): its cluster and index; null
+            # for a single-node order.
+            "cluster",
+            "part_index",
         ]
         read_only_fields = fields
 
@@ -271,6 +356,12 @@ class OrderSerializer(serializers.ModelSerializer):
         sandbox = known.get(order.pk) if known is not None else sandbox_of(order.pk)
         return connect_info(sandbox)
 
+    def get_cost_so_far(self, order: Order) -> int:
+        return cost_so_far(order)
+
+    def get_cost_rate_per_hour(self, order: Order) -> int:
+        return cost_rate_per_hour(order)
+
     def get_charges(self, order: Order) -> int | None:
         settlement = getattr(order, "settlement", None)
         return settlement.captured if settlement is not None else None
@@ -280,7 +371,9 @@ class OrderSerializer(serializers.ModelSerializer):
         dispute = getattr(order, "dispute", None)
         return DisputeSerializer(dispute).data if dispute is not None else None
 
-    @extend_schema_field(OpenApiTypes.DATETIME)
+    # Null for an order that was never charged: documented as nullable (Schemathesis found a
+    # buyer's order list answering null where the schema promised a date-time).
+    @extend_schema_field({"type": "string", "format": "date-time", "nullable": True})
     def get_dispute_window_ends_at(self, order: Order):
         share = getattr(order, "earnings_hold", None)
         if share is None:
@@ -298,7 +391,11 @@ class OrderSerializer(serializers.ModelSerializer):
         return order.listing.node.wireguard_public_key if order.job_peer_id else None
 
     def get_endpoint(self, order: Order) -> str | None:
-        return (order.listing.node.endpoint or None) if order.job_peer_id else None
+        return (relays.buyer_endpoint(order.job_peer) or None) if order.job_peer_id else None
+
+    @extend_schema_field(PathSerializer(allow_null=True))
+    def get_path(self, order: Order) -> dict | None:
+        return relays.path_of(order.job_peer) if order.job_peer_id else None
 
 
 class WalletSerializer(serializers.Serializer):
@@ -322,6 +419,16 @@ class QuoteRequestSerializer(serializers.Serializer):
     gpu_count = serializers.IntegerField(min_value=1, help_text="GPUs of the listing")
 
 
+class QuoteDisplaySerializer(serializers.Serializer):
+    """The quote's amounts as people read them (marketplace.money's rule: dollars and cents),
+    so a page shows the server's spelling instead of formatting money itself."""
+
+    time_charge = serializers.CharField()
+    bandwidth_allowance_charge = serializers.CharField()
+    fee = serializers.CharField()
+    total_hold = serializers.CharField()
+
+
 class QuoteSerializer(serializers.Serializer):
     """The all-in price of an order not yet placed; `total_hold` is what the escrow would hold.
     Amounts in micro-USD."""
@@ -341,6 +448,7 @@ class QuoteSerializer(serializers.Serializer):
     total_hold = serializers.IntegerField(help_text="held on your wallet when you order")
     currency = serializers.CharField()
     unit = serializers.CharField()
+    display = QuoteDisplaySerializer(help_text="the amounts above as text, e.g. `$2.49`")
 
 
 class RekeySerializer(serializers.Serializer):

@@ -4,7 +4,9 @@ last used and expire) and revoke one."""
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib.auth import authenticate
+from django_otp import match_token
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.permissions import AllowAny
@@ -53,6 +55,20 @@ class ApiTokenView(APIView):
             raise serializers.ValidationError(
                 {"non_field_errors": ["unable to log in: wrong username or password"]}
             )
+        # A staff token acts with staff powers (top-ups for others), so it costs the same second
+        # factor as the admin (frontend/staff_otp.py); a wrong code counts like a wrong password.
+        if user.is_staff and settings.MOLT_STAFF_OTP_REQUIRED:
+            code = credentials.validated_data.get("otp_token", "").strip()
+            if not code.isdigit() or match_token(user, code) is None:
+                guard.record()
+                raise serializers.ValidationError(
+                    {
+                        "otp_token": [
+                            "staff accounts need the code their authenticator app shows "
+                            "(enrol one at /accounts/staff-otp/)"
+                        ]
+                    }
+                )
         token = tokens.issue_api_token(user, name="api")
         return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
 

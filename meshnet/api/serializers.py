@@ -34,6 +34,27 @@ class GpuSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class ConnectivitySerializer(serializers.Serializer):
+    """The agent's latest check of its paths over the mesh (a signed CONNECTIVITY report)."""
+
+    checked_at = serializers.DateTimeField(source="connectivity_checked_at", allow_null=True)
+    hub = serializers.CharField(
+        source="hub_path",
+        help_text="reachable (a WireGuard handshake with the gateway's hub completed), "
+        "unreachable, untested (no hub), or empty (never reported)",
+    )
+    hub_rtt_ms = serializers.IntegerField(
+        allow_null=True, help_text="how long the handshake with the hub took"
+    )
+    peer = serializers.CharField(
+        source="peer_path",
+        help_text="the same for a peer node: untested until node-to-node peers exist",
+    )
+    peer_node_id = serializers.CharField(source="peer_path_node")
+    peer_rtt_ms = serializers.IntegerField(allow_null=True)
+    detail = serializers.CharField(source="connectivity_detail")
+
+
 class NodeSerializer(serializers.ModelSerializer):
     online = serializers.BooleanField(
         read_only=True, help_text="a heartbeat arrived within MOLT_NODE_OFFLINE_AFTER_SECONDS"
@@ -43,6 +64,7 @@ class NodeSerializer(serializers.ModelSerializer):
     endpoint = serializers.CharField(
         read_only=True, help_text="host:port buyers send WireGuard packets to; empty if unknown"
     )
+    connectivity = ConnectivitySerializer(source="*", read_only=True)
 
     class Meta:
         model = Node
@@ -57,6 +79,7 @@ class NodeSerializer(serializers.ModelSerializer):
             "region",
             "endpoint",
             "enrolled_at",
+            "connectivity",
         ]
         read_only_fields = fields
 
@@ -74,7 +97,8 @@ class EnrollEnvelopeSerializer(serializers.Serializer):
     body = serializers.JSONField(
         help_text=(
             "the enrolment request: token, identity_public_key, wireguard_public_key, hostname, "
-            "listen_port, endpoint, gpus, timestamp, nonce (see clawnode.wire.EnrollRequest)"
+            "listen_port, endpoint, gpus, timestamp, nonce, optional region "
+            "(see clawnode.wire.EnrollRequest)"
         )
     )
     # The signature is checked byte for byte: never trim or rewrite it.
@@ -99,4 +123,15 @@ class EnrollmentSerializer(serializers.Serializer):
     )
     hub_address = serializers.IPAddressField(
         protocol="IPv4", help_text="the gateway hub's mesh address (IP plan)"
+    )
+    mesh_network = serializers.CharField(
+        help_text="the whole mesh (10.100.0.0/16): the node's interface prefix, on-link for the "
+        "hub and every node block"
+    )
+    region = serializers.CharField(
+        help_text="the region the node declared at its first join (its address is in that "
+        "region's block); empty: none, the address is in the molt block"
+    )
+    job_network = serializers.CharField(
+        help_text="the block buyers' job tunnel addresses come from: route it to the interface"
     )

@@ -70,12 +70,17 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             200: OpenApiResponse(
                 EnrollmentSerializer, description="safe retry: this identity was already enrolled"
             ),
-            400: OpenApiResponse(ErrorSerializer, description="malformed request"),
+            400: OpenApiResponse(
+                ErrorSerializer, description="malformed request, or a region the plan lacks"
+            ),
             403: OpenApiResponse(
                 ErrorSerializer,
                 description="refused: bad signature, stale, replayed, token unknown/used/expired",
             ),
-            409: OpenApiResponse(ErrorSerializer, description="the mesh address pool is exhausted"),
+            409: OpenApiResponse(
+                ErrorSerializer,
+                description="the mesh address pool (the region's block, or molt) is exhausted",
+            ),
             429: OpenApiResponse(
                 ErrorSerializer, description="too many enrolment attempts from this address"
             ),
@@ -113,6 +118,13 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             "websocket_url": websocket_url(gateway_base_url(request)),
             "wireguard_listen_port": node.listen_port,
             "hub_address": str(ipplan.GATEWAY_HUB_ADDRESS),
+            # The node's interface carries its address with the whole mesh's prefix (its
+            # region's block or the MOLT block, the hub's control block and every other node's
+            # block are on-link there), and routes the job block to the interface: buyers' job
+            # addresses come from there.
+            "mesh_network": str(ipplan.mesh_network()),
+            "region": node.region,
+            "job_network": ipplan.block(ipplan.JOB_BLOCK).cidr,
         }
         return Response(
             EnrollmentSerializer(data).data,

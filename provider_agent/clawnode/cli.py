@@ -37,6 +37,7 @@ from .gpu import (
 from .keys import IdentityFileError, InvalidKey
 from .state import (
     BACKENDS,
+    DEFAULT_JOB_NETWORK,
     DEFAULT_MESH_NETWORK,
     DEFAULT_STATE_DIR,
     AgentStatus,
@@ -85,7 +86,7 @@ def _port(text: str) -> int:
     return value
 
 
-SANDBOX_ENGINES = ("none", "podman")
+SANDBOX_ENGINES = ("none", "podman", "docker")
 _IMAGE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,254}")  # as wire.SandboxSpec.image
 
 
@@ -94,6 +95,14 @@ def _ulimit(text: str) -> tuple[str, int]:
     if not sep or not name.isalpha() or not value.isdigit():
         raise argparse.ArgumentTypeError(f"--container-ulimit {text!r} must be NAME=N")
     return name, int(value)
+
+
+def _docker_host(text: str) -> str:
+    """--docker-host: a local unix socket only (the agent speaks HTTP to it, never TCP); ""
+    (the default) means $DOCKER_HOST, else the standard socket."""
+    if text and not text.startswith("unix:///"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not unix:///path/to/docker.sock")
+    return text
 
 
 def _image(text: str) -> str:
@@ -157,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='report GPUs that do not exist, marked simulated: "RTX 4090:2,A100 80GB:1"',
     )
     join.add_argument(
+        "--region",
+        default="",
+        help="the region this machine is in (e.g. eu-west; the gateway lists its regions): "
+        "its mesh address comes from that region's block and its listings carry it; fixed at "
+        "the first join",
+    )
+    join.add_argument(
         "--force", action="store_true", help="enrol again even if this machine is enrolled"
     )
     join.set_defaults(func=cmd_join)
@@ -173,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sandbox-engine",
         choices=SANDBOX_ENGINES,
         default="none",
-        help="run each job in its own container (podman); none: this node runs no sandboxes "
+        help="run each job in its own container (podman, or docker through its REST API); "
+        "none: this node runs no sandboxes "
         "and reports every one asked for as failed (default none)",
     )
     run.add_argument(
@@ -187,8 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Podman's defaults suit a normal cgroup-v2 host (crun, systemd); older or unusual hosts
     # need these (design/network.md: runc, cgroupfs and lowered ulimits on cgroup v1).
+    run.add_argument(
+        "--docker-host",
+        default="",
+        type=_docker_host,
+        metavar="unix:///PATH",
+        help="the Docker engine's socket, with --sandbox-engine docker "
+        "(default $DOCKER_HOST, else unix:///var/run/docker.sock)",
+    )
+    # Podman only: Docker's runtime and cgroup driver are its daemon's settings.
     run.add_argument("--container-runtime", default="", metavar="NAME", help="e.g. runc")
     run.add_argument("--cgroup-manager", default="", metavar="NAME", help="e.g. cgroupfs")
+    run.add_argument(
+        "--container-userns",
+        default=None,
+        metavar="MODE",
+        help="podman's --userns for every sandbox (default auto:size=65536, which needs a "
+        "'containers' entry in /etc/subuid and /etc/subgid); 'host' runs the buyer as the "
+        "host's root (not recommended)",
+    )
     run.add_argument(
         "--container-ulimit",
         dest="container_ulimits",
@@ -197,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="NAME=N",
         help="a ulimit for every sandbox, e.g. nofile=20000 (repeat for more)",
+    )
+    run.add_argument(
+        "--no-names",
+        action="store_true",
+        help="do not run the names responder (DNS for the sandboxes' names, port 53 on the "
+        "mesh address and the sandboxes' gateway address; on by default with a sandbox engine)",
     )
     run.set_defaults(func=cmd_run)
     return parser
@@ -282,6 +322,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
         listen_port=args.listen_port,
         endpoint=endpoint,
         gpus=report.gpus,
+        region=args.region.strip(),
     )
     response = enroll(gateway, envelope, identity)
     try:
@@ -296,6 +337,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
             listen_port=args.listen_port,
             backend=args.backend,
             mesh_network=response.mesh_network or DEFAULT_MESH_NETWORK,
+            job_network=response.job_network or DEFAULT_JOB_NETWORK,
             endpoint=endpoint,
             enrolled_at=int(time.time()),
             insecure=args.insecure,
@@ -308,7 +350,8 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
         out,
         f"enrolment saved: {state.enrollment_path} ({_mode(state.enrollment_path)})",
     )
-    _say(out, f"{enrollment.name} joined the mesh at {enrollment.mesh_address}")
+    region = f" (region {response.region})" if response.region else ""
+    _say(out, f"{enrollment.name} joined the mesh at {enrollment.mesh_address}{region}")
     return 0
 
 
@@ -465,7 +508,10 @@ def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
         images=tuple(dict.fromkeys(args.images)),
         container_runtime=args.container_runtime,
         cgroup_manager=args.cgroup_manager,
+        container_userns="" if args.container_userns == "host" else args.container_userns,
         container_ulimits=dict(args.container_ulimits),
+        docker_host=args.docker_host,
+        names=not args.no_names,
         say=lambda line: _say(out, line),
     )
 

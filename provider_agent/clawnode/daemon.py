@@ -5,7 +5,7 @@ One loop per gateway connection: challenge-response auth, then four things at on
   reconciled peer by peer (reconcile.plan, then apply), acknowledged with per-peer results;
   a peer no longer desired is cut off there and named "removing" in the ack;
 - removals: the final counters of the peers cut off, read without holding up other changes,
-  sent in a signed sample, then the peers removed and reported "removed" (_finish_removals);
+  sent in a signed sample, then the peers removed and reported "removed" (clawnode.retirement);
 - job sandboxes (clawnode.sandbox): each applied desired state's sandboxes go to the sandbox
   manager first, so a container leaves before its peer; the firewall takes the (peer,
   sandbox) pairs before a peer is added and keeps them until it is cut off; signed
@@ -20,10 +20,10 @@ each change it applies), not a fresh read of the whole device per change, which 
 change at a thousand peers. The view is replaced by a full read on every (re)connect, after any
 change the device refused, and at every metering sample; a sample that finds the device drifted
 from the last applied desired state (someone ran `wg set` by hand) restores that state.
-A lost connection is retried with exponential backoff and jitter; on reconnect the gateway
-sends the full state again, so nothing depends on a message that was lost. SIGTERM stops the
-daemon and leaves the interface and its peers as the last desired state said, so an agent
-restart does not drop buyers' tunnels or reset their counters.
+A lost connection is retried with exponential backoff and jitter (clawnode.reconnect); on
+reconnect the gateway sends the full state again, so nothing depends on a message that was lost.
+SIGTERM stops the daemon and leaves the interface and its peers as the last desired state said,
+so an agent restart does not drop buyers' tunnels or reset their counters.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,17 +40,21 @@ from typing import Any
 
 import websockets
 
-from . import frames, reconcile, wire
+from . import connectivity, frames, reconcile, repin, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .backends.errors import WireGuardError
-from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset
+from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset, sandbox_rules
 from .gpu import GpuReader
+from .job_peers import check_job_peers, check_mesh_peers
 from .journal import EpochJournal
 from .keys import Identity
 from .metering import Meter
+from .names import NamesResponder
+from .names import apply_envelope as apply_names
+from .reconnect import reconnect_wait
+from .retirement import PeerRetirement
 from .sandbox.disabled import NoSandboxes
 from .sandbox.engine import Sandboxes
-from .sandbox.network import host_veth
 from .state import AgentStatus, Enrollment, StateDir, StateError
 
 
@@ -65,11 +68,12 @@ class Timing:
     metering: float = 10.0
     inventory: float = 60.0
     sandbox_status: float = 1.0  # how often sandboxes that changed are reported
+    connectivity: float = 300.0  # how often the path to the hub is tested (clawnode.connectivity)
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
 
 
-class Agent:
+class Agent(PeerRetirement):
     def __init__(
         self,
         *,
@@ -81,6 +85,7 @@ class Agent:
         gpus: GpuReader,
         sandboxes: Sandboxes | None = None,
         images: tuple[str, ...] = (),
+        names: NamesResponder | None = None,
         timing: Timing = Timing(),
         say: Callable[[str], None] = print,
     ) -> None:
@@ -93,6 +98,7 @@ class Agent:
         # Without a sandbox engine the node runs no sandboxes and says so for each one asked.
         self.sandboxes: Sandboxes = sandboxes if sandboxes is not None else NoSandboxes()
         self.images = images
+        self.names = names  # the DNS responder, fed the gateway's signed names tables
         self.timing = timing
         self.say = say
         # The sandbox rules the firewall holds now; at start, those it held when the last
@@ -106,6 +112,7 @@ class Agent:
         self.meter = Meter(identity, self.journal)
         self.since = int(time.time())
         self._welcomed = False
+        self._accepts: frozenset[str] = frozenset()  # optional frames the gateway takes (welcome)
         self._challenge = ""
         self._refused = ""
         self._lock = asyncio.Lock()  # one reconcile or sample at a time: counters stay coherent
@@ -136,15 +143,24 @@ class Agent:
 
     def bring_up(self) -> None:
         e = self.enrollment
+        # The job block is routed onto the interface: buyers' addresses are not on-link with
+        # the node's, and a sandbox's replies must find their way back into the tunnel.
         self.backend.ensure_interface(
-            e.interface, self.identity.wireguard_private_key, e.listen_port, e.interface_address
+            e.interface,
+            self.identity.wireguard_private_key,
+            e.listen_port,
+            e.interface_address,
+            routes=e.routes,
         )
         # The sandbox pairs of the last state applied (by this process or, saved, the last):
         # a job peer left on the interface stays confined to its sandbox across a restart.
         rules = self._sandbox_rules or ()
         self.firewall.apply(e.interface, e.mesh_address, rules)
         self._sandbox_rules = rules
-        self.say(f"interface {e.interface} up at {e.interface_address} ({self.backend.kind})")
+        self.say(
+            f"interface {e.interface} up at {e.interface_address}, {', '.join(e.routes)} routed "
+            f"to it ({self.backend.kind})"
+        )
 
     # -- the connection loop -----------------------------------------------------------------
 
@@ -185,7 +201,7 @@ class Agent:
                 backoff = self.timing.backoff_initial
                 self._welcomed = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff * (0.5 + random.random()))  # noqa: S311
+                await asyncio.wait_for(stop.wait(), reconnect_wait(backoff))
             backoff = min(backoff * 2, self.timing.backoff_max)
         self._status("stopped")
 
@@ -211,6 +227,7 @@ class Agent:
             asyncio.ensure_future(self._metering(ws)),
             asyncio.ensure_future(self._removals(ws)),
             asyncio.ensure_future(self._sandbox_reports(ws)),
+            asyncio.ensure_future(self._connectivity(ws)),
             asyncio.ensure_future(stop.wait()),
         ]
         try:
@@ -239,6 +256,9 @@ class Agent:
                 kind = frame.get("type")
                 if kind == "welcome":
                     self._welcomed = True
+                    accepts = frame.get("accepts")
+                    accepts = accepts if isinstance(accepts, list) else []
+                    self._accepts = frozenset(a for a in accepts if isinstance(a, str))
                     self.say(f"connected to the gateway as {frame.get('name')}")
                     self._status("connected")
                     await self._resend_finals(ws)
@@ -248,7 +268,14 @@ class Agent:
                     # until a desired state asks for one.
                     await self._send_sandbox_status(ws, full=True, if_any=True)
                 elif kind == "desired_state":
-                    await self._apply_desired(ws, frame.get("envelope"))
+                    await self._apply_desired(ws, frame.get("envelope"), frame.get("key_certs"))
+                    if self.names is not None and "names" in frame:  # clawnode.names
+                        refused = apply_names(
+                            self.names, frame["names"], gateway_key=self.enrollment.gateway_key,
+                            node_id=self.identity.node_id, desired=self._desired,
+                        )  # fmt: skip
+                        if refused:
+                            self.say(refused)
                 elif kind == "refused":
                     self._check_refusal(frame.get("envelope"))
                 elif kind == "error":
@@ -285,16 +312,22 @@ class Agent:
 
     # -- desired state -----------------------------------------------------------------------
 
-    async def _apply_desired(self, ws: Any, envelope: Any) -> None:
+    async def _apply_desired(self, ws: Any, envelope: Any, key_certs: Any = None) -> None:
         try:
-            if not isinstance(envelope, dict):
-                raise wire.BadSignature("desired state is not a signed envelope")
-            body = wire.open_envelope(envelope, self.enrollment.gateway_key, wire.DESIRED_STATE)
+            # Signed by the pinned key, or by a key the gateway rotated to, through its chain
+            # of certificates from the pinned key (clawnode.repin).
+            body, repinned = repin.open_desired_state(
+                envelope, self.enrollment, key_certs, int(time.time())
+            )
             # Peers unchanged since the last state applied are not checked again.
             desired = wire.DesiredState.from_dict(body, known=self._desired)
             if desired.node_id != self.identity.node_id:
                 raise wire.ProtocolError("desired state is for another node")
-        except (wire.BadSignature, wire.ProtocolError) as exc:
+            check_job_peers(desired, self.enrollment.job_network, known=self._desired)
+            check_mesh_peers(desired)
+            if repinned is not None:
+                self._repin(repinned)
+        except (wire.BadSignature, wire.ProtocolError, StateError, OSError) as exc:
             # A compromised bus must not add peers: refuse, keep the current peers, tell.
             self.say(f"refused a desired state: {exc}")
             await self._send(ws, {"type": "report", "detail": f"refused desired state: {exc}"})
@@ -313,7 +346,13 @@ class Agent:
             await self._set_firewall(tuple(sorted(set(old_rules) | set(new_rules))))
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-            actions = reconcile.plan(desired, self._view)
+            actions = reconcile.plan(desired, self._view, now=int(time.time()))
+            if any(isinstance(a, reconcile.Update) and "endpoint" in a.changed for a in actions):
+                # Moving an endpoint depends on the peer's latest handshake (never one of the
+                # last 180 s): the view's may be a sample old, so read the device (rare: a
+                # buyer's mapping changed, docs/nat.md) and plan again.
+                self._view = await asyncio.to_thread(self.backend.list_peers)
+                actions = reconcile.plan(desired, self._view, now=int(time.time()))
             results = await self._apply(desired, actions)
             # A peer cut off carries no allowed IPs: its pair can go now.
             await self._set_firewall(new_rules)
@@ -338,6 +377,16 @@ class Agent:
         changed = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
         self.say(f"revision {desired.revision} applied ({changed or 'no change'})")
         self._status("connected")
+
+    def _repin(self, enrollment: Enrollment) -> None:
+        """Pin the gateway's new key: saved first (0600, atomically), so an agent that dies
+        after applying the state still trusts the key on its next start."""
+        self.state.save_enrollment(enrollment)
+        self.enrollment = enrollment
+        self.say(
+            f"gateway key rotated: pinned {enrollment.gateway_public_key} "
+            f"(certificate {enrollment.gateway_key_sequence})"
+        )
 
     async def _apply_sandboxes(self, desired: wire.DesiredState) -> None:
         """Hand the state's sandboxes to the manager. Its failures for one sandbox show in that
@@ -368,7 +417,13 @@ class Agent:
 
     def _saved_sandbox_rules(self) -> tuple[SandboxRule, ...] | None:
         try:
-            rules = tuple(sorted(SandboxRule(**rule) for rule in self.state.read_sandbox_rules()))
+            rules = tuple(
+                sorted(
+                    # JSON gives the members as a list: the rule is hashable with a tuple
+                    SandboxRule(**{**rule, "mesh": tuple(rule.get("mesh", ()))})
+                    for rule in self.state.read_sandbox_rules()
+                )
+            )
             # What the table would refuse is not taken (nor is it what the last agent applied).
             render_ruleset(self.enrollment.interface, self.enrollment.mesh_address, rules)
             return rules or None
@@ -418,7 +473,7 @@ class Agent:
 
     async def _send_inventory(self, ws: Any) -> None:
         report = await asyncio.to_thread(self.gpus.read)
-        await self._send(ws, frames.inventory(report, self.images))
+        await self._send(ws, frames.inventory(report, self.images, self.names is not None))
 
     async def _send_sandbox_status(self, ws: Any, *, full: bool, if_any: bool = False) -> None:
         """A signed SANDBOX_STATUS: every sandbox (full), or those changed since the last
@@ -431,6 +486,24 @@ class Agent:
         while True:
             await asyncio.sleep(self.timing.sandbox_status)
             await self._send_sandbox_status(ws, full=False)
+
+    async def _connectivity(self, ws: Any) -> None:
+        """Once the first desired state is applied, then every timing.connectivity seconds: test
+        the handshake with the hub and report it (clawnode.connectivity). Only to a gateway whose
+        welcome says it takes the report: one that predates it would close the channel on it."""
+        while self._desired is None or not self._welcomed:
+            await asyncio.sleep(0.2)
+        if "connectivity" not in self._accepts:
+            await asyncio.Event().wait()  # returning would end the session
+        while True:
+            async with self._lock:  # the hub peer is set afresh: no reconcile in between
+                probe = await asyncio.to_thread(connectivity.start, self.backend, self._desired)
+                self._view = None
+            result = await asyncio.to_thread(connectivity.finish, self.backend, probe)
+            await self._send(ws, connectivity.frame(self.identity, result))
+            rtt = f" ({result.hub_rtt_ms} ms)" if result.hub == "reachable" else ""
+            self.say(f"hub {result.hub}{rtt}{': ' + result.detail if result.detail else ''}")
+            await asyncio.sleep(self.timing.connectivity)
 
     async def _heartbeats(self, ws: Any) -> None:
         last_inventory = time.monotonic()
@@ -473,122 +546,3 @@ class Agent:
             if self.journal.unsaved:
                 self.journal.save()
         await self._send_removed(ws, removed)
-
-    # -- removals --------------------------------------------------------------------------------
-
-    async def _removals(self, ws: Any) -> None:
-        while True:
-            await self._removals_due.wait()
-            self._removals_due.clear()
-            await self._finish_removals(ws)
-
-    async def _finish_removals(self, ws: Any) -> None:
-        """Read the final counters of the retired peers, send them, remove the peers, and tell
-        the gateway they are gone.
-
-        The read is a dump of the whole device (milliseconds at a thousand peers) and is made
-        without the lock, so changes for other peers are not held up by it: a retired peer has
-        no allowed IPs, so nothing a buyer can use passes it any more. What it still counts
-        between the read and the removal is what it refuses (a cut-off buyer's packets, dropped
-        after decryption, and its handshakes), the bytes a read just before a removal always
-        missed too. Peers retired meanwhile are read on the next round; a peer desired again
-        meanwhile is not removed."""
-        while True:
-            async with self._lock:
-                if self._desired is None:
-                    return  # no desired state applied in this session yet: nothing is retired
-                if self._view is None:
-                    self._view = await asyncio.to_thread(self.backend.list_peers)
-                keys = reconcile.retired(self._desired, self._view)
-                if not keys:
-                    return
-                read = self.backend.start_read()
-            try:
-                last = await asyncio.to_thread(read.peers, keys)
-            finally:
-                read.close()
-            async with self._lock:
-                if self._desired is None or self._view is None:
-                    return  # the session is starting over: its first reconcile reads anew
-                still = set(reconcile.retired(self._desired, self._view))
-                last = {key: status for key, status in last.items() if key in still}
-                if last:
-                    await self._send_sample(ws, last)
-                # A retired peer the read did not find is not on the device any more.
-                vanished = [key for key in keys if key in still and key not in last]
-                for key in vanished:
-                    self._view.pop(key, None)
-                self.meter.keep_finals(last, last)
-                removed = await self._remove_retired(set(last)) + vanished
-                failed = len(removed) < len(still & set(keys))
-            await self._send_removed(ws, removed)
-            if failed:
-                return  # the next sample retries (see _sample_once), not a busy loop here
-
-    async def _remove_retired(self, counted: set[str]) -> list[str]:
-        """Remove the retired peers whose final counters are in `counted` (a sample sent).
-        Call with the lock held and the view known; returns the keys removed."""
-        desired, view = self._desired, self._view
-        if desired is None or view is None:
-            return []
-        actions: list[reconcile.Action] = [
-            reconcile.Remove(key) for key in reconcile.retired(desired, view) if key in counted
-        ]
-        if not actions:
-            return []
-        results = await self._apply(desired, actions)
-        refused = sorted(key for key, result in results.items() if result != reconcile.OK)
-        if refused:
-            self.say(f"removing {len(refused)} retired peer(s) failed: {results[refused[0]][:200]}")
-        return [a.public_key for a in actions if results.get(a.public_key) == reconcile.OK]
-
-    async def _send_removed(self, ws: Any, keys: list[str]) -> None:
-        if not keys:
-            return
-        await self._send(ws, frames.removed(self.identity, keys))
-        self.say(f"removed {', '.join(key[:8] + '…' for key in sorted(keys))}")
-
-    async def _restore_drift(self, ws: Any) -> None:
-        """Put back what the last applied desired state says, if the interface drifted from it
-        (a peer removed or changed by hand). Call with the lock held, the view just read.
-
-        An endpoint that differs and nothing else is left alone: WireGuard updates a peer's
-        endpoint when the peer roams, and setting it back every sample would fight that; the
-        next desired state sets it, as before. The counters of a peer removed here were in
-        the sample just sent."""
-        desired, view = self._desired, self._view
-        if desired is None or view is None:
-            return
-        actions = [
-            a
-            for a in reconcile.plan(desired, view)
-            if not (isinstance(a, reconcile.Update) and a.changed == ("endpoint",))
-        ]
-        if not actions:
-            self._drift_reported = ""
-            return
-        results = await self._apply(desired, actions)
-        failed = sorted(key for key, result in results.items() if result != reconcile.OK)
-        what = ", ".join(f"{type(a).__name__.lower()} {a.public_key[:8]}…" for a in actions)
-        note = f"the interface had drifted from revision {desired.revision}; restored ({what})"
-        if failed:
-            note += f"; {len(failed)} refused: {results[failed[0]][:200]}"
-        self.say(note)
-        if note != self._drift_reported:  # once, not every sample while a peer stays refused
-            self._drift_reported = note
-            await self._send(ws, {"type": "report", "detail": note[:500]})
-
-
-def sandbox_rules(desired: wire.DesiredState) -> tuple[SandboxRule, ...]:
-    """The firewall's view of a desired state's sandboxes, in a stable order."""
-    return tuple(
-        sorted(
-            SandboxRule(
-                veth=host_veth(box.ref),
-                address=box.address,
-                peer_address=box.peer_address,
-                egress=box.egress,
-            )
-            for box in desired.sandboxes
-        )
-    )

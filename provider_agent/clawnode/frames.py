@@ -76,12 +76,14 @@ def sandbox_status(
     }
 
 
-def inventory(report: GpuReport, images: Iterable[str] = ()) -> dict[str, Any]:
-    """The GPUs and their health, as read now, and the images this node's sandboxes can run
-    (the agent's configured list: a listing offers some of them)."""
+def inventory(report: GpuReport, images: Iterable[str] = (), names: bool = False) -> dict[str, Any]:
+    """The GPUs and their health, as read now, the images this node's sandboxes can run
+    (the agent's configured list: a listing offers some of them), and whether it runs the
+    names responder (clawnode.names: buyers' configs then use it)."""
     return {
         "type": "inventory",
         "images": list(images),
+        "names": names,
         "gpus": [gpu.to_dict() for gpu in report.gpus],
         "health": [
             {

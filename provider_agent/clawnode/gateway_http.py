@@ -51,6 +51,8 @@ class EnrollResponse:
     gateway_public_key: str
     websocket_url: str
     mesh_network: str = ""  # when the gateway says which block the address belongs to
+    job_network: str = ""  # when the gateway says which block job addresses come from
+    region: str = ""  # the region the gateway recorded for the node ("" none, or it predates it)
 
 
 def build_enroll_envelope(
@@ -62,8 +64,10 @@ def build_enroll_envelope(
     endpoint: str,
     gpus: Sequence[wire.GpuInfo],
     now: int | None = None,
+    region: str = "",
 ) -> dict[str, Any]:
-    """The signed ENROLL envelope (proof that we hold the identity key)."""
+    """The signed ENROLL envelope (proof that we hold the identity key). `region` is sent only
+    when declared: a gateway that predates the field refuses unknown fields."""
     body = wire.EnrollRequest(
         token=token,
         identity_public_key=identity.public_key_b64,
@@ -74,7 +78,10 @@ def build_enroll_envelope(
         gpus=tuple(gpus),
         timestamp=int(time.time()) if now is None else now,
         nonce=wire.new_nonce(),
+        region=region,
     ).to_dict()
+    if not region:
+        del body["region"]
     return wire.signed_envelope(wire.ENROLL, body, identity)
 
 
@@ -210,6 +217,7 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
             ":// after an https:// join; refusing (a proxy rewriting it, or not the gateway?)"
         )
     mesh_network = data.get("mesh_network")
+    job_network = data.get("job_network")
     return EnrollResponse(
         node_id=node_id,
         name=_str_field(data, "name", "node_name"),
@@ -217,6 +225,8 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
         gateway_public_key=gateway_key,
         websocket_url=websocket_url,
         mesh_network=mesh_network if isinstance(mesh_network, str) else "",
+        job_network=job_network if isinstance(job_network, str) else "",
+        region=region if isinstance(region := data.get("region"), str) else "",
     )
 
 

@@ -31,6 +31,7 @@ from .wire import DesiredState, PeerSpec, parse_endpoint
 
 __all__ = [
     "OK",
+    "RECENT_HANDSHAKE_SECONDS",
     "Action",
     "Add",
     "Remove",
@@ -137,8 +138,28 @@ def _changes(spec: PeerSpec, status: PeerStatus) -> tuple[str, ...]:
     return tuple(changed)
 
 
-def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action]:
+# A peer with a handshake this recent has a working endpoint (WireGuard's own, roamed from its
+# authenticated packets): the gateway's view of the other side may be older than the session,
+# so a desired endpoint never replaces it (design/network.md, docs/nat.md: coordinated punching).
+RECENT_HANDSHAKE_SECONDS = 180
+
+
+def _has_recent_handshake(status: PeerStatus, now: int | None) -> bool:
+    return (
+        now is not None
+        and status.last_handshake > 0
+        and now - status.last_handshake < RECENT_HANDSHAKE_SECONDS
+    )
+
+
+def plan(
+    desired: DesiredState, actual: Mapping[str, PeerStatus], now: int | None = None
+) -> list[Action]:
     """Per-peer actions that turn ``actual`` into ``desired``.
+
+    ``now`` (Unix seconds; the caller's clock, so the plan stays pure): an endpoint change for
+    a peer whose latest handshake is less than RECENT_HANDSHAKE_SECONDS old is left out (its
+    other changes still apply); without ``now`` every endpoint change is planned.
 
     Order: retirements, then updates, then additions, each sorted by public key. Retirements go
     first so allowed networks a leaving peer held are free before another peer claims them. A
@@ -166,9 +187,14 @@ def plan(desired: DesiredState, actual: Mapping[str, PeerStatus]) -> list[Action
         ):
             continue
         changed = _changes(spec, status)
+        endpoint = spec.endpoint
+        if "endpoint" in changed and _has_recent_handshake(status, now):
+            # set_peer with no endpoint keeps the one the peer has.
+            changed = tuple(c for c in changed if c != "endpoint")
+            endpoint = ""
         if changed:
             updates.append(
-                Update(key, spec.allowed_ips, spec.endpoint, spec.persistent_keepalive, changed)
+                Update(key, spec.allowed_ips, endpoint, spec.persistent_keepalive, changed)
             )
     updates.sort(key=_by_key)
     adds.sort(key=_by_key)

@@ -25,24 +25,44 @@ def sandbox_manager(
     runtime: str = "",
     cgroup_manager: str = "",
     ulimits: Mapping[str, int] | None = None,
+    userns: str | None = None,
+    docker_host: str = "",
+    dns: tuple[str, ...] = (),
+    dns_search: tuple[str, ...] = (),
 ) -> Sandboxes | None:
     """The sandbox manager for ``--sandbox-engine`` (None for "none": no sandboxes here).
     Imported here, not at the top: only an agent that runs sandboxes loads them."""
     if engine == "none":
         return None
-    if engine != "podman":
-        raise ValueError(f"--sandbox-engine {engine!r} is not one of none, podman")
+    if engine not in ("podman", "docker"):
+        raise ValueError(f"--sandbox-engine {engine!r} is not one of none, podman, docker")
+    from .sandbox.engine import Engine
     from .sandbox.manager import SandboxManager
     from .sandbox.network import NetnsSandboxNetwork
-    from .sandbox.podman import PodmanEngine
 
+    chosen: Engine
+    if engine == "docker":
+        from .sandbox.docker import DockerEngine
+
+        chosen = DockerEngine(host=docker_host, ulimits=ulimits)
+    else:
+        from .sandbox.podman import DEFAULT_USERNS, PodmanEngine
+
+        chosen = PodmanEngine(
+            runtime=runtime,
+            cgroup_manager=cgroup_manager,
+            ulimits=ulimits,
+            workdir=state.path,
+            # None: a user namespace of its own for each sandbox
+            userns=DEFAULT_USERNS if userns is None else userns,
+        )
     return SandboxManager(
-        engine=PodmanEngine(
-            runtime=runtime, cgroup_manager=cgroup_manager, ulimits=ulimits, workdir=state.path
-        ),
+        engine=chosen,
         network=NetnsSandboxNetwork(),
         gpus=gpus,
         state_dir=state.path,
+        dns=dns,
+        dns_search=dns_search,
     )
 
 
@@ -79,7 +99,10 @@ def run_daemon(
     images: tuple[str, ...] = (),
     container_runtime: str = "",
     cgroup_manager: str = "",
+    container_userns: str | None = None,
     container_ulimits: Mapping[str, int] | None = None,
+    docker_host: str = "",
+    names: bool = True,
     say: Callable[[str], None],
 ) -> int:
     """`clawnode run`: load the enrolment, bring the interface up, serve until SIGTERM.
@@ -87,6 +110,8 @@ def run_daemon(
     from .backends.choose import choose_backend, kernel_wireguard_available_in_child
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, SimulatedGpuReader
+    from .names import NamesResponder
+    from .sandbox.network import GATEWAY
 
     if sandbox_engine != "none":
         _log_sandboxes_to(say)
@@ -108,12 +133,19 @@ def run_daemon(
         if simulated_gpus
         else NvmlGpuReader()
     )
+    # The names responder (clawnode.names) serves the sandboxes of this node on their gateway
+    # address and the buyers on the node's mesh address; a node without sandboxes has no names.
+    responder = (
+        NamesResponder((enrollment.mesh_address, GATEWAY), say=say)
+        if names and sandbox_engine != "none"
+        else None
+    )
     agent = Agent(
         state=state,
         enrollment=enrollment,
         identity=identity,
         backend=backend_class(),
-        firewall=NftFirewall(),
+        firewall=NftFirewall(names=responder is not None),
         gpus=reader,
         sandboxes=sandbox_manager(
             sandbox_engine,
@@ -122,8 +154,13 @@ def run_daemon(
             runtime=container_runtime,
             cgroup_manager=cgroup_manager,
             ulimits=container_ulimits,
+            userns=container_userns,
+            docker_host=docker_host,
+            dns=(GATEWAY,) if responder is not None else (),
+            dns_search=("molt",) if responder is not None else (),
         ),
         images=images,
+        names=responder,
         say=say,
     )
     if sandbox_engine == "none":
@@ -136,11 +173,21 @@ def run_daemon(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        if responder is not None:
+            try:
+                await responder.start()
+            except OSError as exc:
+                say(f"names: cannot serve DNS on {', '.join(responder.addresses)}: {exc}")
+                return 1
+            say(f"names: answering on {', '.join(responder.addresses)} port {responder.port}")
         try:
             await agent.run(stop)
         except Revoked as exc:
             say(f"the gateway refused this node ({exc}): enrol again with clawnode join")
             return 3
+        finally:
+            if responder is not None:
+                await responder.stop()
         say("stopped; the interface and its peers stay as the last desired state said")
         return 0
 

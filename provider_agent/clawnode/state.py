@@ -34,6 +34,7 @@ from .keys import Identity, InvalidKey, parse_ed25519_public_key
 __all__ = [
     "BACKENDS",
     "CONNECTION_STATES",
+    "DEFAULT_JOB_NETWORK",
     "DEFAULT_MESH_NETWORK",
     "DEFAULT_STATE_DIR",
     "AgentStatus",
@@ -55,6 +56,22 @@ BACKENDS = ("auto", "kernel", "userspace")
 # The MOLT marketplace block of the IP plan (design/network.md): node and job addresses. The
 # node's interface carries its address with this prefix, so every job address is on-link.
 DEFAULT_MESH_NETWORK = "10.100.128.0/17"
+# The whole mesh of the IP plan (the hub's control block, every region block, the MOLT block).
+# Gateways now answer it as mesh_network; an enrolment saved with a narrower block (the MOLT
+# /17 of gateways before regions) still routes it onto the interface (Enrollment.routes), so
+# the node reaches the hub and nodes of every region.
+WHOLE_MESH_NETWORK = "10.100.0.0/16"
+# The job block of the IP plan (docs/ip-plan.md): buyers' job tunnel addresses. Not on-link with
+# the node's address, so the agent routes it onto its WireGuard interface (a sandbox's replies
+# reach the buyer's peer that way). An enrolment saved before the gateway named it loads with
+# the plan's block, the one a gateway hands job addresses out of.
+DEFAULT_JOB_NETWORK = "10.64.0.0/11"
+# The sandbox blocks of the IP plan (docs/ip-plan.md: "sandboxes" 10.128.0.0/12 and
+# "region-sandboxes" 10.144.0.0/12), every node's sandbox /27. Routed onto the WireGuard
+# interface so a sandbox reaches the sandboxes of its own multi-node order on other nodes
+# through the node-to-node peer that routes their /32s; the node's own sandboxes have /32
+# routes onto their veths, which win. A destination no peer routes is dropped by WireGuard.
+SANDBOX_NETWORK = "10.128.0.0/11"
 CONNECTION_STATES = ("connecting", "connected", "disconnected", "refused", "stopped")
 
 _NODE_ID_RE = re.compile(r"nd_[0-9a-f]{32}")
@@ -158,10 +175,14 @@ class Enrollment:
     listen_port: int = 51820
     backend: str = "auto"
     mesh_network: str = DEFAULT_MESH_NETWORK
+    job_network: str = DEFAULT_JOB_NETWORK
     endpoint: str = ""  # as declared with --endpoint, "" when the gateway observes it
     enrolled_at: int = 0  # Unix seconds
     # Joined with --insecure: plain http/ws to a gateway off this machine was accepted.
     insecure: bool = False
+    # The sequence of the key certificate that led to gateway_public_key (clawnode.repin); 0:
+    # the key pinned at join. A certificate at or below it is never followed again.
+    gateway_key_sequence: int = 0
 
     def __post_init__(self) -> None:
         cls = type(self)
@@ -184,6 +205,16 @@ class Enrollment:
             raise _field_error(cls, "mesh_address", "must be an IPv4 address") from None
         if address not in network:
             raise _field_error(cls, "mesh_address", f"is outside the mesh network {network}")
+        _want_str(cls, "job_network", self.job_network)
+        try:
+            jobs = ipaddress.IPv4Network(self.job_network)
+        except ValueError:
+            raise _field_error(
+                cls, "job_network", "must be an IPv4 network written without host bits"
+            ) from None
+        if jobs.overlaps(network):
+            # Routing part of the mesh block away from its on-link prefix would be ambiguous.
+            raise _field_error(cls, "job_network", f"overlaps the mesh network {network}")
         _want_str(cls, "gateway_public_key", self.gateway_public_key)
         try:
             parse_ed25519_public_key(self.gateway_public_key)
@@ -213,11 +244,24 @@ class Enrollment:
             raise _field_error(cls, "backend", f"must be one of {', '.join(BACKENDS)}")
         _want_str(cls, "endpoint", self.endpoint, empty=True)
         _want_int(cls, "enrolled_at", self.enrolled_at, 0, 2**53 - 1)
+        _want_int(cls, "gateway_key_sequence", self.gateway_key_sequence, 0, 2**53 - 1)
 
     @property
     def interface_address(self) -> str:
         """The node's address in CIDR form for its WireGuard interface: '10.100.128.47/17'."""
         return f"{self.mesh_address}/{ipaddress.IPv4Network(self.mesh_network).prefixlen}"
+
+    @property
+    def routes(self) -> tuple[str, ...]:
+        """The networks routed onto the WireGuard interface besides its on-link prefix: the job
+        block (buyers' addresses), the sandbox blocks (other nodes' sandboxes of a multi-node
+        order), and the whole mesh when the saved mesh_network is narrower than it (an enrolment
+        from before the gateway answered the whole mesh)."""
+        mesh = ipaddress.IPv4Network(self.mesh_network)
+        whole = ipaddress.IPv4Network(WHOLE_MESH_NETWORK)
+        if mesh != whole and mesh.subnet_of(whole):
+            return (self.job_network, SANDBOX_NETWORK, WHOLE_MESH_NETWORK)
+        return (self.job_network, SANDBOX_NETWORK)
 
     @property
     def gateway_key(self) -> bytes:

@@ -21,6 +21,7 @@ from datetime import timedelta
 import pytest
 from django.contrib.auth import get_user_model
 from django.utils import timezone
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from marketplace import ledger, payments
 from marketplace.listings import create_listing
@@ -29,7 +30,7 @@ from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
 from tests.browser.test_buyer_flow import usd
-from tests.factories import enrolled_node, gpu, wg_public_key
+from tests.factories import enrolled_node, gpu, totp_code, wg_public_key
 from tests.integration.conftest import gateway  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres]
@@ -77,7 +78,9 @@ def market(gateway, provider):  # noqa: F811
     services' announcements run outside Playwright's event loop."""
     users = get_user_model()
     carol = users.objects.create_user("carol", password=PASSWORD)
-    users.objects.create_superuser("olga", password=PASSWORD)
+    olga = users.objects.create_superuser("olga", password=PASSWORD)
+    # Staff give a TOTP code too (frontend/staff_otp.py): their authenticator app's device.
+    TOTPDevice.objects.create(user=olga, name="phone", confirmed=True)
     ledger.grant_credits(carol, 100_000_000)
     node = enrolled_node(provider, gpus=[gpu(0), gpu(1)])
     listing = create_listing(
@@ -222,6 +225,7 @@ def test_a_buyer_disputes_a_settled_order_and_sees_the_operators_refund(
     admin.goto(f"{base}/admin/login/?next=/admin/marketplace/dispute/")
     admin.fill("#id_username", "olga")
     admin.fill("#id_password", PASSWORD)
+    admin.fill("#id_otp_token", totp_code(TOTPDevice.objects.get(user__username="olga")))
     with admin.expect_navigation():
         admin.click("input[type=submit]")
     admin.check(f'input[name="_selected_action"][value="{dispute.pk}"]')

@@ -20,14 +20,16 @@ from pathlib import Path
 
 import pytest
 from clawnode.backends.memory import FakeBackend
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from marketplace import ledger
 from marketplace.listings import create_listing
 from marketplace.models import Order
+from marketplace.money import format_usd
 from marketplace.orders import quote_for
 from meshnet.models import Node
 from tests.browser.conftest import ARTIFACTS
-from tests.factories import enrolled_node, gpu, ssh_public_key
+from tests.factories import enrolled_node, gpu, ssh_public_key, totp_code
 from tests.integration.conftest import gateway, wait_until  # noqa: F401  (the gateway fixture)
 from tests.integration.test_agent_daemon import (  # noqa: F401  (provider_node is a fixture)
     RunningAgent,
@@ -70,9 +72,8 @@ def shot(page, name: str) -> None:
 
 
 def usd(micro: int) -> str:
-    text = f"{micro / 1_000_000:,.6f}".rstrip("0")
-    whole, _, frac = text.partition(".")
-    return f"${whole}.{frac.ljust(2, '0')}"
+    """The pages' spelling of an amount: marketplace.money's, the one place money is formatted."""
+    return format_usd(micro)
 
 
 def download_config(page, tmp_path: Path, order: Order) -> str:
@@ -143,12 +144,15 @@ def test_a_buyer_rents_a_gpu_in_the_browser_and_the_private_key_never_leaves_it(
     carol = get_user_model().objects.get(username="carol")
 
     # 2. Credits from an operator: the admin's grant action, in the operator's own browser.
-    get_user_model().objects.create_superuser("olga", password=PASSWORD)
+    olga = get_user_model().objects.create_superuser("olga", password=PASSWORD)
+    # Staff give a TOTP code too (frontend/staff_otp.py): their authenticator app's device.
+    device = TOTPDevice.objects.create(user=olga, name="phone", confirmed=True)
     operator = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
     admin = operator.new_page()
     admin.goto(f"{base}/admin/login/?next=/admin/auth/user/")
     admin.fill("#id_username", "olga")
     admin.fill("#id_password", PASSWORD)
+    admin.fill("#id_otp_token", totp_code(device))
     with admin.expect_navigation():
         admin.click("input[type=submit]")
     admin.check(f'input[name="_selected_action"][value="{carol.pk}"]')
@@ -172,9 +176,15 @@ def test_a_buyer_rents_a_gpu_in_the_browser_and_the_private_key_never_leaves_it(
         page.click("#add-ssh-key")
     expect(page.locator("#ssh-keys tbody tr")).to_have_count(1)
 
-    # 3. Filter the marketplace to eu-west and open the listing.
+    # 3. Filter the marketplace to eu-west and open the listing. Neither node's agent runs
+    # yet: both are offline, so their listings show only with "show offline nodes" (the
+    # form keeps it ticked across the next filter).
     page.goto(f"{base}/")
-    expect(page.locator("#listings tbody tr")).to_have_count(2)
+    expect(page.locator("#no-listings")).to_be_visible()
+    page.check("#id_show_offline")
+    with page.expect_navigation():
+        page.click("form.filters button[type=submit]")
+    expect(page.locator("#listings tbody tr.offline")).to_have_count(2)
     page.select_option("#id_region", "eu-west")
     with page.expect_navigation():
         page.click("form.filters button[type=submit]")

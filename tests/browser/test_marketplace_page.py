@@ -1,6 +1,7 @@
 """Debian's Chromium, driven by Playwright, against a live server holding the demo market: the
-page renders with its own stylesheet, loads nothing from elsewhere, and its filter form narrows
-the rows. Screenshots go to test-artifacts/browser/."""
+page renders with its own stylesheet, loads nothing from elsewhere, its filter form narrows
+the rows, and an offline node's listings show only when asked for, marked offline. Screenshots
+go to test-artifacts/browser/."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 from django.test import override_settings
+from django.utils import timezone
 
 from marketplace.models import Listing
+from meshnet.models import Node
 from tests.browser.conftest import ARTIFACTS
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
@@ -20,8 +23,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pyte
 def market():
     with override_settings(DEBUG=True, MOLT_ALLOW_SIMULATED_GPUS=True):
         call_command("seed_demo", stdout=StringIO())
+    # The demo's nodes have no agents here: every node heard from just now but one, offline.
+    offline = Listing.objects.available().filter(region="eu-west").first().node
+    Node.objects.exclude(pk=offline.pk).update(last_seen_at=timezone.now())
+    hidden = Listing.objects.available().filter(node=offline).count()
     return {
-        "all": Listing.objects.available().count(),
+        "offline": hidden,
+        "all": Listing.objects.available().count() - hidden,
         "asia": Listing.objects.available().filter(region="asia").count(),
     }
 
@@ -62,6 +70,17 @@ def test_a_person_filters_the_marketplace_by_region(live_server, market, browser
     with page.expect_navigation():
         page.click("text=Clear filters")
     assert rows.count() == market["all"]
+
+    # The offline node's listings: hidden, then shown marked offline, with "never seen".
+    page.check("#id_show_offline")
+    with page.expect_navigation():
+        page.click("form.filters button[type=submit]")
+    assert rows.count() == market["all"] + market["offline"]
+    offline_rows = page.locator("#listings tbody tr.offline")
+    assert offline_rows.count() == market["offline"] > 0
+    assert "offline" in offline_rows.first.inner_text()
+    assert "never seen" in offline_rows.first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "marketplace-offline-shown.png"), full_page=True)
 
     assert requested and all(url.startswith(live_server.url) for url in requested), requested
     assert failed == []

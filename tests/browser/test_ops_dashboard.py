@@ -6,10 +6,17 @@ test-artifacts/browser/."""
 
 from __future__ import annotations
 
-import pytest
+from datetime import timedelta
 
+import pytest
+from django.utils import timezone
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from marketplace import ledger, payments
 from marketplace.audit import record_audit_run
+from marketplace.models import Order
 from tests.browser.conftest import ARTIFACTS
+from tests.factories import totp_code
 from tests.scaled_market import seed_scaled_market
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
@@ -27,8 +34,15 @@ def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
     live_server, browser_page, django_user_model
 ):
     page = browser_page
-    django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
+    operator = django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
+    # Staff give a TOTP code too (frontend/staff_otp.py): their authenticator app's device.
+    device = TOTPDevice.objects.create(user=operator, name="phone", confirmed=True)
     seed_scaled_market(2)
+    # A provider waiting for a payout, so the payout queue has a row (its orders' shares are
+    # released to earnings as after the dispute window).
+    payments.release_due_earnings(now=timezone.now() + timedelta(days=30))
+    provider = Order.objects.filter(state="completed").first().listing.owner
+    payout = payments.request_payout(provider, ledger.earnings_for(provider))
     record_audit_run(source="beat")
     requested: list[str] = []
     console_errors: list[str] = []
@@ -39,6 +53,7 @@ def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
     assert "/admin/login/" in page.url  # staff only
     page.fill("#id_username", "operator")
     page.fill("#id_password", PASSWORD)
+    page.fill("#id_otp_token", totp_code(device))
     with page.expect_navigation():
         page.click("input[type=submit]")
     assert page.url == f"{live_server.url}/ops/"
@@ -71,8 +86,26 @@ def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
     assert jobs["completed"] == pytest.approx(2 * jobs["failed"], rel=0.05)
     assert page.locator("#nodes-online").inner_text() != "0"
     assert page.locator("#audit-result").inner_text() == "OK"
-    assert page.locator("#failed-orders tbody tr").count() == 4  # 2 failed, 2 cancelled
-    assert page.locator("#pool-molt meter").get_attribute("value") not in (None, "0")
+    # Failures only: the 2 orders their buyers cancelled are not in it.
+    assert page.locator("#failed-orders tbody tr").count() == 2
+    # Each bar of the jobs chart is labelled with its state and count, under it.
+    labels = [
+        tuple(text.split())
+        for text in page.locator("#jobs-chart [data-bar-labels] span").all_inner_texts()
+    ]
+    table = zip(
+        page.locator("#jobs-table th").all_text_contents(),
+        page.locator("#jobs-table td").all_text_contents(),
+        strict=True,
+    )
+    assert labels == [(count.strip(), state.strip()) for state, count in table], labels
+    # The factories' nodes declare eu-west: their addresses are counted in that region's pool.
+    assert page.locator("#pool-eu-west meter").get_attribute("value") not in (None, "0")
+    # The queues: no dispute; the payout with its age, linking to its admin page.
+    assert page.locator("#no-disputes").is_visible()
+    row = page.locator(f'#payout-queue tr[data-payout-id="{payout.pk}"]')
+    assert row.locator("td.age").inner_text().strip() in ("0\xa0minutes", "0 minutes")
+    assert row.locator("a").get_attribute("href").endswith(f"/payoutrequest/{payout.pk}/change/")
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "ops-dashboard.png"), full_page=True)

@@ -1,6 +1,7 @@
 """What the db tier's modules share beyond the personas of tests/conftest.py: the provider's
-node and its listing, a buyer with credits, the provider's API client, and the integration
-tier's live gateway (uvicorn and a Celery worker on the test database).
+node and its listing, a buyer with credits, a provider with earnings, the provider's API
+client, and the integration tier's live gateway (uvicorn and a Celery worker on the test
+database).
 
 A module whose tests need other terms (fewer GPUs, another price, the node's identity) defines
 its own fixture of the same name, with a comment saying why; pytest takes the module's."""
@@ -14,6 +15,26 @@ from marketplace.listings import create_listing
 from tests import factories
 from tests.factories import USD
 from tests.integration.conftest import gateway  # noqa: F401  (a fixture)
+
+
+@pytest.fixture
+def nodes_online():
+    """Every node enrolled during the test has just sent a heartbeat (the market hides offline
+    nodes' listings: marketplace.market.offers). For modules about what the market shows, not
+    about liveness: `pytest.mark.usefixtures("nodes_online")`."""
+    from django.db.models.signals import post_save
+    from django.utils import timezone
+
+    from meshnet.models import Node
+
+    def seen(sender, instance, created, **kwargs):  # type: ignore[no-untyped-def]
+        if created:
+            Node.objects.filter(pk=instance.pk).update(last_seen_at=timezone.now())
+            instance.last_seen_at = timezone.now()
+
+    post_save.connect(seen, sender=Node, dispatch_uid="tests.nodes_online")
+    yield
+    post_save.disconnect(sender=Node, dispatch_uid="tests.nodes_online")
 
 
 @pytest.fixture
@@ -38,5 +59,32 @@ def funded_buyer(buyer):
 
 
 @pytest.fixture
+def earning_provider(funded_buyer, provider, listing, node):
+    """The provider with one order's share released to earnings (tests/db/test_payments*.py)."""
+    from marketplace import payments
+    from tests.db.settled_orders import settled_order
+
+    order = settled_order(funded_buyer, listing, node)
+    payments.release_due_earnings(now=order.earnings_hold.release_after)
+    assert ledger.earnings_for(provider) == order.settlement.provider_amount
+    return provider
+
+
+@pytest.fixture
 def provider_api(api_client_for, provider):
     return api_client_for(provider)
+
+
+@pytest.fixture(autouse=True)
+def _close_heartbeat_flush_connection():
+    """The agents' heartbeat flushes and frames run on threads of their own whose persistent
+    connections would outlive the test database (meshnet.liveness, meshnet.consumers,
+    meshnet.acks)."""
+    yield
+    from meshnet import consumers
+    from meshnet.acks import close_ack_connection
+    from meshnet.liveness import close_flush_connection, close_thread_connections
+
+    close_flush_connection()
+    close_ack_connection()
+    close_thread_connections(consumers._agent_db_executor, consumers.AGENT_DB_THREADS)

@@ -29,7 +29,7 @@ from marketplace.orders import place_order, provision_order
 from meshnet.agent_channel import AgentRefused, acknowledge_revision, authenticate_agent
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import IpAllocation, JobPeer, Node
-from tests.factories import USD, enroll_request, gpu, wg_public_key
+from tests.factories import USD, enroll_request, gpu, staff_login, wg_public_key
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
@@ -47,7 +47,7 @@ def operator(django_user_model):
 @pytest.fixture
 def ops(operator):
     browser = Client()
-    browser.force_login(operator)
+    staff_login(browser, operator)
     return browser
 
 
@@ -180,7 +180,7 @@ def test_staff_without_the_ledger_permission_cannot_grant(buyer, django_user_mod
         Permission.objects.get(codename="view_user"), Permission.objects.get(codename="change_user")
     )
     browser = Client()
-    browser.force_login(clerk)
+    staff_login(browser, clerk)
 
     assert "grant_credits" not in browser.get(CHANGELIST).content.decode()
     grant(browser, [buyer], "forged-nonce")
@@ -250,7 +250,7 @@ def test_staff_without_the_ledger_permission_cannot_reverse(buyer, django_user_m
     clerk = django_user_model.objects.create_user("clerk", password="clerk-pass-123", is_staff=True)
     clerk.user_permissions.add(Permission.objects.get(codename="view_ledgertransaction"))
     browser = Client()
-    browser.force_login(clerk)
+    staff_login(browser, clerk)
 
     assert 'value="reverse"' not in browser.get(TRANSACTIONS).content.decode()
     reverse(browser, txn)
@@ -396,7 +396,7 @@ def test_the_agent_of_a_revoked_node_is_cut_off_and_its_next_frame_refused(
 ):
     operator = django_user_model.objects.create_superuser("operator", "o@example.com", "pw-123-xyz")
     ops = Client()
-    ops.force_login(operator)
+    staff_login(ops, operator)
     told, silent = Identity.generate(), Identity.generate()
     told_node, silent_node = enroll(provider, told), enroll(provider, silent)
 

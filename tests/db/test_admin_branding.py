@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.factories import staff_login
+
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 
 def test_the_admin_is_branded_and_its_plurals_are_english(client, make_user):
-    client.force_login(make_user("operator", is_staff=True, is_superuser=True))
+    staff_login(client, make_user("operator", is_staff=True, is_superuser=True))
 
     page = client.get("/admin/").content.decode()
 
@@ -21,7 +23,7 @@ def test_the_admin_is_branded_and_its_plurals_are_english(client, make_user):
 
 @pytest.mark.parametrize(("staff", "shown"), [(False, False), (True, True)])
 def test_the_admin_link_shows_to_staff_only(client, make_user, staff, shown):
-    client.force_login(make_user("someone", is_staff=staff))
+    staff_login(client, make_user("someone", is_staff=staff))
 
     page = client.get("/").content.decode()
 
@@ -30,3 +32,10 @@ def test_the_admin_link_shows_to_staff_only(client, make_user, staff, shown):
 
 def test_a_visitor_sees_no_admin_link(client):
     assert 'id="nav-admin"' not in client.get("/").content.decode()
+
+
+def test_the_favicon_is_linked_and_its_guessed_address_leads_to_it(client):
+    page = client.get("/").content.decode()
+    assert 'rel="icon"' in page and "favicon.svg" in page
+    guessed = client.get("/favicon.ico")
+    assert guessed.status_code == 301 and guessed["Location"].endswith("frontend/favicon.svg")

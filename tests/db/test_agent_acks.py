@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 
 from marketplace import ledger
 from marketplace.listings import create_listing
@@ -62,3 +64,29 @@ def test_inventory_health_readings_are_stored(running):
     )
     reading = node.gpus.get(index=0)
     assert (reading.temperature_c, reading.utilization_pct) == (61, 87)
+
+
+def test_an_unchanged_inventory_writes_nothing(provider):
+    """The agent resends the same inventory on every connect and every minute: read and
+    compared, no transaction, no lock, no write (a gateway restart's connect wave)."""
+    node = enrolled_node(provider, gpus=[gpu(0), gpu(1)])
+    inventory = [gpu(0).to_dict(), gpu(1).to_dict()]
+    health = [{"index": 0, "temperature_c": 61, "utilization_pct": 87}, {"index": 1}]
+    update_inventory(node, inventory, health, images=["docker.io/library/python:3.12"])
+    with CaptureQueriesContext(connection) as queries:
+        update_inventory(node, inventory, health, images=["docker.io/library/python:3.12"])
+        update_inventory(node, inventory, health)  # an agent that does not name its images
+    statements = [q["sql"].split()[0].upper() for q in queries.captured_queries]
+    assert statements == ["SELECT"] * 4, [q["sql"] for q in queries.captured_queries]
+    assert not [q for q in queries.captured_queries if "FOR UPDATE" in q["sql"]]
+    # New readings alone are written without the node's row lock (which batches of acks and
+    # heartbeats take on every node).
+    with CaptureQueriesContext(connection) as queries:
+        update_inventory(node, inventory, [{"index": 1, "temperature_c": 50}])
+    assert not [q for q in queries.captured_queries if "FOR UPDATE" in q["sql"]]
+    assert node.gpus.get(index=1).temperature_c == 50
+    # Anything else that differs is written as before.
+    update_inventory(node, inventory[:1], health, images=[])
+    node.refresh_from_db()
+    assert node.images == []
+    assert list(node.gpus.values_list("index", "temperature_c", "utilization_pct")) == [(0, 61, 87)]

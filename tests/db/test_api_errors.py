@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from django.db import InterfaceError, OperationalError
 from rest_framework import exceptions
 
 from marketplace.api.errors import exception_handler
@@ -58,6 +59,23 @@ def test_other_drf_errors_get_a_code_beside_the_detail():
     assert response.data["code"] == "not_found"
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        OperationalError("terminating connection due to administrator command"),
+        InterfaceError("connection already closed"),
+    ],
+)
+def test_a_lost_database_connection_is_a_503_to_retry_not_a_500(error, caplog):
+    with caplog.at_level(logging.WARNING, logger="marketplace.api.errors"):
+        response = exception_handler(error, {})
+
+    assert response.status_code == 503
+    assert response.data["code"] == "unavailable"
+    assert response["Retry-After"] == "1"
+    assert "database unavailable" in caplog.text
+
+
 def test_an_unexpected_error_is_a_generic_500_and_is_logged(caplog):
     with caplog.at_level(logging.ERROR, logger="marketplace.api.errors"):
         response = exception_handler(RuntimeError("password=hunter2 at line 7"), {})
@@ -66,3 +84,19 @@ def test_an_unexpected_error_is_a_generic_500_and_is_logged(caplog):
     assert response.data == {"detail": "internal error; it has been logged", "code": "server_error"}
     assert "hunter2" not in str(response.data)
     assert any(record.exc_info for record in caplog.records)
+
+
+def test_an_api_path_no_route_matches_is_a_json_404_in_the_error_shape(client):
+    # Schemathesis' negative ids (an id with a dot) got Django's HTML page here.
+    response = client.get("/api/v1/listings/1.5/")
+
+    assert response.status_code == 404
+    assert response["Content-Type"] == "application/json"
+    assert response.json() == {"detail": "not found", "code": "not_found"}
+
+
+def test_a_page_no_route_matches_is_still_the_sites_404_page(client):
+    response = client.get("/no-such-page/")
+
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("text/html")

@@ -18,7 +18,7 @@ from marketplace.money import MAX_PRICE
 from marketplace.orders import quote_for
 from tests.factories import USD, wg_public_key
 
-pytestmark = [pytest.mark.db, pytest.mark.django_db]
+pytestmark = [pytest.mark.db, pytest.mark.django_db, pytest.mark.usefixtures("nodes_online")]
 
 
 @pytest.fixture

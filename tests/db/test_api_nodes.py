@@ -90,6 +90,10 @@ def test_an_agent_enrols_with_a_signed_request_and_learns_its_place_in_the_mesh(
         "websocket_url": "ws://testserver/ws/agent/",
         "wireguard_listen_port": 51820,
         "hub_address": "10.100.0.1",
+        # The whole mesh: the hub and every node block are on-link on the node's interface.
+        "mesh_network": "10.100.0.0/16",
+        "job_network": "10.64.0.0/11",
+        "region": "",
     }
     assert ipaddress.IPv4Address(body["mesh_address"]) in MOLT_RANGE
     assert node.observed_ip == "127.0.0.1"  # the address the request came from

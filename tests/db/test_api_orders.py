@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import configparser
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -284,7 +285,8 @@ def test_once_provisioned_the_order_shows_its_tunnel(buyer_api, placed, node):
     order = Order.objects.select_related("job_peer").get(pk=placed["id"])
     assert body["state"] == "provisioning"
     assert body["job_address"] == order.job_peer.address
-    assert body["job_address"].startswith("10.100.")
+    # The jobs block (10.64.0.0/11), not the nodes' 10.100.128.0/17.
+    assert ipaddress.IPv4Address(body["job_address"]) in ipaddress.IPv4Network("10.64.0.0/11")
     assert body["provider_address"] == node.mesh_address
     assert body["provider_public_key"] == node.wireguard_public_key
     assert body["endpoint"] == node.endpoint == "203.0.113.10:51820"
@@ -390,6 +392,10 @@ def test_the_config_is_a_wg_quick_file_for_this_orders_tunnel(buyer_api, placed,
     assert response["Content-Disposition"] == f'attachment; filename="molt-order-{order.pk}.conf"'
     config = parse_wg_quick(response.content.decode())
     assert config["Interface"] == {"Address": f"{order.job_peer.address}/32"}
+    # The buyer's address is its job address, of the IP plan's jobs block (not the nodes' /17).
+    assert ipaddress.IPv4Interface(config["Interface"]["Address"]).ip in ipaddress.IPv4Network(
+        "10.64.0.0/11"
+    )
     assert config["Peer"] == {
         "PublicKey": node.wireguard_public_key,
         "AllowedIPs": f"{node.mesh_address}/32",
@@ -397,6 +403,28 @@ def test_the_config_is_a_wg_quick_file_for_this_orders_tunnel(buyer_api, placed,
         "PersistentKeepalive": "25",
     }
     assert "# PrivateKey" in response.content.decode()
+
+
+def test_with_the_hub_on_the_config_names_the_hub_as_a_second_peer(
+    buyer_api, placed, node, settings
+):
+    """The hub sees the buyer's public mapping from its keepalives (docs/nat.md, punching)."""
+    from meshnet.hub import hub_public_key
+
+    settings.MOLT_HUB_ENDPOINT = "192.0.2.10:51800"
+    provision_order(placed["id"])
+
+    text = buyer_api.get(conf_url(placed["id"])).content.decode()
+
+    provider_peer, hub_peer = text.split("[Peer]")[1:]
+    assert f"PublicKey = {node.wireguard_public_key}" in provider_peer
+    assert (
+        hub_peer.split()
+        == (
+            f"PublicKey = {hub_public_key()} AllowedIPs = 10.100.0.1/32 "
+            "Endpoint = 192.0.2.10:51800 PersistentKeepalive = 25"
+        ).split()
+    )
 
 
 def test_the_config_is_served_to_a_client_that_accepts_only_text(buyer_api, placed):

@@ -18,6 +18,7 @@ PATHS = {
     "/api/v1/auth/tokens/": {"get"},
     "/api/v1/auth/tokens/{id}/": {"delete"},
     "/api/v1/enrollment-tokens/": {"post"},
+    "/api/v1/relay/pairs/": {"post"},
     "/api/v1/nodes/": {"get"},
     "/api/v1/nodes/{id}/": {"get"},
     "/api/v1/nodes/enroll/": {"post"},
@@ -37,6 +38,10 @@ PATHS = {
     "/api/v1/payouts/{id}/": {"get"},
     "/api/v1/ssh-keys/": {"get", "post"},
     "/api/v1/ssh-keys/{id}/": {"delete"},
+    "/api/v1/clusters/": {"get", "post"},
+    "/api/v1/clusters/{id}/": {"get"},
+    "/api/v1/clusters/{id}/stop/": {"post"},
+    "/api/v1/clusters/{id}/wireguard.conf": {"get"},
 }
 
 
@@ -62,11 +67,26 @@ def test_the_schema_documents_idempotency_keys_on_money_moving_posts(schema):
         "/api/v1/orders/{id}/dispute/",
         "/api/v1/wallet/top-ups/",
         "/api/v1/payouts/",
+        "/api/v1/clusters/",
+        "/api/v1/clusters/{id}/stop/",
     ):
         headers = [
             p["name"] for p in schema["paths"][path]["post"]["parameters"] if p["in"] == "header"
         ]
         assert headers == ["Idempotency-Key"]
+
+
+def test_every_operation_documents_the_503_a_lost_database_connection_answers(schema):
+    # marketplace.api.errors answers 503 `unavailable` with Retry-After on any operation whose
+    # database connection died (the faults tier terminates backends); it was undocumented.
+    for path, operations in schema["paths"].items():
+        for method in PATHS[path]:
+            unavailable = operations[method]["responses"]["503"]
+            assert unavailable["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/Error"
+            }, (path, method)
+            assert "unavailable" in unavailable["description"]
+            assert "Retry-After" in unavailable["headers"]
 
 
 def test_the_schema_documents_the_listing_filters(schema):
@@ -82,8 +102,21 @@ def test_the_schema_documents_the_listing_filters(schema):
     } <= names
 
 
-def test_the_wireguard_config_is_documented_as_plain_text(schema):
-    ok = schema["paths"]["/api/v1/orders/{id}/wireguard.conf"]["get"]["responses"]["200"]
+@pytest.mark.parametrize(
+    "path", ["/api/v1/orders/", "/api/v1/nodes/", "/api/v1/payouts/", "/api/v1/clusters/"]
+)
+def test_the_limit_offset_lists_state_their_bounds(schema, path):
+    parameters = {p["name"]: p["schema"] for p in schema["paths"][path]["get"]["parameters"]}
+
+    # What BoundedLimitOffsetPagination refuses (a 400) is what the schema calls invalid; a
+    # limit above the ceiling is capped, so it has no maximum.
+    assert parameters["limit"] == {"type": "integer", "minimum": 1}
+    assert parameters["offset"] == {"type": "integer", "minimum": 0, "maximum": 10**9}
+
+
+@pytest.mark.parametrize("of", ["orders", "clusters"])
+def test_the_wireguard_config_is_documented_as_plain_text(schema, of):
+    ok = schema["paths"][f"/api/v1/{of}/{{id}}/wireguard.conf"]["get"]["responses"]["200"]
     assert set(ok["content"]) == {"text/plain"}
 
 

@@ -263,7 +263,7 @@ def test_the_listing_page_offers_ordering_to_a_logged_in_buyer(client, buyer, li
     page = text(client.get(f"/listings/{listing.pk}/"))
 
     assert 'id="order-button"' in page
-    assert 'data-micro="25000000"' in page
+    assert 'data-amount="25000000"' in page
     assert "/static/frontend/js/listing.js" in page
 
 
@@ -296,6 +296,13 @@ def test_the_quote_api_prices_an_order_for_anyone(client, listing):
         "total_hold": q.total_hold,
         "currency": "USD",
         "unit": "micro",
+        # Spelled by marketplace.money, so the page's script need not format money itself.
+        "display": {
+            "time_charge": usd(q.time_charge),
+            "bandwidth_allowance_charge": usd(q.bandwidth_allowance_charge),
+            "fee": usd(q.fee),
+            "total_hold": usd(q.total_hold),
+        },
     }
 
 
@@ -811,11 +818,12 @@ def test_pages_carry_a_content_security_policy(client, buyer, listing, running_o
 @pytest.mark.parametrize(
     ("page", "limit"),
     # The listing page asks whether the buyer has an SSH key, and the order page reads the
-    # order's sandbox: one query each.
+    # order's sandbox: one query each; a running order's page reads its node's outages for what
+    # it has cost so far: one more.
     [
         ("listing", 6),
         ("orders", 4),
-        ("order", 7),
+        ("order", 8),
         ("wallet", 7),
         ("tokens", 3),
         ("ssh_keys", 3),

@@ -18,6 +18,7 @@ from django.test import override_settings
 from marketplace.audit import audit_ledger
 from marketplace.ledger import available_for
 from marketplace.models import Account, LedgerEntry, LedgerTransaction, Listing
+from meshnet import ipplan
 from meshnet.models import EnrollmentToken, Gpu, IpAllocation, Node
 from tests.factories import USD
 
@@ -187,19 +188,18 @@ def test_seed_demo_enrols_nodes_through_the_signed_enrolment_path(demo_settings)
         assert node.endpoint  # declared (data centre) or observed address plus listen port
 
 
-def test_seed_demo_gives_nodes_unique_addresses_in_the_molt_range(demo_settings):
+def test_seed_demo_gives_nodes_unique_addresses_in_their_regions_blocks(demo_settings):
     seed()
 
-    addresses = [
-        ipaddress.IPv4Address(a) for a in Node.objects.values_list("mesh_address", flat=True)
-    ]
+    nodes = list(Node.objects.values_list("mesh_address", "region"))
+    addresses = [ipaddress.IPv4Address(address) for address, _ in nodes]
     assert addresses
     assert len(set(addresses)) == len(addresses)
-    assert all(address in MOLT_RANGE for address in addresses)
-    assert all(
-        address not in (MOLT_RANGE.network_address, MOLT_RANGE.broadcast_address)
-        for address in addresses
-    )
+    for (address, region), ip in zip(nodes, addresses, strict=True):
+        # The demo's nodes declare their region at enrolment, as `clawnode join --region` does.
+        block = ipplan.block(region).network if region else MOLT_RANGE
+        assert ip in block, (address, region)
+        assert ip not in (block.network_address, block.broadcast_address)
 
 
 def test_seed_demo_twice_changes_nothing_and_prints_the_same_credentials(demo_settings):
@@ -267,3 +267,48 @@ def test_seed_demo_refuses_when_simulated_gpus_are_not_accepted():
     with refusing, pytest.raises(CommandError, match="MOLT_ALLOW_SIMULATED_GPUS"):
         seed()
     assert not get_user_model().objects.exists()
+
+
+def test_seed_demo_keeps_each_nodes_agent_identity_and_enrolment(demo_settings, tmp_path):
+    """--agents-dir (make run's): each node's identity (0600) and enrolment are kept, so its
+    agent can connect; a second run keeps them and the nodes; a node whose key is not kept
+    (seeded without --agents-dir) is revoked and enrolled afresh, listings and all."""
+    from clawnode.state import StateDir
+
+    seed()  # no agents dir: these nodes' keys are gone
+    keyless = set(Node.objects.values_list("node_id", flat=True))
+    agents = tmp_path / "agents"
+
+    out = seed(agents_dir=agents, gateway="http://127.0.0.1:8123/")
+
+    assert "9 nodes, 10 listings (this run created 0 users, 9 nodes, 10 listings" in out
+    assert (
+        set(
+            Node.objects.filter(node_id__in=keyless, revoked_at__isnull=False).values_list(
+                "node_id", flat=True
+            )
+        )
+        == keyless
+    )
+    live = {n.hostname: n for n in Node.objects.filter(revoked_at__isnull=True)}
+    assert sorted(p.name for p in agents.iterdir()) == sorted(live)
+    for hostname, node in live.items():
+        state = StateDir(agents / hostname)
+        assert state.load_identity().node_id == node.node_id
+        assert state.identity_path.stat().st_mode & 0o777 == 0o600
+        enrollment = state.load_enrollment()
+        assert (enrollment.node_id, enrollment.mesh_address) == (node.node_id, node.mesh_address)
+        assert enrollment.websocket_url == "ws://127.0.0.1:8123/ws/agent/"
+    assert Listing.objects.available().filter(node__in=live.values()).count() == 10
+
+    again = seed(agents_dir=agents, gateway="http://127.0.0.1:9000")
+
+    assert "created 0 users, 0 nodes, 0 listings" in again
+    for hostname, node in live.items():
+        enrollment = StateDir(agents / hostname).load_enrollment()
+        assert (enrollment.node_id, enrollment.gateway) == (node.node_id, "http://127.0.0.1:9000")
+
+
+def test_seed_demo_refuses_agents_dir_without_a_gateway(demo_settings, tmp_path):
+    with pytest.raises(CommandError, match="--gateway"):
+        seed(agents_dir=tmp_path)

@@ -51,6 +51,7 @@ from tests.factories import USD
 pytestmark = [pytest.mark.db, pytest.mark.postgres, pytest.mark.django_db(transaction=True)]
 
 MOLT = ipaddress.IPv4Network("10.100.128.0/17")
+JOBS = ipaddress.IPv4Network("10.64.0.0/11")  # buyers' job tunnel addresses (ipplan "jobs")
 
 
 def in_threads(n: int, work: Callable[[int], object], *, threads: int | None = None) -> list:
@@ -199,7 +200,7 @@ def test_a_hundred_concurrent_orders_against_a_wallet_for_ten_place_exactly_ten(
     placed = Order.objects.filter(buyer=buyer).select_related("job_peer")
     assert {o.state for o in placed} == {"provisioning"}
     addresses = {o.job_peer.address for o in placed}
-    assert len(addresses) == 10 and all(ipaddress.IPv4Address(a) in MOLT for a in addresses)
+    assert len(addresses) == 10 and all(ipaddress.IPv4Address(a) in JOBS for a in addresses)
 
 
 # --- (c) capture racing release on one hold --------------------------------------------------

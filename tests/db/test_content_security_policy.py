@@ -10,6 +10,7 @@ from django.urls import URLPattern, path, reverse
 
 from frontend import urls as frontend_urls
 from frontend.security import POLICY
+from tests.factories import staff_login
 
 pytestmark = pytest.mark.db
 
@@ -37,7 +38,7 @@ def frontend_paths() -> list[str]:
 
 
 def test_every_frontend_page_carries_the_policy(client, make_user):
-    client.force_login(make_user("operator", is_staff=True))
+    staff_login(client, make_user("operator", is_staff=True))
     html = 0
     for page in frontend_paths():
         response = client.get(page)
@@ -62,7 +63,7 @@ def test_a_page_not_found_gets_the_policy(client):
 
 
 def test_the_admin_and_the_api_pages_stay_without_it(client, make_user):
-    client.force_login(make_user("operator", is_staff=True, is_superuser=True))
+    staff_login(client, make_user("operator", is_staff=True, is_superuser=True))
     for page in ["/admin/", "/api/docs/", "/api/v1/wallet/"]:
         response = client.get(page, HTTP_ACCEPT="text/html")
         assert response.status_code == 200, page

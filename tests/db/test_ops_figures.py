@@ -5,19 +5,23 @@ ten times over)."""
 from __future__ import annotations
 
 import re
-from datetime import date
+from datetime import date, timedelta
 
 import pytest
 from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from frontend.ops_views import bar_chart, daily_points
 from frontend.templatetags.molt_format import usd
+from marketplace import ledger, payments
 from marketplace.audit import record_audit_run
-from marketplace.models import AuditRun, EscrowHold, Order
-from marketplace.orders import fail_order
+from marketplace.models import AuditRun, Dispute, EscrowHold, Order, PayoutRequest
+from marketplace.orders import fail_order, place_order
+from meshnet import ipplan
 from meshnet.models import Node
+from tests.factories import staff_login, wg_public_key
 from tests.scaled_market import seed_scaled_market
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -31,7 +35,7 @@ def ops(django_user_model):
         "operator", password="operator-pass-123", is_staff=True
     )
     browser = Client()
-    browser.force_login(operator)
+    staff_login(browser, operator)
     return browser
 
 
@@ -97,19 +101,27 @@ def test_the_figures_and_charts_come_from_the_rows(ops):
     assert moved > 0 and bars(html, "bandwidth-chart")[-1] == moved
     # Recent failures with their reasons, and the node's complaint.
     assert "the provider node did not acknowledge in time" in html
-    assert "changed my mind" in html
+    assert "changed my mind" not in html  # a buyer's cancellation is no failure
     assert "desired state refused: bad signature" in html
 
 
-def test_the_molt_pool_shows_its_live_leases(ops):
+def test_the_node_and_jobs_pools_show_their_live_leases(ops):
     (market,) = seed_scaled_market(1)
 
     html = ops.get(OPS).content.decode()
 
-    molt = re.search(r'id="pool-molt".*?<span data-live>(\d+)</span> of (\d+)', html, re.S)
-    # One lease per node, plus the running order's job address (the rest are quarantined).
-    assert int(molt.group(1)) == len(market.nodes) + 1
-    assert int(molt.group(2)) == 32766
+    # One lease per node, in the block of the region it declared (the molt block without one):
+    # job addresses have their own block.
+    live = 0
+    for name, size in [("molt", 32766), *((region, 4094) for region in ipplan.REGIONS)]:
+        pool = re.search(rf'id="pool-{name}".*?<span data-live>(\d+)</span> of (\d+)', html, re.S)
+        live += int(pool.group(1))
+        assert int(pool.group(2)) == size
+    assert live == len(market.nodes)
+    jobs = re.search(r'id="pool-jobs".*?<span data-live>(\d+)</span> of (\d+)', html, re.S)
+    # The running order's job address (the ended ones' are quarantined).
+    assert int(jobs.group(1)) == 1
+    assert int(jobs.group(2)) == 2097150
     assert 'id="pool-workload"' in html
 
 
@@ -165,8 +177,9 @@ def test_the_dashboard_costs_the_same_queries_at_ten_times_the_demo_market(ops):
         html = ops.get(OPS).content.decode()
 
     assert len(ten_times) == len(once), [q["sql"][:120] for q in ten_times.captured_queries]
-    # Session and user, then one aggregate per figure: no query per node, order or day.
-    assert len(once) <= 18
+    # Session and user, then one aggregate per figure (and the two queues' rows and sizes): no
+    # query per node, order or day.
+    assert len(once) <= 22
     assert figure(html, "jobs-live") == "20"
 
 
@@ -196,3 +209,57 @@ def test_daily_points_fill_missing_days_with_zero():
     points = daily_points({date(2026, 3, 2): 5}, date(2026, 3, 3), 3)
 
     assert points == [("2026-03-01", 0), ("2026-03-02", 5), ("2026-03-03", 0)]
+
+
+# --- what waits for an operator ---------------------------------------------------------------
+
+
+def test_the_dispute_and_payout_queues_show_oldest_first_with_their_ages(ops):
+    seed_scaled_market(2)
+    completed = list(Order.objects.filter(state="completed").order_by("pk"))
+    assert len(completed) == 4
+    now = timezone.now()
+    disputed = completed[:2]
+    for age, order in zip((timedelta(hours=2), timedelta(days=1, hours=6)), disputed, strict=True):
+        dispute = payments.open_dispute(order, order.buyer, f"dispute of #{order.pk}")
+        Dispute.objects.filter(pk=dispute.pk).update(opened_at=now - age)
+    provider = completed[2].listing.owner
+    # An undisputed order's share, released to earnings, is what its provider asks to be paid.
+    payments.release_due_earnings(now=now + timedelta(days=30))
+    earned = ledger.earnings_for(provider)
+    assert earned > 0
+    payout = payments.request_payout(provider, earned)
+    PayoutRequest.objects.filter(pk=payout.pk).update(requested_at=now - timedelta(days=3, hours=1))
+
+    html = ops.get(OPS).content.decode()
+
+    queue = re.search(r'id="dispute-queue".*?</section>', html, re.S).group(0)
+    assert figure(queue, "disputes-count") == "2"
+    ids = [int(i) for i in re.findall(r'data-dispute-id="(\d+)"', queue)]
+    assert ids == list(
+        Dispute.objects.order_by("opened_at").values_list("pk", flat=True)
+    )  # oldest first
+    ages = re.findall(r'<td class="age"><time [^>]*>([^<]+)</time>', queue)
+    assert ages == ["1\xa0day, 6\xa0hours", "2\xa0hours"]
+    payouts = re.search(r'id="payout-queue".*?</section>', html, re.S).group(0)
+    assert figure(payouts, "payouts-count") == "1"
+    assert f'data-payout-id="{payout.pk}"' in payouts
+    assert "3\xa0days, 1\xa0hour" in payouts
+    assert usd(earned) in payouts
+
+
+def test_empty_queues_say_so(ops):
+    html = ops.get(OPS).content.decode()
+    assert 'id="no-disputes"' in html and 'id="no-payouts"' in html
+
+
+def test_one_order_in_all_is_singular(ops, funded_buyer, listing):
+    place_order(
+        funded_buyer,
+        listing_id=listing.pk,
+        gpu_count=1,
+        hours=1,
+        wireguard_public_key=wg_public_key(),
+    )
+    html = ops.get(OPS).content.decode()
+    assert "1 order in all" in html and "1 orders" not in html

@@ -2,7 +2,7 @@
 meshnet.agent_channel.acknowledge_revision (the path the agent's consumer calls) at explicit times.
 
 pending -> provisioning -> running -> stopping -> completed (settled), and the side roads:
-cancel, expiry, provisioning timeout; plus the job address it gets from the MOLT pool.
+cancel, expiry, provisioning timeout; plus the job address it gets from the jobs block.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 PRICE = 2 * USD  # per GPU-hour
 PRICE_GIB = 10_000
-MOLT = ipaddress.IPv4Network("10.100.128.0/17")
+MESH = ipaddress.IPv4Network("10.100.0.0/16")  # every node block
+JOBS = ipaddress.IPv4Network("10.64.0.0/11")  # buyers' job tunnel addresses
 
 
 def place(buyer, listing, *, gpu_count=1, hours=2, key=None) -> Order:
@@ -94,7 +95,7 @@ def test_full_lifecycle_bills_the_time_between_ack_and_stop_and_settles_once(
     order = reload(order)
     assert order.state == "provisioning"
     assert order.job_peer.state == JobPeer.State.DESIRED
-    assert ipaddress.IPv4Address(order.job_peer.address) in MOLT
+    assert ipaddress.IPv4Address(order.job_peer.address) in JOBS
 
     started = timezone.now() - timedelta(minutes=90)
     ack(node, at=started)
@@ -394,7 +395,10 @@ def test_a_key_on_a_live_order_cannot_be_reused(funded_buyer, listing):
     place(funded_buyer, listing, key=key)  # the first order ended: the key is free
 
 
-def test_job_addresses_come_from_the_molt_range_and_are_unique(funded_buyer, node, listing):
+def test_job_addresses_come_from_the_jobs_block_and_are_unique(funded_buyer, node, listing):
+    # The node enrolled in eu-west: its address came from that region's block.
+    node_pool = IpPool.objects.get(name="eu-west")
+    molt_before = node_pool.next_offset
     orders = [place(funded_buyer, listing) for _ in range(4)]
     for order in orders:
         provision_order(order.pk)
@@ -403,13 +407,20 @@ def test_job_addresses_come_from_the_molt_range_and_are_unique(funded_buyer, nod
     assert node.mesh_address not in addresses
     for address in addresses:
         ip = ipaddress.IPv4Address(address)
-        assert ip in MOLT
-        assert ip not in (MOLT.network_address, MOLT.broadcast_address)
+        assert ip in JOBS and ip not in MESH
+        assert ip not in (JOBS.network_address, JOBS.broadcast_address)
     leases = IpAllocation.objects.filter(address__in=addresses)
     assert {lease.purpose for lease in leases} == {IpAllocation.Purpose.JOB}
+    assert {lease.pool.name for lease in leases} == {ipplan.JOB_BLOCK}
+    # Job starts take nothing from the nodes' pool.
+    assert IpPool.objects.get(pk=node_pool.pk).next_offset == molt_before
+    assert not IpPool.objects.filter(name=ipplan.MOLT_POOL).exists()
 
 
 def test_a_finished_jobs_address_goes_into_quarantine(funded_buyer, node, listing, settings):
+    # The job block's own setting, not the nodes' one.
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 300
+    settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 7
     order = place(funded_buyer, listing)
     provision_order(order.pk)
     ack(node, at=timezone.now())
@@ -417,13 +428,36 @@ def test_a_finished_jobs_address_goes_into_quarantine(funded_buyer, node, listin
     ack(node)
     lease = reload(order).job_peer.allocation
     assert lease.released_at is not None
-    assert lease.reusable_after - lease.released_at == timedelta(
-        seconds=settings.MOLT_ADDRESS_QUARANTINE_SECONDS
-    )
+    assert lease.reusable_after - lease.released_at == timedelta(seconds=300)
     # The next job gets another address.
     other = place(funded_buyer, listing)
     provision_order(other.pk)
     assert reload(other).job_peer.address != lease.address
+
+
+def test_once_the_jobs_block_has_wrapped_a_released_address_goes_to_the_next_job(
+    funded_buyer, node, listing, settings
+):
+    # The removed peer lets go of its reused lease row (one-to-one): before, the next peer's
+    # insert failed once the pool wrapped, and the order failed as "key in use".
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 0
+    order = place(funded_buyer, listing)
+    provision_order(order.pk)
+    ack(node, at=timezone.now())
+    stop_order(reload(order))
+    ack(node)
+    old = reload(order).job_peer
+    assert old.allocation.released_at is not None
+    IpPool.objects.filter(name=ipplan.JOB_BLOCK).update(next_offset=2_097_151)  # wrapped
+
+    other = place(funded_buyer, listing)
+    provision_order(other.pk)
+
+    other = reload(other)
+    assert other.state == "provisioning", other.reason
+    assert other.job_peer.address == old.address
+    old.refresh_from_db()
+    assert old.allocation_id is None and other.job_peer.allocation_id is not None
 
 
 # --- the pool itself, on a tiny block ------------------------------------------------------
@@ -448,7 +482,7 @@ def test_a_pool_hands_out_each_usable_address_once_then_is_exhausted(tiny_pool):
 
 
 def test_a_released_address_is_not_reused_during_quarantine(tiny_pool, settings):
-    settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 3600
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 3600  # job leases: the job block's setting
     leases = [allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
     release_address(leases[2])
     with pytest.raises(PoolExhausted):
@@ -456,7 +490,7 @@ def test_a_released_address_is_not_reused_during_quarantine(tiny_pool, settings)
 
 
 def test_a_released_address_is_reused_after_quarantine_oldest_first(tiny_pool, settings):
-    settings.MOLT_ADDRESS_QUARANTINE_SECONDS = 1
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 1
     leases = [allocate_address("test-tiny", IpAllocation.Purpose.JOB) for _ in range(6)]
     release_address(leases[4])
     time.sleep(0.05)
@@ -498,17 +532,24 @@ def test_the_molt_range_ends_at_its_last_host_never_at_its_broadcast_address(db)
     assert handed_out == {"10.100.128.1", "10.100.255.253", "10.100.255.254"}
 
 
-def test_job_addresses_are_hosts_of_the_molt_range_up_to_its_end(funded_buyer, node, listing):
-    # The node took 10.100.128.1, the first host (never the network address 10.100.128.0).
-    assert node.mesh_address == "10.100.128.1"
-    IpPool.objects.filter(name=ipplan.MOLT_POOL).update(next_offset=32766)
+def test_job_addresses_are_hosts_of_the_jobs_block_up_to_its_end(funded_buyer, node, listing):
+    # The node took 10.100.48.1 of its region's block (eu-west); jobs start at 10.64.0.1 of
+    # their own block.
+    assert node.mesh_address == "10.100.48.1"
+    # Offset 2,097,150 is 10.95.255.254, the last host of 10.64.0.0/11 (never its broadcast).
+    IpPool.objects.create(name=ipplan.JOB_BLOCK, cidr="10.64.0.0/11", next_offset=2_097_150)
     last, beyond = place(funded_buyer, listing), place(funded_buyer, listing)
 
     provision_order(last.pk)
     provision_order(beyond.pk)
 
-    assert reload(last).job_peer.address == "10.100.255.254"
+    assert reload(last).job_peer.address == "10.95.255.254"
     beyond = reload(beyond)
     assert beyond.state == "failed" and beyond.job_peer is None
-    assert "exhausted" in beyond.reason
-    assert list(JobPeer.objects.values_list("address", flat=True)) == ["10.100.255.254"]
+    # The refusal names the jobs pool: a full job block never reads as the nodes' pool.
+    assert "'jobs' is exhausted" in beyond.reason
+    assert list(JobPeer.objects.values_list("address", flat=True)) == ["10.95.255.254"]
+    # Nodes still enrol: their pools (the node's region's, the MOLT block) are untouched by the
+    # jobs' exhaustion.
+    assert allocate_address("eu-west", IpAllocation.Purpose.NODE).address == "10.100.48.2"
+    assert allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE).address == "10.100.128.1"

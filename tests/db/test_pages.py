@@ -15,7 +15,7 @@ from marketplace.models import Listing
 from marketplace.orders import place_order
 from tests.factories import wg_public_key
 
-pytestmark = [pytest.mark.db, pytest.mark.django_db]
+pytestmark = [pytest.mark.db, pytest.mark.django_db, pytest.mark.usefixtures("nodes_online")]
 
 ROW = re.compile(r'<tr class="listing[^"]*" data-listing-id="(\d+)">(.*?)</tr>', re.S)
 
@@ -70,7 +70,7 @@ def test_prices_are_shown_in_usd_with_region_and_simulated_badge(client, market)
     assert "simulated" in columns[0]
     assert columns[1] == "24 GB"
     assert columns[3] == "$0.35"  # 350,000 micro-USD per GPU-hour
-    assert columns[4] == "$0.005"  # 5,000 micro-USD per GiB: not rounded away to $0.01
+    assert columns[4] == "$0.005"  # 5,000 micro-USD per GiB: not rounded away to $0.01 (3 decimals)
     assert columns[5] == "eu-west"
 
 

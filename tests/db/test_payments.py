@@ -23,42 +23,20 @@ from marketplace.models import (
     PayoutRequest,
     Settlement,
 )
-from marketplace.orders import place_order, provision_order, stop_order
+from marketplace.orders import provision_order, stop_order
 from marketplace.settlement import settle_order
-from meshnet.agent_channel import acknowledge_revision
 from tests import factories
+from tests.db.settled_orders import (
+    ack,
+    balances,
+    placed_order,
+    settled_order,
+)
 from tests.factories import USD
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 PRICE = 2 * USD
-
-
-def ack(node, at=None) -> None:
-    node.refresh_from_db()
-    acknowledge_revision(node, node.desired_revision, at=at)
-
-
-def settled_order(buyer, listing, node, *, minutes: int = 90) -> Order:
-    """An order that ran `minutes` and was stopped, removed and settled, through real paths."""
-    order = place_order(
-        buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=3,
-        wireguard_public_key=factories.wg_public_key(),
-    )
-    provision_order(order.pk)
-    ack(node, at=timezone.now() - timedelta(minutes=minutes))
-    stop_order(Order.objects.get(pk=order.pk))
-    ack(node)
-    order = Order.objects.select_related("settlement", "earnings_hold").get(pk=order.pk)
-    assert order.state == "completed"
-    return order
-
-
-def balances() -> dict[int, int]:
-    return dict(Account.objects.values_list("pk", "balance"))
 
 
 # --- the frozen share ------------------------------------------------------------------------
@@ -113,13 +91,7 @@ def test_a_second_resolution_of_a_share_is_refused_by_its_once_key(
 
 
 def test_an_order_that_charged_nothing_freezes_nothing(funded_buyer, listing):
-    order = place_order(
-        funded_buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=1,
-        wireguard_public_key=factories.wg_public_key(),
-    )
+    order = placed_order(funded_buyer, listing)
     stop_order(order)
     assert not EarningsHold.objects.exists()
     assert not Account.objects.filter(kind=Account.Kind.FROZEN).exists()
@@ -212,21 +184,9 @@ def test_a_dispute_that_is_not_allowed_is_a_409_and_moves_nothing(
 ):
     client = api_client_for(funded_buyer)
     if when == "live":
-        order = place_order(
-            funded_buyer,
-            listing_id=listing.pk,
-            gpu_count=1,
-            hours=1,
-            wireguard_public_key=factories.wg_public_key(),
-        )
+        order = placed_order(funded_buyer, listing)
     elif when == "cancelled":
-        order = place_order(
-            funded_buyer,
-            listing_id=listing.pk,
-            gpu_count=1,
-            hours=1,
-            wireguard_public_key=factories.wg_public_key(),
-        )
+        order = placed_order(funded_buyer, listing)
         stop_order(order)
     else:
         order = settled_order(funded_buyer, listing, node)
@@ -282,15 +242,6 @@ def test_a_retried_dispute_replays_the_first_answer(api_client_for, funded_buyer
 
 
 # --- payouts ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def earning_provider(funded_buyer, provider, listing, node):
-    """The provider with one order's share released to earnings."""
-    order = settled_order(funded_buyer, listing, node)
-    payments.release_due_earnings(now=order.earnings_hold.release_after)
-    assert ledger.earnings_for(provider) == order.settlement.provider_amount
-    return provider
 
 
 def test_a_payout_request_sets_earnings_aside_and_an_operator_pays_it_once(
@@ -474,13 +425,7 @@ def test_the_receipt_itemises_the_capture_and_its_lines_sum_to_it(
 def test_a_receipt_of_a_bandwidth_heavy_order_shows_bytes_and_the_hold_cap(
     api_client_for, funded_buyer, listing, node
 ):
-    order = place_order(
-        funded_buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=1,
-        wireguard_public_key=factories.wg_public_key(),
-    )
+    order = placed_order(funded_buyer, listing)
     provision_order(order.pk)
     ack(node, at=timezone.now() - timedelta(minutes=59, seconds=59))
     # Far past the allowance (arrived after the stop, so the job could not be stopped in time).
@@ -502,13 +447,7 @@ def test_a_receipt_of_a_bandwidth_heavy_order_shows_bytes_and_the_hold_cap(
 
 
 def test_a_cancelled_orders_receipt_released_everything(api_client_for, funded_buyer, listing):
-    order = place_order(
-        funded_buyer,
-        listing_id=listing.pk,
-        gpu_count=1,
-        hours=1,
-        wireguard_public_key=factories.wg_public_key(),
-    )
+    order = placed_order(funded_buyer, listing)
     client = api_client_for(funded_buyer)
     assert client.get(f"/api/v1/orders/{order.pk}/receipt/").status_code == 409  # still live
     stop_order(order)
@@ -539,7 +478,7 @@ def test_a_receipt_shows_a_dispute_refund(
 @pytest.fixture
 def admin_client(client, make_user):
     operator = make_user("olga", is_staff=True, is_superuser=True)
-    client.force_login(operator)
+    factories.staff_login(client, operator)
     return client
 
 

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from tests.ports import unused_port
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 
 def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # nothing listens once it is closed
+    return unused_port()  # nothing listens there
 
 
 def test_ready_when_the_database_and_the_broker_answer(client, settings):

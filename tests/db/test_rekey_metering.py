@@ -26,7 +26,8 @@ from meshnet.agent_channel import acknowledge_revision, ingest_metering
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.models import JobPeer, JobPeerKey, MeteringSample, Node
 from meshnet.nodes import revoke_node
-from tests.factories import enroll_request, gpu, wg_public_key
+from meshnet.units import format_bytes
+from tests.factories import enroll_request, gpu, staff_login, wg_public_key
 
 pytestmark = [pytest.mark.db]
 
@@ -174,16 +175,52 @@ def test_a_late_sample_of_the_retired_key_after_its_final_one_counts_nothing(rek
     assert agent.send((old, 1, 900 * MIB, 900 * MIB)) == 0
     assert agent.send((old, 7, 5 * MIB, 5 * MIB)) == 0  # even under a newer epoch
     assert moved(order) == (170 * MIB, 300 * MIB)
-    assert MeteringSample.objects.filter(node=agent.node).count() == 6
+    # The two after the ack name only a closed key: not stored (issue 14).
+    assert MeteringSample.objects.filter(node=agent.node).count() == 4
 
 
 @pytest.mark.django_db
-def test_a_sample_of_an_unknown_key_is_stored_and_bills_nothing(rekeyed, agent):
+def test_a_sample_of_only_unknown_keys_bills_nothing_and_is_not_stored(rekeyed, agent):
+    # Issue 14: a node could store samples of thousands of made-up keys for 90 days.
     order, _old, _new = rekeyed
     before = moved(order)
     assert agent.send((wg_public_key(), 1, 10 * MIB, 10 * MIB)) == 0
     assert moved(order) == before
-    assert MeteringSample.objects.filter(node=agent.node, seq=agent.seq).exists()
+    assert not MeteringSample.objects.filter(node=agent.node, seq=agent.seq).exists()
+
+
+@pytest.mark.django_db
+def test_unknown_keys_beside_open_ones_are_left_out_of_the_stored_sample_and_counted(
+    rekeyed, agent
+):
+    order, old, _new = rekeyed
+    junk = [wg_public_key() for _ in range(50)]
+    billed = agent.send((old, 1, 110 * MIB, 210 * MIB), *((key, 1, MIB, MIB) for key in junk))
+    assert billed == 1
+    assert moved(order) == (110 * MIB, 210 * MIB)
+    stored = MeteringSample.objects.get(node=agent.node, seq=agent.seq)
+    assert [peer["public_key"] for peer in stored.body["peers"]] == [old]
+    assert stored.body["ignored_keys"] == 50
+    # The signature covered the keys left out: it is not kept beside a body it does not sign.
+    assert stored.signature == ""
+    # Exactly once still: the same sample again changes nothing.
+    assert (
+        ingest_metering(agent.node, agent.envelope((old, 1, 110 * MIB, 210 * MIB), seq=agent.seq))
+        == 0
+    )
+    assert moved(order) == (110 * MIB, 210 * MIB)
+
+
+@pytest.mark.django_db
+def test_a_revoked_nodes_sample_is_refused_and_stores_nothing(rekeyed, agent):
+    from meshnet.agent_channel import AgentRefused
+
+    _order, old, _new = rekeyed
+    Node.objects.filter(pk=agent.node.pk).update(revoked_at=agent.node.enrolled_at)
+    with pytest.raises(AgentRefused, match="revoked") as refused:
+        agent.send((old, 1, 110 * MIB, 210 * MIB))
+    assert refused.value.close_code == wire.CLOSE_FORBIDDEN
+    assert not MeteringSample.objects.filter(node=agent.node, seq=agent.seq).exists()
 
 
 @pytest.mark.django_db
@@ -285,11 +322,13 @@ def test_the_database_refuses_two_open_rows_of_a_key_and_two_current_keys_of_a_p
     peer = JobPeer.objects.get(pk=order.job_peer_id)
     with pytest.raises(IntegrityError), transaction.atomic():
         JobPeerKey.objects.create(
-            job_peer=peer, public_key=new, added_revision=1, retired_at=order.created_at,
-            retired_revision=1,
+            job_peer=peer, node=peer.node, public_key=new, added_revision=1,
+            retired_at=order.created_at, retired_revision=1,
         )  # fmt: skip
     with pytest.raises(IntegrityError), transaction.atomic():
-        JobPeerKey.objects.create(job_peer=peer, public_key=wg_public_key(), added_revision=1)
+        JobPeerKey.objects.create(
+            job_peer=peer, node=peer.node, public_key=wg_public_key(), added_revision=1
+        )
     with pytest.raises(IntegrityError), transaction.atomic():
         JobPeerKey.objects.filter(public_key=old).update(retired_revision=None)
 
@@ -301,13 +340,14 @@ def test_the_admin_shows_every_key_of_a_peer_with_its_bytes(rekeyed, agent, clie
     operator = make_user("keyhist-ops")
     operator.is_staff = operator.is_superuser = True
     operator.save()
-    client.force_login(operator)
+    staff_login(client, operator)
 
     page = client.get(f"/admin/meshnet/jobpeer/{order.job_peer_id}/change/").content.decode()
     assert old in page and new in page
-    assert str(170 * MIB) in page
+    assert format_bytes(170 * MIB) == "170 MiB"
+    assert "170 MiB" in page
     listing = client.get("/admin/meshnet/jobpeer/").content.decode()
-    assert str(170 * MIB) in listing  # the peer's rx over all its keys
+    assert "170 MiB" in listing  # the peer's rx over all its keys
     keys = client.get("/admin/meshnet/jobpeerkey/?key=retired_open").content.decode()
     assert old[:8] in keys and new[:8] not in keys
 

@@ -261,6 +261,19 @@ def test_the_listing_page_asks_for_an_ssh_key_first_then_offers_images(
     assert '<option value="debian:bookworm">' in page
 
 
+def test_a_listing_without_images_offers_the_order_without_an_ssh_key(funded_buyer, provider, node):
+    """No image, no sandbox, no key needed (as the API takes it): a buyer without keys, such
+    as make run's demo-buyer, can order at once."""
+    listing = create_listing(
+        provider, node=node, gpu_count=1, price_per_gpu_hour=USD, price_per_gib=0, images=[]
+    )
+
+    page = browser_for(funded_buyer).get(f"/listings/{listing.pk}/").content.decode()
+
+    assert 'id="no-ssh-keys"' not in page
+    assert 'id="order-button"' in page and 'id="order-image"' not in page
+
+
 # --- listings: images and per-job limits ------------------------------------------------------
 
 

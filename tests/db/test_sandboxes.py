@@ -445,6 +445,32 @@ def test_a_failed_sandbox_fails_the_order_and_releases_the_hold_exactly(
     assert gpus_of(waiting) == [0, 1, 2]
 
 
+def test_once_a_nodes_27_has_wrapped_a_released_address_goes_to_the_next_sandbox(
+    keyed_buyer, node, listing, settings
+):
+    # A node's /27 hands out 30 fresh addresses, then reuses released ones. The ended sandbox
+    # (and its job peer) let go of the reused lease row: before, the next sandbox's one-to-one
+    # insert failed and its order stayed pending for good (benchmarks/order_to_ssh.py's 31st).
+    settings.MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS = 0
+    first = provisioned(keyed_buyer, listing)
+    ack(node)
+    stop_order(reload(first))
+    ack(node)
+    old = sandbox_of(first)
+    assert old.state == Sandbox.State.STOPPED and old.allocation.released_at is not None
+    pool = IpAllocation.objects.get(pk=old.allocation_id).pool
+    IpAllocation.objects.filter(pk=old.allocation_id).update(reusable_after=timezone.now())
+    type(pool).objects.filter(pk=pool.pk).update(next_offset=31)  # the 30 fresh ones are gone
+
+    second = provisioned(keyed_buyer, listing)
+
+    assert second.state == "provisioning", second.reason
+    assert sandbox_of(second).address == old.address
+    assert sandbox_of(second).allocation_id == old.allocation_id
+    old.refresh_from_db()
+    assert old.allocation_id is None and old.address == sandbox_of(second).address
+
+
 def test_stop_removes_peer_and_sandbox_and_frees_the_gpus_when_the_agent_acks(
     agent, keyed_buyer, listing, django_capture_on_commit_callbacks
 ):
@@ -493,6 +519,7 @@ def test_quarantine_defaults_are_short(settings):
     from config import settings as project_settings
 
     assert project_settings.MOLT_ADDRESS_QUARANTINE_SECONDS == 120
+    assert project_settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS == 120
     assert project_settings.MOLT_SANDBOX_ADDRESS_QUARANTINE_SECONDS == 60
 
 

@@ -4,9 +4,9 @@ processes, Redis as broker and channel layer, the test's PostgreSQL database."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +19,13 @@ import pytest
 from django.db import connection
 
 from tests.conftest import REPO
+from tests.ports import unused_port
 
 BIN = Path(sys.executable).parent
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port()
 
 
 def database_url() -> str:
@@ -94,34 +93,74 @@ def wait_until(predicate, *, timeout: float, interval: float = 0.1, message: str
 
 
 @contextlib.contextmanager
-def running_gateway(tmp_path: Path, settings, host: str = "127.0.0.1") -> Iterator[Gateway]:
+def own_redis_db() -> Iterator[int]:
+    """A Redis database index (10-13; the benchmarks take 14 and 15) that no other test session
+    on this machine uses meanwhile: the gateway flushes it, so two sessions on one index (the
+    old `10 + pid % 5`) could drop each other's queued tasks. An flock per index, held while
+    the gateway runs, decides."""
+    for index in range(10, 14):
+        lock = open(f"/tmp/molt-test-redis-db-{index}.lock", "w")  # noqa: SIM115 (held below)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        try:
+            yield index
+        finally:
+            lock.close()
+        return
+    raise RuntimeError("Redis databases 10-13 are all taken by other test sessions")
+
+
+@contextlib.contextmanager
+def running_gateway(
+    tmp_path: Path,
+    settings,
+    host: str = "127.0.0.1",
+    *,
+    redis_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[Gateway]:
     """uvicorn + Celery worker on the test database, bound to `host`, with a Redis database and
-    channel prefix of their own so no other process on this machine takes their tasks."""
+    channel prefix of their own so no other process on this machine takes their tasks.
+    `redis_url` puts broker, channel layer and cache on another Redis (the faults tier's own
+    redis-server, which it stops and restarts); `extra_env` sets or overrides settings."""
     port = free_port()
-    redis_db = 10 + os.getpid() % 5
+    with contextlib.ExitStack() as held:
+        if redis_url is None:
+            redis_url = f"redis://127.0.0.1:6379/{held.enter_context(own_redis_db())}"
+        yield from _running_gateway(tmp_path, settings, host, port, redis_url, extra_env)
+
+
+def _running_gateway(tmp_path, settings, host, port, redis_url, extra_env) -> Iterator[Gateway]:
     env = {
         **os.environ,
         "DJANGO_DEBUG": "true",
         "DATABASE_URL": database_url(),
-        "REDIS_URL": f"redis://127.0.0.1:6379/{redis_db}",
-        "CELERY_BROKER_URL": f"redis://127.0.0.1:6379/{redis_db}",
+        "REDIS_URL": redis_url,
+        "CELERY_BROKER_URL": redis_url,
         "MOLT_CHANNEL_PREFIX": f"molt-test-{os.getpid()}",
         "MOLT_STATE_DIR": str(tmp_path / "gateway-state"),
         "MOLT_ALLOW_SIMULATED_GPUS": "true",
+        # test_agent_daemon's agents send every half second, ten times clawnode's periods.
+        "MOLT_AGENT_RATE_FACTOR": "10",
         "ALLOWED_HOSTS": f"127.0.0.1,localhost,{host}",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     # In-process services (signing, enrolment in test set-up) use the server's gateway key.
     settings.MOLT_STATE_DIR = env["MOLT_STATE_DIR"]
     subprocess.run(
-        [str(BIN / "python"), "-c", f"import redis; redis.Redis(db={redis_db}).flushdb()"],
+        [str(BIN / "python"), "-c", f"import redis; redis.Redis.from_url({redis_url!r}).flushdb()"],
         check=True,
     )
     gw = Gateway(base_url=f"http://{host}:{port}", env=env, log_dir=tmp_path)
     gw.start(
         "web",
         [str(BIN / "uvicorn"), "config.asgi:application", "--host", host, "--port", str(port),
-         "--log-level", "warning"],
+         "--log-level", "warning", "--ws-max-size", "1048576", "--ws-per-message-deflate",
+         "false"],
     )  # fmt: skip
     gw.start(
         "worker",

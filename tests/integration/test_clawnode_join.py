@@ -6,6 +6,7 @@ comes from the provider through meshnet.enrolment, as the browser page gets it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import stat
@@ -84,6 +85,12 @@ def test_join_enrols_the_machine_once_and_a_used_token_is_refused_elsewhere(
         ("A100 80GB", 81920, True),
     ]
 
+    # The enrolment keeps the gateway's blocks: the interface prefix (the whole mesh: the hub
+    # and every node block on-link), and the job block the agent routes onto its interface
+    # (job addresses are not on-link with the node's).
+    saved = json.loads((state_dir / "enrollment.json").read_text())
+    assert (saved["mesh_network"], saved["job_network"]) == ("10.100.0.0/16", "10.64.0.0/11")
+
     # Secrets and enrolment are private files.
     assert mode(state_dir / "identity.key") == 0o600
     assert mode(state_dir / "enrollment.json") == 0o600
@@ -138,3 +145,31 @@ def test_a_gateway_that_refuses_simulated_gpus_says_so(live_server, settings, pr
     assert result.returncode == 1
     assert "simulated GPUs are not accepted by this gateway" in result.stderr
     assert not Node.objects.exists()
+
+
+def test_join_with_a_region_takes_an_address_of_its_block_and_a_typo_costs_no_token(
+    gateway_url, provider, tmp_path
+):
+    issued = create_enrollment_token(provider)
+    join = (
+        "join", "--gateway", gateway_url, "--state-dir", str(tmp_path / "m"),
+        "--simulated-gpus", "L4:1",
+    )  # fmt: skip
+
+    typo = clawnode(*join, "--region", "eu-wset", token=issued.token)
+
+    assert typo.returncode == 1
+    assert typo.stderr.startswith(
+        "clawnode: error: gateway refused the enrolment (HTTP 400): unknown region 'eu-wset'; "
+        "one of us-west, us-east, eu-west, asia"
+    )
+    assert not Node.objects.exists()
+
+    joined = clawnode(*join, "--region", "eu-west", token=issued.token)
+
+    assert joined.returncode == 0, joined.stderr
+    node = Node.objects.get()
+    assert (node.region, node.mesh_address) == ("eu-west", "10.100.48.1")
+    assert joined.stdout.splitlines()[-1] == (
+        f"{node.name} joined the mesh at 10.100.48.1 (region eu-west)"
+    )

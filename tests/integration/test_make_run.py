@@ -1,6 +1,7 @@
 """`make run`, the README's first command, as a person runs it: with no Redis answering it starts
-its own, migrates a fresh SQLite database, seeds the demo market, and serves it with web, worker
-and beat; Ctrl-C stops every process it started, the private Redis included."""
+its own, migrates a fresh SQLite database, seeds the demo market, and serves it with web, worker,
+beat and the demo nodes' simulated agents (which bring the nodes online, so an order runs end to
+end); Ctrl-C stops every process it started, the private Redis included."""
 
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         # Nothing answers here: make run must start (and later stop) a redis-server of its own.
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "MOLT_STATE_DIR": str(tmp_path / "state"),
+        "MOLT_DEMO_AGENTS_DIR": str(tmp_path / "demo-agents"),
         "MOLT_CHANNEL_PREFIX": f"makerun{port}",
         # Beat's "Sending due task" lines (info) are the proof below that it runs.
         "CELERY_LOG_LEVEL": "info",
@@ -107,11 +109,25 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         token = call(
             base, "POST", "/api/v1/auth/token/", {"username": username, "password": password}
         )["token"]
-        listings = call(base, "GET", "/api/v1/listings/?limit=100", token=token)
-        assert listings["count"] == 10
-        # The worker is up: an order placed through the API is provisioned by it (no agent is
-        # connected, so it stays provisioning with its job address allocated).
-        listing = listings["results"][0]
+
+        # The demo nodes' agents connect (signed auth, heartbeats): every listing is online,
+        # listed without include_offline.
+        def online_listings() -> list[dict]:
+            return call(base, "GET", "/api/v1/listings/?limit=100", token=token)["results"]
+
+        wait_until(
+            lambda: len(online_listings()) == 10,
+            timeout=90,
+            message="the demo agents to bring all 10 listings online",
+        )
+        # Each node's agent state is where seed_demo kept it: a private key, 0600.
+        kept = sorted(p.parent.name for p in (tmp_path / "demo-agents").glob("*/identity.key"))
+        assert len(kept) == 9, kept
+        for key in (tmp_path / "demo-agents").glob("*/identity.key"):
+            assert key.stat().st_mode & 0o777 == 0o600
+        # The worker and an agent are up: an order placed through the API is provisioned by the
+        # worker, its peer applied and acknowledged by the node's agent, and it runs.
+        listing = online_listings()[0]
         order = call(
             base,
             "POST",
@@ -127,11 +143,15 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         wait_until(
             lambda: (
                 call(base, "GET", f"/api/v1/orders/{order['id']}/", token=token)["state"]
-                == "provisioning"
+                == "running"
             ),
-            timeout=60,
-            message="the worker to provision the order",
+            timeout=90,
+            message="the order to run on a demo node",
         )
+        running = call(base, "GET", f"/api/v1/orders/{order['id']}/", token=token)
+        # How to connect: the buyer's tunnel address and the node's key and endpoint.
+        assert running["job_address"] and running["provider_public_key"], running
+        assert running["endpoint"], running
         # Beat is up: it sends its schedule (expire-orders every 15 s).
         wait_until(
             lambda: "Sending due task expire-orders" in log_path.read_text(),
@@ -149,7 +169,9 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         output = log_path.read_text()
         assert "stopping the redis-server make run started" in output
         assert "Traceback" not in output
-        for process in ("web", "worker", "beat"):
+        assert "SIMULATED" in output
+        assert "demo agents: stopped" in output
+        for process in ("web", "worker", "beat", "agents"):
             assert re.search(rf"{process}\.1 stopped \(rc=(0|-15)\)", output), process
     finally:
         if make.poll() is None:

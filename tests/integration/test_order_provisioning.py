@@ -18,7 +18,7 @@ from tests.integration.conftest import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
-MOLT = ipaddress.IPv4Network("10.100.128.0/17")
+JOBS = ipaddress.IPv4Network("10.64.0.0/11")  # buyers' job tunnel addresses (ipplan "jobs")
 
 
 def call(gateway, method: str, path: str, token: str, body: dict | None = None):
@@ -65,7 +65,7 @@ def test_order_over_http_is_provisioned_by_the_worker(gateway, buyer, provider):
         timeout=30,
         message=f"the worker to provision order {order_id}\n{gateway.logs()}",
     )
-    assert ipaddress.IPv4Address(order["job_address"]) in MOLT
+    assert ipaddress.IPv4Address(order["job_address"]) in JOBS
     assert order["provider_address"] == node.mesh_address
     assert order["provider_public_key"] == node.wireguard_public_key
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import pytest
 
@@ -65,10 +66,12 @@ def test_hairpin(lab):
         first = _probe(lab, one, "stun", "40001", nat_lab.OBSERVER_A)["mapping"]
         second = _probe(lab, two, "stun", "40002", nat_lab.OBSERVER_A)["mapping"]
         assert first == f"{one.public_ip}:40001" and second == f"{two.public_ip}:40002"
-        procs = [
-            lab.popen(one.ns, [sys.executable, PROBE, "punch", "40001", second], stdout=-1),
-            lab.popen(two.ns, [sys.executable, PROBE, "punch", "40002", first], stdout=-1),
-        ]
+        # One after the other: two hairpinned flows created in the same instant race in
+        # conntrack, and Linux resolves the clash by giving the second a random port (seen once
+        # in CI: 51516 for 40002). That race is the kernel's, not the NAT kind's.
+        procs = [lab.popen(one.ns, [sys.executable, PROBE, "punch", "40001", second], stdout=-1)]
+        time.sleep(0.3)
+        procs.append(lab.popen(two.ns, [sys.executable, PROBE, "punch", "40002", first], stdout=-1))
         heard = [json.loads(proc.communicate(timeout=30)[0])["heard_from"] for proc in procs]
     finally:
         lab.release_sites()
@@ -83,10 +86,12 @@ def test_punch_without_hairpin_fails(lab):
     try:
         first = _probe(lab, one, "stun", "40001", nat_lab.OBSERVER_A)["mapping"]
         second = _probe(lab, two, "stun", "40002", nat_lab.OBSERVER_A)["mapping"]
-        procs = [
-            lab.popen(one.ns, [sys.executable, PROBE, "punch", "40001", second], stdout=-1),
-            lab.popen(two.ns, [sys.executable, PROBE, "punch", "40002", first], stdout=-1),
-        ]
+        # One after the other: two hairpinned flows created in the same instant race in
+        # conntrack, and Linux resolves the clash by giving the second a random port (seen once
+        # in CI: 51516 for 40002). That race is the kernel's, not the NAT kind's.
+        procs = [lab.popen(one.ns, [sys.executable, PROBE, "punch", "40001", second], stdout=-1)]
+        time.sleep(0.3)
+        procs.append(lab.popen(two.ns, [sys.executable, PROBE, "punch", "40002", first], stdout=-1))
         heard = [json.loads(proc.communicate(timeout=30)[0])["heard_from"] for proc in procs]
     finally:
         lab.release_sites()

@@ -98,9 +98,16 @@ def _serve(kind: str) -> None:
             return list(kernel_wireguard_available())
         if method == "reconcile":
             desired = DesiredState.from_dict(args["desired"])
-            actions = reconcile.plan(desired, backend.list_peers())
+            # The daemon's clock, as the daemon passes it (no endpoint moved on a live session).
+            actions = reconcile.plan(desired, backend.list_peers(), now=int(time.time()))
             results = reconcile.apply(backend, actions)
             return {"actions": [type(a).__name__ for a in actions], "results": results}
+        if method == "connectivity":
+            # The agent's check of its path to the hub (clawnode.connectivity), on this backend.
+            from clawnode import connectivity
+
+            result = connectivity.check(backend, DesiredState.from_dict(args["desired"]))
+            return dataclasses.asdict(result)
         if method == "ensure_interface":
             args["private_key"] = base64.b64decode(args["private_key"])
         result = getattr(backend, method)(**args)

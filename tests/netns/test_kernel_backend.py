@@ -64,8 +64,12 @@ def test_kernel_backend_does_what_the_running_kernel_supports(bed):
             private_key=private,
             listen_port=51820,
             address="10.100.128.1/17",
+            routes=["10.64.0.0/11"],
         )
         assert "10.100.128.1/17" in bed.exec(ns, "ip", "-o", "addr", "show", "dev", name).stdout
+        # The job block is routed onto the interface (job addresses are not on-link).
+        routes = bed.exec(ns, "ip", "-o", "route", "show", "dev", name).stdout
+        assert "10.64.0.0/11 proto static scope link" in routes, routes
         assert bed.exec(ns, "wg", "show", name, "public-key").stdout.strip() == (
             identity.wireguard_public_key_b64
         )

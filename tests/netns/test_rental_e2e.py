@@ -106,6 +106,8 @@ def test_a_rental_end_to_end_over_a_real_wireguard_tunnel(tmp_path, settings):
         # provider, which forwards packets like a home router would.
         bed.link(prov, "203.0.113.1/24", lan, "203.0.113.2/24", "lan")
         bed.exec(lan, "ip", "route", "add", "10.100.128.0/17", "via", "203.0.113.1")
+        # ...and to the buyers' job addresses, so only the provider's rules keep them out.
+        bed.exec(lan, "ip", "route", "add", "10.64.0.0/11", "via", "203.0.113.1")
         bed.exec(prov, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         prov_if = bed.wireguard_name("p")
         buyer_if, buyer2_if = bed.wireguard_name("b"), bed.wireguard_name("c")

@@ -1,7 +1,7 @@
 """Job sandbox isolation with real packets, without a container engine: the provider's sandbox
 namespaces are made by clawnode.sandbox.network (through its pyroute2 child, as the agent makes
 them), the table by clawnode.firewall from a signed-shape desired state (the daemon's own
-translation, daemon.sandbox_rules), the tunnels by real wireguard-go. A TCP listener inside
+translation, firewall.sandbox_rules), the tunnels by real wireguard-go. A TCP listener inside
 each sandbox namespace stands in for its sshd.
 
 Topology (testbed.py): provider, two buyers and an "internet" host on the bridge
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import pytest
 from clawnode import wire
-from clawnode.daemon import sandbox_rules
-from clawnode.firewall import render_ruleset
+from clawnode.firewall import render_ruleset, sandbox_rules
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.sandbox.network import host_veth, netns_name
 
@@ -32,6 +31,7 @@ from tests.netns.testbed import network_testbed
 pytestmark = [pytest.mark.netns]
 
 MESH_IP = "10.100.128.1"
+JOB_NETWORK = "10.64.0.0/11"  # buyers' job tunnel addresses (ipplan "jobs"): not on-link
 ANY = "0.0.0.0"  # noqa: S104 (every address of a test namespace: that is the point)
 PORT = 2222  # the sandboxes' stand-in sshd, and the host's own service
 SANDBOX_NET_DRIVER = """
@@ -125,7 +125,7 @@ def test_each_buyer_reaches_its_own_sandbox_only_and_sandboxes_reach_only_the_in
     suffix = f"{os.getpid() % 100000}"
     ref_a, ref_b = f"order:{suffix}1", f"order:{suffix}2"
     box_a, box_b = "10.128.0.33", "10.128.0.34"
-    buyer_a_ip, buyer_b_ip = "10.100.200.7", "10.100.200.8"
+    buyer_a_ip, buyer_b_ip = "10.64.0.7", "10.64.0.8"  # the gateway's job block
     with network_testbed() as bed:
         prov, buy_a, buy_b, inet, lan = (
             bed.namespace(r) for r in ("prov", "bya", "byb", "inet", "lan")
@@ -143,6 +143,11 @@ def test_each_buyer_reaches_its_own_sandbox_only_and_sandboxes_reach_only_the_in
             wireguard(bed, prov, prov_if, prov_key[0], f"{MESH_IP}/17", tmp_path,
                       [(a_key[1], f"{buyer_a_ip}/32", ""), (b_key[1], f"{buyer_b_ip}/32", "")],
                       port=51820)  # fmt: skip
+            # The agent's own link set-up (backends.links, as ensure_interface runs it): the job
+            # block routed onto the interface, since buyers' addresses are not on-link.
+            configure = (sys.executable, "-m", "clawnode.backends.links", "configure", prov_if,
+                         f"{MESH_IP}/17", JOB_NETWORK)  # fmt: skip
+            bed.exec(prov, *configure)
             # Each buyer routes everything it could try through its tunnel.
             for ns, name, key, ip in ((buy_a, a_if, a_key, buyer_a_ip),
                                       (buy_b, b_if, b_key, buyer_b_ip)):  # fmt: skip
@@ -207,6 +212,11 @@ def test_each_buyer_reaches_its_own_sandbox_only_and_sandboxes_reach_only_the_in
             assert not connects(bed, buy_a, MESH_IP), "a sandboxed buyer reached the host"
             assert not connects(bed, buy_a, "192.168.77.1"), "a buyer reached the host's LAN side"
             assert not connects(bed, buy_a, "192.168.77.2"), "a buyer reached a LAN host"
+            # The job block's route is what carries a sandbox's replies into the tunnel.
+            bed.exec(prov, "ip", "route", "del", JOB_NETWORK, "dev", prov_if)
+            assert not connects(bed, buy_a, box_a), "replies found the buyer without the route"
+            bed.exec(prov, *configure)
+            assert connects(bed, buy_a, box_a), "the agent's link set-up restores the route"
 
             # -- sandboxes: neither the host, nor the LAN, nor each other ----------------------
             for ns, other in ((sbx_a, box_b), (sbx_b, box_a)):

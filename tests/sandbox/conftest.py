@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from clawnode.sandbox.cdi import CdiGpus
+from clawnode.sandbox.engine import ContainerSpec
 from clawnode.sandbox.podman import PodmanEngine
 
 from tests.sandbox import image
@@ -53,6 +54,25 @@ def podman_ulimit_args() -> tuple[str, ...]:
     return tuple(args)
 
 
+def container_spec(name: str, ref: str, image: str, netns: str, **extra) -> ContainerSpec:
+    """A container as the tier's engine tests start it: small limits, no GPUs, asleep; `extra`
+    overrides any field."""
+    values = {
+        "name": name,
+        "ref": ref,
+        "image": image,
+        "netns": netns,
+        "cdi_devices": (),
+        "cpus_milli": 500,
+        "memory_mb": 64,
+        "pids_limit": 64,
+        "disk_gb": 1,
+        "command": ("sleep", "infinity"),
+    }
+    values.update(extra)
+    return ContainerSpec(**values)
+
+
 @pytest.fixture(scope="session")
 def test_image() -> str:
     return image.ensure_image(podman_global_args())
@@ -66,9 +86,9 @@ def engine(tmp_path: Path) -> PodmanEngine:
 
 @pytest.fixture
 def cdi(tmp_path: Path) -> CdiGpus:
-    # Podman 4.3 reads specs from /etc/cdi and /var/run/cdi only; the stand-in device nodes
-    # live in the test's own directory.
-    return CdiGpus(spec_dir=Path("/etc/cdi"), sim_dir=tmp_path / "sim-gpus")
+    # Podman 4.3 reads specs from /etc/cdi and /var/run/cdi only; the stand-in device nodes go
+    # where the agent makes them, in /dev (runc binds them from there into a user namespace).
+    return CdiGpus(spec_dir=Path("/etc/cdi"))
 
 
 _numbers = itertools.count(1)

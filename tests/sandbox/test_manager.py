@@ -12,6 +12,8 @@ from clawnode import wire
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.sandbox.manager import SandboxManager, ssh_banner_probe
 
+from tests.sandbox.conftest import container_spec
+
 pytestmark = [pytest.mark.sandbox]
 
 GPUS = SimulatedGpuReader("RTX 4090:4", seed="sandbox-manager").read()
@@ -164,24 +166,9 @@ def test_buyer_reaches_sshd_verified_and_a_restart_keeps_the_container(
 def test_a_new_manager_removes_orphan_containers_and_namespaces(
     engine, test_image, network, cdi, tmp_path, cleanup_containers
 ):
-    from clawnode.sandbox.engine import ContainerSpec
-
     cleanup_containers.append("molt-order-7002")
     netns = network.setup("order:7002", "10.254.22.2/32", "10.255.0.9/32", False)
-    engine.start(
-        ContainerSpec(
-            name="molt-order-7002",
-            ref="order:7002",
-            image=test_image,
-            netns=netns,
-            cdi_devices=(),
-            cpus_milli=500,
-            memory_mb=64,
-            pids_limit=64,
-            disk_gb=1,
-            command=("sleep", "infinity"),
-        )
-    )
+    engine.start(container_spec("molt-order-7002", "order:7002", test_image, netns))
 
     manager = SandboxManager(
         engine, network, Inventory(), tmp_path / "state", ssh_banner_probe, cdi=cdi
@@ -190,3 +177,82 @@ def test_a_new_manager_removes_orphan_containers_and_namespaces(
 
     assert "molt-order-7002" not in names_in_podman()
     assert network.present() == set()
+
+
+def test_the_buyers_root_is_an_unprivileged_host_uid_without_the_hosts_powers(
+    engine, test_image, network, cdi, tmp_path, cleanup_containers
+):
+    cleanup_containers.append("molt-order-7001")
+    buyer_key = keypair(tmp_path / "buyer")
+    manager = SandboxManager(
+        engine, network, Inventory(), tmp_path / "state", ssh_banner_probe, cdi=cdi
+    )
+    manager.apply((spec(test_image, buyer_key),))
+    manager.wait_idle()
+    [report] = manager.reports(changed_only=True)
+    assert report.state == "ready", report.detail
+    known = known_hosts_from(report, "10.254.21.2", tmp_path / "known_hosts")
+
+    def buyer(command: str) -> subprocess.CompletedProcess[str]:
+        return ssh(tmp_path / "buyer", known, "10.254.21.2", command)
+
+    mapped = buyer("id -u; cat /proc/self/uid_map /proc/self/gid_map")
+    assert mapped.returncode == 0, mapped.stderr
+    uid, uid_map, gid_map = mapped.stdout.splitlines()
+    assert uid == "0"
+    inside, outside, count = (int(part) for part in uid_map.split())
+    # Root inside is one uid of a range of its own on the host, never the host's root.
+    assert inside == 0 and outside > 0 and count == 65536, uid_map
+    assert int(gid_map.split()[1]) > 0, gid_map
+    # The host sees the sandbox's processes, and what the buyer writes, as that uid.
+    pid = subprocess.run(
+        [
+            "podman",
+            "inspect",
+            "--format",
+            "{{.State.Pid}} {{.GraphDriver.Data.UpperDir}}",
+            "molt-order-7001",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
+    status = Path(f"/proc/{pid[0]}/status").read_text()
+    [uids] = [line for line in status.splitlines() if line.startswith("Uid:")]
+    assert set(uids.split()[1:]) == {str(outside)}
+    assert buyer("touch /root/made-by-the-buyer").returncode == 0
+    assert (Path(pid[1]) / "root" / "made-by-the-buyer").stat().st_uid == outside
+
+    # The GPU's device node is the host's own (bound in): the host's root owns it and could
+    # chmod it; the buyer's root cannot, nor mount, nor undo the read-only mount of its sshd
+    # files.
+    node = Path("/dev/nvidia0")
+    mode = node.stat().st_mode
+    denied = buyer(
+        "chmod 000 /dev/nvidia0; echo chmod=$?; mount -t tmpfs none /mnt; echo mount=$?; "
+        "mount -o remount,rw /etc/molt; echo remount=$?; "
+        "echo x >> /etc/molt/authorized_keys; echo write=$?"
+    )
+    assert denied.returncode == 0, denied.stderr
+    assert denied.stdout.split() == ["chmod=1", "mount=32", "remount=32", "write=1"], (
+        denied.stdout,
+        denied.stderr,
+    )
+    assert node.stat().st_mode == mode
+    # What the buyer still needs: its GPUs, and a shell with a terminal (sshd chowns the pty).
+    listing = buyer("ls /dev/nvidia*; test -r /dev/nvidia0 && test -w /dev/nvidia0 && echo rw")
+    assert listing.stdout.split() == ["/dev/nvidia0", "/dev/nvidia2", "rw"], listing.stderr
+    terminal = subprocess.run(
+        [
+            *("ssh", "-tt", "-F", "/dev/null", "-i", str(tmp_path / "buyer")),
+            *("-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes"),
+            *("-o", f"UserKnownHostsFile={known}", "root@10.254.21.2", "tty"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert terminal.returncode == 0 and terminal.stdout.startswith("/dev/pts/"), terminal
+
+    manager.apply(())

@@ -17,7 +17,12 @@ from clawnode.gpu import SimulatedGpuReader
 from clawnode.sandbox.engine import LABEL_MANAGED, LABEL_REF, ContainerSpec, EngineError
 from clawnode.sandbox.podman import PodmanEngine
 
-from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args, podman_ulimit_args
+from tests.sandbox.conftest import (
+    ENGINE_OPTIONS,
+    container_spec,
+    podman_global_args,
+    podman_ulimit_args,
+)
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -25,20 +30,8 @@ GPUS = SimulatedGpuReader("RTX 4090:4", seed="sandbox-tier").read().gpus
 
 
 def spec(name, image, netns, **extra) -> ContainerSpec:
-    values = {
-        "name": name,
-        "ref": f"order:{name}",
-        "image": image,
-        "netns": netns,
-        "cdi_devices": (),
-        "cpus_milli": 1000,
-        "memory_mb": 256,
-        "pids_limit": 256,
-        "disk_gb": 1,
-        "command": ("sleep", "infinity"),
-    }
-    values.update(extra)
-    return ContainerSpec(**values)
+    larger = {"cpus_milli": 1000, "memory_mb": 256, "pids_limit": 256}
+    return container_spec(name, f"order:{name}", image, netns, **{**larger, **extra})
 
 
 def exec_in(name: str, *command: str) -> str:

@@ -353,6 +353,13 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                     assert visible == gpu["uuid"], (buyer.ref, visible)
                 assert len(indexes) == 2, "two orders on one node got the same GPU"
 
+                # -- names: inside, each resolves its own sandbox by name, not the other's -------
+                for buyer, other in ((alice, carol), (carol, alice)):
+                    own = buyer.ssh(f"getent ahostsv4 order-{buyer.order_id}-0").stdout.split()
+                    assert own[:1] == [buyer.sandbox["address"]], own  # docs/names.md
+                    theirs = buyer.ssh(f"getent ahostsv4 order-{other.order_id}-0", check=False)
+                    assert theirs.returncode != 0 and not theirs.stdout, theirs.stdout
+
                 # -- an image that cannot be pulled fails the order and releases the hold -------
                 dave.add_ssh_key()
                 before = ledger.available_for(dave_user)

@@ -6,7 +6,6 @@ Enrolment against the real gateway is in tests/integration/test_clawnode_join.py
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,14 @@ from clawnode.cli import build_parser, main
 from clawnode.keys import Identity
 from clawnode.state import AgentStatus, Enrollment, StateDir
 
+from tests.ports import unused_port
+
 pytestmark = [pytest.mark.unit]
 
 
 def closed_port_url() -> str:
     """A gateway URL where nothing listens: any attempt to call it fails loudly."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    return f"http://127.0.0.1:{unused_port()}"
 
 
 def enrolled_state(tmp_path, gateway: str, *, interface: str = "h6none0") -> StateDir:
@@ -62,6 +61,7 @@ def test_join_arguments_and_their_defaults():
         ["join", "--gateway", "https://g", "--listen-port", "http"],
         ["join", "--gateway", "https://g", "--backend", "magic"],
         ["run", "--sandbox-engine", "docker-compose"],
+        ["run", "--sandbox-engine", "docker", "--docker-host", "tcp://10.0.0.1:2375"],
         ["run", "--image", "-rm -rf"],
         ["run", "--image", "a b"],
         ["fly"],
@@ -96,6 +96,11 @@ def test_run_offers_no_sandboxes_unless_an_engine_is_named():
     assert args.sandbox_engine == "podman"
     assert args.images == ["docker.io/library/debian:12", "molt/jupyter:2"]
 
+    args = build_parser().parse_args(
+        ["run", "--sandbox-engine", "docker", "--docker-host", "unix:///run/docker.sock"]
+    )
+    assert (args.sandbox_engine, args.docker_host) == ("docker", "unix:///run/docker.sock")
+
 
 def test_an_agent_without_a_sandbox_engine_has_no_manager(tmp_path):
     from clawnode.gpu import SimulatedGpuReader
@@ -103,8 +108,40 @@ def test_an_agent_without_a_sandbox_engine_has_no_manager(tmp_path):
     from clawnode.state import StateDir
 
     assert sandbox_manager("none", StateDir(tmp_path), SimulatedGpuReader("RTX 4090:1")) is None
+    docker = sandbox_manager(
+        "docker", StateDir(tmp_path), SimulatedGpuReader("RTX 4090:1"),
+        docker_host="unix:///run/test-docker.sock",
+    )  # fmt: skip
+    assert type(docker._engine).__name__ == "DockerEngine"  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="--sandbox-engine"):
         sandbox_manager("lxc", StateDir(tmp_path), SimulatedGpuReader("RTX 4090:1"))
+
+
+def test_podman_sandboxes_get_a_user_namespace_unless_host_is_asked(tmp_path, monkeypatch):
+    import io
+
+    import clawnode.service
+    from clawnode.cli import cmd_run
+    from clawnode.gpu import SimulatedGpuReader
+    from clawnode.service import sandbox_manager
+    from clawnode.state import StateDir
+
+    gpus = SimulatedGpuReader("RTX 4090:1")
+    default = sandbox_manager("podman", StateDir(tmp_path), gpus)
+    assert default._engine._userns == "auto:size=65536"  # type: ignore[union-attr]
+    host = sandbox_manager("podman", StateDir(tmp_path), gpus, userns="")
+    assert host._engine._userns == ""  # type: ignore[union-attr]
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(clawnode.service, "run_daemon", lambda _dir, **kw: seen.update(kw) or 0)
+    for argv, passed in (
+        ([], None),
+        (["--container-userns", "host"], ""),
+        (["--container-userns", "auto:size=131072"], "auto:size=131072"),
+    ):
+        args = build_parser().parse_args(["run", "--sandbox-engine", "podman", *argv])
+        assert cmd_run(args, io.StringIO()) == 0
+        assert seen["container_userns"] == passed
 
 
 # -- join: errors before anything is created ----------------------------------------------------

@@ -187,13 +187,28 @@ def results(ack: dict[str, Any]) -> dict[str, bool]:
     return {r["public_key"]: r["ok"] for r in ack["results"]}
 
 
+def test_bring_up_routes_the_job_block_onto_the_interface(tmp_path):
+    # Job addresses (10.64.0.0/11) are not on-link with the node's 10.100.128.1/17: without the
+    # route a sandbox's replies to its buyer would leave by the default route, not the tunnel.
+    # An enrolment saved before gateways answered the whole mesh (the MOLT /17) also routes the
+    # whole mesh (10.100.0.0/16): the hub's 10.100.0.1 and nodes of the region blocks are off
+    # its on-link /17.
+    node = Node(tmp_path)
+
+    assert node.backend.address == "10.100.128.1/17"
+    assert node.backend.routes == ("10.64.0.0/11", "10.128.0.0/11", "10.100.0.0/16")
+    ack = node.desire({(key := wg_key()): "10.64.0.9/32"})
+    assert results(ack) == {key: True}
+    assert node.backend.peers[key].allowed_ips == ("10.64.0.9/32",)
+
+
 def test_one_change_is_planned_from_the_agents_view_without_reading_the_device(tmp_path):
     node = Node(tmp_path)
     a, b, c = wg_key(), wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     assert node.reads() == 1  # the first state after connecting reads the device
 
-    ack = node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32", c: "10.100.128.11/32"})
+    ack = node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32", c: "10.64.0.11/32"})
 
     assert node.reads() == 1
     assert c in node.backend.peers
@@ -204,10 +219,10 @@ def test_one_change_is_planned_from_the_agents_view_without_reading_the_device(t
 def test_a_reconnect_reads_the_device_again(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     del node.backend.peers[a]  # gone while the agent was disconnected
 
-    ack = node.reconnect({a: "10.100.128.9/32"})
+    ack = node.reconnect({a: "10.64.0.9/32"})
 
     assert node.reads() == 2
     assert results(ack) == {a: True}
@@ -217,12 +232,12 @@ def test_a_reconnect_reads_the_device_again(tmp_path):
 def test_a_removed_peer_is_cut_off_then_its_last_bytes_are_sent_before_it_goes(tmp_path):
     node = Node(tmp_path)
     stays, goes = wg_key(), wg_key()
-    node.desire({stays: "10.100.128.9/32", goes: "10.100.128.10/32"})
+    node.desire({stays: "10.64.0.9/32", goes: "10.64.0.10/32"})
     node.backend.add_traffic(stays, rx=1, tx=2)
     node.backend.add_traffic(goes, rx=3_000, tx=4_000)  # after the last periodic sample
     sent = len(node.ws.sent)
 
-    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({stays: "10.100.128.9/32"})))
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({stays: "10.64.0.9/32"})))
 
     # Cut off at once (no allowed IPs, no keepalive), still on the interface with its counters;
     # the ack says so, and nothing is read for it yet.
@@ -250,14 +265,14 @@ def test_a_removed_peer_is_cut_off_then_its_last_bytes_are_sent_before_it_goes(t
 def test_a_retired_peer_desired_again_before_its_removal_is_kept(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     asyncio.run(node.agent._apply_desired(node.ws, node.envelope({})))
     assert node.backend.peers[a].allowed_ips == ()
 
-    ack = node.desire({a: "10.100.128.9/32"})  # and the removals task runs after it
+    ack = node.desire({a: "10.64.0.9/32"})  # and the removals task runs after it
 
     assert results(ack) == {a: True} and ack["removing"] == []
-    assert node.backend.peers[a].allowed_ips == ("10.100.128.9/32",)
+    assert node.backend.peers[a].allowed_ips == ("10.64.0.9/32",)
     assert node.ws.of("removed") == []
 
 
@@ -266,11 +281,11 @@ def test_a_peer_still_leaving_is_named_removing_in_the_next_revisions_ack_too(tm
     # action (and so no result) for it, and its ack must still say it is leaving.
     node = Node(tmp_path)
     a, b, c = wg_key(), wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
-    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({a: "10.100.128.9/32"})))
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
+    asyncio.run(node.agent._apply_desired(node.ws, node.envelope({a: "10.64.0.9/32"})))
     assert node.ws.bodies("ack")[-1]["removing"] == [b]
 
-    peers = {a: "10.100.128.9/32", c: "10.100.128.11/32"}
+    peers = {a: "10.64.0.9/32", c: "10.64.0.11/32"}
     asyncio.run(node.agent._apply_desired(node.ws, node.envelope(peers)))
 
     ack = node.ws.bodies("ack")[-1]
@@ -282,11 +297,11 @@ def test_a_retired_peer_found_after_a_restart_is_named_removing_and_removed(tmp_
     # retired peer; the next session's ack names it, then it is read and removed.
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.backend.set_peer(b, [], keepalive=0)  # retired, not removed
     node.backend.add_traffic(b, rx=5, tx=6)
 
-    ack = node.reconnect({a: "10.100.128.9/32"})
+    ack = node.reconnect({a: "10.64.0.9/32"})
 
     assert results(ack) == {} and ack["removing"] == [b]
     node.finish_removals()
@@ -303,17 +318,17 @@ def test_a_refused_removal_is_reported_and_the_device_read_again_and_the_next_st
 ):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.backend.refuse[b] = "device busy"
     reads = node.reads()
 
-    ack = node.desire({a: "10.100.128.9/32"})
+    ack = node.desire({a: "10.64.0.9/32"})
 
     assert results(ack) == {b: False} and ack["removing"] == []
     assert "device busy" in ack["results"][0]["detail"]
     assert node.reads() == reads + 1  # after a refusal the view is not trusted: read again
     del node.backend.refuse[b]
-    ack = node.desire({a: "10.100.128.9/32"})
+    ack = node.desire({a: "10.64.0.9/32"})
     assert results(ack) == {b: True} and ack["removing"] == [b]
     assert b not in node.backend.peers
     assert node.ws.bodies("removed")[-1]["public_keys"] == [b]
@@ -322,14 +337,14 @@ def test_a_refused_removal_is_reported_and_the_device_read_again_and_the_next_st
 def test_a_peer_removed_by_hand_is_noticed_at_the_next_sample_and_put_back(tmp_path):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.backend.remove_peer(a)  # someone ran `wg set molt0 peer A remove`
-    node.backend.set_peer(b, ["10.100.128.99/32"])  # and changed B's allowed IPs
+    node.backend.set_peer(b, ["10.64.0.99/32"])  # and changed B's allowed IPs
 
     node.sample()
 
-    assert node.backend.peers[a].allowed_ips == ("10.100.128.9/32",)
-    assert node.backend.peers[b].allowed_ips == ("10.100.128.10/32",)
+    assert node.backend.peers[a].allowed_ips == ("10.64.0.9/32",)
+    assert node.backend.peers[b].allowed_ips == ("10.64.0.10/32",)
     reports = [frame["detail"] for frame in node.ws.of("report")]
     assert len(reports) == 1 and "drifted from revision 1" in reports[0]
     # Put back, the peer starts from zero: it gets a new epoch, sent with its counters.
@@ -342,8 +357,8 @@ def test_a_peer_removed_by_hand_is_noticed_at_the_next_sample_and_put_back(tmp_p
 def test_a_peer_added_by_hand_is_removed_at_the_next_sample(tmp_path):
     node = Node(tmp_path)
     a, stranger = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32"})
-    node.backend.set_peer(stranger, ["10.100.128.50/32"])
+    node.desire({a: "10.64.0.9/32"})
+    node.backend.set_peer(stranger, ["10.64.0.50/32"])
 
     node.sample()
 
@@ -355,10 +370,10 @@ def test_a_desired_state_planned_before_the_sample_is_fixed_by_the_sample(tmp_pa
     # next desired state, but the sample after it sees it and restores the newest state.
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     node.backend.remove_peer(a)
 
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.sample()
 
     assert set(node.backend.peers) == {a, b}
@@ -367,8 +382,8 @@ def test_a_desired_state_planned_before_the_sample_is_fixed_by_the_sample(tmp_pa
 def test_a_roamed_endpoint_alone_is_not_reset_by_the_sample(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
-    node.backend.set_peer(a, ["10.100.128.9/32"], endpoint="203.0.113.5:40000")  # roamed
+    node.desire({a: "10.64.0.9/32"})
+    node.backend.set_peer(a, ["10.64.0.9/32"], endpoint="203.0.113.5:40000")  # roamed
     changes = len([call for call in node.backend.calls if call[0] == "set_peer"])
 
     node.sample()
@@ -380,12 +395,12 @@ def test_a_roamed_endpoint_alone_is_not_reset_by_the_sample(tmp_path):
 def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     first = dict(node.agent.journal.epochs)
 
-    node.desire({b: "10.100.128.10/32"})
+    node.desire({b: "10.64.0.10/32"})
     assert a not in node.agent.journal.epochs  # removed, not desired: pruned
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
 
     assert node.agent.journal.epochs[a] > max(first.values())  # re-added: higher than any before
     assert node.agent.journal.epochs[b] == first[b]
@@ -395,15 +410,15 @@ def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):
     assert restarted.agent.journal.epochs == node.agent.journal.epochs
     assert restarted.agent.journal.next_epoch == node.agent.journal.next_epoch
     restarted.revision = node.revision
-    restarted.desire({b: "10.100.128.10/32"})
-    restarted.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    restarted.desire({b: "10.64.0.10/32"})
+    restarted.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     assert restarted.agent.journal.epochs[a] > node.agent.journal.epochs[a]
 
 
 def test_a_peer_whose_removal_failed_keeps_its_epoch(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     epoch = node.agent.journal.epochs[a]
     node.backend.refuse[a] = "device busy"
 
@@ -417,7 +432,7 @@ def test_epochs_saved_in_the_first_format_are_read(tmp_path):
     (tmp_path / "epochs.json").write_text(json.dumps({a: 3, b: 7}))
 
     node = Node(tmp_path)
-    node.desire({wg_key(): "10.100.128.20/32"})
+    node.desire({wg_key(): "10.64.0.20/32"})
 
     # pruned: not there
     assert a not in node.agent.journal.epochs and b not in node.agent.journal.epochs
@@ -467,11 +482,11 @@ def epochs_json_writes(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
 def test_adding_a_peer_journals_its_epoch_and_the_next_sample_saves_it_first(tmp_path, monkeypatch):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     node.sample()
     written = epochs_json_writes(monkeypatch)
 
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
 
     assert written == []  # no fsync on the way to the ack
     epoch = node.agent.journal.epochs[b]
@@ -491,7 +506,7 @@ def test_a_peer_removed_before_any_sample_has_its_epoch_saved_before_its_last_by
 ):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     node.backend.add_traffic(a, rx=10, tx=20)
     written = epochs_json_writes(monkeypatch)
 
@@ -505,11 +520,11 @@ def test_a_peer_removed_before_any_sample_has_its_epoch_saved_before_its_last_by
 def test_a_removal_of_a_peer_already_sampled_writes_no_epochs(tmp_path, monkeypatch):
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.sample()
     written = epochs_json_writes(monkeypatch)
 
-    node.desire({b: "10.100.128.10/32"})
+    node.desire({b: "10.64.0.10/32"})
 
     assert written == []
     assert node.ws.bodies("metering")[-1]["peers"][0]["public_key"] == a
@@ -524,12 +539,12 @@ def test_an_agent_that_died_before_saving_an_epoch_bills_the_peer_once_after_res
     gateway = Gateway()
     node = Node(tmp_path)
     k, other = wg_key(), wg_key()
-    both = {k: "10.100.128.9/32", other: "10.100.128.10/32"}
+    both = {k: "10.64.0.9/32", other: "10.64.0.10/32"}
     node.desire(both)
     node.backend.add_traffic(k, rx=100, tx=200)
     node.sample()
     node.backend.add_traffic(k, rx=50, tx=50)
-    node.desire({other: "10.100.128.10/32"})  # k's last bytes (150, 250) go first
+    node.desire({other: "10.64.0.10/32"})  # k's last bytes (150, 250) go first
     gateway.take(node.ws)
     node.desire(both)
     added_with = node.agent.journal.epochs[k]
@@ -548,7 +563,7 @@ def test_an_agent_that_died_before_saving_an_epoch_bills_the_peer_once_after_res
 
     assert gateway.billed[k] == (150 + 250) + (1_001 + 2_001)
     # And epochs handed out after the restart are above every one before it.
-    restarted.desire({other: "10.100.128.10/32"})
+    restarted.desire({other: "10.64.0.10/32"})
     restarted.desire(both)
     assert restarted.agent.journal.epochs[k] > added_with
 
@@ -593,7 +608,7 @@ def test_an_epoch_is_journaled_before_the_device_has_the_peer(tmp_path):
     node = Node(tmp_path, backend=backend)
     a, b = wg_key(), wg_key()
 
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
 
     assert backend.journaled_when_added == {a: True, b: True}
 
@@ -606,9 +621,9 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
     # can close the key. The gateway counts a repeat as nothing new.
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32", b: "10.100.128.10/32"})
+    node.desire({a: "10.64.0.9/32", b: "10.64.0.10/32"})
     node.backend.add_traffic(b, rx=700, tx=800)
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     final = next(p for p in node.ws.bodies("metering")[-1]["peers"] if p["public_key"] == b)
     assert b not in node.backend.peers and b not in node.agent.journal.epochs
 
@@ -616,7 +631,7 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
         node.ws = Connection(
             [
                 {"type": "welcome", "name": "node-1"},
-                {"type": "desired_state", "envelope": node.envelope({a: "10.100.128.9/32"})},
+                {"type": "desired_state", "envelope": node.envelope({a: "10.64.0.9/32"})},
             ]
         )
         node.ws.on_send = node.check_epochs_durable
@@ -639,7 +654,7 @@ def test_a_removed_peers_final_counters_are_sent_again_first_thing_after_a_recon
 def test_a_removal_the_device_refuses_is_retried_by_the_next_sample(tmp_path):
     node = Node(tmp_path)
     a = wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     asyncio.run(node.agent._apply_desired(node.ws, node.envelope({})))  # cut off
     node.backend.refuse[a] = "device busy"
 
@@ -672,8 +687,8 @@ def test_an_older_revision_correctly_signed_is_ignored_even_after_a_restart(tmp_
     # taken off since, and adding it back would let a stopped buyer in again.
     node = Node(tmp_path)
     a, b = wg_key(), wg_key()
-    older = node.envelope({a: "10.100.128.9/32", b: "10.100.128.10/32"})  # revision 1
-    node.desire({a: "10.100.128.9/32"})  # revision 2, applied
+    older = node.envelope({a: "10.64.0.9/32", b: "10.64.0.10/32"})  # revision 1
+    node.desire({a: "10.64.0.9/32"})  # revision 2, applied
     before = (len(changes(node)), len(node.ws.sent))
 
     asyncio.run(node.agent._apply_desired(node.ws, older))
@@ -693,7 +708,7 @@ def tampered(envelope: dict[str, Any], peer: str) -> dict[str, Any]:
     """`envelope` with a peer added to its body after signing."""
     body = json.loads(json.dumps(envelope["body"]))
     body["peers"].append(
-        {"public_key": peer, "allowed_ips": ["10.100.128.66/32"], "kind": "job", "ref": "evil"}
+        {"public_key": peer, "allowed_ips": ["10.64.0.66/32"], "kind": "job", "ref": "evil"}
     )
     return {**envelope, "body": body}
 
@@ -705,7 +720,7 @@ def test_a_desired_state_without_the_gateways_signature_is_refused_and_nothing_a
     # A compromised bus (or anyone who can reach the agent's websocket) must not add peers.
     node = Node(tmp_path)
     a, intruder = wg_key(), wg_key()
-    node.desire({a: "10.100.128.9/32"})
+    node.desire({a: "10.64.0.9/32"})
     before = (len(changes(node)), len(node.ws.of("ack")))
     if forgery == "another key":
         node.revision += 1
@@ -713,14 +728,14 @@ def test_a_desired_state_without_the_gateways_signature_is_refused_and_nothing_a
             node_id=node.identity.node_id,
             revision=node.revision,
             peers=(
-                wire.PeerSpec(a, ("10.100.128.9/32",), "job", "order-0"),
-                wire.PeerSpec(intruder, ("10.100.128.66/32",), "job", "evil"),
+                wire.PeerSpec(a, ("10.64.0.9/32",), "job", "order-0"),
+                wire.PeerSpec(intruder, ("10.64.0.66/32",), "job", "evil"),
             ),
             issued_at=int(time.time()),
         )
         envelope = wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), Identity.generate())
     else:
-        envelope = tampered(node.envelope({a: "10.100.128.9/32"}), intruder)
+        envelope = tampered(node.envelope({a: "10.64.0.9/32"}), intruder)
 
     asyncio.run(node.agent._apply_desired(node.ws, envelope))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import string
+import unicodedata
 from typing import Any
 
 import pytest
@@ -191,14 +192,19 @@ def test_canonical_bytes_refuses_exactly_what_the_full_check_refuses(body: dict[
 @example("tab\there")
 @example("del\x7f")
 @example("nbsp\u00a0 and é are fine")
-def test_string_fields_refuse_exactly_the_c0_controls_and_del(text: str) -> None:
+@example("soft\u00adhyphen")
+def test_string_fields_refuse_exactly_the_c0_controls_del_and_format_characters(text: str) -> None:
     has_control = any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+    has_format = any(unicodedata.category(c) == "Cf" for c in text)  # U+00AD, U+0600-U+0605...
     try:
         PeerSpec(public_key=wg_key(), allowed_ips=("10.0.0.1/32",), kind="job", ref=text or "r")
     except ProtocolError as exc:
-        assert has_control and "control characters" in str(exc), exc
+        if has_control:
+            assert "control characters" in str(exc), exc
+        else:
+            assert has_format and "invisible format character" in str(exc), exc
     else:
-        assert not has_control
+        assert not has_control and not has_format
 
 
 def test_unknown_and_missing_fields_are_still_named() -> None:

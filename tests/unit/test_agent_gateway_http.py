@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import ssl
 import subprocess
 import threading
@@ -25,6 +24,8 @@ from clawnode.gateway_http import (
     enroll,
 )
 from clawnode.keys import Identity
+
+from tests.ports import unused_port
 
 pytestmark = [pytest.mark.unit]
 
@@ -97,6 +98,7 @@ def test_enrolment_posts_a_signed_envelope_and_returns_the_node():
         response = enroll(url, envelope(identity), identity)
 
     assert (response.name, response.mesh_address) == ("node-47", "10.100.128.47")
+    assert (response.mesh_network, response.job_network) == ("", "")  # an older gateway's answer
     path, headers, body = canned.requests[0]
     assert path == ENROLL_PATH
     assert headers["Content-Type"] == "application/json"
@@ -105,6 +107,18 @@ def test_enrolment_posts_a_signed_envelope_and_returns_the_node():
     opened = wire.open_envelope(sent, identity.public_key, wire.ENROLL)
     assert opened["token"] == TOKEN
     assert TOKEN not in path and TOKEN not in json.dumps(headers)
+
+
+def test_the_answer_names_the_mesh_and_job_networks():
+    identity = Identity.generate()
+    canned = Canned(
+        201, answer(identity, mesh_network="10.100.128.0/17", job_network="10.64.0.0/11")
+    )
+
+    with server(canned) as url:
+        response = enroll(url, envelope(identity), identity)
+
+    assert (response.mesh_network, response.job_network) == ("10.100.128.0/17", "10.64.0.0/11")
 
 
 def test_a_refusal_shows_the_gateways_detail():
@@ -167,9 +181,7 @@ def test_an_answer_that_is_not_json_is_refused():
 
 
 def test_connection_refused_is_one_clear_line():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again below: nothing listens there
+    port = unused_port()  # nothing listens there
     identity = Identity.generate()
 
     with pytest.raises(GatewayError) as info:

@@ -235,3 +235,74 @@ def test_apply_records_errors_of_any_kind_as_text():
 
     assert results[A].startswith("error: ") and "does not exist" in results[A]
     assert results[B].startswith("error: ")
+
+
+# -- coordinated punching: a desired endpoint vs a live session (docs/nat.md) --------------------
+
+NOW = 1_700_000_000
+BUYER_OLD = "198.51.100.7:40000"
+BUYER_NEW = "198.51.100.7:41000"
+
+
+def punching_backend(handshake_at: int) -> FakeBackend:
+    """A job peer with the endpoint WireGuard learnt, and its latest handshake at `handshake_at`."""
+    backend = fake_with(status(A, "10.100.128.9/32"))
+    backend.set_peer(A, ("10.100.128.9/32",), endpoint=BUYER_OLD)
+    backend.add_traffic(A, 100, 100, handshake_at=handshake_at)
+    return backend
+
+
+def test_the_buyers_mapping_is_applied_to_a_peer_with_no_recent_handshake():
+    backend = punching_backend(handshake_at=NOW - 181)
+    want = desired(spec(A, "10.100.128.9/32", endpoint=BUYER_NEW, keepalive=25))
+
+    actions = plan(want, backend.list_peers(), now=NOW)
+
+    assert actions == [
+        Update(
+            A,
+            ("10.100.128.9/32",),
+            endpoint=BUYER_NEW,
+            keepalive=25,
+            changed=("endpoint", "keepalive"),
+        )
+    ]
+    assert apply(backend, actions) == {A: "ok"}
+    peer = backend.list_peers()[A]
+    assert (peer.endpoint, peer.persistent_keepalive) == (BUYER_NEW, 25)
+    assert plan(want, backend.list_peers(), now=NOW) == []
+
+
+def test_an_endpoint_with_a_handshake_in_the_last_180_s_is_never_overwritten():
+    backend = punching_backend(handshake_at=NOW - 179)
+    want = desired(spec(A, "10.100.128.9/32", endpoint=BUYER_NEW, keepalive=25))
+
+    actions = plan(want, backend.list_peers(), now=NOW)
+
+    # The keepalive still applies; the endpoint WireGuard roamed to stays.
+    assert actions == [Update(A, ("10.100.128.9/32",), keepalive=25, changed=("keepalive",))]
+    assert apply(backend, actions) == {A: "ok"}
+    peer = backend.list_peers()[A]
+    assert (peer.endpoint, peer.persistent_keepalive) == (BUYER_OLD, 25)
+    # Nothing else to do while the session is live, and the endpoint moves once it is not.
+    assert plan(want, backend.list_peers(), now=NOW) == []
+    (later,) = plan(want, backend.list_peers(), now=NOW - 179 + 180)
+    assert later.endpoint == BUYER_NEW and later.changed == ("endpoint",)
+
+
+def test_without_a_clock_every_endpoint_change_is_planned():
+    backend = punching_backend(handshake_at=NOW - 1)
+    want = desired(spec(A, "10.100.128.9/32", endpoint=BUYER_NEW))
+
+    (update,) = plan(want, backend.list_peers())
+
+    assert update.endpoint == BUYER_NEW and update.changed == ("endpoint",)
+
+
+def test_a_new_peer_gets_the_buyers_mapping_at_once():
+    backend = fake_with()
+    want = desired(spec(A, "10.100.128.9/32", endpoint=BUYER_NEW, keepalive=25))
+
+    assert plan(want, backend.list_peers(), now=NOW) == [
+        Add(A, ("10.100.128.9/32",), endpoint=BUYER_NEW, keepalive=25)
+    ]

@@ -25,12 +25,12 @@ def feed(node: Node, envelope: Any) -> None:
 def test_a_desired_state_for_another_node_is_refused_and_reported(tmp_path):
     node = Node(tmp_path)
     mine, theirs = wg_key(), wg_key()
-    node.desire({mine: "10.100.128.9/32"})
+    node.desire({mine: "10.64.0.9/32"})
     acks = len(node.ws.of("ack"))
     state = wire.DesiredState(
         node_id=OTHER_NODE,
         revision=2,
-        peers=(wire.PeerSpec(theirs, ("10.100.128.10/32",), "job", "order-9"),),
+        peers=(wire.PeerSpec(theirs, ("10.64.0.10/32",), "job", "order-9"),),
         issued_at=int(time.time()),
     )
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from clawnode import frames, wire
 from clawnode.backends.memory import FakeBackend
-from clawnode.daemon import Agent, Timing, sandbox_rules
-from clawnode.firewall import FakeFirewall, SandboxRule
+from clawnode.daemon import Agent, Timing
+from clawnode.firewall import FakeFirewall, SandboxRule, sandbox_rules
 from clawnode.gpu import SimulatedGpuReader
 from clawnode.keys import Identity, encode_key, generate_wireguard_keypair
 from clawnode.sandbox.disabled import NoSandboxes
@@ -150,22 +150,22 @@ class Node:
 def test_a_new_sandbox_is_fenced_in_before_its_peer_is_added(tmp_path):
     node = Node(tmp_path)
     key = wg_key()
-    node.desire({key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
+    node.desire({key: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
 
     log = [entry for entry in node.backend.calls if entry[0] != "list_peers"]
-    assert log.index(("start_sandbox", "order:0")) < log.index(("firewall", "10.100.200.7/32"))
-    assert log.index(("firewall", "10.100.200.7/32")) < log.index(("set_peer", key))
+    assert log.index(("start_sandbox", "order:0")) < log.index(("firewall", "10.64.200.7/32"))
+    assert log.index(("firewall", "10.64.200.7/32")) < log.index(("set_peer", key))
     assert node.firewall.sandboxes[-1] == (
-        SandboxRule(host_veth("order:0"), "10.128.0.33/32", "10.100.200.7/32", True),
+        SandboxRule(host_veth("order:0"), "10.128.0.33/32", "10.64.200.7/32", True),
     )
 
 
 def test_a_stopped_job_loses_its_container_before_its_peer_and_its_pair_after(tmp_path):
     node = Node(tmp_path)
     stays, goes = wg_key(), wg_key()
-    kept = ("10.100.200.8/32", spec("order:1", "10.128.0.34/32", "10.100.200.8/32", False))
+    kept = ("10.64.200.8/32", spec("order:1", "10.128.0.34/32", "10.64.200.8/32", False))
     node.desire(
-        {goes: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32")),
+        {goes: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32")),
          stays: kept}
     )  # fmt: skip
     del node.backend.calls[:]
@@ -179,15 +179,13 @@ def test_a_stopped_job_loses_its_container_before_its_peer_and_its_pair_after(tm
     # The table keeps confining the peer to its (gone) sandbox until the peer is cut off (the
     # old and new pairs together are what it already holds: no change), then drops the pair.
     walls = [i for i, entry in enumerate(log) if entry[0] == "firewall"]
-    assert [log[i][1] for i in walls] == ["10.100.200.8/32"]
+    assert [log[i][1] for i in walls] == ["10.64.200.8/32"]
     assert cut_off < walls[0]
 
 
 def test_each_apply_is_followed_by_a_full_signed_sandbox_status(tmp_path):
     node = Node(tmp_path)
-    node.desire(
-        {wg_key(): ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
-    )
+    node.desire({wg_key(): ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     types = [frame["type"] for frame in node.ws.sent]
     assert types.index("ack") < types.index("sandbox_status")
     (status,) = node.statuses()
@@ -199,7 +197,7 @@ def test_each_apply_is_followed_by_a_full_signed_sandbox_status(tmp_path):
 def test_after_a_reconnect_the_full_report_follows_the_welcome(tmp_path):
     node = Node(tmp_path)
     key = wg_key()
-    job = {key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
+    job = {key: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))}
     node.desire(job)
     node.sandboxes.reports(changed_only=True)  # everything reported: nothing is "changed"
 
@@ -216,9 +214,7 @@ def test_after_a_reconnect_the_full_report_follows_the_welcome(tmp_path):
 
 def test_changed_only_reports_send_nothing_when_nothing_changed(tmp_path):
     node = Node(tmp_path)
-    node.desire(
-        {wg_key(): ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
-    )
+    node.desire({wg_key(): ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     node.sandboxes.running["order:0"] = wire.SandboxReport(ref="order:0", state="failed")
     node.sandboxes.changed = {"order:0"}
     sent = len(node.ws.sent)
@@ -235,8 +231,8 @@ def test_changed_only_reports_send_nothing_when_nothing_changed(tmp_path):
 def test_a_stale_revision_with_other_sandboxes_changes_nothing(tmp_path):
     node = Node(tmp_path)
     key = wg_key()
-    node.desire({key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
-    node.desire({key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
+    node.desire({key: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
+    node.desire({key: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     applied, walls = list(node.sandboxes.applied), list(node.firewall.applied)
     sent = node.ws.sent[:]
     calls = list(node.backend.calls)
@@ -245,7 +241,7 @@ def test_a_stale_revision_with_other_sandboxes_changes_nothing(tmp_path):
     # another one.
     other = wg_key()
     node.desire(
-        {other: ("10.100.200.9/32", spec("order:5", "10.128.0.40/32", "10.100.200.9/32"))},
+        {other: ("10.64.200.9/32", spec("order:5", "10.128.0.40/32", "10.64.200.9/32"))},
         revision=1,
     )
 
@@ -261,16 +257,14 @@ def test_a_stale_revision_with_other_sandboxes_changes_nothing(tmp_path):
 def test_an_agent_without_a_sandbox_engine_reports_each_sandbox_failed(tmp_path):
     node = Node(tmp_path, sandboxes=False)
     assert isinstance(node.agent.sandboxes, NoSandboxes)
-    node.desire(
-        {wg_key(): ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
-    )
+    node.desire({wg_key(): ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     (status,) = node.statuses()
     assert status["sandboxes"] == [
         {**status["sandboxes"][0], "ref": "order:0", "state": "failed",
          "detail": "this node runs no sandboxes"}
     ]  # fmt: skip
     # The peer is still confined: it owns a sandbox, even one that never ran.
-    assert [rule.peer_address for rule in node.firewall.sandboxes[-1]] == ["10.100.200.7/32"]
+    assert [rule.peer_address for rule in node.firewall.sandboxes[-1]] == ["10.64.200.7/32"]
     # Reported once as a change, then only in full reports.
     assert node.agent.sandboxes.reports(changed_only=True) == []
     assert [r.ref for r in node.agent.sandboxes.reports(changed_only=False)] == ["order:0"]
@@ -278,7 +272,7 @@ def test_an_agent_without_a_sandbox_engine_reports_each_sandbox_failed(tmp_path)
 
 def test_no_sandboxes_forgets_those_no_longer_desired():
     none = NoSandboxes()
-    none.apply((spec("order:0", "10.128.0.33/32", "10.100.200.7/32"),))
+    none.apply((spec("order:0", "10.128.0.33/32", "10.64.200.7/32"),))
     none.apply(())
     assert none.reports(changed_only=False) == []
     assert none.reports(changed_only=True) == []
@@ -307,13 +301,13 @@ def test_sandbox_status_frame_is_signed_by_the_node():
 def test_sandbox_rules_follow_the_desired_sandboxes():
     desired = wire.DesiredState(
         node_id=NODE.node_id, revision=1, peers=(), issued_at=int(time.time()),
-        sandboxes=(spec("order:2", "10.128.0.35/32", "10.100.200.9/32", False),
-                   spec("order:1", "10.128.0.34/32", "10.100.200.8/32", True)),
+        sandboxes=(spec("order:2", "10.128.0.35/32", "10.64.200.9/32", False),
+                   spec("order:1", "10.128.0.34/32", "10.64.200.8/32", True)),
     )  # fmt: skip
     rules = sandbox_rules(desired)
     assert {(r.veth, r.address, r.peer_address, r.egress) for r in rules} == {
-        (host_veth("order:2"), "10.128.0.35/32", "10.100.200.9/32", False),
-        (host_veth("order:1"), "10.128.0.34/32", "10.100.200.8/32", True),
+        (host_veth("order:2"), "10.128.0.35/32", "10.64.200.9/32", False),
+        (host_veth("order:1"), "10.128.0.34/32", "10.64.200.8/32", True),
     }
     assert rules == tuple(sorted(rules))
 
@@ -321,14 +315,14 @@ def test_sandbox_rules_follow_the_desired_sandboxes():
 def test_one_job_replacing_another_holds_both_pairs_while_the_peers_change(tmp_path):
     node = Node(tmp_path)
     old, new = wg_key(), wg_key()
-    node.desire({old: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
+    node.desire({old: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     del node.backend.calls[:]
 
-    node.desire({new: ("10.100.200.9/32", spec("order:1", "10.128.0.34/32", "10.100.200.9/32"))})
+    node.desire({new: ("10.64.200.9/32", spec("order:1", "10.128.0.34/32", "10.64.200.9/32"))})
 
     log = [entry for entry in node.backend.calls if entry[0] != "list_peers"]
-    both = log.index(("firewall", "10.100.200.7/32,10.100.200.9/32"))
-    only_new = log.index(("firewall", "10.100.200.9/32"))
+    both = log.index(("firewall", "10.64.200.7/32,10.64.200.9/32"))
+    only_new = log.index(("firewall", "10.64.200.9/32"))
     assert log.index(("remove_sandbox", "order:0")) < both
     assert both < log.index(("set_peer", new)) < only_new
     assert both < log.index(("set_peer", old)) < only_new  # the old one cut off in between
@@ -336,9 +330,7 @@ def test_one_job_replacing_another_holds_both_pairs_while_the_peers_change(tmp_p
 
 def test_a_restarted_agent_confines_job_peers_from_its_first_table(tmp_path):
     node = Node(tmp_path)
-    node.desire(
-        {wg_key(): ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))}
-    )
+    node.desire({wg_key(): ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
     held = node.firewall.sandboxes[-1]
 
     again = node.restart()
@@ -351,7 +343,7 @@ def test_a_restarted_agent_confines_job_peers_from_its_first_table(tmp_path):
 def test_saved_sandbox_rules_the_table_would_refuse_are_ignored(tmp_path):
     node = Node(tmp_path)
     node.agent.state.write_sandbox_rules(
-        [{"veth": "eth0", "address": "10.128.0.33/32", "peer_address": "10.100.200.7/32",
+        [{"veth": "eth0", "address": "10.128.0.33/32", "peer_address": "10.64.200.7/32",
           "egress": True}]
     )  # fmt: skip
     said: list[str] = []
@@ -369,7 +361,7 @@ def test_a_node_with_no_sandboxes_says_nothing_of_them_to_a_gateway_that_may_not
     ws = Connection([{"type": "welcome", "name": "node-1"}])
     asyncio.run(node.agent._session(ws, asyncio.Event()))
     node.ws = ws
-    node.desire({wg_key(): ("10.100.200.7/32", None)})  # a tunnel-only job, as before sandboxes
+    node.desire({wg_key(): ("10.64.200.7/32", None)})  # a tunnel-only job, as before sandboxes
 
     assert ws.of("sandbox_status") == []
     assert [frame["type"] for frame in ws.sent if frame["type"] == "ack"] == ["ack"]
@@ -385,9 +377,9 @@ def test_a_sandbox_manager_that_fails_does_not_keep_peers_from_their_state(tmp_p
     said: list[str] = []
     node.agent.say = said.append
     key = wg_key()
-    node.desire({key: ("10.100.200.7/32", spec("order:0", "10.128.0.33/32", "10.100.200.7/32"))})
+    node.desire({key: ("10.64.200.7/32", spec("order:0", "10.128.0.33/32", "10.64.200.7/32"))})
 
     assert key in node.backend.peers
     assert any("podman is not installed" in line for line in said)
     # The peer is confined all the same.
-    assert [rule.peer_address for rule in node.firewall.sandboxes[-1]] == ["10.100.200.7/32"]
+    assert [rule.peer_address for rule in node.firewall.sandboxes[-1]] == ["10.64.200.7/32"]

@@ -100,9 +100,37 @@ def test_an_enrollment_file_with_a_bad_field_names_the_field(tmp_path):
         state.load_enrollment()
 
 
+def test_an_enrollment_saved_before_job_network_existed_loads_with_the_plans_job_block(tmp_path):
+    # enrollment.json of an agent enrolled before the job block: no job_network field. It must
+    # still load, and route the block the gateway now hands job addresses out of.
+    state = StateDir(tmp_path)
+    data = enrollment().to_dict()
+    del data["job_network"]
+    state.enrollment_path.write_text(json.dumps(data))
+
+    loaded = state.load_enrollment()
+
+    assert loaded.job_network == clawnode.state.DEFAULT_JOB_NETWORK == "10.64.0.0/11"
+    assert loaded.mesh_network == "10.100.128.0/17"
+    assert loaded.interface_address == "10.100.128.47/17"
+
+
+def test_the_job_network_round_trips_as_the_gateway_gave_it(tmp_path):
+    state = StateDir(tmp_path)
+    state.save_enrollment(enrollment(job_network="10.80.0.0/12"))
+
+    assert state.load_enrollment().job_network == "10.80.0.0/12"
+    assert json.loads(state.enrollment_path.read_text())["job_network"] == "10.80.0.0/12"
+
+
 @pytest.mark.parametrize(
     ("field", "value", "words"),
     [
+        ("job_network", "10.64.0.1/11", "job_network must be an IPv4 network"),
+        ("job_network", "jobs", "job_network must be an IPv4 network"),
+        ("job_network", "", "job_network must be a non-empty string"),
+        ("job_network", "10.100.0.0/16", r"job_network overlaps the mesh network 10\.100\.128"),
+        ("job_network", "10.100.200.0/24", "job_network overlaps the mesh network"),
         ("gateway", "ftp://molt.example", "http"),
         ("gateway", "https://molt.example/", "normalized"),
         ("node_id", "nd_XYZ", "node_id"),

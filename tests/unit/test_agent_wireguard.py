@@ -369,3 +369,8 @@ def test_a_backend_manages_one_interface_name():
         FakeBackend().ensure_interface("molt0", b"\x02" * 32, 51820, "10.100.128.1")
     with pytest.raises(WireGuardError, match="1-15"):
         FakeBackend().ensure_interface("a-name-that-is-too-long", b"\x02" * 32, 1, "10.0.0.1/8")
+    # A route onto the interface must be a network (the job block), never a host address.
+    with pytest.raises(WireGuardError, match=r"route '10\.64\.0\.1/11' is not an IPv4 network"):
+        FakeBackend().ensure_interface(
+            "molt0", b"\x02" * 32, 51820, "10.100.128.1/17", routes=("10.64.0.1/11",)
+        )

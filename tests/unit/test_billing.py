@@ -319,7 +319,7 @@ def test_receipt_lines_carry_their_description_and_quantities_field_by_field():
     assert lines == (
         billing.ReceiptLine(
             kind="time",
-            description="2 GPU x 3600 s at 3600000 micro-USD per GPU-hour",
+            description="2 GPU x 3600 s at $3.60 per GPU-hour",
             amount=7_200_000,
             seconds=3600,
             gpu_count=2,
@@ -333,7 +333,7 @@ def test_receipt_lines_carry_their_description_and_quantities_field_by_field():
         ),
         billing.ReceiptLine(
             kind="bandwidth",
-            description=f"{2 * GIB} bytes at 10000 micro-USD per GiB",
+            description=f"{2 * GIB} bytes at $0.010 per GiB",
             amount=20_000,
             bytes=2 * GIB,
         ),

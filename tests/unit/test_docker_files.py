@@ -11,6 +11,7 @@ here: which files the images copy, who they run as, their commands, health check
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import re
 import shlex
@@ -36,6 +37,8 @@ DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 COMPOSE_SCHEMA = Path(__file__).resolve().parents[1] / "data" / "compose-spec.json"
 HADOLINT = shutil.which("hadolint", path=str(Path(sys.executable).parent))
 GATEWAY_SERVICES = ("migrate", "web", "worker", "beat")
+# Environment the web process's server reads, not config/.
+READ_BY_UVICORN = {"FORWARDED_ALLOW_IPS"}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:
@@ -159,8 +162,28 @@ def test_gateway_services_share_the_image_its_state_and_settings(compose: dict[s
 
 def test_compose_hands_the_gateway_only_settings_it_reads(compose: dict[str, Any]) -> None:
     read = "\n".join(path.read_text() for path in (REPO / "config").glob("*.py"))
-    for variable in compose["services"]["web"]["environment"]:
+    for variable in set(compose["services"]["web"]["environment"]) - READ_BY_UVICORN:
         assert re.search(rf"[\"']{variable}[\"']", read), f"config/ never reads {variable}"
+
+
+def test_web_trusts_forwarded_addresses_from_the_proxy_only(compose: dict[str, Any]) -> None:
+    """Behind the proxy every client would share the proxy's address (one login throttle for
+    all) unless uvicorn trusts the proxy's X-Forwarded-For; and only the proxy's, or any client
+    could claim any address (issue 15)."""
+    web = compose["services"]["web"]
+    assert "--proxy-headers" in web["command"]
+    trusted = web["environment"]["FORWARDED_ALLOW_IPS"]
+    default = re.fullmatch(r"\$\{FORWARDED_ALLOW_IPS:-([^}]+)\}", trusted)
+    assert default, trusted
+    (network,) = compose["networks"]["default"]["ipam"]["config"]
+    # The address the proxy's connections arrive from: the compose network's gateway.
+    assert default.group(1) == network["gateway"]
+    assert ipaddress.ip_address(network["gateway"]) in ipaddress.ip_network(network["subnet"])
+    # Only the host's loopback reaches the port by default: a client that could connect to it
+    # directly would arrive from that same trusted address and could claim any other.
+    (published,) = web["ports"]
+    assert published == "${MOLT_WEB_PUBLISH:-127.0.0.1:8000}:8000"
+    assert "MOLT_TRUSTED_PROXIES" not in web["environment"]
 
 
 def test_only_the_web_role_keeps_the_image_health_check(compose: dict[str, Any]) -> None:
@@ -208,7 +231,33 @@ def test_gateway_image_copies_every_gateway_package() -> None:
     for source in copied:
         assert source in {"README.m[d]"} or (REPO / source).exists(), source
         assert source not in ignored, f"{source} is excluded by .dockerignore"
-    assert "pip install ./provider_agent ." in arguments(DOCKER / "Dockerfile.gateway", "RUN")
+    runs = arguments(DOCKER / "Dockerfile.gateway", "RUN")
+    assert any(r.startswith("pip install -c /tmp/constraints.txt ./provider_agent .") for r in runs)
+
+
+def test_gateway_image_installs_the_locked_versions(tmp_path: Path) -> None:
+    """The image's pip installs with the lock as constraints, so it gets the versions the tests
+    ran against; the RUN line's sed, run here on the real lock, must give pins pip reads."""
+    runs = arguments(DOCKER / "Dockerfile.gateway", "RUN")
+    assert "requirements.lock" in {
+        source
+        for args in arguments(DOCKER / "Dockerfile.gateway", "COPY")
+        for source in args.split()[:-1]
+    }
+    sed = next(r for r in runs if r.startswith("sed ") and "requirements.lock" in r)
+    script = sed.replace("requirements.lock", str(REPO / "requirements.lock")).replace(
+        "/tmp/constraints.txt", str(tmp_path / "c.txt")
+    )
+    subprocess.run(["sh", "-c", script], check=True)
+    lines = [
+        line
+        for line in (tmp_path / "c.txt").read_text().splitlines()
+        if line and not line.lstrip().startswith("#")
+    ]
+    pin = re.compile(r"[A-Za-z0-9_.\-]+==[^ \\]+")
+    assert lines and all(pin.fullmatch(line) for line in lines), lines[:5]
+    pinned = {line.split("==")[0].lower() for line in lines}
+    assert {"django", "channels", "celery", "uvicorn"} <= pinned
 
 
 def test_gateway_image_runs_as_its_own_user_who_owns_the_state_dir() -> None:

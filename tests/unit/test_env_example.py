@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 READ = re.compile(r'env_(?:str|int|bool|list)\(\s*"([A-Z][A-Z0-9_]*)"')
 LISTED = re.compile(r"^#? ?([A-Z][A-Z0-9_]*)=", re.MULTILINE)
 # Read by scripts/run_dev.py (make run), not by config/settings.py.
-RUN_DEV_ONLY = {"HOST", "PORT", "CELERY_LOG_LEVEL"}
+RUN_DEV_ONLY = {"HOST", "PORT", "CELERY_LOG_LEVEL", "MOLT_DEMO_AGENTS", "MOLT_DEMO_AGENTS_DIR"}
 
 
 def test_every_setting_the_code_reads_is_in_env_example():

@@ -28,6 +28,7 @@ def test_the_plan_has_the_blocks_network_md_names():
     assert cidrs["control"] == "10.100.0.0/24"
     assert cidrs["molt"] == "10.100.128.0/17"
     assert cidrs["workload"] == "10.200.0.0/16"
+    assert cidrs["jobs"] == "10.64.0.0/11"
     assert [cidrs[r] for r in ipplan.REGIONS] == [
         "10.100.16.0/20",
         "10.100.32.0/20",
@@ -105,6 +106,31 @@ def test_the_molt_pool_has_32766_usable_addresses():
     assert ipplan.usable_count(ipaddress.IPv4Network("10.100.0.0/24")) == 254
 
 
+def test_the_jobs_block_holds_a_day_of_24_hour_jobs_at_20_starts_a_second(settings):
+    # Issue 10: the market sustains 20 job starts a second for a day. In steady state a pool
+    # holds rate x (job length + quarantine) leases; 24 h jobs are the longest the day holds.
+    jobs = ipplan.block(ipplan.JOB_BLOCK)
+    needed = 20 * (86_400 + settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS)
+    assert ipplan.usable_count(jobs.network) == 2_097_150
+    assert needed <= ipplan.usable_count(jobs.network)
+    # ...which the nodes' /17 never could: the reason jobs have a block of their own.
+    assert needed > ipplan.usable_count(ipplan.block(ipplan.MOLT_POOL).network)
+
+
+def test_the_jobs_block_is_outside_the_mesh_the_molt_block_and_the_sandboxes():
+    jobs = ipplan.block(ipplan.JOB_BLOCK)
+    assert jobs.parent is None
+    for other in ("mesh", ipplan.MOLT_POOL, ipplan.SANDBOX_BLOCK, ipplan.WORKLOAD_POOL):
+        assert not jobs.network.overlaps(ipplan.block(other).network), other
+
+
+def test_a_jobs_block_overlapping_the_sandboxes_is_refused_naming_both():
+    bad = Block(ipplan.JOB_BLOCK, "10.128.0.0/11", "jobs", None)
+    with pytest.raises(PlanError, match="overlap") as err:
+        validate_plan(_with(bad))
+    assert "'jobs'" in str(err.value) and "'sandboxes'" in str(err.value)
+
+
 def test_offset_of_is_the_inverse_of_address_at_and_refuses_outsiders():
     net = ipaddress.IPv4Network("10.100.128.0/17")
     for offset in (1, 255, 256, 32766):
@@ -122,7 +148,95 @@ def test_workload_subnets_are_one_slash_24_per_node_within_bounds():
     assert all(ipplan.workload_subnet(n, 256).subnet_of(workload) for n in (0, 128, 255))
 
 
-@pytest.mark.parametrize(("index", "max_nodes"), [(-1, 256), (256, 256), (256, 1000), (4, 4)])
-def test_workload_subnet_refuses_indexes_beyond_the_configured_limit(index, max_nodes):
-    with pytest.raises(ValueError, match=r"outside 0\.\."):
+@pytest.mark.parametrize(
+    ("index", "max_nodes", "highest"),
+    [(-1, 256, 255), (256, 256, 255), (256, 1000, 255), (4, 4, 3)],
+)
+def test_workload_subnet_refuses_indexes_beyond_the_configured_limit(index, max_nodes, highest):
+    # The refusal names the highest index allowed: the configured limit, and never past the
+    # pool's 256 /24s however high the limit is set.
+    with pytest.raises(ValueError) as refused:
         ipplan.workload_subnet(index, max_nodes)
+    assert str(refused.value) == f"workload node index {index} is outside 0..{highest}"
+
+
+def test_an_unknown_block_is_a_key_error_naming_it():
+    with pytest.raises(KeyError) as missing:
+        ipplan.block("no-such-block")
+    assert missing.value.args == ("no-such-block",)
+
+
+@pytest.mark.parametrize(
+    ("mesh_address", "subnet"),
+    [
+        ("10.100.128.0", "10.128.0.0/27"),
+        ("10.100.128.1", "10.128.0.32/27"),
+        ("10.100.128.2", "10.128.0.64/27"),
+        ("10.100.129.0", "10.128.32.0/27"),
+        ("10.100.255.255", "10.143.255.224/27"),
+    ],
+)
+def test_each_node_gets_the_sandbox_slash_27_of_its_offset_in_the_molt_block(mesh_address, subnet):
+    # The node at offset k of the MOLT /17 gets the k-th /27 of the sandbox /12: the last one
+    # ends where the /12 does, so no two nodes share one and none falls outside.
+    assert ipplan.sandbox_subnet(mesh_address) == ipaddress.IPv4Network(subnet)
+    assert ipplan.sandbox_subnet(mesh_address).subnet_of(ipplan.block(ipplan.SANDBOX_BLOCK).network)
+
+
+# -- regions ------------------------------------------------------------------------------------
+
+
+def test_each_region_a_node_may_declare_is_a_block_of_the_mesh_it_allocates_from():
+    mesh = ipplan.mesh_network()
+    assert str(mesh) == "10.100.0.0/16"
+    for region in ipplan.REGIONS:
+        assert ipplan.node_pool(region) == region
+        assert ipplan.block(region).parent == "mesh"
+        assert ipplan.block(region).network.subnet_of(mesh)
+    # No region declared: the MOLT block, as before regions were used.
+    assert ipplan.node_pool("") == ipplan.MOLT_POOL
+
+
+@pytest.mark.parametrize("name", ["mars", "spare-1", "molt", "control", "EU-WEST"])
+def test_a_region_the_plan_does_not_offer_is_refused_naming_the_choices(name):
+    with pytest.raises(ipplan.UnknownRegion, match="one of us-west, us-east, eu-west, asia"):
+        ipplan.node_pool(name)
+
+
+def test_a_region_that_is_no_block_of_the_mesh_stops_the_plan(monkeypatch):
+    monkeypatch.setattr(ipplan, "REGIONS", (*ipplan.REGIONS, "mars"))
+    with pytest.raises(PlanError, match="'mars'"):
+        validate_plan(PLAN)
+
+
+def test_node_region_names_the_block_an_address_is_in():
+    assert ipplan.node_region("10.100.48.1") == "eu-west"
+    assert ipplan.node_region("10.100.79.254") == "asia"
+    assert ipplan.node_region("10.100.128.1") == ""  # the MOLT block: no region
+
+
+def test_every_node_address_of_every_block_has_its_own_sandbox_subnet():
+    """MOLT nodes keep their /27 of 10.128.0.0/12 (existing nodes' sandboxes do not move); nodes
+    of a region block get theirs from 10.144.0.0/12 by their offset in the mesh's lower /17, so
+    no two nodes of any block share a sandbox address."""
+    assert str(ipplan.sandbox_subnet("10.100.128.1")) == "10.128.0.32/27"
+    assert str(ipplan.sandbox_subnet("10.100.16.1")) == "10.146.0.32/27"
+    region_sandboxes = ipplan.block(ipplan.REGION_SANDBOX_BLOCK).network
+    seen: set[ipaddress.IPv4Network] = set()
+    for name in (*ipplan.REGIONS, ipplan.MOLT_POOL):
+        network = ipplan.block(name).network
+        for offset in (1, 2, ipplan.last_offset(network)):
+            subnet = ipplan.sandbox_subnet(ipplan.address_at(network, offset))
+            assert subnet.prefixlen == ipplan.SANDBOX_SUBNET_PREFIX
+            assert subnet not in seen
+            seen.add(subnet)
+            if name != ipplan.MOLT_POOL:
+                assert subnet.subnet_of(region_sandboxes)
+    assert not region_sandboxes.overlaps(ipplan.block(ipplan.SANDBOX_BLOCK).network)
+
+
+@pytest.mark.parametrize("address", ["10.100.0.1", "10.100.1.9", "10.100.80.1", "10.64.0.1"])
+def test_addresses_of_no_node_block_have_no_sandbox_subnet(address):
+    # The hub, the reserved and spare blocks and the jobs block hold no node.
+    with pytest.raises(ValueError, match="not a node address"):
+        ipplan.sandbox_subnet(address)

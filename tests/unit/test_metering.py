@@ -21,6 +21,12 @@ def test_same_epoch_counts_the_growth():
     assert delta(Counters(1, 100, 50), Counters(1, 160, 55)) == (60, 5)
 
 
+def test_growth_in_one_direction_only_counts_that_growth_not_a_reset():
+    # A counter that did not move is no restart: only a lower one is.
+    assert delta(Counters(1, 100, 50), Counters(1, 100, 80)) == (0, 30)
+    assert delta(Counters(1, 100, 50), Counters(1, 130, 50)) == (30, 0)
+
+
 def test_new_epoch_counts_from_zero():
     assert delta(Counters(1, 10_000, 10_000), Counters(2, 30, 40)) == (30, 40)
 

@@ -6,6 +6,7 @@ import base64
 import json
 import subprocess
 import sys
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -37,6 +38,7 @@ from clawnode.wire import (
     signed_envelope,
     verify,
 )
+from clawnode.wire.signing import _plainly_canonical
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -67,6 +69,8 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/key-cert/v1",
         "molt/sandbox-status/v1",
         "molt/refusal/v1",
+        "molt/connectivity/v1",
+        "molt/names/v1",
     } == KINDS
     assert {
         ENROLL,
@@ -79,6 +83,8 @@ def test_kinds_are_the_documented_strings() -> None:
         KEY_CERT,
         wire.SANDBOX_STATUS,
         wire.REFUSAL,
+        wire.CONNECTIVITY,
+        wire.NAMES,
     } == KINDS
 
 
@@ -151,6 +157,117 @@ def test_safe_integer_limits_are_accepted() -> None:
     )
 
 
+def test_safe_integer_limits_are_accepted_where_the_full_check_judges_them_too() -> None:
+    # A tuple is not "plainly canonical": the full check (_check_json_value) judges its items,
+    # with the same inclusive bounds as the fast path.
+    top = 2**53 - 1
+    assert canonical_bytes(ACK, {"a": (top, -top)}).endswith(f'{{"a":[{top},-{top}]}}'.encode())
+    for beyond in (top + 1, -top - 1):
+        with pytest.raises(ProtocolError, match=r"body.a\[0\] is outside") as info:
+            canonical_bytes(ACK, {"a": (beyond,)})
+        assert info.value.field == "body.a[0]"
+
+
+def test_a_refusal_names_the_offending_field_in_its_field_attribute() -> None:
+    # The gateway answers with ProtocolError.field (which field to fix), not only the message.
+    with pytest.raises(ProtocolError) as info:
+        canonical_bytes(ACK, {"s": "\ud800"})
+    assert info.value.field == "body.s"
+    with pytest.raises(ProtocolError) as info:
+        canonical_bytes(ACK, {"a": [{"b": "ok", "c": "\udfff"}]})
+    assert info.value.field == "body.a[0].c"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"x": [0.5]}, "body.x[0]", "body.x[0] is a float; the protocol uses integers and strings"),
+        ({"big": 2**53}, "body.big", "body.big is outside the interoperable integer range"),
+        ({"x": {1: "a"}}, "body.x", "body.x has a non-string key 1"),
+        ({"b": b"x"}, "body.b", "body.b has unsupported type bytes"),
+        ({"\udfff": 1}, "body key '\\udfff'", "body key '\\udfff' is not valid Unicode"),
+        ({"k" * 100: 0.5}, "body." + "k" * 64, f"body.{'k' * 64} is a float"),
+    ],
+)
+def test_each_refusal_names_its_field_in_the_message_and_the_field_attribute(
+    body: dict[Any, Any], field: str, message: str
+) -> None:
+    # The gateway answers with ProtocolError.field (which field to fix); a key is named cut to
+    # 64 characters, since it is attacker-supplied text.
+    with pytest.raises(ProtocolError) as info:
+        canonical_bytes(ACK, body)
+    assert info.value.field == field
+    assert str(info.value).startswith(message)
+
+
+def test_lists_nested_too_deep_are_refused_naming_the_first_level_past_the_cap() -> None:
+    body: dict[str, Any] = {"x": []}
+    inner = body["x"]
+    for _ in range(40):
+        inner.append([])
+        inner = inner[0]
+    with pytest.raises(ProtocolError, match="nested deeper than 32 levels") as info:
+        canonical_bytes(ACK, body)
+    assert info.value.field == "body.x" + "[0]" * 32
+
+
+def nested(depth: int, leaf: Any, kind: type = dict) -> Any:
+    """`leaf` inside `depth` dicts ({"x": ...}) or lists ([...])."""
+    value = leaf
+    for _ in range(depth):
+        value = {"x": value} if kind is dict else [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {},
+        {"s": "text", "n": None, "t": True, "f": False, "i": 2**53 - 1, "j": -(2**53 - 1)},
+        {"peers": [{"key": "k", "port": 51820, "ips": ["10.0.0.1/32"], "keepalive": None}]},
+        {"l": ["a", None, False, 7, 2**53 - 1, -(2**53 - 1), [], {}]},
+        nested(32, {}),  # an empty object at the deepest level allowed
+        nested(31, nested(1, [], list)),
+        # What it says of a value on its own (a body's items are judged inline, not by a call).
+        "text",
+        None,
+        True,
+        2**53 - 1,
+        -(2**53 - 1),
+    ],
+)
+def test_a_plain_valid_body_is_judged_by_the_fast_path_alone(body: Any) -> None:
+    # _plainly_canonical spares a valid desired state the full check, which builds a path
+    # string per value (most of the cost of checking a large one); it must say yes to the
+    # plain bodies the protocol sends, or every check pays that cost again.
+    assert _plainly_canonical(body, 0) is True
+    if isinstance(body, dict):
+        canonical_bytes(ACK, body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"x": 0.5},
+        {"x": [0.5]},
+        {"i": 2**53},
+        {"l": [-(2**53)]},
+        {"x": (1, 2)},
+        {1: "x"},
+        {"x": b"bytes"},
+        {"x": OrderedDict()},
+        nested(33, {}),
+        nested(32, {"y": 1}),
+        nested(32, [1], list),
+        2**53,
+        -(2**53),
+        0.0,
+    ],
+)
+def test_the_fast_path_leaves_anything_it_is_unsure_of_to_the_full_check(body: Any) -> None:
+    assert _plainly_canonical(body, 0) is False
+
+
 def test_body_must_be_an_object() -> None:
     with pytest.raises(ProtocolError, match="body must be a JSON object"):
         canonical_bytes(ACK, [1, 2])  # type: ignore[arg-type]
@@ -162,8 +279,11 @@ def test_deep_nesting_is_refused_not_a_crash() -> None:
     for _ in range(100):
         inner["x"] = {}
         inner = inner["x"]
-    with pytest.raises(ProtocolError, match="nested deeper"):
+    with pytest.raises(ProtocolError, match="nested deeper") as info:
         canonical_bytes(ACK, body)
+    # The first level past the cap (33 below the body) is named, message and field alike.
+    assert info.value.field == "body" + ".x" * 33
+    assert str(info.value).startswith(f"{info.value.field} is nested deeper than 32 levels")
 
 
 # -- signatures -----------------------------------------------------------------------------
@@ -677,7 +797,8 @@ def test_overlapping_but_different_networks_are_allowed() -> None:
 
 
 @pytest.mark.parametrize(
-    "module", [wire, wire.signing, wire.fields, wire.schema, wire.messages, wire.channel]
+    "module",
+    [wire, wire.signing, wire.fields, wire.schema, wire.messages, wire.channel, wire.keycert],
 )
 def test_module_exports_what_it_documents(module: Any) -> None:
     for name in module.__all__:
@@ -685,7 +806,7 @@ def test_module_exports_what_it_documents(module: Any) -> None:
 
 
 def test_the_package_gathers_every_public_name_of_its_modules() -> None:
-    parts = (wire.signing, wire.fields, wire.messages, wire.channel)
+    parts = (wire.signing, wire.fields, wire.messages, wire.names, wire.channel, wire.keycert)
     defined = {name: getattr(part, name) for part in parts for name in part.__all__}
     for name in wire.__all__:
         assert getattr(wire, name) is defined[name], name

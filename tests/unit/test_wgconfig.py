@@ -277,3 +277,88 @@ def test_wg_setconf_loads_the_stripped_buyer_config_into_a_real_interface(tmp_pa
         ["wg", "setconf", wg_interface, str(setconf)], capture_output=True, text=True, check=False
     )
     assert refused.returncode != 0
+
+
+# --- a multi-node order's one file (wgconfig.group_buyer_config) ---------------------------------
+
+
+def _group(private_key: str | None = None, nodes=None, hub: WgPeer | None = None) -> str:
+    return wgconfig.group_buyer_config(
+        job_address="10.100.128.9",
+        nodes=nodes
+        or (
+            wgconfig.NodePeer(_keypair()[1], "203.0.113.1:51820", ("10.200.0.2",), "part 0"),
+            wgconfig.NodePeer(
+                _keypair()[1], "198.51.100.7:40000", ("10.200.1.2", "10.200.1.3"), "part 1"
+            ),
+        ),
+        order_label="multi-node order 7 (2 parts)",
+        private_key=private_key,
+        hub=hub,
+    )
+
+
+def test_group_config_has_one_interface_and_one_peer_per_node_routing_its_sandboxes():
+    a, b = _keypair()[1], _keypair()[1]
+    hub = WgPeer(_keypair()[1], ("10.100.0.1/32",), "192.0.2.1:51821", 25)
+    text = _group(
+        nodes=(
+            wgconfig.NodePeer(a, "203.0.113.1:51820", ("10.200.0.2",), "part 0 on node-a"),
+            wgconfig.NodePeer(b, "198.51.100.7:40000", ("10.200.1.2", "10.200.1.3")),
+        ),
+        hub=hub,
+    )
+    assert text.startswith("# MOLT multi-node order 7 (2 parts)\n# part 0 on node-a: 10.200.0.2\n")
+    assert PRIVATE_KEY_PLACEHOLDER in text
+    assert _sections(text) == [
+        ("Interface", {"Address": "10.100.128.9/32"}),
+        (
+            "Peer",
+            {
+                "PublicKey": a,
+                "AllowedIPs": "10.200.0.2/32",
+                "Endpoint": "203.0.113.1:51820",
+                "PersistentKeepalive": "25",
+            },
+        ),
+        (
+            "Peer",
+            {
+                "PublicKey": b,
+                "AllowedIPs": "10.200.1.2/32, 10.200.1.3/32",
+                "Endpoint": "198.51.100.7:40000",
+                "PersistentKeepalive": "25",
+            },
+        ),
+        (
+            "Peer",
+            {
+                "PublicKey": hub.public_key,
+                "AllowedIPs": "10.100.0.1/32",
+                "Endpoint": "192.0.2.1:51821",
+                "PersistentKeepalive": "25",
+            },
+        ),
+    ]
+
+
+def test_group_config_refuses_a_node_twice_and_a_bad_address():
+    key = _keypair()[1]
+    twice = (
+        wgconfig.NodePeer(key, "203.0.113.1:51820", ("10.200.0.2",)),
+        wgconfig.NodePeer(key, "203.0.113.1:51820", ("10.200.0.3",)),
+    )
+    with pytest.raises(ValueError, match="twice"):
+        _group(nodes=twice)
+    with pytest.raises(ValueError):
+        _group(nodes=(wgconfig.NodePeer(key, "203.0.113.1:51820", ("10.200.0.0/24",)),))
+
+
+@needs_wg_quick
+def test_wg_quick_strip_accepts_the_group_config_with_a_private_key_filled_in(tmp_path):
+    private, _ = _keypair()
+    result = _strip(tmp_path, _group(private_key=private))
+    assert result.returncode == 0, result.stderr
+    stripped = _sections(result.stdout)
+    assert [name for name, _ in stripped] == ["Interface", "Peer", "Peer"]
+    assert stripped[0][1] == {"PrivateKey": private}

@@ -86,10 +86,17 @@ class WireGuardBackend(Protocol):
     def name(self) -> str: ...
 
     def ensure_interface(
-        self, name: str, private_key: bytes, listen_port: int, address: str
+        self,
+        name: str,
+        private_key: bytes,
+        listen_port: int,
+        address: str,
+        routes: Sequence[str] = (),
     ) -> None:
-        """Create (or adopt) interface ``name`` with this key, port and address (CIDR), and
-        bring it up. Idempotent: existing peers and their counters are left alone."""
+        """Create (or adopt) interface ``name`` with this key, port and address (CIDR), route
+        each network of ``routes`` onto it (the job block: peers' addresses that are not on-link
+        with ``address``; a route the agent left there earlier and no longer wants is removed),
+        and bring it up. Idempotent: existing peers and their counters are left alone."""
         ...
 
     def interface_exists(self) -> bool: ...

@@ -58,13 +58,19 @@ class KernelBackend(NamedInterface):
         return links.link_exists(self.name)
 
     def ensure_interface(
-        self, name: str, private_key: bytes, listen_port: int, address: str
+        self,
+        name: str,
+        private_key: bytes,
+        listen_port: int,
+        address: str,
+        routes: Sequence[str] = (),
     ) -> None:
         IPRoute, _, NetlinkError = links.pyroute2()
         self._bind_name(name)
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise WireGuardError("private key must be 32 bytes")
         check_address(address)
+        wanted_routes = links.check_routes(routes)
         available, why = kernel_wireguard_available()
         if not available:
             raise WireGuardError(f"cannot create {name}: {why}", errno_mod.EOPNOTSUPP)
@@ -91,7 +97,7 @@ class KernelBackend(NamedInterface):
         if settings:
             with self._wg("setting key and listen port") as wg:
                 wg.set(self.name, **settings)
-        links.configure_link(name, address)
+        links.configure_link(name, address, *wanted_routes)
 
     def list_peers(self) -> dict[str, PeerStatus]:
         return peers_from_netlink_dump(self._dump("reading peers"))

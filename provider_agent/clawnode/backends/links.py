@@ -5,8 +5,9 @@ pyroute2 (never by running ``ip``). Importing pyroute2 costs the process about 8
 memory for good. The kernel backend needs pyroute2 for generic netlink on every peer change
 anyway; the userspace backend (wireguard-go, configured over its UAPI socket) needs it only once
 at start-up. So the userspace backend runs these one-off calls in a child,
-``python -m clawnode.backends.links configure IFACE ADDRESS``, which imports pyroute2, does the
-work, answers one JSON line and exits: the long-lived agent never loads pyroute2 (``in_child``).
+``python -m clawnode.backends.links configure IFACE ADDRESS [ROUTE...]``, which imports
+pyroute2, does the work, answers one JSON line and exits: the long-lived agent never loads
+pyroute2 (``in_child``).
 
 This module imports nothing heavy at module level (no PyNaCl, no pyroute2), so the child starts
 quickly.
@@ -21,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,20 @@ from .errors import WireGuardError
 
 __all__ = [
     "check_address",
+    "check_routes",
     "configure_link",
     "delete_link",
     "in_child",
     "kernel_wireguard_available",
     "link_exists",
+    "link_routes",
 ]
 
 CHILD_TIMEOUT_S = 60.0
+MAIN_TABLE = 254
+RTPROT_STATIC = 4  # how the agent marks the routes it puts on its interface
+SCOPE_LINK = 253
+ANY_IPV4 = "0.0.0.0"  # noqa: S104  (a route's destination, not a bind)
 
 
 def check_address(address: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
@@ -68,14 +76,32 @@ def link_index(ipr: Any, name: str) -> int | None:
     return int(found[0]) if found else None
 
 
-def configure_link(name: str, address: str) -> None:
-    """Give ``name`` exactly one address of ``address``'s family (this one) and bring it up.
+def check_routes(routes: Sequence[str]) -> tuple[str, ...]:
+    """The networks to route onto the interface, canonical; WireGuardError for one that is not
+    an IPv4 network written without host bits."""
+    out = []
+    for text in routes:
+        try:
+            network = ipaddress.IPv4Network(text, strict=True)
+        except ValueError:
+            raise WireGuardError(f"route {text!r} is not an IPv4 network (a.b.c.0/n)") from None
+        out.append(str(network))
+    return tuple(out)
+
+
+def configure_link(name: str, address: str, *routes: str) -> None:
+    """Give ``name`` exactly one address of ``address``'s family (this one), route each of
+    ``routes`` onto it, and bring it up.
 
     The interface is the agent's: an address left from an earlier enrolment is removed, so the
-    node never answers on a mesh address it no longer owns.
+    node never answers on a mesh address it no longer owns, and so is a route the agent put
+    there (protocol static) that is no longer wanted. ``routes`` are the networks whose hosts
+    are peers of the interface but not on-link with its address: the job block, whose buyer
+    addresses a sandbox answers through the tunnel.
     """
     IPRoute, _, NetlinkError = pyroute2()
     wanted = check_address(address)
+    wanted_routes = check_routes(routes)
     family = socket.AF_INET if wanted.version == 4 else socket.AF_INET6
     try:
         with IPRoute() as ipr:
@@ -97,8 +123,43 @@ def configure_link(name: str, address: str) -> None:
                     "add", index=index, address=str(wanted.ip), prefixlen=wanted.network.prefixlen
                 )
             ipr.link("set", index=index, state="up")
+            for entry in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
+                if entry.get_attr("RTA_OIF") != index or entry["proto"] != RTPROT_STATIC:
+                    continue
+                dst = _route_dst(entry)
+                if dst not in wanted_routes:
+                    # The kernel matches a deleted route's scope too: give the one it has.
+                    ipr.route("del", dst=dst, oif=index, table=MAIN_TABLE, scope=entry["scope"])
+            for network in wanted_routes:
+                ipr.route(
+                    "replace",
+                    dst=network,
+                    oif=index,
+                    table=MAIN_TABLE,
+                    proto=RTPROT_STATIC,
+                    scope=SCOPE_LINK,
+                )
     except NetlinkError as exc:
         raise netlink_error(exc, f"configuring interface {name} with {address}") from None
+
+
+def _route_dst(entry: Any) -> str:
+    """A route message's destination as a network ("0.0.0.0/0" for a default route)."""
+    return f"{entry.get_attr('RTA_DST') or ANY_IPV4}/{entry['dst_len']}"
+
+
+def link_routes(name: str) -> list[str]:
+    """The IPv4 networks routed onto ``name`` by the agent (protocol static, main table)."""
+    IPRoute, _, _ = pyroute2()
+    with IPRoute() as ipr:
+        index = link_index(ipr, name)
+        if index is None:
+            return []
+        return sorted(
+            _route_dst(entry)
+            for entry in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+            if entry.get_attr("RTA_OIF") == index and entry["proto"] == RTPROT_STATIC
+        )
 
 
 def link_exists(name: str) -> bool:
@@ -146,9 +207,10 @@ def kernel_wireguard_available() -> tuple[bool, str]:
 
 _OPERATIONS = {
     # name: (arguments, function)
-    "configure": (("IFACE", "ADDRESS"), configure_link),
+    "configure": (("IFACE", "ADDRESS", "ROUTE..."), configure_link),
     "delete": (("IFACE",), delete_link),
     "exists": (("IFACE",), link_exists),
+    "routes": (("IFACE",), link_routes),
     "probe-kernel": ((), kernel_wireguard_available),
 }
 
@@ -203,9 +265,16 @@ def in_child(operation: str, *args: str, timeout: float = CHILD_TIMEOUT_S) -> An
     return answer["result"]
 
 
+def _arity_ok(operation: str, count: int) -> bool:
+    names = _OPERATIONS[operation][0]
+    if names and names[-1].endswith("..."):
+        return count >= len(names) - 1  # the last one repeats, zero or more times
+    return count == len(names)
+
+
 def main(argv: list[str]) -> int:
     """The child: one operation, one JSON line on stdout ({"result"} or {"error", "errno"})."""
-    if not argv or argv[0] not in _OPERATIONS or len(argv) - 1 != len(_OPERATIONS[argv[0]][0]):
+    if not argv or argv[0] not in _OPERATIONS or not _arity_ok(argv[0], len(argv) - 1):
         usage = " | ".join(" ".join((name, *args)) for name, (args, _) in _OPERATIONS.items())
         print(f"usage: python -m clawnode.backends.links {usage}", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from .base import (
     resolve_endpoint,
 )
 from .errors import WireGuardError
-from .links import check_address
+from .links import check_address, check_routes
 
 __all__ = ["FakeBackend"]
 
@@ -41,6 +41,7 @@ class FakeBackend(NamedInterface):
         self.private_key = b""
         self.listen_port = 0
         self.address = ""
+        self.routes: tuple[str, ...] = ()
         self.peers: dict[str, PeerStatus] = {}
         self.refuse: dict[str, str] = {}
         # (operation, public key or name), in order; reads too: ("list_peers", name) for the
@@ -51,13 +52,20 @@ class FakeBackend(NamedInterface):
         return self.exists
 
     def ensure_interface(
-        self, name: str, private_key: bytes, listen_port: int, address: str
+        self,
+        name: str,
+        private_key: bytes,
+        listen_port: int,
+        address: str,
+        routes: Sequence[str] = (),
     ) -> None:
         self._bind_name(name)
         check_address(address)
+        wanted_routes = check_routes(routes)
         self.calls.append(("ensure_interface", name))
         self.exists = True
         self.private_key, self.listen_port, self.address = private_key, listen_port, address
+        self.routes = wanted_routes
 
     def _require(self) -> None:
         if not self.exists:

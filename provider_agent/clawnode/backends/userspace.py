@@ -227,12 +227,18 @@ class UserspaceBackend(NamedInterface):
         return self.socket_path.exists() and self._alive()
 
     def ensure_interface(
-        self, name: str, private_key: bytes, listen_port: int, address: str
+        self,
+        name: str,
+        private_key: bytes,
+        listen_port: int,
+        address: str,
+        routes: Sequence[str] = (),
     ) -> None:
         self._bind_name(name)
         if not isinstance(private_key, bytes) or len(private_key) != 32:
             raise WireGuardError("private key must be 32 bytes")
         check_address(address)
+        wanted_routes = links.check_routes(routes)
         started = False
         if not self._alive():
             self._start()
@@ -249,7 +255,7 @@ class UserspaceBackend(NamedInterface):
             if lines:
                 self._set(lines, "setting key and listen port")
             # In a child process: the agent itself never imports pyroute2 (backends.links).
-            links.in_child("configure", name, address)
+            links.in_child("configure", name, address, *wanted_routes)
         except BaseException:
             if started:
                 self.delete_interface()  # do not leave a half-configured interface behind

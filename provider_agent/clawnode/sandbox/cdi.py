@@ -5,7 +5,10 @@ Real GPUs: the spec comes from the NVIDIA Container Toolkit (``nvidia-ctk cdi ge
 Simulated GPUs (clawnode.gpu.SimulatedGpuReader): the agent writes the spec itself, one device
 per GPU index plus ``all``, whose device nodes are stand-in character devices it makes
 (``mknod`` under ``sim_dir``, NVIDIA's major number), seen as /dev/nvidiaN inside the
-container. Either way the engine resolves the same names through the same CDI machinery, so the
+container. ``sim_dir`` is /dev itself by default: a container in a user namespace may not
+mknod, so runc bind-mounts each device node from the host path equal to its path in the
+container (the CDI spec's hostPath is read for its numbers only), as it does for real GPUs'
+/dev/nvidiaN. Either way the engine resolves the same names through the same CDI machinery, so the
 tests run the code path real GPUs take.
 
 The spec says ``cdiVersion`` 0.5.0 (Podman 4.3 refuses 0.6.0 and later) and lists ``all``
@@ -43,7 +46,7 @@ class CdiGpus:
         self,
         *,
         spec_dir: Path = Path("/etc/cdi"),
-        sim_dir: Path = Path("/var/lib/clawnode/sim-gpus"),
+        sim_dir: Path = Path("/dev"),
         nvidia_ctk: str = "nvidia-ctk",
     ) -> None:
         self.spec_dir = Path(spec_dir)
@@ -94,9 +97,13 @@ class CdiGpus:
             pass
         else:
             if stat.S_ISCHR(info.st_mode) and info.st_rdev == wanted:
+                os.chmod(path, 0o666)  # noqa: S103  (the driver's own mode)
                 return path
             path.unlink()
         os.mknod(path, 0o666 | stat.S_IFCHR, wanted)
+        # 0666 as the NVIDIA driver makes its nodes (mknod's mode passes through the umask): a
+        # sandbox's root is no root on the host and opens the node by its mode for others.
+        os.chmod(path, 0o666)  # noqa: S103  (the driver's own mode)
         return path
 
     def _write_simulated(self, gpus: Sequence[GpuInfo]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .. import wire
 
@@ -44,6 +44,10 @@ class ContainerSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     command: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    # The container's /etc/resolv.conf: nameservers and search domains (the node's names
+    # responder on the sandbox's gateway address, clawnode.names); empty: the engine's default.
+    dns: tuple[str, ...] = ()
+    dns_search: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,21 @@ class Container:
     running: bool
     status: str  # the engine's own word: "running", "exited", "created", ...
     labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any], name: str) -> Container:
+        """A container from a row of the engine's list (Docker's API and `podman ps` spell the
+        labels, image and state the same; each engine reads the name its own way)."""
+        labels: dict[str, str] = dict(row.get("Labels") or {})
+        state = str(row.get("State", "")).lower()
+        return cls(
+            name=name,
+            ref=labels.get(LABEL_REF, ""),
+            image=str(row.get("Image", "")),
+            running=state == "running",
+            status=state,
+            labels=labels,
+        )
 
 
 class Engine(Protocol):

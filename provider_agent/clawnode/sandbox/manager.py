@@ -120,8 +120,13 @@ class SandboxManager:
         probe_timeout: float = 60.0,
         check_interval: float = 5.0,
         on_change: Callable[[], None] | None = None,
+        dns: tuple[str, ...] = (),
+        dns_search: tuple[str, ...] = (),
     ) -> None:
         self._engine = engine
+        # Where the sandboxes ask names (clawnode.names): the agent's responder, when it runs
+        self._dns = dns
+        self._dns_search = dns_search
         self._network = network
         self._gpus = gpus
         self._dir = Path(state_dir)
@@ -307,6 +312,8 @@ class SandboxManager:
                         mounts=material.mounts,
                         env=env,
                         command=material.command,
+                        dns=self._dns,
+                        dns_search=self._dns_search,
                     )
                 )
                 with self._lock:

@@ -4,6 +4,18 @@ Containers are started detached (``podman run -d``): conmon parents them, not th
 agent restart leaves sandboxes and their SSH sessions running. Every MOLT container carries
 LABEL_MANAGED and LABEL_REF; ``containers`` and ``remove`` never look past them.
 
+Each container runs in a user namespace of its own (``--userns=auto``: Podman hands each one a
+distinct range of the ``containers`` entry of /etc/subuid and /etc/subgid), so the buyer's root
+is an unprivileged uid on the host, and with Podman's default capabilities and no more
+(SANDBOX_CAPABILITIES). A network namespace the host made is owned by the host's user
+namespace, where the container's root may neither mount sysfs nor set the network sysctls
+Podman sets; so such a container starts with ``--network none`` (a namespace owned by its own
+user namespace) and the sandbox's veth is moved in after (clawnode.sandbox.netjoin, as for
+Docker), and its /etc/resolv.conf is a file the engine writes and mounts (Podman refuses
+``--dns`` without a network). The job's sshd files are mounted with ``U`` (Podman chowns them
+to the container's root) so sshd, root only inside, can read its host key. ``userns=""``
+keeps the host's user namespace and joins the named network namespace directly.
+
 The defaults suit a normal cgroup-v2 host (podman's own runtime and cgroup manager). Hosts like
 the development machines (cgroups v1/hybrid, where crun refuses and root lacks
 CAP_SYS_RESOURCE) pass ``runtime="runc"``, ``cgroup_manager="cgroupfs"`` and lowered ulimits
@@ -12,17 +24,45 @@ CAP_SYS_RESOURCE) pass ``runtime="runc"``, ``cgroup_manager="cgroupfs"`` and low
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .engine import LABEL_MANAGED, LABEL_REF, Container, ContainerSpec, EngineError
+from .netjoin import join_netns
 
-__all__ = ["PodmanEngine"]
+__all__ = ["DEFAULT_USERNS", "SANDBOX_CAPABILITIES", "PodmanEngine"]
+
+# A range per container from /etc/subuid's "containers" entry; 65536 ids so every uid and gid
+# a Debian or Ubuntu image ships (nobody is 65534) maps to one of its own.
+DEFAULT_USERNS = "auto:size=65536"
+# Podman's own default set, named so that a newer Podman's defaults change nothing here. The
+# user namespace is what protects the host: in it these reach only files whose owner maps into
+# the container (host-owned files show as nobody and stay out of reach). The buyer needs them as
+# root on a rented machine: DAC_OVERRIDE and FOWNER for `apt-get install` (dpkg writes files
+# owned by other users), KILL to stop their own processes of another uid, SETFCAP for packages
+# that set file capabilities; sshd needs CHOWN, NET_BIND_SERVICE, SETGID, SETUID, SYS_CHROOT.
+# No SYS_ADMIN, NET_ADMIN, NET_RAW, MKNOD or SYS_MODULE: no mounts, no network changes, no
+# raw sockets, no device nodes, no modules.
+SANDBOX_CAPABILITIES = (
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+)
 
 _MAX_DETAIL = 300
 # A layer line of `podman pull`: "Copying blob sha256:4f4f..." (a terminal adds "done" etc.)
@@ -51,6 +91,8 @@ class PodmanEngine:
         timeout: float = 120.0,
         pull_timeout: float = 3600.0,
         workdir: str | os.PathLike[str] | None = None,
+        userns: str = DEFAULT_USERNS,
+        capabilities: Sequence[str] | None = SANDBOX_CAPABILITIES,
     ) -> None:
         self._podman = podman
         # podman's working directory, inherited by each container's conmon, which writes an
@@ -66,6 +108,11 @@ class PodmanEngine:
         self._ulimits = dict(ulimits or {})
         self._timeout = timeout
         self._pull_timeout = pull_timeout
+        self._userns = userns
+        # None: Podman's default set (for images whose entry point needs more than sshd)
+        self._capabilities = None if capabilities is None else tuple(capabilities)
+        # The resolv.conf files of user-namespaced containers, one per container name.
+        self._resolv_dir = Path(self._cwd or "/run/clawnode") / "resolv"
 
     # -- the CLI ------------------------------------------------------------------------------
 
@@ -169,7 +216,22 @@ class PodmanEngine:
         labels = {**spec.labels, LABEL_MANAGED: "1", LABEL_REF: spec.ref}
         for key, value in labels.items():
             args += ["--label", f"{key}={value}"]
-        args += ["--network", f"ns:{spec.netns}"]
+        if self._userns:
+            args += ["--userns", self._userns, "--network", "none"]
+            if spec.dns or spec.dns_search:
+                resolv = self._write_resolv(spec)
+                mount = f"type=bind,source={resolv},destination=/etc/resolv.conf,ro=true"
+                args += ["--mount", mount]
+        else:
+            args += ["--network", f"ns:{spec.netns}"]
+            for server in spec.dns:
+                args += ["--dns", server]
+            for domain in spec.dns_search:
+                args += ["--dns-search", domain]
+        if self._capabilities is not None:
+            args += ["--cap-drop", "all"]
+            for capability in self._capabilities:
+                args += ["--cap-add", capability]
         for device in spec.cdi_devices:
             args += ["--device", device]
         args += [
@@ -185,48 +247,86 @@ class PodmanEngine:
         ]
         for limit, amount in self._ulimits.items():
             args += ["--ulimit", f"{limit}={amount}:{amount}"]
+        # U: chowned to the container's root, which is not the host's root in a user namespace
+        # (sshd refuses a host key it cannot read, and authorized_keys not owned by root).
+        chown = ",U=true" if self._userns else ""
         for host, inside in spec.mounts.items():
-            args += ["--mount", f"type=bind,source={host},destination={inside},ro=true"]
+            args += ["--mount", f"type=bind,source={host},destination={inside},ro=true{chown}"]
         for key, value in spec.env.items():
             args += ["--env", f"{key}={value}"]
         args += [spec.image, *spec.command]
+        started = False
         try:
-            self._run(*args)
-        except EngineError:
+            try:
+                self._run(*args)
+            except EngineError as exc:
+                if self._userns and "subuid" in str(exc):
+                    raise EngineError(
+                        f"{exc} (the node's /etc/subuid and /etc/subgid need a 'containers' "
+                        "entry for sandbox user namespaces)"
+                    ) from exc
+                raise
+            started = True
+            if self._userns:
+                join_netns(spec.netns, self._pid(spec.name))
+        except EngineError as exc:
+            # A command that exits at once fails the network join: say why it stopped.
+            detail = self._stopped_detail(spec.name) if started else ""
             # A failed run can leave a created container behind (a CDI or mount error comes
             # after create); the interface promises nothing is.
             self.remove(spec.name)
+            if detail:
+                raise EngineError(detail) from exc
             raise
         for container in self.containers():
             if container.name == spec.name:
                 return container
         raise EngineError(f"container {spec.name} vanished right after it started")
 
+    def _write_resolv(self, spec: ContainerSpec) -> Path:
+        lines = [f"nameserver {server}" for server in spec.dns]
+        if spec.dns_search:
+            lines.append("search " + " ".join(spec.dns_search))
+        try:
+            self._resolv_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+            path = self._resolv_dir / f"{spec.name}.conf"
+            path.write_text("\n".join(lines) + "\n")
+            # Read by the container's root, an unprivileged uid on the host.
+            path.chmod(0o644)
+        except OSError as exc:
+            raise EngineError(f"cannot write the sandbox's resolv.conf: {exc}") from exc
+        return path
+
+    def _pid(self, name: str) -> int:
+        out = self._run("inspect", "--format", "{{.State.Pid}}", name)
+        pid = int(out.strip() or 0) if out.strip().isdigit() else 0
+        if pid <= 0:
+            raise EngineError(f"container {name} is not running right after its start")
+        return pid
+
+    def _stopped_detail(self, name: str) -> str:
+        try:
+            out = self._run("inspect", "--format", "{{.State.Running}}", name)
+        except EngineError:
+            return ""
+        return self.exit_detail(name) if out.strip() == "false" else ""
+
     def containers(self) -> list[Container]:
         out = self._run("ps", "-a", "--filter", f"label={LABEL_MANAGED}", "--format", "json")
         rows: list[dict[str, Any]] = json.loads(out or "[]") or []
         found: list[Container] = []
         for row in rows:
-            labels: dict[str, str] = dict(row.get("Labels") or {})
             names = row.get("Names") or []
             name = names[0] if isinstance(names, list) and names else str(names)
-            state = str(row.get("State", "")).lower()
-            found.append(
-                Container(
-                    name=name,
-                    ref=labels.get(LABEL_REF, ""),
-                    image=str(row.get("Image", "")),
-                    running=state == "running",
-                    status=state,
-                    labels=labels,
-                )
-            )
+            found.append(Container.from_row(row, name))
         return found
 
     def remove(self, name: str) -> None:
         # -f stops it first, -v takes its anonymous volumes, --ignore makes a missing one fine;
         # the writable layer goes with the container itself.
         self._run("rm", "-f", "-v", "--ignore", "--time", "2", name)
+        with contextlib.suppress(OSError):
+            (self._resolv_dir / f"{name}.conf").unlink(missing_ok=True)
 
     # -- beyond the interface -----------------------------------------------------------------
 

@@ -7,17 +7,30 @@ stdlib + PyNaCl only, so the gateway can import it without the agent's machinery
 - ``schema``: ``Message``, the base every message type derives validation, from_dict and
   to_dict from;
 - ``messages``: the message types (enrolment, desired state, auth, ack, removal, metering);
-- ``channel``: the websocket frames and close codes.
+- ``names``: the names table of a node's DNS responder;
+- ``channel``: the websocket frames and close codes;
+- ``keycert``: gateway key certificates and the rules a chain of them is followed by.
 
 This module only gathers their public names: each is defined, and documented, in one of them.
 """
 
-from .channel import CLOSE_AUTH_FAILED, CLOSE_AUTH_TIMEOUT, CLOSE_BAD_MESSAGE, CLOSE_FORBIDDEN
+from .channel import (
+    CLOSE_AUTH_FAILED,
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_BAD_MESSAGE,
+    CLOSE_FORBIDDEN,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_LATER,
+)
 from .fields import ProtocolError, parse_endpoint
+from .keycert import KeyCert, follow_key_chain
 from .messages import (
+    PATH_STATES,
     PEER_KINDS,
     Ack,
     AgentAuth,
+    Connectivity,
     DesiredState,
     EnrollRequest,
     GpuInfo,
@@ -31,15 +44,18 @@ from .messages import (
     SandboxSpec,
     SandboxStatus,
 )
+from .names import NameGroup, NameRecord, NameTable
 from .signing import (
     ACK,
     ACK_V1,
     AGENT_AUTH,
+    CONNECTIVITY,
     DESIRED_STATE,
     ENROLL,
     KEY_CERT,
     KINDS,
     METERING,
+    NAMES,
     REFUSAL,
     REMOVED,
     SANDBOX_STATUS,
@@ -62,11 +78,17 @@ __all__ = [
     "CLOSE_AUTH_TIMEOUT",
     "CLOSE_BAD_MESSAGE",
     "CLOSE_FORBIDDEN",
+    "CLOSE_RATE_LIMITED",
+    "CLOSE_TOO_BIG",
+    "CLOSE_TRY_LATER",
+    "CONNECTIVITY",
     "DESIRED_STATE",
     "ENROLL",
     "KEY_CERT",
     "KINDS",
     "METERING",
+    "NAMES",
+    "PATH_STATES",
     "PEER_KINDS",
     "REFUSAL",
     "REMOVED",
@@ -74,10 +96,15 @@ __all__ = [
     "Ack",
     "AgentAuth",
     "BadSignature",
+    "Connectivity",
     "DesiredState",
     "EnrollRequest",
     "GpuInfo",
+    "KeyCert",
     "MeteringSample",
+    "NameGroup",
+    "NameRecord",
+    "NameTable",
     "PeerCounters",
     "PeerResult",
     "PeerSpec",
@@ -90,6 +117,7 @@ __all__ = [
     "StaleMessage",
     "canonical_bytes",
     "check_fresh",
+    "follow_key_chain",
     "new_nonce",
     "open_envelope",
     "parse_endpoint",

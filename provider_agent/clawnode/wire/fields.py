@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "distinct_keys",
     "ed25519_key",
     "endpoint",
+    "hidden_format_character",
     "integer",
     "is_int",
     "networks",
@@ -50,6 +52,23 @@ _NODE_ID_RE = re.compile(r"nd_[0-9a-f]{32}")  # keys.node_id_for
 _DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DNS_NAME_RE = re.compile(rf"(?=.{{1,253}}$){_DNS_LABEL}(?:\.{_DNS_LABEL})*\.?")
 _CONTROL_RE = re.compile("[\x00-\x1f\x7f]")  # C0 controls and DEL
+# Invisible format characters (Unicode category Cf): the bidi embeddings, overrides and isolates
+# (U+202A-U+202E, U+2066-U+2069), marks (U+200E, U+200F, U+061C), zero-width space and joiners,
+# U+2060-U+2064, U+FEFF... They can make a name read as something else on a page ("‮gnp.exe").
+# Kept: the zero-width non-joiner and joiner (U+200C, U+200D), which Persian and Indic scripts
+# need to spell words and which reorder nothing.
+_KEPT_FORMAT = frozenset("\u200c\u200d")
+
+
+def hidden_format_character(value: str) -> str | None:
+    """The first invisible format character in ``value``, as ``U+XXXX``; None when it has none."""
+    if value.isascii():  # the common case, and ASCII has none: no per-character look-up
+        return None
+    for char in value:
+        if unicodedata.category(char) == "Cf" and char not in _KEPT_FORMAT:
+            return f"U+{ord(char):04X}"
+    return None
+
 
 Check = Callable[[Any, str], Any]
 
@@ -98,6 +117,9 @@ def check_text(value: object, name: str, *, max_len: int, empty: bool = False) -
     # Control characters have no business in these fields and would corrupt logs and configs.
     if _CONTROL_RE.search(value):
         raise ProtocolError(f"{name} contains control characters", name)
+    hidden = hidden_format_character(value)
+    if hidden:
+        raise ProtocolError(f"{name} contains an invisible format character ({hidden})", name)
     return value
 
 

@@ -19,10 +19,12 @@ from .fields import NONCE_RE, ProtocolError
 from .schema import Message, items
 
 __all__ = [
+    "PATH_STATES",
     "PEER_KINDS",
     "SANDBOX_STATES",
     "Ack",
     "AgentAuth",
+    "Connectivity",
     "DesiredState",
     "EnrollRequest",
     "GpuInfo",
@@ -38,6 +40,10 @@ __all__ = [
 ]
 
 PEER_KINDS = ("job", "mesh")
+# What a connectivity check found of one path (Connectivity): a handshake completed, none did
+# in time, nothing to test (no hub configured; no peer node to try: node-to-node peers exist
+# only while a multi-node job runs, docs/network.md, and the check does not use them yet).
+PATH_STATES = ("reachable", "unreachable", "untested")
 MAX_PEERS = 65535
 
 _NONCE = fields.pattern(NONCE_RE, 64, "22-64 URL-safe base64 characters")
@@ -74,6 +80,11 @@ class EnrollRequest(Message):
     gpus: Annotated[tuple[GpuInfo, ...], items(GpuInfo, 64)]
     timestamp: Integer  # Unix seconds; with nonce, for replay refusal (check_fresh)
     nonce: Annotated[str, _NONCE]
+    # The region the provider declares (`clawnode join --region`): the gateway checks it against
+    # its IP plan and leases the node's address in that region's block. Optional, so requests
+    # of agents that predate it still parse; the agent leaves it out of the body when empty, so
+    # a gateway that predates it still takes the request of a node that declares none.
+    region: Annotated[str, fields.text(16, empty=True)] = ""
 
     @property
     def identity_key(self) -> bytes:
@@ -174,6 +185,21 @@ def _one_address(value: object, name: str) -> str:
     return net
 
 
+MAX_MESH_MATES = 256
+_MATES = fields.networks(MAX_MESH_MATES)
+
+
+def _mesh_mates(value: object, name: str) -> tuple[str, ...]:
+    """Distinct single IPv4 addresses as /32s, possibly none."""
+    if isinstance(value, (list, tuple)) and not value:
+        return ()
+    mates: tuple[str, ...] = _MATES(value, name)
+    for i, net in enumerate(mates):
+        if not net.endswith("/32") or ":" in net:
+            raise ProtocolError(f"{name}[{i}] must be one IPv4 address as a /32", f"{name}[{i}]")
+    return mates
+
+
 @dataclass(frozen=True)
 class SandboxSpec(Message):
     """One job's sandbox a node should run: a container with exactly these GPUs, these limits,
@@ -195,6 +221,17 @@ class SandboxSpec(Message):
     ssh_keys: Annotated[
         tuple[str, ...], fields.texts(_SSH_KEY_RE, 16384, 20, "an OpenSSH public key line")
     ]
+    # The job's private network (a multi-node order, docs/network.md): the addresses of the
+    # other sandboxes of the same order, each a /32, that this one may reach and be reached from
+    # (over a node-to-node "mesh" peer when on another node). Empty for a single-node job, and
+    # then left out of the JSON, so an agent that predates it still takes the state.
+    mesh: Annotated[tuple[str, ...], _mesh_mates] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if not self.mesh:
+            del out["mesh"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -386,3 +423,25 @@ class SandboxStatus(Message):
     sandboxes: Annotated[tuple[SandboxReport, ...], items(SandboxReport, MAX_SANDBOXES)]
     timestamp: Integer
     full: Annotated[bool, fields.boolean] = False
+
+
+@dataclass(frozen=True)
+class Connectivity(Message):
+    """Body of a CONNECTIVITY message, signed by the node: what its latest check of the mesh
+    found (clawnode.connectivity), after joining and every few minutes.
+
+    ``hub``: whether a WireGuard handshake with the gateway's hub completed within the check's
+    deadline, ``hub_rtt_ms`` how long it took (from the hub peer being set on the interface to
+    the handshake, which is one round trip plus two Noise operations; 0 when not reachable).
+    ``peer`` the same for a peer node (``peer_node_id``); "untested" while the gateway names
+    none. ``detail`` says why a path is unreachable or untested. The gateway keeps the newest
+    by ``checked_at`` (a replayed older one changes nothing)."""
+
+    node_id: NodeId
+    checked_at: Integer  # Unix seconds
+    hub: Annotated[str, fields.choice(*PATH_STATES)]
+    hub_rtt_ms: Annotated[int, fields.integer(0, 600_000)] = 0
+    peer: Annotated[str, fields.choice(*PATH_STATES)] = "untested"
+    peer_node_id: Annotated[str, fields.text(64, empty=True)] = ""
+    peer_rtt_ms: Annotated[int, fields.integer(0, 600_000)] = 0
+    detail: Annotated[str, fields.text(300, empty=True)] = ""

@@ -32,11 +32,13 @@ __all__ = [
     "ACK",
     "ACK_V1",
     "AGENT_AUTH",
+    "CONNECTIVITY",
     "DESIRED_STATE",
     "ENROLL",
     "KEY_CERT",
     "KINDS",
     "METERING",
+    "NAMES",
     "REFUSAL",
     "REMOVED",
     "SANDBOX_STATUS",
@@ -68,8 +70,14 @@ SANDBOX_STATUS = "molt/sandbox-status/v1"
 # The gateway's signed word that it refuses this node (revoked or unknown), bound to one
 # connection's challenge: the only thing that makes an agent stop for good.
 REFUSAL = "molt/refusal/v1"
+# What the node's check of its paths over the mesh found (the hub, a peer node).
+CONNECTIVITY = "molt/connectivity/v1"
+
+# The names table of a node's DNS responder (clawnode.wire.names), signed by the gateway.
+NAMES = "molt/names/v1"
 KINDS = frozenset(
     {
+        CONNECTIVITY,
         ENROLL,
         AGENT_AUTH,
         DESIRED_STATE,
@@ -80,6 +88,7 @@ KINDS = frozenset(
         KEY_CERT,
         SANDBOX_STATUS,
         REFUSAL,
+        NAMES,
     }
 )
 

@@ -1,4 +1,6 @@
-/* Listing page: re-price as hours and GPUs change, and order with a key pair made here. */
+/* Listing page: re-price as hours and GPUs change, and order with a key pair made here.
+ * Amounts are compared as the API's integers and shown as the server spells them (the quote's
+ * `display`, the wallet's text): money is formatted in one place, marketplace/money.py. */
 "use strict";
 
 (function () {
@@ -35,17 +37,17 @@
 
   function updateButton() {
     if (!button) return;
-    const available = wallet ? Number(wallet.dataset.micro) : 0;
+    const available = wallet ? Number(wallet.dataset.amount) : 0;
     const short = Boolean(quote) && quote.total_hold > available;
     const taken = Boolean(quote) && quote.gpu_count > quote.gpus_available;
     button.disabled = busy || !quote || short || taken || !Molt.keys.supported();
     if (attempt) button.textContent = "Try again";
-    else button.textContent = quote ? `Order for ${Molt.usd(quote.total_hold)}` : "Order";
+    else button.textContent = quote ? `Order for ${quote.display.total_hold}` : "Order";
     if (busy) return;
     if (taken) {
       Molt.setStatus(orderStatus, `Only ${quote.gpus_available} GPU(s) of this listing are free right now.`, "error");
     } else if (short) {
-      Molt.setStatus(orderStatus, `Not enough credits: the hold is ${Molt.usd(quote.total_hold)} and you have ${Molt.usd(available)} available.`, "error");
+      Molt.setStatus(orderStatus, `Not enough credits: the hold is ${quote.display.total_hold} and you have ${wallet.textContent.trim()} available.`, "error");
     } else if (fundsShown) {
       Molt.setStatus(orderStatus, "");
     }
@@ -81,10 +83,10 @@
       const data = await Molt.api("GET", url);
       if (mine !== sequence) return;
       quote = data;
-      cells.time.textContent = Molt.usd(data.time_charge);
-      cells.allowance.textContent = Molt.usd(data.bandwidth_allowance_charge);
-      cells.fee.textContent = Molt.usd(data.fee);
-      cells.total.textContent = Molt.usd(data.total_hold);
+      cells.time.textContent = data.display.time_charge;
+      cells.allowance.textContent = data.display.bandwidth_allowance_charge;
+      cells.fee.textContent = data.display.fee;
+      cells.total.textContent = data.display.total_hold;
       Molt.setStatus(quoteStatus, "");
     } catch (err) {
       if (mine !== sequence) return;
@@ -118,7 +120,7 @@
     // The price shown may be for inputs just edited: order at the price of what is typed now.
     if (timer) requote();
     if (refreshing) await refreshing;
-    const available = wallet ? Number(wallet.dataset.micro) : 0;
+    const available = wallet ? Number(wallet.dataset.amount) : 0;
     if (!quote || quote.total_hold > available || quote.gpu_count > quote.gpus_available) {
       busy = false;
       updateButton();

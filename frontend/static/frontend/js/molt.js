@@ -4,7 +4,7 @@
  *              Idempotency-Key, and turns error responses into readable messages.
  * Molt.keys    makes WireGuard key pairs with WebCrypto X25519 and keeps each order's private
  *              key in this browser's localStorage. The private key is never sent anywhere.
- * Molt.usd()   formats micro-USD like the server's `usd` filter.
+ * Money is not formatted here: pages show the server's spelling (marketplace/money.py).
  */
 "use strict";
 
@@ -63,16 +63,6 @@ window.Molt = (function () {
     }
     if (!response.ok) throw new ApiError(errorMessage(response.status, data, text), response.status, false);
     return options.raw ? text : data;
-  }
-
-  function usd(micro) {
-    const amount = Number(micro);
-    const sign = amount < 0 ? "-" : "";
-    const abs = Math.abs(amount);
-    const whole = Math.floor(abs / 1e6);
-    let frac = String(abs % 1e6).padStart(6, "0").replace(/0+$/, "");
-    frac = frac.padEnd(2, "0");
-    return `${sign}$${whole.toLocaleString("en-US")}.${frac}`;
   }
 
   function iecBytes(count) {
@@ -180,5 +170,5 @@ window.Molt = (function () {
     },
   };
 
-  return { api, ApiError, usd, iecBytes, keys, newIdempotencyKey, setStatus };
+  return { api, ApiError, iecBytes, keys, newIdempotencyKey, setStatus };
 })();

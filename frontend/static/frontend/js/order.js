@@ -14,6 +14,7 @@
     steps: document.querySelectorAll("#steps li"),
     jobAddress: $("job-address"),
     providerAddress: $("provider-address"),
+    tunnelPath: $("tunnel-path"),
     publicKey: $("public-key"),
     keyStatus: $("key-status"),
     download: $("download-config"),
@@ -53,6 +54,7 @@
     });
     ui.jobAddress.textContent = state.job_address || "being allocated…";
     ui.providerAddress.textContent = state.provider_address || "—";
+    ui.tunnelPath.textContent = state.path || "—";
     ui.publicKey.textContent = state.wireguard_public_key;
 
     const ended = ENDED.includes(state.state);
@@ -116,14 +118,23 @@
       const reason = $("dispute-reason");
       const draft = reason ? reason.value : "";
       const active = document.activeElement;
-      const focusedId = active && active.id && active.closest("[data-panel]") ? active.id : "";
+      const activePanel = active && active.closest ? active.closest("[data-panel]") : null;
+      const focusedId = activePanel && active.id ? active.id : "";
+      const focusedPanel = activePanel ? activePanel.id : "";
       fresh.querySelectorAll("[data-panel]").forEach((panel) => {
         const current = document.getElementById(panel.id);
         if (current) current.replaceWith(document.importNode(panel, true));
       });
       const redrawn = $("dispute-reason");
       if (redrawn && draft) redrawn.value = draft;
-      const refocus = focusedId && document.getElementById(focusedId);
+      // What had focus may be gone from the redrawn panel (the dispute form's button once the
+      // dispute is open): focus then goes to that panel's heading, never back to the page top.
+      let refocus = focusedId && document.getElementById(focusedId);
+      if (!refocus && focusedPanel) {
+        const panel = document.getElementById(focusedPanel);
+        const heading = panel && panel.getAttribute("aria-labelledby");
+        refocus = heading && document.getElementById(heading);
+      }
       if (refocus && document.activeElement !== refocus) refocus.focus();
       syncDisputeForm();
     } catch (err) {
@@ -435,6 +446,16 @@
       { say: sayDispute, focusAfter: () => $("dispute-title") }
     );
   });
+
+  // What a running order has cost grows with time even when no traffic flows (and nothing
+  // arrives on the socket): the usage panel is fetched again every half minute while it runs
+  // and the page is visible.
+  const COST_REFRESH_MS = 30000;
+  setInterval(() => {
+    if (state.state === "running" && document.visibilityState === "visible" && Date.now() - panelsLoaded >= COST_REFRESH_MS - 1000) {
+      refreshPanels();
+    }
+  }, COST_REFRESH_MS);
 
   if (!Molt.keys.supported()) $("webcrypto-missing").hidden = false;
   render();

@@ -1,0 +1,3 @@
+from meshnet.relay.server import main
+
+main()

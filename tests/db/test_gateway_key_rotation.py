@@ -1,0 +1,125 @@
+"""`manage.py rotate_gateway_key`: a new gateway key certified by the old one, both kept, the
+new one signing every desired state from then on with the chain beside it; nodes are pushed
+their state at once and need not re-join (the agent's side: tests/unit/test_key_rotation.py,
+tests/integration/test_gateway_key_rotation.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+
+import pytest
+from clawnode import wire
+from clawnode.keys import Identity
+from django.core.management import CommandError, call_command
+
+from meshnet import channel_layer
+from meshnet.consumers import desired_state_frame
+from meshnet.desired_state import signed_desired_state
+from meshnet.fanout import AGENTS_GROUP
+from meshnet.gateway_key import gateway_identity, gateway_key_path, key_certificates
+from tests import factories
+
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
+
+
+class RecordingLayer:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict]] = []
+
+    async def group_send(self, group: str, message: dict) -> None:
+        self.sent.append((group, message))
+
+
+@pytest.fixture(autouse=True)
+def own_state_dir(settings, tmp_path):
+    """A gateway key of this test's own: rotating the session's would change it under others."""
+    settings.MOLT_STATE_DIR = tmp_path / "gateway-state"
+    return settings.MOLT_STATE_DIR
+
+
+@pytest.fixture
+def layer(monkeypatch):
+    recording = RecordingLayer()
+    monkeypatch.setattr(channel_layer, "get_channel_layer", lambda: recording)
+    return recording
+
+
+def rotate(*args: str) -> str:
+    out = io.StringIO()
+    call_command("rotate_gateway_key", *args, stdout=out)
+    return out.getvalue()
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_rotation_certifies_the_new_key_with_the_old_keeps_both_and_signs_with_the_new(
+    own_state_dir, layer, provider
+):
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+    first = gateway_identity()
+
+    output = rotate()
+
+    second = gateway_identity()
+    assert second.public_key != first.public_key
+    assert f"{first.public_key_b64} -> {second.public_key_b64} (certificate 1)" in output
+    retired = Identity.load(own_state_dir / "gateway-keys" / "0.key")
+    assert retired.public_key == first.public_key
+    for path in (gateway_key_path(), own_state_dir / "gateway-keys" / "0.key"):
+        assert mode(path) == 0o600
+    chain = key_certificates()
+    assert wire.follow_key_chain(first.public_key, 0, chain, 2**40) == (second.public_key, 1)
+    # Every node was pushed its state, signed by the new key, with the chain beside it.
+    # (one fanout message per chunk of nodes, meshnet.fanout, carrying each node's state)
+    assert [group for group, _ in layer.sent] == [AGENTS_GROUP]
+    envelope = layer.sent[0][1]["states"][node.node_id]
+    assert wire.open_envelope(envelope, second.public_key, wire.DESIRED_STATE)["node_id"] == (
+        node.node_id
+    )
+    frame = desired_state_frame(signed_desired_state(node))
+    assert frame["key_certs"] == chain
+    with pytest.raises(wire.BadSignature):
+        wire.open_envelope(frame["envelope"], first.public_key, wire.DESIRED_STATE)
+
+
+def test_a_second_rotation_extends_the_chain_an_agent_at_the_first_key_follows(layer):
+    first = gateway_identity()
+    rotate()
+    rotate()
+    third = gateway_identity()
+
+    chain = key_certificates()
+    assert [c["body"]["sequence"] for c in chain] == [1, 2]
+    assert wire.follow_key_chain(first.public_key, 0, chain, 2**40) == (third.public_key, 2)
+
+
+def test_before_any_rotation_no_certificates_go_to_agents(layer, provider):
+    node = factories.enrolled_node(provider, gpus=[factories.gpu(0)])
+    assert "key_certs" not in desired_state_frame(signed_desired_state(node))
+
+
+def test_if_older_than_leaves_a_young_key_alone(layer):
+    before = gateway_identity().public_key
+
+    assert "not rotated" in rotate("--if-older-than", "30")
+    assert gateway_identity().public_key == before
+    assert key_certificates() == []
+
+    rotate("--if-older-than", "0")
+    assert gateway_identity().public_key != before
+
+
+def test_a_key_that_is_not_the_chains_last_is_not_rotated_from(own_state_dir, layer):
+    rotate()
+    # Someone restored an older gateway.key: certifying from it would fork the chain.
+    Identity.generate().save(gateway_key_path())
+    chain = json.loads((own_state_dir / "gateway-key-certs.json").read_text())
+
+    with pytest.raises(CommandError, match="restore the key from backup"):
+        rotate()
+    assert json.loads((own_state_dir / "gateway-key-certs.json").read_text()) == chain

@@ -1,0 +1,174 @@
+"""The relay's pure parts: WireGuard messages as a keyless relay reads them (meshnet.relay.wgmsg),
+where each side of a pair is and what may move it (meshnet.relay.pairs), and the fast path's
+ruleset (meshnet.relay.fastpath). Real tunnels through the relay: tests/nat/test_relay.py."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import struct
+
+import pytest
+from nacl.public import PrivateKey
+
+from meshnet.relay import fastpath, pairs, wgmsg
+
+pytestmark = pytest.mark.unit
+
+BUYER_AT = ("198.51.100.7", 51821)
+PROVIDER_AT = ("203.0.113.9", 51820)
+ATTACKER_AT = ("198.51.100.66", 4444)
+
+
+def _key() -> str:
+    return base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+
+
+BUYER_KEY, PROVIDER_KEY = _key(), _key()
+
+
+def _mac1(body: bytes, to_key: str) -> bytes:
+    # WireGuard's definition, written out here independently of wgmsg: mac1 = MAC(HASH("mac1----"
+    # || recipient's public key), message up to mac1), BLAKE2s with a 16-byte output.
+    key = hashlib.blake2s(b"mac1----" + base64.b64decode(to_key)).digest()
+    return hashlib.blake2s(body, key=key, digest_size=16).digest()
+
+
+def initiation(sender: int, to_key: str) -> bytes:
+    body = struct.pack("<II", 1, sender) + os.urandom(32 + 48 + 28)
+    return body + _mac1(body, to_key) + bytes(16)
+
+
+def response(sender: int, receiver: int, to_key: str) -> bytes:
+    body = struct.pack("<III", 2, sender, receiver) + os.urandom(32 + 16)
+    return body + _mac1(body, to_key) + bytes(16)
+
+
+def data(receiver: int, size: int = 64) -> bytes:
+    return struct.pack("<IIQ", 4, receiver, 7) + os.urandom(size - 16)
+
+
+def test_parse_takes_only_wireguard_messages():
+    assert wgmsg.parse(initiation(5, PROVIDER_KEY)) == wgmsg.Message(1, 5, None)
+    assert wgmsg.parse(response(6, 5, BUYER_KEY)) == wgmsg.Message(2, 6, 5)
+    assert wgmsg.parse(data(9)) == wgmsg.Message(4, None, 9)
+    assert wgmsg.parse(struct.pack("<II", 3, 9) + bytes(56)) == wgmsg.Message(3, None, 9)
+    # Padded to 16 but never past the MTU: a full-size message is 1452 bytes at MTU 1420.
+    assert wgmsg.parse(data(9, 1452)) == wgmsg.Message(4, None, 9)
+    assert wgmsg.parse(data(9)[:31]) is None  # shorter than header, counter and tag
+    assert wgmsg.parse(initiation(5, PROVIDER_KEY)[:-1]) is None
+    assert wgmsg.parse(b"\x05\0\0\0" + bytes(60)) is None
+    assert wgmsg.parse(b"\x01\x01\0\0" + bytes(144)) is None  # reserved bytes not zero
+    assert wgmsg.parse(b"GET / HTTP/1.1\r\n") is None
+
+
+def test_mac1_is_checked_against_the_recipients_public_key():
+    message = initiation(5, PROVIDER_KEY)
+    assert wgmsg.mac1_valid(message, wgmsg.mac1_key(PROVIDER_KEY))
+    assert not wgmsg.mac1_valid(message, wgmsg.mac1_key(BUYER_KEY))
+    assert wgmsg.mac1_valid(data(3), wgmsg.mac1_key(BUYER_KEY))  # no mac1 on transport
+
+
+def _pair() -> pairs.Pair:
+    return pairs.Pair(pairs.Allocation("p", 40000, 40001, BUYER_KEY, PROVIDER_KEY))
+
+
+def _handshake(pair, *, buyer_at=BUYER_AT, provider_at=PROVIDER_AT, index=11):
+    """The provider's keepalive-driven initiation first (dropped: nobody to send it to), then
+    the buyer's initiation and the provider's response."""
+    pair.receive(pairs.PROVIDER, provider_at, initiation(99, BUYER_KEY), 0.0)
+    to, _ = pair.receive(pairs.BUYER, buyer_at, initiation(index, PROVIDER_KEY), 0.1)
+    assert to == provider_at
+    to, _ = pair.receive(pairs.PROVIDER, provider_at, response(12, index, BUYER_KEY), 0.2)
+    assert to == buyer_at
+
+
+def test_a_handshake_through_the_relay_places_both_sides_and_data_flows():
+    pair = _pair()
+    to, changed = pair.receive(pairs.PROVIDER, PROVIDER_AT, initiation(99, BUYER_KEY), 0.0)
+    assert (to, changed) == (None, True)  # the buyer is not known yet: dropped
+    _handshake(pair)
+    assert pair.handshaken
+    assert pair.receive(pairs.BUYER, BUYER_AT, data(12), 1.0) == (PROVIDER_AT, False)
+    assert pair.receive(pairs.PROVIDER, PROVIDER_AT, data(11), 1.0) == (BUYER_AT, False)
+    assert pair.counters.forwarded == {1: 1, 2: 1, 3: 0, 4: 2}
+
+
+def test_garbage_and_wrong_mac1_are_dropped():
+    pair = _pair()
+    _handshake(pair)
+    dropped = pair.counters.dropped
+    # An initiation made for the buyer's key arriving on the buyer's port is not for the
+    # provider: a stranger's guess, dropped.
+    assert pair.receive(pairs.BUYER, ATTACKER_AT, initiation(7, BUYER_KEY), 1.0) == (None, False)
+    assert pair.receive(pairs.BUYER, BUYER_AT, b"plain text", 1.0) == (None, False)
+    assert pair.counters.dropped == dropped + 2
+
+
+def test_data_from_a_new_source_is_dropped_and_moves_nothing():
+    pair = _pair()
+    _handshake(pair)
+    assert pair.receive(pairs.BUYER, ATTACKER_AT, data(12), 1.0) == (None, False)
+    assert pair.sides[pairs.BUYER].address == BUYER_AT
+
+
+def test_an_initiation_from_a_new_source_moves_the_side_only_when_answered():
+    pair = _pair()
+    _handshake(pair)
+    # A stranger (or a replay) sends an initiation: forwarded (the provider will refuse it) but
+    # the buyer stays where it handshook; the provider answers nothing that names its index.
+    to, changed = pair.receive(pairs.BUYER, ATTACKER_AT, initiation(50, PROVIDER_KEY), 1.0)
+    assert (to, changed) == (PROVIDER_AT, False)
+    assert pair.sides[pairs.BUYER].address == BUYER_AT
+    # A response that names an index nobody initiated with, from elsewhere: dropped.
+    assert pair.receive(pairs.PROVIDER, ATTACKER_AT, response(1, 77, BUYER_KEY), 1.0) == (
+        None,
+        False,
+    )
+    # The buyer's NAT rebinds: its next handshake from the new port is answered, and the buyer
+    # is there from then on (before the response is forwarded, so the response reaches it).
+    moved = ("198.51.100.7", 60000)
+    pair.receive(pairs.BUYER, moved, initiation(51, PROVIDER_KEY), 2.0)
+    to, changed = pair.receive(pairs.PROVIDER, PROVIDER_AT, response(13, 51, BUYER_KEY), 2.1)
+    assert (to, changed) == (moved, True)
+    assert pair.sides[pairs.BUYER].address == moved
+    assert pair.counters.moved == 1
+
+
+def test_unanswered_initiations_are_forgotten():
+    pair = _pair()
+    _handshake(pair)
+    for index in range(100):
+        pair.receive(pairs.BUYER, ATTACKER_AT, initiation(1000 + index, PROVIDER_KEY), 3.0)
+    assert len(pair.sides[pairs.BUYER].pending) == pairs.PENDING_MAX
+    # Too old to be answered: a late response does not move the buyer.
+    _, changed = pair.receive(pairs.PROVIDER, PROVIDER_AT, response(14, 1099, BUYER_KEY), 63.0)
+    assert pair.sides[pairs.BUYER].address == BUYER_AT
+    assert not changed
+
+
+def test_an_allocation_is_checked():
+    with pytest.raises(ValueError):
+        pairs.Allocation.from_dict(
+            {"id": 1, "buyer_port": 40000, "provider_port": 40000, "buyer_key": BUYER_KEY,
+             "provider_key": PROVIDER_KEY}
+        )  # fmt: skip
+    with pytest.raises(ValueError):
+        pairs.Allocation.from_dict(
+            {"id": 1, "buyer_port": 40000, "provider_port": 40001, "buyer_key": "short",
+             "provider_key": PROVIDER_KEY}
+        )  # fmt: skip
+
+
+def test_the_fast_path_forwards_exactly_the_known_endpoints():
+    route = fastpath.Route(7, 40000, 40001, BUYER_AT, PROVIDER_AT)
+    text = fastpath.ruleset("192.0.2.30", (40000, 40999), [route])
+    assert "ip saddr 198.51.100.7 udp sport 51821 udp dport 40000 ct zone set 7 accept" in text
+    assert "dnat to 203.0.113.9:51820" in text and "snat to 192.0.2.30:40001" in text
+    assert "dnat to 198.51.100.7:51821" in text and "snat to 192.0.2.30:40000" in text
+    # Everything else to the relay's ports stays out of conntrack, so it reaches Python.
+    assert text.index("ct zone set 7 accept") < text.index("    notrack")
+    # No route: no dnat at all, and the host forwards nothing.
+    empty = fastpath.ruleset("192.0.2.30", (40000, 40999), [])
+    assert "dnat to" not in empty and "policy drop" in empty
