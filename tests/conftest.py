@@ -169,18 +169,40 @@ def _isolated_state_dir(settings, tmp_path_factory):
     settings.MOLT_STATE_DIR = tmp_path_factory.getbasetemp() / "gateway-state"
 
 
+# `make test` runs the CPU-bound tiers on both cores with pytest-xdist (scripts/run_tests.py).
+# Each worker has a test database of its own (pytest-django names them per worker); what the
+# workers would otherwise share in Redis is split here: the cache's db (cache.clear() flushes a
+# whole db) and the channel layer's prefix (groups are named by row ids, which both workers'
+# databases hand out from 1).
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKER_INDEX = int(XDIST_WORKER.removeprefix("gw") or 0)
+if WORKER_INDEX > 3:
+    raise RuntimeError(f"{XDIST_WORKER}: at most 4 xdist workers (test cache: Redis dbs 6-9)")
+CACHE_REDIS_DB = 9 - WORKER_INDEX
+
+
+def pytest_configure(config):
+    if XDIST_WORKER:
+        from django.conf import settings
+
+        layer = settings.CHANNEL_LAYERS["default"]
+        if "CONFIG" in layer:
+            layer["CONFIG"]["prefix"] = f"{layer['CONFIG'].get('prefix', 'molt')}-{XDIST_WORKER}"
+
+
 @pytest.fixture(autouse=True)
 def _own_cache_keys():
     """Each test gets cache keys of its own, on a Redis db that neither `make run` (db 0) nor the
     integration gateways (dbs 10-14) use: rate-limit counters never leak between tests. The
-    cache is only reached by tests that use it (the db tier and up have Redis)."""
+    cache is only reached by tests that use it (the db tier and up have Redis). An xdist worker
+    has a db of its own (CACHE_REDIS_DB: 9, 8, ...)."""
     import uuid
 
     from django.test import override_settings
 
     cache = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
-        "LOCATION": "redis://127.0.0.1:6379/9",
+        "LOCATION": f"redis://127.0.0.1:6379/{CACHE_REDIS_DB}",
         "KEY_PREFIX": f"test-{uuid.uuid4().hex}",
     }
     with override_settings(CACHES={"default": cache}):
