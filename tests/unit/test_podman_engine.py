@@ -109,3 +109,54 @@ def test_a_missing_subuid_entry_is_named_as_the_providers_to_fix(tmp_path: Path)
 
     assert "No subuid ranges found" in str(raised.value)
     assert "need a 'containers' entry" in str(raised.value)
+
+
+def flaky_rm_podman(tmp_path: Path, failures: int, stderr: str) -> Path:
+    """A podman whose first `failures` `rm` calls fail with `stderr`; every call is counted."""
+    script = tmp_path / "podman"
+    count = tmp_path / "rm-count"
+    script.write_text(
+        "#!/usr/bin/env python3\n"
+        "import pathlib, sys\n"
+        "if 'rm' in sys.argv:\n"
+        f"    count = pathlib.Path({str(count)!r})\n"
+        "    n = int(count.read_text()) if count.exists() else 0\n"
+        "    count.write_text(str(n + 1))\n"
+        f"    if n < {failures}:\n"
+        f"        sys.stderr.write({stderr!r})\n"
+        "        sys.exit(125)\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
+BUSY = (
+    "Error: removing container 8bd2117158 root filesystem: 1 error occurred:\n"
+    "\t* unlinkat /var/lib/containers/storage/overlay/ab12/merged: device or resource busy\n"
+)
+
+
+def test_a_busy_root_filesystem_on_remove_is_retried(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("clawnode.sandbox.podman._REMOVE_RETRY_SECONDS", 0)
+    engine = PodmanEngine(podman=str(flaky_rm_podman(tmp_path, 2, BUSY)), workdir=tmp_path)
+    engine.remove("molt-order-1")
+    assert (tmp_path / "rm-count").read_text() == "3"
+
+
+def test_a_remove_that_stays_busy_names_the_cause(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("clawnode.sandbox.podman._REMOVE_RETRY_SECONDS", 0)
+    engine = PodmanEngine(podman=str(flaky_rm_podman(tmp_path, 99, BUSY)), workdir=tmp_path)
+    with pytest.raises(EngineError) as raised:
+        engine.remove("molt-order-1")
+    assert "device or resource busy" in str(raised.value)
+    assert (tmp_path / "rm-count").read_text() == "4"
+
+
+def test_any_other_remove_error_is_not_retried(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("clawnode.sandbox.podman._REMOVE_RETRY_SECONDS", 0)
+    engine = PodmanEngine(
+        podman=str(flaky_rm_podman(tmp_path, 99, "Error: permission denied\n")), workdir=tmp_path
+    )
+    with pytest.raises(EngineError, match="permission denied"):
+        engine.remove("molt-order-1")
+    assert (tmp_path / "rm-count").read_text() == "1"

@@ -30,6 +30,7 @@ import os
 import re
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -71,12 +72,32 @@ _BLOB = re.compile(r"Copying blob (\S+)")
 
 def _detail(stderr: str) -> str:
     """podman's own words, trimmed to what a buyer may read: its last error line, no argv (which
-    carries the environment) and no stack of warnings before it."""
+    carries the environment) and no stack of warnings before it. An error that ends "N error(s)
+    occurred:" lists the causes on the lines after it ("* unlinkat ...: device or resource
+    busy"); they are kept, or the message names no cause."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.lower().startswith("error")]
-    text = (errors or lines or ["no message"])[-1]
+    starts = [i for i, line in enumerate(lines) if line.lower().startswith("error")]
+    if not starts:
+        text = (lines or ["no message"])[-1]
+    else:
+        first = starts[-1]
+        causes = []
+        for line in lines[first + 1 :]:
+            if not line.startswith("*"):
+                break
+            causes.append(line)
+        text = " ".join([lines[first], *causes])
     text = re.sub(r"^error:\s*", "", text, flags=re.IGNORECASE)
     return text[:_MAX_DETAIL]
+
+
+# `podman rm -f` stops the container, then removes its overlay. While the kernel is still
+# tearing down the stopped container's mounts, that removal fails ("removing container ... root
+# filesystem: 1 error occurred", seen twice in one CI run on a loaded machine) and a later try
+# succeeds. A few tries a second apart before the error reaches the caller.
+_REMOVE_TRIES = 4
+_REMOVE_RETRY_SECONDS = 1.0
+_TRANSIENT_REMOVE = ("root filesystem", "resource busy")
 
 
 class PodmanEngine:
@@ -324,7 +345,15 @@ class PodmanEngine:
     def remove(self, name: str) -> None:
         # -f stops it first, -v takes its anonymous volumes, --ignore makes a missing one fine;
         # the writable layer goes with the container itself.
-        self._run("rm", "-f", "-v", "--ignore", "--time", "2", name)
+        for attempt in range(1, _REMOVE_TRIES + 1):
+            try:
+                self._run("rm", "-f", "-v", "--ignore", "--time", "2", name)
+                break
+            except EngineError as exc:
+                transient = any(words in str(exc) for words in _TRANSIENT_REMOVE)
+                if not transient or attempt == _REMOVE_TRIES:
+                    raise
+                time.sleep(_REMOVE_RETRY_SECONDS)
         with contextlib.suppress(OSError):
             (self._resolv_dir / f"{name}.conf").unlink(missing_ok=True)
 
