@@ -253,8 +253,12 @@ Options:
                      -- --endpoint 203.0.113.7:51820 --interface molt0
                      -- --simulated-gpus "RTX 4090:2"   (a demo machine without NVIDIA GPUs)
 
+It also gives podman's "containers" user subordinate ids for job sandboxes' user namespaces
+(containers:2147483647:2147483648 in /etc/subuid and /etc/subgid), where there is no containers
+entry yet; a range that overlaps another entry there is refused, and nothing is written.
+
 Running it again is safe: an enrolled machine stays enrolled (clawnode join says so), the
-package is reinstalled and the service restarted.
+containers entries are kept, the package is reinstalled and the service restarted.
 USAGE
 }
 
