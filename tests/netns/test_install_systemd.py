@@ -16,7 +16,11 @@ cached in /var/cache/molt-apt) into a flat repository bound into the container; 
 container's overlay apt knows only that repository and both packages are removed, so the
 script's apt-get update and apt-get install must put them back. This machine's dpkg state and
 apt sources are checked unchanged after. clawnode's Python dependencies come from the local
-wheelhouse."""
+wheelhouse.
+
+Step 1 gives podman's containers user subordinate ids: the container's /etc/subuid and
+/etc/subgid lose this machine's containers entry first (as on a fresh machine), and must have
+exactly one each after; this machine's files are checked unchanged."""
 
 from __future__ import annotations
 
@@ -218,6 +222,17 @@ def host_apt_state() -> dict[str, str]:
     return state
 
 
+SUBIDS = "containers:2147483647:2147483648"
+
+
+def subid_files() -> dict[str, str | None]:
+    """This machine's /etc/subuid and /etc/subgid, which the container must not change."""
+    return {
+        path: Path(path).read_text() if Path(path).exists() else None
+        for path in ("/etc/subuid", "/etc/subgid")
+    }
+
+
 def kernel_has_wireguard(ns: str) -> bool:
     """As the script probes it: the container shares this machine's kernel."""
     added = subprocess.run(["ip", "-n", ns, "link", "add", "molt-wgprobe", "type", "wireguard"],
@@ -252,8 +267,12 @@ def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
             marker = f"/etc/molt-container-{os.getpid()}"
             container.sh(f"touch {marker}", check=True)
             assert not Path(marker).exists(), "the container writes to this machine's /etc"
+            host_subids = subid_files()
             prepare = container.sh(
                 "set -e\n"
+                # A fresh machine's: no containers entry (this machine's comes from .ci/run).
+                "touch /etc/subuid /etc/subgid\n"
+                "sed -i /^containers:/d /etc/subuid /etc/subgid\n"
                 "rm -f /etc/apt/sources.list.d/*\n"
                 f"echo 'deb [trusted=yes] file:{apt_repo} ./' >/etc/apt/sources.list\n"
                 f"dpkg -r --force-depends {' '.join(APT_PACKAGES)}\n"
@@ -261,6 +280,7 @@ def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
             )
             assert prepare.returncode == 0, prepare.stdout + prepare.stderr
             assert host_apt_state() == host_before
+            assert subid_files() == host_subids
 
             token = create_enrollment_token(provider).token
             result = container.sh(
@@ -287,6 +307,12 @@ def test_the_install_line_installs_packages_enables_and_starts_the_systemd_unit(
             # The reinstalled wg works: it makes keys.
             keys = container.sh("wg genkey | wg pubkey")
             assert keys.returncode == 0 and len(keys.stdout.strip()) == 44, keys
+            # Podman's --userns=auto for sandboxes has its ids: one entry in each file.
+            for ids in ("/etc/subuid", "/etc/subgid"):
+                assert f"  {ids}: added {SUBIDS}" in output, output
+                entries = container.sh(f"grep ^containers: {ids}").stdout.splitlines()
+                assert entries == [SUBIDS], (ids, entries)
+            assert subid_files() == host_subids
             step6 = ("6", "installing and starting clawnode.service")
             assert steps[-1] == step6
             assert "  /etc/systemd/system/clawnode.service: active" in output

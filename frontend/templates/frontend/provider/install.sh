@@ -102,6 +102,11 @@ main() {
             fi
             ;;
     esac
+    # Podman gives each sandbox a user namespace from the "containers" subordinate ids
+    # (--userns=auto); without them the first sandbox fails with "No subuid ranges found". The
+    # agent's engine is chosen later (clawnode run --sandbox-engine), and the entry only
+    # reserves ids nobody else has, so it is set up whatever the engine will be.
+    add_container_subids /etc/subuid /etc/subgid
 
     # -- 2 ------------------------------------------------------------------------------------
     if [ "$SKIP_APT" = 1 ]; then
@@ -248,8 +253,12 @@ Options:
                      -- --endpoint 203.0.113.7:51820 --interface molt0
                      -- --simulated-gpus "RTX 4090:2"   (a demo machine without NVIDIA GPUs)
 
+It also gives podman's "containers" user subordinate ids for job sandboxes' user namespaces
+(containers:2147483647:2147483648 in /etc/subuid and /etc/subgid), where there is no containers
+entry yet; a range that overlaps another entry there is refused, and nothing is written.
+
 Running it again is safe: an enrolled machine stays enrolled (clawnode join says so), the
-package is reinstalled and the service restarted.
+containers entries are kept, the package is reinstalled and the service restarted.
 USAGE
 }
 
@@ -289,6 +298,52 @@ kernel_has_wireguard() {
         return 0
     fi
     return 1
+}
+
+# add_container_subids SUBUID_FILE SUBGID_FILE: give the "containers" user subordinate ids in
+# both files, only in a file that has no "containers" entry yet (the provider's own choice, or
+# this script's on an earlier run, is kept). Before writing anything the range is checked
+# against every other entry of both files: an overlap would let a sandbox's root share ids with
+# whoever owns that range, so it is refused, and nothing is written.
+add_container_subids() {
+    # The range .ci/run sets, the usual one for --userns=auto: the upper half of the 32-bit id
+    # space, clear of the ids useradd hands out (100000 up), ending just below 4294967295, which
+    # means "no id".
+    subids_start=2147483647
+    subids_count=2147483648
+    range="containers:$subids_start:$subids_count"
+    subids_missing=0
+    for ids in "$@"; do
+        has_containers_entry "$ids" || subids_missing=1
+    done
+    if [ "$subids_missing" = 0 ]; then
+        say "  $1 and $2 have a containers entry (sandbox user namespaces)"
+        return 0
+    fi
+    for ids in "$@"; do
+        [ -e "$ids" ] || continue
+        [ -r "$ids" ] || die "cannot read $ids"
+        overlap=$(awk -F: -v start="$subids_start" -v count="$subids_count" '
+            $1 != "containers" && $2 ~ /^[0-9]+$/ && $3 ~ /^[0-9]+$/ \
+                && $2 + 0 < start + count && start + 0 < $2 + $3 { print; exit }' "$ids") \
+            || die "cannot read $ids"
+        [ -z "$overlap" ] \
+            || die "$ids has $overlap, which overlaps $range, the ids this script gives sandbox user namespaces; nothing was written. Add a containers entry with a free range to both /etc/subuid and /etc/subgid yourself (containers:START:COUNT, COUNT a multiple of 65536) and run this again"
+    done
+    for ids in "$@"; do
+        ! has_containers_entry "$ids" || continue
+        # Appended as a line of its own, even to a file whose last line has no newline.
+        if [ -s "$ids" ] && [ -n "$(tail -c 1 "$ids")" ]; then
+            printf '\n' >>"$ids" || die "cannot write $ids"
+        fi
+        [ -e "$ids" ] || { : >"$ids" && chmod 644 "$ids"; } || die "cannot create $ids"
+        printf '%s\n' "$range" >>"$ids" || die "cannot write $ids"
+        say "  $ids: added $range (sandbox user namespaces)"
+    done
+}
+
+has_containers_entry() {
+    grep -q '^containers:' "$1" 2>/dev/null
 }
 
 pip_install() {
