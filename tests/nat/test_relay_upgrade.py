@@ -106,6 +106,8 @@ def test_a_relayed_tunnel_moves_direct_where_the_buyers_nat_lets_the_node_in(
                 ),
                 HANDSHAKE_DEADLINE_S,
             ), f"no handshake through the relay: {the_relay.pair_status('up')}"
+            # The relay's status file follows its poll (0.1 s here).
+            assert relayed.wait_for(lambda: the_relay.pair_status("up")["buyer"], 2)
             pair = the_relay.pair_status("up")
             mapping = pair["buyer"]  # where the relay (and a hub) sees the buyer
             assert mapping.startswith(buyer_host.public_ip + ":"), pair
@@ -122,7 +124,8 @@ def test_a_relayed_tunnel_moves_direct_where_the_buyers_nat_lets_the_node_in(
             assert applied["results"] == {buyer.public: "ok"}, applied
             moved_at = time.monotonic()
             # The tenant's traffic: the node's packets now go to the buyer's mapping. (The
-            # node's keepalive would not do: the buyer's packets keep pushing its timer out.)
+            # node's 25 s keepalive would not do here: the buyer's packets, every second,
+            # restart its timer.)
             ping = lab.popen(
                 node_host.ns,
                 ["ping", "-c", "10", "-i", "0.2", "-W", "1", tunnel.BUYER_TUNNEL],
