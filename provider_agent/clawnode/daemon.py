@@ -119,6 +119,12 @@ class Agent(PeerRetirement):
         # The interface's peers as the agent believes them to be; None: read the device first.
         self._view: dict[str, PeerStatus] | None = None
         self._desired: wire.DesiredState | None = None  # the last one applied
+        # The endpoints the last applied desired state named (reconcile.named_endpoints): a
+        # live peer's endpoint moves despite its handshake only while it is still the one the
+        # gateway named (a relayed path upgrading to direct, docs/nat.md). Kept across
+        # reconnects, unlike _desired: what the agent applied is still what the device was
+        # told. Not kept across a restart: the agent then never moves a live endpoint.
+        self._named_endpoints: dict[str, str] = {}
         self._drift_reported = ""
         # Set when a peer was retired: _removals reads its final counters and removes it.
         self._removals_due = asyncio.Event()
@@ -346,14 +352,17 @@ class Agent(PeerRetirement):
             await self._set_firewall(tuple(sorted(set(old_rules) | set(new_rules))))
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-            actions = reconcile.plan(desired, self._view, now=int(time.time()))
+            named = self._named_endpoints
+            actions = reconcile.plan(desired, self._view, now=int(time.time()), previous=named)
             if any(isinstance(a, reconcile.Update) and "endpoint" in a.changed for a in actions):
                 # Moving an endpoint depends on the peer's latest handshake (never one of the
-                # last 180 s): the view's may be a sample old, so read the device (rare: a
-                # buyer's mapping changed, docs/nat.md) and plan again.
+                # last 180 s, unless the endpoint is still the one named last) and on where
+                # WireGuard roamed it: the view's may be a sample old, so read the device (rare:
+                # a buyer's mapping changed, an upgrade, docs/nat.md) and plan again.
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-                actions = reconcile.plan(desired, self._view, now=int(time.time()))
+                actions = reconcile.plan(desired, self._view, now=int(time.time()), previous=named)
             results = await self._apply(desired, actions)
+            self._named_endpoints = reconcile.named_endpoints(desired)
             # A peer cut off carries no allowed IPs: its pair can go now.
             await self._set_firewall(new_rules)
             if self._view is None:  # a change was refused: where the device is now is unknown

@@ -40,6 +40,7 @@ __all__ = [
     "apply",
     "is_retired",
     "leaving",
+    "named_endpoints",
     "plan",
     "retired",
     "update_view",
@@ -152,14 +153,38 @@ def _has_recent_handshake(status: PeerStatus, now: int | None) -> bool:
     )
 
 
+def named_endpoints(desired: DesiredState) -> dict[str, str]:
+    """The endpoint ``desired`` names for each peer that has one, by public key: what the
+    caller keeps of the state it applied, to pass to the next ``plan`` as ``previous``."""
+    return {spec.public_key: spec.endpoint for spec in desired.peers if spec.endpoint}
+
+
+def _still_named(previous: Mapping[str, str] | None, status: PeerStatus) -> bool:
+    """Whether the peer's endpoint is still the one the previous desired state named (compared
+    by value, as _endpoint_differs does), not one WireGuard roamed to since."""
+    named = previous.get(status.public_key, "") if previous else ""
+    return bool(named and status.endpoint) and not _endpoint_differs(named, status.endpoint)
+
+
 def plan(
-    desired: DesiredState, actual: Mapping[str, PeerStatus], now: int | None = None
+    desired: DesiredState,
+    actual: Mapping[str, PeerStatus],
+    now: int | None = None,
+    previous: Mapping[str, str] | None = None,
 ) -> list[Action]:
     """Per-peer actions that turn ``actual`` into ``desired``.
 
     ``now`` (Unix seconds; the caller's clock, so the plan stays pure): an endpoint change for
     a peer whose latest handshake is less than RECENT_HANDSHAKE_SECONDS old is left out (its
     other changes still apply); without ``now`` every endpoint change is planned.
+
+    ``previous`` (``named_endpoints`` of the desired state applied before this one; None or
+    empty after a restart): the one exception. A peer whose endpoint is still the one the
+    gateway named last has not roamed: the live session runs where the gateway sent it, so
+    the gateway's new choice replaces it despite the handshake. That is how a relayed path
+    moves to the buyer's mapping when an upgrade starts, and back to the relay when it is
+    given up (docs/nat.md, "Upgrading a relayed path"). An endpoint WireGuard roamed to is
+    kept, as is every endpoint when there is no previous state to tell the two apart.
 
     Order: retirements, then updates, then additions, each sorted by public key. Retirements go
     first so allowed networks a leaving peer held are free before another peer claims them. A
@@ -188,7 +213,11 @@ def plan(
             continue
         changed = _changes(spec, status)
         endpoint = spec.endpoint
-        if "endpoint" in changed and _has_recent_handshake(status, now):
+        if (
+            "endpoint" in changed
+            and _has_recent_handshake(status, now)
+            and not _still_named(previous, status)
+        ):
             # set_peer with no endpoint keeps the one the peer has.
             changed = tuple(c for c in changed if c != "endpoint")
             endpoint = ""

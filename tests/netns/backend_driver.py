@@ -96,12 +96,23 @@ def _serve(kind: str) -> None:
             return backend.pid
         if method == "kernel_wireguard_available":
             return list(kernel_wireguard_available())
-        if method == "reconcile":
+        if method in ("plan", "reconcile"):
             desired = DesiredState.from_dict(args["desired"])
-            # The daemon's clock, as the daemon passes it (no endpoint moved on a live session).
-            actions = reconcile.plan(desired, backend.list_peers(), now=int(time.time()))
+            # The daemon's clock and the endpoints of the state it applied before, as the daemon
+            # passes them (no endpoint moved on a live session unless it is still the one named).
+            actions = reconcile.plan(
+                desired, backend.list_peers(), now=int(time.time()), previous=args.get("previous")
+            )
+            names = [type(a).__name__ for a in actions]
+            if method == "plan":  # what the agent would do, and which endpoints it would move
+                moved = {
+                    a.public_key: a.endpoint
+                    for a in actions
+                    if isinstance(a, reconcile.Update) and "endpoint" in a.changed
+                }
+                return {"actions": names, "moved": moved}
             results = reconcile.apply(backend, actions)
-            return {"actions": [type(a).__name__ for a in actions], "results": results}
+            return {"actions": names, "results": results}
         if method == "connectivity":
             # The agent's check of its path to the hub (clawnode.connectivity), on this backend.
             from clawnode import connectivity

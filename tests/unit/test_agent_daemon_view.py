@@ -113,25 +113,38 @@ class Node:
             say=lambda line: None,
         )
 
-    def envelope(self, peers: dict[str, str]) -> dict[str, Any]:
-        """Desired state {key: allowed network} at the next revision, signed by the gateway."""
+    def envelope(
+        self, peers: dict[str, str], endpoints: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Desired state {key: allowed network} at the next revision, signed by the gateway;
+        a peer in `endpoints` is named there with that endpoint and keepalive 25."""
         self.revision += 1
+        endpoints = endpoints or {}
         desired = wire.DesiredState(
             node_id=self.identity.node_id,
             revision=self.revision,
             peers=tuple(
-                wire.PeerSpec(key, (network,), "job", f"order-{i}")
+                wire.PeerSpec(
+                    key,
+                    (network,),
+                    "job",
+                    f"order-{i}",
+                    endpoint=endpoints.get(key, ""),
+                    persistent_keepalive=25 if key in endpoints else 0,
+                )
                 for i, (key, network) in enumerate(peers.items())
             ),
             issued_at=int(time.time()),
         )
         return wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), GATEWAY)
 
-    def desire(self, peers: dict[str, str]) -> dict[str, Any]:
+    def desire(
+        self, peers: dict[str, str], endpoints: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """Send a desired state on the current connection; return the agent's ack. Peers it
         retired are then removed, as the session's removals task would (finish_removals)."""
         acks = len(self.ws.of("ack"))
-        asyncio.run(self.agent._apply_desired(self.ws, self.envelope(peers)))
+        asyncio.run(self.agent._apply_desired(self.ws, self.envelope(peers, endpoints)))
         assert len(self.ws.of("ack")) == acks + 1, self.ws.sent[-1]
         ack = self.ws.bodies("ack")[-1]
         self.finish_removals()
@@ -143,9 +156,12 @@ class Node:
         self.agent._removals_due.clear()
         asyncio.run(self.agent._finish_removals(self.ws))
 
-    def reconnect(self, peers: dict[str, str]) -> dict[str, Any]:
+    def reconnect(
+        self, peers: dict[str, str], endpoints: dict[str, str] | None = None
+    ) -> dict[str, Any]:
         """A new connection: challenge, the agent's auth, the full desired state, closed."""
-        self.ws = Connection([{"type": "desired_state", "envelope": self.envelope(peers)}])
+        envelope = self.envelope(peers, endpoints)
+        self.ws = Connection([{"type": "desired_state", "envelope": envelope}])
         self.ws.on_send = self.check_epochs_durable
         asyncio.run(self.agent._session(self.ws, asyncio.Event()))
         assert [frame["type"] for frame in self.ws.sent[:1]] == ["auth"]
@@ -390,6 +406,55 @@ def test_a_roamed_endpoint_alone_is_not_reset_by_the_sample(tmp_path):
 
     assert len([call for call in node.backend.calls if call[0] == "set_peer"]) == changes
     assert node.ws.of("report") == []
+
+
+RELAY = "192.0.2.40:52001"  # the relay's provider port for the pair
+BUYER = "198.51.100.7:40000"  # the buyer's mapping, as the hub saw it
+ELSEWHERE = "203.0.113.9:45000"  # where WireGuard roamed a peer on its own
+
+
+def endpoints(node: Node) -> dict[str, str]:
+    return {key: peer.endpoint for key, peer in node.backend.peers.items()}
+
+
+def test_a_live_relayed_peer_follows_the_gateway_to_the_buyer_and_back(tmp_path):
+    # docs/nat.md, "Upgrading a relayed path": both tunnels are live (a handshake a second
+    # ago). a's endpoint is the one the agent was told, so each new choice of the gateway's is
+    # applied: the upgrade's start, then its give-up, after a reconnect too. b's was roamed by
+    # WireGuard (the buyer's packets came from elsewhere): it stays.
+    node = Node(tmp_path)
+    a, b = wg_key(), wg_key()
+    peers = {a: "10.64.0.9/32", b: "10.64.0.10/32"}
+    node.desire(peers, {a: RELAY, b: RELAY})
+    node.backend.set_peer(b, ["10.64.0.10/32"], endpoint=ELSEWHERE, keepalive=25)  # roamed
+    for key in peers:
+        node.backend.add_traffic(key, 100, 100, handshake_at=int(time.time()) - 1)
+
+    assert results(node.desire(peers, {a: BUYER, b: BUYER})) == {a: True}
+    assert endpoints(node) == {a: BUYER, b: ELSEWHERE}
+
+    assert results(node.reconnect(peers, {a: RELAY, b: RELAY})) == {a: True}
+    assert endpoints(node) == {a: RELAY, b: ELSEWHERE}
+
+
+def test_a_restarted_agent_moves_a_live_endpoint_only_once_it_named_it_itself(tmp_path):
+    # After a restart the agent cannot tell the relay it was told from an endpoint WireGuard
+    # roamed to: the upgrade's state leaves the peer on the relay (the gateway gives it up).
+    node = Node(tmp_path)
+    a = wg_key()
+    peers = {a: "10.64.0.9/32"}
+    node.desire(peers, {a: RELAY})
+    node.backend.add_traffic(a, 100, 100, handshake_at=int(time.time()) - 1)
+    restarted = Node(tmp_path, backend=node.backend)
+    restarted.revision = node.revision
+
+    restarted.desire(peers, {a: BUYER})
+    assert endpoints(restarted) == {a: RELAY}
+
+    # The give-up names the relay again; a later upgrade then moves the peer.
+    restarted.desire(peers, {a: RELAY})
+    restarted.desire(peers, {a: BUYER})
+    assert endpoints(restarted) == {a: BUYER}
 
 
 def test_epochs_only_grow_and_removed_peers_are_forgotten(tmp_path):

@@ -6,7 +6,17 @@ import pytest
 from clawnode.backends.base import PeerStatus
 from clawnode.backends.memory import FakeBackend
 from clawnode.keys import encode_key, generate_wireguard_keypair
-from clawnode.reconcile import Add, Remove, Retire, Update, apply, leaving, plan, retired
+from clawnode.reconcile import (
+    Add,
+    Remove,
+    Retire,
+    Update,
+    apply,
+    leaving,
+    named_endpoints,
+    plan,
+    retired,
+)
 from clawnode.wire import DesiredState, PeerSpec
 
 pytestmark = [pytest.mark.unit]
@@ -306,3 +316,89 @@ def test_a_new_peer_gets_the_buyers_mapping_at_once():
     assert plan(want, backend.list_peers(), now=NOW) == [
         Add(A, ("10.100.128.9/32",), endpoint=BUYER_NEW, keepalive=25)
     ]
+
+
+# -- a relayed path upgrading to direct: the gateway's own previous choice moves (docs/nat.md) ---
+
+RELAY = "192.0.2.40:52001"  # the relay's provider port for this pair
+BUYER = "198.51.100.7:40000"  # the buyer's mapping, as the hub saw it
+ELSEWHERE = "203.0.113.9:45000"  # where WireGuard roamed a peer on its own
+
+
+def live_peers(endpoints: dict[str, str]) -> FakeBackend:
+    """Job peers at these endpoints, each with a handshake 1 s ago (a live tunnel)."""
+    backend = fake_with(*(status(k, f"10.100.128.{i + 1}/32") for i, k in enumerate(endpoints)))
+    for i, (k, endpoint) in enumerate(endpoints.items()):
+        backend.set_peer(k, (f"10.100.128.{i + 1}/32",), endpoint=endpoint, keepalive=25)
+        backend.add_traffic(k, 100, 100, handshake_at=NOW - 1)
+    return backend
+
+
+def naming(endpoints: dict[str, str]) -> DesiredState:
+    return desired(
+        *(
+            spec(k, f"10.100.128.{i + 1}/32", endpoint=endpoint, keepalive=25)
+            for i, (k, endpoint) in enumerate(endpoints.items())
+        )
+    )
+
+
+def moves(actions: list[object]) -> dict[str, str]:
+    return {a.public_key: a.endpoint for a in actions if "endpoint" in a.changed}
+
+
+def test_an_upgrade_moves_a_live_peer_off_the_relay_the_gateway_named_but_not_a_roamed_one():
+    # A sends to the relay the last state named; B's endpoint is not the one named for it:
+    # WireGuard roamed it there from the buyer's packets, and that session is kept.
+    backend = live_peers({A: RELAY, B: ELSEWHERE})
+    before = naming({A: RELAY, B: RELAY})
+    upgrade = naming({A: BUYER, B: BUYER})
+
+    actions = plan(upgrade, backend.list_peers(), now=NOW, previous=named_endpoints(before))
+
+    assert actions == [Update(A, ("10.100.128.1/32",), BUYER, 25, ("endpoint",))]
+    assert apply(backend, actions) == {A: "ok"}
+    assert {k: p.endpoint for k, p in backend.list_peers().items()} == {A: BUYER, B: ELSEWHERE}
+
+
+def test_an_endpoint_is_compared_with_the_one_named_by_value():
+    backend = live_peers({A: "[2001:db8::40]:52001"})
+
+    actions = plan(
+        naming({A: BUYER}), backend.list_peers(), now=NOW, previous={A: "[2001:db8:0::40]:52001"}
+    )
+
+    assert moves(actions) == {A: BUYER}
+
+
+def test_a_given_up_upgrade_moves_back_to_the_relay_unless_wireguard_roamed_there_already():
+    # A still sends to the buyer's mapping the upgrade named (the buyer's client did not roam,
+    # and nothing came from the relay's side yet); B was roamed back by the buyer's packets
+    # through the relay: nothing to do for it.
+    backend = live_peers({A: BUYER, B: RELAY})
+    upgrade = naming({A: BUYER, B: BUYER})
+    given_up = naming({A: RELAY, B: RELAY})
+
+    actions = plan(given_up, backend.list_peers(), now=NOW, previous=named_endpoints(upgrade))
+
+    assert actions == [Update(A, ("10.100.128.1/32",), RELAY, 25, ("endpoint",))]
+    assert apply(backend, actions) == {A: "ok"}
+    assert plan(given_up, backend.list_peers(), now=NOW, previous=named_endpoints(given_up)) == []
+
+
+@pytest.mark.parametrize("previous", [None, {}], ids=["none", "empty"])
+def test_with_no_previous_state_a_live_endpoint_is_never_overwritten(previous):
+    # A restarted agent cannot tell the relay it was told from an endpoint WireGuard roamed to:
+    # the old rule holds (the upgrade is given up, safely). The same peer with the state it
+    # applied before does move.
+    backend = live_peers({A: RELAY})
+    upgrade = naming({A: BUYER})
+
+    assert moves(plan(upgrade, backend.list_peers(), now=NOW, previous=previous)) == {}
+    assert moves(plan(upgrade, backend.list_peers(), now=NOW, previous={A: RELAY})) == {A: BUYER}
+
+
+def test_named_endpoints_are_those_the_state_names():
+    state = desired(spec(A, "10.100.128.1/32", endpoint=RELAY), spec(B, "10.100.128.2/32"))
+
+    assert named_endpoints(state) == {A: RELAY}
