@@ -166,6 +166,24 @@ def test_a_dispute_reason_is_at_most_2000_characters_and_kept_trimmed(funded_buy
     assert order.transitions.last().reason == "disputed by the buyer"
 
 
+def test_a_dispute_reason_that_hides_characters_is_refused_naming_the_reason(
+    funded_buyer, listing, node
+):
+    # The operator reads the reason to decide a refund: a bidi override could make it say
+    # something else than what the buyer typed. The refusal names the form's field, so the
+    # page can put it beside the reason box.
+    order = settled_order(funded_buyer, listing, node)
+    with pytest.raises(MarketError) as refused:
+        payments.open_dispute(order, funded_buyer, "never \u202estarted")
+    assert refused.value.field == "reason"
+    assert str(refused.value) == (
+        "reason contains an invisible format character (U+202E) that can disguise what it shows"
+    )
+    assert not Dispute.objects.exists()
+    assert Order.objects.get(pk=order.pk).state == order.state
+    assert EarningsHold.objects.get(order=order).state == EarningsHold.State.FROZEN
+
+
 def test_a_dispute_is_refused_at_the_very_second_the_window_closes(funded_buyer, listing, node):
     order = settled_order(funded_buyer, listing, node)
     share = order.earnings_hold
