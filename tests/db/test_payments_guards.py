@@ -327,6 +327,33 @@ def test_a_second_resolution_says_which_order(disputed, make_user):
     assert str(refused.value) == f"the dispute of order {disputed.order_id} was already resolved"
 
 
+def test_a_dispute_and_its_resolution_move_only_their_own_order(
+    funded_buyer, provider, listing, node, make_user
+):
+    # Each order's share is its own money: disputing or resolving one order must leave the
+    # buyer's other orders' shares and disputes as they were (frozen, or still open).
+    first = settled_order(funded_buyer, listing, node)
+    second = settled_order(funded_buyer, listing, node)
+    third = settled_order(funded_buyer, listing, node)
+    dispute = payments.open_dispute(first, funded_buyer, "slow")
+    assert EarningsHold.objects.get(order=second).state == EarningsHold.State.FROZEN
+    other = payments.open_dispute(second, funded_buyer, "broken")
+
+    olga = make_user("olga")
+    payments.resolve_dispute(dispute, refund=0, operator=olga)
+    assert EarningsHold.objects.get(order=second).state == EarningsHold.State.DISPUTED
+    assert EarningsHold.objects.get(order=third).state == EarningsHold.State.FROZEN
+    still = Dispute.objects.get(pk=other.pk)
+    assert (still.state, still.refund, still.resolution) == ("open", None, None)
+
+    resolved = payments.resolve_dispute(other, refund=1, operator=olga)
+    assert (resolved.state, resolved.refund) == ("resolved", 1)
+    share = EarningsHold.objects.get(order=second)
+    assert (share.state, share.resolution) == (EarningsHold.State.RESOLVED, resolved.resolution)
+    assert ledger.frozen_for(provider) == third.settlement.provider_amount
+    assert audit_ledger() == []
+
+
 # --- payouts -------------------------------------------------------------------------------------
 
 
