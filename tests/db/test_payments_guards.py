@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
-from marketplace.errors import AlreadyResolved, MarketError
+from marketplace.errors import AlreadyResolved, InvalidTransition, MarketError
 from marketplace.models import Dispute, EarningsHold, LedgerTransaction, Order, PayoutRequest
 from marketplace.money import MAX_PAYMENT, format_usd
 from tests.db.settled_orders import balances, placed_order, settled_order
@@ -352,6 +352,25 @@ def test_a_dispute_and_its_resolution_move_only_their_own_order(
     assert (share.state, share.resolution) == (EarningsHold.State.RESOLVED, resolved.resolution)
     assert ledger.frozen_for(provider) == third.settlement.provider_amount
     assert audit_ledger() == []
+
+
+def test_a_resolution_of_an_order_no_longer_disputed_moves_nothing_and_says_which(
+    disputed, make_user
+):
+    # Only resolve_dispute moves an order out of `disputed`, in the transaction that closes its
+    # dispute; an open dispute whose order says otherwise (a row edited by hand) must not be
+    # paid out: the refund and the release posted before the order's transition roll back.
+    Order.objects.filter(pk=disputed.order_id).update(state=Order.State.COMPLETED)
+    before = balances()
+    with pytest.raises(InvalidTransition) as refused:
+        payments.resolve_dispute(disputed, refund=1, operator=make_user("olga"))
+    assert str(refused.value) == f"order {disputed.order_id} is no longer disputed"
+    assert balances() == before
+    assert Dispute.objects.get(pk=disputed.pk).state == "open"
+    assert EarningsHold.objects.get(order_id=disputed.order_id).state == (
+        EarningsHold.State.DISPUTED
+    )
+    assert not LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.DISPUTE).exists()
 
 
 # --- payouts -------------------------------------------------------------------------------------
