@@ -312,6 +312,26 @@ def test_a_refund_of_everything_captured_is_allowed_and_one_more_is_not(
     assert ledger.available_for(funded_buyer) == wallet + s.captured
 
 
+def test_a_refund_over_the_capture_is_refused_with_both_amounts_to_the_millionth(
+    funded_buyer, listing, node, make_user
+):
+    # Seven minutes at 2 USD an hour is not a whole number of cents: rounded, the refusal of a
+    # refund one millionth too big would show the operator two equal amounts.
+    order = settled_order(funded_buyer, listing, node, minutes=7)
+    captured = order.settlement.captured
+    assert captured % 10_000 != 0
+    dispute = payments.open_dispute(order, funded_buyer, "slow")
+    before = balances()
+    with pytest.raises(MarketError) as refused:
+        payments.resolve_dispute(dispute, refund=captured + 1, operator=make_user("olga"))
+    assert str(refused.value) == (
+        f"refund {format_usd(captured + 1, exact=True)} is more than the "
+        f"{format_usd(captured, exact=True)} captured"
+    )
+    assert format_usd(captured, exact=True) != format_usd(captured)
+    assert balances() == before
+
+
 def test_a_resolution_note_is_kept_to_its_500_characters(disputed, make_user):
     resolved = payments.resolve_dispute(
         disputed, refund=1, operator=make_user("olga"), note="n" * 499 + "END" + "z" * 100
