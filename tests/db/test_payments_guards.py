@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from marketplace import ledger, payments
 from marketplace.audit import audit_ledger
-from marketplace.errors import AlreadyResolved, MarketError
+from marketplace.errors import AlreadyResolved, InvalidTransition, MarketError
 from marketplace.models import Dispute, EarningsHold, LedgerTransaction, Order, PayoutRequest
 from marketplace.money import MAX_PAYMENT, format_usd
 from tests.db.settled_orders import balances, placed_order, settled_order
@@ -166,6 +166,24 @@ def test_a_dispute_reason_is_at_most_2000_characters_and_kept_trimmed(funded_buy
     assert order.transitions.last().reason == "disputed by the buyer"
 
 
+def test_a_dispute_reason_that_hides_characters_is_refused_naming_the_reason(
+    funded_buyer, listing, node
+):
+    # The operator reads the reason to decide a refund: a bidi override could make it say
+    # something else than what the buyer typed. The refusal names the form's field, so the
+    # page can put it beside the reason box.
+    order = settled_order(funded_buyer, listing, node)
+    with pytest.raises(MarketError) as refused:
+        payments.open_dispute(order, funded_buyer, "never \u202estarted")
+    assert refused.value.field == "reason"
+    assert str(refused.value) == (
+        "reason contains an invisible format character (U+202E) that can disguise what it shows"
+    )
+    assert not Dispute.objects.exists()
+    assert Order.objects.get(pk=order.pk).state == order.state
+    assert EarningsHold.objects.get(order=order).state == EarningsHold.State.FROZEN
+
+
 def test_a_dispute_is_refused_at_the_very_second_the_window_closes(funded_buyer, listing, node):
     order = settled_order(funded_buyer, listing, node)
     share = order.earnings_hold
@@ -294,6 +312,26 @@ def test_a_refund_of_everything_captured_is_allowed_and_one_more_is_not(
     assert ledger.available_for(funded_buyer) == wallet + s.captured
 
 
+def test_a_refund_over_the_capture_is_refused_with_both_amounts_to_the_millionth(
+    funded_buyer, listing, node, make_user
+):
+    # Seven minutes at 2 USD an hour is not a whole number of cents: rounded, the refusal of a
+    # refund one millionth too big would show the operator two equal amounts.
+    order = settled_order(funded_buyer, listing, node, minutes=7)
+    captured = order.settlement.captured
+    assert captured % 10_000 != 0
+    dispute = payments.open_dispute(order, funded_buyer, "slow")
+    before = balances()
+    with pytest.raises(MarketError) as refused:
+        payments.resolve_dispute(dispute, refund=captured + 1, operator=make_user("olga"))
+    assert str(refused.value) == (
+        f"refund {format_usd(captured + 1, exact=True)} is more than the "
+        f"{format_usd(captured, exact=True)} captured"
+    )
+    assert format_usd(captured, exact=True) != format_usd(captured)
+    assert balances() == before
+
+
 def test_a_resolution_note_is_kept_to_its_500_characters(disputed, make_user):
     resolved = payments.resolve_dispute(
         disputed, refund=1, operator=make_user("olga"), note="n" * 499 + "END" + "z" * 100
@@ -307,6 +345,52 @@ def test_a_second_resolution_says_which_order(disputed, make_user):
     with pytest.raises(AlreadyResolved) as refused:
         payments.resolve_dispute(disputed, refund=1, operator=olga)
     assert str(refused.value) == f"the dispute of order {disputed.order_id} was already resolved"
+
+
+def test_a_dispute_and_its_resolution_move_only_their_own_order(
+    funded_buyer, provider, listing, node, make_user
+):
+    # Each order's share is its own money: disputing or resolving one order must leave the
+    # buyer's other orders' shares and disputes as they were (frozen, or still open).
+    first = settled_order(funded_buyer, listing, node)
+    second = settled_order(funded_buyer, listing, node)
+    third = settled_order(funded_buyer, listing, node)
+    dispute = payments.open_dispute(first, funded_buyer, "slow")
+    assert EarningsHold.objects.get(order=second).state == EarningsHold.State.FROZEN
+    other = payments.open_dispute(second, funded_buyer, "broken")
+
+    olga = make_user("olga")
+    payments.resolve_dispute(dispute, refund=0, operator=olga)
+    assert EarningsHold.objects.get(order=second).state == EarningsHold.State.DISPUTED
+    assert EarningsHold.objects.get(order=third).state == EarningsHold.State.FROZEN
+    still = Dispute.objects.get(pk=other.pk)
+    assert (still.state, still.refund, still.resolution) == ("open", None, None)
+
+    resolved = payments.resolve_dispute(other, refund=1, operator=olga)
+    assert (resolved.state, resolved.refund) == ("resolved", 1)
+    share = EarningsHold.objects.get(order=second)
+    assert (share.state, share.resolution) == (EarningsHold.State.RESOLVED, resolved.resolution)
+    assert ledger.frozen_for(provider) == third.settlement.provider_amount
+    assert audit_ledger() == []
+
+
+def test_a_resolution_of_an_order_no_longer_disputed_moves_nothing_and_says_which(
+    disputed, make_user
+):
+    # Only resolve_dispute moves an order out of `disputed`, in the transaction that closes its
+    # dispute; an open dispute whose order says otherwise (a row edited by hand) must not be
+    # paid out: the refund and the release posted before the order's transition roll back.
+    Order.objects.filter(pk=disputed.order_id).update(state=Order.State.COMPLETED)
+    before = balances()
+    with pytest.raises(InvalidTransition) as refused:
+        payments.resolve_dispute(disputed, refund=1, operator=make_user("olga"))
+    assert str(refused.value) == f"order {disputed.order_id} is no longer disputed"
+    assert balances() == before
+    assert Dispute.objects.get(pk=disputed.pk).state == "open"
+    assert EarningsHold.objects.get(order_id=disputed.order_id).state == (
+        EarningsHold.State.DISPUTED
+    )
+    assert not LedgerTransaction.objects.filter(kind=LedgerTransaction.Kind.DISPUTE).exists()
 
 
 # --- payouts -------------------------------------------------------------------------------------
