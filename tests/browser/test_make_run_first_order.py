@@ -6,57 +6,22 @@ quiet, with the banner printed again once everything is up."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 
 import pytest
 from playwright.sync_api import expect
 
 from tests.browser.conftest import ARTIFACTS
-from tests.conftest import REPO
-from tests.integration.conftest import free_port, wait_until
-from tests.integration.test_make_run import listening, processes_with
+from tests.integration.conftest import wait_until
+from tests.integration.test_make_run import start_make_run
 
 pytestmark = [pytest.mark.browser]
 
 
 def test_a_newcomers_first_order_on_make_run_reaches_running(tmp_path, browser_page):
-    port, redis_port = free_port(), free_port()
-    marker = f"MOLT_CHANNEL_PREFIX=makerun{port}"
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in {"CELERY_BROKER_URL", "DATABASE_URL", "DJANGO_DEBUG", "REDIS_URL"}
-    }
-    env |= {
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "DATABASE_URL": f"sqlite:///{tmp_path}/molt.sqlite3",
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "MOLT_STATE_DIR": str(tmp_path / "state"),
-        "MOLT_DEMO_AGENTS_DIR": str(tmp_path / "demo-agents"),
-        "MOLT_CHANNEL_PREFIX": f"makerun{port}",
-    }
-    log_path = tmp_path / "make-run.log"
-    base = f"http://127.0.0.1:{port}"
-    with log_path.open("w") as log:
-        make = subprocess.Popen(
-            ["make", "run"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    page = browser_page
-    try:
-        wait_until(
-            lambda: make.poll() is not None or listening(port), timeout=180, message="make run"
-        )
-        output = log_path.read_text()
-        assert make.poll() is None, f"make run exited early:\n{output}"
+    with start_make_run(tmp_path) as run:
+        base, log_path, page = run.base, run.log_path, browser_page
+        output = run.output()
         password = re.search(r"demo-buyer\s+(\S+)", output).group(1)
 
         # The market, as a newcomer first sees it: the demo nodes are online (no "show offline
@@ -113,12 +78,3 @@ def test_a_newcomers_first_order_on_make_run_reaches_running(tmp_path, browser_p
         # no agent's first state applied.
         after = output.split(up, 1)[1]
         assert "celery@" not in output and "revision 0 applied" not in after, after[:3000]
-    finally:
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGINT)
-            try:
-                make.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(make.pid, signal.SIGKILL)
-        for line in processes_with(marker):
-            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)

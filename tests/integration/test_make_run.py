@@ -12,6 +12,9 @@ import signal
 import socket
 import subprocess
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,9 +62,30 @@ def processes_with(marker: str) -> list[str]:
     return found
 
 
-def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
+@dataclass
+class MakeRun:
+    """A `make run` started as a person starts it, in its own process group."""
+
+    process: subprocess.Popen
+    log_path: Path
+    port: int
+    redis_port: int
+    marker: str  # in the environment of every process it started
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextmanager
+def start_make_run(tmp_path: Path, **extra_env: str) -> Iterator[MakeRun]:
+    """`make run` on a fresh SQLite database and state under `tmp_path`, with a Redis port that
+    nothing answers (so it starts its own), serving once the port listens; on the way out,
+    Ctrl-C if it still runs, then SIGKILL for anything of it left."""
     port, redis_port = free_port(), free_port()
-    marker = f"MOLT_CHANNEL_PREFIX=makerun{port}"
     env = {
         key: value
         for key, value in os.environ.items()
@@ -77,13 +101,11 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         "MOLT_STATE_DIR": str(tmp_path / "state"),
         "MOLT_DEMO_AGENTS_DIR": str(tmp_path / "demo-agents"),
         "MOLT_CHANNEL_PREFIX": f"makerun{port}",
-        # Beat's "Sending due task" lines (info) are the proof below that it runs.
-        "CELERY_LOG_LEVEL": "info",
+        **extra_env,
     }
     log_path = tmp_path / "make-run.log"
-    base = f"http://127.0.0.1:{port}"
     with log_path.open("w") as log:
-        make = subprocess.Popen(
+        process = subprocess.Popen(
             ["make", "run"],
             cwd=REPO,
             env=env,
@@ -91,14 +113,32 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, as a terminal's foreground job
         )
+    run = MakeRun(process, log_path, port, redis_port, f"MOLT_CHANNEL_PREFIX=makerun{port}")
     try:
         wait_until(
-            lambda: make.poll() is not None or listening(port),
+            lambda: process.poll() is not None or listening(port),
             timeout=180,
             message="make run to serve",
         )
+        assert process.poll() is None, f"make run exited early:\n{run.output()}"
+        yield run
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        for line in processes_with(run.marker):
+            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)
+
+
+def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
+    # Beat's "Sending due task" lines (info) are the proof below that it runs.
+    with start_make_run(tmp_path, CELERY_LOG_LEVEL="info") as run:
+        make, log_path, base = run.process, run.log_path, run.base
+        port, redis_port, marker = run.port, run.redis_port, run.marker
         output = log_path.read_text()
-        assert make.poll() is None, f"make run exited early:\n{output}"
         assert "starting redis-server" in output
         assert "MOLT demo marketplace" in output
 
@@ -173,8 +213,3 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
         assert "demo agents: stopped" in output
         for process in ("web", "worker", "beat", "agents"):
             assert re.search(rf"{process}\.1 stopped \(rc=(0|-15)\)", output), process
-    finally:
-        if make.poll() is None:
-            os.killpg(make.pid, signal.SIGKILL)
-        for line in processes_with(marker):
-            os.kill(int(line.split(":", 1)[0]), signal.SIGKILL)

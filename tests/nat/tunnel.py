@@ -2,9 +2,9 @@
 
 A hub (a wireguard-go peer of every host, in the services network, as the gateway's hub will
 be: design/network.md) learns each host's public mapping from the endpoint its handshakes come
-from. A cell then gives each side the other's mapping, with keepalive, at the same moment (what
-coordinated hole punching will do), and waits for a handshake between them. No relay yet: a cell
-without a handshake is what the relay must close.
+from. A cell then gives each side the other's mapping, with keepalive, at the same moment or
+one after the other (`stagger_s`; what coordinated hole punching will do), and waits for a
+handshake between them. No relay yet: a cell without a handshake is what the relay must close.
 """
 
 from __future__ import annotations
@@ -209,7 +209,10 @@ def run_cell(
             orders.reverse()
         start = time.monotonic()
         setters = []
-        for side, other, mapping, tunnel_address in orders:
+        for index, (side, other, mapping, tunnel_address) in enumerate(orders):
+            if stagger_s and index:
+                setters[-1].wait(timeout=30)
+                time.sleep(stagger_s)
             setters.append(
                 subprocess.Popen(
                     ["ip", "netns", "exec", side.ns, "wg", "set", side.name, "peer",
@@ -217,9 +220,6 @@ def run_cell(
                      "allowed-ips", f"{tunnel_address}/32"]
                 )
             )  # fmt: skip
-            if stagger_s:
-                setters[-1].wait(timeout=30)
-                time.sleep(stagger_s)
         for setter in setters:
             if setter.wait(timeout=30) != 0:
                 raise RuntimeError("wg set of the peer failed")
