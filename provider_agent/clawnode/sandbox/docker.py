@@ -26,7 +26,14 @@ import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .engine import LABEL_MANAGED, LABEL_REF, Container, ContainerSpec, EngineError
+from .engine import (
+    LABEL_MANAGED,
+    LABEL_REF,
+    Container,
+    ContainerSpec,
+    EngineError,
+    start_or_remove,
+)
 from .netjoin import join_netns
 
 __all__ = ["DEFAULT_DOCKER_HOST", "DockerEngine"]
@@ -195,13 +202,13 @@ class DockerEngine:
         return body
 
     def start(self, spec: ContainerSpec) -> Container:
-        started = False
-        try:
+        def launch() -> None:
             self._request(
                 "POST", f"/containers/create?name={_q(spec.name)}", self.create_body(spec)
             )
             self._request("POST", f"/containers/{_q(spec.name)}/start")
-            started = True
+
+        def attach() -> None:
             info = self.inspect(spec.name)
             if spec.cdi_devices and not _took_cdi(info, spec.cdi_devices):
                 # An engine that drops the request (Podman's compat API does) would hand the
@@ -214,19 +221,8 @@ class DockerEngine:
             if pid <= 0:
                 raise EngineError(f"container {spec.name} is not running right after its start")
             join_netns(spec.netns, pid)
-        except EngineError as exc:
-            # A command that exits at once fails the network join: say why it stopped (as the
-            # podman engine's caller would learn from exit_detail), not the join's error.
-            detail = self._stopped_detail(spec.name) if started else ""
-            # The interface promises nothing is left behind.
-            self.remove(spec.name)
-            if detail:
-                raise EngineError(detail) from exc
-            raise
-        for container in self.containers():
-            if container.name == spec.name:
-                return container
-        raise EngineError(f"container {spec.name} vanished right after it started")
+
+        return start_or_remove(self, spec.name, launch, attach, self._stopped_detail)
 
     def _stopped_detail(self, name: str) -> str:
         try:

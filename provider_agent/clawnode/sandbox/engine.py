@@ -97,6 +97,35 @@ class Engine(Protocol):
         ...
 
 
+def start_or_remove(
+    engine: Engine,
+    name: str,
+    launch: Callable[[], None],
+    attach: Callable[[], None],
+    stopped_detail: Callable[[str], str],
+) -> Container:
+    """The start path both real engines share: `launch` creates and starts the container,
+    `attach` checks it and joins it to its network. On an EngineError whatever was created is
+    removed (Engine.start promises nothing is left behind); when the container had started and
+    has already exited (a command that fails at once makes the network join fail), the error
+    says why it stopped (`stopped_detail`, empty when it still runs), not the join's error."""
+    started = False
+    try:
+        launch()
+        started = True
+        attach()
+    except EngineError as exc:
+        detail = stopped_detail(name) if started else ""
+        engine.remove(name)
+        if detail:
+            raise EngineError(detail) from exc
+        raise
+    for container in engine.containers():
+        if container.name == name:
+            return container
+    raise EngineError(f"container {name} vanished right after it started")
+
+
 class SandboxNetwork(Protocol):
     """The sandbox's network on the node (clawnode.sandbox.network): a network namespace per
     sandbox, a veth to the host carrying the sandbox's address, routes, and the nftables rules

@@ -35,7 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .engine import LABEL_MANAGED, LABEL_REF, Container, ContainerSpec, EngineError
+from .engine import (
+    LABEL_MANAGED,
+    LABEL_REF,
+    Container,
+    ContainerSpec,
+    EngineError,
+    start_or_remove,
+)
 from .netjoin import join_netns
 
 __all__ = ["DEFAULT_USERNS", "SANDBOX_CAPABILITIES", "PodmanEngine"]
@@ -276,8 +283,8 @@ class PodmanEngine:
         for key, value in spec.env.items():
             args += ["--env", f"{key}={value}"]
         args += [spec.image, *spec.command]
-        started = False
-        try:
+
+        def launch() -> None:
             try:
                 self._run(*args)
             except EngineError as exc:
@@ -287,22 +294,14 @@ class PodmanEngine:
                         "entry for sandbox user namespaces)"
                     ) from exc
                 raise
-            started = True
+
+        def attach() -> None:
             if self._userns:
                 join_netns(spec.netns, self._pid(spec.name))
-        except EngineError as exc:
-            # A command that exits at once fails the network join: say why it stopped.
-            detail = self._stopped_detail(spec.name) if started else ""
-            # A failed run can leave a created container behind (a CDI or mount error comes
-            # after create); the interface promises nothing is.
-            self.remove(spec.name)
-            if detail:
-                raise EngineError(detail) from exc
-            raise
-        for container in self.containers():
-            if container.name == spec.name:
-                return container
-        raise EngineError(f"container {spec.name} vanished right after it started")
+
+        # A failed run can leave a created container behind (a CDI or mount error comes after
+        # create): start_or_remove removes it.
+        return start_or_remove(self, spec.name, launch, attach, self._stopped_detail)
 
     def _write_resolv(self, spec: ContainerSpec) -> Path:
         lines = [f"nameserver {server}" for server in spec.dns]
