@@ -12,14 +12,20 @@ import stat
 
 import pytest
 from clawnode import wire
-from clawnode.keys import Identity
+from clawnode.keys import Identity, parse_ed25519_public_key
 from django.core.management import CommandError, call_command
+from rest_framework.test import APIClient
 
 from meshnet import channel_layer
 from meshnet.consumers import desired_state_frame
 from meshnet.desired_state import signed_desired_state
 from meshnet.fanout import AGENTS_GROUP
-from meshnet.gateway_key import gateway_identity, gateway_key_path, key_certificates
+from meshnet.gateway_key import (
+    gateway_identity,
+    gateway_key_path,
+    key_certificates,
+    key_sequence,
+)
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -123,3 +129,43 @@ def test_a_key_that_is_not_the_chains_last_is_not_rotated_from(own_state_dir, la
     with pytest.raises(CommandError, match="restore the key from backup"):
         rotate()
     assert json.loads((own_state_dir / "gateway-key-certs.json").read_text()) == chain
+
+
+def enrol(provider_api) -> dict:
+    identity = Identity.generate()
+    token = provider_api.post("/api/v1/enrollment-tokens/").json()["token"]
+    response = APIClient().post(
+        "/api/v1/nodes/enroll/", factories.enroll_request(identity, token), format="json"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_a_node_enrolled_after_rotations_is_told_its_keys_place_in_the_chain(layer, provider_api):
+    assert enrol(provider_api)["gateway_key_sequence"] == 0
+    rotate()
+    rotate()
+
+    answer = enrol(provider_api)
+
+    assert answer["gateway_public_key"] == gateway_identity().public_key_b64
+    assert answer["gateway_key_sequence"] == 2
+    # What the agent pins (clawnode join) is where it follows the next rotation from.
+    rotate()
+    followed = wire.follow_key_chain(
+        parse_ed25519_public_key(answer["gateway_public_key"]),
+        answer["gateway_key_sequence"],
+        key_certificates(),
+        2**40,
+    )
+    assert followed == (gateway_identity().public_key, 3)
+
+
+def test_each_key_of_the_chain_has_its_sequence_and_a_stranger_none(layer):
+    assert key_sequence(gateway_identity().public_key_b64) == 0
+    keys = [gateway_identity().public_key_b64]
+    for _ in range(2):
+        rotate()
+        keys.append(gateway_identity().public_key_b64)
+    assert [key_sequence(key) for key in keys] == [0, 1, 2]
+    assert key_sequence(Identity.generate().public_key_b64) is None
