@@ -18,7 +18,7 @@ from rest_framework.test import APIClient
 
 from meshnet import channel_layer
 from meshnet.consumers import desired_state_frame
-from meshnet.desired_state import signed_desired_state
+from meshnet.desired_state import desired_state, signed_desired_state
 from meshnet.fanout import AGENTS_GROUP
 from meshnet.gateway_key import (
     gateway_identity,
@@ -26,6 +26,8 @@ from meshnet.gateway_key import (
     key_certificates,
     key_sequence,
 )
+from meshnet.models import Node
+from meshnet.nodes import revoke_node
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -169,3 +171,22 @@ def test_each_key_of_the_chain_has_its_sequence_and_a_stranger_none(layer):
         keys.append(gateway_identity().public_key_b64)
     assert [key_sequence(key) for key in keys] == [0, 1, 2]
     assert key_sequence(Identity.generate().public_key_b64) is None
+
+
+def test_a_rotation_gives_live_nodes_a_new_revision_whose_hub_peer_has_the_new_key(
+    layer, provider, settings
+):
+    settings.MOLT_HUB_ENDPOINT = "192.0.2.10:51800"
+    node = factories.enrolled_node(provider)
+    gone = factories.enrolled_node(provider)
+    revoke_node(gone)
+    before = {n.pk: n.desired_revision for n in Node.objects.all()}
+
+    rotate("--no-push")
+
+    after = {n.pk: n.desired_revision for n in Node.objects.all()}
+    assert after == {node.pk: before[node.pk] + 1, gone.pk: before[gone.pk]}
+    # Unacknowledged now: the repush-lagging-nodes sweep sends it if no push arrives.
+    assert list(Node.objects.lagging()) == [node]
+    (hub,) = [p for p in desired_state(node).peers if p.ref == "hub"]
+    assert hub.public_key == gateway_identity().wireguard_public_key_b64
