@@ -79,6 +79,25 @@ def key_certificates() -> list[dict[str, Any]]:
     return list(_load_certs(str(path), _version(path)))
 
 
+def key_sequence(public_key_b64: str) -> int | None:
+    """The place of this gateway key in the chain (key_certificates): 0 for the key that was
+    current before any rotation, n for the key certificate n made current. None when the chain
+    does not name it (a key file that is not the chain's, see rotate_gateway_key).
+
+    Told to a node at enrolment beside the key it pins, so that it follows later certificates
+    from that key's place in the chain (clawnode.wire.keycert). Read the key first, then ask
+    this: a rotation in between has only added a certificate whose old_key is that key (the
+    chain is written before gateway.key), so the answer still names the key read."""
+    chain = key_certificates()
+    for envelope in chain:
+        body = envelope["body"]
+        if body["old_key"] == public_key_b64:
+            return int(body["sequence"]) - 1
+        if body["new_key"] == public_key_b64:
+            return int(body["sequence"])
+    return None if chain else 0
+
+
 @dataclass(frozen=True)
 class Rotation:
     old_key: str

@@ -103,6 +103,36 @@ def buyer_hub_peer() -> WgPeer | None:
     )
 
 
+# -- the hub's own key ----------------------------------------------------------------------------
+
+
+def bring_up(backend: WireGuardBackend) -> str:
+    """Create (or adopt) the hub interface with the gateway key's X25519 conversion, its port
+    and address; the hub's public key it now has. Peers and their endpoints are left alone."""
+    identity = gateway_identity()  # one read: the key set and the key returned are the same
+    backend.ensure_interface(
+        settings.MOLT_HUB_INTERFACE,
+        identity.wireguard_private_key,
+        settings.MOLT_HUB_PORT,
+        HUB_ADDRESS,
+    )
+    return identity.wireguard_public_key_b64
+
+
+def follow_gateway_key(backend: WireGuardBackend, applied: str) -> str:
+    """After a rotation (manage.py rotate_gateway_key) set the interface's private key to the
+    new gateway key's, in place: peers and the endpoints they roamed to stay, and the nodes,
+    pushed the new hub key in their desired state, handshake with it. ``applied`` is the hub
+    public key the interface was last given; returns the one it has now. gateway_identity
+    reads gateway.key again only when the file changed, so calling this every reconcile costs
+    a stat."""
+    if hub_public_key() == applied:
+        return applied
+    now = bring_up(backend)
+    log.info("hub key follows the rotated gateway key: %s (was %s), peers kept", now, applied)
+    return now
+
+
 # -- the hub's peers ------------------------------------------------------------------------------
 
 

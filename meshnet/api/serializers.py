@@ -117,6 +117,13 @@ class EnrollmentSerializer(serializers.Serializer):
     gateway_public_key = serializers.CharField(
         help_text="base64 Ed25519 key the gateway signs desired state with; pin it"
     )
+    gateway_key_sequence = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        help_text="the place of gateway_public_key in the gateway's chain of key certificates "
+        "(0: the key from before any rotation, n: the key certificate n made current); pin it "
+        "with the key. Absent from gateways that predate it",
+    )
     websocket_url = serializers.CharField()
     wireguard_listen_port = serializers.IntegerField(
         help_text="the WireGuard listen port the gateway recorded for this node"

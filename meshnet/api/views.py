@@ -22,7 +22,7 @@ from meshnet.api.serializers import (
     NodeSerializer,
 )
 from meshnet.enrolment import create_enrollment_token, enroll_node, websocket_url
-from meshnet.gateway_key import gateway_identity
+from meshnet.gateway_key import gateway_identity, key_sequence
 from meshnet.models import Node
 from meshnet.throttling import EnrollThrottle
 
@@ -110,11 +110,12 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             dict(envelope.validated_data), observed_ip=request.META.get("REMOTE_ADDR")
         )
         node = enrolment.node
+        gateway_key = gateway_identity().public_key_b64
         data = {
             "node_id": node.node_id,
             "name": node.name,
             "mesh_address": node.mesh_address,
-            "gateway_public_key": gateway_identity().public_key_b64,
+            "gateway_public_key": gateway_key,
             "websocket_url": websocket_url(gateway_base_url(request)),
             "wireguard_listen_port": node.listen_port,
             "hub_address": str(ipplan.GATEWAY_HUB_ADDRESS),
@@ -126,6 +127,12 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
             "region": node.region,
             "job_network": ipplan.block(ipplan.JOB_BLOCK).cidr,
         }
+        # The pinned key's place in the chain of key certificates: the agent follows later
+        # rotations from there (clawnode.wire.keycert). Left out when the chain does not name
+        # the key (a misconfigured gateway): the agent then finds its key in the chain itself.
+        sequence = key_sequence(gateway_key)
+        if sequence is not None:
+            data["gateway_key_sequence"] = sequence
         return Response(
             EnrollmentSerializer(data).data,
             status=status.HTTP_201_CREATED if enrolment.created else status.HTTP_200_OK,

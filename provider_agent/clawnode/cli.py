@@ -332,6 +332,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
             name=response.name,
             mesh_address=response.mesh_address,
             gateway_public_key=response.gateway_public_key,
+            gateway_key_sequence=response.gateway_key_sequence,
             websocket_url=response.websocket_url,
             interface=interface,
             listen_port=args.listen_port,
@@ -345,7 +346,12 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     except StateError as exc:
         raise CliError(f"the gateway's enrolment answer is not usable: {exc}") from None
     state.save_enrollment(enrollment)
-    _say(out, f"gateway key pinned: {enrollment.gateway_public_key}")
+    sequence = enrollment.gateway_key_sequence
+    _say(
+        out,
+        f"gateway key pinned: {enrollment.gateway_public_key}"
+        + (f" (certificate {sequence})" if sequence else ""),
+    )
     _say(
         out,
         f"enrolment saved: {state.enrollment_path} ({_mode(state.enrollment_path)})",

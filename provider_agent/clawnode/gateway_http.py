@@ -53,6 +53,10 @@ class EnrollResponse:
     mesh_network: str = ""  # when the gateway says which block the address belongs to
     job_network: str = ""  # when the gateway says which block job addresses come from
     region: str = ""  # the region the gateway recorded for the node ("" none, or it predates it)
+    # The place of gateway_public_key in the gateway's chain of key certificates (clawnode.repin
+    # follows rotations from there); 0 from a gateway that predates it: the key is then found in
+    # the chain by searching, as before.
+    gateway_key_sequence: int = 0
 
 
 def build_enroll_envelope(
@@ -218,6 +222,12 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
         )
     mesh_network = data.get("mesh_network")
     job_network = data.get("job_network")
+    sequence = data.get("gateway_key_sequence", 0)
+    if isinstance(sequence, bool) or not isinstance(sequence, int) or not 0 <= sequence < 2**53:
+        raise GatewayError(
+            "gateway's enrolment answer has an invalid gateway_key_sequence: "
+            "it must be a whole number from 0"
+        )
     return EnrollResponse(
         node_id=node_id,
         name=_str_field(data, "name", "node_name"),
@@ -227,6 +237,7 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
         mesh_network=mesh_network if isinstance(mesh_network, str) else "",
         job_network=job_network if isinstance(job_network, str) else "",
         region=region if isinstance(region := data.get("region"), str) else "",
+        gateway_key_sequence=sequence,
     )
 
 

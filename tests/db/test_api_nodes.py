@@ -87,6 +87,7 @@ def test_an_agent_enrols_with_a_signed_request_and_learns_its_place_in_the_mesh(
         "name": f"node-{node.pk}",
         "mesh_address": node.mesh_address,
         "gateway_public_key": gateway_identity().public_key_b64,
+        "gateway_key_sequence": 0,  # never rotated: the key from before any rotation
         "websocket_url": "ws://testserver/ws/agent/",
         "wireguard_listen_port": 51820,
         "hub_address": "10.100.0.1",

@@ -12,14 +12,22 @@ import stat
 
 import pytest
 from clawnode import wire
-from clawnode.keys import Identity
+from clawnode.keys import Identity, parse_ed25519_public_key
 from django.core.management import CommandError, call_command
+from rest_framework.test import APIClient
 
 from meshnet import channel_layer
 from meshnet.consumers import desired_state_frame
-from meshnet.desired_state import signed_desired_state
+from meshnet.desired_state import desired_state, signed_desired_state
 from meshnet.fanout import AGENTS_GROUP
-from meshnet.gateway_key import gateway_identity, gateway_key_path, key_certificates
+from meshnet.gateway_key import (
+    gateway_identity,
+    gateway_key_path,
+    key_certificates,
+    key_sequence,
+)
+from meshnet.models import Node
+from meshnet.nodes import revoke_node
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -123,3 +131,62 @@ def test_a_key_that_is_not_the_chains_last_is_not_rotated_from(own_state_dir, la
     with pytest.raises(CommandError, match="restore the key from backup"):
         rotate()
     assert json.loads((own_state_dir / "gateway-key-certs.json").read_text()) == chain
+
+
+def enrol(provider_api) -> dict:
+    identity = Identity.generate()
+    token = provider_api.post("/api/v1/enrollment-tokens/").json()["token"]
+    response = APIClient().post(
+        "/api/v1/nodes/enroll/", factories.enroll_request(identity, token), format="json"
+    )
+    assert response.status_code == 201, response.content
+    return response.json()
+
+
+def test_a_node_enrolled_after_rotations_is_told_its_keys_place_in_the_chain(layer, provider_api):
+    assert enrol(provider_api)["gateway_key_sequence"] == 0
+    rotate()
+    rotate()
+
+    answer = enrol(provider_api)
+
+    assert answer["gateway_public_key"] == gateway_identity().public_key_b64
+    assert answer["gateway_key_sequence"] == 2
+    # What the agent pins (clawnode join) is where it follows the next rotation from.
+    rotate()
+    followed = wire.follow_key_chain(
+        parse_ed25519_public_key(answer["gateway_public_key"]),
+        answer["gateway_key_sequence"],
+        key_certificates(),
+        2**40,
+    )
+    assert followed == (gateway_identity().public_key, 3)
+
+
+def test_each_key_of_the_chain_has_its_sequence_and_a_stranger_none(layer):
+    assert key_sequence(gateway_identity().public_key_b64) == 0
+    keys = [gateway_identity().public_key_b64]
+    for _ in range(2):
+        rotate()
+        keys.append(gateway_identity().public_key_b64)
+    assert [key_sequence(key) for key in keys] == [0, 1, 2]
+    assert key_sequence(Identity.generate().public_key_b64) is None
+
+
+def test_a_rotation_gives_live_nodes_a_new_revision_whose_hub_peer_has_the_new_key(
+    layer, provider, settings
+):
+    settings.MOLT_HUB_ENDPOINT = "192.0.2.10:51800"
+    node = factories.enrolled_node(provider)
+    gone = factories.enrolled_node(provider)
+    revoke_node(gone)
+    before = {n.pk: n.desired_revision for n in Node.objects.all()}
+
+    rotate("--no-push")
+
+    after = {n.pk: n.desired_revision for n in Node.objects.all()}
+    assert after == {node.pk: before[node.pk] + 1, gone.pk: before[gone.pk]}
+    # Unacknowledged now: the repush-lagging-nodes sweep sends it if no push arrives.
+    assert list(Node.objects.lagging()) == [node]
+    (hub,) = [p for p in desired_state(node).peers if p.ref == "hub"]
+    assert hub.public_key == gateway_identity().wireguard_public_key_b64

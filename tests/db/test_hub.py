@@ -5,10 +5,15 @@ wireguard-go behind the NAT lab is tests/nat/test_hub_discovery.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import logging
+
 import pytest
 from clawnode import frames, reconcile, wire
-from clawnode.backends.base import PeerStatus
+from clawnode.backends.base import PeerStatus, same_private_key
 from clawnode.backends.memory import FakeBackend
+from clawnode.keys import encode_key
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -18,7 +23,8 @@ from meshnet import hub
 from meshnet.agent_channel import process_ack
 from meshnet.desired_state import desired_state, signed_desired_state
 from meshnet.errors import InvalidPeerKey
-from meshnet.gateway_key import gateway_identity
+from meshnet.gateway_key import gateway_identity, rotate_gateway_key
+from meshnet.management.commands import run_hub
 from meshnet.models import Node
 from meshnet.nodes import revoke_node
 from meshnet.peers import validate_peer_key
@@ -93,6 +99,86 @@ def test_hub_peers_are_the_non_revoked_nodes_and_a_revoked_one_leaves(hub_on, pr
     assert device.list_peers().keys() == {kept.wireguard_public_key}
     # Nothing left to do: a second pass changes nothing.
     assert hub.reconcile_peers(device) == {}
+
+
+def test_the_running_hub_takes_a_rotated_gateway_key_in_place_keeping_its_peers(
+    hub_on, provider, tmp_path, caplog
+):
+    hub_on.MOLT_STATE_DIR = tmp_path / "gateway-state"  # rotating the session's key would leak
+    node = factories.enrolled_node(provider)
+    device = FakeBackend()
+    applied = hub.bring_up(device)
+    assert applied == gateway_identity().wireguard_public_key_b64
+    hub.reconcile_peers(device)
+    # WireGuard learnt the node's mapping from its handshakes: a restart-free rotation keeps it.
+    key = node.wireguard_public_key
+    device.peers[key] = dataclasses.replace(
+        device.peers[key], endpoint="203.0.113.7:40001", last_handshake=1_700_000_000
+    )
+    peers = dict(device.peers)
+    assert hub.follow_gateway_key(device, applied) == applied
+    assert ("ensure_interface", "molthub") not in device.calls[1:]  # not rotated: untouched
+
+    rotate_gateway_key()
+    new = gateway_identity()
+    with caplog.at_level(logging.INFO, logger="meshnet.hub"):
+        now = hub.follow_gateway_key(device, applied)
+
+    assert now == new.wireguard_public_key_b64 != applied
+    assert same_private_key(device.private_key, new.wireguard_private_key)
+    assert (device.listen_port, device.address) == (hub_on.MOLT_HUB_PORT, hub.HUB_ADDRESS)
+    assert device.peers == peers
+    assert hub.observed_endpoints(device.list_peers()) == {key: "203.0.113.7:40001"}
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "meshnet.hub"]
+    assert now in line and applied in line
+    private = new.wireguard_private_key
+    assert encode_key(private) not in line and private.hex() not in line
+    # The nodes' desired states name the hub by its new key.
+    assert hub.hub_peer().public_key == now
+    calls = len(device.calls)
+    assert hub.follow_gateway_key(device, now) == now
+    assert len(device.calls) == calls
+
+
+class StopHub(Exception):
+    pass
+
+
+def test_run_hub_follows_a_rotation_on_its_next_reconcile_without_a_restart(
+    hub_on, provider, tmp_path, monkeypatch, caplog
+):
+    hub_on.MOLT_STATE_DIR = tmp_path / "gateway-state"
+    hub_on.MOLT_HUB_POLL_SECONDS = 0
+    hub_on.MOLT_HUB_RECONCILE_SECONDS = 0  # every round reconciles
+    node = factories.enrolled_node(provider)
+    device = FakeBackend()
+    monkeypatch.setattr(run_hub, "choose_backend", lambda _: (lambda _name: device, "fake"))
+    monkeypatch.setattr(run_hub.signal, "signal", lambda *_: None)  # keep pytest's handlers
+    rounds = []
+
+    def discover(backend):
+        rounds.append(encode_key(backend.private_key))
+        if len(rounds) == 1:
+            rotate_gateway_key()  # an operator rotates while the hub runs
+        else:
+            raise StopHub
+
+    monkeypatch.setattr(hub, "discover", discover)
+    first = gateway_identity()
+    with caplog.at_level(logging.INFO, logger="meshnet.hub"), pytest.raises(StopHub):
+        call_command("run_hub", stdout=io.StringIO())
+
+    new = gateway_identity()
+    assert new.public_key != first.public_key
+    assert rounds == [
+        encode_key(first.wireguard_private_key),
+        encode_key(new.wireguard_private_key),
+    ]
+    assert device.list_peers().keys() == {node.wireguard_public_key}  # the same interface, kept
+    assert [r.getMessage() for r in caplog.records if r.name == "meshnet.hub"] == [
+        f"hub key follows the rotated gateway key: {new.wireguard_public_key_b64} "
+        f"(was {first.wireguard_public_key_b64}), peers kept"
+    ]
 
 
 def test_plan_peers_fixes_drift_and_never_sets_keepalive_or_endpoint():

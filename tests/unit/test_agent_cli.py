@@ -11,7 +11,9 @@ import sys
 import time
 
 import pytest
+from clawnode import cli
 from clawnode.cli import build_parser, main
+from clawnode.gateway_http import EnrollResponse
 from clawnode.keys import Identity
 from clawnode.state import AgentStatus, Enrollment, StateDir
 
@@ -289,6 +291,42 @@ def test_join_with_another_gateway_needs_force(tmp_path, capsys):
 
     assert rc == 1
     assert "enrolled with https://first.example as node-47; use --force" in capsys.readouterr().err
+
+
+def test_join_pins_the_gateway_key_with_its_sequence(tmp_path, capsys, monkeypatch):
+    gateway_key = Identity.generate().public_key_b64
+
+    def enroll(gateway, envelope, identity):
+        return EnrollResponse(
+            node_id=identity.node_id,
+            name="node-47",
+            mesh_address="10.100.128.47",
+            gateway_public_key=gateway_key,
+            websocket_url="ws://127.0.0.1:9/ws/agent/",
+            gateway_key_sequence=2,  # enrolled after two rotations
+        )
+
+    monkeypatch.setattr(cli, "enroll", enroll)
+    state_dir = tmp_path / "state"
+    rc = main(
+        [
+            "join",
+            "--gateway",
+            "http://127.0.0.1:9",
+            "--token",
+            "t",
+            "--simulated-gpus",
+            "RTX 4090:1",
+            "--state-dir",
+            str(state_dir),
+        ]
+    )
+
+    assert rc == 0, capsys.readouterr()
+    saved = StateDir(state_dir).load_enrollment()
+    assert saved is not None
+    assert (saved.gateway_public_key, saved.gateway_key_sequence) == (gateway_key, 2)
+    assert f"gateway key pinned: {gateway_key} (certificate 2)" in capsys.readouterr().out
 
 
 def test_force_enrols_again(tmp_path, capsys):

@@ -103,3 +103,22 @@ def test_an_enrolment_answer_that_downgrades_the_channel_is_refused():
     assert _parse_response(answer, "https://molt.example", identity).websocket_url.startswith(
         "wss://"
     )
+
+
+def test_the_enrolment_answer_tells_the_pinned_keys_place_in_the_chain_of_rotations():
+    identity = Identity.generate()
+    answer = {
+        "node_id": identity.node_id,
+        "name": "node-47",
+        "mesh_address": "10.100.128.47",
+        "gateway_public_key": Identity.generate().public_key_b64,
+        "websocket_url": "wss://molt.example/ws/agent/",
+    }
+    # A gateway that predates the field: 0, the key is found in the chain by searching.
+    assert _parse_response(answer, "https://molt.example", identity).gateway_key_sequence == 0
+    answer["gateway_key_sequence"] = 2
+    assert _parse_response(answer, "https://molt.example", identity).gateway_key_sequence == 2
+    for bad in (-1, "2", True, 2.0, 2**53):
+        answer["gateway_key_sequence"] = bad
+        with pytest.raises(GatewayError, match="invalid gateway_key_sequence"):
+            _parse_response(answer, "https://molt.example", identity)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import stat
 import time
@@ -68,11 +69,38 @@ def test_a_link_that_names_another_old_key_is_refused():
 
 
 def test_a_replayed_or_forked_certificate_at_or_below_the_pinned_sequence_is_refused():
-    # The agent is at K1 by certificate 1; someone holding the retired K1's successor... or a
-    # fork signed by K1 with a sequence the agent already passed: never followed.
-    fork = [cert(K1, MALLORY, 1)]
+    # The agent is at K1 by certificate 1; a fork signed by K1 with a sequence the agent already
+    # passed, at the place the next certificate belongs: never followed.
+    fork = [cert(GATEWAY, K1, 1), cert(K1, MALLORY, 1)]
     with pytest.raises(wire.ProtocolError, match="replayed or forked"):
         wire.follow_key_chain(K1.public_key, 1, fork, NOW)
+
+
+K3 = Identity.from_seed(bytes(range(4, 36)))
+LONG = [*CHAIN, cert(K2, K3, 3)]
+
+
+def test_a_key_pinned_at_a_known_sequence_is_followed_from_its_place_in_the_chain():
+    # Told sequence 1 at enrolment (or reached by an earlier chain): certificate 2, at index 1.
+    assert wire.follow_key_chain(K1.public_key, 1, LONG, NOW) == (K3.public_key, 3)
+    assert wire.follow_key_chain(K2.public_key, 2, LONG, NOW) == (K3.public_key, 3)
+
+
+def test_the_chain_is_not_searched_for_a_key_pinned_at_a_known_sequence():
+    # K2 claimed to sit at sequence 1: the certificate there retires K1, not K2. Searching
+    # would have found K2's own certificate further on and followed it.
+    with pytest.raises(wire.ProtocolError, match="certificate 1 does not retire the pinned key"):
+        wire.follow_key_chain(K2.public_key, 1, LONG, NOW)
+    with pytest.raises(wire.ProtocolError, match="end at sequence 2, not past the pinned"):
+        wire.follow_key_chain(K2.public_key, 2, CHAIN, NOW)
+
+
+def test_from_a_known_sequence_the_first_certificate_followed_has_no_gap_either():
+    # Pinned K1 at sequence 1: the next certificate must be 2. Only a pin at sequence 0 (its
+    # place unknown: joined before the gateway told it) may skip ahead.
+    skipping = [cert(GATEWAY, K1, 1), cert(K1, K2, 3)]
+    with pytest.raises(wire.ProtocolError, match="sequence 3 after 1"):
+        wire.follow_key_chain(K1.public_key, 1, skipping, NOW)
 
 
 def test_a_gap_in_the_sequence_is_refused():
@@ -163,6 +191,39 @@ def test_a_state_signed_by_a_key_a_forged_chain_leads_to_is_refused_and_nothing_
     assert "key certificate 0" in report["detail"]
     assert node.agent.enrollment.gateway_public_key == GATEWAY.public_key_b64
     assert not StateDir(tmp_path).enrollment_path.exists()
+
+
+def test_a_node_pinned_at_its_enrolment_sequence_ratchets_and_a_retired_key_cannot_sign_again(
+    tmp_path,
+):
+    # Enrolled after one rotation: the answer said K1, sequence 1 (clawnode join saves both).
+    node = Node(tmp_path)
+    node.agent.enrollment = dataclasses.replace(
+        node.agent.enrollment, gateway_public_key=K1.public_key_b64, gateway_key_sequence=1
+    )
+    key = wg_key()
+    chain = [cert(GATEWAY, K1, 1), cert(K1, K2, 2, not_before=int(time.time()))]
+
+    feed(node, state_by(node, K2, {key: "10.64.0.9/32"}), chain)
+
+    assert set(node.backend.peers) == {key}
+    saved = StateDir(tmp_path).load_enrollment()
+    assert saved is not None
+    assert (saved.gateway_public_key, saved.gateway_key_sequence) == (K2.public_key_b64, 2)
+    assert stat.S_IMODE(os.stat(StateDir(tmp_path).enrollment_path).st_mode) == 0o600
+    # K1 is retired, and say it leaked: neither a state it signs nor a fork of the chain it
+    # signs (a certificate 2 of its own, to a key of the thief's) moves the node.
+    fork = [cert(GATEWAY, K1, 1), cert(K1, MALLORY, 2, not_before=int(time.time()))]
+    for envelope, certs in (
+        (state_by(node, K1, {}), chain),
+        (state_by(node, MALLORY, {}), fork),
+        (state_by(node, MALLORY, {}), [*fork, cert(MALLORY, K3, 3)]),
+    ):
+        feed(node, envelope, certs)
+        assert node.ws.sent[-1]["type"] == "report"
+        assert set(node.backend.peers) == {key}
+    assert StateDir(tmp_path).load_enrollment() == saved
+    assert node.agent.enrollment == saved
 
 
 def test_a_valid_chain_does_not_make_a_state_signed_by_another_key_acceptable():

@@ -3,9 +3,11 @@
 
 The new key is certified by the current one and signs from then on; the certificate chain goes
 to agents beside every desired state, and each agent pins the new key on the first state it
-verifies through the chain. The command then pushes every live node's current state at once (at
-most once over the channel layer, like any push); an agent that misses it gets the chain with
-its next state or on its next connect, however long it has been away.
+verifies through the chain. The command then gives every live node a new desired revision
+(its state changed: the new key signs it, and the hub peer in it has the new key) and pushes
+every live node's current state at once (at most once over the channel layer, like any push); a
+push lost is sent again by the repush-lagging-nodes sweep, and an agent away gets the chain on
+its next connect, however long it has been away.
 
 `--if-older-than DAYS` rotates only when the current key has signed for at least that long
 (by the last certificate's not_before, or the key file's age before any rotation), so a daily
@@ -17,6 +19,8 @@ from __future__ import annotations
 import time
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+from django.db.models import F
 
 from meshnet.gateway_key import gateway_identity, gateway_key_path, key_certificates
 from meshnet.gateway_key import rotate_gateway_key as rotate
@@ -54,10 +58,27 @@ class Command(BaseCommand):
             f"gateway key rotated: {rotation.old_key} -> {rotation.new_key} "
             f"(certificate {rotation.sequence}); the old key is kept in gateway-keys/"
         )
+        pks = _bump_live_nodes()
         if not no_push:
-            pks = list(Node.objects.filter(revoked_at__isnull=True).values_list("pk", flat=True))
             sent = push_desired_states(pks)
             self.stdout.write(f"pushed the state signed by the new key to {sent} nodes")
+
+
+def _bump_live_nodes() -> list[int]:
+    """A new desired revision for every live node: its state changed (signed by the new key, and
+    its hub peer has the new key's X25519 conversion, meshnet.hub.hub_peer), so a push the
+    channel layer drops, or --no-push, is made good by the repush-lagging-nodes sweep rather
+    than waiting for the node's next change or reconnect. One transaction; rows locked in
+    primary-key order, as everywhere in meshnet."""
+    with transaction.atomic():
+        pks = list(
+            Node.objects.select_for_update()
+            .filter(revoked_at__isnull=True)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
+    return pks
 
 
 def _current_since() -> float:

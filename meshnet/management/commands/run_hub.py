@@ -4,8 +4,9 @@ Brings up the hub interface (MOLT_HUB_INTERFACE, 10.100.0.1/32, MOLT_HUB_PORT, t
 key converted to X25519) on the agent's WireGuard backends (kernel where the kernel has
 WireGuard, else wireguard-go; `--backend`), then loops: every MOLT_HUB_POLL_SECONDS it reads its
 peers' endpoints and stores each node's public mapping, every MOLT_HUB_RECONCILE_SECONDS it
-brings its peer set to the enrolled, non-revoked nodes. Needs root (or CAP_NET_ADMIN), as the
-agent does.
+brings its peer set to the enrolled, non-revoked nodes and its private key to the gateway key's
+(a rotation, `manage.py rotate_gateway_key`, needs no restart: meshnet.hub.follow_gateway_key).
+Needs root (or CAP_NET_ADMIN), as the agent does.
 
 Stopping it (SIGTERM, SIGINT) leaves the interface up, as an agent leaves its own: a restarted
 hub adopts it with every peer's endpoint intact, so a restart loses no node's mapping.
@@ -29,6 +30,8 @@ from meshnet import hub
 
 class Command(BaseCommand):
     help = "Run the gateway's WireGuard hub: discovers each node's public WireGuard mapping."
+
+    _key = ""  # the hub public key the interface was last given (meshnet.hub.bring_up)
 
     def add_arguments(self, parser) -> None:
         parser.add_argument(
@@ -68,13 +71,15 @@ class Command(BaseCommand):
             raise CommandError(f"cannot bring the hub interface up: {exc}") from None
         self.stdout.write(
             f"hub {settings.MOLT_HUB_INTERFACE} at {hub.HUB_ADDRESS} port {settings.MOLT_HUB_PORT}"
-            f" ({why}); key {hub.hub_public_key()}; nodes send to {settings.MOLT_HUB_ENDPOINT}",
+            f" ({why}); key {self._key}; nodes send to {settings.MOLT_HUB_ENDPOINT}",
         )
         self.stdout.flush()
         next_reconcile = 0.0
         while not stop.is_set():
             try:
                 if time.monotonic() >= next_reconcile:
+                    # A rotated gateway key becomes the interface's key here, no restart.
+                    self._key = hub.follow_gateway_key(device, self._key)
                     results = hub.reconcile_peers(device)
                     failed = {k: v for k, v in results.items() if v != "ok"}
                     if results:
@@ -105,9 +110,4 @@ class Command(BaseCommand):
         self.stdout.write("hub stopped (interface left up; run_hub --down removes it)")
 
     def _up(self, device) -> None:
-        device.ensure_interface(
-            settings.MOLT_HUB_INTERFACE,
-            hub.hub_private_key(),
-            settings.MOLT_HUB_PORT,
-            hub.HUB_ADDRESS,
-        )
+        self._key = hub.bring_up(device)

@@ -10,13 +10,18 @@ key and, if the chain holds and the state verifies with the key it ends at, pins
 (clawnode.daemon). The rules, each refusing the whole chain:
 
 - the chain is a list of at most ``MAX_CHAIN`` envelopes;
-- certificates before the first whose ``old_key`` is the pinned key are history (they lead to
-  the pinned key) and are skipped unread; there must be such a certificate;
+- following starts at the pinned key's place: the chain is whole, oldest first (certificate
+  n at index n - 1), so for a key pinned at sequence n (told at enrolment, or reached by an
+  earlier chain) it is the certificate at index n, which must name the pinned key as
+  ``old_key``. Only a pin at sequence 0 whose place may be unknown (an enrolment from before
+  the gateway told it) is searched for: the first certificate whose ``old_key`` is the pinned
+  key. The certificates before are history, skipped unread;
 - from there on, every certificate is signed by the key before it (the pinned key first), names
   it as ``old_key``, and its ``new_key`` is the next one's ``old_key``;
-- sequences go up by exactly one, the first above the sequence the agent pinned (0 at join):
-  a certificate the agent has already moved past, replayed, or a second one of a sequence
-  (a fork made with a retired key), is refused: no rollback;
+- sequences go up by exactly one from the sequence the agent pinned (from a pin at sequence 0
+  found by searching, the first only has to be above it): a certificate the agent has already
+  moved past, replayed, or a second one of a sequence (a fork made with a retired key), is
+  refused: no rollback;
 - no key comes back (a cycle would let a retired key sign again), and ``new_key`` is never
   ``old_key``;
 - ``not_before`` is at most ``NOT_BEFORE_SKEW`` seconds ahead of the agent's clock.
@@ -72,23 +77,21 @@ def follow_key_chain(
     if len(chain) > MAX_CHAIN:
         raise ProtocolError(f"more than {MAX_CHAIN} key certificates")
     pinned_b64 = _b64(pinned_key)
-    start = None
-    for i, envelope in enumerate(chain):
-        body = envelope.get("body") if isinstance(envelope, Mapping) else None
-        if isinstance(body, Mapping) and body.get("old_key") == pinned_b64:
-            start = i
-            break
-    if start is None:
-        raise ProtocolError(f"no key certificate is signed by the pinned key {pinned_b64[:8]}…")
+    start = _start(chain, pinned_b64, pinned_sequence)
     key, sequence = pinned_key, pinned_sequence
     seen = {pinned_b64}
     for i in range(start, len(chain)):
         cert = _open(chain[i], key, i)
         if cert.old_key != _b64(key):
             raise ProtocolError(f"key certificate {i} does not continue the chain")
-        # The first certificate followed only has to be newer than what the agent pinned (an
-        # agent that joined after a rotation pinned its key with sequence 0); after it, no gap.
-        in_order = cert.sequence > sequence if i == start else cert.sequence == sequence + 1
+        # A pin at sequence 0 may be one whose place is unknown (a join from before the
+        # enrolment answer told it, after a rotation): the first certificate followed then only
+        # has to be newer. Otherwise, and after it, no gap.
+        in_order = (
+            cert.sequence > sequence
+            if i == start and pinned_sequence == 0
+            else cert.sequence == sequence + 1
+        )
         if not in_order:
             raise ProtocolError(
                 f"key certificate {i} has sequence {cert.sequence} after {sequence}: "
@@ -101,6 +104,38 @@ def follow_key_chain(
         seen.add(cert.new_key)
         key, sequence = parse_ed25519_public_key(cert.new_key), cert.sequence
     return key, sequence
+
+
+def _start(chain: Sequence[Any], pinned_b64: str, pinned_sequence: int) -> int:
+    """Where following begins: the certificate that retires the pinned key.
+
+    The gateway's chain is whole, oldest first, so certificate n is at index n - 1 and the one
+    after a key pinned at sequence n is at index n: read there, not searched for. Sequence 0
+    is either the key from before any rotation (index 0) or, in an enrolment from before the
+    gateway told the sequence, a key pinned at an unknown place: only then is the chain searched
+    for the first certificate whose old_key is the pinned key."""
+    if pinned_sequence:
+        if pinned_sequence >= len(chain):
+            raise ProtocolError(
+                f"the key certificates end at sequence {len(chain)}, not past the pinned key's "
+                f"{pinned_sequence}"
+            )
+        body = (
+            chain[pinned_sequence].get("body")
+            if isinstance(chain[pinned_sequence], Mapping)
+            else None
+        )
+        if not isinstance(body, Mapping) or body.get("old_key") != pinned_b64:
+            raise ProtocolError(
+                f"key certificate {pinned_sequence} does not retire the pinned key "
+                f"{pinned_b64[:8]}… (pinned at sequence {pinned_sequence})"
+            )
+        return pinned_sequence
+    for i, envelope in enumerate(chain):
+        body = envelope.get("body") if isinstance(envelope, Mapping) else None
+        if isinstance(body, Mapping) and body.get("old_key") == pinned_b64:
+            return i
+    raise ProtocolError(f"no key certificate is signed by the pinned key {pinned_b64[:8]}…")
 
 
 def _open(envelope: Any, key: bytes, index: int) -> KeyCert:
