@@ -78,7 +78,7 @@ def test_grant_credits_takes_an_integer_as_micro_usd(buyer):
     out = grant("alice", "2500000")
 
     assert available_for(buyer) == 2_500_000
-    assert "2.50 USD (2500000 micro-USD)" in out
+    assert "granted 2.50 USD to alice" in out
     assert_ledger_balances()
 
 
@@ -101,12 +101,14 @@ def test_grant_credits_converts_dollars_exactly(buyer, text, micro):
     assert available_for(buyer) == micro
 
 
-def test_grant_credits_prints_the_new_balance_in_both_units(buyer):
+def test_grant_credits_prints_the_new_balance_in_dollars_exactly(buyer):
     grant("alice", "$100")
-    out = grant("alice", "$0.25")
+    out = grant("alice", "250001")
 
-    assert "granted 0.25 USD (250000 micro-USD) to alice" in out
-    assert "available balance 100.25 USD (100250000 micro-USD)" in out
+    # Every digit of an amount finer than a cent, and never the ledger's unit.
+    assert "granted 0.250001 USD to alice" in out
+    assert "available balance 100.250001 USD" in out
+    assert "micro" not in out
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,10 @@ class Command(BaseCommand):
             raise CommandError(f"no user named {user!r}") from None
         ledger.grant_credits(account_owner, micro, memo=memo[:200])
         balance = ledger.available_for(account_owner)
-        granted, available = format_usd(micro, code=True), format_usd(balance, code=True)
+        # Money reads as money (issue 12), here too: dollars with every digit the amount has,
+        # so an integer of micro-USD typed in comes back exactly, without the ledger's unit.
+        granted = format_usd(micro, exact=True, code=True)
+        available = format_usd(balance, exact=True, code=True)
         self.stdout.write(
-            f"granted {granted} ({micro} micro-USD) to {account_owner.username}; "
-            f"available balance {available} ({balance} micro-USD)"
+            f"granted {granted} to {account_owner.username}; available balance {available}"
         )
