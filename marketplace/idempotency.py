@@ -22,13 +22,21 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from marketplace.models import IdempotencyRecord
 
 # The record's status while the first request runs (committed, so duplicates see it).
 IN_FLIGHT = 0
+
+# On PostgreSQL a claim's work marks itself running with a transaction-level advisory lock in
+# this namespace (the two-int form: namespace, record id), which PostgreSQL releases when that
+# transaction ends in any way, its backend's death included (`hold`, `_abandoned`).
+WORK_LOCK_NAMESPACE = 0x4D4F4C54 & 0x7FFFFFFF  # "MOLT"
+# A claim younger than this may be between its own commit and its work's first statement (which
+# takes the lock), so its holder is not judged gone from the lock alone.
+HOLD_GRACE = timedelta(seconds=5)
 
 
 class AlreadyDone(Exception):
@@ -78,8 +86,10 @@ def claim(user, key: str, request_fingerprint: str, token: str) -> tuple[Idempot
     """The key's record and whether this request now holds its claim (True: run the work).
     The claim commits at once, in its own transaction. Raises KeyReused for another request's
     key and KeyInFlight while another request holds a live claim. A claim older than
-    MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS (its holder presumably crashed, its work uncommitted)
-    is taken over by compare-and-set on its token, so of two retries only one does."""
+    MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS (its holder presumably crashed, its work uncommitted),
+    or on PostgreSQL one past HOLD_GRACE whose work is not running (`_abandoned`: its holder
+    was killed, or lost its connection while the database was out of reach and could not free
+    it), is taken over by compare-and-set on its token, so of two retries only one does."""
     for _ in range(3):
         now = timezone.now()
         try:
@@ -103,7 +113,7 @@ def claim(user, key: str, request_fingerprint: str, token: str) -> tuple[Idempot
             raise KeyReused(key)
         if existing.status_code != IN_FLIGHT:
             return existing, False
-        if not _stale(existing.claimed_at, now):
+        if not (_stale(existing.claimed_at, now) or _abandoned(existing, now)):
             raise KeyInFlight(key)
         if IdempotencyRecord.objects.filter(
             pk=existing.pk, status_code=IN_FLIGHT, claim=existing.claim
@@ -116,6 +126,38 @@ def claim(user, key: str, request_fingerprint: str, token: str) -> tuple[Idempot
 def _stale(claimed_at: datetime | None, now: datetime) -> bool:
     timeout = timedelta(seconds=settings.MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS)
     return claimed_at is None or now - claimed_at > timeout
+
+
+def _work_lock(record: IdempotencyRecord) -> list[int]:
+    # int4 arguments; two records 2**31 - 1 apart share a lock, which can only make a gone
+    # holder look alive (409 until the claim is stale), never the reverse.
+    return [WORK_LOCK_NAMESPACE, record.pk % 0x7FFFFFFF]
+
+
+def hold(record: IdempotencyRecord) -> None:
+    """Call first in the claim's work transaction: on PostgreSQL, mark the work as running
+    until that transaction ends (commit, rollback or the backend's death), so a retry can tell
+    a claim whose holder is gone from one still at work (`_abandoned`). Never waits: a lock
+    held by the request this one took the claim over from only leaves the mark to it."""
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", _work_lock(record))
+
+
+def _abandoned(existing: IdempotencyRecord, now: datetime) -> bool:
+    """Whether an in-flight claim's holder is gone: on PostgreSQL, past HOLD_GRACE and no
+    transaction holds its work's lock. Elsewhere (SQLite: one process, no such locks) only
+    staleness tells."""
+    if connection.vendor != "postgresql" or existing.claimed_at is None:
+        return False
+    if now - existing.claimed_at < HOLD_GRACE:
+        return False
+    with transaction.atomic(), connection.cursor() as cursor:
+        # Taken and given back with this short transaction (or the caller's).
+        cursor.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", _work_lock(existing))
+        (free,) = cursor.fetchone()
+    return bool(free)
 
 
 def store(record: IdempotencyRecord, token: str, status_code: int, body: str) -> bool:

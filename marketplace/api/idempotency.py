@@ -21,9 +21,11 @@ How it stays exactly-once:
    compare-and-set), so a corrected retry with the key runs.
 4. Crash. A process that dies between 1 and 2 leaves an in-flight record whose work never
    committed. After MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS a retry takes the claim over (a new token
-   by compare-and-set) and runs. Should the first request not be dead after all but merely
-   slow, its final compare-and-set finds another token, its work rolls back and it answers
-   409: the work lands once either way.
+   by compare-and-set) and runs; on PostgreSQL at once (after a 5 s grace for the gap between
+   the claim and its work), because the work holds an advisory lock for as long as its
+   transaction lives and a retry finds it free. Should the first request not be dead after
+   all but merely slow, its final compare-and-set finds another token, its work rolls back and
+   it answers 409: the work lands once either way.
 5. Lost connection. A claim or work whose connection dies (a backend terminated) is resolved
    on a new connection before answering: a claim carrying our token is ours; work whose record
    is completed committed (its response is the answer, 2xx, even when the COMMIT's own answer
@@ -207,6 +209,9 @@ def _keyed(handler, view, request: Request, *args, **kwargs) -> HttpResponse:
     hooks: list = []
     try:
         with transaction.atomic():
+            # Marks the work running while this transaction lives, so a retry takes the claim
+            # over at once if this process dies (PostgreSQL; idempotency._abandoned).
+            idempotency.hold(record)
             response = handler(view, request, *args, **kwargs)
             if not 200 <= response.status_code < 300:
                 transaction.set_rollback(True)
@@ -278,8 +283,9 @@ def _free_resolving(record: IdempotencyRecord, token: str) -> IdempotencyRecord 
     try:
         stored = lost_commits.on_new_connection(free_then_read)
     except lost_commits.CONNECTION_LOST:
-        # The database is still out of reach: the claim stays in flight until it goes stale
-        # (MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS), when a retry takes it over.
+        # The database is still out of reach: the claim stays in flight. Its work's lock died
+        # with the connection, so on PostgreSQL the first retry once the database is back takes
+        # it over (idempotency._abandoned); elsewhere when it goes stale.
         return None
     if stored is None or stored.status_code == idempotency.IN_FLIGHT:
         return None

@@ -16,7 +16,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from config.celery import app as celery_app
-from marketplace import ledger
+from marketplace import idempotency, ledger
 from marketplace.models import (
     EscrowHold,
     IdempotencyRecord,
@@ -364,6 +364,73 @@ def test_a_crashed_requests_claim_blocks_retries_until_it_expires_then_one_runs(
     assert Order.objects.filter(buyer=buyer).count() == 1
     record.refresh_from_db()
     assert (record.status_code, record.claim) == (201, "")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_whose_holder_is_gone_is_taken_over_after_the_grace_not_the_timeout(
+    buyer_api, buyer, listing, settings
+):
+    """A request whose process died (or whose connection was cut while the database was out of
+    reach, so it could not free its claim) holds no work lock: the first retry past
+    HOLD_GRACE runs, long before MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS."""
+    from marketplace.api.idempotency import _claim
+
+    raw = json.dumps(order_body(listing))
+    record, claimed = _claim(buyer, "gone", fingerprint_of(raw), "dead-process-token")
+    assert claimed
+    # Within the grace the claim may be between its commit and its work's lock: 409.
+    assert post_order(buyer_api, None, key="gone", raw=raw).status_code == 409
+    past_grace = idempotency.HOLD_GRACE + timedelta(seconds=1)
+    assert past_grace.total_seconds() < settings.MOLT_IDEMPOTENCY_IN_FLIGHT_SECONDS
+    IdempotencyRecord.objects.filter(pk=record.pk).update(claimed_at=timezone.now() - past_grace)
+
+    taken_over = post_order(buyer_api, None, key="gone", raw=raw)
+
+    assert taken_over.status_code == 201, taken_over.content
+    assert Order.objects.filter(buyer=buyer).count() == 1
+    record.refresh_from_db()
+    assert (record.status_code, record.claim) == (201, "")
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_whose_work_still_runs_is_not_taken_over_past_the_grace(buyer_api, buyer, listing):
+    """The same claim while a transaction holds its work's lock (as `_keyed` does for as long
+    as the work runs) is in flight: 409, however long past the grace, until the timeout."""
+    from marketplace.api.idempotency import _claim
+
+    raw = json.dumps(order_body(listing))
+    record, _ = _claim(buyer, "busy", fingerprint_of(raw), "working-token")
+    IdempotencyRecord.objects.filter(pk=record.pk).update(
+        claimed_at=timezone.now() - idempotency.HOLD_GRACE - timedelta(seconds=1)
+    )
+    holding, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        try:
+            with transaction.atomic():
+                idempotency.hold(record)
+                holding.set()
+                release.wait(timeout=30)
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        assert holding.wait(timeout=15)
+        retry = post_order(buyer_api, None, key="busy", raw=raw)
+    finally:
+        release.set()
+        worker.join(timeout=30)
+
+    assert retry.status_code == 409, retry.content
+    assert retry.json()["code"] == "idempotency_key_in_flight"
+    assert Order.objects.filter(buyer=buyer).count() == 0
+    # Once that transaction ended without storing (a holder that died the same way), the next
+    # retry takes the claim over.
+    assert post_order(buyer_api, None, key="busy", raw=raw).status_code == 201
 
 
 def test_a_stale_claim_with_another_body_is_still_a_422(buyer_api, buyer, listing):
