@@ -292,11 +292,20 @@ CELERY_BEAT_SCHEDULE = {
         "task": "meshnet.tasks.close_out_silent_nodes",
         "schedule": 3600.0,
     },
+    # Rotates only once the key is MOLT_GATEWAY_KEY_MAX_AGE_DAYS old: hourly, so within an hour.
+    "rotate-gateway-key": {
+        "task": "meshnet.tasks.rotate_gateway_key_if_due",
+        "schedule": 3600.0,
+    },
 }
 
 # --- MOLT ---------------------------------------------------------------------------------
 # Where the gateway keeps its Ed25519 root key (created 0600 on first use).
 MOLT_STATE_DIR = Path(env_str("MOLT_STATE_DIR", str(BASE_DIR / "var" / "state")))
+# Automatic rotation of that key (meshnet.tasks.rotate_gateway_key_if_due, beat): once it has
+# signed this many days; 0 turns it off (`manage.py rotate_gateway_key` still rotates by hand).
+# Web, worker and hub must share MOLT_STATE_DIR, as they must to sign with the same key at all.
+MOLT_GATEWAY_KEY_MAX_AGE_DAYS = env_int("MOLT_GATEWAY_KEY_MAX_AGE_DAYS", 90, minimum=0)
 MOLT_CURRENCY = "USD"
 MOLT_CURRENCY_UNIT = "micro"  # every amount is an integer number of micro-USD
 MOLT_PLATFORM_FEE_BPS = env_int("MOLT_PLATFORM_FEE_BPS", 1000, minimum=0)

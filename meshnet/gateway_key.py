@@ -105,8 +105,24 @@ class Rotation:
     sequence: int
 
 
-def rotate_gateway_key(*, now: int | None = None) -> Rotation:
+def current_key_since() -> float:
+    """When the current key started signing (Unix time): the last certificate's not_before, or
+    before any rotation the key file's modification time (a key created now if there was none)."""
+    chain = key_certificates()
+    if chain:
+        return float(chain[-1]["body"]["not_before"])
+    gateway_identity()
+    return gateway_key_path().stat().st_mtime
+
+
+def rotate_gateway_key(
+    *, now: int | None = None, if_signed_for: float | None = None
+) -> Rotation | None:
     """Make a new gateway key, certify it with the current one and make it current.
+
+    With `if_signed_for` (seconds), only when the current key has signed at least that long
+    (current_key_since), checked under the lock, so two schedulers due at once rotate once:
+    None when it was not due.
 
     Under an exclusive lock on MOLT_STATE_DIR/gateway.lock (two rotations at once would fork the
     chain, which agents refuse). Order matters for processes reading meanwhile: the old key is
@@ -117,6 +133,10 @@ def rotate_gateway_key(*, now: int | None = None) -> Rotation:
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / "gateway.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if if_signed_for is not None:
+            clock = time.time() if now is None else now
+            if clock - current_key_since() < if_signed_for:
+                return None
         old = Identity.load_or_create(gateway_key_path())[0]
         chain = key_certificates()
         sequence = len(chain) + 1

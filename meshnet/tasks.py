@@ -10,9 +10,11 @@ from datetime import timedelta
 
 from celery import shared_task
 from django.conf import settings
+from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
-from meshnet import nodes
+from meshnet import gateway_key, nodes
 from meshnet.channel_layer import send_many
 from meshnet.desired_state import signed_desired_states
 from meshnet.fanout import AGENTS_GROUP, states_message
@@ -20,6 +22,59 @@ from meshnet.models import MeteringSample, Node, UsedNonce
 from meshnet.names import signed_names_of
 
 log = logging.getLogger(__name__)
+
+SECONDS_PER_DAY = 86400
+
+
+@shared_task
+def rotate_gateway_key_if_due() -> bool:
+    """Automatic rotation of the gateway's signing key (beat, daily): once the current key has
+    signed for MOLT_GATEWAY_KEY_MAX_AGE_DAYS (0 turns it off), rotate_gateway_key. True when it
+    rotated. Not acks_late: a rotation redelivered after a crash would be checked again anyway,
+    and the age test under the rotation lock makes two at once rotate once."""
+    days = settings.MOLT_GATEWAY_KEY_MAX_AGE_DAYS
+    if days <= 0:
+        return False
+    return rotate_gateway_key(if_signed_for_days=days) is not None
+
+
+def rotate_gateway_key(
+    *, if_signed_for_days: float | None = None, push: bool = True
+) -> tuple[gateway_key.Rotation, int | None] | None:
+    """Rotate the gateway's key (meshnet.gateway_key.rotate_gateway_key: certified by the old
+    one, agents follow without re-joining), then give every live node a new desired revision
+    (its state changed: the new key signs it and its hub peer has the new key) and, with `push`,
+    send every live node its state now. The revision bump makes a push the channel layer
+    drops (or none) good through the repush-lagging-nodes sweep instead of waiting for the
+    node's next change or reconnect. Returns the rotation and how many states were pushed
+    (None without `push`), or None when `if_signed_for_days` says it is not due yet."""
+    rotation = gateway_key.rotate_gateway_key(
+        if_signed_for=None if if_signed_for_days is None else if_signed_for_days * SECONDS_PER_DAY
+    )
+    if rotation is None:
+        return None
+    log.info(
+        "gateway key rotated: %s -> %s (certificate %d)",
+        rotation.old_key,
+        rotation.new_key,
+        rotation.sequence,
+    )
+    pks = _bump_live_nodes()
+    return rotation, (push_desired_states(pks) if push else None)
+
+
+def _bump_live_nodes() -> list[int]:
+    """A new desired revision for every live node, in one transaction; rows locked in
+    primary-key order, as everywhere in meshnet."""
+    with transaction.atomic():
+        pks = list(
+            Node.objects.select_for_update()
+            .filter(revoked_at__isnull=True)
+            .order_by("pk")
+            .values_list("pk", flat=True)
+        )
+        Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
+    return pks
 
 
 @shared_task(acks_late=True)

@@ -9,6 +9,7 @@ import io
 import json
 import os
 import stat
+import time
 
 import pytest
 from clawnode import wire
@@ -28,6 +29,7 @@ from meshnet.gateway_key import (
 )
 from meshnet.models import Node
 from meshnet.nodes import revoke_node
+from meshnet.tasks import rotate_gateway_key_if_due
 from tests import factories
 
 pytestmark = [pytest.mark.db, pytest.mark.django_db]
@@ -190,3 +192,53 @@ def test_a_rotation_gives_live_nodes_a_new_revision_whose_hub_peer_has_the_new_k
     assert list(Node.objects.lagging()) == [node]
     (hub,) = [p for p in desired_state(node).peers if p.ref == "hub"]
     assert hub.public_key == gateway_identity().wireguard_public_key_b64
+
+
+# --- automatic rotation (beat) ------------------------------------------------------------------
+
+
+def signed_for(days: float) -> None:
+    """Make the current key look as if it had signed for `days` (its file's age before any
+    rotation: meshnet.gateway_key.current_key_since)."""
+    then = time.time() - days * 86400
+    gateway_identity()
+    os.utime(gateway_key_path(), (then, then))
+
+
+def test_beat_rotates_the_key_once_it_is_due_and_pushes_every_live_node(layer, provider, settings):
+    settings.MOLT_GATEWAY_KEY_MAX_AGE_DAYS = 30
+    node = factories.enrolled_node(provider)
+    signed_for(29.9)
+    before = gateway_identity().public_key
+
+    assert rotate_gateway_key_if_due() is False
+    assert gateway_identity().public_key == before and key_certificates() == []
+
+    signed_for(30.1)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    assert rotate_gateway_key_if_due() is True
+
+    assert gateway_identity().public_key != before
+    assert [c["body"]["sequence"] for c in key_certificates()] == [1]
+    assert Node.objects.get(pk=node.pk).desired_revision == revision + 1
+    assert node.node_id in layer.sent[0][1]["states"]
+    # The new key has signed for no time at all: the next run leaves it alone.
+    assert rotate_gateway_key_if_due() is False
+    assert len(key_certificates()) == 1
+
+
+def test_beat_never_rotates_with_the_max_age_zero(layer, settings):
+    settings.MOLT_GATEWAY_KEY_MAX_AGE_DAYS = 0
+    signed_for(10_000)
+    before = gateway_identity().public_key
+
+    assert rotate_gateway_key_if_due() is False
+    assert gateway_identity().public_key == before
+
+
+def test_the_beat_schedule_checks_the_keys_age_every_hour():
+    from django.conf import settings as django_settings
+
+    entry = django_settings.CELERY_BEAT_SCHEDULE["rotate-gateway-key"]
+    assert entry == {"task": "meshnet.tasks.rotate_gateway_key_if_due", "schedule": 3600.0}
+    assert django_settings.MOLT_GATEWAY_KEY_MAX_AGE_DAYS == 90  # on by default

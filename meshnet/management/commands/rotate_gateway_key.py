@@ -10,8 +10,8 @@ push lost is sent again by the repush-lagging-nodes sweep, and an agent away get
 its next connect, however long it has been away.
 
 `--if-older-than DAYS` rotates only when the current key has signed for at least that long
-(by the last certificate's not_before, or the key file's age before any rotation), so a daily
-cron or beat entry gives automatic rotation.
+(by the last certificate's not_before, or the key file's age before any rotation). Beat does
+this daily by itself (meshnet.tasks.rotate_gateway_key_if_due, MOLT_GATEWAY_KEY_MAX_AGE_DAYS).
 """
 
 from __future__ import annotations
@@ -19,13 +19,9 @@ from __future__ import annotations
 import time
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import transaction
-from django.db.models import F
 
-from meshnet.gateway_key import gateway_identity, gateway_key_path, key_certificates
-from meshnet.gateway_key import rotate_gateway_key as rotate
-from meshnet.models import Node
-from meshnet.tasks import push_desired_states
+from meshnet.gateway_key import current_key_since
+from meshnet.tasks import SECONDS_PER_DAY, rotate_gateway_key
 
 
 class Command(BaseCommand):
@@ -43,47 +39,20 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, if_older_than: float | None, no_push: bool, **options) -> None:
-        if if_older_than is not None:
-            age_days = (time.time() - _current_since()) / 86400
-            if age_days < if_older_than:
-                self.stdout.write(
-                    f"gateway key is {age_days:.1f} days old (< {if_older_than}): not rotated"
-                )
-                return
         try:
-            rotation = rotate()
+            done = rotate_gateway_key(if_signed_for_days=if_older_than, push=not no_push)
         except RuntimeError as exc:
             raise CommandError(str(exc)) from None
+        if done is None:
+            age_days = (time.time() - current_key_since()) / SECONDS_PER_DAY
+            self.stdout.write(
+                f"gateway key is {age_days:.1f} days old (< {if_older_than}): not rotated"
+            )
+            return
+        rotation, sent = done
         self.stdout.write(
             f"gateway key rotated: {rotation.old_key} -> {rotation.new_key} "
             f"(certificate {rotation.sequence}); the old key is kept in gateway-keys/"
         )
-        pks = _bump_live_nodes()
-        if not no_push:
-            sent = push_desired_states(pks)
+        if sent is not None:
             self.stdout.write(f"pushed the state signed by the new key to {sent} nodes")
-
-
-def _bump_live_nodes() -> list[int]:
-    """A new desired revision for every live node: its state changed (signed by the new key, and
-    its hub peer has the new key's X25519 conversion, meshnet.hub.hub_peer), so a push the
-    channel layer drops, or --no-push, is made good by the repush-lagging-nodes sweep rather
-    than waiting for the node's next change or reconnect. One transaction; rows locked in
-    primary-key order, as everywhere in meshnet."""
-    with transaction.atomic():
-        pks = list(
-            Node.objects.select_for_update()
-            .filter(revoked_at__isnull=True)
-            .order_by("pk")
-            .values_list("pk", flat=True)
-        )
-        Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
-    return pks
-
-
-def _current_since() -> float:
-    chain = key_certificates()
-    if chain:
-        return float(chain[-1]["body"]["not_before"])
-    gateway_identity()  # created now if it never was: age 0
-    return gateway_key_path().stat().st_mtime
