@@ -392,6 +392,10 @@ MOLT_RELAY_MODE = env_str("MOLT_RELAY_MODE", "nat")
 if MOLT_RELAY_MODE not in ("off", "nat", "always"):
     raise ImproperlyConfiguredEnv("MOLT_RELAY_MODE must be off, nat or always")
 MOLT_RELAY_LIVE_SECONDS = env_int("MOLT_RELAY_LIVE_SECONDS", 30, minimum=2)
+# With "nat": each relayed pair gets one try at the direct path once the hub has seen the
+# buyer's mapping (meshnet.relays.can_go_direct; the relay stays until the buyer's client is seen
+# to roam, and takes the tunnel back if it does not), as Tailscale starts on DERP and upgrades.
+MOLT_RELAY_TRY_DIRECT = env_bool("MOLT_RELAY_TRY_DIRECT", True)
 
 # --- Card top-ups through Stripe Checkout (marketplace/stripe_checkout.py) ----------------------
 # Both keys set: the wallet page offers "Pay with card"; either missing: card top-ups are off and

@@ -208,11 +208,19 @@ def _reported_bytes(status: dict) -> dict[int, int]:
 
 
 def can_go_direct(allocation: RelayAllocation) -> bool:
-    """Whether a relayed peer should try the direct path: its node no longer wants a relay
-    (MOLT_RELAY_MODE, or an endpoint it declared since) and the hub has seen the buyer's
-    mapping, the only address the node can send to (pure on the loaded rows)."""
+    """Whether a relayed peer should try the direct path: the hub has seen the buyer's mapping
+    (the only address the node can send to), and either its node no longer wants a relay
+    (MOLT_RELAY_MODE, or an endpoint it declared since) or it was relayed only for being behind
+    a NAT and MOLT_RELAY_TRY_DIRECT: a punch may well get through (the buyer public, or behind
+    a NAT that lets the node's packets in), and nothing tells beforehand which NATs will (that
+    needs the second hub address, docs/nat.md). Tried once per pair (`upgrade_failed_at`); the
+    relay keeps the tunnel meanwhile. Pure on the loaded rows."""
     peer = allocation.job_peer
-    return not wants_relay(peer.node) and bool(peer.observed_endpoint)
+    if not peer.observed_endpoint:
+        return False
+    if not wants_relay(peer.node):
+        return True
+    return settings.MOLT_RELAY_MODE == "nat" and settings.MOLT_RELAY_TRY_DIRECT
 
 
 def start_upgrades(relay: Relay, reported: dict[int, int], now) -> int:

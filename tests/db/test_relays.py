@@ -350,8 +350,9 @@ def _node_received(peer, more: int) -> None:
 
 
 def test_a_relayed_order_goes_direct_once_its_node_declares_an_endpoint_and_the_buyer_roams(
-    buyer_api, listing, node, django_capture_on_commit_callbacks
+    buyer_api, listing, node, django_capture_on_commit_callbacks, settings
 ):
+    settings.MOLT_RELAY_TRY_DIRECT = False  # only the declared endpoint may start it here
     relay, order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
     # The node still wants a relay (behind a NAT, nothing declared): a poll starts nothing.
     _poll(relay, peer, 500)
@@ -427,6 +428,32 @@ def test_an_upgrade_the_buyers_nat_does_not_let_through_goes_back_to_the_relay(
     # Tried once: later polls do not start it again (no revision back and forth).
     _poll(relay, peer, 1700)
     assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "try_direct", "tried"),
+    [("nat", True, True), ("nat", False, False), ("always", True, False)],
+)
+def test_a_natted_nodes_relayed_pair_tries_direct_once_the_buyers_mapping_is_known(
+    buyer_api, listing, node, settings, mode, try_direct, tried
+):
+    """Relayed first, then one try at the direct path (as Tailscale starts on DERP): a node
+    behind a NAT, nothing declared, relayed by "nat"; once the hub has seen the buyer, the next
+    poll starts the upgrade: the node's state names the buyer's mapping, the pair stays open.
+    Not when the operator turned it off, nor under "always" (relays by policy)."""
+    settings.MOLT_RELAY_TRY_DIRECT = try_direct
+    settings.MOLT_RELAY_MODE = mode
+    relay, order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    assert RelayAllocation.objects.filter(job_peer=peer).exists()
+
+    pairs = _poll(relay, peer, 500)
+
+    allocation = RelayAllocation.objects.get(job_peer=peer)
+    assert (allocation.upgrade_started_at is not None) == tried
+    assert [p["id"] for p in pairs] == [f"peer-{peer.pk}"]  # the relay keeps the tunnel
+    expected = "198.51.100.7:51820" if tried else "198.51.100.53:40001"
+    assert _node_state_peer(node, peer.public_key).endpoint == expected
+    assert buyer_api.get(f"{ORDERS}{order.pk}/").json()["path"]["kind"] == "relayed"
 
 
 def test_without_the_buyers_mapping_no_upgrade_starts(buyer_api, listing, node):
