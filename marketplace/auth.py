@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 
@@ -46,3 +47,18 @@ class ApiTokenAuthentication(authentication.BaseAuthentication):
 
     def authenticate_header(self, request) -> str:
         return "Bearer"
+
+
+def acts_as_staff(request) -> bool:
+    """Whether an API request carries a staff account's powers (an operator's top-up of another
+    wallet): through an API token (issued to staff only with the second factor:
+    marketplace.api.token_views), or through a session that has given its code (django-otp's
+    OTPMiddleware marks it verified). A staff session signed in with only its password (the
+    site's log-in form asks no code) is a plain user's here, as it is refused the admin and the
+    ops dashboard (frontend.staff_otp). MOLT_STAFF_OTP_REQUIRED=false: any staff session."""
+    user = request.user
+    if not (user.is_authenticated and user.is_staff):
+        return False
+    if isinstance(request.auth, ApiToken) or not settings.MOLT_STAFF_OTP_REQUIRED:
+        return True
+    return bool(getattr(user, "is_verified", lambda: False)())

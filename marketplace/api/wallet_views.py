@@ -27,6 +27,7 @@ from marketplace.api.serializers import (
     TopUpSerializer,
     WalletSerializer,
 )
+from marketplace.auth import acts_as_staff
 from marketplace.models import PayoutRequest
 
 
@@ -72,7 +73,8 @@ class TopUpView(APIView):
         form.is_valid(raise_exception=True)
         username = form.validated_data.get("user")
         target = request.user
-        if request.user.is_staff:
+        # Staff powers need the second factor (a session without its code is a plain user's).
+        if acts_as_staff(request):
             if username:
                 target = get_user_model().objects.filter(username=username).first()
                 if target is None:

@@ -246,3 +246,29 @@ def test_the_demo_operator_gets_a_published_key_and_can_use_the_admin(db, client
         )
         assert answer.status_code == 302
         assert client.get("/admin/").status_code == 200
+
+
+def test_a_staff_session_without_the_code_has_no_staff_powers_in_the_api(
+    client, operator, device, make_user
+):
+    """The site's log-in form asks no code: the session it makes is refused the admin, and in
+    the API it is a plain user's (an operator's top-up of another wallet is a 403), until it
+    gives its code."""
+    from marketplace import ledger
+
+    victim = make_user("victor")
+    assert client.post(
+        "/accounts/login/", {"username": "opal", "password": "opal-pass-123"}
+    ).status_code in (200, 302)
+    assert client.get("/admin/").status_code == 302  # the admin wants the code
+    body = {"user": "victor", "amount": 10**12}
+
+    refused = client.post("/api/v1/wallet/top-ups/", body, content_type="application/json")
+
+    assert refused.status_code == 403, refused.content
+    assert ledger.available_for(victim) == 0
+
+    staff_login(client, operator)  # the same account, now with its code
+    granted = client.post("/api/v1/wallet/top-ups/", body, content_type="application/json")
+    assert granted.status_code == 201, granted.content
+    assert ledger.available_for(victim) == 10**12
