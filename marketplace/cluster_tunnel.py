@@ -16,6 +16,7 @@ from marketplace.errors import InvalidTransition
 from marketplace.models import Order
 from meshnet.hub import buyer_hub_peer
 from meshnet.models import JobPeer, Sandbox
+from meshnet.names import buyer_dns, sandbox_name
 from meshnet.relays import buyer_endpoint
 from meshnet.wgconfig import NodePeer, group_buyer_config
 
@@ -26,11 +27,16 @@ class TunnelNotReady(InvalidTransition):
     """409: no part has its tunnel yet, every part ended, or the order predates one tunnel."""
 
 
-def cluster_config(cluster: Cluster) -> str:
+def cluster_config(cluster: Cluster, *, dns_active: bool = False) -> str:
     """The cluster's wg-quick file, complete but for the PrivateKey. The parts provisioning or
     running that have their peer are in it; a part not yet provisioned is named in a comment
     (download again once it runs), an ended or stopping part is left out (its node drops the
-    peer). TunnelNotReady when there is nothing to reach."""
+    peer). TunnelNotReady when there is nothing to reach.
+
+    With a part whose node runs the names responder, a DNS line naming the first such node's
+    (it answers every part's name: meshnet.names groups a multi-node order's sandboxes), its
+    address routed to that node too, commented unless `dns_active`, and each part's name in
+    the comment."""
     parts = list(
         Order.objects.filter(cluster=cluster)
         .select_related("listing__node", "job_peer__node", "job_peer__relay_allocation__relay")
@@ -61,21 +67,43 @@ def cluster_config(cluster: Cluster) -> str:
     sandboxes = dict(
         Sandbox.objects.filter(ref__in=[peer.ref for peer in peers]).values_list("ref", "address")
     )
-    nodes = tuple(
-        NodePeer(
-            public_key=part.job_peer.node.wireguard_public_key,
-            endpoint=buyer_endpoint(part.job_peer),
-            addresses=(str(sandboxes.get(part.job_peer.ref) or part.job_peer.node.mesh_address),),
-            label=f"part {part.part_index} ({part.gpu_count}x {part.listing.gpu_model}) "
-            f"on {part.job_peer.node.name}",
+    dns: tuple[str, ...] = ()
+    resolver: Order | None = None
+    for part in live:
+        dns = buyer_dns(part.job_peer.node, sandboxes.get(part.job_peer.ref))
+        if dns:
+            resolver = part
+            break
+    nodes = []
+    for part in live:
+        node = part.job_peer.node
+        address = str(sandboxes.get(part.job_peer.ref) or node.mesh_address)
+        name = sandbox_name(part.job_peer.ref) if part.job_peer.ref in sandboxes else None
+        nodes.append(
+            NodePeer(
+                public_key=node.wireguard_public_key,
+                endpoint=buyer_endpoint(part.job_peer),
+                # The responder's address too, on its node's peer only: that node lets the
+                # buyer reach nothing of it but port 53.
+                addresses=(address, dns[0]) if part is resolver else (address,),
+                label=f"part {part.part_index} ({part.gpu_count}x {part.listing.gpu_model}) "
+                f"on {node.name}" + (f", {name.removesuffix('.molt')}" if name and dns else ""),
+            )
         )
-        for part in live
-    )
     label = f"multi-node order {cluster.pk} ({len(parts)} parts)"
+    if dns:
+        label += "\nNames (ssh root@<name>) with the DNS line" + (
+            "" if dns_active else " uncommented (wg-quick needs resolvconf for it)"
+        )
     if waiting:
         label += "\nNot provisioned yet (download again once they run): " + ", ".join(
             f"part {p.part_index}" for p in waiting
         )
     return group_buyer_config(
-        job_address=str(peers[0].address), nodes=nodes, order_label=label, hub=buyer_hub_peer()
+        job_address=str(peers[0].address),
+        nodes=tuple(nodes),
+        order_label=label,
+        hub=buyer_hub_peer(),
+        dns=dns,
+        dns_active=dns_active,
     )

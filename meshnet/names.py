@@ -7,9 +7,11 @@ same frame (``names`` next to ``envelope``), at the same revision: a new kind, n
 DesiredState, so agents that predate names (which refuse unknown fields) keep working.
 
 Groups are per order, not per node: every live sandbox of the order, on any node, is a record
-and a client, and so is the buyer's tunnel address; a multi-node order whose parts have refs
-``order:17:1``, ``order:17:2``... (one per sandbox) gets ``order-17-1.molt``... on every
-node of it. Reads only.
+and a client, and so is the buyer's tunnel address. A multi-node order's parts are orders of
+their own (each sandbox named after its part's order: ``order-41-0.molt``, ``order-42-0.molt``)
+but one group, their private network's (Sandbox.mesh_group, ``cluster:<id>``), so every part's
+name resolves in every sandbox of the order, on every node of it, and for the buyer's one
+tunnel. Reads only.
 """
 
 from __future__ import annotations
@@ -54,26 +56,37 @@ def name_groups(node: Node) -> tuple[wire.NameGroup, ...]:
     return name_groups_of([node.pk])[node.pk]
 
 
+def names_group(ref: str, mesh_group: str = "") -> str | None:
+    """The names group of a sandbox: its private network's (a multi-node order's parts,
+    "cluster:5") when it has one, else its order's ("order:17"); None for a ref that names no
+    order's sandbox."""
+    if mesh_group:
+        return mesh_group
+    parsed = group_of(ref)
+    return parsed[0] if parsed is not None else None
+
+
 def name_groups_of(node_pks: Sequence[int]) -> dict[int, tuple[wire.NameGroup, ...]]:
     """name_groups of each node (by pk) in two queries whatever their number: a push to every
     node signs every node's table (meshnet.tasks, issue 14)."""
     groups_of: dict[int, set[str]] = {pk: set() for pk in node_pks}
     on_nodes = Sandbox.objects.filter(node_id__in=node_pks, removed_revision__isnull=True)
-    for node_pk, ref in on_nodes.values_list("node_id", "ref"):
-        if (parsed := group_of(ref)) is not None:
-            groups_of[node_pk].add(parsed[0])
+    for node_pk, ref, mesh_group in on_nodes.values_list("node_id", "ref", "mesh_group"):
+        if (group := names_group(ref, mesh_group)) is not None:
+            groups_of[node_pk].add(group)
     every = sorted(set().union(*groups_of.values()))
     if not every:
         return {pk: () for pk in node_pks}
-    match = Q()
+    match = Q(mesh_group__in=every)
     for group in every:
         match |= Q(ref=group) | Q(ref__startswith=f"{group}:")
     members: dict[str, list[tuple[str, str, str]]] = {group: [] for group in every}
     live = Sandbox.objects.filter(match, removed_revision__isnull=True).order_by("ref")
-    for ref, address, peer_address in live.values_list("ref", "address", "peer_address"):
-        parsed, name = group_of(ref), sandbox_name(ref)
-        if parsed is not None and name is not None and parsed[0] in members:
-            members[parsed[0]].append((name, address, peer_address))
+    rows = live.values_list("ref", "mesh_group", "address", "peer_address")
+    for ref, mesh_group, address, peer_address in rows:
+        group, name = names_group(ref, mesh_group), sandbox_name(ref)
+        if group in members and name is not None:
+            members[group].append((name, address, peer_address))
     built = {}
     for group in every:
         boxes = members[group]

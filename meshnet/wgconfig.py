@@ -155,12 +155,17 @@ def group_buyer_config(
     order_label: str,
     private_key: str | None = None,
     hub: WgPeer | None = None,
+    dns: tuple[str, ...] = (),
+    dns_active: bool = False,
 ) -> str:
     """The buyer's side of a multi-node job: ONE interface (its one /32 tunnel address, the
     same on every node of the job) and one peer per node, whose allowed IPs are that node's
     sandbox /32s of the job (each node lets the buyer's address reach nothing else); the
     hub's peer once, as in buyer_config. The buyer's key is one peer of every node, so the
-    file has no peer twice; a node named twice is a caller's bug (ValueError)."""
+    file has no peer twice; a node named twice is a caller's bug (ValueError). With `dns`
+    (one node's names responder, which answers every part's name, and the search domain; the
+    caller puts the responder's address in that node's `addresses`) a DNS line, commented
+    unless `dns_active`, as in buyer_config."""
     keys = [node.public_key for node in nodes]
     if len(set(keys)) != len(keys):
         raise ValueError("a node is named twice")
@@ -170,6 +175,8 @@ def group_buyer_config(
         WgInterface(
             addresses=(f"{job_address}/32",),
             private_key=private_key,
+            dns=dns,
+            dns_commented=not dns_active,
             peers=(
                 *(
                     WgPeer(

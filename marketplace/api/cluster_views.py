@@ -7,7 +7,7 @@ from __future__ import annotations
 from django.db.models import Prefetch
 from django.http import HttpResponse
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiResponse, extend_schema
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.renderers import JSONRenderer
@@ -123,10 +123,21 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
                 ErrorSerializer, description="no part provisioned yet, or every part ended"
             ),
         },
+        parameters=[
+            OpenApiParameter(
+                "dns",
+                str,
+                enum=["on"],
+                description="on: the DNS line (a node's names responder, which answers every "
+                "part's name, docs/names.md) active, not commented; wg-quick up then needs "
+                "resolvconf",
+            )
+        ],
         summary="Download the multi-node order's one wg-quick configuration",
     )
     def wireguard_conf(self, request: Request, pk: str | None = None) -> HttpResponse:
         cluster = self.get_object()
-        response = HttpResponse(cluster_config(cluster), content_type="text/plain; charset=utf-8")
+        text = cluster_config(cluster, dns_active=request.query_params.get("dns") == "on")
+        response = HttpResponse(text, content_type="text/plain; charset=utf-8")
         response["Content-Disposition"] = f'attachment; filename="molt-cluster-{cluster.pk}.conf"'
         return response

@@ -320,3 +320,76 @@ def test_the_cluster_page_lists_the_parts_and_offers_the_one_config(
     assert f'href="/clusters/{cluster.pk}/"' in client.get(f"/orders/{a.pk}/").content.decode()
     client.force_login(stranger)
     assert client.get(page_url).status_code == 404
+
+
+# --- names across the parts (docs/names.md) ------------------------------------------------------
+
+
+def test_every_parts_name_resolves_in_every_sandbox_of_the_order_and_for_the_buyer(
+    funded_buyer, listings, node_a, node_b
+):
+    from tests.db.test_names import ask, responder_index
+
+    cluster = _place(funded_buyer, listings, factories.wg_public_key())
+    a, b = _provisioned(cluster)
+    box_a = Sandbox.objects.get(ref=f"order:{a.pk}")
+    box_b = Sandbox.objects.get(ref=f"order:{b.pk}")
+    # Another order's sandbox on node A stays in a group of its own.
+    other = _place(funded_buyer, listings[:1], factories.wg_public_key(), gpus=(1,))
+    (c,) = _provisioned(other)
+    box_c = Sandbox.objects.get(ref=f"order:{c.pk}")
+    names = {f"order-{a.pk}-0.molt": box_a.address, f"order-{b.pk}-0.molt": box_b.address}
+    buyer_address = JobPeer.objects.get(pk=a.job_peer_id).address
+
+    for node in (node_a, node_b):
+        index = responder_index(node)
+        # Each part's sandbox and the buyer's one tunnel address (the same on both nodes).
+        for source in (box_a.address, box_b.address, buyer_address):
+            for name, address in names.items():
+                reply = ask(index, source, name)
+                assert [i.address for rrset in reply.answer for i in rrset] == [address], (
+                    node.name,
+                    source,
+                    name,
+                )
+    # The other order's sandbox neither resolves the cluster's names nor is resolved by them.
+    index_a = responder_index(node_a)
+    assert not ask(index_a, box_c.address, f"order-{a.pk}-0.molt").answer
+    assert not ask(index_a, box_a.address, f"order-{c.pk}-0.molt").answer
+
+
+def test_the_config_names_one_nodes_responder_for_every_parts_name(
+    buyer_api, funded_buyer, listings, node_a, node_b
+):
+    Node.objects.filter(pk__in=[node_a.pk, node_b.pk]).update(names_responder=True)
+    node_a.refresh_from_db()
+    cluster = _place(funded_buyer, listings, factories.wg_public_key())
+    a, b = _provisioned(cluster)
+    boxes = dict(Sandbox.objects.values_list("ref", "address"))
+    url = f"{CLUSTERS}{cluster.pk}/wireguard.conf"
+
+    text = buyer_api.get(url).content.decode()
+    # Commented by default (wg-quick up needs resolvconf for an active DNS line).
+    assert f"# DNS = {node_a.mesh_address}, molt" in text
+    assert "ssh root@<name>" in text and f"order-{a.pk}-0" in text and f"order-{b.pk}-0" in text
+    (interface,) = [s for s in _sections(text) if s[""] == "[Interface]"]
+    assert "DNS" not in interface
+    peers = {p["PublicKey"]: p["AllowedIPs"] for p in _sections(text) if p[""] == "[Peer]"}
+    # The responder's address is routed to its own node only.
+    assert peers[node_a.wireguard_public_key] == (
+        f"{boxes[f'order:{a.pk}']}/32, {node_a.mesh_address}/32"
+    )
+    assert peers[node_b.wireguard_public_key] == f"{boxes[f'order:{b.pk}']}/32"
+
+    active = buyer_api.get(url + "?dns=on").content.decode()
+    (interface,) = [s for s in _sections(active) if s[""] == "[Interface]"]
+    assert interface["DNS"] == f"{node_a.mesh_address}, molt"
+
+
+def test_without_a_responder_on_any_node_the_config_has_no_dns_line(
+    buyer_api, funded_buyer, listings
+):
+    cluster = _place(funded_buyer, listings, factories.wg_public_key())
+    _provisioned(cluster)
+    text = buyer_api.get(f"{CLUSTERS}{cluster.pk}/wireguard.conf?dns=on").content.decode()
+    assert "DNS" not in text
