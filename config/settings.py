@@ -57,6 +57,8 @@ MIDDLEWARE = [
     "frontend.security.ContentSecurityPolicyMiddleware",
     # One person's pages and API answers are never cached: frontend/security.py.
     "frontend.security.PrivateNoStoreMiddleware",
+    # Redis out of reach where a page needs the cache: 503, not 500 (frontend/unavailable.py).
+    "frontend.unavailable.ServiceUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"

@@ -7,8 +7,11 @@ shape (validation errors are `{field: [messages]}`; the others get a `code` besi
 A database that dropped the connection or could not finish the transaction (a backend
 terminated, a failover, a deadlock or lock timeout) is a fault of the moment, not a bug: 503
 `unavailable` with Retry-After, so a client retries (the transaction rolled back; an order's
-Idempotency-Key makes even a retry after a lost COMMIT answer safe). Anything else is a bug: it
-is logged with its traceback and the client gets a generic 500, never the traceback or a setting.
+Idempotency-Key makes even a retry after a lost COMMIT answer safe). So is Redis out of reach
+where a request needs the cache (the log-in guard's and the throttles' counts): 503
+`unavailable` too, nothing done, rather than letting guesses through uncounted. Anything else is
+a bug: it is logged with its traceback and the client gets a generic 500, never the traceback or
+a setting.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 
 from django.core.exceptions import RequestDataTooBig, SuspiciousOperation
 from django.db import InterfaceError, OperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -27,6 +32,9 @@ from marketplace.errors import MarketError
 from meshnet.errors import MeshError
 
 log = logging.getLogger(__name__)
+
+# Redis unreachable (refused, reset, timed out): the cache's counts cannot be read or kept.
+CACHE_DOWN = (RedisConnectionError, RedisTimeoutError)
 
 
 def service_error_body(exc: MarketError | MeshError) -> dict[str, object]:
@@ -78,6 +86,16 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
             status=status.HTTP_503_SERVICE_UNAVAILABLE,
             headers={"Retry-After": "1"},
         )
+    if isinstance(exc, CACHE_DOWN):
+        set_rollback()
+        request = context.get("request")
+        log.warning(
+            "cache unavailable in %s %s: %s",
+            getattr(request, "method", "?"),
+            getattr(request, "path", "?"),
+            type(exc).__name__,
+        )
+        return cache_unavailable_response()
     response = drf_exception_handler(exc, context)
     if response is not None:
         if (
@@ -104,6 +122,14 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     return Response(
         {"detail": "internal error; it has been logged", "code": "server_error"},
         status=status.HTTP_500_INTERNAL_SERVER_ERROR,
+    )
+
+
+def cache_unavailable_response() -> Response:
+    return Response(
+        {"detail": "the service is briefly unavailable; retry shortly", "code": "unavailable"},
+        status=status.HTTP_503_SERVICE_UNAVAILABLE,
+        headers={"Retry-After": "5"},
     )
 
 

@@ -43,8 +43,9 @@ _COMMON_ERRORS = {
     403: "the caller may not do this",
     404: "no such object, or not the caller's",
     415: "the body's Content-Type is not one the operation takes",
-    503: "`unavailable`: the database could not be reached or dropped the connection; nothing "
-    "of the request was written. Retry after Retry-After seconds (a write with the same "
+    503: "`unavailable`: the database could not be reached or dropped the connection, or the "
+    "cache that keeps log-in and rate-limit counts (Redis) could not be reached; nothing of the "
+    "request was written. Retry after Retry-After seconds (a write with the same "
     "Idempotency-Key)",
 }
 _RETRY_AFTER = {
