@@ -1,6 +1,6 @@
 from django.contrib import admin
 from django.urls import include, path
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
 from frontend.account_views import ThrottledAdminAuthenticationForm
 from frontend.staff_otp import admin_has_permission
@@ -20,7 +20,9 @@ admin.site.index_title = "Users, nodes, orders and money"
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
+    # The split view: Swagger UI's init script is a file (?script), not inline, so the page runs
+    # under a Content-Security-Policy whose scripts are 'self' only (frontend/security.py).
+    path("api/docs/", SpectacularSwaggerSplitView.as_view(url_name="schema"), name="api-docs"),
     # Stripe's signed Checkout events (card top-ups): outside /api/v1/, it is Stripe's API.
     path("stripe/webhook/", stripe_webhook, name="stripe-webhook"),
     path("api/v1/", include("meshnet.api.urls")),
