@@ -46,6 +46,21 @@ def call(base: str, method: str, path: str, body=None, token: str | None = None)
         return json.loads(response.read())
 
 
+def children_of(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc/*/stat: the fourth field)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            # The command name (second field) is in parentheses and may hold spaces.
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(proc.name))
+    return found
+
+
 def processes_with(marker: str) -> list[str]:
     """Processes whose environment carries `marker` (everything this `make run` started)."""
     found = []
@@ -198,6 +213,28 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
             timeout=60,
             message="beat to send a due task",
         )
+
+        # A worker that dies on its own (the OOM killer, a stray kill -9) is started again, and
+        # takes neither web nor beat down with it (honcho stops everything when one process
+        # exits: scripts/respawn.py keeps it from seeing that).
+        # The worker is respawn.py's child (celery retitles itself, so its command line and
+        # environment no longer carry the marker).
+        (respawn,) = [line for line in processes_with(marker) if "respawn.py worker" in line]
+        (worker,) = children_of(int(respawn.split(":", 1)[0]))
+        os.kill(worker, signal.SIGKILL)
+        wait_until(
+            lambda: "[respawn] worker exited on its own (rc=-9)" in log_path.read_text(),
+            timeout=30,
+            message="respawn to notice the killed worker",
+        )
+        wait_until(
+            lambda: children_of(int(respawn.split(":", 1)[0])) not in ([], [worker]),
+            timeout=60,
+            message="a new worker process",
+        )
+        assert make.poll() is None, log_path.read_text()[-3000:]
+        with urllib.request.urlopen(f"{base}/healthz/", timeout=10) as response:
+            assert response.status == 200
 
         # Ctrl-C: the terminal sends SIGINT to the foreground process group.
         os.killpg(make.pid, signal.SIGINT)
