@@ -13,7 +13,7 @@ from rest_framework.test import APIClient
 from marketplace.api.parsing import MAX_JSON_DEPTH, json_depth_exceeds, loads_bounded
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing
-from marketplace.models import Order
+from marketplace.models import Listing, Order
 from marketplace.money import MAX_PRICE
 from marketplace.orders import quote_for
 from tests.factories import USD, wg_public_key
@@ -35,11 +35,23 @@ def test_a_limit_past_bigint_is_capped_not_an_sql_error(buyer_client, path):
 
 
 def test_a_huge_limit_is_capped_at_the_page_ceiling(buyer_client, listing):
+    # More rows than the ceiling, so a page that ignored it would hold them all (the audit of
+    # issue 15 found this test, with one row, could not fail).
+    clones = []
+    for _ in range(210):
+        clone = Listing.objects.get(pk=listing.pk)
+        clone.pk = None
+        clones.append(clone)
+    Listing.objects.bulk_create(clones)
+
     response = buyer_client.get("/api/v1/listings/", {"limit": "999999"})
 
     assert response.status_code == 200
-    assert len(response.json()["results"]) == 1
-    assert "limit=200" in (response.json()["next"] or "limit=200")
+    body = response.json()
+    assert len(body["results"]) == 200
+    # The rest on the next page (the cursor carries the caller's limit; it is capped again).
+    rest = buyer_client.get(body["next"]).json()
+    assert len(rest["results"]) == 11 and rest["next"] is None
 
 
 @pytest.mark.parametrize("offset", ["10000000000000000000", "-1", "1e3", "x", "1" * 5000])
