@@ -22,7 +22,10 @@ mutmut's mutated files and its mutmut-stats.json), with the working tree's tests
 What it does not do that mutmut does: no time limit (a mutant that loops hangs the session),
 and no process of its own per mutant: each test's own fixtures and database rollback are all
 that separate one mutant's run from the next (the final run of the original checks that no
-mutant left anything behind that makes a test fail).
+mutant left anything behind that makes a test fail). On PostgreSQL that is not enough: one
+mutant's failure inside a fixture left every later test of the session failing, the original
+included (metering, 7 December). Run it on SQLite, and check a PostgreSQL-only mutant in a
+pytest session of its own (MUTANT_UNDER_TEST=<name>).
 """
 
 from __future__ import annotations

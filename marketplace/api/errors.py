@@ -2,8 +2,9 @@
 
 Service errors (meshnet.errors.MeshError, marketplace.errors.MarketError) become their
 `status_code` with `{"detail": message, "code": code}`, plus `{field: [message]}` when the error
-names a field, so a form can show the message beside the input. DRF's own errors keep DRF's
-shape (validation errors are `{field: [messages]}`; the others get a `code` beside `detail`).
+names a field, so a form can show the message beside the input. DRF's own errors get the same
+shape: a `code` beside `detail`, and validation errors `{"detail", "code"}` before DRF's
+`{field: [messages]}` (validation_body).
 A database that dropped the connection or could not finish the transaction (a backend
 terminated, a failover, a deadlock or lock timeout) is a fault of the moment, not a bug: 503
 `unavailable` with Retry-After, so a client retries (the transaction rolled back; an order's
@@ -98,11 +99,9 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         return cache_unavailable_response()
     response = drf_exception_handler(exc, context)
     if response is not None:
-        if (
-            not isinstance(exc, exceptions.ValidationError)
-            and isinstance(response.data, dict)
-            and "detail" in response.data
-        ):
+        if isinstance(exc, exceptions.ValidationError):
+            response.data = validation_body(response.data)
+        elif isinstance(response.data, dict) and "detail" in response.data:
             detail = response.data["detail"]
             response.data["code"] = getattr(detail, "code", None) or getattr(
                 exc, "default_code", "error"
@@ -123,6 +122,37 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
         {"detail": "internal error; it has been logged", "code": "server_error"},
         status=status.HTTP_500_INTERNAL_SERVER_ERROR,
     )
+
+
+def validation_body(data) -> dict:
+    """DRF's validation errors in the one error shape: `{"detail", "code"}` first (every message,
+    as "field: message; other field: message", which is what the site's pages show; the code
+    of the first), then `{field: [messages]}` as DRF gives them, for a form to place beside its
+    inputs. A bare list (errors of no one field) goes under `non_field_errors`."""
+    fields = data if isinstance(data, dict) else {"non_field_errors": data}
+    parts, codes = [], []
+    for field, value in fields.items():
+        messages = _messages(value, codes)
+        text = " ".join(messages)
+        parts.append(text if field == "non_field_errors" else f"{field.replace('_', ' ')}: {text}")
+    return {
+        "detail": "; ".join(parts) or "invalid input",
+        "code": codes[0] if codes else "invalid",
+        **fields,
+    }
+
+
+def _messages(value, codes: list[str]) -> list[str]:
+    """Every message in a field's errors (a list, or nested per item or sub-field), in order;
+    their codes appended to `codes`."""
+    if isinstance(value, dict):
+        return [m for sub in value.values() for m in _messages(sub, codes)]
+    if isinstance(value, list | tuple):
+        return [m for item in value for m in _messages(item, codes)]
+    code = getattr(value, "code", None)
+    if code:
+        codes.append(str(code))
+    return [str(value)]
 
 
 def cache_unavailable_response() -> Response:

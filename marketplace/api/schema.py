@@ -61,10 +61,9 @@ def document_common_errors(result, generator, request, public):
     on every operation for the statuses every operation can answer."""
     schemas = result.setdefault("components", {}).setdefault("schemas", {})
     error = schemas.get("Error", {"type": "object"})
-    # One shape for every 4xx/5xx body: `{"detail", "code"}` for errors the gateway raises,
-    # `{field: [message]}` (beside them or alone) for DRF's validation errors of one input.
-    error.pop("required", None)
-    error["minProperties"] = 1
+    # One shape for every 4xx/5xx body: `{"detail", "code"}`, with `{field: [message]}` beside
+    # them for errors about one input (marketplace.api.errors.validation_body).
+    error["required"] = ["detail", "code"]
     error["additionalProperties"] = {
         "description": "messages about the input of that name",
         "oneOf": [{"type": "array"}, {"type": "object"}, {"type": "string"}],

@@ -50,7 +50,11 @@ def test_a_wrong_password_is_a_400_with_a_clear_message_and_no_token(buyer):
     response = APIClient().post(TOKEN_URL, {"username": "alice", "password": "nope"}, format="json")
 
     assert response.status_code == 400
-    assert response.json() == {"non_field_errors": ["unable to log in: wrong username or password"]}
+    assert response.json() == {
+        "detail": "unable to log in: wrong username or password",
+        "code": "invalid",
+        "non_field_errors": ["unable to log in: wrong username or password"],
+    }
     assert ApiToken.objects.count() == 0
 
 
@@ -58,7 +62,11 @@ def test_an_unknown_user_gets_the_same_answer_as_a_wrong_password(buyer):
     response = APIClient().post(TOKEN_URL, {"username": "nobody", "password": "x"}, format="json")
 
     assert response.status_code == 400
-    assert response.json() == {"non_field_errors": ["unable to log in: wrong username or password"]}
+    assert response.json() == {
+        "detail": "unable to log in: wrong username or password",
+        "code": "invalid",
+        "non_field_errors": ["unable to log in: wrong username or password"],
+    }
 
 
 def test_a_deactivated_user_gets_no_token(buyer):
@@ -77,7 +85,7 @@ def test_missing_credentials_name_the_fields(db):
     response = APIClient().post(TOKEN_URL, {}, format="json")
 
     assert response.status_code == 400
-    assert set(response.json()) == {"username", "password"}
+    assert set(response.json()) == {"detail", "code", "username", "password"}
 
 
 @pytest.mark.parametrize(("method", "url"), PROTECTED, ids=[f"{m} {u}" for m, u in PROTECTED])

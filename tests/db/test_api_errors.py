@@ -45,11 +45,25 @@ def test_service_errors_keep_their_status_and_code(error, status, code):
     assert response.data["detail"] == str(error)
 
 
-def test_drf_validation_errors_keep_drfs_shape():
-    response = exception_handler(exceptions.ValidationError({"hours": ["must be positive"]}), {})
+def test_drf_validation_errors_get_the_one_shape_with_drfs_fields_beside_it():
+    error = exceptions.ValidationError(
+        {"hours": ["must be positive"], "gpu_count": ["required", "too many"]}, code="max_value"
+    )
+    response = exception_handler(error, {})
 
     assert response.status_code == 400
-    assert response.data == {"hours": ["must be positive"]}
+    assert response.data == {
+        "detail": "hours: must be positive; gpu count: required too many",
+        "code": "max_value",
+        "hours": ["must be positive"],
+        "gpu_count": ["required", "too many"],
+    }
+    bare = exception_handler(exceptions.ValidationError(["no such pair"]), {})
+    assert bare.data == {
+        "detail": "no such pair",
+        "code": "invalid",
+        "non_field_errors": ["no such pair"],
+    }
 
 
 def test_other_drf_errors_get_a_code_beside_the_detail():
