@@ -284,6 +284,10 @@ CELERY_BEAT_SCHEDULE = {
         "task": "marketplace.tasks.purge_idempotency_keys",
         "schedule": 3600.0,
     },
+    "purge-expired-tokens": {
+        "task": "marketplace.tasks.purge_expired_tokens",
+        "schedule": 3600.0,
+    },
     "audit-ledger": {"task": "marketplace.tasks.audit_ledger", "schedule": 3600.0},
     "prune-used-nonces": {"task": "meshnet.tasks.prune_used_nonces", "schedule": 3600.0},
     "prune-metering-samples": {

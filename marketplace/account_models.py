@@ -20,9 +20,14 @@ class ApiToken(models.Model):
     hint = models.CharField(max_length=16)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
-    # Refused from then on (marketplace.auth). Null only on tokens issued before expiry
-    # existed; every new token gets MOLT_API_TOKEN_TTL_DAYS.
+    # Refused from then on (marketplace.auth); every token gets MOLT_API_TOKEN_TTL_DAYS (those
+    # issued before expiry existed were given 90 days from their issue: migration 0012).
     expires_at = models.DateTimeField(null=True, blank=True)
+    # Issued to a staff account that gave its second factor (the API's auth/token/ with
+    # otp_token, or the site's token page from a verified session): only such a token carries
+    # staff powers (marketplace.auth.acts_as_staff), so an account made staff after its token
+    # was issued gets no staff powers through it without a code.
+    staff_code = models.BooleanField(default=False)
 
     def __str__(self) -> str:
         return f"{self.hint}… ({self.user})"

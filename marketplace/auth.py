@@ -59,6 +59,9 @@ def acts_as_staff(request) -> bool:
     user = request.user
     if not (user.is_authenticated and user.is_staff):
         return False
-    if isinstance(request.auth, ApiToken) or not settings.MOLT_STAFF_OTP_REQUIRED:
+    if not settings.MOLT_STAFF_OTP_REQUIRED:
         return True
+    if isinstance(request.auth, ApiToken):
+        # Issued with the code (not before the account was made staff).
+        return request.auth.staff_code
     return bool(getattr(user, "is_verified", lambda: False)())

@@ -9,7 +9,7 @@ from celery import shared_task
 from django.conf import settings
 from django.utils import timezone
 
-from marketplace import clusters, orders, payments, reliability, settlement
+from marketplace import clusters, orders, payments, reliability, settlement, tokens
 from marketplace.audit import record_audit_run
 from marketplace.idempotency import purge_expired_keys
 from marketplace.models import Order
@@ -78,6 +78,11 @@ def refresh_reliability() -> int:
 @shared_task(acks_late=True)
 def purge_idempotency_keys() -> int:
     return purge_expired_keys()
+
+
+@shared_task(acks_late=True)
+def purge_expired_tokens() -> int:
+    return tokens.purge_expired_tokens()
 
 
 @shared_task(acks_late=True)

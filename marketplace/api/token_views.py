@@ -69,7 +69,9 @@ class ApiTokenView(APIView):
                         ]
                     }
                 )
-        token = tokens.issue_api_token(user, name="api")
+        token = tokens.issue_api_token(
+            user, name="api", staff_code=user.is_staff and settings.MOLT_STAFF_OTP_REQUIRED
+        )
         return Response(ApiTokenSerializer({"token": token}).data, status=status.HTTP_201_CREATED)
 
 

@@ -89,3 +89,41 @@ def test_last_used_is_written_at_most_once_a_minute(buyer):
     )
     client.get("/api/v1/orders/")
     assert ApiToken.objects.get(token_hash=hash_api_token(token)).last_used_at > first
+
+
+def test_tokens_expired_a_month_ago_are_purged_the_others_kept(buyer, settings):
+    """Every auth/token/ call adds a row (issue 15, finding 7): the hourly purge bounds them."""
+    from marketplace.tasks import purge_expired_tokens
+    from marketplace.tokens import EXPIRED_TOKENS_KEPT
+
+    for name in ("live", "recent", "old"):
+        issue_api_token(buyer, name=name)
+    now = timezone.now()
+    ApiToken.objects.filter(name="recent").update(expires_at=now - timedelta(days=1))
+    ApiToken.objects.filter(name="old").update(
+        expires_at=now - EXPIRED_TOKENS_KEPT - timedelta(seconds=1)
+    )
+
+    assert purge_expired_tokens() == 1
+
+    assert sorted(ApiToken.objects.values_list("name", flat=True)) == ["live", "recent"]
+    entry = settings.CELERY_BEAT_SCHEDULE["purge-expired-tokens"]
+    assert entry == {"task": "marketplace.tasks.purge_expired_tokens", "schedule": 3600.0}
+
+
+def test_tokens_issued_before_expiry_existed_get_ninety_days_from_their_issue(buyer):
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("marketplace.migrations.0012_api_token_staff_code")
+    issue_api_token(buyer, name="old")
+    issue_api_token(buyer, name="new")
+    issued = timezone.now() - timedelta(days=100)
+    ApiToken.objects.filter(name="old").update(expires_at=None, created_at=issued)
+    new_expiry = ApiToken.objects.get(name="new").expires_at
+
+    migration.expire_old_tokens(apps, None)
+
+    assert ApiToken.objects.get(name="old").expires_at == issued + timedelta(days=90)
+    assert ApiToken.objects.get(name="new").expires_at == new_expiry

@@ -272,3 +272,34 @@ def test_a_staff_session_without_the_code_has_no_staff_powers_in_the_api(
     granted = client.post("/api/v1/wallet/top-ups/", body, content_type="application/json")
     assert granted.status_code == 201, granted.content
     assert ledger.available_for(victim) == 10**12
+
+
+def test_a_token_issued_before_the_account_was_made_staff_has_no_staff_powers(
+    operator, device, make_user
+):
+    from marketplace import ledger
+    from marketplace.tokens import issue_api_token
+
+    make_user("victor")
+    body = {"user": "victor", "amount": 10**9}
+    clerk = make_user("clerk")
+    before = issue_api_token(clerk)  # issued while a plain user
+    clerk.is_staff = True
+    clerk.save()
+    old = Client(HTTP_AUTHORIZATION=f"Bearer {before}")
+    assert (
+        old.post("/api/v1/wallet/top-ups/", body, content_type="application/json").status_code
+        == 403
+    )
+
+    # A staff token issued with the code carries the powers.
+    issued = Client().post(
+        "/api/v1/auth/token/",
+        {"username": "opal", "password": "opal-pass-123", "otp_token": totp_code(device)},
+        content_type="application/json",
+    )
+    staff = Client(HTTP_AUTHORIZATION=f"Bearer {issued.json()['token']}")
+    granted = staff.post("/api/v1/wallet/top-ups/", body, content_type="application/json")
+    assert granted.status_code == 201, granted.content
+    victor = operator.__class__.objects.get(username="victor")
+    assert ledger.available_for(victor) == 10**9
