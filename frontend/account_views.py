@@ -12,7 +12,7 @@ from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.contrib.auth.forms import AuthenticationForm, UserCreationForm
+from django.contrib.auth.forms import AuthenticationForm, PasswordChangeForm, UserCreationForm
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.http import Http404, HttpRequest, HttpResponse
@@ -22,7 +22,7 @@ from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
-from frontend.staff_otp import TOKEN_FIELD, StaffOtpLoginMixin, otp_satisfied
+from frontend.staff_otp import TOKEN_FIELD, StaffOtpLoginMixin, otp_required, otp_satisfied
 from marketplace import ssh_keys as market_ssh_keys
 from marketplace import tokens as market_tokens
 from marketplace.errors import MarketError
@@ -123,8 +123,37 @@ login_view = auth_views.LoginView.as_view(
 )
 # POST only (Django 5): a link or an image on another page cannot log anyone out.
 logout_view = auth_views.LogoutView.as_view(next_page=reverse_lazy("frontend:marketplace"))
+
+
+class GuardedPasswordChangeForm(PasswordChangeForm):
+    """The password change checks the old password: behind the same log-in guard, so a stolen
+    session cannot be used to guess the account's password without limit (issue 15)."""
+
+    def __init__(self, user, *args, request: HttpRequest, **kwargs) -> None:
+        self.request = request
+        super().__init__(user, *args, **kwargs)
+
+    def clean_old_password(self):
+        guard = LoginGuard(client_address(self.request), self.user.get_username())
+        wait = guard.retry_after()
+        if wait:
+            raise ValidationError(wait_message(wait, "failed log-ins"), code="throttled")
+        try:
+            return super().clean_old_password()
+        except ValidationError:
+            guard.record()
+            raise
+
+
+class GuardedPasswordChangeView(auth_views.PasswordChangeView):
+    form_class = GuardedPasswordChangeForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+
 password_change = buyer_login_required(
-    auth_views.PasswordChangeView.as_view(
+    GuardedPasswordChangeView.as_view(
         template_name="frontend/accounts/password_change.html",
         success_url=reverse_lazy("frontend:password_change_done"),
     )
@@ -172,7 +201,12 @@ def api_tokens(request: HttpRequest) -> HttpResponse:
                 "to the admin first.",
             )
         if form.is_valid():
-            token = market_tokens.issue_api_token(request.user, name=form.cleaned_data["name"])
+            token = market_tokens.issue_api_token(
+                request.user,
+                name=form.cleaned_data["name"],
+                # Only a staff session that gave its code gets here (otp_satisfied above).
+                staff_code=request.user.is_staff and otp_required(),
+            )
             return _tokens_page(request, TokenForm(), token)
         return _tokens_page(request, form, None)
     return _tokens_page(request, TokenForm(), None)

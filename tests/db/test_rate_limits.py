@@ -190,3 +190,25 @@ def test_sign_up_is_limited_per_address(settings, django_user_model):
     assert b"Too many new accounts from your address" in refused.content
     assert not django_user_model.objects.filter(username="new3").exists()
     assert sign_up("new4", "203.0.113.81").status_code == 302
+
+
+def test_the_password_change_counts_wrong_old_passwords_like_log_ins(client, buyer):
+    """The password change checks the old password: a stolen session must not guess it
+    without limit. Wrong guesses count in the log-in guard (per account and address); once it
+    is full, even the right old password is not checked."""
+    from meshnet.throttling import LoginGuard
+
+    client.force_login(buyer)
+    guard = LoginGuard("127.0.0.1", "alice")
+    limit = guard.windows[0].limit
+    change = {"new_password1": "a-new-pass-456", "new_password2": "a-new-pass-456"}
+    for _ in range(limit):
+        wrong = client.post("/accounts/password/", {"old_password": "not-it", **change})
+        assert wrong.status_code == 200  # the form again, with its error
+
+    right = client.post("/accounts/password/", {"old_password": "alice-pass-123", **change})
+
+    assert right.status_code == 200
+    assert "failed log-ins" in right.content.decode()
+    buyer.refresh_from_db()
+    assert buyer.check_password("alice-pass-123")
