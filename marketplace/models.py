@@ -16,7 +16,7 @@ from marketplace.account_models import ApiToken, SshKey  # noqa: F401
 # Multi-node orders (a Cluster of part orders) live in a module of their own, imported here
 # so Django registers the model under this app (cluster_models imports nothing of this one).
 from marketplace.cluster_models import Cluster  # noqa: F401
-from marketplace.money import format_usd
+from marketplace.money import MAX_PRICE, format_usd
 from marketplace.querysets import ListingQuerySet, OrderQuerySet
 
 # Re-exported: Django registers models from the app's models module, and callers import
@@ -178,6 +178,14 @@ class Listing(models.Model):
             ),
             models.CheckConstraint(
                 condition=Q(price_per_gib__gte=0), name="listing_gib_price_non_negative"
+            ),
+            # The ceiling every write path checks (marketplace.money.MAX_PRICE), in the
+            # database too, so no row can make a hold or a settlement overflow (issue 15).
+            models.CheckConstraint(
+                condition=Q(price_per_gpu_hour__lte=MAX_PRICE), name="listing_price_at_most_max"
+            ),
+            models.CheckConstraint(
+                condition=Q(price_per_gib__lte=MAX_PRICE), name="listing_gib_price_at_most_max"
             ),
         ]
         # The market's orders (marketplace.market.SORTS), each with its id tie-break, over

@@ -174,3 +174,44 @@ def test_whole_numbers_still_parse(buyer_client, listing, funded_buyer):
     response = buyer_client.post("/api/v1/orders/", body, content_type="application/json")
 
     assert response.status_code == 201, response.content
+
+
+def test_the_database_refuses_a_price_over_the_ceiling(listing):
+    """Every write path checks MAX_PRICE; the database does too (a row written around them,
+    or from before the ceiling, could make a hold overflow)."""
+    from django.db import IntegrityError, transaction
+
+    for field in ("price_per_gpu_hour", "price_per_gib"):
+        with pytest.raises(IntegrityError), transaction.atomic():
+            Listing.objects.filter(pk=listing.pk).update(**{field: MAX_PRICE + 1})
+    Listing.objects.filter(pk=listing.pk).update(price_per_gpu_hour=MAX_PRICE)  # the ceiling: fine
+
+
+@pytest.mark.postgres
+@pytest.mark.django_db(transaction=True)
+def test_prices_stored_over_the_ceiling_before_it_existed_are_brought_down_to_it(listing):
+    import importlib
+
+    from django.apps import apps
+    from django.db import connection
+
+    migration = importlib.import_module("marketplace.migrations.0013_clamp_listing_prices")
+    assert migration.MAX_PRICE == MAX_PRICE
+    # As a database from before the check held it: the constraint dropped for this test (and
+    # put back: a transactional test keeps the schema it leaves).
+    with connection.cursor() as cursor:
+        cursor.execute("ALTER TABLE marketplace_listing DROP CONSTRAINT listing_price_at_most_max")
+    try:
+        Listing.objects.filter(pk=listing.pk).update(price_per_gpu_hour=2**62)
+
+        migration.clamp_prices(apps, None)
+
+        listing.refresh_from_db()
+        assert listing.price_per_gpu_hour == MAX_PRICE
+    finally:
+        Listing.objects.filter(price_per_gpu_hour__gt=MAX_PRICE).delete()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "ALTER TABLE marketplace_listing ADD CONSTRAINT listing_price_at_most_max "
+                f"CHECK (price_per_gpu_hour <= {MAX_PRICE})"
+            )
