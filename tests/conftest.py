@@ -155,14 +155,17 @@ def stranger(make_user):
 
 @pytest.fixture
 def api_client_for():
-    """An APIClient authenticated with a real API token of `user`."""
+    """An APIClient authenticated with a real API token of `user`: for a staff account, one
+    issued with its second factor, as `auth/token/` issues staff tokens (ApiToken.staff_code;
+    tests/db/test_staff_otp.py is where a token without it is refused staff powers)."""
     from rest_framework.test import APIClient
 
     from marketplace.tokens import issue_api_token
 
     def client_for(user):
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Bearer {issue_api_token(user)}")
+        token = issue_api_token(user, staff_code=user.is_staff)
+        client.credentials(HTTP_AUTHORIZATION=f"Bearer {token}")
         return client
 
     return client_for
