@@ -368,6 +368,31 @@ def _clusters() -> list[str]:
     return found
 
 
+def _one_account_held(
+    label: str, row: dict, *, open_states: tuple, kind_for_state: dict, once_key: str
+) -> list[str]:
+    """The checks of an amount parked in an account of its own until one transaction resolves
+    it (a frozen share, a payout request): while open, the account holds exactly the amount and
+    nothing resolved it; once resolved, the account is empty and the one transaction keyed
+    `once_key`, of the kind the state implies, resolved it. `row` has state, amount,
+    account__balance, resolution__kind and resolution__once_key."""
+    found: list[str] = []
+    state, balance = row["state"], row["account__balance"]
+    if state in open_states:
+        if balance != row["amount"]:
+            found.append(f"{label} is {state} for {row['amount']} but its account holds {balance}")
+        if row["resolution__kind"] is not None:
+            found.append(f"{label} is {state} but has a resolution")
+        return found
+    if balance != 0:
+        found.append(f"{label} is {state} but its account still holds {balance}")
+    if row["resolution__kind"] != kind_for_state.get(state):
+        found.append(f"{label} is {state} but was resolved by {row['resolution__kind']}")
+    elif row["resolution__once_key"] != once_key:
+        found.append(f"{label} was resolved by a transaction not keyed to it")
+    return found
+
+
 _KIND_FOR_SHARE_STATE = {
     EarningsHold.State.RELEASED: LedgerTransaction.Kind.EARNED,
     EarningsHold.State.RESOLVED: LedgerTransaction.Kind.DISPUTE,
@@ -401,21 +426,13 @@ def _earnings_holds() -> list[str]:
             found.append(f"{label} does not belong to the listing's owner")
         if h["account__kind"] != Account.Kind.FROZEN:
             found.append(f"{label} sits in a {h['account__kind']} account")
-        balance = h["account__balance"]
-        if h["state"] in (EarningsHold.State.FROZEN, EarningsHold.State.DISPUTED):
-            if balance != h["amount"]:
-                found.append(
-                    f"{label} is {h['state']} for {h['amount']} but its account holds {balance}"
-                )
-            if h["resolution__kind"] is not None:
-                found.append(f"{label} is {h['state']} but has a resolution")
-        else:
-            if balance != 0:
-                found.append(f"{label} is {h['state']} but its account still holds {balance}")
-            if h["resolution__kind"] != _KIND_FOR_SHARE_STATE.get(h["state"]):
-                found.append(f"{label} is {h['state']} but was resolved by {h['resolution__kind']}")
-            elif h["resolution__once_key"] != f"earnings:{h['pk']}":
-                found.append(f"{label} was resolved by a transaction not keyed to it")
+        found += _one_account_held(
+            label,
+            h,
+            open_states=(EarningsHold.State.FROZEN, EarningsHold.State.DISPUTED),
+            kind_for_state=_KIND_FOR_SHARE_STATE,
+            once_key=f"earnings:{h['pk']}",
+        )
     return found
 
 
@@ -473,19 +490,13 @@ def _payouts() -> list[str]:
         label = f"payout #{p['pk']}"
         if p["account__kind"] != Account.Kind.PAYOUT or p["account__user_id"] != p["provider_id"]:
             found.append(f"{label} sits in an account not its provider's payout account")
-        balance = p["account__balance"]
-        if p["state"] == PayoutRequest.State.REQUESTED:
-            if balance != p["amount"]:
-                found.append(
-                    f"{label} is requested for {p['amount']} but its account holds {balance}"
-                )
-        else:
-            if balance != 0:
-                found.append(f"{label} is {p['state']} but its account still holds {balance}")
-            if p["resolution__kind"] != _KIND_FOR_PAYOUT_STATE[p["state"]]:
-                found.append(f"{label} is {p['state']} but was resolved by {p['resolution__kind']}")
-            elif p["resolution__once_key"] != f"payout:{p['pk']}":
-                found.append(f"{label} was resolved by a transaction not keyed to it")
+        found += _one_account_held(
+            label,
+            p,
+            open_states=(PayoutRequest.State.REQUESTED,),
+            kind_for_state=_KIND_FOR_PAYOUT_STATE,
+            once_key=f"payout:{p['pk']}",
+        )
     return found
 
 
