@@ -69,34 +69,15 @@ def exception_handler(exc: Exception, context: dict) -> Response | None:
     if isinstance(exc, OperationalError | InterfaceError):
         # The faults tier terminates PostgreSQL backends mid-request: these answered 500
         # "internal error" before, which no client retries.
-        set_rollback()
-        request = context.get("request")
-        log.warning(
-            "database unavailable in %s %s: %s: %s",
-            getattr(request, "method", "?"),
-            getattr(request, "path", "?"),
-            type(exc).__name__,
-            str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-        )
-        return Response(
-            {
-                "detail": "the database is unavailable; retry shortly, with the same "
-                "Idempotency-Key",
-                "code": "unavailable",
-            },
-            status=status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "1"},
+        return _unavailable(
+            "database",
+            exc,
+            context,
+            "the database is unavailable; retry shortly, with the same Idempotency-Key",
+            retry_after=1,
         )
     if isinstance(exc, CACHE_DOWN):
-        set_rollback()
-        request = context.get("request")
-        log.warning(
-            "cache unavailable in %s %s: %s",
-            getattr(request, "method", "?"),
-            getattr(request, "path", "?"),
-            type(exc).__name__,
-        )
-        return cache_unavailable_response()
+        return _unavailable("cache", exc, context, CACHE_DOWN_DETAIL, retry_after=5)
     response = drf_exception_handler(exc, context)
     if response is not None:
         if isinstance(exc, exceptions.ValidationError):
@@ -155,11 +136,33 @@ def _messages(value, codes: list[str]) -> list[str]:
     return [str(value)]
 
 
-def cache_unavailable_response() -> Response:
+CACHE_DOWN_DETAIL = "the service is briefly unavailable; retry shortly"
+
+
+def _unavailable(
+    what: str, exc: Exception, context: dict, detail: str, *, retry_after: int
+) -> Response:
+    """503 `unavailable` for a fault of the moment in `what` (the transaction is rolled back),
+    logged as a warning with the request and the fault's first line, never its traceback."""
+    set_rollback()
+    request = context.get("request")
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    log.warning(
+        "%s unavailable in %s %s: %s: %s",
+        what,
+        getattr(request, "method", "?"),
+        getattr(request, "path", "?"),
+        type(exc).__name__,
+        first_line,
+    )
+    return _unavailable_response(detail, retry_after)
+
+
+def _unavailable_response(detail: str, retry_after: int) -> Response:
     return Response(
-        {"detail": "the service is briefly unavailable; retry shortly", "code": "unavailable"},
+        {"detail": detail, "code": "unavailable"},
         status=status.HTTP_503_SERVICE_UNAVAILABLE,
-        headers={"Retry-After": "5"},
+        headers={"Retry-After": str(retry_after)},
     )
 
 
