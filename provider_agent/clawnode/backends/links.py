@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import errno as errno_mod
 import ipaddress
-import json
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
+from .. import child
 from .errors import WireGuardError
 
 __all__ = [
@@ -216,76 +214,20 @@ _OPERATIONS = {
 
 
 def in_child(operation: str, *args: str, timeout: float = CHILD_TIMEOUT_S) -> Any:
-    """Run one operation of this module in a child interpreter and return its result (JSON
-    types: a tuple comes back as a list); its WireGuardError is raised here with its errno.
-
-    The child is this interpreter (``sys.executable``) with this copy of clawnode first on its
-    path, in this process's network namespace. No shell: the arguments are argv entries.
-    """
+    """Run one operation of this module in a child interpreter (clawnode.child) and return its
+    result (JSON types: a tuple comes back as a list); its WireGuardError is raised here with
+    its errno."""
     if operation not in _OPERATIONS:
         raise ValueError(f"unknown link operation {operation!r}")
-    if not sys.executable:
-        raise WireGuardError(f"{operation}: cannot find the Python interpreter to run pyroute2")
-    package_root = str(Path(__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    env = dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "clawnode.backends.links", operation, *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise WireGuardError(
-            f"{operation} {' '.join(args)}: the pyroute2 helper gave no answer in {timeout:g} s",
-            errno_mod.ETIMEDOUT,
-        ) from None
-    except OSError as exc:
-        raise WireGuardError(
-            f"{operation} {' '.join(args)}: cannot start the pyroute2 helper: {exc}",
-            exc.errno or 0,
-        ) from None
-    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
-    try:
-        answer = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict) or not ("result" in answer or "error" in answer):
-        stderr = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = stderr[-1][-300:] if stderr else "no output"
-        raise WireGuardError(
-            f"{operation} {' '.join(args)}: the pyroute2 helper failed "
-            f"(exit status {done.returncode}): {detail}"
-        )
-    if "error" in answer:
-        raise WireGuardError(str(answer["error"]), int(answer.get("errno") or 0))
-    return answer["result"]
-
-
-def _arity_ok(operation: str, count: int) -> bool:
-    names = _OPERATIONS[operation][0]
-    if names and names[-1].endswith("..."):
-        return count >= len(names) - 1  # the last one repeats, zero or more times
-    return count == len(names)
+        return child.call("clawnode.backends.links", operation, args, timeout)
+    except child.ChildError as exc:
+        raise WireGuardError(str(exc), exc.errno) from None
 
 
 def main(argv: list[str]) -> int:
     """The child: one operation, one JSON line on stdout ({"result"} or {"error", "errno"})."""
-    if not argv or argv[0] not in _OPERATIONS or not _arity_ok(argv[0], len(argv) - 1):
-        usage = " | ".join(" ".join((name, *args)) for name, (args, _) in _OPERATIONS.items())
-        print(f"usage: python -m clawnode.backends.links {usage}", file=sys.stderr)
-        return 2
-    function = _OPERATIONS[argv[0]][1]
-    try:
-        result = function(*argv[1:])  # type: ignore[operator]
-    except WireGuardError as exc:
-        print(json.dumps({"error": str(exc), "errno": exc.errno}))
-        return 1
-    print(json.dumps({"result": result}))
-    return 0
+    return child.serve("clawnode.backends.links", _OPERATIONS, WireGuardError, argv)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import ipaddress
-import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from .. import child
 
 __all__ = [
     "GATEWAY",
@@ -236,41 +236,14 @@ _OPERATIONS: dict[str, tuple[tuple[str, ...], Any]] = {
 
 
 def in_child(operation: str, *args: str, timeout: float = CHILD_TIMEOUT_S) -> Any:
-    """Run one operation in a child interpreter (this one, this copy of clawnode first on its
-    path); its SandboxNetworkError is raised here."""
+    """Run one operation in a child interpreter (clawnode.child); its SandboxNetworkError is
+    raised here."""
     if operation not in _OPERATIONS:
         raise ValueError(f"unknown sandbox network operation {operation!r}")
-    package_root = str(Path(__file__).resolve().parent.parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    env = dict(os.environ, PYTHONPATH=package_root + (os.pathsep + path if path else ""))
-    what = f"{operation} {' '.join(args)}"
     try:
-        done = subprocess.run(
-            [sys.executable, "-m", "clawnode.sandbox.network", operation, *args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        raise SandboxNetworkError(f"{what}: the pyroute2 helper gave no answer") from None
-    except OSError as exc:
-        raise SandboxNetworkError(f"{what}: cannot start the pyroute2 helper: {exc}") from None
-    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
-    try:
-        answer = json.loads(lines[-1]) if lines else None
-    except ValueError:
-        answer = None
-    if not isinstance(answer, dict) or not ("result" in answer or "error" in answer):
-        stderr = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        detail = stderr[-1][-300:] if stderr else "no output"
-        raise SandboxNetworkError(
-            f"{what}: the pyroute2 helper failed (exit status {done.returncode}): {detail}"
-        )
-    if "error" in answer:
-        raise SandboxNetworkError(str(answer["error"]))
-    return answer["result"]
+        return child.call("clawnode.sandbox.network", operation, args, timeout)
+    except child.ChildError as exc:
+        raise SandboxNetworkError(str(exc)) from None
 
 
 class NetnsSandboxNetwork:
@@ -294,17 +267,7 @@ class NetnsSandboxNetwork:
 
 def main(argv: list[str]) -> int:
     """The child: one operation, one JSON line on stdout ({"result"} or {"error"})."""
-    if not argv or argv[0] not in _OPERATIONS or len(argv) - 1 != len(_OPERATIONS[argv[0]][0]):
-        usage = " | ".join(" ".join((name, *args)) for name, (args, _) in _OPERATIONS.items())
-        print(f"usage: python -m clawnode.sandbox.network {usage}", file=sys.stderr)
-        return 2
-    try:
-        result = _OPERATIONS[argv[0]][1](*argv[1:])
-    except SandboxNetworkError as exc:
-        print(json.dumps({"error": str(exc)}))
-        return 1
-    print(json.dumps({"result": result}))
-    return 0
+    return child.serve("clawnode.sandbox.network", _OPERATIONS, SandboxNetworkError, argv)
 
 
 if __name__ == "__main__":
