@@ -12,6 +12,8 @@ One loop per gateway connection: challenge-response auth, then four things at on
   SANDBOX_STATUS reports, in full after each (re)connect and each apply, else what changed;
 - heartbeats (and the GPU inventory, with the images this node offers, now and then);
 - signed metering samples of every peer's cumulative counters with their epoch.
+- a node-to-node peer this node sends to second gets its endpoint a moment after the other side
+  starts (clawnode.send_order: two initiations that cross can leave the tunnel dead for 2 min).
 What it sends is built in clawnode.frames and clawnode.metering; the epochs are kept by
 clawnode.journal; `clawnode run` as a process (backend, signals, exit status) is
 clawnode.service.
@@ -55,6 +57,7 @@ from .reconnect import reconnect_wait
 from .retirement import PeerRetirement
 from .sandbox.disabled import NoSandboxes
 from .sandbox.engine import Sandboxes
+from .send_order import STAGGER_SECONDS, SendOrder, StaggeredSends
 from .state import AgentStatus, Enrollment, StateDir, StateError
 
 
@@ -69,11 +72,12 @@ class Timing:
     inventory: float = 60.0
     sandbox_status: float = 1.0  # how often sandboxes that changed are reported
     connectivity: float = 300.0  # how often the path to the hub is tested (clawnode.connectivity)
+    stagger: float = STAGGER_SECONDS  # the second side's wait in a node pair (clawnode.send_order)
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
 
 
-class Agent(PeerRetirement):
+class Agent(PeerRetirement, StaggeredSends):
     def __init__(
         self,
         *,
@@ -128,6 +132,10 @@ class Agent(PeerRetirement):
         self._drift_reported = ""
         # Set when a peer was retired: _removals reads its final counters and removes it.
         self._removals_due = asyncio.Event()
+        # Node-to-node peers this node sends to second, held back a moment (clawnode.send_order);
+        # kept across reconnects, as the device keeps what was held.
+        self._order = SendOrder(timing.stagger)
+        self._order_due = asyncio.Event()
 
     # -- local state -------------------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class Agent(PeerRetirement):
         self._desired = None
         # Retired peers are found again from the device by this session's first reconcile.
         self._removals_due = asyncio.Event()
+        self._order_due = asyncio.Event()  # held peers stay held: _staggered looks at them first
         challenge = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if challenge.get("type") != "challenge":
             raise websockets.InvalidMessage(f"expected a challenge, got {challenge.get('type')!r}")
@@ -234,6 +243,7 @@ class Agent(PeerRetirement):
             asyncio.ensure_future(self._removals(ws)),
             asyncio.ensure_future(self._sandbox_reports(ws)),
             asyncio.ensure_future(self._connectivity(ws)),
+            asyncio.ensure_future(self._staggered(ws)),
             asyncio.ensure_future(stop.wait()),
         ]
         try:
@@ -352,15 +362,19 @@ class Agent(PeerRetirement):
             await self._set_firewall(tuple(sorted(set(old_rules) | set(new_rules))))
             if self._view is None:
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-            named = self._named_endpoints
-            actions = reconcile.plan(desired, self._view, now=int(time.time()), previous=named)
+            named, now = self._named_endpoints, int(time.time())
+            actions = reconcile.plan(desired, self._view, now=now, previous=named)
             if any(isinstance(a, reconcile.Update) and "endpoint" in a.changed for a in actions):
                 # Moving an endpoint depends on the peer's latest handshake (never one of the
                 # last 180 s, unless the endpoint is still the one named last) and on where
                 # WireGuard roamed it: the view's may be a sample old, so read the device (rare:
                 # a buyer's mapping changed, an upgrade, docs/nat.md) and plan again.
                 self._view = await asyncio.to_thread(self.backend.list_peers)
-                actions = reconcile.plan(desired, self._view, now=int(time.time()), previous=named)
+                actions = reconcile.plan(desired, self._view, now=now, previous=named)
+            # A node peer this node sends to second gets its endpoint a moment later (_staggered).
+            actions = self._order.order(desired, self._view, actions, now, time.monotonic())
+            if self._order.pending() is not None:
+                self._order_due.set()
             results = await self._apply(desired, actions)
             self._named_endpoints = reconcile.named_endpoints(desired)
             # A peer cut off carries no allowed IPs: its pair can go now.

@@ -38,6 +38,7 @@ __all__ = [
     "Retire",
     "Update",
     "apply",
+    "has_recent_handshake",
     "is_retired",
     "leaving",
     "named_endpoints",
@@ -145,7 +146,9 @@ def _changes(spec: PeerSpec, status: PeerStatus) -> tuple[str, ...]:
 RECENT_HANDSHAKE_SECONDS = 180
 
 
-def _has_recent_handshake(status: PeerStatus, now: int | None) -> bool:
+def has_recent_handshake(status: PeerStatus, now: int | None) -> bool:
+    """Whether the peer handshook less than RECENT_HANDSHAKE_SECONDS before ``now``: it has a
+    working session (and, for wireguard-go, a current keypair to send over)."""
     return (
         now is not None
         and status.last_handshake > 0
@@ -215,7 +218,7 @@ def plan(
         endpoint = spec.endpoint
         if (
             "endpoint" in changed
-            and _has_recent_handshake(status, now)
+            and has_recent_handshake(status, now)
             and not _still_named(previous, status)
         ):
             # set_peer with no endpoint keeps the one the peer has.

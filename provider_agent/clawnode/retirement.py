@@ -17,6 +17,7 @@ from . import frames, reconcile, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .keys import Identity
 from .metering import Meter
+from .send_order import SendOrder
 
 
 class PeerRetirement:
@@ -29,6 +30,7 @@ class PeerRetirement:
     _desired: wire.DesiredState | None
     _drift_reported: str
     _removals_due: asyncio.Event
+    _order: SendOrder
 
     async def _send(self, ws: Any, frame: dict[str, Any]) -> None:
         raise NotImplementedError  # the Agent's
@@ -124,9 +126,13 @@ class PeerRetirement:
         desired, view = self._desired, self._view
         if desired is None or view is None:
             return
+        now = int(time.time())
+        # A node peer held back (clawnode.send_order) is not drift: it stays held until due.
+        planned = self._order.order(desired, view, reconcile.plan(desired, view, now=now), now,
+                                    time.monotonic())  # fmt: skip
         actions = [
             a
-            for a in reconcile.plan(desired, view, now=int(time.time()))
+            for a in planned
             if not (isinstance(a, reconcile.Update) and a.changed == ("endpoint",))
         ]
         if not actions:

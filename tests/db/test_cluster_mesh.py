@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from clawnode import wire
 from clawnode.job_peers import check_mesh_peers
+from clawnode.send_order import sends_second
 
 from marketplace.clusters import PartSpec, parts_of, place_cluster, stop_cluster
 from marketplace.orders import place_order, provision_order, stop_order
@@ -113,6 +114,10 @@ def test_the_peers_come_when_both_parts_are_placed_and_only_to_the_orders_nodes(
     b.refresh_from_db()
     assert (peer.public_key, peer.endpoint) == (b.wireguard_public_key, b.endpoint)
     assert peer.persistent_keepalive > 0
+    # The two agents agree, each from its own state, which of them sends first (the ref is
+    # what clawnode.send_order reads): exactly one waits
+    (back,) = (p for p in state(b).peers if p.ref == f"node:{a.node_id}")
+    assert sends_second(state(a), peer) != sends_second(state(b), back)
     assert mesh_peers(c) == {}
 
 

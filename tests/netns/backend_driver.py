@@ -44,9 +44,16 @@ class Driver:
         self._buffer = b""
 
     def call(self, method: str, timeout: float = 30, **args: Any) -> Any:
+        self.send(method, **args)
+        return self.reply(timeout)
+
+    def send(self, method: str, **args: Any) -> None:
+        """Ask without waiting for the answer (``reply``): two drivers asked at once."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps({"method": method, "args": args}).encode() + b"\n")
         self.proc.stdin.flush()
+
+    def reply(self, timeout: float = 30) -> Any:
         reply = json.loads(self._readline(timeout))
         if "error" in reply:
             raise DriverError(reply["error"], reply["message"], reply["errno"])
@@ -87,9 +94,11 @@ def _serve(kind: str) -> None:
     from clawnode.backends.kernel import KernelBackend
     from clawnode.backends.links import kernel_wireguard_available
     from clawnode.backends.userspace import UserspaceBackend
+    from clawnode.send_order import SendOrder
     from clawnode.wire import DesiredState
 
     backend: Any = UserspaceBackend() if kind == "userspace" else KernelBackend()
+    orders: list[SendOrder] = []  # the agent's order of the sends, made by the first "order"
 
     def handle(method: str, args: dict[str, Any]) -> Any:
         if method == "pid":
@@ -113,6 +122,23 @@ def _serve(kind: str) -> None:
                 return {"actions": names, "moved": moved}
             results = reconcile.apply(backend, actions)
             return {"actions": names, "results": results}
+        if method in ("order", "release"):
+            # The daemon's reconcile with the order of the sends (clawnode.send_order): "order"
+            # applies a state at once, node peers this node sends to second held back; "release"
+            # waits until they are due and plans them again against the device as it is then.
+            desired = DesiredState.from_dict(args["desired"])
+            if not orders:
+                orders.append(SendOrder(args["stagger"]))
+            order, due = orders[0], None
+            if method == "release":
+                time.sleep(max(0.0, (order.pending() or 0.0) - time.monotonic()))
+                due = order.release(time.monotonic())
+            now, peers = int(time.time()), backend.list_peers()
+            actions = reconcile.plan(desired, peers, now=now)
+            actions = order.order(desired, peers, actions, now, time.monotonic())
+            actions = [a for a in actions if due is None or a.public_key in due]
+            reconcile.apply(backend, actions)
+            return [{"action": type(a).__name__, **dataclasses.asdict(a)} for a in actions]
         if method == "connectivity":
             # The agent's check of its path to the hub (clawnode.connectivity), on this backend.
             from clawnode import connectivity
