@@ -203,7 +203,7 @@ def kernel_wireguard_available() -> tuple[bool, str]:
 
 # -- the child -------------------------------------------------------------------------------------
 
-_OPERATIONS = {
+_OPERATIONS: child.Operations = {
     # name: (arguments, function)
     "configure": (("IFACE", "ADDRESS", "ROUTE..."), configure_link),
     "delete": (("IFACE",), delete_link),

@@ -229,7 +229,7 @@ def present_refs() -> list[str]:
     return sorted(ref for ref in map(ref_of_netns, names) if ref is not None)
 
 
-_OPERATIONS: dict[str, tuple[tuple[str, ...], Any]] = {
+_OPERATIONS: child.Operations = {
     "setup": (("REF", "ADDRESS"), setup_network),
     "teardown": (("REF",), teardown_network),
 }
