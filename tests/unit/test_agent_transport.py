@@ -11,7 +11,9 @@ import pytest
 from clawnode.cli import main
 from clawnode.gateway_http import GatewayError, _parse_response
 from clawnode.keys import Identity
-from clawnode.state import Enrollment, StateError, check_transport
+from clawnode.state import StateError, check_transport
+
+from tests.unit.test_agent_state import enrollment
 
 pytestmark = [pytest.mark.unit]
 
@@ -59,29 +61,15 @@ def test_join_over_plain_http_to_another_machine_stops_before_anything_is_create
     assert not state_dir.exists()
 
 
-def _enrollment(**overrides) -> Enrollment:
-    identity, gateway = Identity.generate(), Identity.generate()
-    fields = {
-        "gateway": "https://molt.example",
-        "node_id": identity.node_id,
-        "name": "node-47",
-        "mesh_address": "10.100.128.47",
-        "gateway_public_key": gateway.public_key_b64,
-        "websocket_url": "wss://molt.example/ws/agent/",
-    }
-    fields.update(overrides)
-    return Enrollment(**fields)
-
-
 def test_a_saved_enrolment_never_downgrades_an_https_gateway_to_ws():
     with pytest.raises(StateError, match="websocket_url must be wss://"):
-        _enrollment(websocket_url="ws://molt.example/ws/agent/")
+        enrollment(websocket_url="ws://molt.example/ws/agent/")
 
 
 def test_a_saved_plain_http_enrolment_off_this_machine_needs_its_insecure_mark():
     with pytest.raises(StateError, match="plain http"):
-        _enrollment(gateway="http://192.0.2.7", websocket_url="ws://192.0.2.7/ws/agent/")
-    kept = _enrollment(
+        enrollment(gateway="http://192.0.2.7", websocket_url="ws://192.0.2.7/ws/agent/")
+    kept = enrollment(
         gateway="http://192.0.2.7", websocket_url="ws://192.0.2.7/ws/agent/", insecure=True
     )
     assert dataclasses.asdict(kept)["insecure"] is True
