@@ -52,6 +52,26 @@ def listing(provider, node):
 
 
 @pytest.fixture
+def carol(make_user):
+    """A second provider (the multi-node orders' tests give her a node in another region)."""
+    return make_user("carol")
+
+
+@pytest.fixture
+def node_a(provider):
+    """Bob's node with 2 GPUs (a multi-node order's first part)."""
+    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(2)])
+
+
+@pytest.fixture
+def node_b(carol):
+    """Carol's node with 4 GPUs in another region (the second part)."""
+    return factories.enrolled_node(
+        carol, gpus=[factories.gpu(i) for i in range(4)], region="us-east"
+    )
+
+
+@pytest.fixture
 def funded_buyer(buyer):
     """The buyer with 1000 USD of credits."""
     ledger.grant_credits(buyer, 1000 * USD)

@@ -20,11 +20,6 @@ URL = "/api/v1/clusters/"
 
 
 @pytest.fixture
-def carol(make_user):
-    return make_user("carol")
-
-
-@pytest.fixture
 def listing_b(carol):
     node = factories.enrolled_node(
         carol, gpus=[factories.gpu(i) for i in range(2)], region="us-east"

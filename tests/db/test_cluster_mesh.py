@@ -24,11 +24,6 @@ pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 
 @pytest.fixture
-def carol(make_user):
-    return make_user("carol")
-
-
-@pytest.fixture
 def nodes(provider, carol):
     """Node A (bob's), node B (carol's, another region), node C (bob's, in no order of ours)."""
     a = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(4)])

@@ -31,23 +31,6 @@ CLUSTERS = "/api/v1/clusters/"
 
 
 @pytest.fixture
-def carol(make_user):
-    return make_user("carol")
-
-
-@pytest.fixture
-def node_a(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(2)])
-
-
-@pytest.fixture
-def node_b(carol):
-    return factories.enrolled_node(
-        carol, gpus=[factories.gpu(i) for i in range(4)], region="us-east"
-    )
-
-
-@pytest.fixture
 def listings(funded_buyer, provider, carol, node_a, node_b):
     factories.ssh_key(funded_buyer)
     return (

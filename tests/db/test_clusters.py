@@ -43,24 +43,6 @@ PRICE_B = 1_800_000
 
 
 @pytest.fixture
-def carol(make_user):
-    """A second provider, in another region."""
-    return make_user("carol")
-
-
-@pytest.fixture
-def node_a(provider):
-    return factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(2)])
-
-
-@pytest.fixture
-def node_b(carol):
-    return factories.enrolled_node(
-        carol, gpus=[factories.gpu(i) for i in range(4)], region="us-east"
-    )
-
-
-@pytest.fixture
 def listing_a(provider, node_a):
     return create_listing(
         provider, node=node_a, gpu_count=2, price_per_gpu_hour=PRICE_A, price_per_gib=10_000

@@ -31,11 +31,6 @@ pytestmark = [pytest.mark.db, pytest.mark.postgres, pytest.mark.django_db(transa
 
 
 @pytest.fixture
-def carol(make_user):
-    return make_user("carol")
-
-
-@pytest.fixture
 def two_nodes(provider, carol):
     a = factories.enrolled_node(provider, gpus=[factories.gpu(i) for i in range(8)])
     b = factories.enrolled_node(carol, gpus=[factories.gpu(i) for i in range(8)], region="us-east")
