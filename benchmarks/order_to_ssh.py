@@ -2,6 +2,7 @@
 sshd floor in the same run; and the agent's memory with 20 sandboxes running.
 
     sudo .venv/bin/python benchmarks/order_to_ssh.py [--orders 10] [--sandboxes 20]
+        [--userns-baseline]
 
 (root, rootful podman, the sandbox tier's test image (tests/sandbox/image.py: built once and
 cached); DATABASE_URL default postgres://postgres@127.0.0.1:5432/molt_bench_order_ssh, created
@@ -26,6 +27,12 @@ Floor (interleaved, same machine state; benchmarks/sandbox_start.py's): `podman 
 same image with the same sshd command and material, joined to a namespace of its own with a
 veth to the host (made once), nothing else; then the same banner probe from the host. Figure: before
 `podman run` to banner.
+
+With --userns-baseline the measured orders run in blocks, alternating between the agent's
+default (podman --userns=auto: each sandbox in a user namespace of its own) and the same agent
+restarted with `--container-userns host`, two blocks of each, each after one uncounted warm-up
+order; the floor still follows every order. `by_userns` gives each mode's figures, so the cost
+of the user namespace through the whole stack is measured in the same run.
 
 Agent memory: once every measured order is done, `--sandboxes` orders are placed at once and
 left running (each its container, namespace, veth, peer); when all are running the agent's
@@ -198,6 +205,7 @@ def _run(
         django.setup()
         from django.contrib.auth import get_user_model
         from django.core.management import call_command
+        from django.utils import timezone
 
         from marketplace import ledger
         from marketplace.listings import create_listing
@@ -221,16 +229,24 @@ def _run(
             )  # fmt: skip
             node = Node.objects.get(name=name)
             agent_log = tmp / "agent.log"
-            # nsenter --net, not `ip netns exec`: the sandbox namespaces and podman's mounts
-            # belong to the machine (tests/sandbox/test_rental_sandboxes.py says why).
-            agent = subprocess.Popen(
-                ["nsenter", f"--net=/var/run/netns/{prov}", str(BIN / "clawnode"), "run",
-                 "--state-dir", str(state_dir), "--simulated-gpus", gpus,
-                 "--sandbox-engine", "podman", "--image", tag, *engine_args()],
-                stdout=open(agent_log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                start_new_session=True,
-            )  # fmt: skip
-            bed.processes.append(agent)
+
+            def start_agent(userns: str | None) -> subprocess.Popen:
+                """`clawnode run` with the sandbox engine; podman's --userns `userns` for its
+                sandboxes (None: the agent's default, auto)."""
+                userns_args = [] if userns is None else ["--container-userns", userns]
+                # nsenter --net, not `ip netns exec`: the sandbox namespaces and podman's mounts
+                # belong to the machine (tests/sandbox/test_rental_sandboxes.py says why).
+                started = subprocess.Popen(
+                    ["nsenter", f"--net=/var/run/netns/{prov}", str(BIN / "clawnode"), "run",
+                     "--state-dir", str(state_dir), "--simulated-gpus", gpus,
+                     "--sandbox-engine", "podman", "--image", tag, *engine_args(), *userns_args],
+                    stdout=open(agent_log, "ab"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                    start_new_session=True,
+                )  # fmt: skip
+                bed.processes.append(started)
+                return started
+
+            agent = start_agent(None)
             tt.wait_until(
                 lambda: tag in (Node.objects.get(pk=node.pk).images or []),
                 timeout=60, interval=0.2,
@@ -343,19 +359,48 @@ def _run(
                 floor_engine.remove(FLOOR_NAME)
                 return elapsed
 
-            orders: list[dict[str, float]] = []
+            def restart_agent(userns: str | None) -> subprocess.Popen:
+                """The same agent again with another --container-userns, once it is connected
+                (a heartbeat after the restart) and idle; no order is live in between."""
+                agent.terminate()
+                agent.wait(timeout=60)
+                began = timezone.now()
+                started = start_agent(userns)
+                tt.wait_until(
+                    lambda: (seen := Node.objects.get(pk=node.pk).last_seen_at) and seen > began,
+                    timeout=60, interval=0.2,
+                    message=f"the restarted agent to connect\n{agent_log.read_text()[-3000:]}",
+                )  # fmt: skip
+                time.sleep(3)
+                return started
+
+            # --userns-baseline: blocks of orders with the agent's default (--userns=auto) and
+            # with sandboxes in the host's user namespace, alternating (the agent restarted in
+            # between), so both see the same machine state; the floor interleaved throughout.
+            modes: list[str | None] = [None, "host"] if args.userns_baseline else [None]
+            blocks = 2 if args.userns_baseline else 1
+            by_userns: dict[str, list[dict[str, float]]] = {m or "auto": [] for m in modes}
+            orders = by_userns["auto"]
             floors: list[float] = []
             failures: list[str] = []
             try:
                 warmup = {"order": one_order(), "floor_s": one_floor(0)}
-                for i in range(args.orders):
-                    try:
-                        orders.append(one_order())
-                    except (RuntimeError, TimeoutError) as exc:
-                        failures.append(str(exc)[:300])
-                        if len(failures) > 2:
-                            raise
-                    floors.append(one_floor(i + 1))
+                for block in range(blocks):
+                    for mode in modes:
+                        if len(modes) > 1:
+                            agent = restart_agent(mode)
+                            one_order()  # the restarted agent's first: a warm-up, not counted
+                        count = args.orders // blocks + (block < args.orders % blocks)
+                        for _ in range(count):
+                            try:
+                                by_userns[mode or "auto"].append(one_order())
+                            except (RuntimeError, TimeoutError) as exc:
+                                failures.append(str(exc)[:300])
+                                if len(failures) > 2:
+                                    raise
+                            floors.append(one_floor(len(floors) + 1))
+                if modes[-1] is not None:
+                    agent = restart_agent(None)  # the memory figure is of the default's agent
             finally:
                 floor_engine.remove(FLOOR_NAME)
                 floor_network_down()
@@ -393,8 +438,8 @@ def _run(
                 with contextlib.suppress(TimeoutError):
                     wait_state(order_id, ("completed", "cancelled", "failed"), 120)
 
-    def column(key: str) -> list[float]:
-        return [row[key] for row in orders]
+    def column(key: str, rows: list[dict[str, float]] = orders) -> list[float]:
+        return [row[key] for row in rows]
 
     running = tt.percentiles_ms(column("running"))
     accepts = tt.percentiles_ms(column("sshd_accepts"))
@@ -414,6 +459,16 @@ def _run(
         "post_to_sshd_accepts_over_tunnel": accepts,
         "floor_bare_podman_run_to_sshd_banner": floor,
         "p95_over_floor_p95": tt.ratio(accepts, floor),
+        # The agent's default (podman --userns=auto) against the same stack with sandboxes in
+        # the host's user namespace, in alternating blocks (--userns-baseline).
+        "by_userns": {
+            userns: {
+                "orders": len(rows),
+                "post_to_running": tt.percentiles_ms(column("running", rows)),
+                "post_to_sshd_accepts": tt.percentiles_ms(column("sshd_accepts", rows)),
+            }
+            for userns, rows in by_userns.items()
+        },
         "stop_to_completed": tt.percentiles_ms(column("stop_to_completed")),
         "target": {
             "p95_under_s": TARGET_P95_S,
@@ -439,6 +494,12 @@ def main() -> int:
     parser.add_argument("--orders", type=int, default=10, help="measured orders (default 10)")
     parser.add_argument(
         "--sandboxes", type=int, default=20, help="sandboxes at once for the memory figure"
+    )
+    parser.add_argument(
+        "--userns-baseline",
+        action="store_true",
+        help="also run blocks of orders with sandboxes in the host's user namespace, "
+        "alternating with the default's (the cost of --userns=auto, in the same run)",
     )
     args = parser.parse_args()
     tt.require_root_and_tools()
