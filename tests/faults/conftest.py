@@ -43,12 +43,15 @@ from clawnode.state import Enrollment, StateDir
 from django.conf import settings as django_settings
 from django.utils import timezone
 
-from marketplace.models import EscrowHold, LedgerTransaction, Order, Settlement
+from marketplace import ledger
+from marketplace.listings import create_listing
+from marketplace.models import EscrowHold, LedgerTransaction, Listing, Order, Settlement
+from marketplace.tokens import issue_api_token
 from meshnet.enrolment import create_enrollment_token, enroll_node
 from meshnet.gateway_key import gateway_identity
 from meshnet.models import JobPeer, Node
 from tests.conftest import REPO
-from tests.factories import enroll_request, gpu
+from tests.factories import USD, enroll_request, gpu
 from tests.integration.conftest import Gateway, free_port, running_gateway, wait_until
 from tests.integration.test_agent_daemon import FAST
 from tests.integration.test_crash_safety import send, wait_for_worker
@@ -225,6 +228,31 @@ def enrolled_agent(
         say=lambda line: None,
     )
     return ProviderNode(node=node, agent=agent, backend=backend)
+
+
+def fault_market(
+    gateway: Gateway,
+    provider,
+    buyer,
+    workdir: Path,
+    *,
+    credits: int = 100 * USD,
+    price_per_gib: int = 0,
+    websocket_base: str | None = None,
+) -> tuple[ProviderNode, Listing, Client]:
+    """What every fault test starts from: the provider's node with its real daemon
+    (enrolled_agent, not yet running), a listing of its 4 GPUs at $1 per GPU-hour, and the buyer
+    with `credits` and an API client of the gateway."""
+    provider_node = enrolled_agent(provider, gateway, workdir, websocket_base=websocket_base)
+    listing = create_listing(
+        provider,
+        node=provider_node.node,
+        gpu_count=4,
+        price_per_gpu_hour=USD,
+        price_per_gib=price_per_gib,
+    )
+    ledger.grant_credits(buyer, credits)
+    return provider_node, listing, Client(gateway.base_url, issue_api_token(buyer))
 
 
 # --- recovery and its invariants ------------------------------------------------------------

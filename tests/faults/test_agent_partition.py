@@ -15,17 +15,13 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.models import Order, Settlement
-from marketplace.tokens import issue_api_token
 from meshnet.models import Node
 from tests.factories import USD, wg_public_key
 from tests.faults.conftest import (
-    Client,
     Partition,
     assert_recovered,
-    enrolled_agent,
+    fault_market,
     gateway_port,
     run_sweeps,
 )
@@ -46,13 +42,12 @@ def test_agent_partitioned_longer_than_the_grace(fault_gateway, buyer, provider,
         MOLT_NODE_FAILURE_GRACE_SECONDS=str(GRACE), MOLT_NODE_OFFLINE_AFTER_SECONDS=str(GRACE)
     )
     partition = Partition(gateway_port(gateway))
-    provider_node = enrolled_agent(provider, gateway, tmp_path, websocket_base=partition.base_url)
+    # Each hold covers 50 GiB at $1: credits for several.
+    provider_node, listing, client = fault_market(
+        gateway, provider, buyer, tmp_path, credits=1000 * USD, price_per_gib=USD,
+        websocket_base=partition.base_url,
+    )  # fmt: skip
     node = provider_node.node
-    listing = create_listing(
-        provider, node=node, gpu_count=4, price_per_gpu_hour=USD, price_per_gib=USD
-    )
-    ledger.grant_credits(buyer, 1000 * USD)  # each hold covers 50 GiB at $1
-    client = Client(gateway.base_url, issue_api_token(buyer))
     try:
         with RunningAgent(provider_node.agent):
             kept_key, stopped_key = wg_public_key(), wg_public_key()

@@ -18,16 +18,12 @@ import threading
 
 import pytest
 
-from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.tokens import issue_api_token
-from tests.factories import USD, wg_public_key
+from tests.factories import wg_public_key
 from tests.faults.conftest import (
-    Client,
     assert_recovered,
     backend_pid,
-    enrolled_agent,
+    fault_market,
     pg_terminate_test_backends,
     run_sweeps,
 )
@@ -39,12 +35,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.postgres]
 
 def test_postgres_backends_terminated_mid_flow(fault_gateway, buyer, provider, tmp_path):
     gateway = fault_gateway(MOLT_PENDING_SWEEP_AFTER_SECONDS="1")
-    provider_node = enrolled_agent(provider, gateway, tmp_path)
-    listing = create_listing(
-        provider, node=provider_node.node, gpu_count=4, price_per_gpu_hour=USD, price_per_gib=0
-    )
-    ledger.grant_credits(buyer, 100 * USD)
-    client = Client(gateway.base_url, issue_api_token(buyer))
+    provider_node, listing, client = fault_market(gateway, provider, buyer, tmp_path)
 
     with RunningAgent(provider_node.agent):
         status, first = client.order(listing.pk, wg_public_key())

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import pytest
 
-from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.models import Order
-from marketplace.tokens import issue_api_token
-from tests.factories import USD, wg_public_key
-from tests.faults.conftest import Client, assert_recovered, enrolled_agent, pause, run_sweeps
+from tests.factories import wg_public_key
+from tests.faults.conftest import (
+    assert_recovered,
+    fault_market,
+    pause,
+    run_sweeps,
+)
 from tests.integration.conftest import wait_until
 from tests.integration.test_agent_daemon import RunningAgent
 
@@ -27,12 +29,7 @@ def test_redis_killed_and_restarted_mid_order(
     fault_gateway, redis_server, buyer, provider, tmp_path
 ):
     gateway = fault_gateway(MOLT_PENDING_SWEEP_AFTER_SECONDS="1")
-    provider_node = enrolled_agent(provider, gateway, tmp_path)
-    listing = create_listing(
-        provider, node=provider_node.node, gpu_count=4, price_per_gpu_hour=USD, price_per_gib=0
-    )
-    ledger.grant_credits(buyer, 100 * USD)
-    client = Client(gateway.base_url, issue_api_token(buyer))
+    provider_node, listing, client = fault_market(gateway, provider, buyer, tmp_path)
 
     with RunningAgent(provider_node.agent):
         status, running = client.order(listing.pk, wg_public_key())

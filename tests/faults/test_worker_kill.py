@@ -15,11 +15,9 @@ import pytest
 from django.utils import timezone
 
 from marketplace import ledger
-from marketplace.listings import create_listing
 from marketplace.models import Order, Settlement
-from marketplace.tokens import issue_api_token
-from tests.factories import USD, wg_public_key
-from tests.faults.conftest import Client, assert_recovered, enrolled_agent, run_sweeps
+from tests.factories import wg_public_key
+from tests.faults.conftest import assert_recovered, fault_market, run_sweeps
 from tests.integration.conftest import wait_until
 from tests.integration.test_agent_daemon import RunningAgent
 from tests.integration.test_crash_safety import (
@@ -37,12 +35,7 @@ def test_worker_killed_mid_settlement_while_buyers_order(
     fault_gateway, buyer, stranger, provider, tmp_path
 ):
     gateway = fault_gateway(MOLT_PENDING_SWEEP_AFTER_SECONDS="1")
-    provider_node = enrolled_agent(provider, gateway, tmp_path)
-    listing = create_listing(
-        provider, node=provider_node.node, gpu_count=4, price_per_gpu_hour=USD, price_per_gib=0
-    )
-    ledger.grant_credits(buyer, 100 * USD)
-    client = Client(gateway.base_url, issue_api_token(buyer))
+    provider_node, listing, client = fault_market(gateway, provider, buyer, tmp_path)
     # Two orders on nodes silent for 40 minutes: the next expire-orders run fails and settles
     # them, billed to their last heartbeat.
     start = timezone.now() - timedelta(hours=1)
