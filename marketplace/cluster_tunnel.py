@@ -14,6 +14,7 @@ from __future__ import annotations
 from marketplace.cluster_models import Cluster
 from marketplace.errors import InvalidTransition
 from marketplace.models import Order
+from marketplace.orders import cluster_key_group
 from meshnet.hub import buyer_hub_peer
 from meshnet.models import JobPeer, Sandbox
 from meshnet.names import buyer_dns, sandbox_name
@@ -57,7 +58,7 @@ def cluster_config(cluster: Cluster, *, dns_active: bool = False) -> str:
         raise TunnelNotReady(
             f"multi-node order {cluster.pk} has no part running: its tunnel is being removed"
         )
-    group = f"cluster:{cluster.pk}"
+    group = cluster_key_group(cluster.pk)
     peers: list[JobPeer] = [p.job_peer for p in live]
     if any(peer.key_group != group for peer in peers):
         raise TunnelNotReady(

@@ -32,11 +32,11 @@ from marketplace import cluster_ledger, cluster_state, lifecycle
 from marketplace.cluster_models import Cluster
 from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
 from marketplace.models import Listing, Order
-from marketplace.orders import _sandbox_terms, quote_for, stop_locked
-from marketplace.signals import order_placed
+from marketplace.orders import _sandbox_terms, cluster_key_group, quote_for, stop_locked
+from marketplace.signals import order_changed, order_placed
 from meshnet.errors import MeshError
 from meshnet.models import JobPeer, Node, Sandbox
-from meshnet.peers import validate_peer_key
+from meshnet.peers import replace_group_key, validate_peer_key
 
 S = Order.State
 
@@ -211,6 +211,74 @@ def stop_cluster(cluster: Cluster, reason: str = "stopped by the buyer") -> Clus
     with transaction.atomic():
         if not _stop_parts(cluster.pk, reason):
             raise InvalidTransition(f"multi-node order {cluster.pk} is already {state_of(cluster)}")
+    cluster.refresh_from_db()
+    return cluster
+
+
+def rekey_cluster(cluster: Cluster, wireguard_public_key: str) -> Cluster:
+    """Give a live multi-node order a new WireGuard public key (the buyer lost the private key
+    of the old one): the cluster and every live part take it, and the parts' peers get it on
+    every node at once, keeping the one tunnel address (meshnet.peers.replace_group_key), so the
+    buyer's one wg-quick file needs only the new private key. A part not yet provisioned gets the
+    new key when it is. Sending the key the cluster already has is a no-op (a retried request).
+
+    Locks: the parts' node rows (primary-key order), the parts' order rows, then the cluster
+    row, as _stop_parts. Raises MarketError naming wireguard_public_key (invalid, live on
+    another order or peer, or a cluster placed with a key per part) and InvalidTransition when
+    no part is live."""
+    try:
+        validate_peer_key(wireguard_public_key)
+    except MeshError as exc:
+        raise MarketError(str(exc), field="wireguard_public_key") from None
+    with transaction.atomic():
+        node_ids = sorted(
+            set(
+                Order.objects.filter(cluster_id=cluster.pk).values_list(
+                    "listing__node_id", flat=True
+                )
+            )
+        )
+        list(Node.objects.select_for_update().filter(pk__in=node_ids).order_by("pk"))
+        parts = list(Order.objects.select_for_update().filter(cluster_id=cluster.pk).order_by("pk"))
+        cluster = Cluster.objects.select_for_update().get(pk=cluster.pk)
+        live = [p for p in parts if p.state in (S.PENDING, S.PROVISIONING, S.RUNNING)]
+        if not live:
+            raise InvalidTransition(
+                f"multi-node order {cluster.pk} is {state_of(cluster, parts)}: it cannot be "
+                "re-keyed"
+            )
+        if cluster.wireguard_public_key == wireguard_public_key and all(
+            p.wireguard_public_key == wireguard_public_key for p in live
+        ):
+            return cluster
+        if any(p.wireguard_public_key != cluster.wireguard_public_key for p in parts):
+            raise MarketError(
+                f"multi-node order {cluster.pk} was placed with a key per part; it cannot "
+                "take one key now",
+                field="wireguard_public_key",
+            )
+        if (
+            Order.objects.live()
+            .filter(wireguard_public_key=wireguard_public_key)
+            .exclude(cluster_id=cluster.pk)
+            .exists()
+        ):
+            raise MarketError(
+                "this WireGuard public key is already used by a live order; "
+                "generate a new key pair",
+                field="wireguard_public_key",
+            )
+        Cluster.objects.filter(pk=cluster.pk).update(wireguard_public_key=wireguard_public_key)
+        Order.objects.filter(pk__in=[p.pk for p in live]).update(
+            wireguard_public_key=wireguard_public_key
+        )
+        if any(p.job_peer_id is not None for p in live):
+            try:
+                replace_group_key(cluster_key_group(cluster.pk), wireguard_public_key)
+            except MeshError as exc:
+                raise MarketError(str(exc), field="wireguard_public_key") from None
+        for part in live:
+            order_changed.send(sender=Order, order_id=part.pk)
     cluster.refresh_from_db()
     return cluster
 

@@ -156,10 +156,16 @@ def sandbox_request(order: Order) -> SandboxRequest | None:
     )
 
 
+def cluster_key_group(cluster_id: int) -> str:
+    """The job group of a multi-node order's parts, whose peers share the buyer's one key and
+    tunnel address (meshnet.key_claims), so the buyer's one tunnel reaches all its nodes."""
+    return f"cluster:{cluster_id}"
+
+
 def key_group(order: Order) -> str | None:
-    """The job group whose peers share the order's key and tunnel address (meshnet.key_claims):
-    every part of a multi-node order is one, so the buyer's one tunnel reaches all its nodes."""
-    return f"cluster:{order.cluster_id}" if order.cluster_id is not None else None
+    """The job group whose peers share the order's key and tunnel address: a multi-node
+    order's (cluster_key_group); None for a single order (its peer's own)."""
+    return cluster_key_group(order.cluster_id) if order.cluster_id is not None else None
 
 
 def provision_order(order_id: int) -> Order:

@@ -22,7 +22,7 @@ from meshnet.errors import InvalidPeerKey, MeshError, PeerKeyInUse
 from meshnet.hub import hub_public_key
 from meshnet.key_claims import KEY_IN_USE, claim_key
 from meshnet.keys import check_wireguard_public_key
-from meshnet.models import JobPeer, JobPeerKey, Node
+from meshnet.models import JobPeer, JobPeerKey, Node, PeerKeyClaim
 from meshnet.relays import maybe_relay, release_relay
 from meshnet.sandboxes import SandboxRequest, add_sandbox, mark_removed
 from meshnet.tasks import push_desired_state
@@ -218,39 +218,93 @@ def replace_peer_key(ref: str, public_key: str) -> JobPeer:
         if _key_in_use(public_key, group=peer.key_group, node_pk=peer.node_id, peer=peer):
             raise PeerKeyInUse(KEY_IN_USE)
         claim = claim_key(public_key, peer.key_group)
-        _bump_revision(peer.node_id)
-        revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
-        now = timezone.now()
-        try:
-            with transaction.atomic():
-                JobPeer.objects.filter(pk=peer.pk).update(
-                    public_key=public_key,
-                    key_claim=claim,
-                    state=JobPeer.State.DESIRED,
-                    added_revision=revision,
-                    acked_at=None,
-                    # The old key's mapping is not the new key's: the hub observes it afresh.
-                    observed_endpoint="",
-                    observed_endpoint_at=None,
-                )
-                # Retired first: the peer has one current key at every step.
-                JobPeerKey.objects.filter(job_peer=peer, retired_at__isnull=True).update(
-                    retired_at=now, retired_revision=revision
-                )
-                back = JobPeerKey.objects.filter(
-                    job_peer=peer, public_key=public_key, closed_at__isnull=True
-                ).update(retired_at=None, retired_revision=None, added_revision=revision)
-                if not back:
-                    JobPeerKey.objects.create(
-                        job_peer=peer,
-                        node_id=peer.node_id,
-                        public_key=public_key,
-                        active_from=now,
-                        added_revision=revision,
-                    )
-        except IntegrityError:
-            raise PeerKeyInUse(KEY_IN_USE) from None
-        _push_on_commit(peer.node_id)
+        revision = _swap_key(peer, public_key, claim)
         peer.refresh_from_db()
         log.info("job peer %s re-keyed at revision %s", ref, revision)
         return peer
+
+
+def _swap_key(peer: JobPeer, public_key: str, claim: PeerKeyClaim) -> int:
+    """`peer` (its node row locked by the caller) takes `public_key` under `claim` at a new
+    revision of its node, pushed after commit; returns that revision. The old key is retired at
+    it (replace_peer_key says why). PeerKeyInUse when a constraint finds the key open elsewhere."""
+    _bump_revision(peer.node_id)
+    revision = Node.objects.values_list("desired_revision", flat=True).get(pk=peer.node_id)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            JobPeer.objects.filter(pk=peer.pk).update(
+                public_key=public_key,
+                key_claim=claim,
+                state=JobPeer.State.DESIRED,
+                added_revision=revision,
+                acked_at=None,
+                # The old key's mapping is not the new key's: the hub observes it afresh.
+                observed_endpoint="",
+                observed_endpoint_at=None,
+            )
+            # Retired first: the peer has one current key at every step.
+            JobPeerKey.objects.filter(job_peer=peer, retired_at__isnull=True).update(
+                retired_at=now, retired_revision=revision
+            )
+            back = JobPeerKey.objects.filter(
+                job_peer=peer, public_key=public_key, closed_at__isnull=True
+            ).update(retired_at=None, retired_revision=None, added_revision=revision)
+            if not back:
+                JobPeerKey.objects.create(
+                    job_peer=peer,
+                    node_id=peer.node_id,
+                    public_key=public_key,
+                    active_from=now,
+                    added_revision=revision,
+                )
+    except IntegrityError:
+        raise PeerKeyInUse(KEY_IN_USE) from None
+    _push_on_commit(peer.node_id)
+    return revision
+
+
+def replace_group_key(group: str, public_key: str) -> list[JobPeer]:
+    """Give every live peer of job group `group` (the parts of a multi-node order, which share
+    the buyer's one key) the new key `public_key` at once, each at a new revision of its node, as
+    replace_peer_key does for one peer. They keep the group's one tunnel address: the old key's
+    claim hands its allocation to the new key's, so the buyer's one wg-quick file stays right
+    but for its private key. Sending the key the group already has is a no-op.
+
+    Locks: every live peer's node row (pk order), then the claims (meshnet.key_claims). Raises
+    InvalidPeerKey, PeerKeyInUse (the key is open on a peer of another group, or on one of
+    these nodes), and MeshError when the group has no live peer."""
+    validate_peer_key(public_key)
+    with transaction.atomic():
+        live = JobPeer.objects.filter(
+            key_group=group, state__in=[JobPeer.State.DESIRED, JobPeer.State.ACTIVE]
+        )
+        node_pks = sorted(set(live.values_list("node_id", flat=True)))
+        list(Node.objects.select_for_update().filter(pk__in=node_pks).order_by("pk"))
+        peers = list(live.select_related("key_claim").order_by("pk"))
+        if not peers:
+            raise MeshError(f"job group {group} has no live peer to re-key")
+        if all(peer.public_key == public_key for peer in peers):
+            return peers
+        if any(
+            _key_in_use(public_key, group=group, node_pk=peer.node_id, peer=peer) for peer in peers
+        ):
+            raise PeerKeyInUse(KEY_IN_USE)
+        claim = claim_key(public_key, group)
+        # JobPeer.key_claim points at the claim's token (its key and group).
+        old_claims = {peer.key_claim_id for peer in peers if peer.key_claim_id != claim.token}
+        moved = (
+            PeerKeyClaim.objects.select_for_update()
+            .filter(token__in=old_claims, allocation__isnull=False)
+            .values_list("allocation_id", flat=True)
+            .first()
+        )
+        if moved is not None and claim.allocation_id is None:
+            PeerKeyClaim.objects.filter(allocation_id=moved).update(allocation=None)
+            PeerKeyClaim.objects.filter(pk=claim.pk).update(allocation=moved)
+            claim.refresh_from_db()
+        for peer in peers:
+            if peer.public_key != public_key:
+                revision = _swap_key(peer, public_key, claim)
+                log.info("job peer %s re-keyed with its group at revision %s", peer.ref, revision)
+        return [JobPeer.objects.get(pk=peer.pk) for peer in peers]

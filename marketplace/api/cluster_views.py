@@ -18,9 +18,10 @@ from marketplace.api.cluster_serializers import ClusterCreateSerializer, Cluster
 from marketplace.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, idempotent
 from marketplace.api.order_views import PlainTextRenderer
 from marketplace.api.schema import error_responses
+from marketplace.api.serializers import RekeySerializer
 from marketplace.cluster_models import Cluster
 from marketplace.cluster_tunnel import cluster_config
-from marketplace.clusters import PartSpec, place_cluster, stop_cluster
+from marketplace.clusters import PartSpec, place_cluster, rekey_cluster, stop_cluster
 from marketplace.models import Order
 from meshnet.api.serializers import ErrorSerializer
 
@@ -106,6 +107,31 @@ class ClusterViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @idempotent
     def stop(self, request: Request, pk: str | None = None) -> Response:
         cluster = stop_cluster(self.get_object())
+        return Response(self._fresh(cluster))
+
+    @extend_schema(
+        request=RekeySerializer,
+        parameters=[IDEMPOTENCY_KEY_PARAMETER],
+        responses={
+            200: ClusterSerializer,
+            **error_responses(
+                {
+                    400: "invalid key, a key live on another order, or a multi-node order "
+                    "placed with a key per part",
+                    404: "no such multi-node order of yours",
+                    409: "every part is stopping or ended",
+                    422: "Idempotency-Key reused with a different request",
+                }
+            ),
+        },
+        summary="Replace the one WireGuard public key of every part (its private key was lost)",
+    )
+    @action(detail=True, methods=["post"])
+    @idempotent
+    def rekey(self, request: Request, pk: str | None = None) -> Response:
+        form = RekeySerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        cluster = rekey_cluster(self.get_object(), form.validated_data["wireguard_public_key"])
         return Response(self._fresh(cluster))
 
     @extend_schema(

@@ -455,7 +455,8 @@ class RekeySerializer(serializers.Serializer):
     wireguard_public_key = serializers.CharField(
         trim_whitespace=False,
         validators=[validate_wireguard_public_key],
-        help_text="base64 X25519 public key of a new key pair for this order",
+        help_text="base64 X25519 public key of a new key pair for this order (every part of a "
+        "multi-node order)",
     )
 
 

@@ -41,6 +41,7 @@ PATHS = {
     "/api/v1/clusters/": {"get", "post"},
     "/api/v1/clusters/{id}/": {"get"},
     "/api/v1/clusters/{id}/stop/": {"post"},
+    "/api/v1/clusters/{id}/rekey/": {"post"},
     "/api/v1/clusters/{id}/wireguard.conf": {"get"},
 }
 
@@ -69,6 +70,7 @@ def test_the_schema_documents_idempotency_keys_on_money_moving_posts(schema):
         "/api/v1/payouts/",
         "/api/v1/clusters/",
         "/api/v1/clusters/{id}/stop/",
+        "/api/v1/clusters/{id}/rekey/",
     ):
         headers = [
             p["name"] for p in schema["paths"][path]["post"]["parameters"] if p["in"] == "header"

@@ -12,7 +12,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from marketplace.cluster_models import Cluster
-from marketplace.clusters import PartSpec, parts_of, place_cluster, stop_cluster
+from marketplace.clusters import PartSpec, parts_of, place_cluster, rekey_cluster, stop_cluster
 from marketplace.errors import MarketError
 from marketplace.models import Order
 from marketplace.orders import provision_order, rekey_order
@@ -21,7 +21,7 @@ from meshnet.agent_channel import acknowledge_revision
 from meshnet.desired_state import signed_desired_state
 from meshnet.errors import PeerKeyInUse
 from meshnet.gateway_key import gateway_identity
-from meshnet.models import IpAllocation, JobPeer, Node, PeerKeyClaim, Relay, Sandbox
+from meshnet.models import IpAllocation, JobPeer, JobPeerKey, Node, PeerKeyClaim, Relay, Sandbox
 from meshnet.peers import create_job_peer
 from tests import factories
 
@@ -277,6 +277,92 @@ def test_a_part_cannot_be_rekeyed_alone(funded_buyer, listings):
     with pytest.raises(MarketError) as refused:
         rekey_order(a, factories.wg_public_key())
     assert refused.value.field == "wireguard_public_key"
+
+
+def test_rekey_gives_every_parts_node_the_new_key_at_the_one_address_until_stop(
+    buyer_api, funded_buyer, listings, node_a, node_b
+):
+    old, new = factories.wg_public_key(), factories.wg_public_key()
+    cluster = _place(funded_buyer, listings, old)
+    _provisioned(cluster)
+    _ack(node_a)
+    _ack(node_b)
+    lease = PeerKeyClaim.objects.get(public_key=old).allocation
+    config_before = buyer_api.get(f"{CLUSTERS}{cluster.pk}/wireguard.conf").content.decode()
+    revisions = {
+        n.pk: n.desired_revision for n in Node.objects.filter(pk__in=[node_a.pk, node_b.pk])
+    }
+
+    answer = buyer_api.post(
+        f"{CLUSTERS}{cluster.pk}/rekey/", {"wireguard_public_key": new}, format="json"
+    )
+    assert answer.status_code == 200, answer.content
+    assert answer.json()["wireguard_public_key"] == new
+    for node in (node_a, node_b):
+        (spec,) = _job_peers(node)
+        assert spec.public_key == new and spec.allowed_ips[0].startswith("10.")
+        assert Node.objects.get(pk=node.pk).desired_revision == revisions[node.pk] + 1
+    assert {p.address for p in JobPeer.objects.all()} == {lease.address}
+    assert set(Order.objects.values_list("wireguard_public_key", flat=True)) == {new}
+    # The one address moved with the key, so the same file works with the new private key.
+    assert PeerKeyClaim.objects.get(public_key=new).allocation == lease
+    assert PeerKeyClaim.objects.get(public_key=old).allocation is None
+    assert buyer_api.get(f"{CLUSTERS}{cluster.pk}/wireguard.conf").content.decode() == (
+        config_before
+    )
+    # The old key stays open until each node drops it (its final counters are billed).
+    retired = JobPeerKey.objects.filter(public_key=old)
+    assert retired.count() == 2 and not retired.filter(retired_at__isnull=True).exists()
+
+    # A retry with the same key changes nothing.
+    again = buyer_api.post(
+        f"{CLUSTERS}{cluster.pk}/rekey/", {"wireguard_public_key": new}, format="json"
+    )
+    assert again.status_code == 200
+    assert Node.objects.get(pk=node_a.pk).desired_revision == revisions[node_a.pk] + 1
+
+    # Stopped, and dropped by both nodes: the moved lease is released as usual.
+    stop_cluster(cluster)
+    _ack(node_a)
+    _ack(node_b)
+    lease.refresh_from_db()
+    assert lease.released_at is not None
+
+
+def test_a_part_provisioned_after_a_rekey_takes_the_new_key_and_the_one_address(
+    funded_buyer, listings, node_b
+):
+    cluster = _place(funded_buyer, listings, factories.wg_public_key())
+    a, b = parts_of(cluster)
+    provision_order(a.pk)
+    new = factories.wg_public_key()
+    rekey_cluster(cluster, new)
+    provision_order(b.pk)
+    peers = JobPeer.objects.order_by("pk")
+    assert [p.public_key for p in peers] == [new, new]
+    assert len({p.address for p in peers}) == 1
+    assert _job_peers(node_b)[0].public_key == new
+
+
+def test_rekey_refuses_a_key_live_elsewhere_and_an_ended_order(buyer_api, funded_buyer, listings):
+    cluster = _place(funded_buyer, listings, factories.wg_public_key())
+    _provisioned(cluster)
+    other = _place(funded_buyer, listings, factories.wg_public_key())
+    taken = buyer_api.post(
+        f"{CLUSTERS}{cluster.pk}/rekey/",
+        {"wireguard_public_key": other.wireguard_public_key},
+        format="json",
+    )
+    assert taken.status_code == 400
+    assert "wireguard_public_key" in taken.json()
+    assert Cluster.objects.get(pk=cluster.pk).wireguard_public_key != other.wireguard_public_key
+    stop_cluster(cluster)
+    ended = buyer_api.post(
+        f"{CLUSTERS}{cluster.pk}/rekey/",
+        {"wireguard_public_key": factories.wg_public_key()},
+        format="json",
+    )
+    assert ended.status_code == 409
 
 
 def test_the_cluster_page_lists_the_parts_and_offers_the_one_config(
