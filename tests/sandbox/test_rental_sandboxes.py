@@ -193,9 +193,9 @@ class Buyer:
 
     def ssh_argv(self, *command: str, address: str | None = None) -> list[str]:
         """The stock client, its host key checked against the order's known_hosts line only."""
-        target = self.sandbox["ssh_command"].split()[-1]
-        if address is not None:
-            target = f"root@{address}"
+        # An address (or a name) given: the order's ssh_command is not needed (a cluster's
+        # buyer logs in to several sandboxes).
+        target = f"root@{address}" if address else self.sandbox["ssh_command"].split()[-1]
         return [
             "ip", "netns", "exec", self.ns,
             "ssh", "-F", "/dev/null", "-i", str(self.ssh_key),
