@@ -33,7 +33,7 @@ def pytest(label: str, env_extra: dict[str, str], args: list[str]) -> int:
     return code
 
 
-LIVE_TIERS = "integration or netns or browser or vm or sandbox or nat or faults"
+LIVE_TIERS = "integration or netns or browser or vm or sandbox or nat or mesh or faults"
 # Two workers: the machine the suite is held to (45 minutes) has two cores.
 WORKERS = os.environ.get("MOLT_TEST_WORKERS", "2")
 # The test database is thrown away: a commit need not wait for the WAL to reach the disk. Every

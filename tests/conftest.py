@@ -85,6 +85,10 @@ def _missing_for(tier: str) -> str | None:
         from tests.sandbox.image import missing_tools as missing_sandbox_tools
 
         return missing_sandbox_tools()
+    if tier == "mesh":
+        # A gateway (integration), wireguard-go and nftables in namespaces (as the nat tier
+        # needs them) and rootful podman (the sandbox tier's); its image is built on first use.
+        return _missing_for("integration") or _missing_for("nat") or _missing_for("sandbox")
     if tier == "browser":
         if not os.path.exists("/usr/bin/chromium"):
             return "needs Debian's chromium at /usr/bin/chromium"
@@ -95,7 +99,7 @@ def _missing_for(tier: str) -> str | None:
     return None
 
 
-TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat", "faults")
+TIERS = ("postgres", "integration", "netns", "browser", "vm", "sandbox", "nat", "mesh", "faults")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -54,6 +54,18 @@ def podman_ulimit_args() -> tuple[str, ...]:
     return tuple(args)
 
 
+def agent_engine_args() -> list[str]:
+    """`clawnode run`'s options for the same engine settings (the agent tests' daemons)."""
+    args: list[str] = []
+    if ENGINE_OPTIONS["runtime"]:
+        args += ["--container-runtime", str(ENGINE_OPTIONS["runtime"])]
+    if ENGINE_OPTIONS["cgroup_manager"]:
+        args += ["--cgroup-manager", str(ENGINE_OPTIONS["cgroup_manager"])]
+    for name, value in _ulimits().items():
+        args += ["--container-ulimit", f"{name}={value}"]
+    return args
+
+
 def container_spec(name: str, ref: str, image: str, netns: str, **extra) -> ContainerSpec:
     """A container as the tier's engine tests start it: small limits, no GPUs, asleep; `extra`
     overrides any field."""

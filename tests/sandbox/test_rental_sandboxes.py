@@ -40,7 +40,7 @@ from meshnet.models import Node, Sandbox
 from tests.integration.conftest import running_gateway, wait_until
 from tests.integration.test_order_provisioning import call
 from tests.netns.testbed import network_testbed
-from tests.sandbox.conftest import ENGINE_OPTIONS, podman_global_args
+from tests.sandbox.conftest import ENGINE_OPTIONS, agent_engine_args, podman_global_args
 from tests.sandbox.image import EXPOSED_PORT
 
 pytestmark = [
@@ -193,9 +193,9 @@ class Buyer:
 
     def ssh_argv(self, *command: str, address: str | None = None) -> list[str]:
         """The stock client, its host key checked against the order's known_hosts line only."""
-        target = self.sandbox["ssh_command"].split()[-1]
-        if address is not None:
-            target = f"root@{address}"
+        # An address (or a name) given: the order's ssh_command is not needed (a cluster's
+        # buyer logs in to several sandboxes).
+        target = f"root@{address}" if address else self.sandbox["ssh_command"].split()[-1]
         return [
             "ip", "netns", "exec", self.ns,
             "ssh", "-F", "/dev/null", "-i", str(self.ssh_key),
@@ -280,13 +280,7 @@ def test_two_buyers_each_log_in_to_their_own_sandbox_with_exactly_their_gpu(tmp_
                 mesh_ip = match.group(2)
                 agent_log_path = tmp_path / "agent.log"
                 agent_log = open(agent_log_path, "ab")  # noqa: SIM115
-                engine_args: list[str] = []
-                if ENGINE_OPTIONS["runtime"]:
-                    engine_args += ["--container-runtime", str(ENGINE_OPTIONS["runtime"])]
-                if ENGINE_OPTIONS["cgroup_manager"]:
-                    engine_args += ["--cgroup-manager", str(ENGINE_OPTIONS["cgroup_manager"])]
-                for name, value in dict(ENGINE_OPTIONS["ulimits"]).items():  # type: ignore[call-overload]
-                    engine_args += ["--container-ulimit", f"{name}={value}"]
+                engine_args = agent_engine_args()
 
                 def start_agent() -> subprocess.Popen:
                     proc = subprocess.Popen(
