@@ -1,5 +1,5 @@
-"""What every browser test shares: Debian's Chromium driven by Playwright's sync API, and
-where screenshots go."""
+"""What every browser test shares: Debian's Chromium driven by Playwright's sync API, where
+screenshots go, and a staff member's log-in."""
 
 from __future__ import annotations
 
@@ -47,3 +47,21 @@ def browser_page(monkeypatch) -> Iterator[Any]:
             # them on a connection of their own (its connections are per async context there):
             # close it, or the test database cannot be dropped at the end of the session.
             connections.close_all()
+
+
+def staff_log_in(page, username: str, password: str, url: str | None = None) -> None:
+    """Log `username` in on the admin's log-in form (at `url`, or where `page` already is):
+    password and the TOTP code of the user's confirmed authenticator device, which staff give
+    too (frontend/staff_otp.py); returns once the form's answer has loaded."""
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    from tests.factories import totp_code
+
+    if url is not None:
+        page.goto(url)
+    device = TOTPDevice.objects.get(user__username=username, confirmed=True)
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.fill("#id_otp_token", totp_code(device))
+    with page.expect_navigation():
+        page.click("input[type=submit]")

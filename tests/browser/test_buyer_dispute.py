@@ -29,8 +29,9 @@ from marketplace.models import Dispute, Order
 from marketplace.orders import place_order, provision_order, stop_order
 from meshnet.agent_channel import acknowledge_revision
 from meshnet.models import Node
+from tests.browser.conftest import staff_log_in
 from tests.browser.test_buyer_flow import usd
-from tests.factories import enrolled_node, gpu, totp_code, wg_public_key
+from tests.factories import enrolled_node, gpu, wg_public_key
 from tests.integration.conftest import gateway  # noqa: F401  (a fixture)
 
 pytestmark = [pytest.mark.browser, pytest.mark.postgres]
@@ -222,12 +223,7 @@ def test_a_buyer_disputes_a_settled_order_and_sees_the_operators_refund(
     before = ledger.available_for(carol)
     operator = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
     admin = operator.new_page()
-    admin.goto(f"{base}/admin/login/?next=/admin/marketplace/dispute/")
-    admin.fill("#id_username", "olga")
-    admin.fill("#id_password", PASSWORD)
-    admin.fill("#id_otp_token", totp_code(TOTPDevice.objects.get(user__username="olga")))
-    with admin.expect_navigation():
-        admin.click("input[type=submit]")
+    staff_log_in(admin, "olga", PASSWORD, f"{base}/admin/login/?next=/admin/marketplace/dispute/")
     admin.check(f'input[name="_selected_action"][value="{dispute.pk}"]')
     admin.select_option('select[name="action"]', "resolve")
     with admin.expect_navigation():

@@ -28,8 +28,8 @@ from marketplace.models import Order
 from marketplace.money import format_usd
 from marketplace.orders import quote_for
 from meshnet.models import Node
-from tests.browser.conftest import ARTIFACTS
-from tests.factories import enrolled_node, gpu, ssh_public_key, totp_code
+from tests.browser.conftest import ARTIFACTS, staff_log_in
+from tests.factories import enrolled_node, gpu, ssh_public_key
 from tests.integration.conftest import gateway, wait_until  # noqa: F401  (the gateway fixture)
 from tests.integration.test_agent_daemon import (  # noqa: F401  (provider_node is a fixture)
     RunningAgent,
@@ -146,15 +146,10 @@ def test_a_buyer_rents_a_gpu_in_the_browser_and_the_private_key_never_leaves_it(
     # 2. Credits from an operator: the admin's grant action, in the operator's own browser.
     olga = get_user_model().objects.create_superuser("olga", password=PASSWORD)
     # Staff give a TOTP code too (frontend/staff_otp.py): their authenticator app's device.
-    device = TOTPDevice.objects.create(user=olga, name="phone", confirmed=True)
+    TOTPDevice.objects.create(user=olga, name="phone", confirmed=True)
     operator = page.context.browser.new_context(viewport={"width": 1280, "height": 900})
     admin = operator.new_page()
-    admin.goto(f"{base}/admin/login/?next=/admin/auth/user/")
-    admin.fill("#id_username", "olga")
-    admin.fill("#id_password", PASSWORD)
-    admin.fill("#id_otp_token", totp_code(device))
-    with admin.expect_navigation():
-        admin.click("input[type=submit]")
+    staff_log_in(admin, "olga", PASSWORD, f"{base}/admin/login/?next=/admin/auth/user/")
     admin.check(f'input[name="_selected_action"][value="{carol.pk}"]')
     admin.select_option('select[name="action"]', "grant_credits")
     with admin.expect_navigation():

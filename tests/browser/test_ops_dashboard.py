@@ -15,8 +15,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 from marketplace import ledger, payments
 from marketplace.audit import record_audit_run
 from marketplace.models import Order
-from tests.browser.conftest import ARTIFACTS
-from tests.factories import totp_code
+from tests.browser.conftest import ARTIFACTS, staff_log_in
 from tests.scaled_market import seed_scaled_market
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
@@ -36,7 +35,7 @@ def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
     page = browser_page
     operator = django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
     # Staff give a TOTP code too (frontend/staff_otp.py): their authenticator app's device.
-    device = TOTPDevice.objects.create(user=operator, name="phone", confirmed=True)
+    TOTPDevice.objects.create(user=operator, name="phone", confirmed=True)
     seed_scaled_market(2)
     # A provider waiting for a payout, so the payout queue has a row (its orders' shares are
     # released to earnings as after the dispute window).
@@ -51,11 +50,7 @@ def test_an_operator_sees_the_dashboard_charts_drawn_with_data(
 
     page.goto(f"{live_server.url}/ops/")
     assert "/admin/login/" in page.url  # staff only
-    page.fill("#id_username", "operator")
-    page.fill("#id_password", PASSWORD)
-    page.fill("#id_otp_token", totp_code(device))
-    with page.expect_navigation():
-        page.click("input[type=submit]")
+    staff_log_in(page, "operator", PASSWORD)
     assert page.url == f"{live_server.url}/ops/"
     # From here on, only the dashboard's own loading counts (the admin's login page has no
     # favicon link, and Chromium logs the 404 of its guess at /favicon.ico as an error).

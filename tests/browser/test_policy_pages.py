@@ -8,8 +8,7 @@ from __future__ import annotations
 import pytest
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from tests.browser.conftest import ARTIFACTS
-from tests.factories import totp_code
+from tests.browser.conftest import ARTIFACTS, staff_log_in
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True), pytest.mark.postgres]
 
@@ -38,13 +37,10 @@ def test_swagger_ui_and_the_admin_work_under_the_policy(
     operator = django_user_model.objects.create_user("operator", password=PASSWORD, is_staff=True)
     operator.is_superuser = True
     operator.save()
-    device = TOTPDevice.objects.create(user=operator, name="phone", confirmed=True)
-    page.goto(f"{live_server.url}/admin/login/?next=/admin/auth/user/")
-    page.fill("#id_username", "operator")
-    page.fill("#id_password", PASSWORD)
-    page.fill("#id_otp_token", totp_code(device))
-    with page.expect_navigation():
-        page.click("input[type=submit]")
+    TOTPDevice.objects.create(user=operator, name="phone", confirmed=True)
+    staff_log_in(
+        page, "operator", PASSWORD, f"{live_server.url}/admin/login/?next=/admin/auth/user/"
+    )
     assert page.url.endswith("/admin/auth/user/")
     # The admin's scripts (files of this site) ran: its jQuery namespace is set up, and the
     # change list's "select all" box (actions.js) selects the rows.
