@@ -168,7 +168,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 # No database work here: written in a batch (meshnet.liveness).
                 liveness.batcher().beat(node, self._peer_ip())
             elif kind == "metering":
-                await agent_db(agent_channel.ingest_metering)(node, content.get("envelope"))
+                # Verified here (no database work); only a sample that names peers has
+                # anything to store or bill (agent_channel.check_metering).
+                envelope = content.get("envelope")
+                sample = agent_channel.check_metering(node, envelope)
+                if sample.peers:
+                    await agent_db(agent_channel.record_metering)(node, envelope, sample)
             elif kind in ("inventory", "report", "connectivity"):
                 await agent_db(_node_message)(node, kind, content, None)
             elif kind in ("ack", "removed", "sandbox_status"):
