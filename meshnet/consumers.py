@@ -340,10 +340,12 @@ def _node_message(node: Node, kind: str, content: dict, beat: liveness.Beat | No
     """The database work of one of the rarer frames, in one thread hop: re-read the node
     (refused if revoked meanwhile), write the heartbeats `beat` carries first, then the
     message. The connection's copy of the node is not refreshed: what these functions use of
-    it (pk, node_id, keys, owner) does not change."""
-    revoked_at = list(Node.objects.filter(pk=node.pk).values_list("revoked_at", flat=True))
-    if revoked_at != [None]:  # gone, or revoked
-        raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+    it (pk, node_id, keys, owner) does not change. An inventory's own read of the node makes
+    the check (meshnet.nodes.update_inventory): a query less for the most frequent of these."""
+    if kind != "inventory":
+        revoked_at = list(Node.objects.filter(pk=node.pk).values_list("revoked_at", flat=True))
+        if revoked_at != [None]:  # gone, or revoked
+            raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
     if beat is not None:
         liveness.settle_pending(beat)
     if kind == "inventory":

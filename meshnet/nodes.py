@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -76,7 +77,8 @@ def update_inventory(
     records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
     utilisation) update in place. A malformed `images` is refused (AgentRefused naming it)
     before anything is written. `names`: whether the agent runs its names responder (None:
-    an agent that predates it, so no); anything but a boolean is refused likewise."""
+    an agent that predates it, so no); anything but a boolean is refused likewise. A node
+    revoked (or deleted) meanwhile is refused (AgentRefused, 4403), nothing written."""
     parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
     if names is not None and not isinstance(names, bool):
         raise AgentRefused("inventory.names must be true or false", wire.CLOSE_BAD_MESSAGE)
@@ -85,15 +87,18 @@ def update_inventory(
     differing = _readings_only(node, parsed, readings, reason, image_list, bool(names))
     if differing is not None:
         # Nothing but live readings differ (if anything): GPU rows updated in place need no
-        # lock of the node's row, which every batch of acks and heartbeats takes.
+        # lock of the node's row, which every batch of acks and heartbeats takes. One GPU's
+        # UPDATE is atomic alone: no transaction's two extra round trips.
         if differing:
-            with transaction.atomic():
+            with transaction.atomic() if len(differing) > 1 else nullcontext():
                 if _write_readings(node, differing):
                     node_changed.send(sender=Node, node=node, change="inventory")
         return
     changed = False
     with transaction.atomic():
-        locked = Node.objects.select_for_update().get(pk=node.pk)
+        locked = Node.objects.select_for_update().filter(pk=node.pk).first()
+        if locked is None or locked.revoked_at is not None:
+            raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
         if image_list is not None and image_list != locked.images:
             Node.objects.filter(pk=node.pk).update(images=image_list)
             node.images = image_list
@@ -146,6 +151,10 @@ def _write_readings(node: Node, readings: list[tuple[int, dict[str, int | None]]
     return changed
 
 
+# The GPU columns _readings_only compares: the inventory's five, then the two live readings.
+_GPU = ("index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct")
+
+
 def _readings_only(
     node: Node,
     parsed: tuple[wire.GpuInfo, ...],
@@ -155,26 +164,31 @@ def _readings_only(
     responder: bool,
 ) -> list[tuple[int, dict[str, int | None]]] | None:
     """The readings that differ from the stored ones when nothing else of the inventory does
-    (an empty list: nothing to write), read without locks or a transaction (two queries);
-    None when the GPUs, images or names responder differ or a reason is to be recorded.
+    (an empty list: nothing to write), read without locks or a transaction (one query, the
+    node's row joined with its GPUs'); None when the GPUs, images or names responder differ or
+    a reason is to be recorded. AgentRefused (4403) for a node revoked or gone.
 
     Every agent sends its inventory on connect and every minute, its GPUs nearly always the
     same; the locked path (a transaction holding the node's row lock) was most of a gateway
     restart's connect wave, queued behind the batches of acks that lock every node's row.
     What differs beyond readings goes through the locked path, which compares again under
-    the lock."""
+    the lock. With 2,000 idle agents, these reads were the largest share of the web
+    process's CPU after the thread hops (py-spy, benchmarks/agent_plane.py): one query, not
+    three (the connection's check that the node is not revoked was one)."""
     if not parsed and reason:
         return None  # the reason is recorded
-    row = Node.objects.filter(pk=node.pk).values_list("images", "names_responder").first()
-    if row is None:
-        return None  # the locked path says what is wrong
-    if (image_list is not None and image_list != row[0]) or responder != row[1]:
-        return None
-    known = list(
-        node.gpus.order_by("index").values_list(
-            "index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct"
-        )
+    rows = list(
+        Node.objects.filter(pk=node.pk)
+        .order_by("gpus__index")
+        .values_list("revoked_at", "images", "names_responder", *(f"gpus__{f}" for f in _GPU))
     )
+    if not rows or rows[0][0] is not None:
+        raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+    _revoked, stored_images, stored_responder = rows[0][:3]
+    if (image_list is not None and image_list != stored_images) or responder != stored_responder:
+        return None
+    # A node without GPUs is one row of NULLs (the join is an outer one).
+    known = [row[3:] for row in rows if row[3] is not None]
     if parsed and [k[:5] for k in known] != [
         (g.index, g.name, g.memory_mb, g.uuid, g.simulated) for g in parsed
     ]:
