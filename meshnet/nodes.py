@@ -7,6 +7,7 @@ meshnet.agent_channel takes them). revoke_node fires node_revoked outside any lo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from contextlib import nullcontext
@@ -16,7 +17,7 @@ from typing import Any
 from clawnode import wire
 from clawnode.wire.messages import _IMAGE_RE
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -155,6 +156,43 @@ def _write_readings(node: Node, readings: list[tuple[int, dict[str, int | None]]
 _GPU = ("index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct")
 
 
+@functools.cache
+def _node_with_gpus_sql(vendor: str) -> str:
+    """The text of _node_with_gpus's query (per database vendor: its quoting)."""
+    quote = connection.ops.quote_name
+    node, gpu = (quote(model._meta.db_table) for model in (Node, Gpu))
+    fields = ("id", "revoked_at", "images", "names_responder")
+    n = {f: quote(Node._meta.get_field(f).column) for f in fields}
+    g = {f: quote(Gpu._meta.get_field(f).column) for f in (*_GPU, "node")}
+    gpus = ", ".join(f"g.{g[f]}" for f in _GPU)
+    # Only quoted names of these models and a placeholder go into the text.
+    return (
+        f"SELECT n.{n['revoked_at']}, n.{n['images']}, n.{n['names_responder']}, {gpus} "  # noqa: S608
+        f"FROM {node} n LEFT JOIN {gpu} g ON g.{g['node']} = n.{n['id']} "
+        f"WHERE n.{n['id']} = %s ORDER BY g.{g['index']}"
+    )
+
+
+def _node_with_gpus(pk: int) -> list[tuple[Any, ...]]:
+    """(revoked_at, images, names_responder, *_GPU) of node `pk`, a row per GPU in index order
+    (one of NULL GPU columns for a node without GPUs); none for no such node. SQL of its own,
+    the same text each time: built by the ORM, this one query was still most of an
+    inventory's cost in the web process (cloning and compiling the join; py-spy)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_node_with_gpus_sql(connection.vendor), [pk])
+        rows = cursor.fetchall()
+    # As the ORM reads them: the JSON list from its text, SQLite's booleans from 0 and 1.
+    images = Node._meta.get_field("images")
+    out = []
+    for revoked_at, stored, responder, *gpu in rows:
+        if gpu[4] is not None:
+            gpu[4] = bool(gpu[4])  # simulated
+        out.append(
+            (revoked_at, images.from_db_value(stored, None, connection), bool(responder), *gpu)
+        )
+    return out
+
+
 def _readings_only(
     node: Node,
     parsed: tuple[wire.GpuInfo, ...],
@@ -177,11 +215,7 @@ def _readings_only(
     three (the connection's check that the node is not revoked was one)."""
     if not parsed and reason:
         return None  # the reason is recorded
-    rows = list(
-        Node.objects.filter(pk=node.pk)
-        .order_by("gpus__index")
-        .values_list("revoked_at", "images", "names_responder", *(f"gpus__{f}" for f in _GPU))
-    )
+    rows = _node_with_gpus(node.pk)
     if not rows or rows[0][0] is not None:
         raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
     _revoked, stored_images, stored_responder = rows[0][:3]
