@@ -89,6 +89,10 @@ def test_an_unchanged_inventory_writes_nothing(provider):
     assert not [q for q in queries.captured_queries if "FOR UPDATE" in q["sql"]]
     assert len(queries.captured_queries) == 2  # the read, one GPU's UPDATE
     assert node.gpus.get(index=1).temperature_c == 50
+    # A reading the GPU no longer gives is stored as unknown (the UPDATE compares NULL too).
+    update_inventory(node, inventory, [{"index": 1, "utilization_pct": 3}])
+    second = node.gpus.get(index=1)
+    assert (second.temperature_c, second.utilization_pct) == (None, 3)
     # Anything else that differs is written as before.
     update_inventory(node, inventory[:1], health, images=[])
     node.refresh_from_db()
