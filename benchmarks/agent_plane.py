@@ -3,13 +3,13 @@
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/molt_bench_plane \\
     .venv/bin/python benchmarks/agent_plane.py --n 100 500 1000 2000 [--idle 20] [--reps 1]
 
-One uvicorn process (config.asgi, DEBUG off) on a fresh PostgreSQL database and Redis, and
-N lightweight simulated agents in this process speaking the real signed protocol: websocket
-connect, the challenge answered with a signed AGENT_AUTH, then at the real agent's default
-periods (clawnode.daemon.Timing) a heartbeat every 5 s, a signed metering sample every 10 s
-(no peers: an idle node) and the inventory every 60 s (phases spread at random), and a
-signed ACK of every desired state pushed (the simulated agent does not check the gateway's
-signature, which a real one does: client CPU only). Per N:
+One uvicorn process (config.asgi, DEBUG off, no per-message deflate: as the gateway runs) on a
+fresh PostgreSQL database and Redis, and N lightweight simulated agents in this process speaking
+the real signed protocol: websocket connect, the challenge answered with a signed AGENT_AUTH,
+then at the real agent's default periods (clawnode.daemon.Timing) a heartbeat every 5 s, a
+signed metering sample every 10 s (no peers: an idle node) and the inventory every 60 s (phases
+spread at random), and a signed ACK of every desired state pushed (the simulated agent does not
+check the gateway's signature, which a real one does: client CPU only). Per N:
 
 - connect_burst_s: all N connect at once; until every one is welcomed and has its state.
 - idle_cpu_core_fraction: the web process's CPU time over an --idle window of that traffic,
@@ -30,9 +30,9 @@ arrival. Same N, same agents, same measures.
 --gateway-src DIR runs the web process from another checkout of the code (git archive of an
 earlier commit) with the same database: before/after figures. --reps R repeats each N and
 reports min and median. --profile DIR samples the web process with py-spy (pip install py-spy;
-not a dependency) over each change, into DIR/molt-N-change.txt (collapsed stacks). Prints one
-JSON object. The database is dropped at the end; Redis database 6 (MOLT_BENCH_REDIS_DB) is
-flushed.
+not a dependency) over the idle window and over each change, into DIR/molt-N-idle.txt and
+DIR/molt-N-change.txt (collapsed stacks). Prints one JSON object. The database is dropped at the
+end; Redis database 6 (MOLT_BENCH_REDIS_DB) is flushed.
 """
 
 from __future__ import annotations
@@ -316,6 +316,25 @@ def floor_change(port: int, n: int, target: int) -> dict[str, float]:
     return got
 
 
+async def py_spy(pid: int, output: Path) -> subprocess.Popen:
+    """py-spy (not a dependency: pip install py-spy) sampling the web process into `output`
+    (collapsed stacks) until stop_py_spy. Outside the process, without pausing it
+    (--nonblocking): the process's own CPU time, which the idle window measures, is its own."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [str(BIN / "py-spy"), "record", "--pid", str(pid), "--format", "raw", "--rate", "200",
+         "--nonblocking", "--output", str(output)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(1)  # attached
+    return spy
+
+
+async def stop_py_spy(spy: subprocess.Popen) -> None:
+    spy.send_signal(signal.SIGINT)  # writes its file and exits
+    await asyncio.to_thread(spy.wait, 60)
+
+
 def one_run(
     kind: str, n: int, nodes: list, env: dict, src: Path, idle: float, tmp: Path,
     profile: Path | None = None,
@@ -333,6 +352,12 @@ def one_run(
         "off",
         "--timeout-graceful-shutdown",
         "5",
+        # As the gateway runs (docker/Dockerfile.gateway, Procfile.dev): no per-message deflate
+        # (zlib on every frame, and its state per socket), frames up to the post-auth limit.
+        "--ws-per-message-deflate",
+        "false",
+        "--ws-max-size",
+        "1048576",
     ]
     if kind == "floor":
         cmd += ["--app-dir", str(tmp), "floor_app:app"]
@@ -351,23 +376,17 @@ def one_run(
             agents = [SimAgent(identity, f"ws://127.0.0.1:{port}/ws/agent/")
                       for identity, _ in nodes[:n]]  # fmt: skip
             burst, runs = await connect_all(agents)
+            spy = None
+            if profile is not None and kind == "molt":
+                spy = await py_spy(proc.pid, profile / f"molt-{n}-idle.txt")
             cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
             await asyncio.sleep(idle)
             idle_cpu = (cpu_seconds(proc.pid) - cpu0) / (time.monotonic() - t0)
             rss_after = rss_kib(proc.pid)
             target = 1
-            spy = None
-            if profile is not None and kind == "molt":
-                # py-spy (not a dependency: pip install py-spy) samples the web process over
-                # the change, until every ack is in: collapsed stacks, a file per N.
-                profile.mkdir(parents=True, exist_ok=True)
-                spy = subprocess.Popen(
-                    [str(BIN / "py-spy"), "record", "--pid", str(proc.pid), "--format", "raw",
-                     "--rate", "200", "--nonblocking",
-                     "--output", str(profile / f"molt-{n}-change.txt")],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )  # fmt: skip
-                await asyncio.sleep(1)  # attached
+            if spy is not None:
+                await stop_py_spy(spy)
+                spy = await py_spy(proc.pid, profile / f"molt-{n}-change.txt")
             pushed: list[float] = []
             if kind == "molt":
                 acks = await asyncio.to_thread(
@@ -376,8 +395,7 @@ def one_run(
             else:
                 acks = await asyncio.to_thread(floor_change, port, n, target)
             if spy is not None:
-                spy.send_signal(signal.SIGINT)  # writes its file and exits
-                await asyncio.to_thread(spy.wait, 60)
+                await stop_py_spy(spy)
             lat = [v * 1000 for v in acks.values()]
             dropped = sum(1 for a in agents if a.closed_code is not None)
             for run in runs:

@@ -269,7 +269,23 @@ def process_sandbox_status(node: Node, envelope: Mapping[str, Any]) -> wire.Sand
 
 
 def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
-    """Store a signed metering sample from `node` once and turn its counters into deltas.
+    """Verify a signed metering sample from `node` (check_metering) and record it
+    (record_metering); returns the number of peers billed."""
+    return record_metering(node, envelope, check_metering(node, envelope))
+
+
+def check_metering(node: Node, envelope: object) -> wire.MeteringSample:
+    """The verification half of ingest_metering, with no database work: the sample, signed by
+    `node` and naming it; AgentRefused (4400) when not. The agent connection calls it on its
+    event loop, and hops to a database thread only for a sample that names peers: the thread
+    hop for each idle node's sample (every 10 s, no peers) was about a tenth of the web
+    process's CPU with idle agents (py-spy, benchmarks/agent_plane.py)."""
+    return _open_node_message(node, envelope, wire.METERING, wire.MeteringSample, "metering sample")
+
+
+def record_metering(node: Node, envelope: Mapping[str, Any], sample: wire.MeteringSample) -> int:
+    """Store `sample`, the body of `envelope` as check_metering verified it, once and turn its
+    counters into deltas.
 
     Each public key in the sample is resolved to the open JobPeerKey of `node` that has it (the
     peer's current key, or one retired by a re-key whose final counters are still to come; see
@@ -288,9 +304,6 @@ def ingest_metering(node: Node, envelope: Mapping[str, Any]) -> int:
     base alone: its lower reading is no restart. Returns the number of peers billed. Refused
     (4403) for a node revoked meanwhile. Locks: the node's row, then its open keys in id order,
     then (through peer_traffic) the orders."""
-    sample = _open_node_message(
-        node, envelope, wire.METERING, wire.MeteringSample, "metering sample"
-    )
     if not sample.peers:
         return 0  # an idle node's sample (every 10 s): nothing to store or bill, no query
     sampled_at = datetime.fromtimestamp(sample.sampled_at, tz=UTC)

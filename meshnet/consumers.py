@@ -168,7 +168,12 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 # No database work here: written in a batch (meshnet.liveness).
                 liveness.batcher().beat(node, self._peer_ip())
             elif kind == "metering":
-                await agent_db(agent_channel.ingest_metering)(node, content.get("envelope"))
+                # Verified here (no database work); only a sample that names peers has
+                # anything to store or bill (agent_channel.check_metering).
+                envelope = content.get("envelope")
+                sample = agent_channel.check_metering(node, envelope)
+                if sample.peers:
+                    await agent_db(agent_channel.record_metering)(node, envelope, sample)
             elif kind in ("inventory", "report", "connectivity"):
                 await agent_db(_node_message)(node, kind, content, None)
             elif kind in ("ack", "removed", "sandbox_status"):
@@ -335,10 +340,12 @@ def _node_message(node: Node, kind: str, content: dict, beat: liveness.Beat | No
     """The database work of one of the rarer frames, in one thread hop: re-read the node
     (refused if revoked meanwhile), write the heartbeats `beat` carries first, then the
     message. The connection's copy of the node is not refreshed: what these functions use of
-    it (pk, node_id, keys, owner) does not change."""
-    revoked_at = list(Node.objects.filter(pk=node.pk).values_list("revoked_at", flat=True))
-    if revoked_at != [None]:  # gone, or revoked
-        raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+    it (pk, node_id, keys, owner) does not change. An inventory's own read of the node makes
+    the check (meshnet.nodes.update_inventory): a query less for the most frequent of these."""
+    if kind != "inventory":
+        revoked_at = list(Node.objects.filter(pk=node.pk).values_list("revoked_at", flat=True))
+        if revoked_at != [None]:  # gone, or revoked
+            raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
     if beat is not None:
         liveness.settle_pending(beat)
     if kind == "inventory":

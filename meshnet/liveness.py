@@ -97,12 +97,7 @@ def record_heartbeats(beats: Mapping[int, Beat], *, skip_locked: bool = True) ->
     with transaction.atomic():
         rows = {
             pk: (last_seen_at, observed_ip, revoked_at)
-            for pk, last_seen_at, observed_ip, revoked_at in Node.objects.select_for_update(
-                skip_locked=skip_locked
-            )
-            .filter(pk__in=list(beats))
-            .order_by("pk")
-            .values_list("pk", "last_seen_at", "observed_ip", "revoked_at")
+            for pk, last_seen_at, observed_ip, revoked_at in _lock_rows(list(beats), skip_locked)
         }
         for pk, (previous, ip_before, revoked_at) in rows.items():
             beat = beats[pk]
@@ -132,11 +127,43 @@ def record_heartbeats(beats: Mapping[int, Beat], *, skip_locked: bool = True) ->
     return {"revoked": revoked, "skipped": set(beats) - set(rows)}
 
 
+# On PostgreSQL the flush's two statements take each column as one array parameter, whatever
+# the number of nodes: with a placeholder per node and column (`pk IN (...)`, a VALUES list), a
+# flush of 1,000 nodes' heartbeats every 5 s was a tenth of the web process's CPU with idle
+# agents, most of it the driver scanning and quoting the query text (py-spy,
+# benchmarks/agent_plane.py). Only quoted names of this model and placeholders go into the text.
+
+
+def _columns() -> tuple[str, str, str, str, str]:
+    quote = connection.ops.quote_name
+    fields = ("id", "last_seen_at", "observed_ip", "revoked_at")
+    return quote(Node._meta.db_table), *(quote(Node._meta.get_field(f).column) for f in fields)
+
+
+def _lock_rows(pks: list[int], skip_locked: bool) -> list[tuple[int, Any, Any, Any]]:
+    """(pk, last_seen_at, observed_ip, revoked_at) of the nodes `pks`, locked in id order."""
+    if connection.vendor != "postgresql":
+        return list(
+            Node.objects.select_for_update(skip_locked=skip_locked)
+            .filter(pk__in=pks)
+            .order_by("pk")
+            .values_list("pk", "last_seen_at", "observed_ip", "revoked_at")
+        )
+    table, pk, seen, ip, revoked = _columns()
+    skip = " SKIP LOCKED" if skip_locked else ""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT {pk}, {seen}, {ip}, {revoked} FROM {table} "  # noqa: S608
+            f"WHERE {pk} = ANY(%s::bigint[]) ORDER BY {pk} FOR UPDATE{skip}",
+            [pks],
+        )
+        return cursor.fetchall()
+
+
 def _write_seen(updates: list[tuple[int, datetime, str | None]]) -> None:
-    """Set (node pk, last_seen_at, observed_ip) of each row. On PostgreSQL one UPDATE from a
-    VALUES list per 500 rows: bulk_update's CASE with a branch per row and field took most of
-    a batch's time in the web process to build (py-spy of a change to every agent, whose acks
-    bring their heartbeats)."""
+    """Set (node pk, last_seen_at, observed_ip) of each row: on PostgreSQL one UPDATE from
+    arrays (bulk_update's CASE with a branch per row and field took most of a batch's time in
+    the web process to build)."""
     if connection.vendor != "postgresql":
         Node.objects.bulk_update(
             [Node(pk=pk, last_seen_at=seen, observed_ip=ip) for pk, seen, ip in updates],
@@ -144,21 +171,15 @@ def _write_seen(updates: list[tuple[int, datetime, str | None]]) -> None:
             batch_size=500,
         )
         return
-    quote = connection.ops.quote_name
-    table = quote(Node._meta.db_table)
-    pk, seen, ip = (
-        quote(Node._meta.get_field(f).column) for f in ("id", "last_seen_at", "observed_ip")
-    )
-    for start in range(0, len(updates), 500):
-        chunk = updates[start : start + 500]
-        rows = ", ".join(["(%s::bigint, %s::timestamptz, %s::inet)"] * len(chunk))
-        with connection.cursor() as cursor:
-            # Only quoted names of this model and placeholders go into the text.
-            cursor.execute(
-                f"UPDATE {table} SET {seen} = v.seen, {ip} = v.ip "  # noqa: S608
-                f"FROM (VALUES {rows}) AS v(pk, seen, ip) WHERE {table}.{pk} = v.pk",
-                [value for row in chunk for value in row],
-            )
+    table, pk, seen, ip, _revoked = _columns()
+    pks, seens, ips = (list(column) for column in zip(*updates, strict=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {table} SET {seen} = v.seen, {ip} = v.ip "  # noqa: S608
+            f"FROM unnest(%s::bigint[], %s::timestamptz[], %s::inet[]) AS v(pk, seen, ip) "
+            f"WHERE {table}.{pk} = v.pk",
+            [pks, seens, ips],
+        )
 
 
 # One thread for the flushes: their transactions never run on (nor wait for) the thread the

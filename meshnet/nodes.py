@@ -7,15 +7,17 @@ meshnet.agent_channel takes them). revoke_node fires node_revoked outside any lo
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
+from contextlib import nullcontext
 from datetime import datetime, timedelta
 from typing import Any
 
 from clawnode import wire
 from clawnode.wire.messages import _IMAGE_RE
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -76,7 +78,8 @@ def update_inventory(
     records the reason: a hiccup must not make listed GPUs vanish. Live readings (temperature,
     utilisation) update in place. A malformed `images` is refused (AgentRefused naming it)
     before anything is written. `names`: whether the agent runs its names responder (None:
-    an agent that predates it, so no); anything but a boolean is refused likewise."""
+    an agent that predates it, so no); anything but a boolean is refused likewise. A node
+    revoked (or deleted) meanwhile is refused (AgentRefused, 4403), nothing written."""
     parsed = tuple(wire.GpuInfo.from_dict(gpu) for gpu in gpus)
     if names is not None and not isinstance(names, bool):
         raise AgentRefused("inventory.names must be true or false", wire.CLOSE_BAD_MESSAGE)
@@ -85,15 +88,18 @@ def update_inventory(
     differing = _readings_only(node, parsed, readings, reason, image_list, bool(names))
     if differing is not None:
         # Nothing but live readings differ (if anything): GPU rows updated in place need no
-        # lock of the node's row, which every batch of acks and heartbeats takes.
+        # lock of the node's row, which every batch of acks and heartbeats takes. One GPU's
+        # UPDATE is atomic alone: no transaction's two extra round trips.
         if differing:
-            with transaction.atomic():
+            with transaction.atomic() if len(differing) > 1 else nullcontext():
                 if _write_readings(node, differing):
                     node_changed.send(sender=Node, node=node, change="inventory")
         return
     changed = False
     with transaction.atomic():
-        locked = Node.objects.select_for_update().get(pk=node.pk)
+        locked = Node.objects.select_for_update().filter(pk=node.pk).first()
+        if locked is None or locked.revoked_at is not None:
+            raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
         if image_list is not None and image_list != locked.images:
             Node.objects.filter(pk=node.pk).update(images=image_list)
             node.images = image_list
@@ -137,13 +143,79 @@ def _health_readings(health: Any) -> list[tuple[int, dict[str, int | None]]]:
 
 def _write_readings(node: Node, readings: list[tuple[int, dict[str, int | None]]]) -> bool:
     """Store the GPU readings; whether any differed (only one that differs is written, and so
-    announced)."""
+    announced). A statement of its own, the same text each time: built by the ORM (a filter, an
+    exclude of the values, an update) it was most of the cost of an inventory with new
+    readings, which a real GPU's temperature makes most of them (py-spy, 2,000 agents)."""
     changed = False
-    for index, values in readings:
-        changed |= bool(
-            Gpu.objects.filter(node=node, index=index).exclude(**values).update(**values)
-        )
+    with connection.cursor() as cursor:
+        for index, values in readings:
+            temperature, utilization = values["temperature_c"], values["utilization_pct"]
+            cursor.execute(
+                _write_readings_sql(connection.vendor),
+                [temperature, utilization, node.pk, index, temperature, utilization],
+            )
+            changed |= cursor.rowcount > 0
     return changed
+
+
+@functools.cache
+def _write_readings_sql(vendor: str) -> str:
+    """One GPU's readings, written only where either differs (NULL included: the null-safe
+    comparison is IS DISTINCT FROM in PostgreSQL, IS NOT in SQLite)."""
+    quote = connection.ops.quote_name
+    table = quote(Gpu._meta.db_table)
+    node, index, temperature, utilization = (
+        quote(Gpu._meta.get_field(f).column)
+        for f in ("node", "index", "temperature_c", "utilization_pct")
+    )
+    differs = "IS DISTINCT FROM" if vendor == "postgresql" else "IS NOT"
+    # Only quoted names of this model and placeholders go into the text.
+    return (
+        f"UPDATE {table} SET {temperature} = %s, {utilization} = %s "  # noqa: S608
+        f"WHERE {node} = %s AND {index} = %s "
+        f"AND ({temperature} {differs} %s OR {utilization} {differs} %s)"
+    )
+
+
+# The GPU columns _readings_only compares: the inventory's five, then the two live readings.
+_GPU = ("index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct")
+
+
+@functools.cache
+def _node_with_gpus_sql(vendor: str) -> str:
+    """The text of _node_with_gpus's query (per database vendor: its quoting)."""
+    quote = connection.ops.quote_name
+    node, gpu = (quote(model._meta.db_table) for model in (Node, Gpu))
+    fields = ("id", "revoked_at", "images", "names_responder")
+    n = {f: quote(Node._meta.get_field(f).column) for f in fields}
+    g = {f: quote(Gpu._meta.get_field(f).column) for f in (*_GPU, "node")}
+    gpus = ", ".join(f"g.{g[f]}" for f in _GPU)
+    # Only quoted names of these models and a placeholder go into the text.
+    return (
+        f"SELECT n.{n['revoked_at']}, n.{n['images']}, n.{n['names_responder']}, {gpus} "  # noqa: S608
+        f"FROM {node} n LEFT JOIN {gpu} g ON g.{g['node']} = n.{n['id']} "
+        f"WHERE n.{n['id']} = %s ORDER BY g.{g['index']}"
+    )
+
+
+def _node_with_gpus(pk: int) -> list[tuple[Any, ...]]:
+    """(revoked_at, images, names_responder, *_GPU) of node `pk`, a row per GPU in index order
+    (one of NULL GPU columns for a node without GPUs); none for no such node. SQL of its own,
+    the same text each time: built by the ORM, this one query was still most of an
+    inventory's cost in the web process (cloning and compiling the join; py-spy)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_node_with_gpus_sql(connection.vendor), [pk])
+        rows = cursor.fetchall()
+    # As the ORM reads them: the JSON list from its text, SQLite's booleans from 0 and 1.
+    images = Node._meta.get_field("images")
+    out = []
+    for revoked_at, stored, responder, *gpu in rows:
+        if gpu[4] is not None:
+            gpu[4] = bool(gpu[4])  # simulated
+        out.append(
+            (revoked_at, images.from_db_value(stored, None, connection), bool(responder), *gpu)
+        )
+    return out
 
 
 def _readings_only(
@@ -155,26 +227,27 @@ def _readings_only(
     responder: bool,
 ) -> list[tuple[int, dict[str, int | None]]] | None:
     """The readings that differ from the stored ones when nothing else of the inventory does
-    (an empty list: nothing to write), read without locks or a transaction (two queries);
-    None when the GPUs, images or names responder differ or a reason is to be recorded.
+    (an empty list: nothing to write), read without locks or a transaction (one query, the
+    node's row joined with its GPUs'); None when the GPUs, images or names responder differ or
+    a reason is to be recorded. AgentRefused (4403) for a node revoked or gone.
 
     Every agent sends its inventory on connect and every minute, its GPUs nearly always the
     same; the locked path (a transaction holding the node's row lock) was most of a gateway
     restart's connect wave, queued behind the batches of acks that lock every node's row.
     What differs beyond readings goes through the locked path, which compares again under
-    the lock."""
+    the lock. With 2,000 idle agents, these reads were the largest share of the web
+    process's CPU after the thread hops (py-spy, benchmarks/agent_plane.py): one query, not
+    three (the connection's check that the node is not revoked was one)."""
     if not parsed and reason:
         return None  # the reason is recorded
-    row = Node.objects.filter(pk=node.pk).values_list("images", "names_responder").first()
-    if row is None:
-        return None  # the locked path says what is wrong
-    if (image_list is not None and image_list != row[0]) or responder != row[1]:
+    rows = _node_with_gpus(node.pk)
+    if not rows or rows[0][0] is not None:
+        raise AgentRefused("node revoked", wire.CLOSE_FORBIDDEN)
+    _revoked, stored_images, stored_responder = rows[0][:3]
+    if (image_list is not None and image_list != stored_images) or responder != stored_responder:
         return None
-    known = list(
-        node.gpus.order_by("index").values_list(
-            "index", "name", "memory_mb", "uuid", "simulated", "temperature_c", "utilization_pct"
-        )
-    )
+    # A node without GPUs is one row of NULLs (the join is an outer one).
+    known = [row[3:] for row in rows if row[3] is not None]
     if parsed and [k[:5] for k in known] != [
         (g.index, g.name, g.memory_mb, g.uuid, g.simulated) for g in parsed
     ]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -17,9 +18,10 @@ from channels.testing import WebsocketCommunicator
 from clawnode import frames, wire
 from clawnode.gpu import GpuReport
 from clawnode.journal import EpochJournal
+from clawnode.keys import Identity
 from clawnode.metering import Meter
 
-from meshnet import agent_channel, agent_guard, liveness
+from meshnet import agent_channel, agent_guard, consumers, liveness
 from meshnet.models import Node
 from tests import factories
 
@@ -204,16 +206,16 @@ def test_a_metering_flood_closes_4429_at_its_burst(
 ):
     node, identity = enrolled
     meter = Meter(identity, EpochJournal(tmp_path))
-    # Counted where the consumer hands a sample over: samples naming no open peer are not
-    # stored (agent_channel.ingest_metering), so the table would not show what got through.
+    # Counted where the consumer checks a sample: samples naming no open peer are not
+    # stored (agent_channel.record_metering), so the table would not show what got through.
     ingested = []
-    real = agent_channel.ingest_metering
+    real = agent_channel.check_metering
 
     def counting(*args, **kwargs):
         ingested.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(agent_channel, "ingest_metering", counting)
+    monkeypatch.setattr(agent_channel, "check_metering", counting)
 
     async def scenario():
         socket = await authenticated(node, identity)
@@ -269,3 +271,42 @@ def test_a_real_agents_traffic_and_reconnects_pass(enrolled, no_errors, tmp_path
     assert seen is not None and seen.timestamp() >= before - 1
     node.refresh_from_db()
     assert node.images == ["a/b:1"]
+
+
+def test_an_idle_nodes_metering_sample_is_checked_without_waiting_for_a_database_thread(
+    enrolled, no_errors
+):
+    """A sample naming no peer (an idle node's, every 10 s) has nothing to store: it is verified
+    on its connection, not handed to the agents' database threads (with 1,000 idle agents those
+    hops were a tenth of the web process's CPU). With every such thread held, a sample signed by
+    another key is refused without waiting for them."""
+    node, identity = enrolled
+    body = wire.MeteringSample(
+        node_id=node.node_id,
+        boot_id=wire.new_nonce(),
+        seq=1,
+        sampled_at=int(time.time()),
+        peers=(),
+    ).to_dict()
+    forged = wire.signed_envelope(wire.METERING, body, Identity.generate())
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold() -> None:
+        started.release()
+        release.wait(timeout=30)
+
+    async def scenario():
+        socket = await authenticated(node, identity)
+        held = [
+            consumers._agent_db_executor.submit(hold) for _ in range(consumers.AGENT_DB_THREADS)
+        ]
+        try:
+            for _ in held:
+                assert started.acquire(timeout=10)
+            await socket.send_json_to(frames.metering(forged))
+            assert "metering sample refused" in await closed_with(socket, wire.CLOSE_BAD_MESSAGE)
+        finally:
+            release.set()
+
+    async_to_sync(scenario)()
