@@ -26,6 +26,9 @@ TOOLS = (
     ("runc", "runc"),
     ("mmdebstrap", "mmdebstrap"),
     ("ssh", "openssh-client"),
+    # The disk-per-job tests make XFS file systems of their own (tests/sandbox/test_disk_quota.py).
+    ("mkfs.xfs", "xfsprogs"),
+    ("losetup", "mount"),
 )
 
 
