@@ -10,20 +10,24 @@ Everything made here goes in the fixtures' finalizers: containers, mounts, loop 
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import os
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from clawnode.sandbox.engine import ContainerSpec
 from clawnode.sandbox.podman import PodmanEngine
 
-from tests.sandbox import image
 from tests.sandbox.conftest import ENGINE_OPTIONS, container_spec, podman_global_args
+from tests.vm.harness import static_binary
 
 pytestmark = [pytest.mark.sandbox]
 
@@ -83,14 +87,38 @@ def _unmount(point: Path) -> None:
     sh("umount", "--recursive", "--lazy", str(point), check=False)
 
 
+# What the quota tests run: a static busybox (sh, dd, stat, sleep), 2 MB to import into each
+# store where the tier's own image is 230 MB (minutes under the vm tier's CPU emulation).
+IMAGE = "localhost/molt-quota-busybox:1"
+
+
+def busybox_image() -> Path:
+    """A root filesystem tarball of the host's static busybox, made once per session."""
+    target = Path(tempfile.gettempdir()) / f"molt-quota-busybox-{os.getpid()}.tar"
+    if not target.exists():
+        found = shutil.which("busybox")
+        assert found is not None and static_binary(Path(found)), "needs busybox-static"
+        with tarfile.open(target, "w") as tar:
+            for folder in ("bin", "dev", "proc", "sys", "etc", "root", "tmp"):
+                entry = tarfile.TarInfo(folder)
+                entry.type, entry.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(entry)
+            tar.add(found, "bin/busybox")
+            for applet in ("sh", "dd", "stat", "sleep", "rm"):
+                link = tarfile.TarInfo(f"bin/{applet}")
+                link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+                tar.addfile(link)
+        atexit.register(target.unlink, missing_ok=True)
+    return target
+
+
 @pytest.fixture
 def store_engine(
     tmp_path: Path,
 ) -> Iterator[Callable[[Path], tuple[PodmanEngine, tuple[str, ...]]]]:
-    """engine(mount): a PodmanEngine whose store lives on ``mount``, the test image
-    (image.TAG) imported into it, and podman's global arguments for that store; its
-    containers are removed at the end, before the mount goes (finalizers run in reverse:
-    request this fixture after xfs_mount)."""
+    """engine(mount): a PodmanEngine whose store lives on ``mount``, IMAGE imported into it,
+    and podman's global arguments for that store; its containers are removed at the end,
+    before the mount goes (finalizers run in reverse: request this fixture after xfs_mount)."""
     stores: list[tuple[str, ...]] = []
 
     def engine(mount: Path) -> tuple[PodmanEngine, tuple[str, ...]]:
@@ -98,7 +126,7 @@ def store_engine(
         root, runroot = str(mount / "storage"), tempfile.mkdtemp(prefix="molt-rr-", dir="/run")
         store = ("--root", root, "--runroot", runroot)
         stores.append(store)
-        image.ensure_image((*store, *podman_global_args()))
+        sh("podman", *store, *podman_global_args(), "import", str(busybox_image()), IMAGE)
         options = {**ENGINE_OPTIONS, "root": root, "runroot": runroot}
         return PodmanEngine(**options, workdir=tmp_path), store  # type: ignore[arg-type]
 
@@ -132,8 +160,18 @@ def storage_opts(store: tuple[str, ...], name: str) -> list[str]:
     return [argv[i + 1] for i, arg in enumerate(argv) if arg == "--storage-opt"]
 
 
+def quota_spec(name: str, ref: str, netns: str, **extra: object) -> ContainerSpec:
+    # busybox's sleep takes no "infinity". Memory: a loop device charges the pages of its
+    # backing file to the writer's cgroup (Linux 5.12+), and where that file is on tmpfs (the
+    # vm tier's root) what dd writes counts as the sandbox's memory.
+    values = {"command": ("sleep", "86400"), "memory_mb": 2048, **extra}
+    return container_spec(name, ref, IMAGE, netns, **values)
+
+
 def write(megabytes: int, path: str) -> str:
-    return f"dd if=/dev/zero of={path} bs=1M count={megabytes} conv=fsync 2>&1"
+    # Direct I/O: through the page cache the dirty pages count against the sandbox's memory
+    # limit, and a slow disk (a loop device under emulation) lets the OOM killer take dd first.
+    return f"dd if=/dev/zero of={path} bs=1M count={megabytes} oflag=direct 2>&1"
 
 
 def test_an_xfs_store_with_project_quotas_holds_the_sandbox_to_its_disk_gb(
@@ -142,13 +180,16 @@ def test_an_xfs_store_with_project_quotas_holds_the_sandbox_to_its_disk_gb(
     try:
         mount = xfs_mount("prjquota")
     except MountRefused as exc:
-        pytest.skip(f"this kernel cannot mount XFS with prjquota (CONFIG_XFS_QUOTA): {exc}")
+        pytest.skip(
+            f"this kernel cannot mount XFS with prjquota (CONFIG_XFS_QUOTA): {exc}; the vm "
+            "tier runs this test under Debian's kernel (tests/vm/test_disk_quota.py)"
+        )
     engine, store = store_engine(mount)
     netns = network.setup("order:quota", "10.254.41.2/32", "10.255.0.9/32", False)
     name = "molt-test-quota"
 
     with caplog.at_level(logging.INFO, logger="clawnode.sandbox"):
-        started = engine.start(container_spec(name, "order:quota", image.TAG, netns, disk_gb=1))
+        started = engine.start(quota_spec(name, "order:quota", netns, disk_gb=1))
 
     assert started.running
     assert engine.disk_quota().enforced, engine.disk_quota().reason
@@ -174,7 +215,7 @@ def test_an_xfs_store_without_project_quotas_gets_no_flag_and_still_starts(
     name = "molt-test-noquota"
 
     with caplog.at_level(logging.INFO, logger="clawnode.sandbox"):
-        started = engine.start(container_spec(name, "order:noquota", image.TAG, netns))
+        started = engine.start(quota_spec(name, "order:noquota", netns))
 
     assert started.running
     found = engine.disk_quota()
@@ -190,7 +231,7 @@ def test_an_xfs_store_without_project_quotas_gets_no_flag_and_still_starts(
         "create",
         "--storage-opt",
         "size=1G",
-        image.TAG,
+        IMAGE,
         "true",
         check=False,
     )
