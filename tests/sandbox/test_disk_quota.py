@@ -174,36 +174,45 @@ def write(megabytes: int, path: str) -> str:
     return f"dd if=/dev/zero of={path} bs=1M count={megabytes} oflag=direct 2>&1"
 
 
-def test_an_xfs_store_with_project_quotas_holds_the_sandbox_to_its_disk_gb(
-    xfs_mount, store_engine, network, caplog
-):
-    try:
-        mount = xfs_mount("prjquota")
-    except MountRefused as exc:
-        pytest.skip(
-            f"this kernel cannot mount XFS with prjquota (CONFIG_XFS_QUOTA): {exc}; the vm "
-            "tier runs this test under Debian's kernel (tests/vm/test_disk_quota.py)"
-        )
-    engine, store = store_engine(mount)
-    netns = network.setup("order:quota", "10.254.41.2/32", "10.255.0.9/32", False)
-    name = "molt-test-quota"
+# The enforcing test needs a kernel with XFS project quotas (CONFIG_XFS_QUOTA), which this
+# project's machines lack ("quota support not available in this kernel"): it runs in the vm
+# tier's guest under Debian's kernel (tests/vm/test_disk_quota.py, MOLT_VM_GUEST=1), or on a
+# host that has them when asked (MOLT_XFS_QUOTA=1). On any other host it is not collected: there
+# it could only skip, and a skip in CI is a failure, while the guest proves the same code.
+ENFORCING_HERE = bool(os.environ.get("MOLT_VM_GUEST") or os.environ.get("MOLT_XFS_QUOTA"))
 
-    with caplog.at_level(logging.INFO, logger="clawnode.sandbox"):
-        started = engine.start(quota_spec(name, "order:quota", netns, disk_gb=1))
+if ENFORCING_HERE:
 
-    assert started.running
-    assert engine.disk_quota().enforced, engine.disk_quota().reason
-    assert storage_opts(store, name) == ["size=1G"]
-    half = in_container(store, name, write(512, "/root/half"))
-    assert half.returncode == 0, half.stdout
-    assert in_container(store, name, "rm /root/half").returncode == 0
-    over = in_container(store, name, write(1229, "/root/over"))
-    assert over.returncode != 0, over.stdout
-    assert "No space left on device" in over.stdout or "Disk quota exceeded" in over.stdout
-    # What it could write stopped at the limit (the sandbox's 1 GiB, less the image's files).
-    written = in_container(store, name, "stat -c %s /root/over").stdout.strip()
-    assert 0 < int(written) <= GIB
-    assert any("disk per job enforced" in r.message for r in caplog.records)
+    def test_an_xfs_store_with_project_quotas_holds_the_sandbox_to_its_disk_gb(
+        xfs_mount, store_engine, network, caplog
+    ):
+        try:
+            mount = xfs_mount("prjquota")
+        except MountRefused as exc:
+            pytest.fail(
+                f"this kernel cannot mount XFS with prjquota (CONFIG_XFS_QUOTA): {exc}; the vm "
+                "tier runs this test under Debian's kernel (tests/vm/test_disk_quota.py)"
+            )
+        engine, store = store_engine(mount)
+        netns = network.setup("order:quota", "10.254.41.2/32", "10.255.0.9/32", False)
+        name = "molt-test-quota"
+
+        with caplog.at_level(logging.INFO, logger="clawnode.sandbox"):
+            started = engine.start(quota_spec(name, "order:quota", netns, disk_gb=1))
+
+        assert started.running
+        assert engine.disk_quota().enforced, engine.disk_quota().reason
+        assert storage_opts(store, name) == ["size=1G"]
+        half = in_container(store, name, write(512, "/root/half"))
+        assert half.returncode == 0, half.stdout
+        assert in_container(store, name, "rm /root/half").returncode == 0
+        over = in_container(store, name, write(1229, "/root/over"))
+        assert over.returncode != 0, over.stdout
+        assert "No space left on device" in over.stdout or "Disk quota exceeded" in over.stdout
+        # What it could write stopped at the limit (the sandbox's 1 GiB, less the image's files).
+        written = in_container(store, name, "stat -c %s /root/over").stdout.strip()
+        assert 0 < int(written) <= GIB
+        assert any("disk per job enforced" in r.message for r in caplog.records)
 
 
 def test_an_xfs_store_without_project_quotas_gets_no_flag_and_still_starts(

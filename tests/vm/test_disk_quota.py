@@ -2,7 +2,8 @@
 sandbox tier's enforcing test, tests/sandbox/test_disk_quota.py, in the guest.
 
 The development machines' kernels have no quota support (XFS mounts there say "quota support
-not available in this kernel"), so that test skips on them; Debian's kernel has it. Inside the
+not available in this kernel"), so that test is collected only in the guest (MOLT_VM_GUEST);
+Debian's kernel has quotas. Inside the
 guest it makes its XFS file system with prjquota on a loop device, a podman store on it, and a
 sandbox with disk_gb=1 that writes 0.5 GB but not 1.2 GB. The guest has the host's podman, runc,
 xfsprogs and busybox through the shared root; it loads the modules and mounts the cgroup file
