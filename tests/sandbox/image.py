@@ -19,7 +19,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.vm.harness import locked
+from tests.vm.harness import locked, static_binary
 
 PACKAGES = ("openssh-server", "iproute2", "python3")
 EXPOSED_PORT = 8888
@@ -48,6 +48,9 @@ TOOLS = (
     ("runc", "runc"),
     ("mmdebstrap", "mmdebstrap"),
     ("ssh", "openssh-client"),
+    # The disk-per-job tests make XFS file systems of their own (tests/sandbox/test_disk_quota.py).
+    ("mkfs.xfs", "xfsprogs"),
+    ("losetup", "mount"),
 )
 
 
@@ -60,6 +63,10 @@ def missing_tools() -> str | None:
             return f"needs {tool} (apt-get install {package})"
     if shutil.which("ip") is None:
         return "needs ip (apt-get install iproute2)"
+    # The disk-quota tests' image is the host's busybox, which must run without a libc.
+    found = shutil.which("busybox")
+    if found is None or not static_binary(Path(found)):
+        return "needs a static busybox (apt-get install busybox-static)"
     return None
 
 

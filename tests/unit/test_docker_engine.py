@@ -151,6 +151,7 @@ def test_an_engine_that_drops_the_gpu_request_fails_the_start_and_removes_it(api
     with pytest.raises(EngineError, match="did not take the GPU request"):
         engine.start(spec())
     assert [(method, path.split("?")[0]) for method, path, _ in server.seen] == [
+        ("GET", "/v1.41/info"),  # once: does the store take a disk limit? (unanswered: no)
         ("POST", "/v1.41/containers/create"),
         ("POST", f"{name}/start"),
         ("GET", f"{name}/json"),
@@ -175,3 +176,30 @@ def test_an_absent_socket_says_so(tmp_path):
     engine = DockerEngine(host=f"unix://{tmp_path}/none.sock")
     with pytest.raises(EngineError, match="does not exist"):
         engine.containers()
+
+
+def test_a_quota_store_gets_the_jobs_disk_as_storage_opt(api, tmp_path, monkeypatch):
+    from clawnode.sandbox import quota
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("/dev/loop3 /srv/docker xfs rw,relatime,prjquota 0 0\n")
+    monkeypatch.setattr(quota, "MOUNTS", mounts)
+    server, engine = api
+    server.table = {
+        ("GET", "/v1.41/info"): (
+            200,
+            {
+                "Driver": "overlay2",
+                "DockerRootDir": "/srv/docker",
+                "DriverStatus": [["Backing Filesystem", "xfs"]],
+            },
+        ),
+        ("POST", "/v1.41/containers/create"): (404, {"message": "No such image: debian:12"}),
+    }
+    for _ in range(2):
+        with pytest.raises(EngineError):
+            engine.start(spec())
+    creates = [body for _, path, body in server.seen if "/containers/create" in path]
+    assert [body["HostConfig"]["StorageOpt"] for body in creates] == [{"size": "20G"}] * 2
+    assert [path for _, path, _ in server.seen].count("/v1.41/info") == 1  # asked once
+    assert "StorageOpt" not in engine.create_body(spec())["HostConfig"]

@@ -361,8 +361,9 @@ def guest_timeout(accelerator: str) -> float:
 
 
 @contextlib.contextmanager
-def boot(command: list[str]) -> Iterator[GuestRun]:
+def boot(command: list[str], *, memory_mb: int = 1024) -> Iterator[GuestRun]:
     """Boot the VM, run `command` (argv) as root in the repository inside it, power off.
+    The guest's writes live in its memory (`memory_mb`), a loop-mounted file's included.
 
     Yields the guest's results; the results directory lives until the context ends. Raises
     VMUnavailable when the VM cannot be prepared, VMFailed when it did not finish the command.
@@ -403,7 +404,7 @@ def boot(command: list[str]) -> Iterator[GuestRun]:
             # guest's work is sequential anyway (pytest waits on the backend driver).
             *(["-accel", "tcg", "-cpu", "max", "-smp", "1"] if accelerator == "tcg" else []),
             "-m",
-            "1024",
+            str(memory_mb),
             "-nodefaults",
             "-display",
             "none",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import socket
 import urllib.parse
@@ -35,12 +36,14 @@ from .engine import (
     start_or_remove,
 )
 from .netjoin import join_netns
+from .quota import DiskQuota, docker_store_quota, read_mounts
 
 __all__ = ["DEFAULT_DOCKER_HOST", "DockerEngine"]
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 API = "/v1.41"  # Docker 20.10+; Podman's compat service answers it too
 _MAX_DETAIL = 300
+log = logging.getLogger(__name__)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -74,6 +77,7 @@ class DockerEngine:
         self._ulimits = dict(ulimits or {})
         self._timeout = timeout
         self._pull_timeout = pull_timeout
+        self._quota: DiskQuota | None = None
 
     # -- the API ------------------------------------------------------------------------------
 
@@ -116,6 +120,27 @@ class DockerEngine:
     def _json(self, method: str, path: str, body: Any = None, **kw: Any) -> Any:
         _, data = self._request(method, path, body, **kw)
         return json.loads(data or b"null")
+
+    def disk_quota(self) -> DiskQuota:
+        """Whether the daemon's store holds each sandbox to its disk_gb (GET /info and the
+        mount under DockerRootDir, clawnode.sandbox.quota): asked once, said once in the log.
+        The agent reads /proc/mounts of its own host: the daemon's, for a local socket."""
+        if self._quota is None:
+            try:
+                info = self._json("GET", "/info") or {}
+            except (EngineError, ValueError) as exc:
+                self._quota = DiskQuota(False, f"docker /info did not say ({exc})")
+            else:
+                self._quota = docker_store_quota(info, read_mounts())
+            if self._quota.enforced:
+                log.info("disk per job enforced: %s", self._quota.reason)
+            else:
+                log.warning(
+                    "disk per job (disk_gb) is NOT enforced on this docker store: %s; "
+                    "sandboxes start without a disk limit (docs/provider.md)",
+                    self._quota.reason,
+                )
+        return self._quota
 
     # -- Engine -------------------------------------------------------------------------------
 
@@ -163,9 +188,10 @@ class DockerEngine:
             raise EngineError(f"pulling {image} failed: the image is not there after the pull")
         progress(100)
 
-    def create_body(self, spec: ContainerSpec) -> dict[str, Any]:
+    def create_body(self, spec: ContainerSpec, *, disk_quota: bool = False) -> dict[str, Any]:
         """The body of POST /containers/create for ``spec`` (a method of its own: the unit
-        tests read it, the CDI part especially, which Podman's compat API does not take)."""
+        tests read it, the CDI part especially, which Podman's compat API does not take).
+        ``disk_quota``: the store enforces a writable layer's size (``disk_quota()``)."""
         labels = {**spec.labels, LABEL_MANAGED: "1", LABEL_REF: spec.ref}
         host_config: dict[str, Any] = {
             # Its own empty namespace; start() moves the sandbox's veth in (module docstring).
@@ -188,6 +214,9 @@ class DockerEngine:
             host_config["Dns"] = list(spec.dns)
         if spec.dns_search:
             host_config["DnsSearch"] = list(spec.dns_search)
+        if disk_quota and spec.disk_gb > 0:
+            # Refused by overlay2 on any store but XFS with prjquota: only when it takes it.
+            host_config["StorageOpt"] = {"size": f"{spec.disk_gb}G"}
         if spec.cdi_devices:
             host_config["DeviceRequests"] = [{"Driver": "cdi", "DeviceIDs": list(spec.cdi_devices)}]
         body: dict[str, Any] = {
@@ -202,10 +231,10 @@ class DockerEngine:
         return body
 
     def start(self, spec: ContainerSpec) -> Container:
+        body = self.create_body(spec, disk_quota=self.disk_quota().enforced)
+
         def launch() -> None:
-            self._request(
-                "POST", f"/containers/create?name={_q(spec.name)}", self.create_body(spec)
-            )
+            self._request("POST", f"/containers/create?name={_q(spec.name)}", body)
             self._request("POST", f"/containers/{_q(spec.name)}/start")
 
         def attach() -> None:

@@ -20,12 +20,17 @@ The defaults suit a normal cgroup-v2 host (podman's own runtime and cgroup manag
 the development machines (cgroups v1/hybrid, where crun refuses and root lacks
 CAP_SYS_RESOURCE) pass ``runtime="runc"``, ``cgroup_manager="cgroupfs"`` and lowered ulimits
 (docs/provider.md).
+
+Disk per job (``disk_gb``) goes as ``--storage-opt size=<N>G`` only where the store enforces it:
+the overlay driver on XFS with project quotas (clawnode.sandbox.quota, asked once). ``root`` and
+``runroot`` put the engine's store elsewhere than storage.conf's (podman's --root/--runroot).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -44,6 +49,7 @@ from .engine import (
     start_or_remove,
 )
 from .netjoin import join_netns
+from .quota import DiskQuota, podman_store_quota, read_mounts
 
 __all__ = ["DEFAULT_USERNS", "SANDBOX_CAPABILITIES", "PodmanEngine"]
 
@@ -71,6 +77,8 @@ SANDBOX_CAPABILITIES = (
     "SETUID",
     "SYS_CHROOT",
 )
+
+log = logging.getLogger(__name__)
 
 _MAX_DETAIL = 300
 # A layer line of `podman pull`: "Copying blob sha256:4f4f..." (a terminal adds "done" etc.)
@@ -121,6 +129,8 @@ class PodmanEngine:
         workdir: str | os.PathLike[str] | None = None,
         userns: str = DEFAULT_USERNS,
         capabilities: Sequence[str] | None = SANDBOX_CAPABILITIES,
+        root: str = "",
+        runroot: str = "",
     ) -> None:
         self._podman = podman
         # podman's working directory, inherited by each container's conmon, which writes an
@@ -128,6 +138,12 @@ class PodmanEngine:
         # not wherever the agent was started from.
         self._cwd = os.fspath(workdir) if workdir is not None else None
         self._global: list[str] = []
+        # The container store (podman's --root and --runroot); empty: storage.conf's. A store on
+        # XFS with prjquota is what lets the engine enforce disk_gb (clawnode.sandbox.quota).
+        if root:
+            self._global += ["--root", root]
+        if runroot:
+            self._global += ["--runroot", runroot]
         if runtime:
             self._global += ["--runtime", runtime]
         if cgroup_manager:
@@ -141,6 +157,8 @@ class PodmanEngine:
         self._capabilities = None if capabilities is None else tuple(capabilities)
         # The resolv.conf files of user-namespaced containers, one per container name.
         self._resolv_dir = Path(self._cwd or "/run/clawnode") / "resolv"
+        self._quota: DiskQuota | None = None
+        self._quota_lock = threading.Lock()
 
     # -- the CLI ------------------------------------------------------------------------------
 
@@ -165,6 +183,28 @@ class PodmanEngine:
         if check and done.returncode != 0:
             raise EngineError(f"podman {what} failed: {_detail(done.stderr)}")
         return done.stdout
+
+    def disk_quota(self) -> DiskQuota:
+        """Whether this store holds each sandbox to its disk_gb: asked of podman once, and said
+        once in the agent's log either way (a provider should know a listing's disk per job is
+        not enforced, and why)."""
+        with self._quota_lock:
+            if self._quota is None:
+                try:
+                    info = json.loads(self._run("info", "--format", "json") or "{}")
+                except (EngineError, json.JSONDecodeError) as exc:
+                    self._quota = DiskQuota(False, f"podman info did not say ({exc})")
+                else:
+                    self._quota = podman_store_quota(info, read_mounts())
+                if self._quota.enforced:
+                    log.info("disk per job enforced: %s", self._quota.reason)
+                else:
+                    log.warning(
+                        "disk per job (disk_gb) is NOT enforced on this podman store: %s; "
+                        "sandboxes start without a disk limit (docs/provider.md)",
+                        self._quota.reason,
+                    )
+            return self._quota
 
     # -- Engine -------------------------------------------------------------------------------
 
@@ -273,6 +313,10 @@ class PodmanEngine:
             "--pids-limit",
             str(spec.pids_limit),
         ]
+        # The writable layer's limit, only where the store enforces it (clawnode.sandbox.quota):
+        # any other store refuses the option, and the sandbox would not start at all.
+        if spec.disk_gb > 0 and self.disk_quota().enforced:
+            args += ["--storage-opt", f"size={spec.disk_gb}G"]
         for limit, amount in self._ulimits.items():
             args += ["--ulimit", f"{limit}={amount}:{amount}"]
         # U: chowned to the container's root, which is not the host's root in a user namespace
