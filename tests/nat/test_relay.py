@@ -116,9 +116,11 @@ def test_symmetric_against_symmetric_through_the_relay(lab, tmp_path, fast_path)
             assert status["buyer"].startswith(nat_lab.BUYER_NET + "."), status
             assert status["provider"].startswith(nat_lab.PROVIDER_NET + "."), status
             if fast_path:
-                # The kernel carried the 8 MB; Python only the first packets.
+                # The kernel carried the 8 MB but for the first packets, which Python forwarded
+                # until the rules were in (how many varies: once 12 KB of the payload, in CI).
                 assert status["fast_path"], status
-                assert status["kernel_bytes"] >= SIZE, status
+                assert status["kernel_bytes"] + status["forwarded_bytes"] >= SIZE, status
+                assert status["kernel_bytes"] >= SIZE * 9 // 10, status
                 assert status["forwarded_bytes"] < SIZE // 10, status
             else:
                 assert not status["fast_path"]
