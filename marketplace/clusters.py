@@ -27,12 +27,19 @@ from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q
 
 from marketplace import cluster_ledger, cluster_state, lifecycle
 from marketplace.cluster_models import Cluster
 from marketplace.errors import InvalidTransition, ListingUnavailable, MarketError, Oversold
 from marketplace.models import Listing, Order
-from marketplace.orders import _sandbox_terms, cluster_key_group, quote_for, stop_locked
+from marketplace.orders import (
+    _sandbox_terms,
+    cluster_key_group,
+    quote_for,
+    refuse_key_live_elsewhere,
+    stop_locked,
+)
 from marketplace.signals import order_changed, order_placed
 from meshnet.errors import MeshError
 from meshnet.models import JobPeer, Node, Sandbox
@@ -257,17 +264,7 @@ def rekey_cluster(cluster: Cluster, wireguard_public_key: str) -> Cluster:
                 "take one key now",
                 field="wireguard_public_key",
             )
-        if (
-            Order.objects.live()
-            .filter(wireguard_public_key=wireguard_public_key)
-            .exclude(cluster_id=cluster.pk)
-            .exists()
-        ):
-            raise MarketError(
-                "this WireGuard public key is already used by a live order; "
-                "generate a new key pair",
-                field="wireguard_public_key",
-            )
+        refuse_key_live_elsewhere(wireguard_public_key, Q(cluster_id=cluster.pk))
         Cluster.objects.filter(pk=cluster.pk).update(wireguard_public_key=wireguard_public_key)
         Order.objects.filter(pk__in=[p.pk for p in live]).update(
             wireguard_public_key=wireguard_public_key

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from marketplace import billing, cluster_ledger, ledger, lifecycle
@@ -476,6 +476,16 @@ def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
     return ended
 
 
+def refuse_key_live_elsewhere(wireguard_public_key: str, own: Q) -> None:
+    """MarketError naming wireguard_public_key when a live order other than those `own` selects
+    (the order or the multi-node order being re-keyed) has the key."""
+    if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exclude(own).exists():
+        raise MarketError(
+            "this WireGuard public key is already used by a live order; generate a new key pair",
+            field="wireguard_public_key",
+        )
+
+
 def rekey_order(order: Order, wireguard_public_key: str) -> Order:
     """Give a live order a new WireGuard public key: the buyer lost the private key of the old
     one. Before provisioning only the order changes; after it, the job peer keeps its address and
@@ -515,17 +525,7 @@ def rekey_order(order: Order, wireguard_public_key: str) -> Order:
                 "parts share one key: a part cannot be re-keyed alone",
                 field="wireguard_public_key",
             )
-        if (
-            Order.objects.live()
-            .filter(wireguard_public_key=wireguard_public_key)
-            .exclude(pk=order.pk)
-            .exists()
-        ):
-            raise MarketError(
-                "this WireGuard public key is already used by a live order; "
-                "generate a new key pair",
-                field="wireguard_public_key",
-            )
+        refuse_key_live_elsewhere(wireguard_public_key, Q(pk=order.pk))
         Order.objects.filter(pk=order.pk).update(wireguard_public_key=wireguard_public_key)
         if order.job_peer_id is not None:
             try:
