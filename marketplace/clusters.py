@@ -146,12 +146,7 @@ def place_cluster(
                 raise MarketError(str(exc), field=field) from None
             quote = quote_for(listing, gpu_count=spec.gpu_count, hours=hours)
             terms.append((spec, listing, image, ssh_keys, quote))
-        if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exists():
-            raise MarketError(
-                "this WireGuard public key is already used by a live order; "
-                "generate a new key pair",
-                field="wireguard_public_key",
-            )
+        refuse_key_live_elsewhere(wireguard_public_key)
         total = sum(quote.total_hold for *_, quote in terms)
         cluster = Cluster.objects.create(
             buyer=buyer,

@@ -84,12 +84,7 @@ def place_order(
                 f"only {listing.gpu_count - in_use} of {listing.gpu_count} GPUs "
                 "of this listing are free"
             )
-        if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exists():
-            raise MarketError(
-                "this WireGuard public key is already used by a live order; "
-                "generate a new key pair",
-                field="wireguard_public_key",
-            )
+        refuse_key_live_elsewhere(wireguard_public_key)
         chosen_image, ssh_keys = _sandbox_terms(buyer, listing, image)
         q = quote_for(listing, gpu_count=gpu_count, hours=hours)
         order = Order.objects.create(
@@ -476,10 +471,11 @@ def end_orders_of_lost_nodes(now: datetime | None = None) -> int:
     return ended
 
 
-def refuse_key_live_elsewhere(wireguard_public_key: str, own: Q) -> None:
+def refuse_key_live_elsewhere(wireguard_public_key: str, own: Q | None = None) -> None:
     """MarketError naming wireguard_public_key when a live order other than those `own` selects
-    (the order or the multi-node order being re-keyed) has the key."""
-    if Order.objects.live().filter(wireguard_public_key=wireguard_public_key).exclude(own).exists():
+    (the order or the multi-node order being re-keyed; none for a new order) has the key."""
+    live = Order.objects.live().filter(wireguard_public_key=wireguard_public_key)
+    if (live if own is None else live.exclude(own)).exists():
         raise MarketError(
             "this WireGuard public key is already used by a live order; generate a new key pair",
             field="wireguard_public_key",
