@@ -165,6 +165,10 @@ def remove_leftovers() -> list[str]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     found += [f"wireguard-go pid {pid}" for pid in strays]
+    # The daemons a kill -9 of this script left running in them (Testbed.down kills them).
+    for name in namespaces:
+        pids = run("ip", "netns", "pids", name, check=False).stdout.split()
+        found += [f"pid {pid} in {name}" for pid in pids]
     sockets = [
         path.stem
         for path in (UAPI_DIR.glob("mdemo*.sock") if UAPI_DIR.is_dir() else ())
