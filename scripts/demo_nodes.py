@@ -186,13 +186,14 @@ def remove_leftovers() -> list[str]:
     return found
 
 
-def gateway_target(local_url: str) -> tuple[str, int]:
+def gateway_target(local_url: str) -> tuple[str, int] | None:
     """(address, port) the DNAT rule sends the nodes' gateway connections to: the address the
-    gateway binds (loopback for a wildcard bind), IPv4 only."""
+    gateway binds (loopback for a wildcard bind); None unless that is an IPv4 address (the
+    demo bridge is IPv4, and DNAT needs an address, not a name)."""
     parts = urlsplit(local_url)
     host, port = parts.hostname or "", parts.port
     if not re.fullmatch(r"\d+\.\d+\.\d+\.\d+", host) or port is None:
-        raise SystemExit(f"demo nodes: the gateway {local_url!r} is not at an IPv4 address:port")
+        return None
     return host, port
 
 
@@ -287,6 +288,9 @@ def main(root: Path) -> int:
     first = nodes[0]
     local = os.environ.get("MOLT_DEMO_LOCAL_GATEWAY", "")
     target = gateway_target(local)
+    if target is None:
+        print(f"demo nodes: the gateway {local!r} is not at an IPv4 address", flush=True)
+        return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -127,8 +127,10 @@ def resolve_demo_agents() -> None:
         missing = demo_nodes.missing_prerequisites()
         if missing:
             SIMULATED_BECAUSE.append(f"this machine lacks {', '.join(missing)}")
-        elif ":" in os.environ["HOST"]:
-            SIMULATED_BECAUSE.append(f"HOST={os.environ['HOST']} (the nodes reach it over IPv4)")
+        elif demo_nodes.gateway_target(local_base_url()) is None:
+            SIMULATED_BECAUSE.append(
+                f"HOST={os.environ['HOST']} is not an IPv4 address (the nodes' bridge is IPv4)"
+            )
         elif demo_nodes.lock_holder_alive():
             SIMULATED_BECAUSE.append("another make run's real demo nodes are up")
         if SIMULATED_BECAUSE and asked == "real":

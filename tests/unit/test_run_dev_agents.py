@@ -111,7 +111,8 @@ def test_real_nodes_by_default_where_the_machine_allows(run_dev, machine, monkey
     ("setup", "because"),
     [
         ({"MOLT_DEMO_AGENTS": "simulated"}, "MOLT_DEMO_AGENTS=simulated"),
-        ({"HOST": "::1"}, "HOST=::1"),
+        ({"HOST": "::1"}, "HOST=::1 is not an IPv4 address"),
+        ({"HOST": "localhost"}, "HOST=localhost is not an IPv4 address"),
         ({"locked": True}, "another make run's real demo nodes are up"),
     ],
 )
