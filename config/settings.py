@@ -75,6 +75,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "frontend.context_processors.demo",
             ],
         },
     },
@@ -376,6 +377,9 @@ MOLT_RELIABILITY_WINDOW_SECONDS = env_int(
 # Let any signed-in user top up their own wallet (demo only; operators always can).
 MOLT_ALLOW_SELF_TOP_UP = env_bool("MOLT_ALLOW_SELF_TOP_UP", DEBUG)
 MOLT_ALLOW_SIMULATED_GPUS = env_bool("MOLT_ALLOW_SIMULATED_GPUS", DEBUG)
+# `make run` sets it to what its demo nodes are (scripts/run_dev.py): "simulated" (in-memory
+# WireGuard: the pages say their tunnels carry no traffic), "real" (clawnode daemons) or "0".
+MOLT_DEMO_SIMULATED_AGENTS = env_str("MOLT_DEMO_AGENTS", "") == "simulated"
 MOLT_WIREGUARD_LISTEN_PORT = env_int("MOLT_WIREGUARD_LISTEN_PORT", 51820, minimum=1)
 # The gateway's WireGuard hub (`manage.py run_hub`, docs/nat.md): a peer of every node, so its
 # view of each peer's endpoint is that node's public mapping (endpoint discovery). Off while

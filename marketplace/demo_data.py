@@ -21,6 +21,12 @@ from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity
 from clawnode.state import Enrollment, StateDir, normalize_gateway_url
 
+from marketplace.demo_network import (
+    DEMO_LISTEN_PORT,
+    REAL_NODES_HOST,
+    REAL_NODES_NET,
+    REAL_NODES_PREFIX,
+)
 from meshnet import ipplan
 from meshnet.enrolment import create_enrollment_token, enroll_node, websocket_url
 from meshnet.gateway_key import gateway_identity
@@ -168,6 +174,27 @@ PROVIDERS: tuple[tuple[DemoUser, tuple[DemoNode, ...]], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class RealNode:
+    """A demo node as `make run` places it for its real daemon (marketplace.demo_network)."""
+
+    hostname: str
+    address: str  # on the bridge, inside the node's namespace
+    interface: str  # its WireGuard interface
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{DEMO_LISTEN_PORT}"
+
+
+def real_nodes() -> tuple[RealNode, ...]:
+    nodes = [node for _, demo_nodes in PROVIDERS for node in demo_nodes]
+    return tuple(
+        RealNode(node.hostname, f"{REAL_NODES_NET}.{11 + index}", f"mdemo{index + 1}")
+        for index, node in enumerate(nodes)
+    )
+
+
 def simulated_gpus(node: DemoNode) -> tuple[wire.GpuInfo, ...]:
     name, memory_mb = node.gpu
     return tuple(
@@ -203,7 +230,7 @@ def enrol_node(
         identity,
         issued.token,
         hostname=hostname,
-        listen_port=51820,
+        listen_port=DEMO_LISTEN_PORT,
         endpoint=endpoint,
         gpus=gpus,
         region=region,
@@ -229,10 +256,18 @@ def enrol_demo_node(owner, node: DemoNode) -> tuple[Node, Identity]:
 DEMO_GPUS_FILE = "demo-gpus.json"
 
 
-def save_demo_agent(state: StateDir, node: Node, identity: Identity, gateway: str) -> None:
+# Next to it, for a real demo node only: where scripts/demo_nodes.py puts its namespace.
+REAL_NODE_FILE = "real-node.json"
+
+
+def save_demo_agent(
+    state: StateDir, node: Node, identity: Identity, gateway: str, real: RealNode | None = None
+) -> None:
     """Write what `clawnode join` would have left in `state` for `node`: its identity (0600)
-    and an enrolment for the gateway at `gateway`, plus its simulated GPUs. The enrolment is
-    rewritten each time (the port may differ between runs); the identity only when it changed."""
+    and an enrolment for the gateway at `gateway`, plus its simulated GPUs, and for a `real`
+    node (a daemon in a namespace) its address and interface in real-node.json. The enrolment
+    is rewritten each time (the port, the gateway's address and the interface may differ
+    between runs); the identity only when it changed."""
     gateway = normalize_gateway_url(gateway)
     kept = state.load_identity() if state.identity_path.exists() else None
     if kept is None or kept.node_id != identity.node_id:
@@ -245,11 +280,16 @@ def save_demo_agent(state: StateDir, node: Node, identity: Identity, gateway: st
             mesh_address=node.mesh_address,
             gateway_public_key=gateway_identity().public_key_b64,
             websocket_url=websocket_url(gateway),
-            interface="molt0",
-            backend="userspace",  # recorded only: demo_agents.py runs the in-memory backend
+            interface=real.interface if real is not None else "molt0",
+            # What scripts/demo_nodes.py runs (wireguard-go); demo_agents.py, the simulated
+            # agents, runs the in-memory backend whatever this says.
+            backend="userspace",
             mesh_network=str(ipplan.mesh_network()),
             job_network=ipplan.block(ipplan.JOB_BLOCK).cidr,
             enrolled_at=int(time.time()),
+            # A real node dials plain http at the demo bridge's address: this machine's own
+            # bridge, as `clawnode join --insecure` accepts on a network one trusts.
+            insecure=real is not None,
         )
     )
     gpus = [
@@ -262,7 +302,22 @@ def save_demo_agent(state: StateDir, node: Node, identity: Identity, gateway: st
         }
         for gpu in node.gpus.order_by("index")
     ]
-    path = state.path / DEMO_GPUS_FILE
+    _write_json(state.path / DEMO_GPUS_FILE, gpus)
+    if real is None:
+        (state.path / REAL_NODE_FILE).unlink(missing_ok=True)
+    else:
+        _write_json(
+            state.path / REAL_NODE_FILE,
+            {
+                "address": real.address,
+                "prefix": REAL_NODES_PREFIX,
+                "gateway_host": REAL_NODES_HOST,
+                "interface": real.interface,
+            },
+        )
+
+
+def _write_json(path, value) -> None:
     partial = path.with_suffix(".tmp")
-    partial.write_text(json.dumps(gpus))
+    partial.write_text(json.dumps(value))
     os.replace(partial, path)

@@ -18,7 +18,6 @@ Usage: python scripts/demo_agents.py DIR   (SIGINT/SIGTERM stop every agent)
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import threading
@@ -26,26 +25,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clawnode import wire
 from clawnode.backends.memory import FakeBackend
 from clawnode.daemon import Agent, Revoked
 from clawnode.firewall import FakeFirewall
-from clawnode.gpu import GpuReport
+from clawnode.gpu import RecordedGpuReader
 from clawnode.state import StateDir
 
 DEMO_GPUS_FILE = "demo-gpus.json"  # as marketplace.demo_data writes it
-
-
-class EnrolledGpus:
-    """The GPUs the node enrolled with, reported unchanged (same UUIDs: the inventory stays)."""
-
-    def __init__(self, path: Path) -> None:
-        self._report = GpuReport(
-            tuple(wire.GpuInfo.from_dict(item) for item in json.loads(path.read_text()))
-        )
-
-    def read(self) -> GpuReport:
-        return self._report
 
 
 _OUTPUT = threading.Lock()  # agents log from worker threads too (bring_up): one line at a time
@@ -86,7 +72,7 @@ def load_agents(root: Path) -> list[Agent]:
                 identity=identity,
                 backend=FakeBackend(),
                 firewall=FakeFirewall(),
-                gpus=EnrolledGpus(path / DEMO_GPUS_FILE),
+                gpus=RecordedGpuReader(str(path / DEMO_GPUS_FILE)),
                 say=say_as(path.name),
             )
         )

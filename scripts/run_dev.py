@@ -8,9 +8,14 @@
    which keeps each demo node's agent identity and enrolment in var/demo-agents/<hostname>/
    (MOLT_DEMO_AGENTS_DIR).
 4. The URL and the demo credentials are printed, and honcho runs web (uvicorn), the Celery
-   worker, Celery beat and the demo agents (scripts/demo_agents.py: the nine demo nodes'
-   SIMULATED clawnode agents, in-memory WireGuard, so the market has online nodes that take
-   orders; MOLT_DEMO_AGENTS=0 leaves them out) from Procfile.dev, logs interleaved and prefixed.
+   worker, Celery beat and the demo nodes from Procfile.dev, logs interleaved and prefixed:
+   - `nodes` (scripts/demo_nodes.py) where the machine allows it (root, /dev/net/tun,
+     wireguard-go, nft and ip): a REAL `clawnode run` per demo node, each in a network
+     namespace with wireguard-go and nftables, so a buyer's tunnel carries packets;
+   - else `agents` (scripts/demo_agents.py): the nine nodes' SIMULATED agents (in-memory
+     WireGuard) in one process; the banner says which prerequisite was missing.
+   MOLT_DEMO_AGENTS: auto (default, also 1), real (refuse to start without them), simulated,
+   or 0 (no demo nodes).
    Ctrl-C (SIGINT) or SIGTERM stops them all; honcho SIGKILLs what is still up after 5 s.
 """
 
@@ -31,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 REPO = Path(__file__).resolve().parent.parent
 VAR = REPO / "var"
 BIN = Path(sys.executable).parent  # the virtualenv's bin: uvicorn, celery, honcho live here
+if str(REPO / "scripts") not in sys.path:
+    sys.path.insert(0, str(REPO / "scripts"))  # demo_nodes.py, however this file is loaded
 LOCAL_REDIS_HOSTS = {"127.0.0.1", "localhost", "::1"}
 WILDCARD_HOSTS = {"0.0.0.0", "::", ""}  # noqa: S104 (names the wildcard, binds nothing)
 
@@ -44,10 +51,13 @@ DEFAULTS = {
     "PYTHONUNBUFFERED": "1",
     # Worker and beat print warnings and errors only; `CELERY_LOG_LEVEL=info make run` for all.
     "CELERY_LOG_LEVEL": "warning",
-    "MOLT_DEMO_AGENTS": "1",
+    "MOLT_DEMO_AGENTS": "auto",
     "MOLT_DEMO_AGENTS_DIR": str(VAR / "demo-agents"),
 }
 FALSE_WORDS = {"0", "false", "no", "off"}
+AUTO_WORDS = {"auto", "1", "true", "yes", "on"}
+# Why the demo nodes are simulated when they are (for the banner); "" when they are not.
+SIMULATED_BECAUSE: list[str] = []
 
 
 class Abort(Exception):
@@ -90,11 +100,57 @@ def load_environment() -> None:
         os.environ["ALLOWED_HOSTS"] = f"127.0.0.1,localhost,[::1],{bracketed}"
     # Tools are found in the virtualenv first, whatever PATH the shell had.
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-    if os.environ["MOLT_DEMO_AGENTS"].strip().lower() in FALSE_WORDS:
-        os.environ["MOLT_DEMO_AGENTS"] = "0"
+    resolve_demo_agents()
     for tool in ("uvicorn", "celery", "honcho"):
         if shutil.which(tool) is None:
             raise Abort(f"{tool} is not installed in {BIN}; run `make run` (it installs first)")
+
+
+def resolve_demo_agents() -> None:
+    """MOLT_DEMO_AGENTS becomes what runs: "real", "simulated" or "0" (every process started
+    sees it: the web pages label simulated agents as such). In real mode the nodes reach the
+    gateway at the demo bridge's address, which Django must accept as a host name."""
+    import demo_nodes  # scripts/, next to this file
+
+    SIMULATED_BECAUSE.clear()
+    asked = os.environ["MOLT_DEMO_AGENTS"].strip().lower()
+    if asked in FALSE_WORDS:
+        os.environ["MOLT_DEMO_AGENTS"] = "0"
+        return
+    if asked not in AUTO_WORDS | {"real", "simulated"}:
+        raise Abort(
+            f"MOLT_DEMO_AGENTS={os.environ['MOLT_DEMO_AGENTS']!r}: say auto, real, simulated or 0"
+        )
+    if asked == "simulated":
+        SIMULATED_BECAUSE.append("MOLT_DEMO_AGENTS=simulated")
+    else:
+        missing = demo_nodes.missing_prerequisites()
+        if missing:
+            SIMULATED_BECAUSE.append(f"this machine lacks {', '.join(missing)}")
+        elif demo_nodes.gateway_target(local_base_url()) is None:
+            SIMULATED_BECAUSE.append(
+                f"HOST={os.environ['HOST']} is not an IPv4 address (the nodes' bridge is IPv4)"
+            )
+        elif demo_nodes.lock_holder_alive():
+            SIMULATED_BECAUSE.append("another make run's real demo nodes are up")
+        if SIMULATED_BECAUSE and asked == "real":
+            raise Abort(f"MOLT_DEMO_AGENTS=real, but {SIMULATED_BECAUSE[0]}")
+    if SIMULATED_BECAUSE:
+        os.environ["MOLT_DEMO_AGENTS"] = "simulated"
+        return
+    os.environ["MOLT_DEMO_AGENTS"] = "real"
+    from marketplace.demo_network import REAL_NODES_HOST
+
+    hosts = os.environ.get("ALLOWED_HOSTS") or "127.0.0.1,localhost,[::1]"
+    if REAL_NODES_HOST not in hosts.split(","):
+        os.environ["ALLOWED_HOSTS"] = f"{hosts},{REAL_NODES_HOST}"
+    # Where demo_nodes.py points the nodes' DNAT and waits for the gateway (honcho gives each
+    # process a PORT of its own, so $PORT there is not the gateway's).
+    os.environ["MOLT_DEMO_LOCAL_GATEWAY"] = local_base_url()
+
+
+def real_demo_nodes() -> bool:
+    return os.environ.get("MOLT_DEMO_AGENTS") == "real"
 
 
 # --- Redis ------------------------------------------------------------------------------------
@@ -202,7 +258,19 @@ def prepare_database() -> str:
     try:
         call_command("migrate", interactive=False, verbosity=1)
         seeded = io.StringIO()
-        if demo_agents():
+        if real_demo_nodes():
+            from marketplace.demo_network import REAL_NODES_HOST
+
+            # The daemons dial the gateway from their namespaces: the bridge's address, which
+            # demo_nodes.py sends on to the gateway's own (DNAT).
+            call_command(
+                "seed_demo",
+                stdout=seeded,
+                agents_dir=Path(os.environ["MOLT_DEMO_AGENTS_DIR"]),
+                gateway=f"http://{REAL_NODES_HOST}:{os.environ['PORT']}",
+                real_nodes=True,
+            )
+        elif demo_agents():
             # The demo agents' identities and enrolments, kept where demo_agents.py reads them.
             call_command(
                 "seed_demo",
@@ -217,6 +285,18 @@ def prepare_database() -> str:
     finally:
         connections.close_all()
     return seeded.getvalue()
+
+
+def remove_demo_leftovers() -> None:
+    """What a killed `make run` left of its real demo nodes (namespaces, wireguard-go, nft
+    table) goes now, whatever mode this run is in; never while another run's nodes are up."""
+    import demo_nodes
+
+    if demo_nodes.missing_prerequisites() or demo_nodes.lock_holder_alive():
+        return
+    left = demo_nodes.remove_leftovers()
+    if left:
+        say(f"removed what a killed make run left of its demo nodes: {', '.join(left)}")
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -253,12 +333,22 @@ def banner(seeded: str) -> str:
             "names you will use"
         )
     lines += ["", *("  " + line for line in seeded.strip().splitlines())]
-    if demo_agents():
+    if real_demo_nodes():
+        lines += [
+            "",
+            "  demo nodes: REAL clawnode daemons (scripts/demo_nodes.py), one per node in a",
+            "  network namespace of its own (ip netns: molt-demo-<hostname>, bridge moltdemo0,",
+            "  198.18.0.0/24), with wireguard-go and nftables: an order's WireGuard config brings",
+            "  up a tunnel that carries packets. Their GPUs are simulated (none here).",
+            "  MOLT_DEMO_AGENTS=simulated runs in-memory agents instead; 0 leaves them out.",
+        ]
+    elif demo_agents():
         lines += [
             "",
             "  demo nodes: SIMULATED agents (scripts/demo_agents.py) speak the real signed agent",
             "  protocol, so orders reach running; their WireGuard is in memory and moves no",
             "  packets, and their GPUs are simulated. MOLT_DEMO_AGENTS=0 leaves them offline.",
+            f"  Not real daemons because {' and '.join(SIMULATED_BECAUSE) or 'asked'}.",
         ]
     started = "web, worker, beat and the demo agents" if demo_agents() else "web, worker and beat"
     lines += ["", f"  {started} start now; Ctrl-C stops them all.", "=" * 72, ""]
@@ -321,7 +411,8 @@ def run_processes(banner_text: str = "") -> int:
     # Handlers first: a Ctrl-C between starting honcho and handling it would orphan honcho.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, forward)
-    processes = ["web", "worker", "beat", *(["agents"] if demo_agents() else [])]
+    demo = ["nodes"] if real_demo_nodes() else ["agents"] if demo_agents() else []
+    processes = ["web", "worker", "beat", *demo]
     port = os.environ["PORT"]
     honcho = subprocess.Popen(
         ["honcho", "start", "-f", "Procfile.dev", "-e", os.devnull, "-p", port, *processes],
@@ -344,6 +435,7 @@ def main() -> int:
     try:
         load_environment()
         VAR.mkdir(exist_ok=True)
+        remove_demo_leftovers()
         redis_pid = ensure_redis(os.environ["REDIS_URL"])
         seeded = prepare_database()
         text = banner(seeded)

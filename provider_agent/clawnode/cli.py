@@ -184,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="the agent daemon")
     _add_state_dir(run)
     run.add_argument("--simulated-gpus", metavar="SPEC", default="")
+    run.add_argument(
+        "--simulated-gpus-file",
+        metavar="FILE",
+        default="",
+        help="report the GPUs listed in FILE (JSON, as enrolled), marked simulated: "
+        "make run's demo nodes",
+    )
     run.add_argument("--backend", choices=BACKENDS, default=None)
     run.add_argument(
         "--sandbox-engine",
@@ -504,12 +511,15 @@ def cmd_status(args: argparse.Namespace, out: TextIO) -> int:
 def cmd_run(args: argparse.Namespace, out: TextIO) -> int:
     from .service import run_daemon
 
+    if args.simulated_gpus and args.simulated_gpus_file:
+        raise CliError("--simulated-gpus and --simulated-gpus-file: give one of them")
     if args.simulated_gpus:
         parse_simulated_spec(args.simulated_gpus)
     return run_daemon(
         str(args.state_dir),
         backend=args.backend,
         simulated_gpus=args.simulated_gpus,
+        simulated_gpus_file=args.simulated_gpus_file,
         sandbox_engine=args.sandbox_engine,
         images=tuple(dict.fromkeys(args.images)),
         container_runtime=args.container_runtime,

@@ -4,9 +4,11 @@
 the NVIDIA driver through pynvml (nvidia-ml-py) and never raises for a missing or broken driver;
 it reports no GPUs and says why. ``SimulatedGpuReader`` serves ``--simulated-gpus`` on machines
 without a GPU (every GPU it reports is marked simulated, and the gateway accepts those only when
-its settings allow). ``FakeNvml`` stands in for the pynvml module in tests, so tests run
-``NvmlGpuReader``'s own code path on machines with no NVIDIA hardware (design/testing.md: the one
-allowed stand-in is hardware the machine lacks).
+its settings allow); ``RecordedGpuReader`` serves ``--simulated-gpus-file``, a fixed list of
+simulated GPUs (a demo node reporting exactly the GPUs it was enrolled with). ``FakeNvml``
+stands in for the pynvml module in tests, so tests run ``NvmlGpuReader``'s own code path on
+machines with no NVIDIA hardware (design/testing.md: the one allowed stand-in is hardware the
+machine lacks).
 
 No Django.
 """
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from .wire import GpuInfo
@@ -32,6 +36,7 @@ __all__ = [
     "GpuReader",
     "GpuReport",
     "NvmlGpuReader",
+    "RecordedGpuReader",
     "SimulatedGpuReader",
     "SimulatedSpecError",
     "parse_simulated_spec",
@@ -316,6 +321,26 @@ class SimulatedGpuReader:
                 )
                 index += 1
         return GpuReport(tuple(gpus))
+
+
+class RecordedGpuReader:
+    """The GPUs listed in a JSON file (a list of GpuInfo objects), every one marked simulated:
+    `make run`'s demo nodes report the GPUs seed_demo enrolled them with (same names, memory
+    and UUIDs, so the gateway's inventory stays as seeded). The file is read once, at start;
+    a missing or malformed file raises (OSError, ValueError) naming it."""
+
+    def __init__(self, path: str) -> None:
+        try:
+            items = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(items, list) or not items:
+                raise ValueError("not a non-empty JSON list")
+            gpus = tuple(GpuInfo.from_dict({**item, "simulated": True}) for item in items)
+        except (ValueError, TypeError) as exc:  # ProtocolError is a ValueError
+            raise SimulatedSpecError(f"{path}: not a list of GPUs ({exc})") from None
+        self._report = GpuReport(gpus)
+
+    def read(self) -> GpuReport:
+        return self._report
 
 
 # -- test double --------------------------------------------------------------------------------

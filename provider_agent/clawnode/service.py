@@ -95,6 +95,7 @@ def run_daemon(
     *,
     backend: str | None,
     simulated_gpus: str,
+    simulated_gpus_file: str = "",
     sandbox_engine: str = "none",
     images: tuple[str, ...] = (),
     container_runtime: str = "",
@@ -109,7 +110,7 @@ def run_daemon(
     Exit status: 0 on SIGTERM/SIGINT, 1 on a local error, 3 when the gateway refuses the node."""
     from .backends.choose import choose_backend, kernel_wireguard_available_in_child
     from .firewall import NftFirewall
-    from .gpu import NvmlGpuReader, SimulatedGpuReader
+    from .gpu import NvmlGpuReader, RecordedGpuReader, SimulatedGpuReader
     from .names import NamesResponder
     from .sandbox.network import GATEWAY
 
@@ -127,12 +128,14 @@ def run_daemon(
         backend or enrollment.backend, kernel_probe=kernel_wireguard_available_in_child
     )
     say(f"backend: {why}")
-    reader: GpuReader = (
+    reader: GpuReader
+    if simulated_gpus_file:
+        reader = RecordedGpuReader(simulated_gpus_file)
+    elif simulated_gpus:
         # Seeded by the node id: the same simulated UUIDs as `join` reported.
-        SimulatedGpuReader(simulated_gpus, seed=identity.node_id)
-        if simulated_gpus
-        else NvmlGpuReader()
-    )
+        reader = SimulatedGpuReader(simulated_gpus, seed=identity.node_id)
+    else:
+        reader = NvmlGpuReader()
     # The names responder (clawnode.names) serves the sandboxes of this node on their gateway
     # address and the buyers on the node's mesh address; a node without sandboxes has no names.
     responder = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
+import json
 from io import StringIO
 
 import pytest
@@ -314,3 +315,42 @@ def test_seed_demo_keeps_each_nodes_agent_identity_and_enrolment(demo_settings, 
 def test_seed_demo_refuses_agents_dir_without_a_gateway(demo_settings, tmp_path):
     with pytest.raises(CommandError, match="--gateway"):
         seed(agents_dir=tmp_path)
+
+
+def test_seed_demo_real_nodes_places_each_node_on_the_demo_bridge_and_back(demo_settings, tmp_path):
+    """--real-nodes (make run with real daemons): each node declares its namespace's address
+    as its endpoint (what a buyer's config names), has a WireGuard interface of its own (their
+    UAPI sockets share one directory) and real-node.json says where scripts/demo_nodes.py puts
+    it; the enrolment allows the plain-http bridge address. Without it, all of that goes back."""
+    from clawnode.state import StateDir
+
+    agents = tmp_path / "agents"
+
+    seed(agents_dir=agents, gateway="http://198.18.0.1:8123", real_nodes=True)
+
+    live = {n.hostname: n for n in Node.objects.filter(revoked_at__isnull=True)}
+    placed = {
+        hostname: json.loads((agents / hostname / "real-node.json").read_text())
+        for hostname in live
+    }
+    addresses = sorted(item["address"] for item in placed.values())
+    assert addresses == [f"198.18.0.{host}" for host in range(11, 20)]
+    assert len({item["interface"] for item in placed.values()}) == 9
+    for hostname, node in live.items():
+        assert node.endpoint == f"{placed[hostname]['address']}:51820"
+        enrollment = StateDir(agents / hostname).load_enrollment()
+        assert enrollment.interface == placed[hostname]["interface"]
+        assert enrollment.insecure and enrollment.websocket_url == "ws://198.18.0.1:8123/ws/agent/"
+
+    seed(agents_dir=agents, gateway="http://127.0.0.1:8123")
+
+    for hostname, node in live.items():
+        node.refresh_from_db()
+        assert not node.endpoint.startswith("198.18.0."), node.endpoint
+        assert not (agents / hostname / "real-node.json").exists()
+        assert StateDir(agents / hostname).load_enrollment().interface == "molt0"
+
+
+def test_seed_demo_refuses_real_nodes_without_an_agents_dir(demo_settings):
+    with pytest.raises(CommandError, match="--real-nodes needs --agents-dir"):
+        seed(real_nodes=True)

@@ -74,6 +74,23 @@ def test_prices_are_shown_in_usd_with_region_and_simulated_badge(client, market)
     assert columns[5] == "eu-west"
 
 
+@pytest.mark.parametrize("simulated_agents", [True, False])
+def test_the_simulated_badge_says_tunnels_carry_nothing_only_for_simulated_demo_agents(
+    client, market, settings, simulated_agents
+):
+    """make run tells the web process what its demo nodes are (MOLT_DEMO_AGENTS): simulated
+    agents' tunnels carry nothing and the badge says so; real demo daemons (and any test
+    machine with simulated GPUs) move packets, so their badge speaks of the GPUs alone."""
+    settings.MOLT_DEMO_SIMULATED_AGENTS = simulated_agents
+    listing = market.first()
+
+    for path in ("/", f"/listings/{listing.pk}/"):
+        page = client.get(path).content.decode()
+        (title,) = set(re.findall(r'<span class="badge simulated" title="([^"]*)"', page))
+        assert title.startswith("This node reported simulated GPUs")
+        assert ("their tunnels carry no traffic" in title) is simulated_agents, title
+
+
 def test_filter_by_region(client, market):
     listed = ids(client.get("/", {"region": "asia"}))
 

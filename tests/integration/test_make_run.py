@@ -1,7 +1,9 @@
 """`make run`, the README's first command, as a person runs it: with no Redis answering it starts
 its own, migrates a fresh SQLite database, seeds the demo market, and serves it with web, worker,
-beat and the demo nodes' simulated agents (which bring the nodes online, so an order runs end to
-end); Ctrl-C stops every process it started, the private Redis included."""
+beat and the demo nodes' simulated agents (forced by MOLT_DEMO_AGENTS=simulated: the fallback of
+machines that cannot run the real daemons, which tests/browser/test_make_run_first_order.py
+runs; they bring the nodes online, so an order runs end to end); Ctrl-C stops every process it
+started, the private Redis included."""
 
 from __future__ import annotations
 
@@ -150,12 +152,16 @@ def start_make_run(tmp_path: Path, **extra_env: str) -> Iterator[MakeRun]:
 
 def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
     # Beat's "Sending due task" lines (info) are the proof below that it runs.
-    with start_make_run(tmp_path, CELERY_LOG_LEVEL="info") as run:
+    with start_make_run(tmp_path, CELERY_LOG_LEVEL="info", MOLT_DEMO_AGENTS="simulated") as run:
         make, log_path, base = run.process, run.log_path, run.base
         port, redis_port, marker = run.port, run.redis_port, run.marker
         output = log_path.read_text()
         assert "starting redis-server" in output
         assert "MOLT demo marketplace" in output
+        # The fallback says what it is and why.
+        assert "demo nodes: SIMULATED agents" in output
+        assert "Not real daemons because MOLT_DEMO_AGENTS=simulated." in output
+        assert "REAL clawnode" not in output
 
         with urllib.request.urlopen(f"{base}/healthz/", timeout=10) as response:
             assert response.status == 200
@@ -175,6 +181,9 @@ def test_make_run_serves_the_demo_market_and_ctrl_c_stops_everything(tmp_path):
             timeout=90,
             message="the demo agents to bring all 10 listings online",
         )
+        # The market page labels them: their tunnels move no packets.
+        with urllib.request.urlopen(f"{base}/", timeout=10) as response:
+            assert "their tunnels carry no traffic" in response.read().decode()
         # Each node's agent state is where seed_demo kept it: a private key, 0600.
         kept = sorted(p.parent.name for p in (tmp_path / "demo-agents").glob("*/identity.key"))
         assert len(kept) == 9, kept

@@ -5,6 +5,9 @@ never 192.0.2.0/24, which the machine's uplink uses) with one veth per namespace
 gets a default route out of the machine. Names carry a per-run suffix because wireguard-go's
 UAPI sockets in /var/run/wireguard are shared by all namespaces. Everything created is removed
 on exit, even when the test fails.
+
+`make run`'s real demo nodes (scripts/demo_nodes.py) are built with this same class, on a bridge
+and network of their own (`net`, `bridge_name`) with fixed names and addresses.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ class Testbed:
     links: list[str] = field(default_factory=list)
     processes: list[subprocess.Popen] = field(default_factory=list)
     wireguard_interfaces: list[str] = field(default_factory=list)
+    net: str = BRIDGE_NET  # the bridge's /24, as its first three octets
+    bridge_name: str = ""  # default: mtbr<suffix>
     _next_host: int = 2
 
     @property
     def bridge(self) -> str:
-        return f"mtbr{self.suffix}"[:15]
+        return self.bridge_name or f"mtbr{self.suffix}"[:15]
 
     @property
     def gateway_ip(self) -> str:
-        return f"{BRIDGE_NET}.1"
+        return f"{self.net}.1"
 
     def up(self) -> Testbed:
         run("ip", "link", "add", self.bridge, "type", "bridge")
@@ -53,25 +58,28 @@ class Testbed:
         run("ip", "link", "set", self.bridge, "up")
         return self
 
-    def namespace(self, role: str) -> str:
-        """A new namespace `role` with lo up (no links yet). Returns its name."""
-        name = f"m{role}{self.suffix}"[:15]
+    def namespace(self, role: str, name: str = "") -> str:
+        """A new namespace `role` (or named `name`) with lo up (no links yet). Returns its
+        name."""
+        name = name or f"m{role}{self.suffix}"[:15]
         run("ip", "netns", "add", name)
         self.namespaces.append(name)
         run("ip", "-n", name, "link", "set", "lo", "up")
         return name
 
-    def attach(self, ns: str) -> str:
-        """Connect `ns` to the bridge; returns its address on 198.51.100.0/24."""
-        host = self._next_host
-        self._next_host += 1
+    def attach(self, ns: str, host: int = 0) -> str:
+        """Connect `ns` to the bridge (as `host`, else the next free one); returns its address
+        on the bridge's /24."""
+        if not host:
+            host = self._next_host
+            self._next_host += 1
         outside, inside = f"mv{host}o{self.suffix}"[:15], f"mv{host}i{self.suffix}"[:15]
         run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
         self.links.append(outside)
         run("ip", "link", "set", outside, "master", self.bridge)
         run("ip", "link", "set", outside, "up")
         run("ip", "link", "set", inside, "netns", ns)
-        address = f"{BRIDGE_NET}.{host}"
+        address = f"{self.net}.{host}"
         run("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", inside)
         run("ip", "-n", ns, "link", "set", inside, "up")
         return address

@@ -432,3 +432,17 @@ def test_a_peer_cut_off_and_not_yet_removed_says_so_in_status():
     line = _peer_line(cut, now=1_700_000_000)
     assert "allowed -" in line and line.endswith("cut off, removal pending")
     assert "rx 2.0 KiB  tx 4.0 KiB" in line
+
+
+def test_run_takes_the_simulated_gpus_from_a_file_or_a_spec_not_both(tmp_path, monkeypatch, capsys):
+    import clawnode.service
+
+    given = {}
+    monkeypatch.setattr(clawnode.service, "run_daemon", lambda state, **kw: given.update(kw) or 0)
+    gpus = str(tmp_path / "demo-gpus.json")
+
+    assert main(["run", "--state-dir", str(tmp_path), "--simulated-gpus-file", gpus]) == 0
+    assert (given["simulated_gpus_file"], given["simulated_gpus"]) == (gpus, "")
+    both = ["--simulated-gpus-file", gpus, "--simulated-gpus", "RTX 4090:1"]
+    assert main(["run", "--state-dir", str(tmp_path), *both]) == 1
+    assert "give one of them" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pynvml
 import pytest
 from clawnode import wire
@@ -10,6 +12,7 @@ from clawnode.gpu import (
     FakeGpu,
     FakeNvml,
     NvmlGpuReader,
+    RecordedGpuReader,
     SimulatedGpuReader,
     SimulatedSpecError,
     parse_simulated_spec,
@@ -204,3 +207,45 @@ def test_simulated_uuids_are_stable_per_machine_and_differ_between_machines():
     assert [g.uuid for g in first] == [g.uuid for g in again]
     assert first[0].uuid != first[1].uuid
     assert {g.uuid for g in first}.isdisjoint(g.uuid for g in other)
+
+
+# -- --simulated-gpus-file: the GPUs a demo node enrolled with -------------------------------------
+
+
+def test_recorded_gpus_are_reported_as_listed_and_marked_simulated(tmp_path):
+    """make run's real demo daemons report exactly what seed_demo enrolled (names, memory,
+    UUIDs: the gateway's inventory stays as seeded), each marked simulated, whatever the file
+    says about that."""
+    listed = [
+        {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_mb": 81559, "uuid": "GPU-a",
+         "simulated": True},
+        {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_mb": 81559, "uuid": "GPU-b",
+         "simulated": False},
+    ]  # fmt: skip
+    path = tmp_path / "demo-gpus.json"
+    path.write_text(json.dumps(listed))
+
+    report = RecordedGpuReader(str(path)).read()
+
+    assert [(g.index, g.name, g.memory_mb, g.uuid) for g in report.gpus] == [
+        (0, "NVIDIA H100 80GB HBM3", 81559, "GPU-a"),
+        (1, "NVIDIA H100 80GB HBM3", 81559, "GPU-b"),
+    ]
+    assert all(g.simulated for g in report.gpus)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("[]", "not a non-empty JSON list"),
+        ("{", "Expecting"),
+        ('[{"index": 0}]', "name"),
+        ('{"index": 0}', "not a non-empty JSON list"),
+    ],
+)
+def test_a_bad_recorded_gpus_file_is_refused_naming_it(tmp_path, text, words):
+    path = tmp_path / "gpus.json"
+    path.write_text(text)
+    with pytest.raises(SimulatedSpecError, match=words) as caught:
+        RecordedGpuReader(str(path))
+    assert str(path) in str(caught.value)

@@ -42,6 +42,7 @@ from marketplace.demo_data import (
     enrol_demo_node,
     save_demo_agent,
 )
+from marketplace.demo_data import real_nodes as demo_real_nodes
 from marketplace.errors import MarketError
 from marketplace.listings import create_listing
 from marketplace.models import LedgerTransaction, Listing
@@ -74,12 +75,27 @@ class Command(BaseCommand):
             default="",
             help="the gateway URL the demo agents connect to (with --agents-dir)",
         )
+        parser.add_argument(
+            "--real-nodes",
+            action="store_true",
+            help="the demo nodes run real clawnode daemons in network namespaces "
+            "(scripts/demo_nodes.py): each declares its namespace's address as its endpoint "
+            "and gets a WireGuard interface name of its own (with --agents-dir)",
+        )
 
     def handle(
-        self, *args, force: bool, agents_dir: Path | None = None, gateway: str = "", **options
+        self,
+        *args,
+        force: bool,
+        agents_dir: Path | None = None,
+        gateway: str = "",
+        real_nodes: bool = False,
+        **options,
     ) -> None:
         if agents_dir is not None and not gateway:
             raise CommandError("--agents-dir needs --gateway URL (where the agents connect)")
+        if real_nodes and agents_dir is None:
+            raise CommandError("--real-nodes needs --agents-dir DIR (where the daemons' state is)")
         if not settings.DEBUG and not force:
             raise CommandError(
                 "refusing to seed: DEBUG is off, and the demo accounts have published passwords. "
@@ -92,13 +108,15 @@ class Command(BaseCommand):
             )
         try:
             with transaction.atomic():
-                created, identities = self._seed(agents_dir)
+                created, identities = self._seed(agents_dir, real_nodes)
         except (MeshError, MarketError) as exc:
             raise CommandError(f"seeding failed, nothing was written: {exc}") from None
         if agents_dir is not None:
             # After the commit: an agent never holds an identity for a node that was not made.
+            plan = {real.hostname: real for real in demo_real_nodes()}
             for hostname, (node, identity) in identities.items():
-                save_demo_agent(StateDir(agents_dir / hostname), node, identity, gateway)
+                real = plan[hostname] if real_nodes else None
+                save_demo_agent(StateDir(agents_dir / hostname), node, identity, gateway, real)
         nodes = Node.objects.filter(
             owner__username__in=[p.username for p, _ in PROVIDERS], revoked_at__isnull=True
         )
@@ -121,7 +139,9 @@ class Command(BaseCommand):
             created["users"] += 1
         return user
 
-    def _seed(self, agents_dir: Path | None) -> tuple[dict[str, int], dict[str, tuple]]:
+    def _seed(
+        self, agents_dir: Path | None, real_nodes: bool = False
+    ) -> tuple[dict[str, int], dict[str, tuple]]:
         created = {"users": 0, "nodes": 0, "listings": 0, "grants": 0}
         identities: dict[str, tuple[Node, Identity]] = {}
         operator = self._user(OPERATOR, created, superuser=True)
@@ -137,6 +157,7 @@ class Command(BaseCommand):
         if not already_granted:
             ledger.grant_credits(buyer, DEMO_CREDITS, memo=CREDITS_MEMO)
             created["grants"] += 1
+        plan = {real.hostname: real for real in demo_real_nodes()}
         for demo_provider, demo_nodes in PROVIDERS:
             provider = self._user(demo_provider, created)
             for demo_node in demo_nodes:
@@ -155,6 +176,11 @@ class Command(BaseCommand):
                     created["nodes"] += 1
                 if agents_dir is not None:
                     identities[demo_node.hostname] = (node, identity)
+                # A real demo node is reached at its namespace's address (what a buyer's config
+                # names as the Endpoint); a simulated one keeps the documentation address.
+                endpoint = plan[demo_node.hostname].endpoint if real_nodes else demo_node.endpoint
+                if node.declared_endpoint != endpoint:
+                    Node.objects.filter(pk=node.pk).update(declared_endpoint=endpoint)
                 for demo_listing in demo_node.listings:
                     terms = demo_node.listing_terms(demo_listing)
                     if not Listing.objects.visible().filter(node=node, **terms).exists():
