@@ -96,8 +96,17 @@ class LabRelay:
 
 
 @contextlib.contextmanager
-def relay(lab: nat_lab.Lab, workdir: Path, *, fast_path: bool = True, capture: bool = False):
-    """The relay process (and optionally the capture) in a namespace of its own."""
+def relay(
+    lab: nat_lab.Lab,
+    workdir: Path,
+    *,
+    fast_path: bool = True,
+    capture: bool = False,
+    control: tuple[str, str] | None = None,
+):
+    """The relay process (and optionally the capture) in a namespace of its own. `control`
+    (the gateway's relay control URL, the relay's token) has it ask the gateway for its pairs,
+    as a deployment's relay does, instead of the pairs file."""
     ns = lab.namespace("relay")
     # Not a site: a cell's lab.release_sites() must leave the relay running for the next cell.
     lab.namespaces.remove(ns)
@@ -130,10 +139,16 @@ def relay(lab: nat_lab.Lab, workdir: Path, *, fast_path: bool = True, capture: b
             assert catcher.stdout is not None
             if catcher.stdout.readline().strip() != "ready":
                 raise RuntimeError("the capture did not start")
+        if control is None:
+            source = ["--allocations", str(workdir / "pairs.json")]
+        else:
+            (workdir / "token").write_text(control[1])
+            source = ["--control", control[0], "--token-file", str(workdir / "token")]
         args = [
             sys.executable, "-m", "meshnet.relay", "--address", RELAY_ADDRESS,
-            "--ports", f"{PORTS[0]}-{PORTS[1]}", "--allocations", str(workdir / "pairs.json"),
-            "--status", str(workdir / "status.json"), "--poll", "0.1",
+            "--ports", f"{PORTS[0]}-{PORTS[1]}", *source,
+            "--status", str(workdir / "status.json"),
+            "--poll", "0.1" if control is None else "1",
             *([] if fast_path else ["--no-fast-path"]),
         ]  # fmt: skip
         process = lab.popen(ns, args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
