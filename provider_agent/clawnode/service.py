@@ -111,6 +111,7 @@ def run_daemon(
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, SimulatedGpuReader
     from .names import NamesResponder
+    from .rtt import IcmpPinger
     from .sandbox.network import GATEWAY
 
     if sandbox_engine != "none":
@@ -161,6 +162,7 @@ def run_daemon(
         ),
         images=images,
         names=responder,
+        pinger=IcmpPinger(),
         say=say,
     )
     if sandbox_engine == "none":
