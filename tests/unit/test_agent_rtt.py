@@ -187,7 +187,9 @@ class Connection:
         return [frame for frame in self.sent if frame["type"] == kind]
 
 
-def agent(tmp_path: Path, identity: Identity, backend: FakeBackend, pinger) -> Agent:
+def agent(
+    tmp_path: Path, identity: Identity, backend: FakeBackend, pinger, said: list[str]
+) -> Agent:
     enrollment = Enrollment(
         gateway="http://127.0.0.1:9",
         node_id=identity.node_id,
@@ -206,18 +208,20 @@ def agent(tmp_path: Path, identity: Identity, backend: FakeBackend, pinger) -> A
         gpus=SimulatedGpuReader("RTX 4090:1"),
         pinger=pinger,
         timing=Timing(round_trips=0.05, connectivity=3600),
-        say=lambda line: None,
+        say=said.append,
     )
     made.bring_up()
     return made
 
 
-def session(tmp_path: Path, accepts: list[str], pinger, rounds: int = 2) -> tuple[Connection, Any]:
+def session(
+    tmp_path: Path, accepts: list[str], pinger, rounds: int = 2, said: list[str] | None = None
+) -> tuple[Connection, Any]:
     """One session: welcome (with `accepts`), a desired state of a live and a silent job peer
     and one with no session; open until `rounds` ROUND_TRIPS frames were sent (or 2 s)."""
     identity = Identity.from_seed(bytes(range(32)))
     backend = FakeBackend()
-    node = agent(tmp_path, identity, backend, pinger)
+    node = agent(tmp_path, identity, backend, pinger, said if said is not None else [])
     live, silent, idle = wg_key(), wg_key(), wg_key()
     desired = state(
         identity,
@@ -280,3 +284,24 @@ def test_an_agent_without_a_pinger_sends_nothing(tmp_path):
     ws, _ = session(tmp_path, ["round_trips"], None, rounds=1)
 
     assert ws.of("ack") and ws.of("round_trips") == []
+
+
+class BrokenPinger:
+    """A pinger whose socket cannot be opened (an agent without CAP_NET_RAW)."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    def ping_all(self, source, targets, timeout):
+        self.rounds += 1
+        raise PermissionError(1, "Operation not permitted")
+
+
+def test_a_pinger_that_fails_costs_the_round_not_the_session(tmp_path):
+    pinger, said = BrokenPinger(), []
+
+    ws, _ = session(tmp_path, ["round_trips"], pinger, rounds=1, said=said)
+
+    assert pinger.rounds >= 2  # the task kept going, round after round
+    assert ws.of("round_trips") == [] and ws.of("ack")
+    assert "round trips not measured: [Errno 1] Operation not permitted" in said
