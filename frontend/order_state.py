@@ -4,11 +4,12 @@ may see it, the snapshot pushed over the websocket, and the bandwidth samples of
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db.models import F, Window
 from django.db.models.functions import Mod, RowNumber
+from django.utils import timezone
 
 from frontend.charts import Interval, key_intervals
 from marketplace.connect import sandbox_of
@@ -63,7 +64,9 @@ def snapshot(order: Order, sandbox: Sandbox | object | None = _READ) -> dict[str
         "job_address": peer.address if peer else None,
         "provider_address": node.mesh_address if peer else None,
         # Direct, or through which relay (meshnet.relays, docs/nat.md).
-        "path": path_label(path_of(peer)),
+        "path": path_label(path := path_of(peer)),
+        # The node's latest ping of the buyer's tunnel address, with its age (meshnet.round_trips).
+        "round_trip": round_trip_view(path["round_trip"] if path else None),
         # The node has the current key once its agent acknowledged the revision that added it.
         "peer_applied": bool(peer and peer.state == JobPeer.State.ACTIVE),
         "bytes_in": order.bytes_in,
@@ -88,6 +91,32 @@ def path_label(path: dict | None) -> str | None:
         return path["kind"]
     where = f" ({path['region']})" if path["region"] else ""
     return f"relayed via {path['relay']}{where}"
+
+
+def round_trip_view(round_trip: dict | None, now: datetime | None = None) -> dict | None:
+    """The round trip as the order page shows it: `text` (12 ms, 0.4 ms, or no answer), `at`
+    (when measured, for the page's script to age it) and `label` (the text with its age now)."""
+    if round_trip is None:
+        return None
+    ms = round_trip["ms"]
+    if ms is None:
+        text = "no answer"
+    elif ms < 10:
+        text = f"{ms:.1f} ms"
+    else:
+        text = f"{round(ms)} ms"
+    at = round_trip["measured_at"]
+    seconds = max(0, int(((now or timezone.now()) - at).total_seconds()))
+    return {"text": text, "at": at.isoformat(), "label": f"{text} (measured {age(seconds)} ago)"}
+
+
+def age(seconds: int) -> str:
+    """An age in words, as order.js writes it too: 40 s, 5 min, 3 h."""
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min"
+    return f"{seconds // 3600} h"
 
 
 def _sandbox_summary(sandbox) -> dict[str, Any] | None:

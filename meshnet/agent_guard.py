@@ -61,6 +61,7 @@ RATES: dict[str, Rate] = {
     "heartbeat": Rate(1.0, 10, DROP),  # every 5 s
     "inventory": Rate(0.2, 10, DROP),  # every 60 s, and after each welcome
     "report": Rate(0.2, 10, DROP),  # only on a refused state or drift; connectivity: 300 s
+    "round_trips": Rate(0.1, 10, DROP),  # every 60 s (clawnode.rtt)
     "metering": Rate(2.0, 100, CLOSE),  # every 10 s, finals at welcome, one per removal round
     "state": Rate(10.0, 200, CLOSE),  # ack/removed/sandbox_status: follow the gateway's pushes
 }
@@ -69,6 +70,7 @@ KIND_BUCKET = {
     "inventory": "inventory",
     "report": "report",
     "connectivity": "report",
+    "round_trips": "round_trips",
     "metering": "metering",
     "ack": "state",
     "removed": "state",

@@ -22,7 +22,8 @@ from meshnet.models import Node
 
 # Frames a gateway takes besides the ones every agent sends: named in the welcome, so an agent
 # sends an optional one only to a gateway that knows it (an unknown type closes the channel).
-ACCEPTS = ("connectivity",)
+# "round_trips": the job peers' round trips (meshnet.round_trips).
+ACCEPTS = ("connectivity", "round_trips")
 
 
 class ConnectivityRefused(Exception):

@@ -19,7 +19,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from clawnode import wire
 
-from meshnet import acks, agent_channel, agent_guard, connectivity, liveness, nodes
+from meshnet import acks, agent_channel, agent_guard, connectivity, liveness, nodes, round_trips
 from meshnet.agent_channel import AgentRefused, node_group, signed_refusal
 from meshnet.desired_state import signed_desired_states
 from meshnet.fanout import fanout
@@ -174,7 +174,7 @@ class AgentConsumer(AsyncJsonWebsocketConsumer):
                 sample = agent_channel.check_metering(node, envelope)
                 if sample.peers:
                     await agent_db(agent_channel.record_metering)(node, envelope, sample)
-            elif kind in ("inventory", "report", "connectivity"):
+            elif kind in ("inventory", "report", "connectivity", "round_trips"):
                 await agent_db(_node_message)(node, kind, content, None)
             elif kind in ("ack", "removed", "sandbox_status"):
                 # Heartbeat first: a silence that just ended is recorded as an outage before
@@ -363,6 +363,11 @@ def _node_message(node: Node, kind: str, content: dict, beat: liveness.Beat | No
         try:
             connectivity.record_connectivity(node, content.get("envelope"))
         except connectivity.ConnectivityRefused as exc:
+            raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
+    elif kind == "round_trips":
+        try:
+            round_trips.record_round_trips(node, content.get("envelope"))
+        except round_trips.RoundTripsRefused as exc:
             raise AgentRefused(str(exc), wire.CLOSE_BAD_MESSAGE) from None
     else:
         process = {

@@ -305,6 +305,11 @@ class JobPeer(models.Model):
     # docs/nat.md). Empty while no hub runs or the buyer's client never reached it.
     observed_endpoint = models.CharField(max_length=300, blank=True)
     observed_endpoint_at = models.DateTimeField(null=True, blank=True)
+    # The node's latest ping of the buyer's tunnel address from its mesh address (a signed
+    # ROUND_TRIPS report, meshnet.round_trips): when it was measured, and the round trip in
+    # microseconds, null when the buyer's host did not answer. Both null: never measured.
+    rtt_measured_at = models.DateTimeField(null=True, blank=True)
+    rtt_us = models.PositiveIntegerField(null=True, blank=True)
     # The job group the key belongs to (PeerKeyClaim): the peer's own ref for a single job,
     # "cluster:<id>" for a part of a multi-node order, whose parts share the buyer's key and
     # tunnel address.

@@ -150,16 +150,31 @@ def buyer_endpoint(peer: JobPeer) -> str:
 
 
 def path_of(peer: JobPeer | None) -> dict | None:
-    """The order's path as the API and the order page show it."""
+    """The order's path as the API and the order page show it, with the latest round trip
+    the node measured across it (round_trip_of)."""
     if peer is None:
         return None
     allocation = allocation_of(peer)
     if allocation is None:
-        return {"kind": DIRECT, "relay": None, "region": None}
+        return {"kind": DIRECT, "relay": None, "region": None, "round_trip": round_trip_of(peer)}
     return {
         "kind": RELAYED,
         "relay": allocation.relay.name,
         "region": allocation.relay.region or None,
+        "round_trip": round_trip_of(peer),
+    }
+
+
+def round_trip_of(peer: JobPeer) -> dict | None:
+    """The node's latest ping of the buyer's tunnel address (meshnet.round_trips): `answered`,
+    `ms` (null without an answer) and `measured_at`; None before any."""
+    if peer.rtt_measured_at is None:
+        return None
+    answered = peer.rtt_us is not None
+    return {
+        "answered": answered,
+        "ms": peer.rtt_us / 1000 if peer.rtt_us is not None else None,
+        "measured_at": peer.rtt_measured_at,
     }
 
 

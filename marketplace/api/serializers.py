@@ -271,10 +271,26 @@ class SandboxSerializer(serializers.Serializer):
     )
 
 
+class RoundTripSerializer(serializers.Serializer):
+    answered = serializers.BooleanField(
+        help_text="whether the buyer's tunnel address answered the node's ping"
+    )
+    ms = serializers.FloatField(
+        allow_null=True,
+        help_text="the round trip in milliseconds (to the microsecond); null with no answer",
+    )
+    measured_at = serializers.DateTimeField(help_text="when the node pinged")
+
+
 class PathSerializer(serializers.Serializer):
     kind = serializers.ChoiceField(choices=["direct", "relayed"])
     relay = serializers.CharField(allow_null=True, help_text="the relay's name when relayed")
     region = serializers.CharField(allow_null=True, help_text="the relay's region, if it has one")
+    round_trip = RoundTripSerializer(
+        allow_null=True,
+        help_text="the node's latest ping of the buyer's tunnel address from its mesh address, "
+        "about once a minute while the tunnel has a live session; null before any",
+    )
 
 
 class OrderSerializer(serializers.ModelSerializer):
@@ -303,8 +319,8 @@ class OrderSerializer(serializers.ModelSerializer):
         help_text="host:port the buyer's client sends to: the provider node, or its relay port"
     )
     path = serializers.SerializerMethodField(
-        help_text="how the tunnel runs: kind `direct` or `relayed` (via `relay`, in `region`); "
-        "null until provisioned"
+        help_text="how the tunnel runs: kind `direct` or `relayed` (via `relay`, in `region`), "
+        "and its latest `round_trip`; null until provisioned"
     )
     sandbox = serializers.SerializerMethodField(
         help_text="the job's container: null until provisioning made it"
@@ -395,7 +411,8 @@ class OrderSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(PathSerializer(allow_null=True))
     def get_path(self, order: Order) -> dict | None:
-        return relays.path_of(order.job_peer) if order.job_peer_id else None
+        path = relays.path_of(order.job_peer) if order.job_peer_id else None
+        return PathSerializer(path).data if path is not None else None
 
 
 class WalletSerializer(serializers.Serializer):

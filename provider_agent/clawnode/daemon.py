@@ -42,7 +42,7 @@ from typing import Any
 
 import websockets
 
-from . import connectivity, frames, reconcile, repin, wire
+from . import connectivity, frames, reconcile, repin, rtt, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .backends.errors import WireGuardError
 from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset, sandbox_rules
@@ -72,6 +72,7 @@ class Timing:
     inventory: float = 60.0
     sandbox_status: float = 1.0  # how often sandboxes that changed are reported
     connectivity: float = 300.0  # how often the path to the hub is tested (clawnode.connectivity)
+    round_trips: float = rtt.INTERVAL  # how often the live job peers are pinged (clawnode.rtt)
     stagger: float = STAGGER_SECONDS  # the second side's wait in a node pair (clawnode.send_order)
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
@@ -90,6 +91,7 @@ class Agent(PeerRetirement, StaggeredSends):
         sandboxes: Sandboxes | None = None,
         images: tuple[str, ...] = (),
         names: NamesResponder | None = None,
+        pinger: rtt.Pinger | None = None,
         timing: Timing = Timing(),
         say: Callable[[str], None] = print,
     ) -> None:
@@ -103,6 +105,9 @@ class Agent(PeerRetirement, StaggeredSends):
         self.sandboxes: Sandboxes = sandboxes if sandboxes is not None else NoSandboxes()
         self.images = images
         self.names = names  # the DNS responder, fed the gateway's signed names tables
+        # Pings the job peers for their round trips (clawnode.rtt); None: the agent measures
+        # none (a gateway is not told "no answer" for what was never asked).
+        self.pinger = pinger
         self.timing = timing
         self.say = say
         # The sandbox rules the firewall holds now; at start, those it held when the last
@@ -243,6 +248,7 @@ class Agent(PeerRetirement, StaggeredSends):
             asyncio.ensure_future(self._removals(ws)),
             asyncio.ensure_future(self._sandbox_reports(ws)),
             asyncio.ensure_future(self._connectivity(ws)),
+            asyncio.ensure_future(self._round_trips(ws)),
             asyncio.ensure_future(self._staggered(ws)),
             asyncio.ensure_future(stop.wait()),
         ]
@@ -527,6 +533,34 @@ class Agent(PeerRetirement, StaggeredSends):
             rtt = f" ({result.hub_rtt_ms} ms)" if result.hub == "reachable" else ""
             self.say(f"hub {result.hub}{rtt}{': ' + result.detail if result.detail else ''}")
             await asyncio.sleep(self.timing.connectivity)
+
+    async def _round_trips(self, ws: Any) -> None:
+        """Once the first desired state is applied, then every timing.round_trips seconds:
+        ping the job peers with a live session and report their round trips (clawnode.rtt).
+        Only to a gateway whose welcome says it takes the frame (one that predates it would
+        close the channel on it), and only when some peer was pinged."""
+        while self._desired is None or not self._welcomed:
+            await asyncio.sleep(0.2)
+        pinger = self.pinger
+        if pinger is None or "round_trips" not in self._accepts:
+            await asyncio.Event().wait()  # returning would end the session
+            return
+        while True:
+            async with self._lock:  # one device call at a time (the backend's socket)
+                peers = await asyncio.to_thread(self.backend.list_peers)
+            found = rtt.targets(self._desired, peers, time.time())
+            try:
+                results = await asyncio.to_thread(
+                    rtt.measure, pinger, self.enrollment.mesh_address, found
+                )
+            except OSError as exc:
+                # No raw socket (an agent without CAP_NET_RAW) or no mesh address yet: this
+                # round measures nothing, and says so; the session goes on.
+                self.say(f"round trips not measured: {exc}")
+                results = []
+            if results:
+                await self._send(ws, rtt.frame(self.identity, results))
+            await asyncio.sleep(self.timing.round_trips)
 
     async def _heartbeats(self, ws: Any) -> None:
         last_inventory = time.monotonic()

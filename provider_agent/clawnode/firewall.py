@@ -7,7 +7,8 @@ the LAN and private ranges, nor another sandbox; it reaches the internet, throug
 behind the node's address, only when its spec allows egress. Replies (conntrack established)
 pass back the way their connection was allowed.
 
-- input: from the WireGuard interface, a peer that owns a sandbox reaches nothing of the host;
+- input: from the WireGuard interface, a peer that owns a sandbox reaches nothing of the host
+  (only the echo replies to the agent's own pings of it come back in: clawnode.rtt);
   any other peer (the gateway hub, a mesh peer, a job listed before sandboxes: transitional)
   only the node's mesh address. From a sandbox's veth, only replies to the host's own
   connections (its readiness probe of sshd) are taken.
@@ -169,6 +170,10 @@ def render_ruleset(
         f"\t\tiifname {wg} meta nfproto ipv6 counter drop\n"
         f"\t\tiifname {wg} ip saddr @meshed counter drop\n"
         f"{peer_dns}"
+        # The answers to the agent's own pings (clawnode.rtt): an echo reply that conntrack
+        # ties to a request the host sent, to the mesh address. Nothing a peer starts matches.
+        f"\t\tiifname {wg} ip saddr @sandboxed ip daddr {mesh} icmp type echo-reply "
+        f"ct state established accept\n"
         f"\t\tiifname {wg} ip saddr @sandboxed counter drop\n"
         f"\t\tiifname {wg} ip daddr != {mesh} counter drop\n"
         f"\t}}\n"

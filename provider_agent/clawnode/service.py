@@ -112,6 +112,7 @@ def run_daemon(
     from .firewall import NftFirewall
     from .gpu import NvmlGpuReader, RecordedGpuReader, SimulatedGpuReader
     from .names import NamesResponder
+    from .rtt import IcmpPinger
     from .sandbox.network import GATEWAY
 
     if sandbox_engine != "none":
@@ -164,6 +165,7 @@ def run_daemon(
         ),
         images=images,
         names=responder,
+        pinger=IcmpPinger(),
         say=say,
     )
     if sandbox_engine == "none":

@@ -165,3 +165,16 @@ def test_the_ssh_key_errors_and_the_order_sandbox_are_documented(schema):
     order = schema["components"]["schemas"]["Order"]["properties"]
     assert "sandbox" in order
     assert "image" in schema["components"]["schemas"]["OrderCreate"]["properties"]
+
+
+def test_the_orders_path_documents_its_round_trip(schema):
+    """The order's `path` carries the node's latest ping of the buyer (meshnet.round_trips):
+    null before any, else answered, ms (null with no answer) and when it was measured."""
+    components = schema["components"]["schemas"]
+    path = components["Path"]["properties"]
+    assert set(path) == {"kind", "relay", "region", "round_trip"}
+    assert path["round_trip"]["nullable"] is True
+    assert path["round_trip"]["allOf"] == [{"$ref": "#/components/schemas/RoundTrip"}]
+    trip = components["RoundTrip"]["properties"]
+    assert set(trip) == {"answered", "ms", "measured_at"}
+    assert trip["ms"]["nullable"] is True and trip["measured_at"]["format"] == "date-time"

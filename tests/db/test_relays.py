@@ -76,7 +76,7 @@ def _config_endpoint(buyer_api, order: Order) -> str:
 def test_with_no_relay_listed_an_order_goes_direct(buyer_api, listing, node):
     order = _order(buyer_api, listing)
     data = buyer_api.get(f"{ORDERS}{order.pk}/").json()
-    assert data["path"] == {"kind": "direct", "relay": None, "region": None}
+    assert data["path"] == {"kind": "direct", "relay": None, "region": None, "round_trip": None}
     assert data["endpoint"] == node.endpoint
     assert _config_endpoint(buyer_api, order) == node.endpoint
     assert not RelayAllocation.objects.exists()
@@ -100,7 +100,12 @@ def test_a_natted_nodes_order_goes_through_a_live_relay_of_its_region(
         40001,
     )
     data = buyer_api.get(f"{ORDERS}{order.pk}/").json()
-    assert data["path"] == {"kind": "relayed", "relay": "eu-1", "region": "eu-west"}
+    assert data["path"] == {
+        "kind": "relayed",
+        "relay": "eu-1",
+        "region": "eu-west",
+        "round_trip": None,
+    }
     # The buyer's client sends to the relay's buyer port; the node to its provider port, with
     # keepalive so the relay learns where the node is before the buyer's first packet.
     assert data["endpoint"] == "198.51.100.53:40000"

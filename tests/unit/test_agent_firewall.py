@@ -71,6 +71,20 @@ def test_a_peer_with_a_sandbox_reaches_nothing_of_the_host_and_one_without_the_m
     assert input_.index('iifname "molt0" ip daddr != 10.100.128.5 counter drop') > sandboxed
 
 
+def test_only_echo_replies_to_the_hosts_own_pings_come_in_from_a_sandboxed_peer():
+    input_ = rules_of(render_ruleset("molt0", "10.100.128.5", [A, B]), "input")
+    pings = (
+        'iifname "molt0" ip saddr @sandboxed ip daddr 10.100.128.5 icmp type echo-reply '
+        "ct state established accept"
+    )
+    # The one accept for a sandboxed peer's packets to the host, just before their drop: an
+    # echo reply conntrack ties to the host's request (clawnode.rtt), to the mesh address.
+    assert input_.index(pings) + 1 == input_.index(
+        'iifname "molt0" ip saddr @sandboxed counter drop'
+    )
+    assert [rule for rule in input_ if "@sandboxed" in rule and "accept" in rule] == [pings]
+
+
 def test_a_sandbox_reaches_the_host_only_with_replies_to_the_hosts_own_connections():
     input_ = rules_of(render_ruleset("molt0", "10.100.128.5", [A]), "input")
     assert input_[:2] == [

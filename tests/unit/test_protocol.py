@@ -71,6 +71,7 @@ def test_kinds_are_the_documented_strings() -> None:
         "molt/refusal/v1",
         "molt/connectivity/v1",
         "molt/names/v1",
+        "molt/round-trips/v1",
     } == KINDS
     assert {
         ENROLL,
@@ -85,6 +86,7 @@ def test_kinds_are_the_documented_strings() -> None:
         wire.REFUSAL,
         wire.CONNECTIVITY,
         wire.NAMES,
+        wire.ROUND_TRIPS,
     } == KINDS
 
 

@@ -34,6 +34,8 @@ __all__ = [
     "PeerSpec",
     "Refusal",
     "Removed",
+    "RoundTrip",
+    "RoundTrips",
     "SandboxReport",
     "SandboxSpec",
     "SandboxStatus",
@@ -445,3 +447,39 @@ class Connectivity(Message):
     peer_node_id: Annotated[str, fields.text(64, empty=True)] = ""
     peer_rtt_ms: Annotated[int, fields.integer(0, 600_000)] = 0
     detail: Annotated[str, fields.text(300, empty=True)] = ""
+
+
+# The longest round trip a ping waits for (clawnode.rtt.TIMEOUT is shorter): 10 s in µs.
+MAX_RTT_US = 10_000_000
+
+
+@dataclass(frozen=True)
+class RoundTrip(Message):
+    """One job peer's ping (clawnode.rtt): ``answered`` and its round trip in microseconds
+    (integers only on the wire: a float is refused by canonical_bytes; a LAN's 0.3 ms would
+    read 0 in whole milliseconds), or not answered within the agent's timeout (``rtt_us`` 0).
+    The peer is named by its key and its ref (the order), as the desired state named it."""
+
+    public_key: WireGuardKey
+    ref: Annotated[str, fields.text(128)]
+    answered: Annotated[bool, fields.boolean]
+    rtt_us: Annotated[int, fields.integer(0, MAX_RTT_US)] = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.answered and self.rtt_us == 0:
+            raise ProtocolError("an answered ping needs its round trip (rtt_us > 0)", "rtt_us")
+        if not self.answered and self.rtt_us != 0:
+            raise ProtocolError("a ping with no answer has no round trip (rtt_us 0)", "rtt_us")
+
+
+@dataclass(frozen=True)
+class RoundTrips(Message):
+    """Body of a ROUND_TRIPS message, signed by the node: one round of pings from its mesh
+    address to its live job peers' tunnel addresses (clawnode.rtt), about once a minute, sent
+    only to a gateway whose welcome names "round_trips" in ``accepts``. The gateway keeps, per
+    peer, the newest by ``measured_at``."""
+
+    node_id: NodeId
+    measured_at: Integer  # Unix seconds
+    peers: Annotated[tuple[RoundTrip, ...], items(RoundTrip, MAX_PEERS)]

@@ -41,6 +41,7 @@ __all__ = [
     "NAMES",
     "REFUSAL",
     "REMOVED",
+    "ROUND_TRIPS",
     "SANDBOX_STATUS",
     "SIGNATURE_LEN",
     "BadSignature",
@@ -72,6 +73,8 @@ SANDBOX_STATUS = "molt/sandbox-status/v1"
 REFUSAL = "molt/refusal/v1"
 # What the node's check of its paths over the mesh found (the hub, a peer node).
 CONNECTIVITY = "molt/connectivity/v1"
+# The round trips of the node's pings to its job peers (clawnode.rtt).
+ROUND_TRIPS = "molt/round-trips/v1"
 
 # The names table of a node's DNS responder (clawnode.wire.names), signed by the gateway.
 NAMES = "molt/names/v1"
@@ -89,6 +92,7 @@ KINDS = frozenset(
         SANDBOX_STATUS,
         REFUSAL,
         NAMES,
+        ROUND_TRIPS,
     }
 )
 

@@ -15,6 +15,7 @@
     jobAddress: $("job-address"),
     providerAddress: $("provider-address"),
     tunnelPath: $("tunnel-path"),
+    roundTrip: $("round-trip"),
     publicKey: $("public-key"),
     keyStatus: $("key-status"),
     download: $("download-config"),
@@ -55,6 +56,7 @@
     ui.jobAddress.textContent = state.job_address || "being allocated…";
     ui.providerAddress.textContent = state.provider_address || "—";
     ui.tunnelPath.textContent = state.path || "—";
+    renderRoundTrip();
     ui.publicKey.textContent = state.wireguard_public_key;
 
     const ended = ENDED.includes(state.state);
@@ -77,6 +79,24 @@
     ui.stop.disabled = busy || !state.can_stop;
     syncDisputeForm();
   }
+
+  // The node's latest ping of this tunnel, aged here (frontend.order_state.age writes the same).
+  function age(seconds) {
+    if (seconds < 60) return `${seconds} s`;
+    if (seconds < 3600) return `${Math.floor(seconds / 60)} min`;
+    return `${Math.floor(seconds / 3600)} h`;
+  }
+
+  function renderRoundTrip() {
+    const trip = state.round_trip;
+    if (!trip) {
+      ui.roundTrip.textContent = "not measured yet";
+      return;
+    }
+    const seconds = Math.max(0, Math.floor((Date.now() - Date.parse(trip.at)) / 1000));
+    ui.roundTrip.textContent = `${trip.text} (measured ${age(seconds)} ago)`;
+  }
+  setInterval(renderRoundTrip, 10000);
 
   let lastPanels = null;
   let panelTimer = null;
