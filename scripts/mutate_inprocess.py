@@ -45,15 +45,27 @@ def _function(key: str) -> str:
     return key.rpartition("__mutmut_")[0]
 
 
-def _other(session, item):
-    """Another item, so that `item`'s own fixtures are torn down and the session's are kept."""
-    return session.items[0] if session.items[0] is not item else session.items[1]
+class _SessionOnly:
+    """The `nextitem` a test is torn down towards: everything of the test's own (its module,
+    class and function fixtures) is torn down, the session's (the test database) kept.
+
+    Another item as `nextitem` (this plugin's first version took the session's first one)
+    kept that item's module set up: when the test just run was of that module, the next test
+    of another module failed its setup ("previous item was not torn down properly") before
+    running at all, and so "killed" its mutant (allocation, 7 December: 56 false kills, found
+    by the final run of the original)."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def listchain(self) -> list:
+        return [self.session]
 
 
 def _failed(session, item, mutant: str) -> bool:
     os.environ["MUTANT_UNDER_TEST"] = mutant
     try:
-        reports = runtestprotocol(item, log=False, nextitem=_other(session, item))
+        reports = runtestprotocol(item, log=False, nextitem=_SessionOnly(session))
     finally:
         os.environ["MUTANT_UNDER_TEST"] = ""
     return any(r.failed for r in reports)

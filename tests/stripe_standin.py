@@ -64,6 +64,9 @@ class StripeStandIn:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.idempotent: dict[str, str] = {}
         self.requests: list[tuple[str, str]] = []  # (method, path) of every API call
+        # The form of every session create, nested (line_items' indexes stay string keys).
+        self.created: list[dict[str, Any]] = []
+        self.failures = 0  # answer the next this many session creates with a 500
         self.deliveries: list[tuple[str, str, int]] = []  # (event id, type, HTTP status)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -268,9 +271,14 @@ class StripeStandIn:
                     standin.requests.append(("POST", path))
                     if not self._authorised():
                         return
+                    if standin.failures:
+                        standin.failures -= 1
+                        self._error(500, "An unknown error occurred.")
+                        return
                     key = self.headers.get("Idempotency-Key")
                     params = _nested(self._form())
                     with standin.lock:
+                        standin.created.append(params)
                         if key and key in standin.idempotent:
                             self._json(200, standin.sessions[standin.idempotent[key]])
                             return

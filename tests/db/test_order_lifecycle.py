@@ -509,6 +509,21 @@ def test_a_released_address_is_reused_after_quarantine_oldest_first(tiny_pool, s
         allocate_address("test-tiny", IpAllocation.Purpose.JOB)
 
 
+def test_a_full_pool_never_reuses_a_released_address_of_another_pool(tiny_pool, settings):
+    # The reuse query is of this pool's leases only: without its pool filter, a full pool took
+    # another pool's released lease and handed out an address outside its own block.
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 0
+    other = IpPool.objects.create(name="test-other", cidr="10.100.201.0/29")
+    released = allocate_address("test-other", IpAllocation.Purpose.JOB)
+    release_address(released)
+    for _ in range(6):
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    with pytest.raises(PoolExhausted):
+        allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    released.refresh_from_db()
+    assert released.pool_id == other.pk and released.released_at is not None
+
+
 def test_the_molt_pool_is_created_from_the_ip_plan_on_first_use(db):
     assert not IpPool.objects.filter(name=ipplan.MOLT_POOL).exists()
     lease = allocate_address(ipplan.MOLT_POOL, IpAllocation.Purpose.NODE)

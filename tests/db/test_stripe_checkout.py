@@ -472,3 +472,205 @@ def test_the_audit_finds_a_top_up_credited_with_another_amount(standin, buyer, b
     assert violation == (
         f"card top-up #{row.pk} did not put exactly its amount into its buyer's wallet"
     )
+
+
+# --- what the webhook answers and logs, word for word -------------------------------------------
+# Stripe's dashboard shows a delivery's answer to whoever looks into it, and the log line is the
+# operator's record of each event: people read both, so these tests read them whole.
+
+NOT_JSON = "the body is not a JSON event"
+NOT_AN_EVENT = "not a Stripe event (id, type and data.object are required)"
+
+
+def test_the_webhook_while_card_payments_are_off_answers_404_saying_so(settings):
+    settings.STRIPE_SECRET_KEY = ""
+    settings.STRIPE_WEBHOOK_SECRET = ""
+    answer = stripe_checkout.handle_webhook(b"{}", None)
+    assert answer == stripe_checkout.WebhookAnswer(
+        404, "card payments are not configured on this marketplace"
+    )
+
+
+def test_a_delivery_that_does_not_verify_is_answered_400_naming_the_signature(standin, buyer):
+    payload = json.dumps(standin.event({"id": "cs_x"}, "checkout.session.completed"))
+    answer = stripe_checkout.handle_webhook(
+        payload.encode(), standin.sign(payload, secret="whsec_forged")
+    )
+    assert answer == stripe_checkout.WebhookAnswer(
+        400, "the Stripe-Signature header does not verify this body"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        ("not json", NOT_JSON),
+        ("[]", NOT_JSON),
+        ('{"id": "evt_1", "type": "checkout.session.completed"}', NOT_AN_EVENT),
+        ('{"id": "evt_1", "type": "checkout.session.completed", "data": []}', NOT_AN_EVENT),
+        ('{"id": "evt_1", "type": "checkout.session.completed", "data": {"object": []}}',
+         NOT_AN_EVENT),
+        # Each of id, type and data.object alone missing, the other two there.
+        ('{"type": "checkout.session.completed", "data": {"object": {"id": "cs_1"}}}',
+         NOT_AN_EVENT),
+        ('{"id": "", "type": "checkout.session.completed", "data": {"object": {"id": "cs_1"}}}',
+         NOT_AN_EVENT),
+        ('{"id": 5, "type": "checkout.session.completed", "data": {"object": {"id": "cs_1"}}}',
+         NOT_AN_EVENT),
+        ('{"id": "evt_1", "data": {"object": {"id": "cs_1"}}}', NOT_AN_EVENT),
+        ('{"id": "evt_1", "type": "checkout.session.completed", "data": {"object": "cs_1"}}',
+         NOT_AN_EVENT),
+        ('{"id": "evt_1", "type": "checkout.session.completed", "data": {"object": {}}}',
+         "the event's session has no id"),
+    ],
+)  # fmt: skip
+def test_a_signed_body_that_is_not_a_checkout_event_is_answered_with_what_is_wrong(
+    standin, buyer, body, detail
+):
+    answer = stripe_checkout.handle_webhook(body.encode(), standin.sign(body))
+    assert answer == stripe_checkout.WebhookAnswer(400, detail)
+    assert StripeEvent.objects.count() == 0
+
+
+def test_another_event_type_is_acknowledged_naming_it_cut_to_60_characters(standin, buyer):
+    for event_type, named in (
+        ("charge.succeeded", "charge.succeeded"),
+        ("x" * 70, "x" * 60),
+    ):
+        event = {"id": "evt_x", "type": event_type, "data": {"object": {"id": "ch_1"}}}
+        response = signed_post(Client(), standin, event)
+        assert response.status_code == 200
+        assert response.json() == {"detail": f"ignored: {named} is not a checkout event"}
+    assert StripeEvent.objects.count() == 0
+
+
+def test_a_session_this_gateway_did_not_start_is_answered_404_saying_so(standin, buyer):
+    foreign = standin.create_session(
+        {"mode": "payment", "success_url": "https://elsewhere.example/ok",
+         "line_items": {"0": {"price_data": {"currency": "usd", "unit_amount": "500"}}}}
+    )  # fmt: skip
+    response = signed_post(Client(), standin, standin.pay(foreign["id"]))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "no top-up of this marketplace has this checkout session"}
+
+
+def test_each_handled_event_is_recorded_and_logged_with_its_id_type_and_answer(
+    standin, buyer, buyer_client, caplog
+):
+    row = start(buyer_client, "25")
+    session = {**standin.sessions[row.stripe_session_id], "status": "complete"}
+    unpaid = standin.event({**session, "payment_status": "unpaid"}, "checkout.session.completed")
+    unpaid["id"] = "evt_" + "a" * 90  # the log line keeps the id's first 80 characters
+    paid = standin.pay(row.stripe_session_id)
+    with caplog.at_level(logging.INFO, logger="marketplace.stripe_checkout"):
+        waiting = signed_post(Client(), standin, unpaid)
+        credited = signed_post(Client(), standin, paid)
+        replayed = stripe_checkout.handle_webhook(
+            json.dumps(paid).encode(), standin.sign(json.dumps(paid))
+        )
+    assert replayed == stripe_checkout.WebhookAnswer(200, "event already handled")
+    assert waiting.json() == {"detail": "not paid yet: waiting for the payment to clear"}
+    assert credited.json() == {"detail": "credited $25.00"}
+    lines = [r.getMessage() for r in caplog.records if r.name == "marketplace.stripe_checkout"]
+    assert lines == [
+        f"stripe event {unpaid['id'][:80]} (checkout.session.completed): 200 not paid yet: "
+        "waiting for the payment to clear",
+        f"stripe event {paid['id']} (checkout.session.completed): 200 credited $25.00",
+        f"stripe event {paid['id']} (checkout.session.completed): 200 event already handled",
+    ]
+    recorded = list(
+        StripeEvent.objects.order_by("id").values_list("event_id", "type", "session", "outcome")
+    )
+    assert recorded == [
+        (unpaid["id"], "checkout.session.completed", row.pk,
+         "not paid yet: waiting for the payment to clear"),
+        (paid["id"], "checkout.session.completed", row.pk, "credited $25.00"),
+    ]  # fmt: skip
+
+
+# --- what start_checkout asks Stripe for, and says when it cannot --------------------------------
+
+
+def test_the_session_asks_stripe_for_one_wallet_credit_under_the_rows_idempotency_key(
+    standin, buyer, buyer_client
+):
+    # A top-up cut off earlier (still creating, no Stripe id) is not touched by this one.
+    earlier = CheckoutSession.objects.create(user=buyer, amount=5 * USD, currency="usd")
+    row = start(buyer_client, "25.50")
+    assert standin.created == [
+        {
+            "mode": "payment",
+            "line_items": {"0": {"quantity": "1", "price_data": {
+                "currency": "usd", "unit_amount": "2550",
+                "product_data": {"name": "MOLT wallet credit"}}}},
+            "client_reference_id": str(buyer.pk),
+            "metadata": {"molt_checkout": str(row.pk), "molt_user": str(buyer.pk)},
+            "success_url": f"http://testserver/wallet/card/{row.pk}/",
+            "cancel_url": f"http://testserver/wallet/card/{row.pk}/?cancelled=1",
+        }
+    ]  # fmt: skip
+    assert standin.sessions[row.stripe_session_id]["mode"] == "payment"
+    # Stripe's idempotency key names our row: a retried create returns the same session.
+    assert standin.idempotent == {f"molt-checkout-{row.pk}": row.stripe_session_id}
+    earlier.refresh_from_db()
+    assert earlier.state == "creating" and earlier.stripe_session_id is None
+
+
+def test_start_checkout_while_card_payments_are_off_says_so(settings, buyer):
+    settings.STRIPE_SECRET_KEY = ""
+    with pytest.raises(stripe_checkout.CardPaymentsUnavailable) as refused:
+        stripe_checkout.start_checkout(buyer, 25 * USD, return_urls=lambda pk: ("a", "b"))
+    assert str(refused.value) == "card payments are not configured on this marketplace"
+    assert CheckoutSession.objects.count() == 0
+
+
+def test_stripe_refusing_the_session_is_logged_with_its_class_and_http_status(
+    settings, standin, buyer, caplog
+):
+    settings.STRIPE_SECRET_KEY = "sk_test_wrong_key_0123456789"
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(stripe_checkout.CardPaymentsUnavailable) as refused,
+    ):
+        stripe_checkout.start_checkout(
+            buyer, 25 * USD, return_urls=lambda pk: ("https://a.example/", "https://b.example/")
+        )
+    assert str(refused.value) == (
+        "the card payment could not be started; nothing was charged, try again in a minute"
+    )
+    row = CheckoutSession.objects.get()
+    assert row.state == "failed" and row.stripe_session_id is None
+    assert (
+        f"checkout {row.pk}: Stripe did not start a session (AuthenticationError, HTTP 401)"
+        in caplog.messages
+    )
+
+
+def test_stripe_failing_is_retried_twice_then_the_top_up_fails(standin, buyer, buyer_client):
+    # Stripe's 500s are retried (under the same idempotency key) twice, not more: a third
+    # failure fails the top-up, and two are ridden out.
+    standin.failures = 3
+    assert buyer_client.post("/wallet/card/", {"amount": "25"}).status_code == 503
+    assert standin.requests == [("POST", "/v1/checkout/sessions")] * 3
+    assert CheckoutSession.objects.get().state == "failed"
+
+    standin.failures = 2
+    row = start(buyer_client, "25")
+    assert row.state == "open" and len(standin.requests) == 6
+
+
+def test_a_credit_already_posted_under_the_sessions_once_key_is_not_posted_again(
+    standin, buyer, buyer_client
+):
+    # The row is still open but the ledger already holds its credit (the unique once_key
+    # "checkout:<id>"): the webhook answers "already credited" and moves no money.
+    row = start(buyer_client, "25")
+    ledger.post(
+        LedgerTransaction.Kind.CARD,
+        [(ledger.world_account(), -25 * USD), (ledger.wallet_account(buyer), 25 * USD)],
+        once_key=f"checkout:{row.pk}",
+    )
+    response = signed_post(Client(), standin, standin.pay(row.stripe_session_id))
+    assert response.status_code == 200 and response.json() == {"detail": "already credited"}
+    assert balance(buyer) == 25 * USD
+    assert LedgerTransaction.objects.filter(kind="card").count() == 1
