@@ -57,3 +57,32 @@ def test_a_desired_state_that_is_not_an_envelope_is_refused_and_reported(tmp_pat
             "detail": "refused desired state: desired state is not a signed envelope",
         }
     ]
+
+
+def test_the_same_revision_sent_again_is_applied_and_acknowledged_again(tmp_path):
+    # The gateway resends a revision it has no ack for (a lost ack, a reconnect): the agent
+    # must acknowledge it again, or the gateway waits for an ack that never comes. Only an
+    # older revision is ignored.
+    node = Node(tmp_path)
+    envelope = node.envelope({wg_key(): "10.64.0.9/32"})
+    feed(node, envelope)
+    feed(node, envelope)
+    assert [ack["revision"] for ack in node.ws.bodies("ack")] == [1, 1]
+
+
+def test_the_log_names_a_refusal_and_each_change_a_revision_applied(tmp_path):
+    node = Node(tmp_path)
+    lines: list[str] = []
+    node.agent.say = lines.append
+    first, second = sorted([wg_key(), wg_key()])
+
+    feed(node, ["desired_state"])
+    envelope = node.envelope({first: "10.64.0.9/32", second: "10.64.0.10/32"})
+    feed(node, envelope)
+    feed(node, envelope)
+
+    assert lines == [
+        "refused a desired state: desired state is not a signed envelope",
+        f"revision 1 applied (add {first[:8]}…, add {second[:8]}…)",
+        "revision 1 applied (no change)",
+    ]
