@@ -43,11 +43,6 @@ def charged_seconds(order: Order, cut_at: datetime | None = None) -> tuple[int, 
     return billing.charged_seconds(start, end, list(outages))
 
 
-def billed_seconds(order: Order) -> int:
-    """The seconds an order is charged for: its billing span less its node's outages."""
-    return charged_seconds(order)[0]
-
-
 def cost_so_far(order: Order, now: datetime | None = None) -> int:
     """What `order` has cost up to `now`, in micro-USD: its capture once settled; before that,
     what settling it now would capture (time charged without the node's outages, plus traffic
