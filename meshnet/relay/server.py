@@ -62,9 +62,17 @@ class Relay:
         """Open sockets for new pairs, close those of pairs no longer listed."""
         wanted = {allocation.id: allocation for allocation in allocations}
         low, high = self.port_range
+        closed = False
         for pair_id in list(self.pairs):
             if pair_id not in wanted or wanted[pair_id] != self.pairs[pair_id].allocation:
                 self._close(pair_id)
+                closed = True
+        if closed:
+            # A transport's close() only schedules the socket's close for the loop's next turn:
+            # the gateway hands a freed pair's ports to the next order at once, and binding them
+            # in this same turn failed (EADDRINUSE), leaving the new pair unopened until the
+            # next poll. One turn lets the closes happen first.
+            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         for pair_id, allocation in wanted.items():
             if pair_id in self.pairs:

@@ -1,12 +1,15 @@
 """The relay's pure parts: WireGuard messages as a keyless relay reads them (meshnet.relay.wgmsg),
 where each side of a pair is and what may move it (meshnet.relay.pairs), and the fast path's
-ruleset (meshnet.relay.fastpath). Real tunnels through the relay: tests/nat/test_relay.py."""
+ruleset (meshnet.relay.fastpath), and the relay's refresh of its pairs on loopback sockets.
+Real tunnels through the relay: tests/nat/test_relay.py."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
+import socket
 import struct
 
 import pytest
@@ -172,3 +175,42 @@ def test_the_fast_path_forwards_exactly_the_known_endpoints():
     # No route: no dnat at all, and the host forwards nothing.
     empty = fastpath.ruleset("192.0.2.30", (40000, 40999), [])
     assert "dnat to" not in empty and "policy drop" in empty
+
+
+def test_a_freed_pairs_ports_are_opened_at_once_for_the_pair_that_takes_them(unused_udp_ports):
+    # The gateway hands a stopped order's relay ports to the next relayed order at once, so one
+    # refresh can close a pair and open another on the same two ports.
+    from meshnet.relay.server import Relay
+
+    low, high = unused_udp_ports
+    first = pairs.Allocation("1", low, low + 1, BUYER_KEY, PROVIDER_KEY)
+    second = pairs.Allocation("2", low, low + 1, _key(), _key())
+
+    async def refresh_twice() -> list[str]:
+        relay = Relay("127.0.0.1", (low, high), fast_path=False)
+        await relay.load([first])
+        await relay.load([second])
+        opened = list(relay.pairs)
+        relay.shutdown()
+        return opened
+
+    assert asyncio.run(refresh_twice()) == ["2"]
+
+
+@pytest.fixture
+def unused_udp_ports() -> tuple[int, int]:
+    """Two consecutive UDP ports on 127.0.0.1 that nothing holds now."""
+    for low in range(47000, 48000, 2):
+        probes = []
+        try:
+            for port in (low, low + 1):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return low, low + 1
+    pytest.fail("no two consecutive free UDP ports in 47000-48000")
