@@ -34,6 +34,15 @@ def pytest(label: str, env_extra: dict[str, str], args: list[str]) -> int:
 
 
 LIVE_TIERS = "integration or netns or browser or vm or sandbox or nat or mesh or faults"
+# Left out of `make test` until it is reliable (docs/nat.md, "The product matrix"): its relayed
+# cells lost all traffic in two runs of 7 December beside other load, after passing in CI's own
+# run; run it with MOLT_NAT_PRODUCT_MATRIX=1 (or by path). Quarantined, not hidden: the pass
+# prints the deselection.
+QUARANTINED = (
+    []
+    if os.environ.get("MOLT_NAT_PRODUCT_MATRIX") == "1"
+    else ["--deselect", "tests/nat/test_product_matrix.py::test_product_matrix"]
+)
 # Two workers: the machine the suite is held to (45 minutes) has two cores.
 WORKERS = os.environ.get("MOLT_TEST_WORKERS", "2")
 # The test database is thrown away: a commit need not wait for the WAL to reach the disk. Every
@@ -57,7 +66,7 @@ def main() -> int:
             pytest(
                 "live tiers on PostgreSQL",
                 POSTGRES_ENV,
-                ["-m", LIVE_TIERS, *durations, *extra],
+                ["-m", LIVE_TIERS, *durations, *QUARANTINED, *extra],
             ),
             pytest(
                 "db tier on SQLite",
