@@ -35,8 +35,9 @@ def pytest(label: str, env_extra: dict[str, str], args: list[str]) -> int:
 
 LIVE_TIERS = "integration or netns or browser or vm or sandbox or nat or mesh or faults"
 # Left out of `make test` until it is reliable (docs/nat.md, "The product matrix"): its relayed
-# cells lost all traffic in three runs of 7 December after passing in CI's own run; run it with MOLT_NAT_PRODUCT_MATRIX=1 (or by path). Quarantined, not hidden: the pass
-# prints the deselection.
+# cells lost all traffic in three runs of 7 December after passing in CI's own run. Run it
+# with MOLT_NAT_PRODUCT_MATRIX=1 (or by path). Quarantined, not hidden: the pass prints the
+# deselection.
 QUARANTINED = (
     []
     if os.environ.get("MOLT_NAT_PRODUCT_MATRIX") == "1"
