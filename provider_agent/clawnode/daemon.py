@@ -42,7 +42,7 @@ from typing import Any
 
 import websockets
 
-from . import connectivity, frames, reconcile, repin, rtt, wire
+from . import frames, reconcile, repin, rtt, wire
 from .backends.base import PeerStatus, WireGuardBackend
 from .backends.errors import WireGuardError
 from .firewall import Firewall, FirewallError, SandboxRule, render_ruleset, sandbox_rules
@@ -53,6 +53,7 @@ from .keys import Identity
 from .metering import Meter
 from .names import NamesResponder
 from .names import apply_envelope as apply_names
+from .path_checks import PathChecks
 from .reconnect import reconnect_wait
 from .retirement import PeerRetirement
 from .sandbox.disabled import NoSandboxes
@@ -78,7 +79,9 @@ class Timing:
     backoff_max: float = 30.0
 
 
-class Agent(PeerRetirement, StaggeredSends):
+class Agent(PeerRetirement, StaggeredSends, PathChecks):
+    timing: Timing  # PathChecks declares it loosely: it cannot import this module
+
     def __init__(
         self,
         *,
@@ -515,52 +518,6 @@ class Agent(PeerRetirement, StaggeredSends):
         while True:
             await asyncio.sleep(self.timing.sandbox_status)
             await self._send_sandbox_status(ws, full=False)
-
-    async def _connectivity(self, ws: Any) -> None:
-        """Once the first desired state is applied, then every timing.connectivity seconds: test
-        the handshake with the hub and report it (clawnode.connectivity). Only to a gateway whose
-        welcome says it takes the report: one that predates it would close the channel on it."""
-        while self._desired is None or not self._welcomed:
-            await asyncio.sleep(0.2)
-        if "connectivity" not in self._accepts:
-            await asyncio.Event().wait()  # returning would end the session
-        while True:
-            async with self._lock:  # the hub peer is set afresh: no reconcile in between
-                probe = await asyncio.to_thread(connectivity.start, self.backend, self._desired)
-                self._view = None
-            result = await asyncio.to_thread(connectivity.finish, self.backend, probe)
-            await self._send(ws, connectivity.frame(self.identity, result))
-            rtt = f" ({result.hub_rtt_ms} ms)" if result.hub == "reachable" else ""
-            self.say(f"hub {result.hub}{rtt}{': ' + result.detail if result.detail else ''}")
-            await asyncio.sleep(self.timing.connectivity)
-
-    async def _round_trips(self, ws: Any) -> None:
-        """Once the first desired state is applied, then every timing.round_trips seconds:
-        ping the job peers with a live session and report their round trips (clawnode.rtt).
-        Only to a gateway whose welcome says it takes the frame (one that predates it would
-        close the channel on it), and only when some peer was pinged."""
-        while self._desired is None or not self._welcomed:
-            await asyncio.sleep(0.2)
-        pinger = self.pinger
-        if pinger is None or "round_trips" not in self._accepts:
-            await asyncio.Event().wait()  # returning would end the session
-            return
-        while True:
-            async with self._lock:  # one device call at a time (the backend's socket)
-                peers = await asyncio.to_thread(self.backend.list_peers)
-            found = rtt.targets(self._desired, peers, time.time())
-            try:
-                results = await asyncio.to_thread(
-                    rtt.measure, pinger, self.enrollment.mesh_address, found
-                )
-            except OSError as exc:
-                # No raw socket (an agent without CAP_NET_RAW) or no mesh address yet: this
-                # round measures nothing, and says so; the session goes on.
-                self.say(f"round trips not measured: {exc}")
-                results = []
-            if results:
-                await self._send(ws, rtt.frame(self.identity, results))
-            await asyncio.sleep(self.timing.round_trips)
 
     async def _heartbeats(self, ws: Any) -> None:
         last_inventory = time.monotonic()
