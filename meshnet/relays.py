@@ -208,18 +208,33 @@ def record_relay_poll(relay: Relay, status: dict) -> list[dict]:
         Relay.objects.filter(pk=relay.pk).update(last_seen_at=now, last_status=trimmed)
         reported = _reported_bytes(trimmed)
         settle_upgrades(relay, reported, now)
-        start_upgrades(relay, reported, now)
+        start_upgrades(relay, reported, now, handshaken=_handshaken(trimmed))
         return relay_pairs(relay)
 
 
 def _reported_bytes(status: dict) -> dict[int, int]:
-    """Bytes the relay reported per job peer id (its pairs are named peer-<id>)."""
-    out = {}
-    for entry in status.get("pairs", ()):
-        prefix, _, number = entry["id"].partition("-")
-        if prefix == "peer" and number.isdigit():
-            out[int(number)] = entry["bytes"]
-    return out
+    """Bytes the relay reported per job peer id."""
+    return {
+        peer_id: entry["bytes"]
+        for entry in status.get("pairs", ())
+        if (peer_id := _peer_id(entry)) is not None
+    }
+
+
+def _handshaken(status: dict) -> set[int]:
+    """The job peers whose pair the relay reported handshaken: both sides heard, a handshake
+    made through it."""
+    return {
+        peer_id
+        for entry in status.get("pairs", ())
+        if entry["handshaken"] and (peer_id := _peer_id(entry)) is not None
+    }
+
+
+def _peer_id(entry: dict) -> int | None:
+    """The job peer a reported pair belongs to (the relay names its pairs peer-<id>)."""
+    prefix, _, number = entry["id"].partition("-")
+    return int(number) if prefix == "peer" and number.isdigit() else None
 
 
 def can_go_direct(allocation: RelayAllocation) -> bool:
@@ -238,15 +253,27 @@ def can_go_direct(allocation: RelayAllocation) -> bool:
     return settings.MOLT_RELAY_MODE == "nat" and settings.MOLT_RELAY_TRY_DIRECT
 
 
-def start_upgrades(relay: Relay, reported: dict[int, int], now) -> int:
-    """Start the upgrade to direct of each of `relay`'s pairs that can go direct: the node's
-    desired state names the buyer's mapping from the next revision (one per node), the pair
-    stays open. Returns how many started. Call inside the poll's transaction. Locks: the nodes
-    of the pairs that start (node rows first, as everywhere in meshnet)."""
+def start_upgrades(relay: Relay, reported: dict[int, int], now, *, handshaken: set[int]) -> int:
+    """Start the upgrade to direct of each of `relay`'s pairs that can go direct and that the
+    relay reported `handshaken`: the node's desired state names the buyer's mapping from the
+    next revision (one per node), the pair stays open. Returns how many started. Call inside the
+    poll's transaction. Locks: the nodes of the pairs that start (node rows first, as everywhere
+    in meshnet).
+
+    Only a handshaken pair: the direct try replaces the node's one endpoint for the buyer's
+    peer, and a relay learns where the node is only from the node's own packets. Started before
+    the relay heard the node (the node's first initiation can reach the relay before the relay
+    bound the pair's ports, and the next comes 5 s later), the node sent only to the buyer's
+    mapping, which a buyer's NAT that filters drops, while the relay dropped the buyer's packets
+    for want of the node's address: no path at all until the give-up (the product matrix's
+    relayed cells, 7 December). Once handshaken, the relay keeps forwarding the buyer's packets
+    to the node during the try, and WireGuard roams the node back to the relay if the direct
+    packets are dropped."""
     candidates = [
         allocation
         for allocation in RelayAllocation.objects.filter(
             relay=relay,
+            job_peer_id__in=handshaken,
             upgrade_started_at__isnull=True,
             upgrade_failed_at__isnull=True,
             job_peer__state__in=[JobPeer.State.DESIRED, JobPeer.State.ACTIVE],

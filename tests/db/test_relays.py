@@ -332,9 +332,9 @@ def _relayed_order_with_buyer_mapping(buyer_api, listing, node):
     return relay, order, peer
 
 
-def _poll(relay: Relay, peer, forwarded: int) -> list[dict]:
+def _poll(relay: Relay, peer, forwarded: int, *, handshaken: bool = True) -> list[dict]:
     report = {
-        "pairs": [{"id": f"peer-{peer.pk}", "handshaken": True, "forwarded_bytes": forwarded}]
+        "pairs": [{"id": f"peer-{peer.pk}", "handshaken": handshaken, "forwarded_bytes": forwarded}]
     }
     return relays.record_relay_poll(relay, report)
 
@@ -395,6 +395,33 @@ def test_a_relayed_order_goes_direct_once_its_node_declares_an_endpoint_and_the_
     assert _poll(relay, peer, 700) == []
     assert not RelayAllocation.objects.filter(job_peer=peer).exists()
     assert buyer_api.get(f"{ORDERS}{order.pk}/").json()["path"]["kind"] == "direct"
+    node.refresh_from_db()
+    assert node.desired_revision == revision + 1
+    assert _node_state_peer(node, peer.public_key).endpoint == "198.51.100.7:51820"
+
+
+def test_no_upgrade_starts_before_the_relay_has_carried_a_handshake_of_the_pair(
+    buyer_api, listing, node, settings
+):
+    """The direct try replaces the node's only endpoint for the buyer: started before the relay
+    heard the node, it left a buyer behind a filtering NAT with no path at all (the relay had
+    nowhere to send the buyer's packets, the buyer's NAT dropped the node's)."""
+    settings.MOLT_RELAY_MODE, settings.MOLT_RELAY_TRY_DIRECT = "nat", True
+    relay, _order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    # The relay has the pair but no handshake through it yet (it heard the buyer at most).
+    _poll(relay, peer, 0, handshaken=False)
+    _poll(relay, peer, 148, handshaken=False)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
+    assert Node.objects.get(pk=node.pk).desired_revision == revision
+    assert _node_state_peer(node, peer.public_key).endpoint == "198.51.100.53:40001"
+    # A relay that does not name the pair at all starts nothing either.
+    relays.record_relay_poll(relay, {"pairs": []})
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
+
+    # Handshaken through the relay: now the node is told to try the buyer's mapping.
+    _poll(relay, peer, 444)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
     node.refresh_from_db()
     assert node.desired_revision == revision + 1
     assert _node_state_peer(node, peer.public_key).endpoint == "198.51.100.7:51820"

@@ -132,6 +132,10 @@ class Cell:
 
 
 def cells() -> list[tuple[str, str]]:
+    # MOLT_NAT_CELLS="port-restricted:restricted-cone,double:public" runs just those cells.
+    chosen = os.environ.get("MOLT_NAT_CELLS", "")
+    if chosen:
+        return [tuple(cell.split(":", 1)) for cell in chosen.split(",")]  # type: ignore[misc]
     if not FULL:
         return list(CI_CELLS)
     names = [kind.name for kind in nat_lab.KINDS]
@@ -252,6 +256,8 @@ def run_cell(
         )
         if shook:
             cell.first_handshake_s = time.monotonic() - posted
+        else:
+            _diagnose(lab, tmp_path, cell, [(b_host.ns, iface), (p_host.ns, None)])
         status, body = buyer.api("GET", f"/api/v1/orders/{order_id}/")
         assert status == 200, body
         cell.path = body["path"]["kind"]
@@ -279,6 +285,24 @@ def run_cell(
         cell.error = str(exc)[-2000:]
     _close(lab, b_host.ns, conf, [ns for ns in lab.namespaces if ns not in before])
     return cell
+
+
+def _diagnose(lab, tmp_path: Path, cell: Cell, sites: list[tuple[str, str | None]]) -> None:
+    """What a cell without a handshake looked like: each side's WireGuard, the relay's pairs, and
+    the relay host's conntrack (written next to the agents' logs)."""
+    out = [f"# {cell.provider} x {cell.buyer}"]
+    for ns, iface in sites:
+        shown = lab.exec(ns, "wg", "show", *([iface] if iface else ["all"]), check=False)
+        out += [f"## wg in {ns}", shown.stdout + shown.stderr]
+    status = tmp_path / "relay" / "status.json"
+    out += ["## relay status", status.read_text() if status.exists() else "(none)"]
+    listed = nat_lab.run("ip", "netns", "list").stdout.split()
+    for ns in listed:
+        if ns.startswith("nrelay") and ns.endswith(lab.suffix):
+            tracked = lab.exec(ns, "conntrack", "-L", check=False)
+            out += [f"## conntrack in {ns}", tracked.stdout + tracked.stderr]
+    name = f"diagnosis-{cell.provider}-{cell.buyer}.txt"
+    (tmp_path / name).write_text("\n".join(out))
 
 
 def _close(lab, buyer_ns: str, conf: Path, namespaces: list[str]) -> None:
