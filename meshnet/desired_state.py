@@ -85,6 +85,11 @@ def _node_sends_to(peer: JobPeer) -> str:
         # Direct, or relayed with an upgrade to direct under way (meshnet.relays): the buyer's
         # mapping. The pair stays open, so a buyer that does not roam keeps the relay.
         return peer.observed_endpoint
+    if allocation.bound_at is None:
+        # The relay has not bound the pair's ports yet: a packet sent there now is lost. No
+        # endpoint and no keepalive until it has (RelayAllocation.bound_at); turning keepalive
+        # on then makes WireGuard send its first initiation at once.
+        return ""
     return allocation.provider_endpoint
 
 

@@ -59,6 +59,13 @@ class RelayAllocation(models.Model):
     buyer_port = models.PositiveIntegerField()
     provider_port = models.PositiveIntegerField()
     created_at = models.DateTimeField(default=timezone.now)
+    # When the relay first reported the pair (it reports only pairs whose ports it has bound).
+    # Until then the node's desired state names no endpoint for the peer
+    # (meshnet.desired_state): the node's first handshake initiation, sent the moment it gets an
+    # endpoint, reached the relay before the relay had bound the pair's ports and was lost, and
+    # wireguard-go retries only 5 s later (order to first handshake 6 s instead of 1 s). Named
+    # once bound, the node's first initiation tells the relay where the node is.
+    bound_at = models.DateTimeField(null=True, blank=True)
     # The upgrade to a direct path (meshnet.relays.start_upgrades): since when the node's
     # desired state names the buyer's own mapping instead of this relay; the bytes the relay
     # last reported for the pair and since when that count has not moved; what the node had

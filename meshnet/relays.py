@@ -207,6 +207,7 @@ def record_relay_poll(relay: Relay, status: dict) -> list[dict]:
     with transaction.atomic():
         Relay.objects.filter(pk=relay.pk).update(last_seen_at=now, last_status=trimmed)
         reported = _reported_bytes(trimmed)
+        mark_bound(relay, set(reported), now)
         settle_upgrades(relay, reported, now)
         start_upgrades(relay, reported, now, handshaken=_handshaken(trimmed))
         return relay_pairs(relay)
@@ -235,6 +236,30 @@ def _peer_id(entry: dict) -> int | None:
     """The job peer a reported pair belongs to (the relay names its pairs peer-<id>)."""
     prefix, _, number = entry["id"].partition("-")
     return int(number) if prefix == "peer" and number.isdigit() else None
+
+
+def mark_bound(relay: Relay, reported: set[int], now) -> int:
+    """Record that `relay` has bound the pairs of the job peers it `reported` (it reports only
+    pairs whose ports it has bound) and give their nodes the relay as the peers' endpoint, in a
+    new revision per node. Returns how many were new. Call inside the poll's transaction.
+    Locks: their nodes (node rows first, as everywhere in meshnet)."""
+    fresh = list(
+        RelayAllocation.objects.filter(
+            relay=relay, job_peer_id__in=reported, bound_at__isnull=True
+        ).values_list("pk", "job_peer__node_id")
+    )
+    if not fresh:
+        return 0
+    nodes = {node_pk for _, node_pk in fresh}
+    _lock_nodes(nodes)
+    # Compare-and-set: a concurrent poll may have marked some since the read.
+    marked = RelayAllocation.objects.filter(
+        pk__in=[pk for pk, _ in fresh], bound_at__isnull=True
+    ).update(bound_at=now)
+    if marked:
+        for node_pk in sorted(nodes):
+            signals.desired_state_changed.send(sender=RelayAllocation, node_pk=node_pk)
+    return marked
 
 
 def can_go_direct(allocation: RelayAllocation) -> bool:

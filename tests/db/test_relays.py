@@ -106,12 +106,28 @@ def test_a_natted_nodes_order_goes_through_a_live_relay_of_its_region(
         "region": "eu-west",
         "round_trip": None,
     }
-    # The buyer's client sends to the relay's buyer port; the node to its provider port, with
-    # keepalive so the relay learns where the node is before the buyer's first packet.
+    # The buyer's client sends to the relay's buyer port.
     assert data["endpoint"] == "198.51.100.53:40000"
     assert _config_endpoint(buyer_api, order) == "198.51.100.53:40000"
+    # The node to its provider port, with keepalive so the relay learns where the node is
+    # before the buyer's first packet: once the relay has bound the pair's ports (it reports
+    # the pair), not before, when the node's first initiation would be lost there.
+    spec = _node_state_peer(node, order.job_peer.public_key)
+    assert (spec.endpoint, spec.persistent_keepalive) == ("", 0)
+    revision = Node.objects.get(pk=node.pk).desired_revision
+    relays.record_relay_poll(chosen, {"pairs": []})  # the poll that hands the relay the pair
+    assert Node.objects.get(pk=node.pk).desired_revision == revision
+    assert _node_state_peer(node, order.job_peer.public_key).endpoint == ""
+    pair = {"id": f"peer-{order.job_peer_id}", "handshaken": False, "forwarded_bytes": 0}
+    relays.record_relay_poll(chosen, {"pairs": [pair]})  # bound: it reports the pair
+    node.refresh_from_db()
+    assert node.desired_revision == revision + 1
     spec = _node_state_peer(node, order.job_peer.public_key)
     assert (spec.endpoint, spec.persistent_keepalive) == ("198.51.100.53:40001", 25)
+    bound_at = RelayAllocation.objects.get(job_peer=order.job_peer).bound_at
+    relays.record_relay_poll(chosen, {"pairs": [pair]})  # once: no revision per poll
+    assert Node.objects.get(pk=node.pk).desired_revision == revision + 1
+    assert RelayAllocation.objects.get(job_peer=order.job_peer).bound_at == bound_at
     # The order page shows it too.
     client.force_login(order.buyer)
     page = client.get(f"/orders/{order.pk}/").content.decode()
@@ -408,9 +424,10 @@ def test_no_upgrade_starts_before_the_relay_has_carried_a_handshake_of_the_pair(
     nowhere to send the buyer's packets, the buyer's NAT dropped the node's)."""
     settings.MOLT_RELAY_MODE, settings.MOLT_RELAY_TRY_DIRECT = "nat", True
     relay, _order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
-    revision = Node.objects.get(pk=node.pk).desired_revision
-    # The relay has the pair but no handshake through it yet (it heard the buyer at most).
+    # The relay has the pair (bound: the node is told to send there) but no handshake through
+    # it yet (it heard the buyer at most).
     _poll(relay, peer, 0, handshaken=False)
+    revision = Node.objects.get(pk=node.pk).desired_revision
     _poll(relay, peer, 148, handshaken=False)
     assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
     assert Node.objects.get(pk=node.pk).desired_revision == revision
