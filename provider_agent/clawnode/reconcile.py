@@ -269,6 +269,10 @@ def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str
             elif isinstance(action, Retire):
                 backend.set_peer(action.public_key, (), keepalive=0)
             else:
+                if isinstance(action, Update) and _sends_at_once(action):
+                    backend.set_peer(
+                        action.public_key, action.allowed_ips, endpoint=action.endpoint
+                    )
                 backend.set_peer(
                     action.public_key,
                     action.allowed_ips,
@@ -280,6 +284,21 @@ def apply(backend: WireGuardBackend, actions: Sequence[Action]) -> dict[str, str
         else:
             results[action.public_key] = OK
     return results
+
+
+def _sends_at_once(action: Update) -> bool:
+    """Whether a moved endpoint must be sent to now: the peer keeps its keepalive across the move.
+
+    WireGuard sends to a new endpoint only with the peer's next packet, and roams back to
+    wherever an authenticated packet comes from. When a relayed path tries the direct one (or
+    goes back to the relay), the buyer's next packet through the relay reached the node before
+    the node's next keepalive (both 25 s) and moved it back: the try never sent a packet
+    (docs/nat.md, "Upgrading a relayed path"). Turning keepalive on from 0 makes both
+    wireguard-go and the kernel send one keepalive at once, to the endpoint just set; so the
+    move is applied with keepalive 0 first, then with its own."""
+    return (
+        action.keepalive > 0 and "endpoint" in action.changed and "keepalive" not in action.changed
+    )
 
 
 def update_view(

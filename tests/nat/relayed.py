@@ -148,7 +148,7 @@ def relay(
             sys.executable, "-m", "meshnet.relay", "--address", RELAY_ADDRESS,
             "--ports", f"{PORTS[0]}-{PORTS[1]}", *source,
             "--status", str(workdir / "status.json"),
-            "--poll", "0.1" if control is None else "1",
+            "--poll", "0.1" if control is None else os.environ.get("MOLT_LAB_RELAY_POLL", "1"),
             *([] if fast_path else ["--no-fast-path"]),
         ]  # fmt: skip
         process = lab.popen(ns, args, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)

@@ -66,6 +66,50 @@ def test_apply_hands_the_endpoint_and_keepalive_to_the_device():
     assert backend.peers[A].persistent_keepalive == 25
 
 
+class Recording(FakeBackend):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets: list[tuple[str, int]] = []
+
+    def set_peer(self, public_key, allowed_ips, endpoint="", keepalive=0) -> None:
+        self.sets.append((endpoint, keepalive))
+        super().set_peer(public_key, allowed_ips, endpoint=endpoint, keepalive=keepalive)
+
+
+def test_a_moved_endpoint_of_a_peer_with_keepalive_is_sent_to_at_once():
+    """WireGuard sends a keepalive at once only when keepalive goes from 0 to on: a moved
+    endpoint is set with keepalive 0, then with its own, so the new path gets a packet now, not
+    after the other side's next packet through the old one moved the peer back."""
+    backend = Recording()
+    backend.ensure_interface("molt0", b"\x01" * 32, 51820, "10.100.128.1/32")
+    apply(backend, [Add(A, (NETWORK,), endpoint="192.0.2.30:40001", keepalive=25)])
+    backend.sets.clear()
+
+    moved = Update(A, (NETWORK,), "198.51.100.7:51820", 25, changed=("endpoint",))
+    assert apply(backend, [moved]) == {A: "ok"}
+
+    assert backend.sets == [("198.51.100.7:51820", 0), ("198.51.100.7:51820", 25)]
+    assert backend.peers[A].endpoint == "198.51.100.7:51820"
+    assert backend.peers[A].persistent_keepalive == 25
+
+
+def test_other_changes_are_one_set():
+    backend = Recording()
+    backend.ensure_interface("molt0", b"\x01" * 32, 51820, "10.100.128.1/32")
+    changes = [
+        # Keepalive turned on with the endpoint: WireGuard sends at once anyway.
+        Update(A, (NETWORK,), "192.0.2.30:40001", 25, changed=("endpoint", "keepalive")),
+        # No keepalive: nothing to send.
+        Update(A, (NETWORK,), "192.0.2.30:40003", 0, changed=("endpoint",)),
+        # The endpoint stays.
+        Update(A, ("10.100.128.12/32",), "", 25, changed=("allowed_ips",)),
+    ]
+    for change in changes:
+        backend.sets.clear()
+        apply(backend, [change])
+        assert backend.sets == [(change.endpoint, change.keepalive)], change
+
+
 class SilentFailure(FakeBackend):
     def set_peer(self, *args: object, **kwargs: object) -> None:
         raise RuntimeError()
