@@ -205,11 +205,18 @@ def record_relay_poll(relay: Relay, status: dict) -> list[dict]:
     now = timezone.now()
     trimmed = _trim_status(status)
     with transaction.atomic():
+        # What the relay reported on its previous poll (a relay polls one request at a time).
+        before = _reported_bytes(
+            Relay.objects.values_list("last_status", flat=True).get(pk=relay.pk) or {}
+        )
         Relay.objects.filter(pk=relay.pk).update(last_seen_at=now, last_status=trimmed)
         reported = _reported_bytes(trimmed)
         mark_bound(relay, set(reported), now)
         settle_upgrades(relay, reported, now)
-        start_upgrades(relay, reported, now, handshaken=_handshaken(trimmed))
+        ready = _handshaken(trimmed) & {
+            peer_id for peer_id, count in reported.items() if before.get(peer_id) == count
+        }
+        start_upgrades(relay, reported, now, ready=ready)
         return relay_pairs(relay)
 
 
@@ -278,12 +285,21 @@ def can_go_direct(allocation: RelayAllocation) -> bool:
     return settings.MOLT_RELAY_MODE == "nat" and settings.MOLT_RELAY_TRY_DIRECT
 
 
-def start_upgrades(relay: Relay, reported: dict[int, int], now, *, handshaken: set[int]) -> int:
-    """Start the upgrade to direct of each of `relay`'s pairs that can go direct and that the
-    relay reported `handshaken`: the node's desired state names the buyer's mapping from the
-    next revision (one per node), the pair stays open. Returns how many started. Call inside the
-    poll's transaction. Locks: the nodes of the pairs that start (node rows first, as everywhere
-    in meshnet).
+def start_upgrades(relay: Relay, reported: dict[int, int], now, *, ready: set[int]) -> int:
+    """Start the upgrade to direct of each of `relay`'s pairs that can go direct among the job
+    peers `ready` (record_relay_poll: the relay reports the pair handshaken, and its byte count
+    has not moved since the previous poll): the node's desired state names the buyer's mapping
+    from the next revision (one per node), the pair stays open. Returns how many started. Call
+    inside the poll's transaction. Locks: the nodes of the pairs that start (node rows first, as
+    everywhere in meshnet).
+
+    Only a quiet pair: WireGuard roams a peer to wherever its latest authenticated packet came
+    from. The node sends to the buyer's mapping at once (clawnode.reconcile), and the buyer's
+    client roams there; but a buyer packet still on its way through the relay then roamed the
+    node back, the node's next packet went through the relay and roamed the buyer back too, and
+    the try was over (the product matrix, 7 December: one of the two cells that can go direct
+    stayed relayed, its upgrade started during the cell's 8 MB). A tunnel carrying traffic
+    without a pause of a poll's length stays relayed.
 
     Only a handshaken pair: the direct try replaces the node's one endpoint for the buyer's
     peer, and a relay learns where the node is only from the node's own packets. Started before
@@ -298,7 +314,7 @@ def start_upgrades(relay: Relay, reported: dict[int, int], now, *, handshaken: s
         allocation
         for allocation in RelayAllocation.objects.filter(
             relay=relay,
-            job_peer_id__in=handshaken,
+            job_peer_id__in=ready,
             upgrade_started_at__isnull=True,
             upgrade_failed_at__isnull=True,
             job_peer__state__in=[JobPeer.State.DESIRED, JobPeer.State.ACTIVE],

@@ -34,15 +34,6 @@ def pytest(label: str, env_extra: dict[str, str], args: list[str]) -> int:
 
 
 LIVE_TIERS = "integration or netns or browser or vm or sandbox or nat or mesh or faults"
-# Left out of `make test` until it is reliable (docs/nat.md, "The product matrix"): its relayed
-# cells lost all traffic in three runs of 7 December after passing in CI's own run. Run it
-# with MOLT_NAT_PRODUCT_MATRIX=1 (or by path). Quarantined, not hidden: the pass prints the
-# deselection.
-QUARANTINED = (
-    []
-    if os.environ.get("MOLT_NAT_PRODUCT_MATRIX") == "1"
-    else ["--deselect", "tests/nat/test_product_matrix.py::test_product_matrix"]
-)
 # Two workers: the machine the suite is held to (45 minutes) has two cores.
 WORKERS = os.environ.get("MOLT_TEST_WORKERS", "2")
 # The test database is thrown away: a commit need not wait for the WAL to reach the disk. Every
@@ -66,7 +57,7 @@ def main() -> int:
             pytest(
                 "live tiers on PostgreSQL",
                 POSTGRES_ENV,
-                ["-m", LIVE_TIERS, *durations, *QUARANTINED, *extra],
+                ["-m", LIVE_TIERS, *durations, *extra],
             ),
             pytest(
                 "db tier on SQLite",

@@ -436,11 +436,33 @@ def test_no_upgrade_starts_before_the_relay_has_carried_a_handshake_of_the_pair(
     relays.record_relay_poll(relay, {"pairs": []})
     assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
 
-    # Handshaken through the relay: now the node is told to try the buyer's mapping.
+    # Handshaken through the relay (and quiet since the last poll): now the node is told to try
+    # the buyer's mapping.
+    _poll(relay, peer, 444)
     _poll(relay, peer, 444)
     assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
     node.refresh_from_db()
     assert node.desired_revision == revision + 1
+    assert _node_state_peer(node, peer.public_key).endpoint == "198.51.100.7:51820"
+
+
+def test_no_upgrade_starts_while_the_relayed_tunnel_carries_traffic(
+    buyer_api, listing, node, settings
+):
+    """WireGuard roams to the source of the latest packet: a buyer packet still crossing the
+    relay when the node moved to the buyer's mapping roamed the node back, and the buyer with
+    it. The try starts in a pause: the relay's count unchanged since its previous poll."""
+    settings.MOLT_RELAY_MODE, settings.MOLT_RELAY_TRY_DIRECT = "nat", True
+    relay, _order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    for count in (9_000, 80_000, 2_400_000, 2_400_100):
+        _poll(relay, peer, count)
+        assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None, count
+    # The first poll after a restart of the gateway's record (nothing before) is not a pause.
+    Relay.objects.filter(pk=relay.pk).update(last_status={})
+    _poll(relay, peer, 2_400_100)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is None
+    _poll(relay, peer, 2_400_100)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
     assert _node_state_peer(node, peer.public_key).endpoint == "198.51.100.7:51820"
 
 
@@ -449,6 +471,7 @@ def test_an_upgrade_the_buyers_nat_does_not_let_through_goes_back_to_the_relay(
 ):
     relay, order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
     settings.MOLT_RELAY_MODE = "off"  # the operator turned relays off: live pairs try direct
+    _poll(relay, peer, 500)
     _poll(relay, peer, 500)
     assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
 
@@ -495,7 +518,8 @@ def test_a_natted_nodes_relayed_pair_tries_direct_once_the_buyers_mapping_is_kno
     relay, order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
     assert RelayAllocation.objects.filter(job_peer=peer).exists()
 
-    pairs = _poll(relay, peer, 500)
+    _poll(relay, peer, 500)
+    pairs = _poll(relay, peer, 500)  # quiet since the last poll
 
     allocation = RelayAllocation.objects.get(job_peer=peer)
     assert (allocation.upgrade_started_at is not None) == tried
@@ -509,6 +533,7 @@ def test_without_the_buyers_mapping_no_upgrade_starts(buyer_api, listing, node):
     relay = _relay("eu-1", "eu-west", "198.51.100.53")
     order = _order(buyer_api, listing)
     Node.objects.filter(pk=node.pk).update(declared_endpoint="203.0.113.5:51820")
+    _poll(relay, order.job_peer, 500)
     _poll(relay, order.job_peer, 500)
     # The node would have nowhere to send: it stays on the relay.
     assert RelayAllocation.objects.get(job_peer=order.job_peer).upgrade_started_at is None
