@@ -68,6 +68,7 @@ class PathChecks:
         if pinger is None:
             await asyncio.Event().wait()  # returning would end the session
             return
+        said = ""
         while True:
             async with self._lock:  # one device call at a time (the backend's socket)
                 peers = await asyncio.to_thread(self.backend.list_peers)
@@ -76,10 +77,14 @@ class PathChecks:
                 results = await asyncio.to_thread(
                     rtt.measure, pinger, self.enrollment.mesh_address, found
                 )
+                said = ""
             except OSError as exc:
                 # No raw socket (an agent without CAP_NET_RAW) or no mesh address yet: this
-                # round measures nothing, and says so; the session goes on.
-                self.say(f"round trips not measured: {exc}")
+                # round measures nothing, and says so once, not every round (a minute) of an
+                # agent that will never have the capability; the session goes on.
+                if str(exc) != said:
+                    said = str(exc)
+                    self.say(f"round trips not measured: {exc}")
                 results = []
             if results:
                 await self._send(ws, rtt.frame(self.identity, results))
