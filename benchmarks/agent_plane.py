@@ -20,7 +20,9 @@ check the gateway's signature, which a real one does: client CPU only). Per N:
   meshnet.tasks.push_desired_states run on all of them (here, as a worker would), until each
   node's acked_revision in the database has it (polled every 20 ms; per node the first poll
   that saw it); "all_acked_ms" is the last. "pushed_ms": when push_desired_states returned
-  (the worker's share, run in this process beside the simulated agents).
+  (the worker's share, run in this process beside the simulated agents; with --worker-process
+  the bump and the push run in a process of their own, as a Celery worker runs them, while
+  this one polls).
 
 The floor, in the same run: a bare ASGI websocket app under the same uvicorn doing the same
 handshake (challenge, signature checked against the node's key), ignoring heartbeats,
@@ -278,18 +280,62 @@ async def connect_all(agents: list[SimAgent]) -> tuple[float, list[asyncio.Task]
     return elapsed, runs
 
 
-def molt_change(pks: list[int], target: int, pushed: list[float]) -> dict[int, float]:
+# The worker's side of a change, in a process of its own (as a Celery worker runs it): bump the
+# revision of the nodes named on stdin and push them; reply with when the push returned.
+WORKER = r"""
+import json, sys, time
+import django
+django.setup()
+from django.db.models import F
+from meshnet.models import Node
+from meshnet.tasks import push_desired_states
+print("ready", flush=True)
+for line in sys.stdin:
+    pks = json.loads(line)
+    start = time.time()
+    Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
+    push_desired_states(pks)
+    print(json.dumps({"start": start, "pushed_s": time.time() - start}), flush=True)
+"""
+
+
+def start_worker(env: dict, src: Path) -> subprocess.Popen:
+    """The change's worker process (WORKER), started and warmed up before the change."""
+    worker = subprocess.Popen(
+        [sys.executable, "-c", WORKER], cwd=src, env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
+    return worker
+
+
+def molt_change(
+    pks: list[int], target: int, pushed: list[float], worker: subprocess.Popen | None = None
+) -> dict[int, float]:
     """Bump every node's revision, push them all, and poll until each has acked `target`;
-    `pushed` gets the time push_desired_states took to return (the worker's share)."""
-    from django.db.models import F
+    `pushed` gets the time push_desired_states took to return (the worker's share). With
+    `worker` (--worker-process), the bump and the push run there, as a Celery worker would,
+    while this process polls; without it, here, before the poll, beside the simulated agents
+    (whose own work then delays the push, and the push theirs)."""
+    from django.db.models import F, Max
 
     from meshnet.models import Node
     from meshnet.tasks import push_desired_states
 
+    # One more than the revision the nodes have now: a repetition's nodes acked the previous
+    # one's change (at a fixed target, every node of a second repetition counted as acked at
+    # the first poll).
+    latest = Node.objects.filter(pk__in=pks).aggregate(top=Max("desired_revision"))["top"]
+    target = max(target, (latest or 0) + 1)
     start = time.time()
-    Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
-    push_desired_states(pks)
-    pushed.append(time.time() - start)
+    if worker is None:
+        Node.objects.filter(pk__in=pks).update(desired_revision=F("desired_revision") + 1)
+        push_desired_states(pks)
+        pushed.append(time.time() - start)
+    else:
+        assert worker.stdin is not None and worker.stdout is not None
+        worker.stdin.write(json.dumps(pks) + "\n")
+        worker.stdin.flush()
     seen: dict[int, float] = {}
     deadline = time.monotonic() + 120
     while len(seen) < len(pks) and time.monotonic() < deadline:
@@ -300,6 +346,10 @@ def molt_change(pks: list[int], target: int, pushed: list[float]) -> dict[int, f
         for pk in Node.objects.filter(acked_revision__gte=target).values_list("pk", flat=True):
             seen.setdefault(pk, now - start)
         time.sleep(0.02)
+    if worker is not None:
+        assert worker.stdout is not None
+        reply = json.loads(worker.stdout.readline())
+        pushed.append(reply["start"] + reply["pushed_s"] - start)
     return seen
 
 
@@ -337,7 +387,7 @@ async def stop_py_spy(spy: subprocess.Popen) -> None:
 
 def one_run(
     kind: str, n: int, nodes: list, env: dict, src: Path, idle: float, tmp: Path,
-    profile: Path | None = None,
+    profile: Path | None = None, worker_process: bool = False,
 ) -> dict:  # fmt: skip
     port = free_port()
     cmd = [
@@ -367,7 +417,10 @@ def one_run(
     proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     result: dict[str, Any] = {}
+    worker = None
     try:
+        if kind == "molt" and worker_process:
+            worker = start_worker(env, src)
         wait_http(port, "/healthz/" if kind == "molt" else "/acks")
         time.sleep(1)
         rss_before = rss_kib(proc.pid)
@@ -390,7 +443,7 @@ def one_run(
             pushed: list[float] = []
             if kind == "molt":
                 acks = await asyncio.to_thread(
-                    molt_change, [pk for _, pk in nodes[:n]], target, pushed
+                    molt_change, [pk for _, pk in nodes[:n]], target, pushed, worker
                 )
             else:
                 acks = await asyncio.to_thread(floor_change, port, n, target)
@@ -414,6 +467,9 @@ def one_run(
 
         result = asyncio.run(scenario())
     finally:
+        if worker is not None:
+            worker.kill()
+            worker.wait()
         os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
@@ -448,6 +504,10 @@ def main() -> int:
     parser.add_argument("--gateway-src", type=Path, default=REPO)
     parser.add_argument("--no-floor", action="store_true")
     parser.add_argument("--profile", type=Path, help="py-spy the web process into this folder")
+    parser.add_argument(
+        "--worker-process", action="store_true",
+        help="run the change's bump and push in a process of its own, as a Celery worker would",
+    )  # fmt: skip
     args = parser.parse_args()
     database_url = os.environ.get(
         "DATABASE_URL", "postgres://postgres@127.0.0.1:5432/molt_bench_plane"
@@ -498,13 +558,14 @@ def main() -> int:
             "web process (DEBUG off, PostgreSQL, Redis), and a bare ASGI websocket floor",
             "machine": {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg()},
             "gateway_src": str(args.gateway_src),
+            "push_in": "a worker process" if args.worker_process else "this process",
             "idle_window_s": args.idle,
             "enrol_s": round(enrol_s, 1),
             "runs": [],
         }
         for n in args.n:
-            molt = [one_run("molt", n, nodes, env, args.gateway_src, args.idle, tmp, args.profile)
-                    for _ in range(args.reps)]  # fmt: skip
+            molt = [one_run("molt", n, nodes, env, args.gateway_src, args.idle, tmp, args.profile,
+                            args.worker_process) for _ in range(args.reps)]  # fmt: skip
             entry = summarise(molt)
             if not args.no_floor:
                 floor = [one_run("floor", n, nodes, floor_env, REPO, args.idle, tmp)

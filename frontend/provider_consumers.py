@@ -25,8 +25,13 @@ CLOSE_NOT_LOGGED_IN = 4401
 
 
 @database_sync_to_async
-def _owns(user_id: int, node_pk: object) -> bool:
-    return isinstance(node_pk, int) and Node.objects.filter(pk=node_pk, owner_id=user_id).exists()
+def _owned(user_id: int, node_pks: list[object]) -> list[int]:
+    """Those of `node_pks` that are `user_id`'s nodes, in order (one query)."""
+    pks = [pk for pk in node_pks if isinstance(pk, int) and not isinstance(pk, bool)]
+    if not pks:
+        return []
+    owned = set(Node.objects.filter(pk__in=pks, owner_id=user_id).values_list("pk", flat=True))
+    return [pk for pk in dict.fromkeys(pks) if pk in owned]
 
 
 class ProviderConsumer(AsyncJsonWebsocketConsumer):
@@ -74,7 +79,9 @@ class ProviderConsumer(AsyncJsonWebsocketConsumer):
         if await self._session_user_id() != self.user_id:
             await self.close(code=CLOSE_NOT_LOGGED_IN)
             return
-        node_pk = event.get("node")
-        if not await _owns(self.user_id, node_pk):
-            return
-        await self.send_json({"type": "node", "node": node_pk, "change": event.get("change", "")})
+        # One node ("node"), or several of one change that were announced together ("nodes").
+        nodes = event.get("nodes")
+        pks = nodes if isinstance(nodes, list) else [event.get("node")]
+        change = event.get("change", "")
+        for node_pk in await _owned(self.user_id, pks):
+            await self.send_json({"type": "node", "node": node_pk, "change": change})

@@ -70,7 +70,10 @@ def on_node_changed(sender, node: Node, change: str, **kwargs) -> None:
     """Tell the node's owner's open pages that it changed (`change`: enrolled, online,
     inventory, revoked). The page fetches the node's card through its own authorized view."""
     group_send_on_commit(
-        owner_group(node.owner_id), {"type": "node.changed", "node": node.pk, "change": change}
+        owner_group(node.owner_id),
+        {"type": "node.changed", "node": node.pk, "change": change},
+        # Many nodes' changes of one kind waiting together go as one message, "nodes".
+        merge_on="node",
     )
 
 
