@@ -120,6 +120,18 @@ class Pair:
         side.address = address
         return True
 
+    def foreign_initiation(self, from_side: str, data: bytes) -> bool:
+        """Whether `data` is a well-formed initiation made for another pair's peer (its mac1
+        is not for this pair's other side): the gateway gives a closed pair's ports to the next
+        one at once, so its first packet can reach the relay while the old pair still holds
+        them."""
+        message = wgmsg.parse(data)
+        return (
+            message is not None
+            and message.type == wgmsg.INITIATION
+            and not wgmsg.mac1_valid(data, self._mac1_from[from_side])
+        )
+
     def receive(
         self, from_side: str, source: Address, data: bytes, now: float
     ) -> tuple[Address | None, bool]:

@@ -1,4 +1,4 @@
-"""The relay process: one UDP socket per allocated port, Python forwarding for the first
+"""The relay process: a UDP socket on every port of its range, Python forwarding for the first
 packets of a pair, then the kernel (fastpath) once both sides have handshaken.
 
     python -m meshnet.relay --address 192.0.2.30 --ports 40000-40999 \
@@ -9,7 +9,14 @@ Allocations (the pairs to serve, public keys only) come from the gateway's contr
 every --poll seconds with the relay's token as a bearer token, or from a JSON file re-read when
 it changes (tests, or an operator without a gateway in reach). Either holds
 `{"pairs": [{"id", "buyer_port", "provider_port", "buyer_key", "provider_key"}]}`. A pair
-that disappears from the list is closed at once: its sockets, its route.
+that disappears from the list is closed at once: its ports go back to the range, its route.
+
+Every port of the range is bound at start (`Relay.open_ports`), not when its pair arrives: the
+gateway hands a pair's ports to the node and the buyer at once, and the relay learns the pair
+on its next poll, up to a second later. A first handshake initiation sent before then hit a port
+nobody listened on, and wireguard-go retries only after 5 s (the product matrix's relayed cells
+that took 6 s). Now the latest initiation to a port without a pair is kept (one per port) and
+handed to the pair when it arrives, which places that side as its first packet would have.
 
 The process needs CAP_NET_ADMIN for the fast path (nft) and net.ipv4.ip_forward=1; without
 either it logs why and forwards everything in Python (`--no-fast-path` asks for that).
@@ -24,26 +31,23 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import time
 import urllib.request
 from pathlib import Path
 
-from meshnet.relay import fastpath, pairs
+from meshnet.relay import fastpath, pairs, wgmsg
 
 log = logging.getLogger("molt.relay")
 
 
 class _PortProtocol(asyncio.DatagramProtocol):
-    def __init__(self, relay: Relay, pair_id: str, side: str) -> None:
-        self.relay, self.pair_id, self.side = relay, pair_id, side
-        self.transport: asyncio.DatagramTransport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
+    def __init__(self, relay: Relay, port: int) -> None:
+        self.relay, self.port = relay, port
 
     def datagram_received(self, data: bytes, addr) -> None:
-        self.relay.on_datagram(self.pair_id, self.side, data, (addr[0], addr[1]))
+        self.relay.on_datagram(self.port, data, (addr[0], addr[1]))
 
 
 class Relay:
@@ -52,74 +56,110 @@ class Relay:
         self.port_range = port_range
         self.fast_path = fast_path
         self.pairs: dict[str, pairs.Pair] = {}
-        self.ports: dict[str, dict[str, _PortProtocol]] = {}
+        self.sockets: dict[int, asyncio.DatagramTransport] = {}
+        self.owners: dict[int, tuple[str, str]] = {}  # port -> (pair id, side)
+        # port -> (the latest initiation to it before its pair arrived, its source, when)
+        self.early: dict[int, tuple[bytes, pairs.Address, float]] = {}
         self.routes: dict[str, fastpath.Route] = {}
         self._zone = 0
         self._ruleset_dirty = True
 
+    # -- ports -------------------------------------------------------------------------
+    async def open_ports(self) -> int:
+        """Bind every port of the range (see the module's docstring); returns how many. A port
+        that cannot be bound now (another process holds it) is tried again when a pair needs it.
+        Raises the soft limit on open files to what the range needs, within the hard limit."""
+        low, high = self.port_range
+        _raise_file_limit(high - low + 1 + 64)
+        opened = failed = 0
+        for port in range(low, high + 1):
+            if await self._bind(port, quiet=True):
+                opened += 1
+            else:
+                failed += 1
+        if failed:
+            log.warning(
+                "%s of the range's ports could not be bound now: tried again per pair", failed
+            )
+        return opened
+
+    async def _bind(self, port: int, quiet: bool = False) -> bool:
+        if port in self.sockets:
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _PortProtocol(self, port), local_addr=(self.address, port)
+            )
+        except OSError as exc:
+            if not quiet:
+                log.warning("port %s: cannot bind it: %s", port, exc)
+            return False
+        self.sockets[port] = transport
+        return True
+
     # -- allocations -------------------------------------------------------------------
     async def load(self, allocations: list[pairs.Allocation]) -> None:
-        """Open sockets for new pairs, close those of pairs no longer listed."""
+        """Serve the pairs listed, stop serving the others (their ports stay bound)."""
         wanted = {allocation.id: allocation for allocation in allocations}
         low, high = self.port_range
-        closed = False
         for pair_id in list(self.pairs):
             if pair_id not in wanted or wanted[pair_id] != self.pairs[pair_id].allocation:
                 self._close(pair_id)
-                closed = True
-        if closed:
-            # A transport's close() only schedules the socket's close for the loop's next turn:
-            # the gateway hands a freed pair's ports to the next order at once, and binding them
-            # in this same turn failed (EADDRINUSE), leaving the new pair unopened until the
-            # next poll. One turn lets the closes happen first.
-            await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
         for pair_id, allocation in wanted.items():
             if pair_id in self.pairs:
                 continue
-            if not all(low <= p <= high for p in (allocation.buyer_port, allocation.provider_port)):
+            ports = {pairs.BUYER: allocation.buyer_port, pairs.PROVIDER: allocation.provider_port}
+            if not all(low <= port <= high for port in ports.values()):
                 log.warning("pair %s: ports outside %s-%s, skipped", pair_id, low, high)
                 continue
-            protocols = {}
-            try:
-                for side, port in (
-                    (pairs.BUYER, allocation.buyer_port),
-                    (pairs.PROVIDER, allocation.provider_port),
-                ):
-                    _, protocol = await loop.create_datagram_endpoint(
-                        lambda side=side, pair_id=pair_id: _PortProtocol(self, pair_id, side),
-                        local_addr=(self.address, port),
-                    )
-                    protocols[side] = protocol
-            except OSError as exc:
-                log.warning("pair %s: cannot bind its ports: %s", pair_id, exc)
-                for protocol in protocols.values():
-                    protocol.transport.close()
+            if any(port in self.owners for port in ports.values()):
+                log.warning("pair %s: a port another pair serves, skipped", pair_id)
+                continue
+            if not all([await self._bind(port) for port in ports.values()]):
                 continue
             self.pairs[pair_id] = pairs.Pair(allocation)
-            self.ports[pair_id] = protocols
+            for side, port in ports.items():
+                self.owners[port] = (pair_id, side)
             log.info(
                 "pair %s: buyer port %s, provider port %s",
                 pair_id,
                 allocation.buyer_port,
                 allocation.provider_port,
             )
+            # What reached the pair's ports before the pair did, as if it arrived now.
+            for port in ports.values():
+                early = self.early.pop(port, None)
+                if early is not None and time.monotonic() - early[2] <= pairs.PENDING_SECONDS:
+                    self.on_datagram(port, early[0], early[1])
         self.sync_fast_path()
 
     def _close(self, pair_id: str) -> None:
-        for protocol in self.ports.pop(pair_id, {}).values():
-            if protocol.transport is not None:
-                protocol.transport.close()
-        self.pairs.pop(pair_id, None)
+        pair = self.pairs.pop(pair_id, None)
+        if pair is not None:
+            for port in (pair.allocation.buyer_port, pair.allocation.provider_port):
+                self.owners.pop(port, None)
         if self.routes.pop(pair_id, None) is not None:
             self._ruleset_dirty = True
         log.info("pair %s closed", pair_id)
 
     # -- forwarding --------------------------------------------------------------------
-    def on_datagram(self, pair_id: str, side: str, data: bytes, source: pairs.Address) -> None:
-        pair = self.pairs.get(pair_id)
-        if pair is None:
+    def on_datagram(self, port: int, data: bytes, source: pairs.Address) -> None:
+        owner = self.owners.get(port)
+        if owner is None:
+            # No pair on this port yet (or any more): keep the latest initiation, a side's
+            # first packet, for a pair that arrives within PENDING_SECONDS. One per port, so a
+            # flood costs no more than the range's size in memory.
+            message = wgmsg.parse(data)
+            if message is not None and message.type == wgmsg.INITIATION:
+                self.early[port] = (data, source, time.monotonic())
             return
+        pair_id, side = owner
+        pair = self.pairs[pair_id]
+        if pair.foreign_initiation(side, data):
+            # Made for the pair the gateway gave this port to next (this one ends at the next
+            # poll): kept for it, as for a port with no pair. The pair here drops it below.
+            self.early[port] = (data, source, time.monotonic())
         route = self.routes.get(pair_id)
         if route is not None:
             known = route.buyer if side == pairs.BUYER else route.provider
@@ -135,7 +175,13 @@ class Relay:
             del self.routes[pair_id]
             self._ruleset_dirty = True
         if destination is not None:
-            out = self.ports[pair_id][pair.other(side)].transport
+            other = pair.other(side)
+            out_port = (
+                pair.allocation.buyer_port
+                if other == pairs.BUYER
+                else pair.allocation.provider_port
+            )
+            out = self.sockets.get(out_port)
             if out is not None:
                 out.sendto(data, destination)
         if pair.handshaken and pair.both_known and pair_id not in self.routes:
@@ -185,8 +231,20 @@ class Relay:
     def shutdown(self) -> None:
         for pair_id in list(self.pairs):
             self._close(pair_id)
+        for transport in self.sockets.values():
+            transport.close()
+        self.sockets.clear()
         if self.fast_path:
             fastpath.remove()
+
+
+def _raise_file_limit(wanted: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
 
 
 # -- allocation sources ----------------------------------------------------------------
@@ -222,6 +280,8 @@ async def serve(args: argparse.Namespace) -> None:
     last_mtime = None
     if relay.fast_path:
         relay.sync_fast_path()  # the notrack rules before the first socket opens
+    opened = await relay.open_ports()
+    log.info("listening on %s of ports %s-%s", opened, low, high)
     while not stop.is_set():
         try:
             if args.allocations:

@@ -197,6 +197,101 @@ def test_a_freed_pairs_ports_are_opened_at_once_for_the_pair_that_takes_them(unu
     assert asyncio.run(refresh_twice()) == ["2"]
 
 
+def test_an_initiation_that_reaches_a_port_before_its_pair_is_kept_for_the_pair(
+    unused_udp_ports,
+):
+    """The relay learns a pair on its next poll; the node's (or the buyer's) first initiation
+    can come first. It must place that side when the pair arrives, as if it came then, so the
+    other side's first initiation is forwarded at once (before: lost on an unbound port, 5 s to
+    wireguard-go's retry)."""
+    from meshnet.relay.server import Relay
+
+    low, high = unused_udp_ports
+    allocation = pairs.Allocation("1", low, low + 1, BUYER_KEY, PROVIDER_KEY)
+
+    async def early_then_pair() -> tuple[object, bytes, object]:
+        relay = Relay("127.0.0.1", (low, high), fast_path=False)
+        assert await relay.open_ports() == 2
+        loop = asyncio.get_running_loop()
+        node = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        buyer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        for sock in (node, buyer):
+            sock.bind(("127.0.0.1", 0))
+            sock.setblocking(False)
+        try:
+            # The node's first initiation, to its port, before the relay has the pair.
+            node.sendto(initiation(99, BUYER_KEY), ("127.0.0.1", low + 1))
+            await asyncio.sleep(0.05)
+            await relay.load([allocation])
+            placed = relay.pairs["1"].sides[pairs.PROVIDER].address
+            # The buyer's first initiation now goes straight to the node.
+            sent = initiation(11, PROVIDER_KEY)
+            buyer.sendto(sent, ("127.0.0.1", low))
+            got = await asyncio.wait_for(loop.sock_recv(node, 2048), 2)
+            return placed, got, node.getsockname()
+        finally:
+            node.close()
+            buyer.close()
+            relay.shutdown()
+
+    placed, got, node_at = asyncio.run(early_then_pair())
+    assert placed == node_at
+    assert wgmsg.parse(got) == wgmsg.Message(1, 11, None)
+
+
+def test_the_next_pairs_first_initiation_on_a_closing_pairs_port_is_kept_for_it(
+    unused_udp_ports,
+):
+    """The gateway gives a stopped order's ports to the next order at once; the relay learns it
+    at its next poll. The new buyer's first initiation reached the old pair, which dropped it
+    (its mac1 is for another node), and the handshake waited 5 s for the retry."""
+    from meshnet.relay.server import Relay
+
+    low, high = unused_udp_ports
+    old = pairs.Allocation("1", low, low + 1, BUYER_KEY, PROVIDER_KEY)
+    new_buyer, new_provider = _key(), _key()
+    new = pairs.Allocation("2", low, low + 1, new_buyer, new_provider)
+
+    async def handover() -> tuple[object, object, int]:
+        relay = Relay("127.0.0.1", (low, high), fast_path=False)
+        await relay.open_ports()
+        await relay.load([old])
+        relay.on_datagram(low, initiation(7, new_provider), BUYER_AT)  # the next buyer's
+        # One the old pair takes (made for its provider) is its own, not kept for the next.
+        relay.on_datagram(low, initiation(8, PROVIDER_KEY), ATTACKER_AT)
+        dropped = relay.pairs["1"].counters.dropped
+        await relay.load([new])
+        placed = relay.pairs["2"].sides[pairs.BUYER].address
+        relay.shutdown()
+        return placed, relay.pairs, dropped
+
+    placed, _, dropped = asyncio.run(handover())
+    assert placed == BUYER_AT
+    assert dropped == 2  # the old pair still dropped both (nobody to send them to), as before
+
+
+def test_only_initiations_are_kept_for_a_pair_not_there_yet(unused_udp_ports):
+    from meshnet.relay.server import Relay
+
+    low, high = unused_udp_ports
+
+    async def early() -> dict:
+        relay = Relay("127.0.0.1", (low, high), fast_path=False)
+        await relay.open_ports()
+        relay.on_datagram(low, data(3), ATTACKER_AT)
+        relay.on_datagram(low, b"GET / HTTP/1.1\r\n", ATTACKER_AT)
+        relay.on_datagram(low + 1, response(6, 5, BUYER_KEY), ATTACKER_AT)
+        kept = dict(relay.early)
+        relay.on_datagram(low, initiation(5, PROVIDER_KEY), ATTACKER_AT)
+        relay.on_datagram(low, initiation(6, PROVIDER_KEY), BUYER_AT)  # the latest wins
+        kept_after = {port: source for port, (_, source, _) in relay.early.items()}
+        relay.shutdown()
+        return {"before": kept, "after": kept_after}
+
+    result = asyncio.run(early())
+    assert result == {"before": {}, "after": {low: BUYER_AT}}
+
+
 @pytest.fixture
 def unused_udp_ports() -> tuple[int, int]:
     """Two consecutive UDP ports on 127.0.0.1 that nothing holds now."""
