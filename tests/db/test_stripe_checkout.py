@@ -529,6 +529,15 @@ def test_the_webhook_while_card_payments_are_off_answers_404_saying_so(settings)
     )
 
 
+def test_an_event_of_another_type_is_answered_200_by_handle_webhook_itself(standin, buyer):
+    # The view answers a status of None with 200 too: the service's own answer is read here.
+    payload = json.dumps(standin.event({"id": "ch_1"}, "charge.refunded"))
+    answer = stripe_checkout.handle_webhook(payload.encode(), standin.sign(payload))
+    assert answer == stripe_checkout.WebhookAnswer(
+        200, "ignored: charge.refunded is not a checkout event"
+    )
+
+
 def test_a_delivery_that_does_not_verify_is_answered_400_naming_the_signature(standin, buyer):
     payload = json.dumps(standin.event({"id": "cs_x"}, "checkout.session.completed"))
     answer = stripe_checkout.handle_webhook(
