@@ -473,6 +473,16 @@ def test_the_return_pages_say_what_happened_and_are_the_buyers_own(
     assert Client().get(f"/wallet/card/{row.pk}/").status_code == 302  # to the log-in page
 
 
+def test_session_of_is_the_buyers_top_up_of_that_number_only(
+    standin, buyer, buyer_client, make_user
+):
+    # The return page of each top-up shows that one: with two, each number finds its own.
+    first, second = start(buyer_client, "25"), start(buyer_client, "30")
+    assert stripe_checkout.session_of(buyer, first.pk) == first
+    assert stripe_checkout.session_of(buyer, second.pk) == second
+    assert stripe_checkout.session_of(make_user("mallory"), second.pk) is None
+
+
 def test_no_secret_reaches_the_logs_or_the_answers(standin, buyer, buyer_client, caplog):
     with caplog.at_level(logging.DEBUG):
         row = start(buyer_client, "25")
