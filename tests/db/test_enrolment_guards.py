@@ -11,11 +11,12 @@ from datetime import timedelta
 from unittest import mock
 
 import pytest
+from clawnode.gateway_http import build_enroll_envelope
 from clawnode.keys import Identity
 from django.utils import timezone
 
 from meshnet.enrolment import create_enrollment_token, enroll_node
-from meshnet.errors import EnrollmentRefused
+from meshnet.errors import EnrollmentRefused, UnknownRegion
 from meshnet.models import EnrollmentToken, IpAllocation, Node, UsedNonce
 from meshnet.signals import node_changed
 from tests import factories
@@ -206,3 +207,21 @@ def test_each_refusal_says_exactly_what_is_wrong(provider):
         "enrolment token was already used"
     )
     assert Node.objects.count() == 1  # only the one enrolment that was right
+
+
+def test_an_unknown_region_is_refused_before_the_token_is_looked_at(provider):
+    # The region is checked before the token (meshnet.enrolment): a mistyped region is named
+    # whatever the token, and a node joining again with its spent token and a mistyped region
+    # is told so, not handed its node back as if the region were right.
+    identity = Identity.generate()
+    token = create_enrollment_token(provider).token
+    enroll_node(factories.enroll_request(identity, token), observed_ip=None)
+    for who, with_token in ((identity, token), (Identity.generate(), "molt_enr_not-a-real-token")):
+        envelope = build_enroll_envelope(
+            who, with_token, hostname="rack-1", listen_port=51820, endpoint="", gpus=(),
+            region="mars",
+        )  # fmt: skip
+        with pytest.raises(UnknownRegion) as refused:
+            enroll_node(envelope, observed_ip=None)
+        assert "'mars'" in str(refused.value) and "eu-west" in str(refused.value)
+    assert Node.objects.count() == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import time
 from datetime import timedelta
+from unittest import mock
 
 import pytest
 from django.utils import timezone
@@ -41,8 +42,8 @@ from marketplace.orders import (
 from marketplace.settlement import settle_order
 from meshnet import ipplan
 from meshnet.agent_channel import acknowledge_revision
-from meshnet.allocation import allocate_address, release_address
-from meshnet.errors import PoolExhausted
+from meshnet.allocation import allocate_address, allocate_node_address, release_address
+from meshnet.errors import PoolExhausted, UnknownRegion
 from meshnet.models import IpAllocation, IpPool, JobPeer
 from tests import factories
 from tests.factories import USD
@@ -507,6 +508,28 @@ def test_a_released_address_is_reused_after_quarantine_oldest_first(tiny_pool, s
     assert first.purpose == IpAllocation.Purpose.NODE
     with pytest.raises(PoolExhausted):
         allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+
+
+def test_releasing_a_lease_again_keeps_its_first_quarantine(tiny_pool, settings):
+    # A second release (an order's cleanup run twice) must not restart the quarantine: the
+    # address would come back later than the first release promised, and out of its turn.
+    settings.MOLT_JOB_ADDRESS_QUARANTINE_SECONDS = 60
+    lease = allocate_address("test-tiny", IpAllocation.Purpose.JOB)
+    first = timezone.now()
+    with mock.patch("django.utils.timezone.now", return_value=first):
+        release_address(lease)
+    with mock.patch("django.utils.timezone.now", return_value=first + timedelta(hours=1)):
+        release_address(lease)
+    lease.refresh_from_db()
+    assert (lease.released_at, lease.reusable_after) == (first, first + timedelta(seconds=60))
+
+
+def test_a_node_address_for_a_region_the_plan_lacks_is_refused_naming_it(db):
+    with pytest.raises(UnknownRegion) as refused:
+        allocate_node_address("mars")
+    assert str(refused.value).startswith("unknown region 'mars'; one of ")
+    assert "eu-west" in str(refused.value)
+    assert not IpAllocation.objects.exists()
 
 
 def test_a_full_pool_never_reuses_a_released_address_of_another_pool(tiny_pool, settings):

@@ -417,6 +417,44 @@ def test_a_session_whose_id_was_never_stored_is_matched_by_its_metadata(
     assert balance(buyer) == 25 * USD
 
 
+def test_a_session_matched_by_its_metadata_binds_the_row_it_names_not_another_cut_off_one(
+    standin, buyer, buyer_client
+):
+    # Three top-ups of the buyer cut off alike (no Stripe id, still creating): the paid session
+    # of the middle one (neither the first nor the last by id) binds and credits that one, and
+    # the others keep waiting for their own.
+    rows = [start(buyer_client, "25") for _ in range(3)]
+    stripe_ids = [row.stripe_session_id for row in rows]
+    CheckoutSession.objects.update(stripe_session_id=None, state="creating")
+    assert signed_post(Client(), standin, standin.pay(stripe_ids[1])).status_code == 200
+    for row in rows:
+        row.refresh_from_db()
+    assert [(row.state, row.stripe_session_id) for row in rows] == [
+        ("creating", None), ("paid", stripe_ids[1]), ("creating", None)
+    ]  # fmt: skip
+    assert balance(buyer) == 25 * USD
+
+
+def test_a_row_bound_to_its_stripe_session_is_never_rebound_to_another_naming_it(
+    standin, buyer, buyer_client
+):
+    # Metadata matches only a row that never got its Stripe id. A row that has one (here a
+    # failed start whose session a webhook bound since) keeps it: were another session naming
+    # the row to take it over, a later payment of the row's own session would find no row.
+    row = start(buyer_client, "25")
+    CheckoutSession.objects.filter(pk=row.pk).update(state="failed")
+    other = standin.create_session(
+        {"mode": "payment", "success_url": "https://elsewhere.example/ok",
+         "metadata": {"molt_checkout": str(row.pk)},
+         "line_items": {"0": {"price_data": {"currency": "usd", "unit_amount": "2500"}}}}
+    )  # fmt: skip
+    response = signed_post(Client(), standin, standin.pay(other["id"]))
+    assert response.status_code == 404
+    kept = CheckoutSession.objects.get(pk=row.pk)
+    assert (kept.state, kept.stripe_session_id) == ("failed", row.stripe_session_id)
+    assert balance(buyer) == 0
+
+
 # --- the return pages --------------------------------------------------------------------------
 
 
@@ -433,6 +471,16 @@ def test_the_return_pages_say_what_happened_and_are_the_buyers_own(
     other.force_login(make_user("mallory"))
     assert other.get(f"/wallet/card/{row.pk}/").status_code == 404
     assert Client().get(f"/wallet/card/{row.pk}/").status_code == 302  # to the log-in page
+
+
+def test_session_of_is_the_buyers_top_up_of_that_number_only(
+    standin, buyer, buyer_client, make_user
+):
+    # The return page of each top-up shows that one: with two, each number finds its own.
+    first, second = start(buyer_client, "25"), start(buyer_client, "30")
+    assert stripe_checkout.session_of(buyer, first.pk) == first
+    assert stripe_checkout.session_of(buyer, second.pk) == second
+    assert stripe_checkout.session_of(make_user("mallory"), second.pk) is None
 
 
 def test_no_secret_reaches_the_logs_or_the_answers(standin, buyer, buyer_client, caplog):
@@ -488,6 +536,15 @@ def test_the_webhook_while_card_payments_are_off_answers_404_saying_so(settings)
     answer = stripe_checkout.handle_webhook(b"{}", None)
     assert answer == stripe_checkout.WebhookAnswer(
         404, "card payments are not configured on this marketplace"
+    )
+
+
+def test_an_event_of_another_type_is_answered_200_by_handle_webhook_itself(standin, buyer):
+    # The view answers a status of None with 200 too: the service's own answer is read here.
+    payload = json.dumps(standin.event({"id": "ch_1"}, "charge.refunded"))
+    answer = stripe_checkout.handle_webhook(payload.encode(), standin.sign(payload))
+    assert answer == stripe_checkout.WebhookAnswer(
+        200, "ignored: charge.refunded is not a checkout event"
     )
 
 
@@ -550,6 +607,23 @@ def test_a_session_this_gateway_did_not_start_is_answered_404_saying_so(standin,
          "line_items": {"0": {"price_data": {"currency": "usd", "unit_amount": "500"}}}}
     )  # fmt: skip
     response = signed_post(Client(), standin, standin.pay(foreign["id"]))
+    assert response.status_code == 404
+    assert response.json() == {"detail": "no top-up of this marketplace has this checkout session"}
+
+
+@pytest.mark.parametrize("metadata", [None, ["molt_checkout"], "1"])
+def test_a_foreign_session_whose_metadata_is_not_an_object_is_answered_404_not_a_crash(
+    standin, buyer, metadata
+):
+    # Only our rows' metadata is known to be an object; another integration's session (or a
+    # hand-made event) may carry null or anything else there.
+    foreign = standin.create_session(
+        {"mode": "payment", "success_url": "https://elsewhere.example/ok",
+         "line_items": {"0": {"price_data": {"currency": "usd", "unit_amount": "500"}}}}
+    )  # fmt: skip
+    event = standin.pay(foreign["id"])
+    event["data"]["object"]["metadata"] = metadata
+    response = signed_post(Client(), standin, event)
     assert response.status_code == 404
     assert response.json() == {"detail": "no top-up of this marketplace has this checkout session"}
 

@@ -268,3 +268,25 @@ def test_a_held_peer_is_not_drift_the_metering_sample_puts_back(tmp_path):
     peer = node.backend.peers[KEY]
     assert (peer.endpoint, peer.persistent_keepalive) == ("", 0)
     assert not [frame for frame in node.ws.of("report") if "drifted" in frame["detail"]]
+
+
+def test_an_endpoint_change_for_a_second_sorted_node_peer_with_a_live_session_is_not_held_back(
+    tmp_path,
+):
+    # The second side's peer is up and handshaking at the endpoint the gateway named: the
+    # gateway then names another one (docs/nat.md, "Upgrading a relayed path"). A handshake is
+    # live, so the change cannot make the device initiate: it is applied with the revision, not
+    # a stagger later (here never: the stagger is an hour).
+    node = agent_node(tmp_path, SECOND, [], stagger=3600)
+    live = PeerStatus(
+        public_key=KEY, allowed_ips=(BOX[FIRST],), endpoint=ENDPOINT[FIRST],
+        last_handshake=int(time.time()), persistent_keepalive=25,
+    )  # fmt: skip
+    node.backend.peers[KEY] = live
+    moved = "192.0.2.3:51820"
+    for revision, endpoint in ((1, None), (2, moved)):
+        desired = state_of(SECOND, mesh_peer(FIRST, endpoint), revision=revision)
+        envelope = wire.signed_envelope(wire.DESIRED_STATE, desired.to_dict(), GATEWAY)
+        asyncio.run(node.agent._apply_desired(node.ws, envelope))
+    assert node.backend.peers[KEY].endpoint == moved
+    assert node.agent._order.pending() is None
