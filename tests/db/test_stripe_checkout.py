@@ -201,6 +201,40 @@ def test_a_wrong_secret_key_is_refused_by_stripe_and_reported_without_the_key(
 # --- the webhook credits once ------------------------------------------------------------------
 
 
+def test_a_payment_handled_before_the_create_returned_stays_paid(
+    standin, buyer, buyer_client, monkeypatch
+):
+    """Stripe's webhook can be handled before start_checkout has stored the session's id (the
+    create answered slowly; the webhook found the row by its metadata, _locked_session). The
+    store that follows must not take the paid row back to open (start_checkout 104: the store
+    without its state=CREATING guard; the checkout_paid_iff_credited constraint then turns the
+    buyer's top-up into a 500)."""
+    real = stripe_checkout._client
+
+    def paid_before_create_returns():
+        client = real()
+
+        def create(*args, **kwargs):
+            session = client.v1.checkout.sessions.create(*args, **kwargs)
+            delivered = signed_post(Client(), standin, standin.pay(session.id))
+            assert delivered.status_code == 200, delivered.content
+            return session
+
+        sessions = type("Sessions", (), {"create": staticmethod(create)})
+        checkout = type("Checkout", (), {"sessions": sessions})
+        return type("Client", (), {"v1": type("V1", (), {"checkout": checkout})})
+
+    monkeypatch.setattr(stripe_checkout, "_client", paid_before_create_returns)
+
+    response = buyer_client.post("/wallet/card/", {"amount": "25"})
+
+    assert response.status_code == 302, response.content.decode()[:2000]
+    row = CheckoutSession.objects.latest("id")
+    assert row.state == "paid" and row.completed_at is not None
+    assert balance(buyer) == 25 * USD
+    assert audit_ledger() == []
+
+
 def test_a_paid_session_is_credited_once_from_the_signed_webhook(standin, buyer, buyer_client):
     row = start(buyer_client, "25")
     event = standin.pay(row.stripe_session_id)
