@@ -18,8 +18,10 @@ Once both sides of a pair have handshaken through the relay, the relay installs,
 The first packet of a flow picks the rule; conntrack then forwards every later packet both
 ways in the kernel (the reply direction is the other side's traffic). When a side moves, the
 pair gets a new zone: entries of the old zone can never match again and expire on their own
-(no conntrack tool or flush needed). A pair whose side sends from a new address loses its
-fast path until its next handshake (pairs.py), so Python sees that handshake.
+(no conntrack tool or flush needed). A side's packets from a new address match no rule and
+reach Python: its data, when pairs.py moves the side on it, gives the pair a new route at
+once; its handshake takes the pair off the fast path until the handshake completes, so that
+Python sees the answer.
 """
 
 from __future__ import annotations

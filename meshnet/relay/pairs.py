@@ -18,16 +18,27 @@ party cannot forge from off the path:
   initiation knows its index, and only the genuine peer accepts a fresh initiation (WireGuard
   refuses replays by their timestamp), so a new source wins exactly when a real handshake was
   made from it: latest *handshaken* source wins;
-- transport data and cookie replies pass only from a side's current address; data from
-  anywhere else is dropped (no reflection of strangers' packets to a provider), so a side that
-  roamed is heard again after its next handshake (WireGuard re-handshakes within about 15 s of
-  sending without hearing back, and every 2 minutes anyway).
+- transport data from a side's current address passes. From a new address it moves the side
+  only when it names a session the relay saw made (its receiver index is one the other side
+  chose in a handshake completed through the relay: 32 random bits that only the path's
+  packets show) with a counter above every one the relay saw in that session (a copy of a
+  packet it forwarded itself moves nothing; what the kernel forwards it does not see); else
+  it is dropped, so strangers' packets are
+  never reflected to a provider. This is how a side whose address changed under it is found
+  again on its next packet: a provider's home router that reboots onto a new address or port
+  is the usual case, and the provider is usually the side that sends nothing but its
+  keepalive (every 25 s) until its buyer's packets reach it again, while it answers the
+  buyer's handshakes only once they do: waiting for a handshake from it would wait for its
+  session to expire (up to 3 minutes). Cookie replies pass only from the current address.
 
-An attacker who knows a port pair and the provider's public key can send initiations through
-the relay (the provider drops them: they decrypt to nothing), and make the relay drop its
-kernel fast path for the pair until the next genuine handshake (the traffic still flows
-through Python). It cannot move a side that has handshaken, read or change any tunnel's
-contents (the relay has no key), or use the relay to reach anything but the two peers.
+An attacker off the path who knows a port pair and the provider's public key can send
+initiations through the relay (the provider drops them: they decrypt to nothing), and make the
+relay drop its kernel fast path for the pair until the next genuine handshake (the traffic
+still flows through Python). It cannot move a side, read or change any tunnel's contents (the
+relay has no key), or use the relay to reach anything but the two peers. One that sees the
+pair's packets (on the path) can move a side to itself with a forged counter until that side's
+next handshake (at most 2 minutes, WireGuard's rekey): it gets ciphertext and denies service,
+which such an attacker can do anyway by dropping the packets.
 """
 
 from __future__ import annotations
@@ -43,6 +54,9 @@ PENDING_SECONDS = 10.0
 # At most this many initiations remembered per side: a flood of initiations costs memory only
 # this much.
 PENDING_MAX = 16
+# Sessions remembered per side for its transport data (WireGuard keeps the current, previous and
+# next keypair of a peer).
+SESSIONS_MAX = 3
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,15 @@ class Side:
     address: Address | None = None
     # sender index -> (source, when) of this side's initiations not answered yet
     pending: dict[int, tuple[Address, float]] = field(default_factory=dict)
+    # receiver index its transport data carries (the other side's, from a handshake completed
+    # through the relay) -> the highest counter forwarded in that session (-1: none yet)
+    sessions: dict[int, int] = field(default_factory=dict)
+
+    def learn_session(self, index: int) -> None:
+        self.sessions.pop(index, None)
+        while len(self.sessions) >= SESSIONS_MAX:
+            self.sessions.pop(next(iter(self.sessions)))
+        self.sessions[index] = -1
 
 
 @dataclass
@@ -162,13 +185,29 @@ class Pair:
                 changed = self._set(self.other(from_side), answered[0]) | changed
                 changed = self._set(from_side, source) | changed
                 self.handshaken = True
+                # The initiator's data will name the responder's index, and the other way.
+                assert message.sender is not None
+                other.learn_session(message.sender)
+                this.learn_session(message.receiver)
             elif this.address is None:
                 changed = self._set(from_side, source)
             elif source != this.address:
                 self.counters.dropped += 1
                 return None, False
+        elif message.type == wgmsg.TRANSPORT:
+            assert message.receiver is not None
+            seen = this.sessions.get(message.receiver)
+            count = wgmsg.counter(data)
+            if source != this.address:
+                # Only a session made through the relay, and never a copy (see the docstring).
+                if seen is None or count <= seen:
+                    self.counters.dropped += 1
+                    return None, False
+                changed = self._set(from_side, source)
+            if seen is not None and count > seen:
+                this.sessions[message.receiver] = count
         elif source != this.address:
-            # Transport data and cookie replies only from where the side handshook.
+            # Cookie replies only from where the side handshook.
             self.counters.dropped += 1
             return None, False
         if other.address is None:

@@ -161,17 +161,20 @@ class Relay:
             # poll): kept for it, as for a port with no pair. The pair here drops it below.
             self.early[port] = (data, source, time.monotonic())
         route = self.routes.get(pair_id)
-        if route is not None:
+        if route is not None and data[:1] in (b"\x01", b"\x02"):
             known = route.buyer if side == pairs.BUYER else route.provider
             if source != known:
-                # A side sends from a new address while the kernel forwards the old one: back
-                # to Python until a handshake from the new address completes (pairs.py).
+                # A handshake from a new address while the kernel forwards the old one: back to
+                # Python until it completes (pairs.py), or the kernel would carry the other
+                # side's answer to the old address, past the relay's eyes.
                 del self.routes[pair_id]
                 pair.handshaken = False
                 self._ruleset_dirty = True
                 self.sync_fast_path()
         destination, changed = pair.receive(side, source, data, time.monotonic())
         if changed and pair_id in self.routes:
+            # A side moved (a handshake, or its data from a new address): the kernel follows
+            # below, in a new zone.
             del self.routes[pair_id]
             self._ruleset_dirty = True
         if destination is not None:

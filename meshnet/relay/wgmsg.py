@@ -58,6 +58,13 @@ def parse(data: bytes) -> Message | None:
     return None
 
 
+def counter(data: bytes) -> int:
+    """A transport message's counter (its nonce, cleartext): WireGuard's sender counts up from 0
+    per session and its receiver refuses a counter it has seen, so a copy of a packet carries
+    a counter already seen."""
+    return struct.unpack_from("<Q", data, 8)[0]
+
+
 def mac1_key(public_key_b64: str) -> bytes:
     """HASH(LABEL_MAC1 || recipient's public key): the key of every mac1 sent to that peer."""
     public = base64.b64decode(public_key_b64, validate=True)

@@ -194,10 +194,11 @@ def test_udp_blocked_one_way_goes_through_the_relay(lab, tmp_path):
         lab.release_sites()
 
 
-def test_a_buyer_whose_nat_reboots_is_followed_after_its_next_handshake(lab, tmp_path):
+def test_a_buyer_whose_nat_reboots_is_followed_from_its_new_port(lab, tmp_path):
     """The buyer's symmetric NAT forgets every mapping (conntrack flushed): its packets leave
-    from a new port. The relay moves the buyer's side only on a handshake from there (never on
-    a bare packet), and the tunnel carries pings again within the issue's 30 s."""
+    from a new port. The relay moves the buyer's side on its first packet from there that
+    names the session (or its next handshake), and the tunnel carries pings again within the
+    issue's 30 s."""
     symmetric = nat_lab.KINDS_BY_NAME["symmetric"]
     sides = []
     try:
@@ -227,6 +228,60 @@ def test_a_buyer_whose_nat_reboots_is_followed_after_its_next_handshake(lab, tmp
             assert after is not None
             assert after["buyer"] != before["buyer"], (before, after)
             assert after["provider"] == before["provider"]
+            assert after["moved"] >= 1 and after["fast_path"], after
+    finally:
+        for side in sides:
+            side.stop()
+        lab.release_sites()
+
+
+def test_a_provider_whose_router_reboots_onto_a_new_address_is_followed_on_its_next_keepalive(
+    lab, tmp_path
+):
+    """The provider's home router comes back with a new public address (an ISP's new lease) and
+    no conntrack state. The provider only answers: its buyer's packets go to its old mapping
+    and are lost, so nothing makes it handshake again until its session expires (3 minutes).
+    Its keepalive (25 s, as the product's state gives it) carries the session made through the
+    relay from the new address, and the relay follows it on that packet: the buyer's pings
+    cross again within the issue's 30 s, with no download and no handshake needed first."""
+    port_restricted = nat_lab.KINDS_BY_NAME["port-restricted"]
+    sides = []
+    try:
+        with relayed.relay(lab, tmp_path) as the_relay:
+            provider, buyer, _, _ = _sides(lab, port_restricted, port_restricted)
+            sides += [provider, buyer]
+            _relay_through(lab, the_relay, provider, buyer, "reboot")
+            provider.set_peer(lab, buyer.public, "persistent-keepalive", "25")
+            assert _ping(lab, provider)
+            before = the_relay.pair_status("reboot")
+            assert before is not None and before["fast_path"], before
+            # The provider's router: the first router made (the provider's site comes first).
+            router = next(ns for ns in lab.namespaces if ns.startswith("nr0"))
+            new_address = f"{nat_lab.PROVIDER_NET}.250"
+            rebooted = time.monotonic()
+            lab.exec(router, "ip", "addr", "flush", "dev", "wan")
+            lab.exec(router, "ip", "addr", "add", f"{new_address}/24", "dev", "wan")
+            lab.exec(
+                router, "ip", "route", "replace", "default", "via", f"{nat_lab.PROVIDER_NET}.1"
+            )
+            lab.exec(
+                router, sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"
+            )
+
+            def pings_again() -> bool:
+                return lab.exec(
+                    buyer.ns, "ping", "-c", "1", "-W", "1", "-I", buyer.name,
+                    tunnel.PROVIDER_TUNNEL, check=False,
+                ).returncode == 0  # fmt: skip
+
+            assert relayed.wait_for(pings_again, 30.0), the_relay.pair_status("reboot")
+            took = time.monotonic() - rebooted
+            print(f"\nprovider's new address: pings cross again {took:.1f} s after")
+            relayed.wait_for(lambda: (the_relay.pair_status("reboot") or {}).get("fast_path"), 5.0)
+            after = the_relay.pair_status("reboot")
+            assert after is not None
+            assert after["provider"].startswith(new_address + ":"), (before, after)
+            assert after["buyer"] == before["buyer"]
             assert after["moved"] >= 1 and after["fast_path"], after
     finally:
         for side in sides:

@@ -48,8 +48,8 @@ def response(sender: int, receiver: int, to_key: str) -> bytes:
     return body + _mac1(body, to_key) + bytes(16)
 
 
-def data(receiver: int, size: int = 64) -> bytes:
-    return struct.pack("<IIQ", 4, receiver, 7) + os.urandom(size - 16)
+def data(receiver: int, size: int = 64, counter: int = 7) -> bytes:
+    return struct.pack("<IIQ", 4, receiver, counter) + os.urandom(size - 16)
 
 
 def test_parse_takes_only_wireguard_messages():
@@ -109,11 +109,72 @@ def test_garbage_and_wrong_mac1_are_dropped():
     assert pair.counters.dropped == dropped + 2
 
 
-def test_data_from_a_new_source_is_dropped_and_moves_nothing():
+def test_data_from_a_new_source_naming_no_session_of_the_relay_is_dropped_and_moves_nothing():
+    pair = _pair()
+    _handshake(pair)  # the buyer's data names 12 (the provider's index), the provider's 11
+    dropped = pair.counters.dropped
+    # An index the relay saw no handshake make, and the other side's index (the provider's
+    # data names 11, never the buyer's): dropped, nothing moves.
+    for wrong in (13, 11):
+        assert pair.receive(pairs.BUYER, ATTACKER_AT, data(wrong), 1.0) == (None, False)
+    assert pair.receive(pairs.PROVIDER, ATTACKER_AT, data(12), 1.0) == (None, False)
+    # A cookie reply from a new source never moves a side.
+    cookie = struct.pack("<II", 3, 12) + bytes(56)
+    assert pair.receive(pairs.BUYER, ATTACKER_AT, cookie, 1.0) == (None, False)
+    assert pair.sides[pairs.BUYER].address == BUYER_AT
+    assert pair.sides[pairs.PROVIDER].address == PROVIDER_AT
+    assert pair.counters.moved == 0 and pair.counters.dropped == dropped + 4
+
+
+def test_a_provider_whose_address_changed_is_followed_on_its_next_packet_of_the_session():
+    """A provider's home router reboots onto a new address: its next packet (its keepalive)
+    comes from there, naming the session made through the relay, and moves it at once."""
     pair = _pair()
     _handshake(pair)
-    assert pair.receive(pairs.BUYER, ATTACKER_AT, data(12), 1.0) == (None, False)
+    assert pair.receive(pairs.PROVIDER, PROVIDER_AT, data(11, counter=0), 1.0) == (BUYER_AT, False)
+    rebooted = ("203.0.113.77", 40123)
+    to, changed = pair.receive(pairs.PROVIDER, rebooted, data(11, 32, counter=1), 30.0)
+    assert (to, changed) == (BUYER_AT, True)
+    assert pair.sides[pairs.PROVIDER].address == rebooted
+    assert pair.counters.moved == 1
+    # The buyer's packets go there now; a late copy from the old address moves nothing back.
+    assert pair.receive(pairs.BUYER, BUYER_AT, data(12), 30.1) == (rebooted, False)
+    assert pair.receive(pairs.PROVIDER, PROVIDER_AT, data(11, counter=1), 30.2) == (None, False)
+    assert pair.sides[pairs.PROVIDER].address == rebooted
+
+
+def test_a_copy_of_a_packet_already_seen_moves_nothing():
+    pair = _pair()
+    _handshake(pair)
+    for counter in range(5):
+        pair.receive(pairs.BUYER, BUYER_AT, data(12, counter=counter), 1.0)
+    # Copies of what the relay forwarded, sent from elsewhere: not a later packet of the
+    # session, dropped; the buyer stays.
+    for counter in (0, 4):
+        assert pair.receive(pairs.BUYER, ATTACKER_AT, data(12, counter=counter), 2.0) == (
+            None,
+            False,
+        )
     assert pair.sides[pairs.BUYER].address == BUYER_AT
+    # The buyer's own next packet from a new port moves it.
+    moved = ("198.51.100.7", 60001)
+    assert pair.receive(pairs.BUYER, moved, data(12, counter=5), 3.0) == (PROVIDER_AT, True)
+
+
+def test_the_sessions_of_the_latest_handshakes_are_followed_and_older_ones_forgotten():
+    pair = _pair()
+    _handshake(pair, index=11)  # provider's index 12
+    # Two rekeys: the buyer initiates with 21 and 31, the provider answers with 22 and 32.
+    for initiator, responder in ((21, 22), (31, 32), (41, 42)):
+        pair.receive(pairs.BUYER, BUYER_AT, initiation(initiator, PROVIDER_KEY), 1.0)
+        pair.receive(pairs.PROVIDER, PROVIDER_AT, response(responder, initiator, BUYER_KEY), 1.1)
+    assert list(pair.sides[pairs.BUYER].sessions) == [22, 32, 42]
+    assert list(pair.sides[pairs.PROVIDER].sessions) == [21, 31, 41]
+    # The first session is past WireGuard's three keypairs: its data moves nothing.
+    assert pair.receive(pairs.BUYER, ATTACKER_AT, data(12), 2.0) == (None, False)
+    # The previous keypair's data still arrives from the side's new address.
+    moved = ("198.51.100.7", 60002)
+    assert pair.receive(pairs.BUYER, moved, data(32), 2.0) == (PROVIDER_AT, True)
 
 
 def test_an_initiation_from_a_new_source_moves_the_side_only_when_answered():
