@@ -53,7 +53,7 @@ from marketplace.models import Order
 from marketplace.tokens import issue_api_token
 from meshnet import relays
 from meshnet.enrolment import create_enrollment_token
-from meshnet.models import Node, Relay
+from meshnet.models import JobPeer, Node, Relay
 from tests.nat import lab as nat_lab
 from tests.nat import relayed
 from tests.nat.services import BIN, HUB_ENDPOINT, Hub, LabGateway, wait_for
@@ -209,9 +209,17 @@ class Pending:
 
 
 def run_cell(
-    lab, gateway, users, provider_name: str, buyer_name: str, tmp_path: Path, pending: list
+    lab,
+    gateway,
+    users,
+    provider_name: str,
+    buyer_name: str,
+    tmp_path: Path,
+    pending: list,
+    keep: bool = False,
 ) -> Cell:
-    """One cell; a relayed one that should upgrade is left up and appended to `pending`."""
+    """One cell; a relayed one that should upgrade (or any, with `keep`) is left up and
+    appended to `pending`."""
     cell = Cell(provider_name, buyer_name)
     owner, buyer_user = users
     before = set(lab.namespaces)
@@ -274,7 +282,7 @@ def run_cell(
         if cell.pinged:
             moved = relayed.move_bytes(lab, b_host.ns, p_host.ns, target, PAYLOAD)
             cell.moved = moved["received"]
-        if UPGRADE and cell.expects_upgrade and cell.path == "relayed":
+        if keep or (UPGRADE and cell.expects_upgrade and cell.path == "relayed"):
             pending.append(
                 Pending(cell, buyer, order_id, posted, node.wireguard_public_key, target, iface,
                         conf, [ns for ns in lab.namespaces if ns not in before])
@@ -421,3 +429,88 @@ def test_product_matrix(lab, settings, tmp_path):
         )
     ]
     assert not stuck, f"not direct within {UPGRADE_BOUND_S} s:\n" + "\n".join(stuck)
+
+
+def _pair_id(order_id: int) -> str:
+    """The relay's id of an order's pair (meshnet.relays: the job peer's)."""
+    return f"peer-{JobPeer.objects.get(ref=f'order:{order_id}').pk}"
+
+
+def test_a_provider_whose_router_reboots_keeps_its_buyer(lab, settings, tmp_path):
+    """The issue's "a provider's address changes (a home router reboots): its buyers keep
+    working within 30 s without downloading anything", with the product: a relayed order on a
+    `clawnode` behind a port-restricted NAT, the buyer's wg-quick behind another. The
+    provider's router takes a new public address and forgets every mapping; the buyer pings
+    until the tunnel carries them again, with the file it downloaded. The relay must have
+    followed the node to the new address and the hub stored the node's new mapping (the
+    order's path is still the relay). The time is printed (and kept in the artifacts)."""
+    settings.MOLT_HUB_ENDPOINT = HUB_ENDPOINT
+    User = get_user_model()
+    owner = User.objects.create_user("prov", password="prov-pass-123")
+    buyer_user = User.objects.create_user("buyer", password="buyer-pass-123")
+    ledger.grant_credits(buyer_user, 10_000_000_000)
+    the_relay = Relay.objects.create(name=RELAY_NAME, address=relayed.RELAY_ADDRESS)
+    token = relays.issue_relay_token(the_relay)
+    gateway = LabGateway(lab, settings, tmp_path, worker=True, extra_env={"MOLT_RELAY_MODE": "nat"})
+    hub = Hub(lab, settings, tmp_path)
+    kept: list[Pending] = []
+    try:
+        control = (f"{gateway.url}/api/v1/relay/pairs/", token)
+        with relayed.relay(lab, tmp_path / "relay", control=control) as lab_relay:
+            live, _ = wait_for(lambda: relays.live_relays().filter(pk=the_relay.pk).exists(), 30)
+            assert live, f"the relay never polled the gateway:\n{gateway.logs()}"
+            cell = run_cell(lab, gateway, (owner, buyer_user), "port-restricted",
+                            "port-restricted", tmp_path, kept, keep=True)  # fmt: skip
+            assert not cell.error and cell.pinged and cell.path == "relayed", cell
+            (item,) = kept
+            node = Node.objects.get(wireguard_public_key=item.node_key)
+            router = next(ns for ns in item.namespaces if ns.startswith("nr0"))
+            before = lab_relay.pair_status(_pair_id(item.order_id))
+            new_address = f"{nat_lab.PROVIDER_NET}.250"
+            rebooted = time.monotonic()
+            lab.exec(router, "ip", "addr", "flush", "dev", "wan")
+            lab.exec(router, "ip", "addr", "add", f"{new_address}/24", "dev", "wan")
+            lab.exec(
+                router, "ip", "route", "replace", "default", "via", f"{nat_lab.PROVIDER_NET}.1"
+            )
+            lab.exec(
+                router, sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"
+            )
+
+            def pings_again() -> bool:
+                return lab.exec(
+                    item.buyer.ns, "ping", "-c", "1", "-W", "1", item.target, check=False
+                ).returncode == 0  # fmt: skip
+
+            back, _ = wait_for(pings_again, 30)
+            took = time.monotonic() - rebooted
+            assert back, (
+                f"no ping 30 s after the provider's router rebooted: relay "
+                f"{lab_relay.pair_status(_pair_id(item.order_id))}"
+            )
+            after = lab_relay.pair_status(_pair_id(item.order_id))
+            assert before is not None and after is not None
+            assert after["provider"].startswith(new_address + ":"), (before, after)
+            stored, _ = wait_for(
+                lambda: (Node.objects.get(pk=node.pk).observed_endpoint or "").startswith(
+                    new_address + ":"
+                ),
+                30,
+            )
+            assert stored, Node.objects.get(pk=node.pk).observed_endpoint
+            status, body = item.buyer.api("GET", f"/api/v1/orders/{item.order_id}/")
+            assert status == 200 and body["path"]["kind"] == "relayed", body
+            host = next(ns for ns in item.namespaces if ns.startswith("np"))
+            moved = relayed.move_bytes(lab, item.buyer.ns, host, item.target, PAYLOAD)
+            assert moved["received"] == PAYLOAD, moved
+            print(f"\nprovider's router rebooted onto {new_address}: pings again {took:.1f} s "
+                  f"after; {moved['received']} bytes moved after")  # fmt: skip
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            (ARTIFACTS / "provider-reboot.json").write_text(
+                json.dumps({"pings_again_s": took, "relay_before": before, "relay_after": after})
+            )
+    finally:
+        for item in kept:
+            _close(lab, item.buyer.ns, item.conf, item.namespaces)
+        hub.stop()
+        gateway.stop()
