@@ -28,6 +28,7 @@ import itertools
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -383,6 +384,19 @@ class Lab:
             )
             run("ip", "netns", "exec", ns, "nft", "-f", "-", stdin=rules)
         return hosts
+
+    def reboot(self, router: str, new_public: str) -> None:
+        """The outermost router `router` comes back as a home router does after a reboot: a new
+        public address on its WAN (the ISP's new lease, on the same network) and no connection
+        state, so every mapping is gone (its nftables ruleset, which masquerades to whatever
+        address the WAN has, stays)."""
+        net = new_public.rsplit(".", 1)[0]
+        self.exec(router, "ip", "addr", "flush", "dev", "wan")
+        self.exec(router, "ip", "addr", "add", f"{new_public}/24", "dev", "wan")
+        self.exec(router, "ip", "route", "replace", "default", "via", f"{net}.1")
+        self.exec(
+            router, sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"
+        )
 
     def wireguard_name(self, role: str) -> str:
         name = f"nw{role}{next(self._serial)}x{self.suffix}"[:15]

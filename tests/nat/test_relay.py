@@ -259,14 +259,7 @@ def test_a_provider_whose_router_reboots_onto_a_new_address_is_followed_on_its_n
             router = next(ns for ns in lab.namespaces if ns.startswith("nr0"))
             new_address = f"{nat_lab.PROVIDER_NET}.250"
             rebooted = time.monotonic()
-            lab.exec(router, "ip", "addr", "flush", "dev", "wan")
-            lab.exec(router, "ip", "addr", "add", f"{new_address}/24", "dev", "wan")
-            lab.exec(
-                router, "ip", "route", "replace", "default", "via", f"{nat_lab.PROVIDER_NET}.1"
-            )
-            lab.exec(
-                router, sys.executable, "-c", "from pyroute2 import Conntrack; Conntrack().flush()"
-            )
+            lab.reboot(router, new_address)
 
             def pings_again() -> bool:
                 return lab.exec(
