@@ -36,7 +36,9 @@ Per repeat (the first one a warm-up, reported apart):
    GLOO_SOCKET_IFNAME eth0 or the veth), per `--sizes` MiB tensor one untimed all-reduce then
    `--reps` timed ones, each after a barrier; the figure per rep is the slower rank's, and each
    rank checks the sum. The mesh's TCP transfer is checked to have gone through the
-   node-to-node peer (its wireguard-go transfer counter grew by at least the bytes moved).
+   node-to-node peer (its wireguard-go transfer counter grew by at least the bytes moved), and
+   the two nodes' wireguard-go processes' CPU time during each transfer is read from /proc:
+   CPU seconds per second of transfer, how many cores the userspace WireGuard kept busy.
 4. stop the cluster order, until every part is `completed`.
 
 Prints one JSON object: per path the samples' p50/p95/min/max (ping in ms, TCP in MB/s,
@@ -231,6 +233,22 @@ def all_reduce_samples(rank_outputs: list[str], sizes: list[int]) -> dict[int, l
             raise RuntimeError(f"a rank saw a wrong sum at {mib} MiB: {rows}")
         samples[mib] = [max(times) for times in zip(*(row["seconds"] for row in rows), strict=True)]
     return samples
+
+
+def cpu_seconds(argv_words: set[str], proc: Path = Path("/proc")) -> tuple[int, float]:
+    """How many processes have all of `argv_words` in their argv (a word may be a program's
+    path: its base name counts), and their user + system CPU seconds together."""
+    count, total = 0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in proc.glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if not argv_words <= {*argv, *(Path(word).name for word in argv)}:
+                continue
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            count += 1
+    return count, total
 
 
 # -- the benchmark ---------------------------------------------------------------------------
@@ -459,8 +477,13 @@ def _run(args, bed, tmp, tag, sizes, provs, endpoints, ifaces, env, hosts, users
                 samples[name]["ping_lost"] += args.pings - len(rtts)
             for name, path in paths.items():
                 before = node_peer_bytes(at[0])
+                cpu_before = [cpu_seconds({"wireguard-go", iface}) for iface in ifaces]
                 moved = tcp_transfer(nsenter_net(pids[0]), nsenter_net(pids[1]),
                                      path["to"][0], size)  # fmt: skip
+                cpu_after = [cpu_seconds({"wireguard-go", iface}) for iface in ifaces]
+                if [n for n, _ in cpu_before + cpu_after] != [1] * 4:
+                    raise RuntimeError(f"not one wireguard-go per node: {cpu_before}, {cpu_after}")
+                cpu = sum(a[1] - b[1] for a, b in zip(cpu_after, cpu_before, strict=True))
                 grew = node_peer_bytes(at[0]) - before
                 if moved["received"] != size:
                     raise RuntimeError(f"short transfer on {name}: {moved}")
@@ -469,6 +492,8 @@ def _run(args, bed, tmp, tag, sizes, provs, endpoints, ifaces, env, hosts, users
                 if name == "veth" and grew >= size:
                     raise RuntimeError(f"the veth transfer crossed the node peer: {grew}")
                 samples[name]["tcp_MBps"].append(moved["MBps"])
+                # Both nodes' wireguard-go together: CPU seconds per second of the transfer.
+                samples[name]["wireguard_go_cores"].append(cpu / moved["seconds"])
             for name, path in paths.items():
                 ranks = []
                 port = str(GLOO_PORT + (name == "veth"))  # no TIME_WAIT left from the last
@@ -489,7 +514,7 @@ def _run(args, bed, tmp, tag, sizes, provs, endpoints, ifaces, env, hosts, users
             return {"mtu": mtus, "sandboxes": [box.address for box in boxes]}
 
         samples: dict[str, dict[str, Any]] = {
-            name: {"ping_ms": [], "ping_lost": 0, "tcp_MBps": [],
+            name: {"ping_ms": [], "ping_lost": 0, "tcp_MBps": [], "wireguard_go_cores": [],
                    "all_reduce_s": {mib: [] for mib in sizes}}
             for name in ("mesh", "veth")
         }  # fmt: skip
@@ -520,6 +545,7 @@ def _run(args, bed, tmp, tag, sizes, provs, endpoints, ifaces, env, hosts, users
         return {
             "ping_rtt_ms": {**summary(s["ping_ms"]), "lost": s["ping_lost"]},
             "tcp_MBps": summary(s["tcp_MBps"], 1),
+            "tcp_wireguard_go_cpu_cores_busy": summary(s["wireguard_go_cores"], 2),
             "all_reduce_ms": {
                 f"{mib}MiB": {
                     **summary([x * 1000 for x in secs], 1),

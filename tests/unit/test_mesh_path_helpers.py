@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -89,3 +91,32 @@ def test_all_reduce_samples_refuse_a_wrong_sum_or_a_silent_rank(mesh_path):
 def test_the_scripts_run_in_the_sandboxes_compile(mesh_path):
     compile(mesh_path.ALL_REDUCE, "all_reduce", "exec")
     compile(mesh_path.TCP_HELPER, "tcp_helper", "exec")
+
+
+BUSY = """
+import sys, time
+end = time.process_time() + 0.3
+while time.process_time() < end:
+    pass
+print("busy", flush=True)
+time.sleep(60)
+"""
+
+
+def test_cpu_seconds_finds_the_processes_by_their_argv_and_sums_their_cpu(mesh_path, tmp_path):
+    word = f"mesh-path-probe-{os.getpid()}"
+    busy = [
+        subprocess.Popen([sys.executable, "-c", BUSY, word], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        for proc in busy:
+            assert proc.stdout.readline() == "busy\n"
+        count, seconds = mesh_path.cpu_seconds({Path(sys.executable).name, word})
+        assert count == 2
+        assert 0.55 <= seconds < 5  # 0.3 s each of CPU, counted in clock ticks
+        assert mesh_path.cpu_seconds({word, "no-such-word"}) == (0, 0.0)
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
