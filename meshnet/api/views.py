@@ -5,8 +5,8 @@ Views are thin: they check shape with serializers and call meshnet.enrolment.
 
 from __future__ import annotations
 
-from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import mixins, status, viewsets
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -61,6 +61,39 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gen
 
     def get_queryset(self):
         return Node.objects.owned_by(self.request.user).prefetch_related("gpus").order_by("id")
+
+    @extend_schema(
+        operation_id="nodes_address",
+        responses={
+            200: OpenApiResponse(
+                inline_serializer("SeenAddress", {"address": serializers.IPAddressField()}),
+                description="the address this request came from",
+            ),
+            429: OpenApiResponse(
+                ErrorSerializer, description="too many requests from this address"
+            ),
+        },
+        summary="The address the gateway sees the caller at (called by `clawnode join`)",
+        description=(
+            "The source address of this request as the gateway counts it (REMOTE_ADDR, or the "
+            "client's address behind MOLT_TRUSTED_PROXIES). `clawnode join` asks it before "
+            "enrolling: when the machine holds that address itself, nothing translates its "
+            "packets, and it declares that address with its WireGuard port as its endpoint."
+        ),
+        auth=[],
+    )
+    # A machine learns its own address as others see it, which nothing else here tells it;
+    # no credential is needed (it says nothing the caller does not already know), and it is
+    # limited per address like enrolment.
+    @action(
+        detail=False,
+        methods=["get"],
+        permission_classes=[AllowAny],
+        authentication_classes=[],
+        throttle_classes=[EnrollThrottle],
+    )
+    def address(self, request: Request) -> Response:
+        return Response({"address": request.META.get("REMOTE_ADDR", "")})
 
     @extend_schema(
         operation_id="nodes_enroll",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import ipaddress
 import os
 import re
 import socket
@@ -26,7 +27,7 @@ from .backends.errors import WireGuardError
 from .backends.kernel import KernelBackend
 from .backends.userspace import UAPI_SOCKET_DIR, UserspaceBackend
 from .firewall import FirewallError
-from .gateway_http import GatewayError, build_enroll_envelope, enroll
+from .gateway_http import GatewayError, build_enroll_envelope, enroll, seen_address
 from .gpu import (
     GpuReader,
     NvmlGpuReader,
@@ -284,6 +285,55 @@ def _age(seconds: int) -> str:
 # -- join -----------------------------------------------------------------------------------------
 
 
+# Addresses that are never a machine's public one: a node holding one of these and seen at it
+# shares a private network with the gateway, and buyers elsewhere could not use it.
+_NOT_PUBLIC = [
+    ipaddress.ip_network(net)
+    for net in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+]
+
+
+def holds_address(address: str) -> bool:
+    """Whether this machine has `address` on an interface: only then can a socket bind it."""
+    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.bind((address, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _endpoint_if_public(gateway: str, listen_port: int, out: TextIO) -> str:
+    """The endpoint to declare when no --endpoint was given: this machine's own address and
+    WireGuard port when the gateway sees it at an address the machine holds (nothing
+    translates its packets, so buyers can send to it directly, and the gateway need not relay
+    it as it relays a node behind a NAT); "" otherwise, and the gateway learns the node's
+    mapping through its hub."""
+    seen = seen_address(gateway)
+    if seen is None:
+        return ""
+    address = ipaddress.ip_address(seen)
+    if (
+        address.is_loopback
+        or address.is_link_local
+        or address.is_unspecified
+        or address.is_multicast
+        or any(address in net for net in _NOT_PUBLIC)
+    ):
+        return ""
+    if not holds_address(seen):
+        return ""  # not ours: a NAT (or a proxy) is in between
+    host = f"[{seen}]" if address.version == 6 else seen
+    endpoint = f"{host}:{listen_port}"
+    _say(
+        out,
+        f"endpoint: {endpoint} (this machine holds the address the gateway sees it at: no NAT "
+        "in between; --endpoint overrides)",
+    )
+    return endpoint
+
+
 def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     try:
         gateway = normalize_gateway_url(args.gateway)
@@ -321,6 +371,8 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     report = reader.read()
     _say(out, f"GPUs: {report.summary()}")
 
+    if not endpoint:
+        endpoint = _endpoint_if_public(gateway, args.listen_port, out)
     _say(out, f"enrolling with {gateway}…")
     envelope = build_enroll_envelope(
         identity,

@@ -8,6 +8,7 @@ an error.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import ssl
@@ -28,9 +29,11 @@ __all__ = [
     "GatewayError",
     "build_enroll_envelope",
     "enroll",
+    "seen_address",
 ]
 
 ENROLL_PATH = "/api/v1/nodes/enroll/"
+ADDRESS_PATH = "/api/v1/nodes/address/"
 MAX_RESPONSE_BYTES = 1 << 20
 USER_AGENT = f"clawnode/{__version__}"
 
@@ -128,17 +131,18 @@ def _detail(body: bytes) -> str:
     return str(data)[:200]
 
 
-def _post_json(url: str, payload: dict[str, Any], timeout: float, what: str) -> dict[str, Any]:
-    data = json.dumps(payload).encode("utf-8")
+def _post_json(
+    url: str, payload: dict[str, Any] | None, timeout: float, what: str
+) -> dict[str, Any]:
+    """POST `payload` as JSON (or GET, with None) and return the JSON object answered."""
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    if payload is not None:
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(  # noqa: S310 (the scheme is checked: http or https)
         url,
-        data=data,
-        method="POST",
-        headers={
-            "Content-Type": "application/json",
-            "Accept": "application/json",
-            "User-Agent": USER_AGENT,
-        },
+        data=None if payload is None else json.dumps(payload).encode("utf-8"),
+        method="GET" if payload is None else "POST",
+        headers=headers,
     )
     opener = urllib.request.build_opener(_NoRedirect())
     base = f"{urlsplit(url).scheme}://{urlsplit(url).netloc}"
@@ -239,6 +243,23 @@ def _parse_response(data: dict[str, Any], gateway: str, identity: Identity) -> E
         region=region if isinstance(region := data.get("region"), str) else "",
         gateway_key_sequence=sequence,
     )
+
+
+def seen_address(gateway: str, *, timeout: float = 10.0) -> str | None:
+    """The address the gateway sees this machine at (GET nodes/address/), or None when it
+    cannot say: a gateway that predates the call, or anything else that fails. Nothing depends
+    on it but the choice of a default endpoint (cli.cmd_join), so a failure is not an error."""
+    try:
+        data = _post_json(gateway + ADDRESS_PATH, None, timeout, "address lookup")
+    except GatewayError:
+        return None
+    address = data.get("address")
+    if not isinstance(address, str):
+        return None
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 def enroll(

@@ -29,6 +29,15 @@ def agent():
     return APIClient(enforce_csrf_checks=True)
 
 
+def test_a_machine_is_told_the_address_it_is_seen_at_with_no_credential(agent):
+    """What `clawnode join` compares with its own addresses (docs/provider.md): the request's
+    source, nothing else, for anybody."""
+    response = agent.get("/api/v1/nodes/address/", REMOTE_ADDR="203.0.113.40")
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {"address": "203.0.113.40"}
+
+
 # --- enrolment tokens ------------------------------------------------------------------------
 
 

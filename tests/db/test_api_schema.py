@@ -22,6 +22,7 @@ PATHS = {
     "/api/v1/nodes/": {"get"},
     "/api/v1/nodes/{id}/": {"get"},
     "/api/v1/nodes/enroll/": {"post"},
+    "/api/v1/nodes/address/": {"get"},
     "/api/v1/listings/": {"get", "post"},
     "/api/v1/listings/{id}/": {"get", "patch", "delete"},
     "/api/v1/orders/": {"get", "post"},

@@ -212,3 +212,17 @@ def test_the_password_change_counts_wrong_old_passwords_like_log_ins(client, buy
     assert "failed log-ins" in right.content.decode()
     buyer.refresh_from_db()
     assert buyer.check_password("alice-pass-123")
+
+
+def test_asking_for_ones_address_shares_the_enrolment_limit():
+    """`GET nodes/address/` needs no credential; `clawnode join` calls it once before it
+    enrols, so it counts in the same per-address budget as enrolment."""
+    client = APIClient()
+    for _ in range(30):
+        assert client.get("/api/v1/nodes/address/", REMOTE_ADDR="203.0.113.22").status_code == 200
+    statuses = [
+        client.post(ENROLL_URL, {"garbage": True}, format="json", REMOTE_ADDR="203.0.113.22")
+        for _ in range(31)
+    ]
+    assert statuses[29].status_code == 400
+    assert statuses[30].status_code == 429

@@ -5,8 +5,9 @@ coordinator; this one runs what a provider and a buyer run. In the lab's service
 gateway (uvicorn, a Celery worker and a redis-server of its own, tests/nat/services.py), the hub
 (`manage.py run_hub`) and one relay (`python -m meshnet.relay`, asking the gateway's control API
 for its pairs with its token, as deployed). Per cell: the provider's site runs `clawnode join`
-then the `clawnode run` daemon (userspace wireguard-go backend, nftables firewall), declaring an
-endpoint only when public (a provider behind a NAT passes no flag); a listing on the node; the
+then the `clawnode run` daemon (userspace wireguard-go backend, nftables firewall), with no
+--endpoint anywhere (the public provider declares its own address by itself: it holds the address
+the gateway sees it at; one behind a NAT declares nothing); a listing on the node; the
 buyer's site places the order through the API, downloads its wg-quick file and brings it up with
 Debian's `wg-quick` (WG_QUICK_USERSPACE_IMPLEMENTATION=wireguard-go). The buyer pings the node's
 tunnel address and moves 8 MB to it; the cell records the order's `path` from the API, the
@@ -164,15 +165,18 @@ class Site:
 def _provider(lab, gateway, owner, host, kind: nat_lab.Kind, tmp_path: Path) -> Node:
     """`clawnode join` and `clawnode run` in the provider's site; the node once it reported."""
     state_dir = tmp_path / f"clawnode-{host.ns}"
-    declared = ["--endpoint", f"{host.address}:51820"] if kind.public else []
+    # No --endpoint, public or not: the install line's join. A public machine holds the
+    # address the gateway sees it at and declares it itself (cli.cmd_join).
     joined = lab.exec(
         host.ns, str(BIN / "clawnode"), "join", "--gateway", gateway.url, "--insecure",
         "--token", create_enrollment_token(owner).token, "--state-dir", str(state_dir),
-        "--interface", lab.wireguard_name("p"), "--backend", "userspace", *declared,
+        "--interface", lab.wireguard_name("p"), "--backend", "userspace",
         "--simulated-gpus", "RTX 4090:1", timeout=60,
     )  # fmt: skip
     match = re.search(r"(node-\d+) joined the mesh", joined.stdout)
     assert match, joined.stdout + joined.stderr
+    declared = Node.objects.get(name=match.group(1)).declared_endpoint
+    assert declared == (f"{host.address}:51820" if kind.public else ""), joined.stdout
     log = open(tmp_path / f"agent-{host.ns}.log", "wb")  # noqa: SIM115  (the child holds it)
     lab.popen(
         host.ns,

@@ -446,3 +446,60 @@ def test_run_takes_the_simulated_gpus_from_a_file_or_a_spec_not_both(tmp_path, m
     both = ["--simulated-gpus-file", gpus, "--simulated-gpus", "RTX 4090:1"]
     assert main(["run", "--state-dir", str(tmp_path), *both]) == 1
     assert "give one of them" in capsys.readouterr().err
+
+
+def _join_seen_at(tmp_path, monkeypatch, seen, holds, *extra) -> dict:
+    """`clawnode join` against a gateway that sees the machine at `seen` (None: it cannot
+    say), the machine holding that address or not; the enrolment envelope it sent."""
+    sent: dict = {}
+
+    def enroll(gateway, envelope, identity):
+        sent.update(envelope["body"])
+        return EnrollResponse(
+            node_id=identity.node_id,
+            name="node-47",
+            mesh_address="10.100.128.47",
+            gateway_public_key=Identity.generate().public_key_b64,
+            websocket_url="ws://127.0.0.1:9/ws/agent/",
+        )
+
+    monkeypatch.setattr(cli, "enroll", enroll)
+    monkeypatch.setattr(cli, "seen_address", lambda gateway: seen)
+    monkeypatch.setattr(cli, "holds_address", lambda address: holds)
+    rc = main(
+        ["join", "--gateway", "http://127.0.0.1:9", "--token", "t", "--simulated-gpus",
+         "RTX 4090:1", "--state-dir", str(tmp_path / "state"), *extra]
+    )  # fmt: skip
+    assert rc == 0
+    return sent
+
+
+def test_a_machine_that_holds_the_address_the_gateway_sees_declares_it_as_its_endpoint(
+    tmp_path, monkeypatch, capsys
+):
+    sent = _join_seen_at(tmp_path, monkeypatch, "203.0.113.5", True, "--listen-port", "51999")
+    assert sent["endpoint"] == "203.0.113.5:51999"
+    assert "endpoint: 203.0.113.5:51999 (this machine holds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("seen", "holds", "extra"),
+    [
+        ("203.0.113.5", False, []),  # seen at an address it does not hold: a NAT in between
+        (None, True, []),  # a gateway that cannot say (predates the call, or failed)
+        ("192.168.1.5", True, []),  # a private network shared with the gateway
+        ("100.64.0.9", True, []),  # carrier-grade NAT's range
+        ("127.0.0.1", True, []),  # the gateway on the same machine
+        ("203.0.113.5", True, ["--endpoint", "gw.example.net:51820"]),  # declared wins
+    ],
+)
+def test_no_endpoint_is_declared_for_a_machine_behind_a_nat_or_on_a_private_network(
+    tmp_path, monkeypatch, seen, holds, extra
+):
+    sent = _join_seen_at(tmp_path, monkeypatch, seen, holds, *extra)
+    assert sent.get("endpoint", "") == (extra[1] if extra else "")
+
+
+def test_an_address_is_held_when_a_socket_can_bind_it():
+    assert cli.holds_address("127.0.0.1")
+    assert not cli.holds_address("192.0.2.77")  # documentation range: on no interface here
