@@ -220,8 +220,15 @@ class Relay:
             self.routes.clear()
         self._ruleset_dirty = False
 
-    def status(self) -> dict:
-        kernel = fastpath.forwarded_bytes() if self.fast_path and self.routes else {}
+    async def kernel_bytes(self) -> dict[int, int]:
+        """Bytes the kernel forwarded per zone, read by `nft` in a thread: a subprocess on the
+        event loop would hold up every packet Python forwards while it runs, each poll."""
+        if not (self.fast_path and self.routes):
+            return {}
+        return await asyncio.get_running_loop().run_in_executor(None, fastpath.forwarded_bytes)
+
+    def status(self, kernel: dict[int, int]) -> dict:
+        """The relay's pairs and load; `kernel` from kernel_bytes()."""
         out = []
         for pair_id, pair in self.pairs.items():
             entry = pair.status()
@@ -293,8 +300,9 @@ async def serve(args: argparse.Namespace) -> None:
                     last_mtime = mtime
                     await relay.load(parse_allocations(Path(args.allocations).read_bytes()))
             else:
+                status = relay.status(await relay.kernel_bytes())
                 allocations = await loop.run_in_executor(
-                    None, fetch_control, args.control, token, relay.status()
+                    None, fetch_control, args.control, token, status
                 )
                 await relay.load(allocations)
         except (OSError, ValueError, KeyError) as exc:
@@ -302,7 +310,7 @@ async def serve(args: argparse.Namespace) -> None:
             log.warning("allocations not refreshed: %s", exc)
         if args.status:
             tmp = Path(args.status + ".tmp")
-            tmp.write_text(json.dumps(relay.status()))
+            tmp.write_text(json.dumps(relay.status(await relay.kernel_bytes())))
             tmp.replace(args.status)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=args.poll)
