@@ -370,3 +370,125 @@ def unused_udp_ports() -> tuple[int, int]:
                 probe.close()
         return low, low + 1
     pytest.fail("no two consecutive free UDP ports in 47000-48000")
+
+
+# --- what mutation testing found unguarded (make mutate MODULES=relay_pairs) ----------------
+
+
+def test_an_allocation_is_read_exactly_and_its_ports_checked_at_both_ends():
+    entry = {"id": 7, "buyer_port": 1, "provider_port": 65535, "buyer_key": BUYER_KEY,
+             "provider_key": PROVIDER_KEY}  # fmt: skip
+    assert pairs.Allocation.from_dict(entry) == pairs.Allocation(
+        "7", 1, 65535, BUYER_KEY, PROVIDER_KEY
+    )
+    for port in (0, 65536):
+        with pytest.raises(ValueError, match=f"^port out of range: {port}$"):
+            pairs.Allocation.from_dict({**entry, "buyer_port": port})
+    with pytest.raises(ValueError, match=r"^a pair needs two ports$"):
+        pairs.Allocation.from_dict({**entry, "buyer_port": 65535})
+    with pytest.raises(ValueError):
+        pairs.Allocation.from_dict({**entry, "provider_key": "short"})
+
+
+def test_a_session_learned_again_is_the_newest_and_the_oldest_is_forgotten_first():
+    side = pairs.Side()
+    for index in (1, 2):
+        side.learn_session(index)
+    side.sessions[1] = 5  # a counter seen in session 1
+    side.learn_session(1)  # a handshake made it again: newest, nothing seen in it yet
+    assert side.sessions == {2: -1, 1: -1} and list(side.sessions) == [2, 1]
+    for index in (3, 4):
+        side.learn_session(index)
+    assert list(side.sessions) == [1, 3, 4]
+
+
+def test_a_handshake_again_from_the_same_places_changes_nothing_and_moves_count_each_move():
+    pair = _pair()
+    _handshake(pair)
+    pair.receive(pairs.BUYER, BUYER_AT, initiation(21, PROVIDER_KEY), 1.0)
+    assert pair.receive(pairs.PROVIDER, PROVIDER_AT, response(22, 21, BUYER_KEY), 1.1) == (
+        BUYER_AT,
+        False,
+    )
+    assert pair.counters.moved == 0
+    for n, port in enumerate((60001, 60002), start=1):
+        pair.receive(pairs.BUYER, ("198.51.100.7", port), data(12, counter=n), 2.0 + n)
+    assert pair.counters.moved == 2
+
+
+def test_the_provider_may_initiate_from_a_new_address_and_the_buyer_answer():
+    pair = _pair()
+    _handshake(pair)  # the buyer initiated that one
+    rebound = ("203.0.113.9", 40404)
+    to, changed = pair.receive(pairs.PROVIDER, rebound, initiation(31, BUYER_KEY), 1.0)
+    assert (to, changed) == (BUYER_AT, False)  # forwarded; nothing moves before the answer
+    to, changed = pair.receive(pairs.BUYER, BUYER_AT, response(32, 31, PROVIDER_KEY), 1.1)
+    assert (to, changed) == (rebound, True)
+    assert pair.sides[pairs.PROVIDER].address == rebound
+    assert pair.sides[pairs.BUYER].address == BUYER_AT
+    # The provider's data names the buyer's new index, the buyer's the provider's.
+    assert list(pair.sides[pairs.PROVIDER].sessions)[-1] == 32
+    assert list(pair.sides[pairs.BUYER].sessions)[-1] == 31
+
+
+def test_a_response_from_a_side_not_heard_yet_places_it_and_one_from_a_stranger_is_dropped():
+    pair = _pair()
+    to, changed = pair.receive(pairs.PROVIDER, PROVIDER_AT, response(1, 77, BUYER_KEY), 0.0)
+    assert (to, changed) == (None, True)  # nobody to send it to yet
+    assert pair.sides[pairs.PROVIDER].address == PROVIDER_AT
+    dropped = pair.counters.dropped
+    assert pair.receive(pairs.PROVIDER, ATTACKER_AT, response(2, 78, BUYER_KEY), 0.1) == (
+        None,
+        False,
+    )
+    assert pair.counters.dropped == dropped + 1
+    assert pair.sides[pairs.PROVIDER].address == PROVIDER_AT
+
+
+def test_an_initiation_is_answered_until_exactly_its_pending_time_at_any_clock_value():
+    # time.monotonic() is large on a machine that has been up a while.
+    start = 100_000.0
+    pair = _pair()
+    _handshake(pair)
+    moved = ("198.51.100.7", 60004)
+    pair.receive(pairs.BUYER, moved, initiation(41, PROVIDER_KEY), start)
+    # Another initiation exactly PENDING_SECONDS later does not expire the first.
+    pair.receive(pairs.BUYER, ATTACKER_AT, initiation(42, PROVIDER_KEY), start + 1)
+    later = start + pairs.PENDING_SECONDS
+    pair.receive(pairs.BUYER, ATTACKER_AT, initiation(43, PROVIDER_KEY), later)
+    assert 41 in pair.sides[pairs.BUYER].pending
+    to, changed = pair.receive(pairs.PROVIDER, PROVIDER_AT, response(44, 41, BUYER_KEY), later)
+    assert (to, changed) == (moved, True)
+
+
+def test_data_from_where_a_side_is_passes_whatever_session_it_names():
+    """A session the relay did not see made (one from before the relay started, say) still
+    carries data from the side's own address: only a move needs the session."""
+    pair = _pair()
+    _handshake(pair)
+    assert pair.receive(pairs.BUYER, BUYER_AT, data(999), 1.0) == (PROVIDER_AT, False)
+    sizes = [64, 96, 1452]
+    before = pair.counters.forwarded_bytes
+    for size in sizes:
+        pair.receive(pairs.BUYER, BUYER_AT, data(12, size), 1.0)
+    assert pair.counters.forwarded_bytes == before + sum(sizes)
+
+
+def test_status_says_where_each_side_is_and_what_was_forwarded():
+    pair = _pair()
+    assert pair.status() == {
+        "id": "p", "buyer_port": 40000, "provider_port": 40001, "buyer": None,
+        "provider": None, "handshaken": False,
+        "forwarded": {"1": 0, "2": 0, "3": 0, "4": 0}, "forwarded_bytes": 0, "dropped": 0,
+        "moved": 0,
+    }  # fmt: skip
+    _handshake(pair)
+    pair.receive(pairs.BUYER, BUYER_AT, data(12, 100), 1.0)
+    pair.receive(pairs.BUYER, ("198.51.100.7", 60005), data(12, 32, counter=8), 2.0)
+    status = pair.status()
+    assert status["buyer"] == "198.51.100.7:60005"
+    assert status["provider"] == "203.0.113.9:51820"
+    assert status["handshaken"] is True
+    assert status["forwarded"] == {"1": 1, "2": 1, "3": 0, "4": 2}
+    assert status["forwarded_bytes"] == 148 + 92 + 100 + 32
+    assert (status["dropped"], status["moved"]) == (1, 1)
