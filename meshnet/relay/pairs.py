@@ -69,6 +69,10 @@ class Allocation:
     buyer_key: str  # the job peer's (buyer's) WireGuard public key
     provider_key: str  # the provider node's WireGuard public key
 
+    def port(self, side: str) -> int:
+        """The relay port `side` sends to (and receives the other side's packets from)."""
+        return self.buyer_port if side == BUYER else self.provider_port
+
     @classmethod
     def from_dict(cls, data: dict) -> Allocation:
         allocation = cls(

@@ -109,7 +109,7 @@ class Relay:
         for pair_id, allocation in wanted.items():
             if pair_id in self.pairs:
                 continue
-            ports = {pairs.BUYER: allocation.buyer_port, pairs.PROVIDER: allocation.provider_port}
+            ports = {side: allocation.port(side) for side in (pairs.BUYER, pairs.PROVIDER)}
             if not all(low <= port <= high for port in ports.values()):
                 log.warning("pair %s: ports outside %s-%s, skipped", pair_id, low, high)
                 continue
@@ -137,8 +137,8 @@ class Relay:
     def _close(self, pair_id: str) -> None:
         pair = self.pairs.pop(pair_id, None)
         if pair is not None:
-            for port in (pair.allocation.buyer_port, pair.allocation.provider_port):
-                self.owners.pop(port, None)
+            for side in (pairs.BUYER, pairs.PROVIDER):
+                self.owners.pop(pair.allocation.port(side), None)
         if self.routes.pop(pair_id, None) is not None:
             self._ruleset_dirty = True
         log.info("pair %s closed", pair_id)
@@ -156,7 +156,7 @@ class Relay:
             return
         pair_id, side = owner
         pair = self.pairs[pair_id]
-        if pair.foreign_initiation(side, data):
+        if data[:1] == b"\x01" and pair.foreign_initiation(side, data):
             # Made for the pair the gateway gave this port to next (this one ends at the next
             # poll): kept for it, as for a port with no pair. The pair here drops it below.
             self.early[port] = (data, source, time.monotonic())
@@ -178,13 +178,7 @@ class Relay:
             del self.routes[pair_id]
             self._ruleset_dirty = True
         if destination is not None:
-            other = pair.other(side)
-            out_port = (
-                pair.allocation.buyer_port
-                if other == pairs.BUYER
-                else pair.allocation.provider_port
-            )
-            out = self.sockets.get(out_port)
+            out = self.sockets.get(pair.allocation.port(pair.other(side)))
             if out is not None:
                 out.sendto(data, destination)
         if pair.handshaken and pair.both_known and pair_id not in self.routes:

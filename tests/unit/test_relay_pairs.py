@@ -492,3 +492,8 @@ def test_status_says_where_each_side_is_and_what_was_forwarded():
     assert status["forwarded"] == {"1": 1, "2": 1, "3": 0, "4": 2}
     assert status["forwarded_bytes"] == 148 + 92 + 100 + 32
     assert (status["dropped"], status["moved"]) == (1, 1)
+
+
+def test_each_side_sends_to_its_own_port_of_the_pair():
+    allocation = pairs.Allocation("p", 40000, 40001, BUYER_KEY, PROVIDER_KEY)
+    assert (allocation.port(pairs.BUYER), allocation.port(pairs.PROVIDER)) == (40000, 40001)
