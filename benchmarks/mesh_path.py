@@ -59,7 +59,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -602,27 +601,12 @@ def main() -> int:
     for tool in ("podman", "nsenter", "ping", "ssh-keygen"):
         if shutil.which(tool) is None:
             raise SystemExit(f"needs {tool} on PATH")
-    database_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-    tt.check_bench_database(database_url)
-    tt.sigterm_raises()
-    tmp = Path(tempfile.mkdtemp(prefix="molt-bench-meshpath-"))
-    ok = False
-    try:
-        tt.fresh_database(database_url)
-        tt.flush_redis(REDIS_DB)
-        result, ok = run(args, database_url, tmp)
-        print(json.dumps(result, indent=2))
-    finally:
-        with contextlib.suppress(Exception):
-            from django.db import connections
-
-            connections.close_all()
-        with contextlib.suppress(Exception):
-            tt.drop_database(database_url)
-        with contextlib.suppress(Exception):
-            tt.flush_redis(REDIS_DB)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if ok else 1
+    return tt.run_on_a_fresh_database(
+        lambda database_url, tmp: run(args, database_url, tmp),
+        default_url=DEFAULT_DATABASE_URL,
+        redis_db=REDIS_DB,
+        prefix="molt-bench-meshpath-",
+    )
 
 
 if __name__ == "__main__":

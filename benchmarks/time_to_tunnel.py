@@ -163,6 +163,40 @@ def sigterm_raises() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def run_on_a_fresh_database(
+    run: Callable[[str, Path], tuple[dict[str, Any], bool]],
+    *,
+    default_url: str,
+    redis_db: int,
+    prefix: str,
+) -> int:
+    """The frame of a benchmark that runs a real gateway: a database created for the run
+    (DATABASE_URL, else `default_url`; dropped after it, also on SIGTERM), its Redis db flushed
+    before and after, a temporary folder; `run(database_url, tmp)` returns the figures, printed
+    as JSON, and whether they are valid (the exit status)."""
+    database_url = os.environ.get("DATABASE_URL", default_url)
+    check_bench_database(database_url)
+    sigterm_raises()
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    ok = False
+    try:
+        fresh_database(database_url)
+        flush_redis(redis_db)
+        result, ok = run(database_url, tmp)
+        print(json.dumps(result, indent=2))
+    finally:
+        with contextlib.suppress(Exception):
+            from django.db import connections
+
+            connections.close_all()
+        with contextlib.suppress(Exception):
+            drop_database(database_url)
+        with contextlib.suppress(Exception):
+            flush_redis(redis_db)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if ok else 1
+
+
 def require_root_and_tools() -> None:
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, wireguard-go)")
@@ -727,27 +761,12 @@ def main() -> int:
     parser.add_argument("--orders", type=int, default=50, help="measured orders (default 50)")
     args = parser.parse_args()
     require_root_and_tools()
-    database_url = os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL)
-    check_bench_database(database_url)
-    sigterm_raises()
-    tmp = Path(tempfile.mkdtemp(prefix="molt-bench-tunnel-"))
-    ok = False
-    try:
-        fresh_database(database_url)
-        flush_redis(REDIS_DB)
-        result, ok = run(args, database_url, tmp)
-        print(json.dumps(result, indent=2))
-    finally:
-        with contextlib.suppress(Exception):
-            from django.db import connections
-
-            connections.close_all()
-        with contextlib.suppress(Exception):
-            drop_database(database_url)
-        with contextlib.suppress(Exception):
-            flush_redis(REDIS_DB)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return 0 if ok else 1
+    return run_on_a_fresh_database(
+        lambda database_url, tmp: run(args, database_url, tmp),
+        default_url=DEFAULT_DATABASE_URL,
+        redis_db=REDIS_DB,
+        prefix="molt-bench-tunnel-",
+    )
 
 
 if __name__ == "__main__":
