@@ -4,11 +4,15 @@ plus the one call that applies it).
 Once both sides of a pair have handshaken through the relay, the relay installs, for that pair
 (relay address R, buyer at B:b sending to R:bp, provider at P:p sending to R:pp):
 
-- raw prerouting: packets from exactly B:b to R:bp, or from P:p to R:pp, are tracked in a
-  conntrack zone of their own (`ct zone set Z`); every other packet to the relay's ports is
-  `notrack`, and so are the relay's own sends from them: Python's flows never create
-  conntrack state, so a new source always reaches the Python socket, and no stale entry can
-  capture a pair's packets after its rules change;
+- raw prerouting: transport data (WireGuard message type 4, the first byte of the UDP
+  payload) from exactly B:b to R:bp, or from P:p to R:pp, is tracked in a conntrack zone of
+  its own (`ct zone set Z`); every other packet to the relay's ports is `notrack`, and so are
+  the relay's own sends from them: Python's flows never create conntrack state, so a new
+  source always reaches the Python socket, and no stale entry can capture a pair's packets
+  after its rules change. Handshake messages are never tracked, even from the known
+  addresses: Python sees every handshake (one per pair every 2 minutes, WireGuard's rekey), so
+  it knows each session's indexes (pairs.py), which is what lets a side that moved be found on
+  its next packet;
 - nat prerouting: B:b -> R:bp is `dnat`ed to P:p, P:p -> R:pp to B:b;
 - nat postrouting: in zone Z, the forwarded packet leaves from R:pp toward P (from R:bp toward
   B), so each side keeps seeing the relay port it sends to;
@@ -30,6 +34,9 @@ import subprocess
 from dataclasses import dataclass
 
 TABLE = "molt_relay"
+# The first byte of the UDP payload (bit 64 of the transport header) is WireGuard's message
+# type: 4, transport data. Only it goes through the kernel; handshakes go to Python.
+TRANSPORT_ONLY = "@th,64,8 4"
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,9 @@ def ruleset(relay_address: str, port_range: tuple[int, int], routes: list[Route]
         z = route.zone
         track += [
             f"    ip saddr {b_ip} udp sport {b_port} udp dport {route.buyer_port} "
-            f"ct zone set {z} accept",
+            f"{TRANSPORT_ONLY} ct zone set {z} accept",
             f"    ip saddr {p_ip} udp sport {p_port} udp dport {route.provider_port} "
-            f"ct zone set {z} accept",
+            f"{TRANSPORT_ONLY} ct zone set {z} accept",
         ]
         dnat += [
             f"    ct zone {z} ip saddr {b_ip} udp sport {b_port} udp dport {route.buyer_port} "
