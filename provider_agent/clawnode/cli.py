@@ -158,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--endpoint",
         default="",
-        help="HOST:PORT buyers should send WireGuard packets to (default: what the gateway sees)",
+        help="HOST:PORT buyers should send WireGuard packets to (default: this machine's address "
+        "when the gateway sees it at one the machine holds, else what the gateway observes); "
+        "'none': declare nothing (a public address that changes)",
     )
     join.add_argument(
         "--simulated-gpus",
@@ -342,6 +344,11 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     except StateError as exc:
         raise CliError(str(exc)) from None
     endpoint = args.endpoint.strip()
+    # "none": the provider asks for no declaration at all, not even the address join would find
+    # (a public address that changes: a declared one would go stale, an observed one follows).
+    detect = endpoint.lower() != "none"
+    if not detect:
+        endpoint = ""
     if endpoint:
         try:
             wire.parse_endpoint(endpoint)
@@ -371,7 +378,7 @@ def cmd_join(args: argparse.Namespace, out: TextIO) -> int:
     report = reader.read()
     _say(out, f"GPUs: {report.summary()}")
 
-    if not endpoint:
+    if not endpoint and detect:
         endpoint = _endpoint_if_public(gateway, args.listen_port, out)
     _say(out, f"enrolling with {gateway}…")
     envelope = build_enroll_envelope(

@@ -491,13 +491,15 @@ def test_a_machine_that_holds_the_address_the_gateway_sees_declares_it_as_its_en
         ("100.64.0.9", True, []),  # carrier-grade NAT's range
         ("127.0.0.1", True, []),  # the gateway on the same machine
         ("203.0.113.5", True, ["--endpoint", "gw.example.net:51820"]),  # declared wins
+        ("203.0.113.5", True, ["--endpoint", "none"]),  # asked for no declaration at all
     ],
 )
 def test_no_endpoint_is_declared_for_a_machine_behind_a_nat_or_on_a_private_network(
     tmp_path, monkeypatch, seen, holds, extra
 ):
     sent = _join_seen_at(tmp_path, monkeypatch, seen, holds, *extra)
-    assert sent.get("endpoint", "") == (extra[1] if extra else "")
+    declared = extra[1] if extra and extra[1] != "none" else ""
+    assert sent.get("endpoint", "") == declared
 
 
 def test_an_address_is_held_when_a_socket_can_bind_it():
