@@ -24,7 +24,7 @@ from meshnet.relay.server import parse_allocations
 from tests import factories
 from tests.factories import USD
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 ORDERS = "/api/v1/orders/"
 PAIRS = "/api/v1/relay/pairs/"

@@ -10,6 +10,8 @@ import pytest
 from clawnode.sandbox.engine import ContainerSpec, EngineError
 from clawnode.sandbox.podman import SANDBOX_CAPABILITIES, PodmanEngine
 
+pytestmark = pytest.mark.unit
+
 
 def fake_podman(tmp_path: Path, run_stderr: str = "", run_code: int = 0) -> Path:
     """A podman that appends each argv (JSON) to calls.jsonl; `run` answers as told, `inspect`
