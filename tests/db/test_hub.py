@@ -31,7 +31,7 @@ from meshnet.peers import validate_peer_key
 from meshnet.wgconfig import buyer_config
 from tests import factories
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 HUB_AT = "192.0.2.10:51800"
 

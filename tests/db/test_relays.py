@@ -24,7 +24,7 @@ from meshnet.relay.server import parse_allocations
 from tests import factories
 from tests.factories import USD
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.db, pytest.mark.django_db]
 
 ORDERS = "/api/v1/orders/"
 PAIRS = "/api/v1/relay/pairs/"
@@ -567,3 +567,144 @@ def test_the_ops_dashboards_relay_card_costs_the_same_queries_with_four_times_th
         _order(buyer_api, listing)
     assert RelayAllocation.objects.values("relay").distinct().count() == 4
     assert queries() == once
+
+
+def test_a_relays_report_settles_only_its_own_pairs_upgrades(buyer_api, listing, node, settings):
+    """A relay names pairs by job peer id; one that names another relay's pair (a stale or a
+    wrong report) neither frees it as direct nor gives its upgrade up."""
+    relay, _order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    settings.MOLT_RELAY_MODE = "off"
+    _poll(relay, peer, 500)
+    _poll(relay, peer, 500)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
+    other = _relay("eu-2", "eu-west", "198.51.100.54")
+    _backdate(peer, started=relays.UPGRADE_GIVE_UP_SECONDS + 1, quiet=relays.UPGRADE_QUIET_SECONDS)
+    _node_received(peer, 4096)
+    before = RelayAllocation.objects.get(job_peer=peer)
+
+    decided = relays.settle_upgrades(other, {peer.pk: 900}, timezone.now())
+    _poll(other, peer, 900)
+
+    assert decided == {"direct": 0, "relayed": 0}
+    after = RelayAllocation.objects.get(job_peer=peer)
+    assert after.upgrade_started_at == before.upgrade_started_at
+    assert (after.upgrade_relay_bytes, after.upgrade_failed_at) == (500, None)
+    # Its own relay's report decides it: quiet for the period, the node received: direct. (A
+    # row with no quiet start recorded counts its quiet from the upgrade's start.)
+    RelayAllocation.objects.filter(job_peer=peer).update(upgrade_relay_quiet_since=None)
+    assert relays.settle_upgrades(relay, {peer.pk: 500}, timezone.now()) == {
+        "direct": 1,
+        "relayed": 0,
+    }
+
+
+def test_a_pair_the_relay_did_not_report_does_not_hold_up_its_other_pairs(
+    buyer_api, listing, node, settings
+):
+    relay, _first_order, first = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    second = _order(buyer_api, listing).job_peer
+    JobPeer.objects.filter(pk=second.pk).update(observed_endpoint="198.51.100.8:51820")
+    settings.MOLT_RELAY_MODE = "off"
+    for peer in (first, second):
+        _poll(relay, peer, 500)
+        _poll(relay, peer, 500)
+        assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
+        _backdate(peer, started=90, quiet=relays.UPGRADE_QUIET_SECONDS + 1)
+        _node_received(peer, 4096)
+    # Both started in the same instant: deciding one must not decide the other.
+    RelayAllocation.objects.filter(job_peer__in=[first, second]).update(
+        upgrade_started_at=timezone.now() - timedelta(seconds=90)
+    )
+
+    # This poll names the second pair only (the first's count was not read this time).
+    decided = relays.settle_upgrades(relay, {second.pk: 500}, timezone.now())
+
+    assert decided == {"direct": 1, "relayed": 0}
+    assert not RelayAllocation.objects.filter(job_peer=second).exists()
+    assert RelayAllocation.objects.get(job_peer=first).upgrade_started_at is not None
+
+
+def test_without_the_buyers_mapping_a_pair_cannot_go_direct_whatever_the_mode(
+    buyer_api, listing, node, settings
+):
+    _relay("eu-1", "eu-west", "198.51.100.53")
+    peer = _order(buyer_api, listing).job_peer
+    settings.MOLT_RELAY_MODE = "off"  # the node no longer wants a relay
+
+    def allocation():
+        return RelayAllocation.objects.select_related("job_peer__node").get(job_peer=peer)
+
+    assert not relays.can_go_direct(allocation())
+    JobPeer.objects.filter(pk=peer.pk).update(observed_endpoint="198.51.100.7:51820")
+    assert relays.can_go_direct(allocation())
+
+
+def test_traffic_through_the_relay_restarts_the_quiet_period_from_what_the_node_had_then(
+    buyer_api, listing, node, settings
+):
+    """Direct needs a quiet relay AND the node receiving from the buyer since the quiet began:
+    relayed traffic rebases both, so neither an earlier quiet nor bytes the node received
+    before it count."""
+    relay, _order, peer = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    settings.MOLT_RELAY_MODE = "off"
+    _poll(relay, peer, 500)
+    _poll(relay, peer, 500)
+    _backdate(peer, started=200, quiet=200)
+    _node_received(peer, 4096)
+    _poll(relay, peer, 900)  # the relay carried some: quiet from now, rx counted from now
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_peer_rx == peer.traffic_totals()[0]
+
+    # Quiet long enough since, but the node received nothing more: an idle tunnel, not direct.
+    _backdate(peer, started=250, quiet=relays.UPGRADE_QUIET_SECONDS + 1)
+    _poll(relay, peer, 900)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
+
+    # Traffic again, then the node receives: quiet only just began, nothing decided yet.
+    _poll(relay, peer, 950)
+    _node_received(peer, 4096)
+    _poll(relay, peer, 950)
+    assert RelayAllocation.objects.get(job_peer=peer).upgrade_started_at is not None
+
+
+def test_the_nodes_own_region_is_preferred_to_an_any_region_relay_with_fewer_pairs(
+    buyer_api, listing, node
+):
+    own = _relay("eu-1", "eu-west", "198.51.100.53")
+    _relay("any-1", "", "198.51.100.60")
+    first = _order(buyer_api, listing)
+    second = _order(buyer_api, listing)  # eu-1 has a pair now, any-1 none: still eu-1
+    for order in (first, second):
+        assert RelayAllocation.objects.get(job_peer=order.job_peer).relay == own
+
+
+def test_every_pair_a_poll_decides_is_decided_and_the_periods_end_on_the_second(
+    buyer_api, listing, node, settings
+):
+    """Two pairs quiet for exactly UPGRADE_QUIET_SECONDS with the node receiving go direct on
+    the same poll, both counted; one exactly UPGRADE_GIVE_UP_SECONDS old goes back."""
+    relay, _first_order, first = _relayed_order_with_buyer_mapping(buyer_api, listing, node)
+    second = _order(buyer_api, listing).job_peer
+    third = _order(buyer_api, listing).job_peer
+    JobPeer.objects.filter(pk__in=[second.pk, third.pk]).update(
+        observed_endpoint="198.51.100.8:51820"
+    )
+    settings.MOLT_RELAY_MODE = "off"
+    for peer in (first, second, third):
+        _poll(relay, peer, 500)
+        _poll(relay, peer, 500)
+        _node_received(peer, 4096)
+    now = timezone.now()
+    quiet = now - timedelta(seconds=relays.UPGRADE_QUIET_SECONDS)
+    RelayAllocation.objects.filter(job_peer__in=[first, second]).update(
+        upgrade_started_at=quiet, upgrade_relay_quiet_since=quiet
+    )
+    # The third: traffic all along (its count moves on this poll), its deadline now.
+    RelayAllocation.objects.filter(job_peer=third).update(
+        upgrade_started_at=now - timedelta(seconds=relays.UPGRADE_GIVE_UP_SECONDS)
+    )
+
+    decided = relays.settle_upgrades(relay, {first.pk: 500, second.pk: 500, third.pk: 600}, now)
+
+    assert decided == {"direct": 2, "relayed": 1}
+    assert not RelayAllocation.objects.filter(job_peer__in=[first, second]).exists()
+    assert RelayAllocation.objects.get(job_peer=third).upgrade_failed_at == now

@@ -10,7 +10,7 @@ import threading
 from http.server import BaseHTTPRequestHandler
 
 import pytest
-from clawnode.sandbox.docker import DockerEngine, _split_tag
+from clawnode.sandbox.docker import DockerEngine, _split_tag, _took_cdi
 from clawnode.sandbox.engine import LABEL_MANAGED, LABEL_REF, ContainerSpec, EngineError
 
 pytestmark = [pytest.mark.unit]
@@ -203,3 +203,36 @@ def test_a_quota_store_gets_the_jobs_disk_as_storage_opt(api, tmp_path, monkeypa
     assert [body["HostConfig"]["StorageOpt"] for body in creates] == [{"size": "20G"}] * 2
     assert [path for _, path, _ in server.seen].count("/v1.41/info") == 1  # asked once
     assert "StorageOpt" not in engine.create_body(spec())["HostConfig"]
+
+
+def test_a_disk_quota_store_gets_storage_opt_for_any_disk_of_a_gigabyte_or_more_never_for_none():
+    engine = DockerEngine(host="unix:///nonexistent.sock")
+    one = engine.create_body(spec(disk_gb=1), disk_quota=True)["HostConfig"]
+    assert one["StorageOpt"] == {"size": "1G"}
+    # 0: no limit asked (size=0G would be a zero-byte layer, or a refusal).
+    assert "StorageOpt" not in engine.create_body(spec(disk_gb=0), disk_quota=True)["HostConfig"]
+
+
+def test_the_gpu_check_passes_only_a_container_holding_exactly_the_requested_cdi_devices():
+    """_took_cdi guards "exactly the GPUs paid for" after the create: an engine that dropped,
+    cut or widened the request fails the start (the test of an engine that drops the request
+    covers only an empty answer)."""
+    asked = ("nvidia.com/gpu=1", "nvidia.com/gpu=3")
+
+    def info(*requests):
+        return {"HostConfig": {"DeviceRequests": list(requests)}}
+
+    def cdi(*ids):
+        return {"Driver": "cdi", "DeviceIDs": list(ids)}
+
+    assert _took_cdi(info(cdi("nvidia.com/gpu=3", "nvidia.com/gpu=1")), asked)  # any order
+    assert _took_cdi(info(cdi("nvidia.com/gpu=1"), cdi("nvidia.com/gpu=3")), asked)  # split
+    assert not _took_cdi(info(cdi("nvidia.com/gpu=1")), asked)  # one missing
+    assert not _took_cdi(info(cdi(*asked, "nvidia.com/gpu=0")), asked)  # one more
+    assert not _took_cdi(info({"Driver": "nvidia", "DeviceIDs": list(asked)}), asked)  # not CDI
+    # Missing or null parts of the answer are "took nothing", never an error.
+    assert not _took_cdi({}, asked)
+    assert not _took_cdi({"HostConfig": None}, asked)
+    assert not _took_cdi({"HostConfig": {"DeviceRequests": None}}, asked)
+    assert not _took_cdi(info(None, {"Driver": "cdi", "DeviceIDs": None}), asked)
+    assert _took_cdi(info(None, {"Driver": "cdi", "DeviceIDs": None}, cdi(*asked)), asked)

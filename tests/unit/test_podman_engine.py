@@ -3,12 +3,15 @@ runs in the sandbox tier, tests/sandbox/)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 from clawnode.sandbox.engine import ContainerSpec, EngineError
 from clawnode.sandbox.podman import SANDBOX_CAPABILITIES, PodmanEngine
+
+pytestmark = pytest.mark.unit
 
 
 def fake_podman(tmp_path: Path, run_stderr: str = "", run_code: int = 0) -> Path:
@@ -160,3 +163,115 @@ def test_any_other_remove_error_is_not_retried(tmp_path: Path, monkeypatch) -> N
     with pytest.raises(EngineError, match="permission denied"):
         engine.remove("molt-order-1")
     assert (tmp_path / "rm-count").read_text() == "1"
+
+
+def _run_argv(tmp_path: Path, spec: ContainerSpec, *, quota: bool = True, **engine) -> list[str]:
+    """The `podman run` argv of one start (the stand-in then fails the start: not running)."""
+    from clawnode.sandbox.quota import DiskQuota
+
+    tmp_path.mkdir(exist_ok=True)
+    podman = PodmanEngine(
+        podman=str(fake_podman(tmp_path)), workdir=tmp_path, ulimits={"nofile": 4096}, **engine
+    )
+    podman._quota = DiskQuota(quota, "as the test says")  # podman info, asked once, answered
+    with pytest.raises(EngineError):
+        podman.start(spec)
+    return next(argv for argv in calls(tmp_path) if argv[0] == "run")
+
+
+JOB = dataclasses.replace(
+    SPEC,
+    cdi_devices=("nvidia.com/gpu=1", "nvidia.com/gpu=3"),
+    cpus_milli=2500,
+    env={"NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"},
+    labels={"molt.order": "1"},
+    command=("/usr/sbin/sshd", "-D"),
+)
+CAPS = [arg for cap in SANDBOX_CAPABILITIES for arg in ("--cap-add", cap)]
+LIMITS = [
+    *("--device", "nvidia.com/gpu=1", "--device", "nvidia.com/gpu=3"),
+    *("--cpus", "2.500", "--memory", "256m", "--memory-swap", "256m", "--pids-limit", "64"),
+]
+NAMED = ["run", "-d", "--name", "molt-order-1", "--hostname", "molt-order-1"]
+LABELS = ["--label", "molt.order=1", "--label", "molt.managed=1", "--label", "molt.ref=order:1"]
+TAIL = ["--env", "NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b", "debian:12", "/usr/sbin/sshd", "-D"]
+
+
+def test_the_run_command_gives_exactly_the_jobs_gpus_and_the_limits_it_paid_for(tmp_path):
+    """Every argument of a user-namespaced sandbox's `podman run`: its GPUs as CDI devices and
+    no others, CPU, memory with no swap on top, pids, the disk where the store enforces it."""
+    resolv = tmp_path / "resolv" / "molt-order-1.conf"
+    assert _run_argv(tmp_path, JOB) == [
+        *NAMED,
+        *LABELS,
+        *("--userns", "auto:size=65536", "--network", "none"),
+        *("--mount", f"type=bind,source={resolv},destination=/etc/resolv.conf,ro=true"),
+        *("--cap-drop", "all", *CAPS),
+        *LIMITS,
+        *("--storage-opt", "size=1G", "--ulimit", "nofile=4096:4096"),
+        "--mount",
+        "type=bind,source=/var/lib/clawnode/molt-order-1/ssh,destination=/etc/molt,ro=true,U=true",
+        *TAIL,
+    ]
+
+
+def test_in_the_hosts_user_namespace_the_run_command_joins_the_sandboxes_network_namespace(
+    tmp_path,
+):
+    """userns "" (and Podman's default capabilities): the named netns and the agent's resolver
+    as podman flags, the mount not chowned; the same GPUs and limits."""
+    assert _run_argv(tmp_path, JOB, userns="", capabilities=None) == [
+        *NAMED,
+        *LABELS,
+        *("--network", "ns:/var/run/netns/molt-order-1"),
+        *("--dns", "169.254.0.1", "--dns-search", "molt"),
+        *LIMITS,
+        *("--storage-opt", "size=1G", "--ulimit", "nofile=4096:4096"),
+        "--mount",
+        "type=bind,source=/var/lib/clawnode/molt-order-1/ssh,destination=/etc/molt,ro=true",
+        *TAIL,
+    ]
+
+
+def test_no_storage_opt_without_a_disk_or_on_a_store_that_does_not_enforce_it(tmp_path):
+    no_disk = _run_argv(tmp_path / "a", dataclasses.replace(JOB, disk_gb=0))
+    unenforced = _run_argv(tmp_path / "b", JOB, quota=False)
+    assert "--storage-opt" not in no_disk and "--storage-opt" not in unenforced
+
+
+def test_a_resolver_alone_still_gets_its_resolv_conf_in_a_user_namespace(tmp_path):
+    for name, spec in {
+        "servers": dataclasses.replace(JOB, dns_search=()),
+        "search": dataclasses.replace(JOB, dns=()),
+        "neither": dataclasses.replace(JOB, dns=(), dns_search=()),
+    }.items():
+        run = _run_argv(tmp_path / name, spec)
+        mounts = [run[i + 1] for i, arg in enumerate(run) if arg == "--mount"]
+        has_resolv = any("destination=/etc/resolv.conf" in mount for mount in mounts)
+        assert has_resolv == (name != "neither"), name
+
+
+def test_a_user_namespaced_sandbox_moves_its_network_into_the_started_containers_namespace(
+    tmp_path, monkeypatch
+):
+    """The veth made for this sandbox (spec.netns) goes to this container's process, by the PID
+    podman reports for it."""
+    from clawnode.sandbox import podman as podman_module
+
+    script = fake_podman(tmp_path)
+    script.write_text(script.read_text().replace("print('0')", "print('4242')"))
+    joined = []
+    monkeypatch.setattr(podman_module, "join_netns", lambda *args: joined.append(args))
+    engine = PodmanEngine(podman=str(script), workdir=tmp_path)
+    with pytest.raises(EngineError):  # the stand-in lists no container after; the join came before
+        engine.start(SPEC)
+    assert joined == [("/var/run/netns/molt-order-1", 4242)]
+
+
+def test_a_run_failure_that_is_not_about_subuid_is_reported_without_the_subuid_hint(tmp_path):
+    podman = fake_podman(tmp_path, run_stderr="Error: debian:12: image not known\n", run_code=125)
+    engine = PodmanEngine(podman=str(podman), workdir=tmp_path)
+    with pytest.raises(EngineError) as raised:
+        engine.start(SPEC)
+    assert "image not known" in str(raised.value)
+    assert "subuid" not in str(raised.value)

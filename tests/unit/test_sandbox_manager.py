@@ -367,3 +367,11 @@ def test_an_agent_that_cannot_list_containers_starts_nothing_until_it_can(parts)
 
     assert states(second.reports(changed_only=False)) == {"order:1": "ready", "order:2": "ready"}
     assert engine.started == ["molt-order-1", "molt-order-2"]  # order:1 adopted, not restarted
+
+
+def test_a_container_without_gpus_is_told_it_has_none_not_left_to_the_runtimes_default():
+    # Unset, NVIDIA's runtime (and a CUDA image's own ENV, often "all") decides what a container
+    # sees; "void" is the runtime's word for no GPU at all.
+    assert CdiGpus.env(()) == {"NVIDIA_VISIBLE_DEVICES": "void"}
+    assert CdiGpus.env(GPUS.gpus[2:3]) == {"NVIDIA_VISIBLE_DEVICES": GPUS.gpus[2].uuid}
+    assert CdiGpus.devices([3, 1, 3]) == ("nvidia.com/gpu=1", "nvidia.com/gpu=3")
