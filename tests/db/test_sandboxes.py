@@ -197,6 +197,39 @@ def test_gpus_go_to_one_sandbox_at_a_time(keyed_buyer, node, listing):
     assert IpAllocation.objects.count() == leases
 
 
+def test_gpus_of_a_job_that_ended_count_once_toward_a_shortage_that_will_pass(
+    keyed_buyer, node, listing
+):
+    """A GPU still held by a stopped job's sandbox (the agent has not yet removed it) is
+    'being freed': a request it would satisfy is a shortage that passes (transient: the order
+    waits), one it would not is lasting (the order fails). Each such GPU counts once (mutation
+    testing found a double count survive)."""
+    provisioned(keyed_buyer, listing, gpu_count=2)
+    ended = provisioned(keyed_buyer, listing, gpu_count=1)
+    stop_order(reload(ended))
+    assert sandbox_of(ended).removed_revision is not None  # not acked: its GPU is still held
+
+    def ask(count: int) -> NotEnoughGpus:
+        with pytest.raises(NotEnoughGpus) as err:
+            create_job_peer(
+                node,
+                factories.wg_public_key(),
+                ref=f"order:ask-{count}",
+                sandbox=SandboxRequest(
+                    image=SANDBOX_IMAGE, gpu_count=count, cpus_milli=1000, memory_mb=1024,
+                    disk_gb=1,
+                ),
+            )  # fmt: skip
+        return err.value
+
+    lasting = ask(3)  # 1 free + 1 being freed < 3
+    assert "1 free GPU(s), 3 asked; 1 more are being freed by jobs that ended" in str(lasting)
+    assert not lasting.transient
+    passing = ask(2)  # 1 free + 1 being freed == 2
+    assert "1 free GPU(s), 2 asked; 1 more are being freed" in str(passing)
+    assert passing.transient
+
+
 def test_the_constraint_decides_when_the_free_gpu_check_is_wrong(
     keyed_buyer, node, listing, monkeypatch
 ):
